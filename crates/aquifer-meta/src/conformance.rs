@@ -1,0 +1,386 @@
+//! The metadata conformance suite: every engine runs every case.
+//!
+//! An engine crate calls [`meta_conformance!`](crate::meta_conformance) with an expression that
+//! builds a fresh, empty engine; each case becomes its own `#[test]`.
+
+use crate::*;
+
+fn fmt() -> Format {
+    Format {
+        name: "test".into(),
+        uuid: "00000000-0000-0000-0000-000000000000".into(),
+        storage: "memory".into(),
+        bucket: String::new(),
+        block_size: 4 << 20,
+        capacity: 0,
+        inodes: 0,
+        compression: String::new(),
+        meta_version: 1,
+    }
+}
+
+fn ready(m: &dyn Meta) -> Context {
+    m.format(&fmt(), false).unwrap();
+    m.new_session(SessionInfo {
+        sid: 0,
+        hostname: "h".into(),
+        mount_point: "/m".into(),
+        pid: 1,
+        version: "t".into(),
+        started: 0,
+        heartbeat: 0,
+    })
+    .unwrap();
+    Context::root()
+}
+
+fn errno<T: std::fmt::Debug>(r: Result<T>) -> Errno {
+    r.expect_err("expected an error").errno()
+}
+
+fn mkfile(m: &dyn Meta, ctx: &Context, parent: Ino, name: &str) -> Ino {
+    m.mknod(ctx, parent, name.as_bytes(), FileType::File, 0o644, 0, 0).unwrap().0
+}
+
+fn mkdir(m: &dyn Meta, ctx: &Context, parent: Ino, name: &str) -> Ino {
+    m.mknod(ctx, parent, name.as_bytes(), FileType::Directory, 0o755, 0, 0).unwrap().0
+}
+
+fn names(m: &dyn Meta, ctx: &Context, dir: Ino) -> Vec<String> {
+    m.readdir(ctx, dir, false)
+        .unwrap()
+        .into_iter()
+        .map(|e| String::from_utf8(e.name).unwrap())
+        .collect()
+}
+
+pub fn format_and_load(m: &dyn Meta) {
+    assert!(matches!(m.load_format(), Err(MetaError::NotFormatted)));
+    m.format(&fmt(), false).unwrap();
+    assert_eq!(m.load_format().unwrap(), fmt());
+    assert!(m.format(&fmt(), false).is_err(), "formatting twice must fail without force");
+    let root = m.getattr(ROOT_INO).unwrap();
+    assert!(root.is_dir());
+    assert_eq!(root.nlink, 2);
+}
+
+pub fn create_lookup_readdir(m: &dyn Meta) {
+    let ctx = ready(m);
+    let a = mkfile(m, &ctx, ROOT_INO, "b");
+    let d = mkdir(m, &ctx, ROOT_INO, "a");
+    assert_ne!(a, d);
+    assert_eq!(m.lookup(&ctx, ROOT_INO, b"b").unwrap().0, a);
+    assert_eq!(errno(m.lookup(&ctx, ROOT_INO, b"zz")), Errno::ENOENT);
+    assert_eq!(
+        errno(m.mknod(&ctx, ROOT_INO, b"b", FileType::File, 0o644, 0, 0)),
+        Errno::EEXIST
+    );
+    assert_eq!(names(m, &ctx, ROOT_INO), vec!["a", "b"]);
+    assert_eq!(m.getattr(ROOT_INO).unwrap().nlink, 3, "subdirectory adds a link");
+    assert_eq!(m.lookup(&ctx, d, b"..").unwrap().0, ROOT_INO);
+    let long = vec![b'x'; MAX_NAME + 1];
+    assert_eq!(
+        errno(m.mknod(&ctx, ROOT_INO, &long, FileType::File, 0o644, 0, 0)),
+        Errno::ENAMETOOLONG
+    );
+    let ok = vec![b'x'; MAX_NAME];
+    m.mknod(&ctx, ROOT_INO, &ok, FileType::File, 0o644, 0, 0).unwrap();
+    assert_eq!(errno(m.mknod(&ctx, a, b"c", FileType::File, 0o644, 0, 0)), Errno::ENOTDIR);
+    let plus = m.readdir(&ctx, ROOT_INO, true).unwrap();
+    assert!(plus.iter().all(|e| e.attr.is_some()));
+    let (_, dev) = m.mknod(&ctx, ROOT_INO, b"dev", FileType::CharDev, 0o600, 0, 0x0102).unwrap();
+    assert_eq!(dev.rdev, 0x0102);
+    assert_eq!(m.usage().unwrap().1, 5);
+}
+
+pub fn unlink_and_rmdir(m: &dyn Meta) {
+    let ctx = ready(m);
+    let d = mkdir(m, &ctx, ROOT_INO, "d");
+    mkfile(m, &ctx, d, "f");
+    assert_eq!(errno(m.rmdir(&ctx, ROOT_INO, b"d")), Errno::ENOTEMPTY);
+    assert_eq!(errno(m.unlink(&ctx, ROOT_INO, b"d")), Errno::EISDIR);
+    assert_eq!(errno(m.rmdir(&ctx, d, b"f")), Errno::ENOTDIR);
+    m.unlink(&ctx, d, b"f").unwrap();
+    assert_eq!(errno(m.unlink(&ctx, d, b"f")), Errno::ENOENT);
+    m.rmdir(&ctx, ROOT_INO, b"d").unwrap();
+    assert_eq!(errno(m.getattr(d)), Errno::ENOENT);
+    assert_eq!(m.getattr(ROOT_INO).unwrap().nlink, 2);
+    assert_eq!(m.usage().unwrap().1, 1);
+}
+
+pub fn hard_links(m: &dyn Meta) {
+    let ctx = ready(m);
+    let f = mkfile(m, &ctx, ROOT_INO, "f");
+    let d = mkdir(m, &ctx, ROOT_INO, "d");
+    assert_eq!(m.link(&ctx, f, d, b"g").unwrap().nlink, 2);
+    assert_eq!(errno(m.link(&ctx, d, ROOT_INO, b"dd")), Errno::EPERM);
+    assert_eq!(errno(m.link(&ctx, f, ROOT_INO, b"d")), Errno::EEXIST);
+    m.unlink(&ctx, ROOT_INO, b"f").unwrap();
+    assert_eq!(m.getattr(f).unwrap().nlink, 1);
+    m.unlink(&ctx, d, b"g").unwrap();
+    assert_eq!(errno(m.getattr(f)), Errno::ENOENT);
+}
+
+pub fn open_unlinked_kept_until_close(m: &dyn Meta) {
+    let ctx = ready(m);
+    let f = mkfile(m, &ctx, ROOT_INO, "f");
+    let id = m.new_slice_id().unwrap();
+    m.write_slice(f, 0, Slice { pos: 0, id, size: 10, off: 0, len: 10 }).unwrap();
+    m.open(&ctx, f, libc::O_RDWR).unwrap();
+    m.unlink(&ctx, ROOT_INO, b"f").unwrap();
+    let a = m.getattr(f).unwrap();
+    assert_eq!((a.nlink, a.length), (0, 10));
+    assert_eq!(m.read_chunk(f, 0).unwrap().len(), 1);
+    assert!(m.trash_batch(10).unwrap().is_empty());
+    m.close(f).unwrap();
+    assert_eq!(errno(m.getattr(f)), Errno::ENOENT);
+    let trash = m.trash_batch(10).unwrap();
+    assert_eq!(trash.len(), 1);
+    assert_eq!(trash[0].1[0].id, id);
+    m.trash_done(trash[0].0).unwrap();
+    assert!(m.trash_batch(10).unwrap().is_empty());
+}
+
+pub fn rename_cases(m: &dyn Meta) {
+    let ctx = ready(m);
+    let a = mkdir(m, &ctx, ROOT_INO, "a");
+    let b = mkdir(m, &ctx, a, "b");
+    let f = mkfile(m, &ctx, ROOT_INO, "f");
+    let g = mkfile(m, &ctx, ROOT_INO, "g");
+    // A directory into its own subtree.
+    assert_eq!(errno(m.rename(&ctx, ROOT_INO, b"a", b, b"x", 0)), Errno::EINVAL);
+    assert_eq!(errno(m.rename(&ctx, ROOT_INO, b"a", a, b"x", 0)), Errno::EINVAL);
+    // Replace a file.
+    m.rename(&ctx, ROOT_INO, b"f", ROOT_INO, b"g", 0).unwrap();
+    assert_eq!(m.lookup(&ctx, ROOT_INO, b"g").unwrap().0, f);
+    assert_eq!(errno(m.getattr(g)), Errno::ENOENT);
+    // NOREPLACE.
+    let h = mkfile(m, &ctx, ROOT_INO, "h");
+    assert_eq!(
+        errno(m.rename(&ctx, ROOT_INO, b"h", ROOT_INO, b"g", RENAME_NOREPLACE)),
+        Errno::EEXIST
+    );
+    // EXCHANGE across directories, file with directory.
+    m.rename(&ctx, ROOT_INO, b"h", a, b"b", RENAME_EXCHANGE).unwrap();
+    assert_eq!(m.lookup(&ctx, a, b"b").unwrap().0, h);
+    assert_eq!(m.lookup(&ctx, ROOT_INO, b"h").unwrap().0, b);
+    assert_eq!(m.getattr(b).unwrap().parent, ROOT_INO);
+    assert_eq!(m.getattr(a).unwrap().nlink, 2);
+    assert_eq!(m.getattr(ROOT_INO).unwrap().nlink, 4);
+    assert_eq!(
+        errno(m.rename(&ctx, ROOT_INO, b"g", ROOT_INO, b"none", RENAME_EXCHANGE)),
+        Errno::ENOENT
+    );
+    // Directory over file and file over directory.
+    assert_eq!(errno(m.rename(&ctx, ROOT_INO, b"h", ROOT_INO, b"g", 0)), Errno::ENOTDIR);
+    assert_eq!(errno(m.rename(&ctx, ROOT_INO, b"g", ROOT_INO, b"h", 0)), Errno::EISDIR);
+    // Directory over an empty directory, then over a non-empty one.
+    let e = mkdir(m, &ctx, ROOT_INO, "e");
+    m.rename(&ctx, ROOT_INO, b"h", ROOT_INO, b"e", 0).unwrap();
+    assert_eq!(errno(m.getattr(e)), Errno::ENOENT);
+    assert_eq!(m.getattr(ROOT_INO).unwrap().nlink, 4);
+    mkfile(m, &ctx, ROOT_INO, "x");
+    m.rename(&ctx, ROOT_INO, b"x", a, b"x", 0).unwrap();
+    assert_eq!(errno(m.rename(&ctx, ROOT_INO, b"e", ROOT_INO, b"a", 0)), Errno::ENOTEMPTY);
+    // Directory across parents updates both link counts.
+    m.rename(&ctx, ROOT_INO, b"e", a, b"e2", 0).unwrap();
+    assert_eq!(m.getattr(a).unwrap().nlink, 3);
+    assert_eq!(m.getattr(ROOT_INO).unwrap().nlink, 3);
+    assert_eq!(m.lookup(&ctx, a, b"e2").unwrap().1.parent, a);
+    // Renaming onto itself is a no-op.
+    m.rename(&ctx, ROOT_INO, b"g", ROOT_INO, b"g", 0).unwrap();
+    assert_eq!(m.lookup(&ctx, ROOT_INO, b"g").unwrap().0, f);
+}
+
+pub fn symlinks(m: &dyn Meta) {
+    let ctx = ready(m);
+    let (s, a) = m.symlink(&ctx, ROOT_INO, b"l", b"/some/where").unwrap();
+    assert_eq!(a.typ, FileType::Symlink);
+    assert_eq!(a.length, 11);
+    assert_eq!(m.readlink(s).unwrap(), b"/some/where");
+    let f = mkfile(m, &ctx, ROOT_INO, "f");
+    assert_eq!(errno(m.readlink(f)), Errno::EINVAL);
+}
+
+pub fn xattrs(m: &dyn Meta) {
+    let ctx = ready(m);
+    let f = mkfile(m, &ctx, ROOT_INO, "f");
+    assert_eq!(errno(m.getxattr(f, b"user.a")), Errno::ENODATA);
+    m.setxattr(&ctx, f, b"user.a", b"1", 0).unwrap();
+    assert_eq!(errno(m.setxattr(&ctx, f, b"user.a", b"2", XATTR_CREATE)), Errno::EEXIST);
+    assert_eq!(errno(m.setxattr(&ctx, f, b"user.b", b"2", XATTR_REPLACE)), Errno::ENODATA);
+    m.setxattr(&ctx, f, b"user.a", b"3", XATTR_REPLACE).unwrap();
+    m.setxattr(&ctx, f, b"trusted.t", b"", 0).unwrap();
+    assert_eq!(m.getxattr(f, b"user.a").unwrap(), b"3");
+    assert_eq!(m.listxattr(f).unwrap(), b"trusted.t\0user.a\0");
+    assert_eq!(errno(m.setxattr(&ctx, f, b"bogus.a", b"", 0)), Errno::EOPNOTSUPP);
+    let big = vec![0u8; MAX_XATTR_VALUE + 1];
+    assert_eq!(errno(m.setxattr(&ctx, f, b"user.big", &big, 0)), Errno::E2BIG);
+    let long = [b"user.".to_vec(), vec![b'n'; 300]].concat();
+    assert_eq!(errno(m.setxattr(&ctx, f, &long, b"", 0)), Errno::ERANGE);
+    m.removexattr(&ctx, f, b"user.a").unwrap();
+    assert_eq!(errno(m.removexattr(&ctx, f, b"user.a")), Errno::ENODATA);
+}
+
+pub fn slices_and_truncate(m: &dyn Meta) {
+    let ctx = ready(m);
+    let f = mkfile(m, &ctx, ROOT_INO, "f");
+    let s1 = Slice { pos: 0, id: m.new_slice_id().unwrap(), size: 100, off: 0, len: 100 };
+    let (a, n) = m.write_slice(f, 0, s1).unwrap();
+    assert_eq!((a.length, n), (100, 1));
+    let s2 = Slice { pos: 0, id: m.new_slice_id().unwrap(), size: 10, off: 0, len: 10 };
+    assert_ne!(s1.id, s2.id);
+    m.write_slice(f, 2, s2).unwrap();
+    assert_eq!(m.getattr(f).unwrap().length, 2 * CHUNK_SIZE + 10);
+    // Shrink into chunk 0: chunk 2 goes to the trash, chunk 0 gets a hole after the end.
+    let a = m.truncate(&ctx, f, 50).unwrap();
+    assert_eq!(a.length, 50);
+    assert!(m.read_chunk(f, 2).unwrap().is_empty());
+    let c0 = m.read_chunk(f, 0).unwrap();
+    assert_eq!(c0.len(), 2);
+    assert_eq!(c0[1], Slice::zero(50, CHUNK_SIZE as u32 - 50));
+    let trash = m.trash_batch(10).unwrap();
+    assert_eq!(trash.len(), 1);
+    assert_eq!(trash[0].1, vec![s2]);
+    // Compaction replaces a prefix only while it is unchanged.
+    let new = Slice { pos: 0, id: m.new_slice_id().unwrap(), size: 50, off: 0, len: 50 };
+    assert!(!m.compact_chunk(f, 0, &[s2], new).unwrap());
+    assert!(m.compact_chunk(f, 0, &c0, new).unwrap());
+    assert_eq!(m.read_chunk(f, 0).unwrap(), vec![new]);
+    assert_eq!(m.truncate(&ctx, ROOT_INO, 0).unwrap_err().errno(), Errno::EISDIR);
+    // Punch a hole: zero slice, size kept.
+    let a = m
+        .fallocate(&ctx, f, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 10, 20)
+        .unwrap();
+    assert_eq!(a.length, 50);
+    assert_eq!(m.read_chunk(f, 0).unwrap().last(), Some(&Slice::zero(10, 20)));
+    assert_eq!(errno(m.fallocate(&ctx, f, FALLOC_FL_PUNCH_HOLE, 0, 1)), Errno::EOPNOTSUPP);
+    let a = m.fallocate(&ctx, f, 0, 0, 5000).unwrap();
+    assert_eq!(a.length, 5000);
+    let a = m.fallocate(&ctx, f, FALLOC_FL_KEEP_SIZE, 0, 9000).unwrap();
+    assert_eq!(a.length, 5000);
+    assert_eq!(m.usage().unwrap().0, 8192);
+}
+
+pub fn setattr_rules(m: &dyn Meta) {
+    let ctx = ready(m);
+    let f = mkfile(m, &ctx, ROOT_INO, "f");
+    let a = m
+        .setattr(&ctx, f, &SetAttr { mode: Some(0o6755), ..Default::default() })
+        .unwrap();
+    assert_eq!(a.mode, 0o6755);
+    let a = m
+        .setattr(&ctx, f, &SetAttr { uid: Some(5), gid: Some(6), ..Default::default() })
+        .unwrap();
+    assert_eq!((a.uid, a.gid), (5, 6));
+    assert_eq!(a.mode, 0o755, "chown clears setuid and setgid on executables");
+    let tm = Time { sec: 1_000_000_000, nsec: 123_456_789 };
+    let a = m
+        .setattr(&ctx, f, &SetAttr { mtime: Some(SetTime::At(tm)), ..Default::default() })
+        .unwrap();
+    assert_eq!(a.mtime, tm);
+    let user = Context { uid: 7, gid: 7, check_permission: true, ..Default::default() };
+    assert_eq!(
+        errno(m.setattr(&user, f, &SetAttr { mode: Some(0o777), ..Default::default() })),
+        Errno::EPERM
+    );
+    // The root directory is world-writable.
+    m.mknod(&user, ROOT_INO, b"x", FileType::File, 0o644, 0, 0).unwrap();
+}
+
+pub fn permissions(m: &dyn Meta) {
+    let ctx = ready(m);
+    let d = mkdir(m, &ctx, ROOT_INO, "d");
+    m.setattr(&ctx, d, &SetAttr { mode: Some(0o1777), ..Default::default() }).unwrap();
+    let alice = Context { uid: 100, gid: 100, check_permission: true, ..Default::default() };
+    let bob = Context { uid: 200, gid: 200, gids: vec![300], check_permission: true, ..Default::default() };
+    let (fa, _) = m.mknod(&alice, d, b"a", FileType::File, 0o640, 0, 0).unwrap();
+    // Sticky directory: bob cannot remove alice's file.
+    assert_eq!(errno(m.unlink(&bob, d, b"a")), Errno::EPERM);
+    assert_eq!(errno(m.open(&bob, fa, libc::O_RDONLY)), Errno::EACCES);
+    // Supplementary group grants group access.
+    m.setattr(&ctx, fa, &SetAttr { gid: Some(300), ..Default::default() }).unwrap();
+    m.open(&bob, fa, libc::O_RDONLY).unwrap();
+    m.close(fa).unwrap();
+    assert_eq!(errno(m.open(&bob, fa, libc::O_WRONLY)), Errno::EACCES);
+    m.unlink(&alice, d, b"a").unwrap();
+    let priv_dir = mkdir(m, &ctx, ROOT_INO, "p");
+    assert_eq!(
+        errno(m.mknod(&alice, priv_dir, b"x", FileType::File, 0o644, 0, 0)),
+        Errno::EACCES
+    );
+}
+
+pub fn sessions_clean_up_after_dead_clients(m: &dyn Meta) {
+    let ctx = ready(m);
+    let f = mkfile(m, &ctx, ROOT_INO, "f");
+    m.open(&ctx, f, libc::O_RDONLY).unwrap();
+    m.unlink(&ctx, ROOT_INO, b"f").unwrap();
+    assert_eq!(m.list_sessions().unwrap().len(), 1);
+    // A new session on an exclusive engine knows the old one is gone.
+    m.new_session(SessionInfo {
+        sid: 0,
+        hostname: "h2".into(),
+        mount_point: "/m".into(),
+        pid: 2,
+        version: "t".into(),
+        started: 0,
+        heartbeat: 0,
+    })
+    .unwrap();
+    assert_eq!(errno(m.getattr(f)), Errno::ENOENT);
+    let s = m.list_sessions().unwrap();
+    assert_eq!(s.len(), 1);
+    assert_eq!(s[0].hostname, "h2");
+    m.heartbeat().unwrap();
+    m.close_session().unwrap();
+    assert!(m.list_sessions().unwrap().is_empty());
+}
+
+pub fn statfs_counts(m: &dyn Meta) {
+    let _ = ready(m);
+    let s = m.statfs().unwrap();
+    assert_eq!(s.used_inodes, 1);
+    assert!(s.avail_space > 0);
+    let mut f = fmt();
+    f.capacity = 1 << 20;
+    f.inodes = 3;
+    m.format(&f, true).unwrap();
+    let ctx = Context::root();
+    let s = m.statfs().unwrap();
+    assert_eq!(s.total_space, 1 << 20);
+    let file = mkfile(m, &ctx, ROOT_INO, "a");
+    mkfile(m, &ctx, ROOT_INO, "b");
+    assert_eq!(
+        errno(m.mknod(&ctx, ROOT_INO, b"c", FileType::File, 0o644, 0, 0)),
+        Errno::ENOSPC
+    );
+    let big = Slice { pos: 0, id: 9, size: 2 << 20, off: 0, len: 2 << 20 };
+    assert_eq!(errno(m.write_slice(file, 0, big)), Errno::ENOSPC);
+}
+
+/// Expand to one `#[test]` per conformance case, each on a fresh engine from `$make`.
+#[macro_export]
+macro_rules! meta_conformance {
+    ($make:expr) => {
+        $crate::meta_conformance!(@cases $make;
+            format_and_load, create_lookup_readdir, unlink_and_rmdir, hard_links,
+            open_unlinked_kept_until_close, rename_cases, symlinks, xattrs,
+            slices_and_truncate, setattr_rules, permissions,
+            sessions_clean_up_after_dead_clients, statfs_counts);
+    };
+    (@cases $make:expr; $($case:ident),*) => {
+        $(
+            #[test]
+            fn $case() {
+                let m = $make;
+                $crate::conformance::$case(&m);
+            }
+        )*
+    };
+}
+
+#[cfg(test)]
+mod memory {
+    crate::meta_conformance!(crate::KvMeta::new(crate::MemKv::new()));
+}

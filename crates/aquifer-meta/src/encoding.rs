@@ -1,0 +1,199 @@
+//! Key layout and value encodings. All integers are big-endian so keys sort numerically.
+//!
+//! | key                         | value                         |
+//! |-----------------------------|-------------------------------|
+//! | `setting`                   | volume [`Format`] as JSON     |
+//! | `N` name                    | counter (i64)                 |
+//! | `I` ino                     | attributes (binary, 72 bytes) |
+//! | `E` parent name             | type (1) + ino (8)            |
+//! | `C` ino idx(u32)            | slice records, 24 bytes each  |
+//! | `L` ino                     | symlink target                |
+//! | `X` ino name                | xattr value                   |
+//! | `T` seq                     | slice records to delete       |
+//! | `S` sid                     | session info as JSON          |
+//! | `O` sid ino                 | open-but-unlinked inode       |
+//!
+//! [`Format`]: crate::Format
+
+use crate::error::{MetaError, Result};
+use crate::types::{Attr, FileType, Ino, Time};
+
+pub const SETTING: &[u8] = b"setting";
+
+pub fn counter(name: &str) -> Vec<u8> {
+    let mut k = b"N".to_vec();
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+fn with_ino(tag: u8, ino: Ino) -> Vec<u8> {
+    let mut k = Vec::with_capacity(32);
+    k.push(tag);
+    k.extend_from_slice(&ino.to_be_bytes());
+    k
+}
+
+pub fn attr(ino: Ino) -> Vec<u8> {
+    with_ino(b'I', ino)
+}
+
+pub fn dentry(parent: Ino, name: &[u8]) -> Vec<u8> {
+    let mut k = with_ino(b'E', parent);
+    k.extend_from_slice(name);
+    k
+}
+
+pub fn dentry_prefix(parent: Ino) -> Vec<u8> {
+    with_ino(b'E', parent)
+}
+
+pub fn chunk(ino: Ino, idx: u32) -> Vec<u8> {
+    let mut k = with_ino(b'C', ino);
+    k.extend_from_slice(&idx.to_be_bytes());
+    k
+}
+
+pub fn chunk_prefix(ino: Ino) -> Vec<u8> {
+    with_ino(b'C', ino)
+}
+
+pub fn symlink(ino: Ino) -> Vec<u8> {
+    with_ino(b'L', ino)
+}
+
+pub fn xattr(ino: Ino, name: &[u8]) -> Vec<u8> {
+    let mut k = with_ino(b'X', ino);
+    k.extend_from_slice(name);
+    k
+}
+
+pub fn xattr_prefix(ino: Ino) -> Vec<u8> {
+    with_ino(b'X', ino)
+}
+
+pub fn trash(seq: u64) -> Vec<u8> {
+    with_ino(b'T', seq)
+}
+
+pub fn session(sid: u64) -> Vec<u8> {
+    with_ino(b'S', sid)
+}
+
+pub fn sustained(sid: u64, ino: Ino) -> Vec<u8> {
+    let mut k = with_ino(b'O', sid);
+    k.extend_from_slice(&ino.to_be_bytes());
+    k
+}
+
+pub fn u64_at(key: &[u8], at: usize) -> u64 {
+    key.get(at..at + 8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or(0)
+}
+
+/// The first key after every key that starts with `prefix`.
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0xff; prefix.len() + 1]
+}
+
+const ATTR_LEN: usize = 72;
+
+pub fn encode_attr(a: &Attr) -> Vec<u8> {
+    let mut b = Vec::with_capacity(ATTR_LEN);
+    b.push(1); // encoding version
+    b.push(a.typ as u8);
+    b.extend_from_slice(&a.mode.to_be_bytes());
+    b.extend_from_slice(&a.uid.to_be_bytes());
+    b.extend_from_slice(&a.gid.to_be_bytes());
+    for t in [a.atime, a.mtime, a.ctime] {
+        b.extend_from_slice(&t.sec.to_be_bytes());
+        b.extend_from_slice(&t.nsec.to_be_bytes());
+    }
+    b.extend_from_slice(&a.nlink.to_be_bytes());
+    b.extend_from_slice(&a.length.to_be_bytes());
+    b.extend_from_slice(&a.rdev.to_be_bytes());
+    b.extend_from_slice(&a.parent.to_be_bytes());
+    debug_assert_eq!(b.len(), ATTR_LEN);
+    b
+}
+
+pub fn decode_attr(ino: Ino, b: &[u8]) -> Result<Attr> {
+    let corrupt = |msg: &str| MetaError::Corrupt {
+        key: format!("I{ino}"),
+        msg: msg.to_string(),
+    };
+    if b.len() != ATTR_LEN || b[0] != 1 {
+        return Err(corrupt("bad attribute record length or version"));
+    }
+    let typ = FileType::from_u8(b[1]).ok_or_else(|| corrupt("bad file type"))?;
+    let u16_at = |i: usize| u16::from_be_bytes([b[i], b[i + 1]]);
+    let u32_at = |i: usize| u32::from_be_bytes(b[i..i + 4].try_into().unwrap());
+    let u64_at = |i: usize| u64::from_be_bytes(b[i..i + 8].try_into().unwrap());
+    let time_at = |i: usize| Time {
+        sec: u64_at(i) as i64,
+        nsec: u32_at(i + 8),
+    };
+    Ok(Attr {
+        typ,
+        mode: u16_at(2),
+        uid: u32_at(4),
+        gid: u32_at(8),
+        atime: time_at(12),
+        mtime: time_at(24),
+        ctime: time_at(36),
+        nlink: u32_at(48),
+        length: u64_at(52),
+        rdev: u32_at(60),
+        parent: u64_at(64),
+    })
+}
+
+pub fn encode_dentry(typ: FileType, ino: Ino) -> Vec<u8> {
+    let mut v = Vec::with_capacity(9);
+    v.push(typ as u8);
+    v.extend_from_slice(&ino.to_be_bytes());
+    v
+}
+
+pub fn decode_dentry(key: &[u8], v: &[u8]) -> Result<(FileType, Ino)> {
+    let typ = v.first().and_then(|t| FileType::from_u8(*t));
+    match (typ, v.len()) {
+        (Some(t), 9) => Ok((t, u64::from_be_bytes(v[1..9].try_into().unwrap()))),
+        _ => Err(MetaError::Corrupt {
+            key: String::from_utf8_lossy(key).into_owned(),
+            msg: "bad directory entry".into(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attr_roundtrip() {
+        let mut a = Attr::new(FileType::File, 0o4755, 7, 8);
+        a.length = 1 << 40;
+        a.parent = 99;
+        a.rdev = 5;
+        a.atime.sec = -5;
+        let b = encode_attr(&a);
+        assert_eq!(b.len(), ATTR_LEN);
+        assert_eq!(decode_attr(3, &b).unwrap(), a);
+        assert!(decode_attr(3, &b[..10]).is_err());
+    }
+
+    #[test]
+    fn prefix_ends() {
+        assert_eq!(prefix_end(b"E\x00\x01"), b"E\x00\x02".to_vec());
+        assert_eq!(prefix_end(b"E\x00\xff"), b"E\x01".to_vec());
+    }
+}

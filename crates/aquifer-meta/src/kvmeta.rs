@@ -1,0 +1,1222 @@
+//! The engine-independent metadata implementation over [`KvEngine`].
+
+use crate::encoding as key;
+use crate::error::{Errno, MetaError, Result};
+use crate::kv::{KvEngine, KvTxn};
+use crate::types::*;
+use crate::{Meta, MODE_R, MODE_W, MODE_X};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+const MAX_LINKS: u32 = 65000;
+const INO_BATCH: u64 = 256;
+const SLICE_BATCH: u64 = 1024;
+/// Free space reported when the volume has no capacity limit (1 PiB).
+const UNLIMITED_SPACE: u64 = 1 << 50;
+const UNLIMITED_INODES: u64 = 10 << 20;
+
+const C_NEXT_INODE: &str = "nextInode";
+const C_NEXT_SLICE: &str = "nextSlice";
+const C_NEXT_TRASH: &str = "nextTrash";
+const C_NEXT_SESSION: &str = "nextSession";
+const C_USED_SPACE: &str = "usedSpace";
+const C_USED_INODES: &str = "totalInodes";
+
+/// Metadata over any transactional key-value engine.
+pub struct KvMeta<E: KvEngine> {
+    kv: E,
+    sid: AtomicU64,
+    /// Open counts per inode; held during unlink so a concurrent last close sees its result.
+    open: Mutex<HashMap<Ino, u32>>,
+    inos: Mutex<(u64, u64)>,
+    slices: Mutex<(u64, u64)>,
+    limits: Mutex<Option<(u64, u64)>>,
+}
+
+fn now() -> Time {
+    Time::now()
+}
+
+fn unix_now() -> i64 {
+    now().sec
+}
+
+fn check_name(name: &[u8]) -> Result<()> {
+    if name.len() > MAX_NAME {
+        return Err(Errno::ENAMETOOLONG.into());
+    }
+    if name.is_empty() || name.contains(&b'/') || name.contains(&0) {
+        return Err(Errno::EINVAL.into());
+    }
+    Ok(())
+}
+
+fn get_attr(t: &mut dyn KvTxn, ino: Ino) -> Result<Attr> {
+    match t.get(&key::attr(ino))? {
+        Some(v) => key::decode_attr(ino, &v),
+        None => Err(Errno::ENOENT.into()),
+    }
+}
+
+fn put_attr(t: &mut dyn KvTxn, ino: Ino, a: &Attr) {
+    t.set(&key::attr(ino), key::encode_attr(a));
+}
+
+fn get_dentry(t: &mut dyn KvTxn, parent: Ino, name: &[u8]) -> Result<Option<(FileType, Ino)>> {
+    let k = key::dentry(parent, name);
+    match t.get(&k)? {
+        Some(v) => Ok(Some(key::decode_dentry(&k, &v)?)),
+        None => Ok(None),
+    }
+}
+
+fn incr(t: &mut dyn KvTxn, name: &str, delta: i64) -> Result<i64> {
+    let k = key::counter(name);
+    let cur = match t.get(&k)? {
+        Some(v) if v.len() == 8 => i64::from_be_bytes(v[..8].try_into().unwrap()),
+        Some(_) => {
+            return Err(MetaError::Corrupt {
+                key: name.into(),
+                msg: "counter is not 8 bytes".into(),
+            })
+        }
+        None => 0,
+    };
+    let new = cur + delta;
+    t.set(&k, new.to_be_bytes().to_vec());
+    Ok(new)
+}
+
+/// POSIX permission check of `mask` (MODE_R|W|X) on `attr` for `ctx`.
+fn access_ok(ctx: &Context, attr: &Attr, mask: u32) -> Result<()> {
+    if !ctx.check_permission || mask == 0 {
+        return Ok(());
+    }
+    if ctx.uid == 0 {
+        // Root may execute only when some execute bit is set (or on directories).
+        if mask & MODE_X != 0 && !attr.is_dir() && attr.mode & 0o111 == 0 {
+            return Err(Errno::EACCES.into());
+        }
+        return Ok(());
+    }
+    let mode = attr.mode as u32;
+    let perm = if ctx.uid == attr.uid {
+        (mode >> 6) & 7
+    } else if ctx.in_group(attr.gid) {
+        (mode >> 3) & 7
+    } else {
+        mode & 7
+    };
+    if perm & mask == mask {
+        Ok(())
+    } else {
+        Err(Errno::EACCES.into())
+    }
+}
+
+/// The sticky-bit rule for removing or renaming `victim` out of `dir`.
+fn sticky_ok(ctx: &Context, dir: &Attr, victim: &Attr) -> Result<()> {
+    if ctx.check_permission
+        && ctx.uid != 0
+        && dir.mode & libc::S_ISVTX as u16 != 0
+        && ctx.uid != dir.uid
+        && ctx.uid != victim.uid
+    {
+        return Err(Errno::EPERM.into());
+    }
+    Ok(())
+}
+
+fn touch_dir(a: &mut Attr, t: Time) {
+    a.mtime = t;
+    a.ctime = t;
+}
+
+impl<E: KvEngine> KvMeta<E> {
+    pub fn new(kv: E) -> Self {
+        KvMeta {
+            kv,
+            sid: AtomicU64::new(0),
+            open: Mutex::new(HashMap::new()),
+            inos: Mutex::new((0, 0)),
+            slices: Mutex::new((0, 0)),
+            limits: Mutex::new(None),
+        }
+    }
+
+    pub fn engine_ref(&self) -> &E {
+        &self.kv
+    }
+
+    fn txn<T>(&self, mut f: impl FnMut(&mut dyn KvTxn) -> Result<T>) -> Result<T> {
+        let mut out = None;
+        self.kv.txn(&mut |t| {
+            out = Some(f(t)?);
+            Ok(())
+        })?;
+        out.ok_or_else(|| MetaError::engine(self.kv.name(), "transaction did not run"))
+    }
+
+    fn alloc(&self, slot: &Mutex<(u64, u64)>, counter: &str, batch: u64, first: u64) -> Result<u64> {
+        let mut s = slot.lock().unwrap();
+        if s.0 >= s.1 {
+            let end = self.txn(|t| {
+                let cur = incr(t, counter, 0)?;
+                let start = (cur as u64).max(first);
+                let end = start + batch;
+                t.set(&key::counter(counter), (end as i64).to_be_bytes().to_vec());
+                Ok((start, end))
+            })?;
+            *s = end;
+        }
+        let id = s.0;
+        s.0 += 1;
+        Ok(id)
+    }
+
+    fn alloc_ino(&self) -> Result<Ino> {
+        self.alloc(&self.inos, C_NEXT_INODE, INO_BATCH, 2)
+    }
+
+    fn limits(&self) -> (u64, u64) {
+        let mut l = self.limits.lock().unwrap();
+        if l.is_none() {
+            if let Ok(f) = self.load_format() {
+                *l = Some((f.capacity, f.inodes));
+            }
+        }
+        l.unwrap_or((0, 0))
+    }
+
+    fn is_open(open: &HashMap<Ino, u32>, ino: Ino) -> bool {
+        open.get(&ino).copied().unwrap_or(0) > 0
+    }
+
+    /// Remove an inode whose last link is gone: its data goes to the trash in this transaction.
+    fn destroy_inode(t: &mut dyn KvTxn, ino: Ino, attr: &Attr) -> Result<()> {
+        if attr.typ == FileType::File {
+            let prefix = key::chunk_prefix(ino);
+            let chunks = t.scan(&prefix, &key::prefix_end(&prefix), usize::MAX)?;
+            let mut dead = Vec::new();
+            for (k, v) in chunks {
+                let slices = Slice::decode_list(&v).ok_or_else(|| MetaError::Corrupt {
+                    key: format!("C{ino}"),
+                    msg: "bad slice list".into(),
+                })?;
+                dead.extend(slices.into_iter().filter(|s| s.id != 0));
+                t.delete(&k);
+            }
+            Self::trash_slices(t, &dead)?;
+            incr(t, C_USED_SPACE, -(align4k(attr.length) as i64))?;
+        }
+        if attr.typ == FileType::Symlink {
+            t.delete(&key::symlink(ino));
+        }
+        let xp = key::xattr_prefix(ino);
+        for (k, _) in t.scan(&xp, &key::prefix_end(&xp), usize::MAX)? {
+            t.delete(&k);
+        }
+        t.delete(&key::attr(ino));
+        incr(t, C_USED_INODES, -1)?;
+        Ok(())
+    }
+
+    fn trash_slices(t: &mut dyn KvTxn, slices: &[Slice]) -> Result<()> {
+        if slices.is_empty() {
+            return Ok(());
+        }
+        let seq = incr(t, C_NEXT_TRASH, 1)? as u64;
+        t.set(&key::trash(seq), Slice::encode_list(slices));
+        Ok(())
+    }
+
+    /// Drop one link of `ino` (its dentry is already removed). Deletes the inode at zero links
+    /// unless it is open, in which case it is kept for the last close.
+    fn drop_link(&self, t: &mut dyn KvTxn, open: &HashMap<Ino, u32>, ino: Ino, mut a: Attr, ts: Time) -> Result<()> {
+        a.nlink = a.nlink.saturating_sub(1);
+        a.ctime = ts;
+        if a.nlink > 0 {
+            put_attr(t, ino, &a);
+        } else if Self::is_open(open, ino) {
+            put_attr(t, ino, &a);
+            t.set(&key::sustained(self.sid.load(Ordering::Relaxed), ino), Vec::new());
+        } else {
+            Self::destroy_inode(t, ino, &a)?;
+        }
+        Ok(())
+    }
+
+    /// Zero `[off, off+len)` by appending hole slices to each chunk it covers.
+    fn zero_range(t: &mut dyn KvTxn, ino: Ino, off: u64, len: u64) -> Result<()> {
+        let mut pos = off;
+        let end = off + len;
+        while pos < end {
+            let idx = (pos / CHUNK_SIZE) as u32;
+            let cpos = pos % CHUNK_SIZE;
+            let n = (CHUNK_SIZE - cpos).min(end - pos);
+            let k = key::chunk(ino, idx);
+            if let Some(mut v) = t.get(&k)? {
+                Slice::zero(cpos as u32, n as u32).encode(&mut v);
+                t.set(&k, v);
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    fn set_length(t: &mut dyn KvTxn, ino: Ino, a: &mut Attr, length: u64) -> Result<()> {
+        if length < a.length {
+            // Chunks wholly past the new end go; the one that holds the end is zeroed after it,
+            // so a later extension reads zeros, not old bytes.
+            let first_gone = length.div_ceil(CHUNK_SIZE) as u32;
+            let start = key::chunk(ino, first_gone);
+            let end = key::prefix_end(&key::chunk_prefix(ino));
+            let mut dead = Vec::new();
+            for (k, v) in t.scan(&start, &end, usize::MAX)? {
+                if let Some(sl) = Slice::decode_list(&v) {
+                    dead.extend(sl.into_iter().filter(|s| s.id != 0));
+                }
+                t.delete(&k);
+            }
+            Self::trash_slices(t, &dead)?;
+            if length % CHUNK_SIZE != 0 {
+                let chunk_end = (length / CHUNK_SIZE + 1) * CHUNK_SIZE;
+                Self::zero_range(t, ino, length, chunk_end.min(a.length) - length)?;
+            }
+        }
+        let delta = align4k(length) as i64 - align4k(a.length) as i64;
+        incr(t, C_USED_SPACE, delta)?;
+        a.length = length;
+        Ok(())
+    }
+
+    fn check_space(&self, t: &mut dyn KvTxn, grow: u64) -> Result<()> {
+        let (cap, _) = self.limits();
+        if cap > 0 && grow > 0 && incr(t, C_USED_SPACE, 0)? as u64 + grow > cap {
+            return Err(Errno::ENOSPC.into());
+        }
+        Ok(())
+    }
+
+    fn remove_sustained(&self, t: &mut dyn KvTxn, sid: u64, ino: Ino) -> Result<()> {
+        t.delete(&key::sustained(sid, ino));
+        if let Ok(a) = get_attr(t, ino) {
+            if a.nlink == 0 {
+                Self::destroy_inode(t, ino, &a)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn clean_session(&self, sid: u64) -> Result<()> {
+        let p = key::sustained(sid, 0)[..9].to_vec();
+        let open = self.kv.scan(&p, &key::prefix_end(&p), usize::MAX)?;
+        for (k, _) in open {
+            let ino = key::u64_at(&k, 9);
+            self.txn(|t| self.remove_sustained(t, sid, ino))?;
+        }
+        self.txn(|t| {
+            t.delete(&key::session(sid));
+            Ok(())
+        })
+    }
+}
+
+impl<E: KvEngine> Meta for KvMeta<E> {
+    fn engine(&self) -> &'static str {
+        self.kv.name()
+    }
+
+    fn format(&self, format: &Format, force: bool) -> Result<()> {
+        let json = serde_json::to_vec(format).map_err(|e| MetaError::Config(e.to_string()))?;
+        self.txn(|t| {
+            if let Some(old) = t.get(key::SETTING)? {
+                let old: Format = serde_json::from_slice(&old).map_err(|e| MetaError::Corrupt {
+                    key: "setting".into(),
+                    msg: e.to_string(),
+                })?;
+                if !force {
+                    return Err(MetaError::Config(format!(
+                        "volume {:?} is already formatted here (uuid {}); pass --force to update its settings",
+                        old.name, old.uuid
+                    )));
+                }
+                if old.block_size != format.block_size || old.storage != format.storage {
+                    return Err(MetaError::Config(
+                        "block size and storage are fixed at format time and cannot change".into(),
+                    ));
+                }
+                let mut keep = format.clone();
+                keep.uuid = old.uuid;
+                let json = serde_json::to_vec(&keep).map_err(|e| MetaError::Config(e.to_string()))?;
+                t.set(key::SETTING, json);
+                return Ok(());
+            }
+            t.set(key::SETTING, json.clone());
+            let mut root = Attr::new(FileType::Directory, 0o777, 0, 0);
+            root.parent = ROOT_INO;
+            put_attr(t, ROOT_INO, &root);
+            t.set(&key::counter(C_NEXT_INODE), 2i64.to_be_bytes().to_vec());
+            t.set(&key::counter(C_NEXT_SLICE), 1i64.to_be_bytes().to_vec());
+            t.set(&key::counter(C_USED_INODES), 1i64.to_be_bytes().to_vec());
+            Ok(())
+        })?;
+        *self.limits.lock().unwrap() = None;
+        Ok(())
+    }
+
+    fn load_format(&self) -> Result<Format> {
+        match self.kv.get(key::SETTING)? {
+            Some(v) => serde_json::from_slice(&v).map_err(|e| MetaError::Corrupt {
+                key: "setting".into(),
+                msg: e.to_string(),
+            }),
+            None => Err(MetaError::NotFormatted),
+        }
+    }
+
+    fn new_session(&self, mut info: SessionInfo) -> Result<u64> {
+        self.load_format()?;
+        if self.kv.exclusive() {
+            // Nobody else can hold this store open: every recorded session is dead.
+            let p = [b'S'];
+            for (k, _) in self.kv.scan(&p, &key::prefix_end(&p), usize::MAX)? {
+                self.clean_session(key::u64_at(&k, 1))?;
+            }
+            // Sessions that died before registering may still have left open inodes.
+            let p = [b'O'];
+            for (k, _) in self.kv.scan(&p, &key::prefix_end(&p), usize::MAX)? {
+                let (sid, ino) = (key::u64_at(&k, 1), key::u64_at(&k, 9));
+                self.txn(|t| self.remove_sustained(t, sid, ino))?;
+            }
+        }
+        let sid = self.txn(|t| Ok(incr(t, C_NEXT_SESSION, 1)? as u64))?;
+        info.sid = sid;
+        info.started = unix_now();
+        info.heartbeat = info.started;
+        let json = serde_json::to_vec(&info).map_err(|e| MetaError::Config(e.to_string()))?;
+        self.txn(|t| {
+            t.set(&key::session(sid), json.clone());
+            Ok(())
+        })?;
+        self.sid.store(sid, Ordering::Relaxed);
+        Ok(sid)
+    }
+
+    fn heartbeat(&self) -> Result<()> {
+        let sid = self.sid.load(Ordering::Relaxed);
+        self.txn(|t| {
+            if let Some(v) = t.get(&key::session(sid))? {
+                if let Ok(mut info) = serde_json::from_slice::<SessionInfo>(&v) {
+                    info.heartbeat = unix_now();
+                    if let Ok(j) = serde_json::to_vec(&info) {
+                        t.set(&key::session(sid), j);
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn close_session(&self) -> Result<()> {
+        let sid = self.sid.load(Ordering::Relaxed);
+        if sid != 0 {
+            self.clean_session(sid)?;
+        }
+        self.kv.sync()
+    }
+
+    fn list_sessions(&self) -> Result<Vec<SessionInfo>> {
+        let p = [b'S'];
+        let mut out = Vec::new();
+        for (_, v) in self.kv.scan(&p, &key::prefix_end(&p), usize::MAX)? {
+            if let Ok(s) = serde_json::from_slice(&v) {
+                out.push(s);
+            }
+        }
+        Ok(out)
+    }
+
+    fn statfs(&self) -> Result<StatFs> {
+        let (used, inodes) = self.usage()?;
+        let (cap, max_inodes) = self.limits();
+        let total = if cap > 0 { cap } else { UNLIMITED_SPACE.max(used * 2) };
+        let total_inodes = if max_inodes > 0 {
+            max_inodes
+        } else {
+            (inodes * 2).max(UNLIMITED_INODES)
+        };
+        Ok(StatFs {
+            total_space: total,
+            avail_space: total.saturating_sub(used),
+            used_inodes: inodes,
+            avail_inodes: total_inodes.saturating_sub(inodes),
+        })
+    }
+
+    fn usage(&self) -> Result<(u64, u64)> {
+        let get = |name: &str| -> Result<u64> {
+            Ok(match self.kv.get(&key::counter(name))? {
+                Some(v) if v.len() == 8 => i64::from_be_bytes(v[..8].try_into().unwrap()).max(0) as u64,
+                _ => 0,
+            })
+        };
+        Ok((get(C_USED_SPACE)?, get(C_USED_INODES)?))
+    }
+
+    fn access(&self, ctx: &Context, ino: Ino, mask: u32) -> Result<()> {
+        let a = self.getattr(ino)?;
+        let ctx = Context {
+            check_permission: true,
+            ..ctx.clone()
+        };
+        access_ok(&ctx, &a, mask)
+    }
+
+    fn lookup(&self, ctx: &Context, parent: Ino, name: &[u8]) -> Result<(Ino, Attr)> {
+        if name.len() > MAX_NAME {
+            return Err(Errno::ENAMETOOLONG.into());
+        }
+        let pattr = self.getattr(parent)?;
+        if !pattr.is_dir() {
+            return Err(Errno::ENOTDIR.into());
+        }
+        access_ok(ctx, &pattr, MODE_X)?;
+        let ino = match name {
+            b"." => parent,
+            b".." => {
+                if parent == ROOT_INO {
+                    ROOT_INO
+                } else {
+                    pattr.parent
+                }
+            }
+            _ => {
+                let k = key::dentry(parent, name);
+                match self.kv.get(&k)? {
+                    Some(v) => key::decode_dentry(&k, &v)?.1,
+                    None => return Err(Errno::ENOENT.into()),
+                }
+            }
+        };
+        Ok((ino, self.getattr(ino)?))
+    }
+
+    fn getattr(&self, ino: Ino) -> Result<Attr> {
+        match self.kv.get(&key::attr(ino))? {
+            Some(v) => key::decode_attr(ino, &v),
+            None => Err(Errno::ENOENT.into()),
+        }
+    }
+
+    fn setattr(&self, ctx: &Context, ino: Ino, set: &SetAttr) -> Result<Attr> {
+        self.txn(|t| {
+            let mut a = get_attr(t, ino)?;
+            let ts = now();
+            let owner = !ctx.check_permission || ctx.uid == 0 || ctx.uid == a.uid;
+            if let Some(uid) = set.uid {
+                if ctx.check_permission && ctx.uid != 0 && uid != a.uid {
+                    return Err(Errno::EPERM.into());
+                }
+            }
+            if let Some(gid) = set.gid {
+                if ctx.check_permission
+                    && ctx.uid != 0
+                    && (ctx.uid != a.uid || (gid != a.gid && !ctx.in_group(gid)))
+                {
+                    return Err(Errno::EPERM.into());
+                }
+            }
+            if set.uid.is_some() || set.gid.is_some() {
+                if let Some(uid) = set.uid {
+                    a.uid = uid;
+                }
+                if let Some(gid) = set.gid {
+                    a.gid = gid;
+                }
+                // chown drops set-user-ID, and set-group-ID when group-executable.
+                if !a.is_dir() && set.mode.is_none() {
+                    a.mode &= !(libc::S_ISUID as u16);
+                    if a.mode & 0o010 != 0 {
+                        a.mode &= !(libc::S_ISGID as u16);
+                    }
+                }
+            }
+            if let Some(mode) = set.mode {
+                if !owner {
+                    return Err(Errno::EPERM.into());
+                }
+                let mut m = (mode & 0o7777) as u16;
+                if ctx.check_permission && ctx.uid != 0 && !ctx.in_group(a.gid) {
+                    m &= !(libc::S_ISGID as u16);
+                }
+                a.mode = m;
+            }
+            for (which, target) in [(set.atime, &mut a.atime), (set.mtime, &mut a.mtime)] {
+                match which {
+                    Some(SetTime::Now) => *target = ts,
+                    Some(SetTime::At(tm)) => *target = tm,
+                    None => {}
+                }
+            }
+            if ctx.check_permission && ctx.uid != 0 && (set.atime.is_some() || set.mtime.is_some()) {
+                let explicit = matches!(set.atime, Some(SetTime::At(_)))
+                    || matches!(set.mtime, Some(SetTime::At(_)));
+                if ctx.uid != a.uid {
+                    if explicit {
+                        return Err(Errno::EPERM.into());
+                    }
+                    access_ok(ctx, &a, MODE_W)?;
+                }
+            }
+            a.ctime = set.ctime.unwrap_or(ts);
+            put_attr(t, ino, &a);
+            Ok(a)
+        })
+    }
+
+    fn truncate(&self, ctx: &Context, ino: Ino, length: u64) -> Result<Attr> {
+        if length > MAX_FILE_SIZE {
+            return Err(Errno::EFBIG.into());
+        }
+        self.txn(|t| {
+            let mut a = get_attr(t, ino)?;
+            match a.typ {
+                FileType::File => {}
+                FileType::Directory => return Err(Errno::EISDIR.into()),
+                _ => return Err(Errno::EINVAL.into()),
+            }
+            access_ok(ctx, &a, MODE_W)?;
+            if length > a.length {
+                self.check_space(t, align4k(length) - align4k(a.length))?;
+            }
+            Self::set_length(t, ino, &mut a, length)?;
+            let ts = now();
+            a.mtime = ts;
+            a.ctime = ts;
+            put_attr(t, ino, &a);
+            Ok(a)
+        })
+    }
+
+    fn fallocate(&self, ctx: &Context, ino: Ino, mode: i32, off: u64, len: u64) -> Result<Attr> {
+        let known = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE;
+        if mode & !known != 0 {
+            return Err(Errno::EOPNOTSUPP.into());
+        }
+        if mode & FALLOC_FL_PUNCH_HOLE != 0 && mode & FALLOC_FL_KEEP_SIZE == 0 {
+            return Err(Errno::EOPNOTSUPP.into());
+        }
+        if len == 0 {
+            return Err(Errno::EINVAL.into());
+        }
+        let end = off.checked_add(len).ok_or(Errno::EFBIG)?;
+        if end > MAX_FILE_SIZE {
+            return Err(Errno::EFBIG.into());
+        }
+        self.txn(|t| {
+            let mut a = get_attr(t, ino)?;
+            match a.typ {
+                FileType::File => {}
+                FileType::Directory => return Err(Errno::EISDIR.into()),
+                _ => return Err(Errno::ENODEV.into()),
+            }
+            access_ok(ctx, &a, MODE_W)?;
+            if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) != 0 {
+                let zend = if mode & FALLOC_FL_PUNCH_HOLE != 0 { end.min(a.length) } else { end };
+                if zend > off {
+                    Self::zero_range(t, ino, off, zend - off)?;
+                }
+            }
+            if mode & FALLOC_FL_KEEP_SIZE == 0 && end > a.length {
+                self.check_space(t, align4k(end) - align4k(a.length))?;
+                Self::set_length(t, ino, &mut a, end)?;
+            }
+            let ts = now();
+            if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) != 0 {
+                a.mtime = ts;
+            }
+            a.ctime = ts;
+            put_attr(t, ino, &a);
+            Ok(a)
+        })
+    }
+
+    fn mknod(
+        &self,
+        ctx: &Context,
+        parent: Ino,
+        name: &[u8],
+        typ: FileType,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+    ) -> Result<(Ino, Attr)> {
+        self.create_node(ctx, parent, name, typ, mode & !umask, rdev, None)
+    }
+
+    fn symlink(&self, ctx: &Context, parent: Ino, name: &[u8], target: &[u8]) -> Result<(Ino, Attr)> {
+        if target.is_empty() {
+            return Err(Errno::ENOENT.into());
+        }
+        if target.len() >= MAX_SYMLINK {
+            return Err(Errno::ENAMETOOLONG.into());
+        }
+        self.create_node(ctx, parent, name, FileType::Symlink, 0o777, 0, Some(target))
+    }
+
+    fn readlink(&self, ino: Ino) -> Result<Vec<u8>> {
+        match self.kv.get(&key::symlink(ino))? {
+            Some(v) => Ok(v),
+            None => {
+                let a = self.getattr(ino)?;
+                if a.typ != FileType::Symlink {
+                    return Err(Errno::EINVAL.into());
+                }
+                Err(MetaError::Corrupt {
+                    key: format!("L{ino}"),
+                    msg: "symlink without target".into(),
+                })
+            }
+        }
+    }
+
+    fn link(&self, ctx: &Context, ino: Ino, parent: Ino, name: &[u8]) -> Result<Attr> {
+        check_name(name)?;
+        self.txn(|t| {
+            let mut a = get_attr(t, ino)?;
+            if a.is_dir() {
+                return Err(Errno::EPERM.into());
+            }
+            if a.nlink >= MAX_LINKS {
+                return Err(Errno::EMLINK.into());
+            }
+            if a.nlink == 0 {
+                return Err(Errno::ENOENT.into());
+            }
+            let mut p = get_attr(t, parent)?;
+            if !p.is_dir() {
+                return Err(Errno::ENOTDIR.into());
+            }
+            if p.nlink == 0 {
+                return Err(Errno::ENOENT.into());
+            }
+            access_ok(ctx, &p, MODE_W | MODE_X)?;
+            if get_dentry(t, parent, name)?.is_some() {
+                return Err(Errno::EEXIST.into());
+            }
+            let ts = now();
+            t.set(&key::dentry(parent, name), key::encode_dentry(a.typ, ino));
+            touch_dir(&mut p, ts);
+            put_attr(t, parent, &p);
+            a.nlink += 1;
+            a.parent = 0;
+            a.ctime = ts;
+            put_attr(t, ino, &a);
+            Ok(a)
+        })
+    }
+
+    fn unlink(&self, ctx: &Context, parent: Ino, name: &[u8]) -> Result<()> {
+        if name.len() > MAX_NAME {
+            return Err(Errno::ENAMETOOLONG.into());
+        }
+        let open = self.open.lock().unwrap();
+        self.txn(|t| {
+            let mut p = get_attr(t, parent)?;
+            if !p.is_dir() {
+                return Err(Errno::ENOTDIR.into());
+            }
+            access_ok(ctx, &p, MODE_W | MODE_X)?;
+            let (typ, ino) = get_dentry(t, parent, name)?.ok_or(Errno::ENOENT)?;
+            if typ == FileType::Directory {
+                return Err(Errno::EISDIR.into());
+            }
+            let a = get_attr(t, ino)?;
+            sticky_ok(ctx, &p, &a)?;
+            let ts = now();
+            t.delete(&key::dentry(parent, name));
+            touch_dir(&mut p, ts);
+            put_attr(t, parent, &p);
+            self.drop_link(t, &open, ino, a, ts)
+        })
+    }
+
+    fn rmdir(&self, ctx: &Context, parent: Ino, name: &[u8]) -> Result<()> {
+        match name {
+            b"." => return Err(Errno::EINVAL.into()),
+            b".." => return Err(Errno::ENOTEMPTY.into()),
+            _ => {}
+        }
+        if name.len() > MAX_NAME {
+            return Err(Errno::ENAMETOOLONG.into());
+        }
+        self.txn(|t| {
+            let mut p = get_attr(t, parent)?;
+            if !p.is_dir() {
+                return Err(Errno::ENOTDIR.into());
+            }
+            access_ok(ctx, &p, MODE_W | MODE_X)?;
+            let (typ, ino) = get_dentry(t, parent, name)?.ok_or(Errno::ENOENT)?;
+            if typ != FileType::Directory {
+                return Err(Errno::ENOTDIR.into());
+            }
+            let a = get_attr(t, ino)?;
+            sticky_ok(ctx, &p, &a)?;
+            let dp = key::dentry_prefix(ino);
+            if !t.scan(&dp, &key::prefix_end(&dp), 1)?.is_empty() {
+                return Err(Errno::ENOTEMPTY.into());
+            }
+            let ts = now();
+            t.delete(&key::dentry(parent, name));
+            p.nlink = p.nlink.saturating_sub(1);
+            touch_dir(&mut p, ts);
+            put_attr(t, parent, &p);
+            Self::destroy_inode(t, ino, &a)
+        })
+    }
+
+    fn rename(
+        &self,
+        ctx: &Context,
+        parent: Ino,
+        name: &[u8],
+        new_parent: Ino,
+        new_name: &[u8],
+        flags: u32,
+    ) -> Result<()> {
+        if flags & RENAME_WHITEOUT != 0 || flags & !(RENAME_NOREPLACE | RENAME_EXCHANGE) != 0 {
+            return Err(Errno::EINVAL.into());
+        }
+        if flags & RENAME_NOREPLACE != 0 && flags & RENAME_EXCHANGE != 0 {
+            return Err(Errno::EINVAL.into());
+        }
+        if name.len() > MAX_NAME {
+            return Err(Errno::ENAMETOOLONG.into());
+        }
+        check_name(new_name)?;
+        if matches!(name, b"." | b"..") {
+            return Err(Errno::EINVAL.into());
+        }
+        let open = self.open.lock().unwrap();
+        self.txn(|t| {
+            let mut sp = get_attr(t, parent)?;
+            if !sp.is_dir() {
+                return Err(Errno::ENOTDIR.into());
+            }
+            let (styp, sino) = get_dentry(t, parent, name)?.ok_or(Errno::ENOENT)?;
+            let mut sa = get_attr(t, sino)?;
+            let mut dp = if new_parent == parent { sp.clone() } else { get_attr(t, new_parent)? };
+            if !dp.is_dir() {
+                return Err(Errno::ENOTDIR.into());
+            }
+            if dp.nlink == 0 {
+                return Err(Errno::ENOENT.into());
+            }
+            access_ok(ctx, &sp, MODE_W | MODE_X)?;
+            access_ok(ctx, &dp, MODE_W | MODE_X)?;
+            sticky_ok(ctx, &sp, &sa)?;
+            let dst = get_dentry(t, new_parent, new_name)?;
+            if parent == new_parent && name == new_name {
+                return if flags & RENAME_NOREPLACE != 0 { Err(Errno::EEXIST.into()) } else { Ok(()) };
+            }
+            if let Some((_, dino)) = dst {
+                if dino == sino {
+                    // Two links to one inode: POSIX says do nothing.
+                    return if flags & RENAME_NOREPLACE != 0 { Err(Errno::EEXIST.into()) } else { Ok(()) };
+                }
+            }
+            if flags & RENAME_EXCHANGE != 0 && dst.is_none() {
+                return Err(Errno::ENOENT.into());
+            }
+            if flags & RENAME_NOREPLACE != 0 && dst.is_some() {
+                return Err(Errno::EEXIST.into());
+            }
+            // A directory may not move into its own subtree.
+            let moves_dir = |t: &mut dyn KvTxn, dir: Ino, target_parent: Ino| -> Result<()> {
+                let mut cur = target_parent;
+                let mut depth = 0;
+                while cur != ROOT_INO && depth < 100_000 {
+                    if cur == dir {
+                        return Err(Errno::EINVAL.into());
+                    }
+                    cur = get_attr(t, cur)?.parent;
+                    depth += 1;
+                }
+                if cur == dir {
+                    return Err(Errno::EINVAL.into());
+                }
+                Ok(())
+            };
+            if styp == FileType::Directory && parent != new_parent {
+                moves_dir(t, sino, new_parent)?;
+                // Moving a directory rewrites its "..": needs write permission on it.
+                access_ok(ctx, &sa, MODE_W)?;
+            }
+            let ts = now();
+            if flags & RENAME_EXCHANGE != 0 {
+                let (dtyp, dino) = dst.ok_or(Errno::ENOENT)?;
+                let mut da = get_attr(t, dino)?;
+                sticky_ok(ctx, &dp, &da)?;
+                if dtyp == FileType::Directory && parent != new_parent {
+                    moves_dir(t, dino, parent)?;
+                }
+                t.set(&key::dentry(parent, name), key::encode_dentry(dtyp, dino));
+                t.set(&key::dentry(new_parent, new_name), key::encode_dentry(styp, sino));
+                if parent != new_parent {
+                    let sdir = (styp == FileType::Directory) as i64;
+                    let ddir = (dtyp == FileType::Directory) as i64;
+                    sp.nlink = (sp.nlink as i64 - sdir + ddir) as u32;
+                    dp.nlink = (dp.nlink as i64 - ddir + sdir) as u32;
+                    if sa.nlink == 1 || sa.is_dir() {
+                        sa.parent = new_parent;
+                    }
+                    if da.nlink == 1 || da.is_dir() {
+                        da.parent = parent;
+                    }
+                }
+                sa.ctime = ts;
+                da.ctime = ts;
+                put_attr(t, dino, &da);
+            } else {
+                if let Some((dtyp, dino)) = dst {
+                    let da = get_attr(t, dino)?;
+                    sticky_ok(ctx, &dp, &da)?;
+                    if styp == FileType::Directory {
+                        if dtyp != FileType::Directory {
+                            return Err(Errno::ENOTDIR.into());
+                        }
+                        let pfx = key::dentry_prefix(dino);
+                        if !t.scan(&pfx, &key::prefix_end(&pfx), 1)?.is_empty() {
+                            return Err(Errno::ENOTEMPTY.into());
+                        }
+                    } else if dtyp == FileType::Directory {
+                        return Err(Errno::EISDIR.into());
+                    }
+                    if dtyp == FileType::Directory {
+                        dp.nlink = dp.nlink.saturating_sub(1);
+                        Self::destroy_inode(t, dino, &da)?;
+                    } else {
+                        self.drop_link(t, &open, dino, da, ts)?;
+                    }
+                }
+                t.delete(&key::dentry(parent, name));
+                t.set(&key::dentry(new_parent, new_name), key::encode_dentry(styp, sino));
+                if parent != new_parent {
+                    if styp == FileType::Directory {
+                        sp.nlink = sp.nlink.saturating_sub(1);
+                        dp.nlink += 1;
+                    }
+                    if sa.nlink == 1 || sa.is_dir() {
+                        sa.parent = new_parent;
+                    }
+                }
+                sa.ctime = ts;
+            }
+            touch_dir(&mut sp, ts);
+            touch_dir(&mut dp, ts);
+            if parent == new_parent {
+                // One directory: nlink changed only through `dp` (a replaced subdirectory).
+                put_attr(t, parent, &dp);
+            } else {
+                put_attr(t, parent, &sp);
+                put_attr(t, new_parent, &dp);
+            }
+            put_attr(t, sino, &sa);
+            Ok(())
+        })
+    }
+
+    fn readdir(&self, ctx: &Context, ino: Ino, plus: bool) -> Result<Vec<DirEntry>> {
+        let a = self.getattr(ino)?;
+        if !a.is_dir() {
+            return Err(Errno::ENOTDIR.into());
+        }
+        access_ok(ctx, &a, MODE_R)?;
+        let p = key::dentry_prefix(ino);
+        let rows = self.kv.scan(&p, &key::prefix_end(&p), usize::MAX)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (k, v) in rows {
+            let (typ, child) = key::decode_dentry(&k, &v)?;
+            let attr = if plus {
+                match self.getattr(child) {
+                    Ok(a) => Some(a),
+                    Err(MetaError::Sys(_)) => continue,
+                    Err(e) => return Err(e),
+                }
+            } else {
+                None
+            };
+            out.push(DirEntry {
+                name: k[p.len()..].to_vec(),
+                ino: child,
+                typ,
+                attr,
+            });
+        }
+        Ok(out)
+    }
+
+    fn open(&self, ctx: &Context, ino: Ino, flags: i32) -> Result<Attr> {
+        let a = self.getattr(ino)?;
+        let mask = match flags & libc::O_ACCMODE {
+            libc::O_RDONLY => MODE_R,
+            libc::O_WRONLY => MODE_W,
+            _ => MODE_R | MODE_W,
+        } | if flags & libc::O_TRUNC != 0 { MODE_W } else { 0 };
+        access_ok(ctx, &a, mask)?;
+        *self.open.lock().unwrap().entry(ino).or_insert(0) += 1;
+        Ok(a)
+    }
+
+    fn close(&self, ino: Ino) -> Result<()> {
+        let mut open = self.open.lock().unwrap();
+        let last = match open.get_mut(&ino) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            Some(_) => {
+                open.remove(&ino);
+                true
+            }
+            None => false,
+        };
+        if last {
+            let sid = self.sid.load(Ordering::Relaxed);
+            if self.kv.get(&key::sustained(sid, ino))?.is_some() {
+                self.txn(|t| self.remove_sustained(t, sid, ino))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn new_slice_id(&self) -> Result<u64> {
+        self.alloc(&self.slices, C_NEXT_SLICE, SLICE_BATCH, 1)
+    }
+
+    fn read_chunk(&self, ino: Ino, idx: u32) -> Result<Vec<Slice>> {
+        match self.kv.get(&key::chunk(ino, idx))? {
+            Some(v) => Slice::decode_list(&v).ok_or_else(|| MetaError::Corrupt {
+                key: format!("C{ino}/{idx}"),
+                msg: "slice list length is not a multiple of 24".into(),
+            }),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    fn write_slice(&self, ino: Ino, idx: u32, slice: Slice) -> Result<(Attr, usize)> {
+        self.txn(|t| {
+            let mut a = get_attr(t, ino)?;
+            if a.typ != FileType::File {
+                return Err(Errno::EBADF.into());
+            }
+            let k = key::chunk(ino, idx);
+            let mut v = t.get(&k)?.unwrap_or_default();
+            slice.encode(&mut v);
+            let count = v.len() / Slice::ENCODED_LEN;
+            t.set(&k, v);
+            let end = idx as u64 * CHUNK_SIZE + slice.end() as u64;
+            if end > a.length {
+                let grow = align4k(end) - align4k(a.length);
+                self.check_space(t, grow)?;
+                incr(t, C_USED_SPACE, grow as i64)?;
+                a.length = end;
+            }
+            let ts = now();
+            a.mtime = ts;
+            a.ctime = ts;
+            put_attr(t, ino, &a);
+            Ok((a, count))
+        })
+    }
+
+    fn compact_chunk(&self, ino: Ino, idx: u32, replaced: &[Slice], new: Slice) -> Result<bool> {
+        self.txn(|t| {
+            let k = key::chunk(ino, idx);
+            let Some(v) = t.get(&k)? else { return Ok(false) };
+            let cur = Slice::decode_list(&v).unwrap_or_default();
+            if cur.len() < replaced.len() || cur[..replaced.len()] != *replaced {
+                return Ok(false);
+            }
+            let mut list = vec![new];
+            list.extend_from_slice(&cur[replaced.len()..]);
+            t.set(&k, Slice::encode_list(&list));
+            let dead: Vec<Slice> = replaced.iter().copied().filter(|s| s.id != 0).collect();
+            Self::trash_slices(t, &dead)?;
+            Ok(true)
+        })
+    }
+
+    fn trash_batch(&self, limit: usize) -> Result<Vec<(u64, Vec<Slice>)>> {
+        let p = [b'T'];
+        Ok(self
+            .kv
+            .scan(&p, &key::prefix_end(&p), limit)?
+            .into_iter()
+            .map(|(k, v)| (key::u64_at(&k, 1), Slice::decode_list(&v).unwrap_or_default()))
+            .collect())
+    }
+
+    fn trash_done(&self, id: u64) -> Result<()> {
+        self.txn(|t| {
+            t.delete(&key::trash(id));
+            Ok(())
+        })
+    }
+
+    fn getxattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
+        check_xattr_name(name)?;
+        match self.kv.get(&key::xattr(ino, name))? {
+            Some(v) => Ok(v),
+            None => {
+                self.getattr(ino)?;
+                Err(Errno::ENODATA.into())
+            }
+        }
+    }
+
+    fn setxattr(&self, ctx: &Context, ino: Ino, name: &[u8], value: &[u8], flags: i32) -> Result<()> {
+        check_xattr_name(name)?;
+        if value.len() > MAX_XATTR_VALUE {
+            return Err(Errno::E2BIG.into());
+        }
+        self.txn(|t| {
+            let mut a = get_attr(t, ino)?;
+            if name.starts_with(b"user.") {
+                if !matches!(a.typ, FileType::File | FileType::Directory) {
+                    return Err(Errno::EPERM.into());
+                }
+                access_ok(ctx, &a, MODE_W)?;
+            } else if name.starts_with(b"trusted.") && ctx.check_permission && ctx.uid != 0 {
+                return Err(Errno::EPERM.into());
+            }
+            let k = key::xattr(ino, name);
+            let exists = t.get(&k)?.is_some();
+            if flags & XATTR_CREATE != 0 && exists {
+                return Err(Errno::EEXIST.into());
+            }
+            if flags & XATTR_REPLACE != 0 && !exists {
+                return Err(Errno::ENODATA.into());
+            }
+            t.set(&k, value.to_vec());
+            a.ctime = now();
+            put_attr(t, ino, &a);
+            Ok(())
+        })
+    }
+
+    fn listxattr(&self, ino: Ino) -> Result<Vec<u8>> {
+        self.getattr(ino)?;
+        let p = key::xattr_prefix(ino);
+        let mut out = Vec::new();
+        for (k, _) in self.kv.scan(&p, &key::prefix_end(&p), usize::MAX)? {
+            out.extend_from_slice(&k[p.len()..]);
+            out.push(0);
+        }
+        Ok(out)
+    }
+
+    fn removexattr(&self, ctx: &Context, ino: Ino, name: &[u8]) -> Result<()> {
+        check_xattr_name(name)?;
+        self.txn(|t| {
+            let mut a = get_attr(t, ino)?;
+            if name.starts_with(b"user.") {
+                access_ok(ctx, &a, MODE_W)?;
+            }
+            let k = key::xattr(ino, name);
+            if t.get(&k)?.is_none() {
+                return Err(Errno::ENODATA.into());
+            }
+            t.delete(&k);
+            a.ctime = now();
+            put_attr(t, ino, &a);
+            Ok(())
+        })
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.kv.sync()
+    }
+}
+
+fn check_xattr_name(name: &[u8]) -> Result<()> {
+    if name.is_empty() {
+        return Err(Errno::EINVAL.into());
+    }
+    if name.len() > MAX_XATTR_NAME {
+        return Err(Errno::ERANGE.into());
+    }
+    let known = [&b"user."[..], b"trusted.", b"security.", b"system."];
+    if !known.iter().any(|p| name.starts_with(p) && name.len() > p.len()) {
+        return Err(Errno::EOPNOTSUPP.into());
+    }
+    // POSIX ACLs are not supported; saying so lets cp -a and tar carry on.
+    if name.starts_with(b"system.") {
+        return Err(Errno::EOPNOTSUPP.into());
+    }
+    Ok(())
+}
+
+impl<E: KvEngine> KvMeta<E> {
+    #[allow(clippy::too_many_arguments)]
+    fn create_node(
+        &self,
+        ctx: &Context,
+        parent: Ino,
+        name: &[u8],
+        typ: FileType,
+        mode: u32,
+        rdev: u32,
+        target: Option<&[u8]>,
+    ) -> Result<(Ino, Attr)> {
+        check_name(name)?;
+        let ino = self.alloc_ino()?;
+        let (_, max_inodes) = self.limits();
+        self.txn(|t| {
+            let mut p = get_attr(t, parent)?;
+            if !p.is_dir() {
+                return Err(Errno::ENOTDIR.into());
+            }
+            if p.nlink == 0 {
+                return Err(Errno::ENOENT.into());
+            }
+            access_ok(ctx, &p, MODE_W | MODE_X)?;
+            if get_dentry(t, parent, name)?.is_some() {
+                return Err(Errno::EEXIST.into());
+            }
+            if typ == FileType::Directory && p.nlink >= MAX_LINKS {
+                return Err(Errno::EMLINK.into());
+            }
+            let used = incr(t, C_USED_INODES, 1)?;
+            if max_inodes > 0 && used as u64 > max_inodes {
+                return Err(Errno::ENOSPC.into());
+            }
+            let mut a = Attr::new(typ, mode as u16, ctx.uid, ctx.gid);
+            if p.mode & libc::S_ISGID as u16 != 0 {
+                // BSD group semantics in a set-group-ID directory.
+                a.gid = p.gid;
+                if typ == FileType::Directory {
+                    a.mode |= libc::S_ISGID as u16;
+                }
+            }
+            if matches!(typ, FileType::BlockDev | FileType::CharDev) {
+                a.rdev = rdev;
+            }
+            a.parent = parent;
+            if let Some(target) = target {
+                a.length = target.len() as u64;
+                t.set(&key::symlink(ino), target.to_vec());
+            }
+            put_attr(t, ino, &a);
+            t.set(&key::dentry(parent, name), key::encode_dentry(typ, ino));
+            if typ == FileType::Directory {
+                p.nlink += 1;
+            }
+            touch_dir(&mut p, a.ctime);
+            put_attr(t, parent, &p);
+            Ok((ino, a))
+        })
+    }
+}

@@ -1,0 +1,116 @@
+//! Aquifer metadata: the [`Meta`] trait and everything an engine needs, with no engine in it.
+//!
+//! Layers: [`Meta`] is what the filesystem above calls. [`KvMeta`] implements it once over the
+//! [`KvEngine`] transaction model, so each engine crate (RocksDB, later Redis) only provides an
+//! ordered, transactional key-value store. Every namespace change is one transaction.
+
+mod encoding;
+mod error;
+mod kv;
+mod kvmeta;
+mod types;
+
+pub mod conformance;
+pub mod url;
+
+pub use error::{Errno, MetaError, Result};
+pub use kv::{BufferedTxn, KvEngine, KvPair, KvRead, KvTxn, MemKv};
+pub use kvmeta::KvMeta;
+pub use types::*;
+
+/// Access mask bits for [`Meta::access`].
+pub const MODE_R: u32 = 4;
+pub const MODE_W: u32 = 2;
+pub const MODE_X: u32 = 1;
+
+/// The namespace and file layout of one volume.
+///
+/// Every method that changes the namespace is atomic. Names are raw bytes. `ctx` is the caller:
+/// when `ctx.check_permission` is set the engine enforces POSIX permissions itself; otherwise
+/// the kernel already did (mounts use `default_permissions`).
+pub trait Meta: Send + Sync {
+    /// Engine name for messages ("rocksdb", "memory").
+    fn engine(&self) -> &'static str;
+
+    /// Write the volume settings and the root directory. Fails with EEXIST when formatted,
+    /// unless `force` (which only rewrites settings that may change).
+    fn format(&self, format: &Format, force: bool) -> Result<()>;
+    /// The volume settings; [`MetaError::NotFormatted`] if there are none.
+    fn load_format(&self) -> Result<Format>;
+
+    /// Register this client; cleans up what dead sessions left behind. Returns the session id.
+    fn new_session(&self, info: SessionInfo) -> Result<u64>;
+    fn heartbeat(&self) -> Result<()>;
+    fn close_session(&self) -> Result<()>;
+    fn list_sessions(&self) -> Result<Vec<SessionInfo>>;
+
+    fn statfs(&self) -> Result<StatFs>;
+    /// Space and inodes in use (from counters).
+    fn usage(&self) -> Result<(u64, u64)>;
+
+    fn access(&self, ctx: &Context, ino: Ino, mask: u32) -> Result<()>;
+    fn lookup(&self, ctx: &Context, parent: Ino, name: &[u8]) -> Result<(Ino, Attr)>;
+    fn getattr(&self, ino: Ino) -> Result<Attr>;
+    fn setattr(&self, ctx: &Context, ino: Ino, set: &SetAttr) -> Result<Attr>;
+    fn truncate(&self, ctx: &Context, ino: Ino, length: u64) -> Result<Attr>;
+    fn fallocate(&self, ctx: &Context, ino: Ino, mode: i32, off: u64, len: u64) -> Result<Attr>;
+
+    /// Create a file, directory, fifo, socket or device node.
+    #[allow(clippy::too_many_arguments)]
+    fn mknod(
+        &self,
+        ctx: &Context,
+        parent: Ino,
+        name: &[u8],
+        typ: FileType,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+    ) -> Result<(Ino, Attr)>;
+    fn symlink(&self, ctx: &Context, parent: Ino, name: &[u8], target: &[u8])
+        -> Result<(Ino, Attr)>;
+    fn readlink(&self, ino: Ino) -> Result<Vec<u8>>;
+    fn link(&self, ctx: &Context, ino: Ino, parent: Ino, name: &[u8]) -> Result<Attr>;
+    fn unlink(&self, ctx: &Context, parent: Ino, name: &[u8]) -> Result<()>;
+    fn rmdir(&self, ctx: &Context, parent: Ino, name: &[u8]) -> Result<()>;
+    fn rename(
+        &self,
+        ctx: &Context,
+        parent: Ino,
+        name: &[u8],
+        new_parent: Ino,
+        new_name: &[u8],
+        flags: u32,
+    ) -> Result<()>;
+    /// All entries of a directory, without "." and "..", sorted by name; with attributes
+    /// when `plus`.
+    fn readdir(&self, ctx: &Context, ino: Ino, plus: bool) -> Result<Vec<DirEntry>>;
+
+    /// Count an open of `ino` (an open file is kept after its last unlink until closed).
+    fn open(&self, ctx: &Context, ino: Ino, flags: i32) -> Result<Attr>;
+    fn close(&self, ino: Ino) -> Result<()>;
+
+    /// Allocate a never-reused slice id.
+    fn new_slice_id(&self) -> Result<u64>;
+    /// The slice list of one chunk, oldest first.
+    fn read_chunk(&self, ino: Ino, idx: u32) -> Result<Vec<Slice>>;
+    /// Append a written slice to a chunk, growing the file when it ends past the length.
+    /// Returns the new attributes and the number of slices in the chunk.
+    fn write_slice(&self, ino: Ino, idx: u32, slice: Slice) -> Result<(Attr, usize)>;
+    /// Replace the first `replaced.len()` slices of a chunk, if they are still exactly
+    /// `replaced`, by `new`; the replaced slices go to the trash. Returns false when the chunk
+    /// changed meanwhile (the caller frees `new`).
+    fn compact_chunk(&self, ino: Ino, idx: u32, replaced: &[Slice], new: Slice) -> Result<bool>;
+    /// Slices waiting to have their objects deleted, as (trash id, slices).
+    fn trash_batch(&self, limit: usize) -> Result<Vec<(u64, Vec<Slice>)>>;
+    fn trash_done(&self, id: u64) -> Result<()>;
+
+    fn getxattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>>;
+    fn setxattr(&self, ctx: &Context, ino: Ino, name: &[u8], value: &[u8], flags: i32)
+        -> Result<()>;
+    fn listxattr(&self, ino: Ino) -> Result<Vec<u8>>;
+    fn removexattr(&self, ctx: &Context, ino: Ino, name: &[u8]) -> Result<()>;
+
+    /// Make all committed changes durable (fsync).
+    fn sync(&self) -> Result<()>;
+}

@@ -1,0 +1,314 @@
+//! Value types shared by every metadata engine and by the layers above.
+
+use serde::{Deserialize, Serialize};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub type Ino = u64;
+pub const ROOT_INO: Ino = 1;
+
+/// Files are cut into chunks of this size; each chunk has its own slice list.
+pub const CHUNK_SIZE: u64 = 64 << 20;
+/// Longest file name in bytes.
+pub const MAX_NAME: usize = 255;
+/// Largest file size (2^56: far beyond any real file, small enough for chunk indexes).
+pub const MAX_FILE_SIZE: u64 = 1 << 56;
+pub const MAX_SYMLINK: usize = 4096;
+pub const MAX_XATTR_NAME: usize = 255;
+pub const MAX_XATTR_VALUE: usize = 65536;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FileType {
+    File = 1,
+    Directory = 2,
+    Symlink = 3,
+    Fifo = 4,
+    BlockDev = 5,
+    CharDev = 6,
+    Socket = 7,
+}
+
+impl FileType {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => FileType::File,
+            2 => FileType::Directory,
+            3 => FileType::Symlink,
+            4 => FileType::Fifo,
+            5 => FileType::BlockDev,
+            6 => FileType::CharDev,
+            7 => FileType::Socket,
+            _ => return None,
+        })
+    }
+
+    /// From the S_IFMT bits of a mode.
+    pub fn from_mode(mode: u32) -> Option<Self> {
+        Some(match mode & libc::S_IFMT {
+            libc::S_IFREG | 0 => FileType::File,
+            libc::S_IFDIR => FileType::Directory,
+            libc::S_IFLNK => FileType::Symlink,
+            libc::S_IFIFO => FileType::Fifo,
+            libc::S_IFBLK => FileType::BlockDev,
+            libc::S_IFCHR => FileType::CharDev,
+            libc::S_IFSOCK => FileType::Socket,
+            _ => return None,
+        })
+    }
+
+    pub fn mode_bits(self) -> u32 {
+        match self {
+            FileType::File => libc::S_IFREG,
+            FileType::Directory => libc::S_IFDIR,
+            FileType::Symlink => libc::S_IFLNK,
+            FileType::Fifo => libc::S_IFIFO,
+            FileType::BlockDev => libc::S_IFBLK,
+            FileType::CharDev => libc::S_IFCHR,
+            FileType::Socket => libc::S_IFSOCK,
+        }
+    }
+}
+
+/// Seconds and nanoseconds since the Unix epoch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Time {
+    pub sec: i64,
+    pub nsec: u32,
+}
+
+impl Time {
+    /// The only clock read in the metadata layer.
+    pub fn now() -> Time {
+        match SystemTime::now().duration_since(UNIX_EPOCH) {
+            Ok(d) => Time {
+                sec: d.as_secs() as i64,
+                nsec: d.subsec_nanos(),
+            },
+            Err(_) => Time::default(),
+        }
+    }
+}
+
+/// Attributes of one inode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attr {
+    pub typ: FileType,
+    /// Permission bits including setuid/setgid/sticky (07777).
+    pub mode: u16,
+    pub uid: u32,
+    pub gid: u32,
+    pub atime: Time,
+    pub mtime: Time,
+    pub ctime: Time,
+    pub nlink: u32,
+    pub length: u64,
+    pub rdev: u32,
+    /// Parent directory; 0 for files with more than one link.
+    pub parent: Ino,
+}
+
+impl Attr {
+    pub fn new(typ: FileType, mode: u16, uid: u32, gid: u32) -> Attr {
+        let now = Time::now();
+        Attr {
+            typ,
+            mode: mode & 0o7777,
+            uid,
+            gid,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            nlink: if typ == FileType::Directory { 2 } else { 1 },
+            length: 0,
+            rdev: 0,
+            parent: 0,
+        }
+    }
+
+    pub fn is_dir(&self) -> bool {
+        self.typ == FileType::Directory
+    }
+
+    /// st_mode: type bits and permission bits.
+    pub fn full_mode(&self) -> u32 {
+        self.typ.mode_bits() | self.mode as u32
+    }
+
+    /// 512-byte blocks for st_blocks: the length rounded up to 4 KiB.
+    pub fn blocks(&self) -> u64 {
+        align4k(self.length) / 512
+    }
+}
+
+pub fn align4k(n: u64) -> u64 {
+    n.div_ceil(4096) * 4096
+}
+
+/// Which attributes `setattr` changes.
+#[derive(Clone, Debug, Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
+    pub ctime: Option<Time>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum SetTime {
+    Now,
+    At(Time),
+}
+
+/// The caller of an operation.
+#[derive(Clone, Debug, Default)]
+pub struct Context {
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups.
+    pub gids: Vec<u32>,
+    pub pid: u32,
+    /// When false the kernel has checked permissions already (`default_permissions`).
+    pub check_permission: bool,
+}
+
+impl Context {
+    pub fn root() -> Context {
+        Context::default()
+    }
+
+    pub fn in_group(&self, gid: u32) -> bool {
+        self.gid == gid || self.gids.contains(&gid)
+    }
+}
+
+/// A piece of one immutable slice placed in a chunk. `id == 0` is a hole that reads as zeros.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Slice {
+    /// Offset of this piece within the chunk.
+    pub pos: u32,
+    /// Slice id (object keys derive from it; never reused). 0 = zeros.
+    pub id: u64,
+    /// Total stored size of the slice.
+    pub size: u32,
+    /// Offset of this piece within the slice.
+    pub off: u32,
+    /// Length of this piece.
+    pub len: u32,
+}
+
+impl Slice {
+    pub const ENCODED_LEN: usize = 24;
+
+    pub fn zero(pos: u32, len: u32) -> Slice {
+        Slice {
+            pos,
+            id: 0,
+            size: len,
+            off: 0,
+            len,
+        }
+    }
+
+    pub fn end(&self) -> u32 {
+        self.pos + self.len
+    }
+
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.pos.to_be_bytes());
+        out.extend_from_slice(&self.id.to_be_bytes());
+        out.extend_from_slice(&self.size.to_be_bytes());
+        out.extend_from_slice(&self.off.to_be_bytes());
+        out.extend_from_slice(&self.len.to_be_bytes());
+    }
+
+    pub fn decode_list(buf: &[u8]) -> Option<Vec<Slice>> {
+        if buf.len() % Self::ENCODED_LEN != 0 {
+            return None;
+        }
+        Some(
+            buf.chunks_exact(Self::ENCODED_LEN)
+                .map(|b| Slice {
+                    pos: u32::from_be_bytes(b[0..4].try_into().unwrap()),
+                    id: u64::from_be_bytes(b[4..12].try_into().unwrap()),
+                    size: u32::from_be_bytes(b[12..16].try_into().unwrap()),
+                    off: u32::from_be_bytes(b[16..20].try_into().unwrap()),
+                    len: u32::from_be_bytes(b[20..24].try_into().unwrap()),
+                })
+                .collect(),
+        )
+    }
+
+    pub fn encode_list(slices: &[Slice]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(slices.len() * Self::ENCODED_LEN);
+        for s in slices {
+            s.encode(&mut out);
+        }
+        out
+    }
+}
+
+/// One directory entry as returned by readdir.
+#[derive(Clone, Debug)]
+pub struct DirEntry {
+    pub name: Vec<u8>,
+    pub ino: Ino,
+    pub typ: FileType,
+    pub attr: Option<Attr>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StatFs {
+    pub total_space: u64,
+    pub avail_space: u64,
+    pub used_inodes: u64,
+    pub avail_inodes: u64,
+}
+
+/// Volume settings, fixed at format time (stored as JSON).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Format {
+    pub name: String,
+    pub uuid: String,
+    /// Object store kind: "file", "memory", later "s3".
+    pub storage: String,
+    /// Where the blocks live: a directory for `file`, a URL for `s3`.
+    pub bucket: String,
+    /// Block size in bytes.
+    pub block_size: u32,
+    /// Capacity limit in bytes; 0 = unlimited.
+    #[serde(default)]
+    pub capacity: u64,
+    /// Inode limit; 0 = unlimited.
+    #[serde(default)]
+    pub inodes: u64,
+    #[serde(default)]
+    pub compression: String,
+    pub meta_version: u32,
+}
+
+/// One mounted client of a volume.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SessionInfo {
+    pub sid: u64,
+    pub hostname: String,
+    pub mount_point: String,
+    pub pid: u32,
+    pub version: String,
+    pub started: i64,
+    pub heartbeat: i64,
+}
+
+/// Flags of rename(2).
+pub const RENAME_NOREPLACE: u32 = 1;
+pub const RENAME_EXCHANGE: u32 = 2;
+pub const RENAME_WHITEOUT: u32 = 4;
+
+/// Flags of setxattr(2).
+pub const XATTR_CREATE: i32 = 1;
+pub const XATTR_REPLACE: i32 = 2;
+
+/// Modes of fallocate(2).
+pub const FALLOC_FL_KEEP_SIZE: i32 = 0x01;
+pub const FALLOC_FL_PUNCH_HOLE: i32 = 0x02;
+pub const FALLOC_FL_ZERO_RANGE: i32 = 0x10;
