@@ -92,3 +92,14 @@ impl From<Errno> for MetaError {
 }
 
 pub type Result<T> = std::result::Result<T, MetaError>;
+
+/// Where metadata errors become errno values for the layers above. Failures of the engine
+/// itself (not POSIX outcomes) are logged here, once, with their detail.
+impl From<MetaError> for Errno {
+    fn from(e: MetaError) -> Errno {
+        if !matches!(e, MetaError::Sys(_)) {
+            tracing::error!(error = %e, "metadata operation failed");
+        }
+        e.errno()
+    }
+}

@@ -267,8 +267,7 @@ impl<E: KvEngine> KvMeta<E> {
 
     fn set_length(t: &mut dyn KvTxn, ino: Ino, a: &mut Attr, length: u64) -> Result<()> {
         if length < a.length {
-            // Chunks wholly past the new end go; the one that holds the end is zeroed after it,
-            // so a later extension reads zeros, not old bytes.
+            // Chunks wholly past the new end go to the trash.
             let first_gone = length.div_ceil(CHUNK_SIZE) as u32;
             let start = key::chunk(ino, first_gone);
             let end = key::prefix_end(&key::chunk_prefix(ino));
@@ -281,8 +280,35 @@ impl<E: KvEngine> KvMeta<E> {
             }
             Self::trash_slices(t, &dead)?;
             if length % CHUNK_SIZE != 0 {
-                let chunk_end = (length / CHUNK_SIZE + 1) * CHUNK_SIZE;
-                Self::zero_range(t, ino, length, chunk_end.min(a.length) - length)?;
+                // Clamp the chunk that holds the new end, so bytes past it read as zeros
+                // when the file grows again.
+                let idx = (length / CHUNK_SIZE) as u32;
+                let cut = (length % CHUNK_SIZE) as u32;
+                let k = key::chunk(ino, idx);
+                if let Some(v) = t.get(&k)? {
+                    let list = Slice::decode_list(&v).ok_or_else(|| MetaError::Corrupt {
+                        key: format!("C{ino}/{idx}"),
+                        msg: "bad slice list".into(),
+                    })?;
+                    let mut kept = Vec::with_capacity(list.len());
+                    let mut dead = Vec::new();
+                    for mut s in list {
+                        if s.pos >= cut {
+                            if s.id != 0 {
+                                dead.push(s);
+                            }
+                            continue;
+                        }
+                        s.len = s.len.min(cut - s.pos);
+                        kept.push(s);
+                    }
+                    Self::trash_slices(t, &dead)?;
+                    if kept.is_empty() {
+                        t.delete(&k);
+                    } else {
+                        t.set(&k, Slice::encode_list(&kept));
+                    }
+                }
             }
         }
         let delta = align4k(length) as i64 - align4k(a.length) as i64;

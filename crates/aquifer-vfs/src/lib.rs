@@ -1,1 +1,419 @@
+//! Filesystem semantics independent of FUSE: file handles, write buffering, flush on
+//! close/fsync, directory handles with stable offsets, open-but-unlinked files. The FUSE
+//! adapter is a thin layer over [`Vfs`]; tests drive [`Vfs`] directly.
 
+use aquifer_chunk::writer::FileWriter;
+use aquifer_chunk::{ChunkStore, DataConfig};
+use aquifer_meta::*;
+use aquifer_object::ObjectStore;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+pub type Result<T> = std::result::Result<T, Errno>;
+
+/// One open directory: its entries, read once at the first readdir from offset 0, so offsets
+/// stay valid while the directory changes.
+struct DirHandle {
+    ino: Ino,
+    entries: Mutex<Option<Arc<Vec<DirEntry>>>>,
+}
+
+struct FileHandle {
+    ino: Ino,
+    writer: Option<Arc<FileWriter>>,
+}
+
+enum Handle {
+    File(FileHandle),
+    Dir(DirHandle),
+}
+
+pub struct Vfs {
+    meta: Arc<dyn Meta>,
+    cs: Arc<ChunkStore>,
+    format: Format,
+    handles: Mutex<HashMap<u64, Arc<Handle>>>,
+    next_fh: AtomicU64,
+    /// One writer per inode, shared by its handles, with a count of handles using it.
+    writers: Mutex<HashMap<Ino, (Arc<FileWriter>, usize)>>,
+    stop: Arc<AtomicBool>,
+    heartbeat: Mutex<Option<JoinHandle<()>>>,
+    /// Set once shut down; the lock serialises concurrent shutdowns.
+    closed: Mutex<bool>,
+}
+
+fn is_write(flags: i32) -> bool {
+    matches!(flags & libc::O_ACCMODE, libc::O_WRONLY | libc::O_RDWR)
+}
+
+impl Vfs {
+    pub fn new(meta: Arc<dyn Meta>, store: Arc<dyn ObjectStore>, mut cfg: DataConfig) -> Result<Arc<Vfs>> {
+        let format = meta.load_format()?;
+        cfg.block_size = format.block_size;
+        let cs = ChunkStore::new(meta.clone(), store, cfg);
+        Ok(Arc::new(Vfs {
+            meta,
+            cs,
+            format,
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            writers: Mutex::new(HashMap::new()),
+            stop: Arc::new(AtomicBool::new(false)),
+            heartbeat: Mutex::new(None),
+            closed: Mutex::new(false),
+        }))
+    }
+
+    /// Register this mount as a session and keep it alive.
+    pub fn start_session(self: &Arc<Self>, info: SessionInfo) -> Result<u64> {
+        let sid = self.meta.new_session(info)?;
+        let meta = self.meta.clone();
+        let stop = self.stop.clone();
+        let hb = std::thread::Builder::new()
+            .name("heartbeat".into())
+            .spawn(move || {
+                let mut ticks = 0u32;
+                while !stop.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(200));
+                    ticks += 1;
+                    if ticks % 50 == 0 {
+                        if let Err(e) = meta.heartbeat() {
+                            tracing::warn!(error = %e, "session heartbeat failed");
+                        }
+                    }
+                }
+            })
+            .map_err(|_| Errno::EIO)?;
+        *self.heartbeat.lock().unwrap() = Some(hb);
+        Ok(sid)
+    }
+
+    pub fn meta(&self) -> &Arc<dyn Meta> {
+        &self.meta
+    }
+
+    pub fn format(&self) -> &Format {
+        &self.format
+    }
+
+    pub fn chunk_store(&self) -> &Arc<ChunkStore> {
+        &self.cs
+    }
+
+    /// Commit the buffered writes of every open file.
+    pub fn flush_all(&self) {
+        let writers: Vec<_> = self.writers.lock().unwrap().values().map(|(w, _)| w.clone()).collect();
+        for w in writers {
+            if let Err(e) = w.flush() {
+                tracing::error!(error = %e, "flush failed");
+            }
+        }
+        if let Err(e) = self.meta.sync() {
+            tracing::error!(error = %e, "metadata sync failed");
+        }
+    }
+
+    /// Flush every writer, stop background work and end the session. Idempotent; returns
+    /// only when the first shutdown has finished.
+    pub fn shutdown(&self) {
+        let mut closed = self.closed.lock().unwrap();
+        if *closed {
+            return;
+        }
+        *closed = true;
+        self.flush_all();
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.heartbeat.lock().unwrap().take() {
+            let _ = h.join();
+        }
+        self.cs.shutdown();
+        if let Err(e) = self.meta.close_session() {
+            tracing::error!(error = %e, "closing the session failed");
+        }
+    }
+
+    fn writer_of(&self, ino: Ino) -> Option<Arc<FileWriter>> {
+        self.writers.lock().unwrap().get(&ino).map(|(w, _)| w.clone())
+    }
+
+    /// Commit buffered writes of `ino` so the metadata describes every byte written.
+    fn settle(&self, ino: Ino) -> Result<()> {
+        if let Some(w) = self.writer_of(ino) {
+            if w.is_dirty() {
+                w.flush()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Attributes as this client sees them: the size includes buffered writes.
+    fn view(&self, ino: Ino, mut a: Attr) -> Attr {
+        if a.typ == FileType::File {
+            if let Some(w) = self.writer_of(ino) {
+                a.length = a.length.max(w.pending_end());
+            }
+        }
+        a
+    }
+
+    fn handle(&self, fh: u64) -> Result<Arc<Handle>> {
+        self.handles.lock().unwrap().get(&fh).cloned().ok_or(Errno::EBADF)
+    }
+
+    fn add_handle(&self, h: Handle) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().unwrap().insert(fh, Arc::new(h));
+        fh
+    }
+
+    pub fn lookup(&self, ctx: &Context, parent: Ino, name: &[u8]) -> Result<(Ino, Attr)> {
+        let (ino, a) = self.meta.lookup(ctx, parent, name)?;
+        Ok((ino, self.view(ino, a)))
+    }
+
+    pub fn getattr(&self, ino: Ino) -> Result<Attr> {
+        let a = self.meta.getattr(ino)?;
+        Ok(self.view(ino, a))
+    }
+
+    pub fn setattr(&self, ctx: &Context, ino: Ino, set: &SetAttr, size: Option<u64>) -> Result<Attr> {
+        let mut attr = None;
+        if let Some(size) = size {
+            self.settle(ino)?;
+            attr = Some(self.meta.truncate(ctx, ino, size)?);
+        }
+        if set.mode.is_some() || set.uid.is_some() || set.gid.is_some() || set.atime.is_some()
+            || set.mtime.is_some() || set.ctime.is_some()
+        {
+            attr = Some(self.meta.setattr(ctx, ino, set)?);
+        }
+        match attr {
+            Some(a) => Ok(self.view(ino, a)),
+            None => self.getattr(ino),
+        }
+    }
+
+    pub fn mknod(&self, ctx: &Context, parent: Ino, name: &[u8], mode: u32, umask: u32, rdev: u32) -> Result<(Ino, Attr)> {
+        let typ = FileType::from_mode(mode).ok_or(Errno::EINVAL)?;
+        if typ == FileType::Directory || typ == FileType::Symlink {
+            return Err(Errno::EINVAL);
+        }
+        Ok(self.meta.mknod(ctx, parent, name, typ, mode, umask, rdev)?)
+    }
+
+    pub fn mkdir(&self, ctx: &Context, parent: Ino, name: &[u8], mode: u32, umask: u32) -> Result<(Ino, Attr)> {
+        Ok(self.meta.mknod(ctx, parent, name, FileType::Directory, mode, umask, 0)?)
+    }
+
+    /// Create and open a regular file.
+    pub fn create(&self, ctx: &Context, parent: Ino, name: &[u8], mode: u32, umask: u32, flags: i32) -> Result<(Ino, Attr, u64)> {
+        let (ino, attr) = match self.meta.mknod(ctx, parent, name, FileType::File, mode, umask, 0) {
+            Ok(r) => r,
+            // Without O_EXCL an existing file is simply opened.
+            Err(MetaError::Sys(e)) if e == Errno::EEXIST && flags & libc::O_EXCL == 0 => {
+                let (ino, a) = self.meta.lookup(ctx, parent, name)?;
+                if a.is_dir() {
+                    return Err(Errno::EISDIR);
+                }
+                (ino, a)
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let opened = Context { check_permission: false, ..ctx.clone() };
+        let fh = self.open(&opened, ino, flags)?;
+        Ok((ino, attr, fh))
+    }
+
+    pub fn open(&self, ctx: &Context, ino: Ino, flags: i32) -> Result<u64> {
+        let a = self.meta.open(ctx, ino, flags)?;
+        if a.is_dir() && is_write(flags) {
+            self.meta.close(ino)?;
+            return Err(Errno::EISDIR);
+        }
+        let writer = if is_write(flags) && a.typ == FileType::File {
+            let mut ws = self.writers.lock().unwrap();
+            let e = ws
+                .entry(ino)
+                .or_insert_with(|| (Arc::new(FileWriter::new(self.cs.clone(), ino)), 0));
+            e.1 += 1;
+            Some(e.0.clone())
+        } else {
+            None
+        };
+        if flags & libc::O_TRUNC != 0 && is_write(flags) && a.typ == FileType::File && a.length > 0 {
+            if let Err(e) = self.meta.truncate(ctx, ino, 0) {
+                let _ = self.release_file(FileHandle { ino, writer });
+                return Err(e.into());
+            }
+        }
+        Ok(self.add_handle(Handle::File(FileHandle { ino, writer })))
+    }
+
+    pub fn read(&self, fh: u64, off: u64, size: u32) -> Result<Vec<u8>> {
+        let h = self.handle(fh)?;
+        let Handle::File(f) = &*h else { return Err(Errno::EISDIR) };
+        self.settle(f.ino)?;
+        let a = self.meta.getattr(f.ino)?;
+        Ok(self.cs.read(f.ino, off, size as usize, a.length)?)
+    }
+
+    pub fn write(&self, fh: u64, off: u64, data: &[u8]) -> Result<u32> {
+        let h = self.handle(fh)?;
+        let Handle::File(f) = &*h else { return Err(Errno::EISDIR) };
+        let w = f.writer.as_ref().ok_or(Errno::EBADF)?;
+        if off.checked_add(data.len() as u64).is_none_or(|end| end > MAX_FILE_SIZE) {
+            return Err(Errno::EFBIG);
+        }
+        w.write(off, data)?;
+        Ok(data.len() as u32)
+    }
+
+    /// close(2) of one descriptor: commit what it wrote.
+    pub fn flush(&self, fh: u64) -> Result<()> {
+        let h = self.handle(fh)?;
+        if let Handle::File(FileHandle { writer: Some(w), .. }) = &*h {
+            w.flush()?;
+        }
+        Ok(())
+    }
+
+    pub fn fsync(&self, fh: u64, _datasync: bool) -> Result<()> {
+        self.flush(fh)?;
+        Ok(self.meta.sync()?)
+    }
+
+    pub fn release(&self, fh: u64) -> Result<()> {
+        let h = self.handles.lock().unwrap().remove(&fh).ok_or(Errno::EBADF)?;
+        match Arc::try_unwrap(h) {
+            Ok(Handle::File(f)) => self.release_file(f),
+            Ok(Handle::Dir(_)) => Ok(()),
+            Err(_) => Ok(()),
+        }
+    }
+
+    fn release_file(&self, f: FileHandle) -> Result<()> {
+        let mut result = Ok(());
+        if let Some(w) = &f.writer {
+            if let Err(e) = w.flush() {
+                result = Err(e.into());
+            }
+            let mut ws = self.writers.lock().unwrap();
+            if let Some(e) = ws.get_mut(&f.ino) {
+                e.1 -= 1;
+                if e.1 == 0 {
+                    ws.remove(&f.ino);
+                }
+            }
+        }
+        self.meta.close(f.ino)?;
+        result
+    }
+
+    pub fn fallocate(&self, ctx: &Context, fh: u64, mode: i32, off: u64, len: u64) -> Result<()> {
+        let h = self.handle(fh)?;
+        let Handle::File(f) = &*h else { return Err(Errno::EISDIR) };
+        if f.writer.is_none() {
+            return Err(Errno::EBADF);
+        }
+        self.settle(f.ino)?;
+        self.meta.fallocate(ctx, f.ino, mode, off, len)?;
+        Ok(())
+    }
+
+    pub fn opendir(&self, ctx: &Context, ino: Ino) -> Result<u64> {
+        let a = self.meta.getattr(ino)?;
+        if !a.is_dir() {
+            return Err(Errno::ENOTDIR);
+        }
+        if ctx.check_permission {
+            self.meta.access(ctx, ino, MODE_R)?;
+        }
+        Ok(self.add_handle(Handle::Dir(DirHandle { ino, entries: Mutex::new(None) })))
+    }
+
+    /// Entries from `offset` on; each entry's offset is the one to resume after it.
+    /// "." and ".." come first.
+    pub fn readdir(&self, ctx: &Context, fh: u64, offset: u64, plus: bool) -> Result<Vec<(u64, DirEntry)>> {
+        let h = self.handle(fh)?;
+        let Handle::Dir(d) = &*h else { return Err(Errno::ENOTDIR) };
+        let mut cached = d.entries.lock().unwrap();
+        if offset == 0 || cached.is_none() {
+            let a = self.meta.getattr(d.ino)?;
+            let parent = if d.ino == ROOT_INO || a.parent == 0 { ROOT_INO } else { a.parent };
+            let mut all = vec![
+                DirEntry { name: b".".to_vec(), ino: d.ino, typ: FileType::Directory, attr: plus.then(|| a.clone()) },
+                DirEntry { name: b"..".to_vec(), ino: parent, typ: FileType::Directory, attr: None },
+            ];
+            let mut rest = self.meta.readdir(ctx, d.ino, plus)?;
+            for e in rest.iter_mut() {
+                if let Some(a) = e.attr.take() {
+                    e.attr = Some(self.view(e.ino, a));
+                }
+            }
+            all.extend(rest);
+            *cached = Some(Arc::new(all));
+        }
+        let entries = cached.as_ref().map(Arc::clone).unwrap_or_default();
+        Ok(entries
+            .iter()
+            .enumerate()
+            .skip(offset as usize)
+            .map(|(i, e)| (i as u64 + 1, e.clone()))
+            .collect())
+    }
+
+    pub fn unlink(&self, ctx: &Context, parent: Ino, name: &[u8]) -> Result<()> {
+        Ok(self.meta.unlink(ctx, parent, name)?)
+    }
+
+    pub fn rmdir(&self, ctx: &Context, parent: Ino, name: &[u8]) -> Result<()> {
+        Ok(self.meta.rmdir(ctx, parent, name)?)
+    }
+
+    pub fn rename(&self, ctx: &Context, parent: Ino, name: &[u8], new_parent: Ino, new_name: &[u8], flags: u32) -> Result<()> {
+        Ok(self.meta.rename(ctx, parent, name, new_parent, new_name, flags)?)
+    }
+
+    pub fn link(&self, ctx: &Context, ino: Ino, parent: Ino, name: &[u8]) -> Result<Attr> {
+        let a = self.meta.link(ctx, ino, parent, name)?;
+        Ok(self.view(ino, a))
+    }
+
+    pub fn symlink(&self, ctx: &Context, parent: Ino, name: &[u8], target: &[u8]) -> Result<(Ino, Attr)> {
+        Ok(self.meta.symlink(ctx, parent, name, target)?)
+    }
+
+    pub fn readlink(&self, ino: Ino) -> Result<Vec<u8>> {
+        Ok(self.meta.readlink(ino)?)
+    }
+
+    pub fn access(&self, ctx: &Context, ino: Ino, mask: u32) -> Result<()> {
+        Ok(self.meta.access(ctx, ino, mask)?)
+    }
+
+    pub fn statfs(&self) -> Result<StatFs> {
+        Ok(self.meta.statfs()?)
+    }
+
+    pub fn getxattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
+        Ok(self.meta.getxattr(ino, name)?)
+    }
+
+    pub fn setxattr(&self, ctx: &Context, ino: Ino, name: &[u8], value: &[u8], flags: i32) -> Result<()> {
+        Ok(self.meta.setxattr(ctx, ino, name, value, flags)?)
+    }
+
+    pub fn listxattr(&self, ino: Ino) -> Result<Vec<u8>> {
+        Ok(self.meta.listxattr(ino)?)
+    }
+
+    pub fn removexattr(&self, ctx: &Context, ino: Ino, name: &[u8]) -> Result<()> {
+        Ok(self.meta.removexattr(ctx, ino, name)?)
+    }
+}
+
+#[cfg(test)]
+mod tests;
