@@ -14,7 +14,10 @@ pub fn visible(slices: &[Slice]) -> Vec<Slice> {
                 continue;
             }
             if e.pos < s.pos {
-                next.push(Slice { len: s.pos - e.pos, ..e });
+                next.push(Slice {
+                    len: s.pos - e.pos,
+                    ..e
+                });
             }
             if e.end() > s.end() {
                 let cut = s.end() - e.pos;
@@ -39,7 +42,13 @@ mod tests {
     use proptest::prelude::*;
 
     fn sl(pos: u32, id: u64, len: u32) -> Slice {
-        Slice { pos, id, size: len, off: 0, len }
+        Slice {
+            pos,
+            id,
+            size: len,
+            off: 0,
+            len,
+        }
     }
 
     #[test]
@@ -48,9 +57,21 @@ mod tests {
         assert_eq!(
             v,
             vec![
-                Slice { pos: 0, id: 1, size: 100, off: 0, len: 10 },
+                Slice {
+                    pos: 0,
+                    id: 1,
+                    size: 100,
+                    off: 0,
+                    len: 10
+                },
                 sl(10, 2, 10),
-                Slice { pos: 20, id: 1, size: 100, off: 20, len: 70 },
+                Slice {
+                    pos: 20,
+                    id: 1,
+                    size: 100,
+                    off: 20,
+                    len: 70
+                },
                 sl(90, 3, 20),
             ]
         );

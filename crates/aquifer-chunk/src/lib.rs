@@ -30,7 +30,11 @@ pub enum DataError {
     #[error(transparent)]
     Object(#[from] ObjectError),
     #[error("block {key} is truncated: expected {expected} bytes, got {got}")]
-    Short { key: String, expected: usize, got: usize },
+    Short {
+        key: String,
+        expected: usize,
+        got: usize,
+    },
     #[error("an earlier write to this file failed: {0}")]
     Poisoned(String),
 }
@@ -49,7 +53,14 @@ pub type Result<T> = std::result::Result<T, DataError>;
 /// Object key of block `idx` (of length `len`) of slice `id`. Spread over two directory levels
 /// so no directory of a local store grows past a thousand entries.
 pub fn block_key(id: u64, idx: u32, len: u32) -> String {
-    format!("chunks/{}/{}/{}_{}_{}", id / 1_000_000, id / 1000, id, idx, len)
+    format!(
+        "chunks/{}/{}/{}_{}_{}",
+        id / 1_000_000,
+        id / 1000,
+        id,
+        idx,
+        len
+    )
 }
 
 /// Every block key of a slice of `size` bytes.
@@ -94,7 +105,11 @@ pub struct ChunkStore {
 }
 
 impl ChunkStore {
-    pub fn new(meta: Arc<dyn Meta>, store: Arc<dyn ObjectStore>, cfg: DataConfig) -> Arc<ChunkStore> {
+    pub fn new(
+        meta: Arc<dyn Meta>,
+        store: Arc<dyn ObjectStore>,
+        cfg: DataConfig,
+    ) -> Arc<ChunkStore> {
         let uploads = UploadPool::new(store.clone(), cfg.upload_threads, cfg.upload_queue);
         let (tx, rx) = mpsc::channel();
         let cs = Arc::new(ChunkStore {
@@ -200,8 +215,17 @@ impl ChunkStore {
             let key = block_key(id, bidx, blen);
             let data = self.store.get(&key, boff as u64, Some(n as u64))?;
             if data.len() != n {
-                tracing::error!(key, expected = n, got = data.len(), "block is shorter than its key says");
-                return Err(DataError::Short { key, expected: n, got: data.len() });
+                tracing::error!(
+                    key,
+                    expected = n,
+                    got = data.len(),
+                    "block is shorter than its key says"
+                );
+                return Err(DataError::Short {
+                    key,
+                    expected: n,
+                    got: data.len(),
+                });
             }
             dst[done..done + n].copy_from_slice(&data);
             done += n;
@@ -245,11 +269,20 @@ impl ChunkStore {
             let id = self.meta.new_slice_id()?;
             let buf = Bytes::from(buf);
             let bs = self.cfg.block_size as usize;
-            for (i, key) in slice_keys(id, end - start, self.cfg.block_size).into_iter().enumerate() {
+            for (i, key) in slice_keys(id, end - start, self.cfg.block_size)
+                .into_iter()
+                .enumerate()
+            {
                 let part = buf.slice(i * bs..((i + 1) * bs).min(buf.len()));
                 self.store.put(&key, part)?;
             }
-            Slice { pos: start, id, size: end - start, off: 0, len: end - start }
+            Slice {
+                pos: start,
+                id,
+                size: end - start,
+                off: 0,
+                len: end - start,
+            }
         };
         let replaced = self.meta.compact_chunk(ino, idx, &slices, new)?;
         if !replaced && new.id != 0 {

@@ -92,7 +92,11 @@ impl FileWriter {
 
     fn write_chunk(&self, st: &mut State, idx: u32, cpos: u32, data: &[u8]) -> Result<bool> {
         let bs = self.cs.block_size();
-        if st.chunks.get(&idx).is_some_and(|l| l.len() >= MAX_OPEN_SLICES) {
+        if st
+            .chunks
+            .get(&idx)
+            .is_some_and(|l| l.len() >= MAX_OPEN_SLICES)
+        {
             self.flush_chunk(st, idx)?;
         }
         let list = st.chunks.entry(idx).or_default();
@@ -155,7 +159,13 @@ impl FileWriter {
             return Err(DataError::Poisoned(e));
         }
         for s in &list {
-            let slice = Slice { pos: s.pos, id: s.id, size: s.len, off: 0, len: s.len };
+            let slice = Slice {
+                pos: s.pos,
+                id: s.id,
+                size: s.len,
+                off: 0,
+                len: s.len,
+            };
             let (_, count) = self.cs.meta().write_slice(self.ino, idx, slice)?;
             self.cs.maybe_compact(self.ino, idx, count);
         }
@@ -213,11 +223,23 @@ mod tests {
         )
         .unwrap();
         let ino = meta
-            .mknod(&Context::root(), ROOT_INO, b"f", FileType::File, 0o644, 0, 0)
+            .mknod(
+                &Context::root(),
+                ROOT_INO,
+                b"f",
+                FileType::File,
+                0o644,
+                0,
+                0,
+            )
             .unwrap()
             .0;
         let store = Arc::new(MemStore::new());
-        let cfg = DataConfig { block_size, compact_threshold: 4, ..Default::default() };
+        let cfg = DataConfig {
+            block_size,
+            compact_threshold: 4,
+            ..Default::default()
+        };
         (ChunkStore::new(meta, store.clone(), cfg), store, ino)
     }
 
@@ -286,7 +308,9 @@ mod tests {
         w.flush().unwrap();
         let id = cs.meta().read_chunk(ino, 0).unwrap()[0].id;
         use aquifer_object::ObjectStore;
-        store.put(&block_key(id, 0, 64), Bytes::from_static(b"short")).unwrap();
+        store
+            .put(&block_key(id, 0, 64), Bytes::from_static(b"short"))
+            .unwrap();
         let e = cs.read(ino, 0, 64, 64).unwrap_err();
         assert_eq!(e.errno(), aquifer_meta::Errno::EIO);
     }
@@ -325,8 +349,7 @@ mod tests {
             let w = FileWriter::new(cs.clone(), ino);
             let mut model: BTreeMap<u64, u8> = BTreeMap::new();
             let mut len = 0u64;
-            let mut ops_done = 0;
-            for op in ops {
+            for (ops_done, op) in ops.into_iter().enumerate() {
                 match op {
                     Op::Write(o, l, b) => {
                         w.write(o, &vec![b; l]).unwrap();
@@ -359,7 +382,6 @@ mod tests {
                     cs.compact(ino, 0).unwrap();
                     cs.compact(ino, 1).unwrap();
                 }
-                ops_done += 1;
             }
         }
     }

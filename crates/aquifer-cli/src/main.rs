@@ -1,1 +1,339 @@
-fn main() {}
+//! `aquifer`: format, mount, umount and inspect volumes.
+
+mod mountpoint;
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use aquifer_chunk::DataConfig;
+use aquifer_meta::url::MetaUrl;
+use aquifer_meta::{Format, KvMeta, MemKv, Meta, MetaError, SessionInfo};
+use aquifer_meta_rocksdb::RocksKv;
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "aquifer",
+    version,
+    about = "A distributed POSIX filesystem for AI pipelines"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Format a new volume (or update the settings of one with --force).
+    Format(FormatArgs),
+    /// Mount a volume. With only MOUNTPOINT, uses the embedded default volume.
+    Mount(MountArgs),
+    /// Unmount a mounted volume.
+    Umount(UmountArgs),
+    /// Show a volume's settings, sessions and usage as JSON.
+    Status(StatusArgs),
+}
+
+#[derive(Args)]
+struct FormatArgs {
+    /// Metadata URL, e.g. rocksdb:///var/lib/aquifer/vol/meta
+    meta_url: String,
+    /// Volume name.
+    name: String,
+    /// Object storage kind: file.
+    #[arg(long, default_value = "file")]
+    storage: String,
+    /// Where the blocks go: a directory for --storage file.
+    #[arg(long)]
+    bucket: Option<String>,
+    /// Block size in KiB (fixed at format time).
+    #[arg(long, default_value_t = 4096)]
+    block_size: u32,
+    /// Capacity limit in GiB (0 = unlimited).
+    #[arg(long, default_value_t = 0)]
+    capacity: u64,
+    /// Inode limit (0 = unlimited).
+    #[arg(long, default_value_t = 0)]
+    inodes: u64,
+    /// Update the settings of an existing volume.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args)]
+struct MountArgs {
+    /// `[META_URL] MOUNTPOINT`: with one argument it is the mount point of the embedded default.
+    #[arg(num_args = 1..=2, required = true, value_names = ["META_URL", "MOUNTPOINT"])]
+    args: Vec<String>,
+    /// Run in the background, logging to --log.
+    #[arg(short = 'd', long = "background")]
+    background: bool,
+    /// Log file for background mounts.
+    #[arg(long)]
+    log: Option<PathBuf>,
+    /// FUSE worker threads.
+    #[arg(long, default_value_t = 16)]
+    threads: usize,
+    /// Threads uploading blocks to the object store.
+    #[arg(long, default_value_t = 8)]
+    max_uploads: usize,
+    /// Kernel attribute cache time in seconds.
+    #[arg(long, default_value_t = 1.0)]
+    attr_cache: f64,
+    /// Allow other users to access the mount (default when run as root).
+    #[arg(long)]
+    allow_other: bool,
+    /// Mount read-only.
+    #[arg(long)]
+    read_only: bool,
+    /// Mount even if the mount point is not empty.
+    #[arg(long)]
+    nonempty: bool,
+    /// Data directory of the embedded default volume.
+    #[arg(long, env = "AQUIFER_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct UmountArgs {
+    mountpoint: PathBuf,
+    /// Detach even if busy (lazy unmount).
+    #[arg(short, long)]
+    force: bool,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    meta_url: String,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Format(a) => format(a),
+        Cmd::Mount(a) => mount(a),
+        Cmd::Umount(a) => mountpoint::umount(&a.mountpoint, a.force),
+        Cmd::Status(a) => status(a),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("aquifer: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("AQUIFER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fuser=warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
+}
+
+fn meta_err(e: MetaError) -> anyhow::Error {
+    anyhow!("{e}")
+}
+
+/// Open the metadata engine behind `url`.
+fn open_meta(url: &str, create: bool, read_only: bool) -> Result<Arc<dyn Meta>> {
+    match MetaUrl::parse(url).map_err(meta_err)? {
+        MetaUrl::RocksDb { path } => {
+            let kv = if read_only {
+                RocksKv::open_read_only(&path)
+            } else {
+                RocksKv::open(&path, create)
+            }
+            .map_err(meta_err)?;
+            Ok(Arc::new(KvMeta::new(kv)))
+        }
+        MetaUrl::Memory => Ok(Arc::new(KvMeta::new(MemKv::new()))),
+    }
+}
+
+fn new_format(
+    name: &str,
+    storage: &str,
+    bucket: &str,
+    block_kib: u32,
+    capacity_gib: u64,
+    inodes: u64,
+) -> Result<Format> {
+    if !(64..=16384).contains(&block_kib) || !block_kib.is_power_of_two() {
+        bail!("--block-size must be a power of two between 64 and 16384 KiB, got {block_kib}");
+    }
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        bail!("invalid volume name {name:?}: use letters, digits, '-' and '_'");
+    }
+    Ok(Format {
+        name: name.to_string(),
+        uuid: new_uuid(),
+        storage: storage.to_string(),
+        bucket: bucket.to_string(),
+        block_size: block_kib * 1024,
+        capacity: capacity_gib << 30,
+        inodes,
+        compression: "none".into(),
+        meta_version: 1,
+    })
+}
+
+fn new_uuid() -> String {
+    let mut b = [0u8; 16];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut b);
+    }
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+fn format(a: FormatArgs) -> Result<()> {
+    let bucket = match (a.storage.as_str(), &a.bucket) {
+        ("file", Some(b)) => {
+            let p = PathBuf::from(b.trim_start_matches("file://"));
+            std::path::absolute(&p).unwrap_or(p).display().to_string()
+        }
+        ("file", None) => bail!("--storage file needs --bucket PATH (the block directory)"),
+        ("memory", _) => String::new(),
+        (other, _) => bail!("unsupported storage {other:?}: supported is file"),
+    };
+    let f = new_format(
+        &a.name,
+        &a.storage,
+        &bucket,
+        a.block_size,
+        a.capacity,
+        a.inodes,
+    )?;
+    aquifer_object::create(&f.storage, &f.bucket).map_err(|e| anyhow!("{e}"))?;
+    let meta = open_meta(&a.meta_url, true, false)?;
+    meta.format(&f, a.force).map_err(meta_err)?;
+    meta.sync().map_err(meta_err)?;
+    let f = meta.load_format().map_err(meta_err)?;
+    println!(
+        "formatted volume {} (uuid {}) at {}, blocks in {}",
+        f.name, f.uuid, a.meta_url, f.bucket
+    );
+    Ok(())
+}
+
+fn default_data_dir() -> PathBuf {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        PathBuf::from("/var/lib/aquifer")
+    } else {
+        let home = std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("."));
+        home.join(".aquifer")
+    }
+}
+
+fn mount(a: MountArgs) -> Result<()> {
+    let (url, mp) = match a.args.as_slice() {
+        [mp] => (None, PathBuf::from(mp)),
+        [url, mp] => (Some(url.clone()), PathBuf::from(mp)),
+        _ => bail!("usage: aquifer mount [META_URL] MOUNTPOINT"),
+    };
+    mountpoint::check(&mp, a.nonempty)?;
+    let mp = std::fs::canonicalize(&mp).with_context(|| format!("mount point {}", mp.display()))?;
+    let data_dir = a.data_dir.clone().unwrap_or_else(default_data_dir);
+    if a.background && std::env::var_os(mountpoint::DAEMON_ENV).is_none() {
+        let log = a
+            .log
+            .clone()
+            .unwrap_or_else(|| data_dir.join("aquifer.log"));
+        return mountpoint::spawn_background(&mp, &log);
+    }
+    init_logging();
+    // Signals are blocked before any thread starts (RocksDB's and ours) so that only the
+    // signal thread sees them.
+    let signals = mountpoint::block_signals();
+    let (url, embedded) = match url {
+        Some(u) => (u, false),
+        None => {
+            let vol = data_dir.join("default");
+            (format!("rocksdb://{}", vol.join("meta").display()), true)
+        }
+    };
+    let meta = open_meta(&url, embedded, false)?;
+    if embedded && matches!(meta.load_format(), Err(MetaError::NotFormatted)) {
+        let blocks = data_dir.join("default").join("blocks");
+        let f = new_format("default", "file", &blocks.display().to_string(), 4096, 0, 0)?;
+        meta.format(&f, false).map_err(meta_err)?;
+        tracing::info!(url, blocks = %blocks.display(), "formatted the embedded default volume");
+    }
+    let format = meta.load_format().map_err(meta_err)?;
+    let store =
+        aquifer_object::create(&format.storage, &format.bucket).map_err(|e| anyhow!("{e}"))?;
+    let cfg = DataConfig {
+        upload_threads: a.max_uploads.max(1),
+        ..Default::default()
+    };
+    let vfs = aquifer_vfs::Vfs::new(meta.clone(), store, cfg)
+        .map_err(|e| anyhow!("cannot load volume: {e}"))?;
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    vfs.start_session(SessionInfo {
+        sid: 0,
+        hostname: hostname.trim().to_string(),
+        mount_point: mp.display().to_string(),
+        pid: std::process::id(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        started: 0,
+        heartbeat: 0,
+    })
+    .map_err(|e| anyhow!("cannot start a session: {e}"))?;
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let opts = aquifer_fuse::MountOptions {
+        fs_name: format!("aquifer:{}", format.name),
+        threads: a.threads,
+        allow_other: a.allow_other || root,
+        read_only: a.read_only,
+        attr_ttl: Duration::from_secs_f64(a.attr_cache.max(0.0)),
+    };
+    let mut session = match aquifer_fuse::mount(vfs.clone(), &mp, &opts) {
+        Ok(s) => s,
+        Err(e) => {
+            vfs.shutdown();
+            bail!("cannot mount at {}: {e}", mp.display());
+        }
+    };
+    tracing::info!(mountpoint = %mp.display(), volume = %format.name, meta = %url, "mounted");
+    mountpoint::handle_signals(signals, session.unmount_callable(), vfs.clone(), mp.clone());
+    let r = session.run();
+    vfs.shutdown();
+    tracing::info!(mountpoint = %mp.display(), "unmounted");
+    r.map_err(|e| anyhow!("FUSE session ended with an error: {e}"))
+}
+
+fn status(a: StatusArgs) -> Result<()> {
+    let meta = open_meta(&a.meta_url, false, true)?;
+    let f = meta.load_format().map_err(meta_err)?;
+    let sessions = meta.list_sessions().map_err(meta_err)?;
+    let (used, inodes) = meta.usage().map_err(meta_err)?;
+    let out = serde_json::json!({
+        "setting": f,
+        "sessions": sessions,
+        "usage": { "used_bytes": used, "inodes": inodes },
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}

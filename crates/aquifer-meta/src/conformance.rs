@@ -39,11 +39,23 @@ fn errno<T: std::fmt::Debug>(r: Result<T>) -> Errno {
 }
 
 fn mkfile(m: &dyn Meta, ctx: &Context, parent: Ino, name: &str) -> Ino {
-    m.mknod(ctx, parent, name.as_bytes(), FileType::File, 0o644, 0, 0).unwrap().0
+    m.mknod(ctx, parent, name.as_bytes(), FileType::File, 0o644, 0, 0)
+        .unwrap()
+        .0
 }
 
 fn mkdir(m: &dyn Meta, ctx: &Context, parent: Ino, name: &str) -> Ino {
-    m.mknod(ctx, parent, name.as_bytes(), FileType::Directory, 0o755, 0, 0).unwrap().0
+    m.mknod(
+        ctx,
+        parent,
+        name.as_bytes(),
+        FileType::Directory,
+        0o755,
+        0,
+        0,
+    )
+    .unwrap()
+    .0
 }
 
 fn names(m: &dyn Meta, ctx: &Context, dir: Ino) -> Vec<String> {
@@ -58,7 +70,10 @@ pub fn format_and_load(m: &dyn Meta) {
     assert!(matches!(m.load_format(), Err(MetaError::NotFormatted)));
     m.format(&fmt(), false).unwrap();
     assert_eq!(m.load_format().unwrap(), fmt());
-    assert!(m.format(&fmt(), false).is_err(), "formatting twice must fail without force");
+    assert!(
+        m.format(&fmt(), false).is_err(),
+        "formatting twice must fail without force"
+    );
     let root = m.getattr(ROOT_INO).unwrap();
     assert!(root.is_dir());
     assert_eq!(root.nlink, 2);
@@ -76,7 +91,11 @@ pub fn create_lookup_readdir(m: &dyn Meta) {
         Errno::EEXIST
     );
     assert_eq!(names(m, &ctx, ROOT_INO), vec!["a", "b"]);
-    assert_eq!(m.getattr(ROOT_INO).unwrap().nlink, 3, "subdirectory adds a link");
+    assert_eq!(
+        m.getattr(ROOT_INO).unwrap().nlink,
+        3,
+        "subdirectory adds a link"
+    );
     assert_eq!(m.lookup(&ctx, d, b"..").unwrap().0, ROOT_INO);
     let long = vec![b'x'; MAX_NAME + 1];
     assert_eq!(
@@ -84,11 +103,17 @@ pub fn create_lookup_readdir(m: &dyn Meta) {
         Errno::ENAMETOOLONG
     );
     let ok = vec![b'x'; MAX_NAME];
-    m.mknod(&ctx, ROOT_INO, &ok, FileType::File, 0o644, 0, 0).unwrap();
-    assert_eq!(errno(m.mknod(&ctx, a, b"c", FileType::File, 0o644, 0, 0)), Errno::ENOTDIR);
+    m.mknod(&ctx, ROOT_INO, &ok, FileType::File, 0o644, 0, 0)
+        .unwrap();
+    assert_eq!(
+        errno(m.mknod(&ctx, a, b"c", FileType::File, 0o644, 0, 0)),
+        Errno::ENOTDIR
+    );
     let plus = m.readdir(&ctx, ROOT_INO, true).unwrap();
     assert!(plus.iter().all(|e| e.attr.is_some()));
-    let (_, dev) = m.mknod(&ctx, ROOT_INO, b"dev", FileType::CharDev, 0o600, 0, 0x0102).unwrap();
+    let (_, dev) = m
+        .mknod(&ctx, ROOT_INO, b"dev", FileType::CharDev, 0o600, 0, 0x0102)
+        .unwrap();
     assert_eq!(dev.rdev, 0x0102);
     assert_eq!(m.usage().unwrap().1, 5);
 }
@@ -125,7 +150,18 @@ pub fn open_unlinked_kept_until_close(m: &dyn Meta) {
     let ctx = ready(m);
     let f = mkfile(m, &ctx, ROOT_INO, "f");
     let id = m.new_slice_id().unwrap();
-    m.write_slice(f, 0, Slice { pos: 0, id, size: 10, off: 0, len: 10 }).unwrap();
+    m.write_slice(
+        f,
+        0,
+        Slice {
+            pos: 0,
+            id,
+            size: 10,
+            off: 0,
+            len: 10,
+        },
+    )
+    .unwrap();
     m.open(&ctx, f, libc::O_RDWR).unwrap();
     m.unlink(&ctx, ROOT_INO, b"f").unwrap();
     let a = m.getattr(f).unwrap();
@@ -148,8 +184,14 @@ pub fn rename_cases(m: &dyn Meta) {
     let f = mkfile(m, &ctx, ROOT_INO, "f");
     let g = mkfile(m, &ctx, ROOT_INO, "g");
     // A directory into its own subtree.
-    assert_eq!(errno(m.rename(&ctx, ROOT_INO, b"a", b, b"x", 0)), Errno::EINVAL);
-    assert_eq!(errno(m.rename(&ctx, ROOT_INO, b"a", a, b"x", 0)), Errno::EINVAL);
+    assert_eq!(
+        errno(m.rename(&ctx, ROOT_INO, b"a", b, b"x", 0)),
+        Errno::EINVAL
+    );
+    assert_eq!(
+        errno(m.rename(&ctx, ROOT_INO, b"a", a, b"x", 0)),
+        Errno::EINVAL
+    );
     // Replace a file.
     m.rename(&ctx, ROOT_INO, b"f", ROOT_INO, b"g", 0).unwrap();
     assert_eq!(m.lookup(&ctx, ROOT_INO, b"g").unwrap().0, f);
@@ -161,7 +203,8 @@ pub fn rename_cases(m: &dyn Meta) {
         Errno::EEXIST
     );
     // EXCHANGE across directories, file with directory.
-    m.rename(&ctx, ROOT_INO, b"h", a, b"b", RENAME_EXCHANGE).unwrap();
+    m.rename(&ctx, ROOT_INO, b"h", a, b"b", RENAME_EXCHANGE)
+        .unwrap();
     assert_eq!(m.lookup(&ctx, a, b"b").unwrap().0, h);
     assert_eq!(m.lookup(&ctx, ROOT_INO, b"h").unwrap().0, b);
     assert_eq!(m.getattr(b).unwrap().parent, ROOT_INO);
@@ -172,8 +215,14 @@ pub fn rename_cases(m: &dyn Meta) {
         Errno::ENOENT
     );
     // Directory over file and file over directory.
-    assert_eq!(errno(m.rename(&ctx, ROOT_INO, b"h", ROOT_INO, b"g", 0)), Errno::ENOTDIR);
-    assert_eq!(errno(m.rename(&ctx, ROOT_INO, b"g", ROOT_INO, b"h", 0)), Errno::EISDIR);
+    assert_eq!(
+        errno(m.rename(&ctx, ROOT_INO, b"h", ROOT_INO, b"g", 0)),
+        Errno::ENOTDIR
+    );
+    assert_eq!(
+        errno(m.rename(&ctx, ROOT_INO, b"g", ROOT_INO, b"h", 0)),
+        Errno::EISDIR
+    );
     // Directory over an empty directory, then over a non-empty one.
     let e = mkdir(m, &ctx, ROOT_INO, "e");
     m.rename(&ctx, ROOT_INO, b"h", ROOT_INO, b"e", 0).unwrap();
@@ -181,7 +230,10 @@ pub fn rename_cases(m: &dyn Meta) {
     assert_eq!(m.getattr(ROOT_INO).unwrap().nlink, 4);
     mkfile(m, &ctx, ROOT_INO, "x");
     m.rename(&ctx, ROOT_INO, b"x", a, b"x", 0).unwrap();
-    assert_eq!(errno(m.rename(&ctx, ROOT_INO, b"e", ROOT_INO, b"a", 0)), Errno::ENOTEMPTY);
+    assert_eq!(
+        errno(m.rename(&ctx, ROOT_INO, b"e", ROOT_INO, b"a", 0)),
+        Errno::ENOTEMPTY
+    );
     // Directory across parents updates both link counts.
     m.rename(&ctx, ROOT_INO, b"e", a, b"e2", 0).unwrap();
     assert_eq!(m.getattr(a).unwrap().nlink, 3);
@@ -207,15 +259,27 @@ pub fn xattrs(m: &dyn Meta) {
     let f = mkfile(m, &ctx, ROOT_INO, "f");
     assert_eq!(errno(m.getxattr(f, b"user.a")), Errno::ENODATA);
     m.setxattr(&ctx, f, b"user.a", b"1", 0).unwrap();
-    assert_eq!(errno(m.setxattr(&ctx, f, b"user.a", b"2", XATTR_CREATE)), Errno::EEXIST);
-    assert_eq!(errno(m.setxattr(&ctx, f, b"user.b", b"2", XATTR_REPLACE)), Errno::ENODATA);
+    assert_eq!(
+        errno(m.setxattr(&ctx, f, b"user.a", b"2", XATTR_CREATE)),
+        Errno::EEXIST
+    );
+    assert_eq!(
+        errno(m.setxattr(&ctx, f, b"user.b", b"2", XATTR_REPLACE)),
+        Errno::ENODATA
+    );
     m.setxattr(&ctx, f, b"user.a", b"3", XATTR_REPLACE).unwrap();
     m.setxattr(&ctx, f, b"trusted.t", b"", 0).unwrap();
     assert_eq!(m.getxattr(f, b"user.a").unwrap(), b"3");
     assert_eq!(m.listxattr(f).unwrap(), b"trusted.t\0user.a\0");
-    assert_eq!(errno(m.setxattr(&ctx, f, b"bogus.a", b"", 0)), Errno::EOPNOTSUPP);
+    assert_eq!(
+        errno(m.setxattr(&ctx, f, b"bogus.a", b"", 0)),
+        Errno::EOPNOTSUPP
+    );
     let big = vec![0u8; MAX_XATTR_VALUE + 1];
-    assert_eq!(errno(m.setxattr(&ctx, f, b"user.big", &big, 0)), Errno::E2BIG);
+    assert_eq!(
+        errno(m.setxattr(&ctx, f, b"user.big", &big, 0)),
+        Errno::E2BIG
+    );
     let long = [b"user.".to_vec(), vec![b'n'; 300]].concat();
     assert_eq!(errno(m.setxattr(&ctx, f, &long, b"", 0)), Errno::ERANGE);
     m.removexattr(&ctx, f, b"user.a").unwrap();
@@ -225,10 +289,22 @@ pub fn xattrs(m: &dyn Meta) {
 pub fn slices_and_truncate(m: &dyn Meta) {
     let ctx = ready(m);
     let f = mkfile(m, &ctx, ROOT_INO, "f");
-    let s1 = Slice { pos: 0, id: m.new_slice_id().unwrap(), size: 100, off: 0, len: 100 };
+    let s1 = Slice {
+        pos: 0,
+        id: m.new_slice_id().unwrap(),
+        size: 100,
+        off: 0,
+        len: 100,
+    };
     let (a, n) = m.write_slice(f, 0, s1).unwrap();
     assert_eq!((a.length, n), (100, 1));
-    let s2 = Slice { pos: 0, id: m.new_slice_id().unwrap(), size: 10, off: 0, len: 10 };
+    let s2 = Slice {
+        pos: 0,
+        id: m.new_slice_id().unwrap(),
+        size: 10,
+        off: 0,
+        len: 10,
+    };
     assert_ne!(s1.id, s2.id);
     m.write_slice(f, 2, s2).unwrap();
     assert_eq!(m.getattr(f).unwrap().length, 2 * CHUNK_SIZE + 10);
@@ -242,18 +318,33 @@ pub fn slices_and_truncate(m: &dyn Meta) {
     assert_eq!(trash.len(), 1);
     assert_eq!(trash[0].1, vec![s2]);
     // Compaction replaces a prefix only while it is unchanged.
-    let new = Slice { pos: 0, id: m.new_slice_id().unwrap(), size: 50, off: 0, len: 50 };
+    let new = Slice {
+        pos: 0,
+        id: m.new_slice_id().unwrap(),
+        size: 50,
+        off: 0,
+        len: 50,
+    };
     assert!(!m.compact_chunk(f, 0, &[s2], new).unwrap());
     assert!(m.compact_chunk(f, 0, &c0, new).unwrap());
     assert_eq!(m.read_chunk(f, 0).unwrap(), vec![new]);
-    assert_eq!(m.truncate(&ctx, ROOT_INO, 0).unwrap_err().errno(), Errno::EISDIR);
+    assert_eq!(
+        m.truncate(&ctx, ROOT_INO, 0).unwrap_err().errno(),
+        Errno::EISDIR
+    );
     // Punch a hole: zero slice, size kept.
     let a = m
         .fallocate(&ctx, f, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 10, 20)
         .unwrap();
     assert_eq!(a.length, 50);
-    assert_eq!(m.read_chunk(f, 0).unwrap().last(), Some(&Slice::zero(10, 20)));
-    assert_eq!(errno(m.fallocate(&ctx, f, FALLOC_FL_PUNCH_HOLE, 0, 1)), Errno::EOPNOTSUPP);
+    assert_eq!(
+        m.read_chunk(f, 0).unwrap().last(),
+        Some(&Slice::zero(10, 20))
+    );
+    assert_eq!(
+        errno(m.fallocate(&ctx, f, FALLOC_FL_PUNCH_HOLE, 0, 1)),
+        Errno::EOPNOTSUPP
+    );
     let a = m.fallocate(&ctx, f, 0, 0, 5000).unwrap();
     assert_eq!(a.length, 5000);
     let a = m.fallocate(&ctx, f, FALLOC_FL_KEEP_SIZE, 0, 9000).unwrap();
@@ -265,40 +356,110 @@ pub fn setattr_rules(m: &dyn Meta) {
     let ctx = ready(m);
     let f = mkfile(m, &ctx, ROOT_INO, "f");
     let a = m
-        .setattr(&ctx, f, &SetAttr { mode: Some(0o6755), ..Default::default() })
+        .setattr(
+            &ctx,
+            f,
+            &SetAttr {
+                mode: Some(0o6755),
+                ..Default::default()
+            },
+        )
         .unwrap();
     assert_eq!(a.mode, 0o6755);
     let a = m
-        .setattr(&ctx, f, &SetAttr { uid: Some(5), gid: Some(6), ..Default::default() })
+        .setattr(
+            &ctx,
+            f,
+            &SetAttr {
+                uid: Some(5),
+                gid: Some(6),
+                ..Default::default()
+            },
+        )
         .unwrap();
     assert_eq!((a.uid, a.gid), (5, 6));
-    assert_eq!(a.mode, 0o755, "chown clears setuid and setgid on executables");
-    let tm = Time { sec: 1_000_000_000, nsec: 123_456_789 };
+    assert_eq!(
+        a.mode, 0o755,
+        "chown clears setuid and setgid on executables"
+    );
+    let tm = Time {
+        sec: 1_000_000_000,
+        nsec: 123_456_789,
+    };
     let a = m
-        .setattr(&ctx, f, &SetAttr { mtime: Some(SetTime::At(tm)), ..Default::default() })
+        .setattr(
+            &ctx,
+            f,
+            &SetAttr {
+                mtime: Some(SetTime::At(tm)),
+                ..Default::default()
+            },
+        )
         .unwrap();
     assert_eq!(a.mtime, tm);
-    let user = Context { uid: 7, gid: 7, check_permission: true, ..Default::default() };
+    let user = Context {
+        uid: 7,
+        gid: 7,
+        check_permission: true,
+        ..Default::default()
+    };
     assert_eq!(
-        errno(m.setattr(&user, f, &SetAttr { mode: Some(0o777), ..Default::default() })),
+        errno(m.setattr(
+            &user,
+            f,
+            &SetAttr {
+                mode: Some(0o777),
+                ..Default::default()
+            }
+        )),
         Errno::EPERM
     );
     // The root directory is world-writable.
-    m.mknod(&user, ROOT_INO, b"x", FileType::File, 0o644, 0, 0).unwrap();
+    m.mknod(&user, ROOT_INO, b"x", FileType::File, 0o644, 0, 0)
+        .unwrap();
 }
 
 pub fn permissions(m: &dyn Meta) {
     let ctx = ready(m);
     let d = mkdir(m, &ctx, ROOT_INO, "d");
-    m.setattr(&ctx, d, &SetAttr { mode: Some(0o1777), ..Default::default() }).unwrap();
-    let alice = Context { uid: 100, gid: 100, check_permission: true, ..Default::default() };
-    let bob = Context { uid: 200, gid: 200, gids: vec![300], check_permission: true, ..Default::default() };
-    let (fa, _) = m.mknod(&alice, d, b"a", FileType::File, 0o640, 0, 0).unwrap();
+    m.setattr(
+        &ctx,
+        d,
+        &SetAttr {
+            mode: Some(0o1777),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let alice = Context {
+        uid: 100,
+        gid: 100,
+        check_permission: true,
+        ..Default::default()
+    };
+    let bob = Context {
+        uid: 200,
+        gid: 200,
+        gids: vec![300],
+        check_permission: true,
+        ..Default::default()
+    };
+    let (fa, _) = m
+        .mknod(&alice, d, b"a", FileType::File, 0o640, 0, 0)
+        .unwrap();
     // Sticky directory: bob cannot remove alice's file.
     assert_eq!(errno(m.unlink(&bob, d, b"a")), Errno::EPERM);
     assert_eq!(errno(m.open(&bob, fa, libc::O_RDONLY)), Errno::EACCES);
     // Supplementary group grants group access.
-    m.setattr(&ctx, fa, &SetAttr { gid: Some(300), ..Default::default() }).unwrap();
+    m.setattr(
+        &ctx,
+        fa,
+        &SetAttr {
+            gid: Some(300),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     m.open(&bob, fa, libc::O_RDONLY).unwrap();
     m.close(fa).unwrap();
     assert_eq!(errno(m.open(&bob, fa, libc::O_WRONLY)), Errno::EACCES);
@@ -354,7 +515,13 @@ pub fn statfs_counts(m: &dyn Meta) {
         errno(m.mknod(&ctx, ROOT_INO, b"c", FileType::File, 0o644, 0, 0)),
         Errno::ENOSPC
     );
-    let big = Slice { pos: 0, id: 9, size: 2 << 20, off: 0, len: 2 << 20 };
+    let big = Slice {
+        pos: 0,
+        id: 9,
+        size: 2 << 20,
+        off: 0,
+        len: 2 << 20,
+    };
     assert_eq!(errno(m.write_slice(file, 0, big)), Errno::ENOSPC);
 }
 

@@ -76,9 +76,7 @@ impl KvTxn for BufferedTxn<'_> {
         let overlay: Vec<_> = self.writes.range(range).collect();
         let deletes = overlay.iter().filter(|(_, v)| v.is_none()).count();
         // Buffered deletes may hide base keys, so ask the base for that many more.
-        let base = self
-            .base
-            .scan(start, end, limit.saturating_add(deletes))?;
+        let base = self.base.scan(start, end, limit.saturating_add(deletes))?;
         let mut merged: BTreeMap<Vec<u8>, Option<Vec<u8>>> =
             base.into_iter().map(|(k, v)| (k, Some(v))).collect();
         for (k, v) in overlay {

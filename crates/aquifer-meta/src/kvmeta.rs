@@ -158,7 +158,13 @@ impl<E: KvEngine> KvMeta<E> {
         out.ok_or_else(|| MetaError::engine(self.kv.name(), "transaction did not run"))
     }
 
-    fn alloc(&self, slot: &Mutex<(u64, u64)>, counter: &str, batch: u64, first: u64) -> Result<u64> {
+    fn alloc(
+        &self,
+        slot: &Mutex<(u64, u64)>,
+        counter: &str,
+        batch: u64,
+        first: u64,
+    ) -> Result<u64> {
         let mut s = slot.lock().unwrap();
         if s.0 >= s.1 {
             let end = self.txn(|t| {
@@ -233,14 +239,24 @@ impl<E: KvEngine> KvMeta<E> {
 
     /// Drop one link of `ino` (its dentry is already removed). Deletes the inode at zero links
     /// unless it is open, in which case it is kept for the last close.
-    fn drop_link(&self, t: &mut dyn KvTxn, open: &HashMap<Ino, u32>, ino: Ino, mut a: Attr, ts: Time) -> Result<()> {
+    fn drop_link(
+        &self,
+        t: &mut dyn KvTxn,
+        open: &HashMap<Ino, u32>,
+        ino: Ino,
+        mut a: Attr,
+        ts: Time,
+    ) -> Result<()> {
         a.nlink = a.nlink.saturating_sub(1);
         a.ctime = ts;
         if a.nlink > 0 {
             put_attr(t, ino, &a);
         } else if Self::is_open(open, ino) {
             put_attr(t, ino, &a);
-            t.set(&key::sustained(self.sid.load(Ordering::Relaxed), ino), Vec::new());
+            t.set(
+                &key::sustained(self.sid.load(Ordering::Relaxed), ino),
+                Vec::new(),
+            );
         } else {
             Self::destroy_inode(t, ino, &a)?;
         }
@@ -279,7 +295,7 @@ impl<E: KvEngine> KvMeta<E> {
                 t.delete(&k);
             }
             Self::trash_slices(t, &dead)?;
-            if length % CHUNK_SIZE != 0 {
+            if !length.is_multiple_of(CHUNK_SIZE) {
                 // Clamp the chunk that holds the new end, so bytes past it read as zeros
                 // when the file grows again.
                 let idx = (length / CHUNK_SIZE) as u32;
@@ -467,7 +483,11 @@ impl<E: KvEngine> Meta for KvMeta<E> {
     fn statfs(&self) -> Result<StatFs> {
         let (used, inodes) = self.usage()?;
         let (cap, max_inodes) = self.limits();
-        let total = if cap > 0 { cap } else { UNLIMITED_SPACE.max(used * 2) };
+        let total = if cap > 0 {
+            cap
+        } else {
+            UNLIMITED_SPACE.max(used * 2)
+        };
         let total_inodes = if max_inodes > 0 {
             max_inodes
         } else {
@@ -484,7 +504,9 @@ impl<E: KvEngine> Meta for KvMeta<E> {
     fn usage(&self) -> Result<(u64, u64)> {
         let get = |name: &str| -> Result<u64> {
             Ok(match self.kv.get(&key::counter(name))? {
-                Some(v) if v.len() == 8 => i64::from_be_bytes(v[..8].try_into().unwrap()).max(0) as u64,
+                Some(v) if v.len() == 8 => {
+                    i64::from_be_bytes(v[..8].try_into().unwrap()).max(0) as u64
+                }
                 _ => 0,
             })
         };
@@ -586,7 +608,8 @@ impl<E: KvEngine> Meta for KvMeta<E> {
                     None => {}
                 }
             }
-            if ctx.check_permission && ctx.uid != 0 && (set.atime.is_some() || set.mtime.is_some()) {
+            if ctx.check_permission && ctx.uid != 0 && (set.atime.is_some() || set.mtime.is_some())
+            {
                 let explicit = matches!(set.atime, Some(SetTime::At(_)))
                     || matches!(set.mtime, Some(SetTime::At(_)));
                 if ctx.uid != a.uid {
@@ -650,7 +673,11 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             }
             access_ok(ctx, &a, MODE_W)?;
             if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) != 0 {
-                let zend = if mode & FALLOC_FL_PUNCH_HOLE != 0 { end.min(a.length) } else { end };
+                let zend = if mode & FALLOC_FL_PUNCH_HOLE != 0 {
+                    end.min(a.length)
+                } else {
+                    end
+                };
                 if zend > off {
                     Self::zero_range(t, ino, off, zend - off)?;
                 }
@@ -682,7 +709,13 @@ impl<E: KvEngine> Meta for KvMeta<E> {
         self.create_node(ctx, parent, name, typ, mode & !umask, rdev, None)
     }
 
-    fn symlink(&self, ctx: &Context, parent: Ino, name: &[u8], target: &[u8]) -> Result<(Ino, Attr)> {
+    fn symlink(
+        &self,
+        ctx: &Context,
+        parent: Ino,
+        name: &[u8],
+        target: &[u8],
+    ) -> Result<(Ino, Attr)> {
         if target.is_empty() {
             return Err(Errno::ENOENT.into());
         }
@@ -833,7 +866,11 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             }
             let (styp, sino) = get_dentry(t, parent, name)?.ok_or(Errno::ENOENT)?;
             let mut sa = get_attr(t, sino)?;
-            let mut dp = if new_parent == parent { sp.clone() } else { get_attr(t, new_parent)? };
+            let mut dp = if new_parent == parent {
+                sp.clone()
+            } else {
+                get_attr(t, new_parent)?
+            };
             if !dp.is_dir() {
                 return Err(Errno::ENOTDIR.into());
             }
@@ -845,12 +882,20 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             sticky_ok(ctx, &sp, &sa)?;
             let dst = get_dentry(t, new_parent, new_name)?;
             if parent == new_parent && name == new_name {
-                return if flags & RENAME_NOREPLACE != 0 { Err(Errno::EEXIST.into()) } else { Ok(()) };
+                return if flags & RENAME_NOREPLACE != 0 {
+                    Err(Errno::EEXIST.into())
+                } else {
+                    Ok(())
+                };
             }
             if let Some((_, dino)) = dst {
                 if dino == sino {
                     // Two links to one inode: POSIX says do nothing.
-                    return if flags & RENAME_NOREPLACE != 0 { Err(Errno::EEXIST.into()) } else { Ok(()) };
+                    return if flags & RENAME_NOREPLACE != 0 {
+                        Err(Errno::EEXIST.into())
+                    } else {
+                        Ok(())
+                    };
                 }
             }
             if flags & RENAME_EXCHANGE != 0 && dst.is_none() {
@@ -889,7 +934,10 @@ impl<E: KvEngine> Meta for KvMeta<E> {
                     moves_dir(t, dino, parent)?;
                 }
                 t.set(&key::dentry(parent, name), key::encode_dentry(dtyp, dino));
-                t.set(&key::dentry(new_parent, new_name), key::encode_dentry(styp, sino));
+                t.set(
+                    &key::dentry(new_parent, new_name),
+                    key::encode_dentry(styp, sino),
+                );
                 if parent != new_parent {
                     let sdir = (styp == FileType::Directory) as i64;
                     let ddir = (dtyp == FileType::Directory) as i64;
@@ -928,7 +976,10 @@ impl<E: KvEngine> Meta for KvMeta<E> {
                     }
                 }
                 t.delete(&key::dentry(parent, name));
-                t.set(&key::dentry(new_parent, new_name), key::encode_dentry(styp, sino));
+                t.set(
+                    &key::dentry(new_parent, new_name),
+                    key::encode_dentry(styp, sino),
+                );
                 if parent != new_parent {
                     if styp == FileType::Directory {
                         sp.nlink = sp.nlink.saturating_sub(1);
@@ -990,7 +1041,11 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             libc::O_RDONLY => MODE_R,
             libc::O_WRONLY => MODE_W,
             _ => MODE_R | MODE_W,
-        } | if flags & libc::O_TRUNC != 0 { MODE_W } else { 0 };
+        } | if flags & libc::O_TRUNC != 0 {
+            MODE_W
+        } else {
+            0
+        };
         access_ok(ctx, &a, mask)?;
         *self.open.lock().unwrap().entry(ino).or_insert(0) += 1;
         Ok(a)
@@ -1061,7 +1116,9 @@ impl<E: KvEngine> Meta for KvMeta<E> {
     fn compact_chunk(&self, ino: Ino, idx: u32, replaced: &[Slice], new: Slice) -> Result<bool> {
         self.txn(|t| {
             let k = key::chunk(ino, idx);
-            let Some(v) = t.get(&k)? else { return Ok(false) };
+            let Some(v) = t.get(&k)? else {
+                return Ok(false);
+            };
             let cur = Slice::decode_list(&v).unwrap_or_default();
             if cur.len() < replaced.len() || cur[..replaced.len()] != *replaced {
                 return Ok(false);
@@ -1081,7 +1138,12 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             .kv
             .scan(&p, &key::prefix_end(&p), limit)?
             .into_iter()
-            .map(|(k, v)| (key::u64_at(&k, 1), Slice::decode_list(&v).unwrap_or_default()))
+            .map(|(k, v)| {
+                (
+                    key::u64_at(&k, 1),
+                    Slice::decode_list(&v).unwrap_or_default(),
+                )
+            })
             .collect())
     }
 
@@ -1103,7 +1165,14 @@ impl<E: KvEngine> Meta for KvMeta<E> {
         }
     }
 
-    fn setxattr(&self, ctx: &Context, ino: Ino, name: &[u8], value: &[u8], flags: i32) -> Result<()> {
+    fn setxattr(
+        &self,
+        ctx: &Context,
+        ino: Ino,
+        name: &[u8],
+        value: &[u8],
+        flags: i32,
+    ) -> Result<()> {
         check_xattr_name(name)?;
         if value.len() > MAX_XATTR_VALUE {
             return Err(Errno::E2BIG.into());
@@ -1175,7 +1244,10 @@ fn check_xattr_name(name: &[u8]) -> Result<()> {
         return Err(Errno::ERANGE.into());
     }
     let known = [&b"user."[..], b"trusted.", b"security.", b"system."];
-    if !known.iter().any(|p| name.starts_with(p) && name.len() > p.len()) {
+    if !known
+        .iter()
+        .any(|p| name.starts_with(p) && name.len() > p.len())
+    {
         return Err(Errno::EOPNOTSUPP.into());
     }
     // POSIX ACLs are not supported; saying so lets cp -a and tar carry on.

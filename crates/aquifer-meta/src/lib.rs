@@ -67,8 +67,13 @@ pub trait Meta: Send + Sync {
         umask: u32,
         rdev: u32,
     ) -> Result<(Ino, Attr)>;
-    fn symlink(&self, ctx: &Context, parent: Ino, name: &[u8], target: &[u8])
-        -> Result<(Ino, Attr)>;
+    fn symlink(
+        &self,
+        ctx: &Context,
+        parent: Ino,
+        name: &[u8],
+        target: &[u8],
+    ) -> Result<(Ino, Attr)>;
     fn readlink(&self, ino: Ino) -> Result<Vec<u8>>;
     fn link(&self, ctx: &Context, ino: Ino, parent: Ino, name: &[u8]) -> Result<Attr>;
     fn unlink(&self, ctx: &Context, parent: Ino, name: &[u8]) -> Result<()>;
@@ -106,8 +111,14 @@ pub trait Meta: Send + Sync {
     fn trash_done(&self, id: u64) -> Result<()>;
 
     fn getxattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>>;
-    fn setxattr(&self, ctx: &Context, ino: Ino, name: &[u8], value: &[u8], flags: i32)
-        -> Result<()>;
+    fn setxattr(
+        &self,
+        ctx: &Context,
+        ino: Ino,
+        name: &[u8],
+        value: &[u8],
+        flags: i32,
+    ) -> Result<()>;
     fn listxattr(&self, ino: Ino) -> Result<Vec<u8>>;
     fn removexattr(&self, ctx: &Context, ino: Ino, name: &[u8]) -> Result<()>;
 

@@ -223,7 +223,7 @@ impl Slice {
     }
 
     pub fn decode_list(buf: &[u8]) -> Option<Vec<Slice>> {
-        if buf.len() % Self::ENCODED_LEN != 0 {
+        if !buf.len().is_multiple_of(Self::ENCODED_LEN) {
             return None;
         }
         Some(

@@ -6,7 +6,8 @@ use bytes::Bytes;
 
 pub fn put_get_roundtrip(s: &dyn ObjectStore) {
     let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
-    s.put("chunks/0/1/1_0_100000", Bytes::from(data.clone())).unwrap();
+    s.put("chunks/0/1/1_0_100000", Bytes::from(data.clone()))
+        .unwrap();
     assert_eq!(s.get("chunks/0/1/1_0_100000", 0, None).unwrap(), data);
     assert_eq!(s.head("chunks/0/1/1_0_100000").unwrap().size, 100_000);
 }
@@ -43,7 +44,10 @@ pub fn list_in_order(s: &dyn ObjectStore) {
         s.put(k, Bytes::from_static(b"x")).unwrap();
     }
     let keys = |v: Vec<crate::ObjectInfo>| v.into_iter().map(|o| o.key).collect::<Vec<_>>();
-    assert_eq!(keys(s.list("p/", "", 100).unwrap()), ["p/1", "p/10", "p/2", "p/3"]);
+    assert_eq!(
+        keys(s.list("p/", "", 100).unwrap()),
+        ["p/1", "p/10", "p/2", "p/3"]
+    );
     assert_eq!(keys(s.list("p/", "p/10", 2).unwrap()), ["p/2", "p/3"]);
     assert!(s.list("z/", "", 10).unwrap().is_empty());
 }

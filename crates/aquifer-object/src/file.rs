@@ -18,10 +18,15 @@ impl FileStore {
     pub fn new(root: impl AsRef<Path>) -> Result<FileStore> {
         let root = root.as_ref().to_path_buf();
         if root.as_os_str().is_empty() {
-            return Err(ObjectError::Config("the file store needs a directory (--bucket PATH)".into()));
+            return Err(ObjectError::Config(
+                "the file store needs a directory (--bucket PATH)".into(),
+            ));
         }
         fs::create_dir_all(&root).map_err(|e| {
-            ObjectError::Config(format!("cannot create block directory {}: {e}", root.display()))
+            ObjectError::Config(format!(
+                "cannot create block directory {}: {e}",
+                root.display()
+            ))
         })?;
         Ok(FileStore {
             root,
@@ -30,7 +35,11 @@ impl FileStore {
     }
 
     fn path(&self, key: &str) -> Result<PathBuf> {
-        if key.is_empty() || key.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+        if key.is_empty()
+            || key
+                .split('/')
+                .any(|c| c.is_empty() || c == "." || c == "..")
+        {
             return Err(ObjectError::Config(format!("invalid object key {key:?}")));
         }
         Ok(self.root.join(key))
@@ -61,7 +70,11 @@ impl FileStore {
         entries.sort_by_key(|e| e.file_name());
         for e in entries {
             let name = e.file_name().to_string_lossy().into_owned();
-            let key = if rel.is_empty() { name.clone() } else { format!("{rel}/{name}") };
+            let key = if rel.is_empty() {
+                name.clone()
+            } else {
+                format!("{rel}/{name}")
+            };
             let ft = e.file_type()?;
             if ft.is_dir() {
                 self.walk(&e.path(), &key, out)?;
@@ -125,7 +138,8 @@ impl ObjectStore for FileStore {
         } as usize;
         let mut buf = vec![0u8; n];
         if start > 0 {
-            f.seek(SeekFrom::Start(start)).map_err(|e| self.io("get", key, e))?;
+            f.seek(SeekFrom::Start(start))
+                .map_err(|e| self.io("get", key, e))?;
         }
         f.read_exact(&mut buf).map_err(|e| self.io("get", key, e))?;
         Ok(Bytes::from(buf))

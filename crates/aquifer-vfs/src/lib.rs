@@ -50,7 +50,11 @@ fn is_write(flags: i32) -> bool {
 }
 
 impl Vfs {
-    pub fn new(meta: Arc<dyn Meta>, store: Arc<dyn ObjectStore>, mut cfg: DataConfig) -> Result<Arc<Vfs>> {
+    pub fn new(
+        meta: Arc<dyn Meta>,
+        store: Arc<dyn ObjectStore>,
+        mut cfg: DataConfig,
+    ) -> Result<Arc<Vfs>> {
         let format = meta.load_format()?;
         cfg.block_size = format.block_size;
         let cs = ChunkStore::new(meta.clone(), store, cfg);
@@ -79,7 +83,7 @@ impl Vfs {
                 while !stop.load(Ordering::SeqCst) {
                     std::thread::sleep(Duration::from_millis(200));
                     ticks += 1;
-                    if ticks % 50 == 0 {
+                    if ticks.is_multiple_of(50) {
                         if let Err(e) = meta.heartbeat() {
                             tracing::warn!(error = %e, "session heartbeat failed");
                         }
@@ -105,7 +109,13 @@ impl Vfs {
 
     /// Commit the buffered writes of every open file.
     pub fn flush_all(&self) {
-        let writers: Vec<_> = self.writers.lock().unwrap().values().map(|(w, _)| w.clone()).collect();
+        let writers: Vec<_> = self
+            .writers
+            .lock()
+            .unwrap()
+            .values()
+            .map(|(w, _)| w.clone())
+            .collect();
         for w in writers {
             if let Err(e) = w.flush() {
                 tracing::error!(error = %e, "flush failed");
@@ -136,7 +146,11 @@ impl Vfs {
     }
 
     fn writer_of(&self, ino: Ino) -> Option<Arc<FileWriter>> {
-        self.writers.lock().unwrap().get(&ino).map(|(w, _)| w.clone())
+        self.writers
+            .lock()
+            .unwrap()
+            .get(&ino)
+            .map(|(w, _)| w.clone())
     }
 
     /// Commit buffered writes of `ino` so the metadata describes every byte written.
@@ -149,18 +163,28 @@ impl Vfs {
         Ok(())
     }
 
+    /// End of the buffered, uncommitted writes of `ino`. Read it *before* the attributes:
+    /// a concurrent flush commits (growing the stored length) before it clears the buffer,
+    /// so either the buffer or the stored length covers every acknowledged write.
+    fn pending_end(&self, ino: Ino) -> u64 {
+        self.writer_of(ino).map(|w| w.pending_end()).unwrap_or(0)
+    }
+
     /// Attributes as this client sees them: the size includes buffered writes.
-    fn view(&self, ino: Ino, mut a: Attr) -> Attr {
+    fn view(mut a: Attr, pending: u64) -> Attr {
         if a.typ == FileType::File {
-            if let Some(w) = self.writer_of(ino) {
-                a.length = a.length.max(w.pending_end());
-            }
+            a.length = a.length.max(pending);
         }
         a
     }
 
     fn handle(&self, fh: u64) -> Result<Arc<Handle>> {
-        self.handles.lock().unwrap().get(&fh).cloned().ok_or(Errno::EBADF)
+        self.handles
+            .lock()
+            .unwrap()
+            .get(&fh)
+            .cloned()
+            .ok_or(Errno::EBADF)
     }
 
     fn add_handle(&self, h: Handle) -> u64 {
@@ -171,32 +195,63 @@ impl Vfs {
 
     pub fn lookup(&self, ctx: &Context, parent: Ino, name: &[u8]) -> Result<(Ino, Attr)> {
         let (ino, a) = self.meta.lookup(ctx, parent, name)?;
-        Ok((ino, self.view(ino, a)))
+        let pending = self.pending_end(ino);
+        // Re-read the attributes after the buffer (see pending_end) when a write is buffered.
+        let a = if pending > 0 {
+            self.meta.getattr(ino)?
+        } else {
+            a
+        };
+        Ok((ino, Self::view(a, pending)))
     }
 
     pub fn getattr(&self, ino: Ino) -> Result<Attr> {
+        let pending = self.pending_end(ino);
         let a = self.meta.getattr(ino)?;
-        Ok(self.view(ino, a))
+        Ok(Self::view(a, pending))
     }
 
-    pub fn setattr(&self, ctx: &Context, ino: Ino, set: &SetAttr, size: Option<u64>) -> Result<Attr> {
+    pub fn setattr(
+        &self,
+        ctx: &Context,
+        ino: Ino,
+        set: &SetAttr,
+        size: Option<u64>,
+    ) -> Result<Attr> {
         let mut attr = None;
-        if let Some(size) = size {
+        if size.is_some() || set.mtime.is_some() {
+            // Buffered writes must land before: their commit would otherwise stamp a later
+            // mtime over the one being set (cp -a, tar, rsync set times after writing).
             self.settle(ino)?;
+        }
+        if let Some(size) = size {
             attr = Some(self.meta.truncate(ctx, ino, size)?);
         }
-        if set.mode.is_some() || set.uid.is_some() || set.gid.is_some() || set.atime.is_some()
-            || set.mtime.is_some() || set.ctime.is_some()
+        if set.mode.is_some()
+            || set.uid.is_some()
+            || set.gid.is_some()
+            || set.atime.is_some()
+            || set.mtime.is_some()
+            || set.ctime.is_some()
         {
             attr = Some(self.meta.setattr(ctx, ino, set)?);
         }
         match attr {
-            Some(a) => Ok(self.view(ino, a)),
-            None => self.getattr(ino),
+            // Buffered writes, if any, were committed above or are covered by getattr.
+            Some(a) if size.is_some() || set.mtime.is_some() => Ok(a),
+            _ => self.getattr(ino),
         }
     }
 
-    pub fn mknod(&self, ctx: &Context, parent: Ino, name: &[u8], mode: u32, umask: u32, rdev: u32) -> Result<(Ino, Attr)> {
+    pub fn mknod(
+        &self,
+        ctx: &Context,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+    ) -> Result<(Ino, Attr)> {
         let typ = FileType::from_mode(mode).ok_or(Errno::EINVAL)?;
         if typ == FileType::Directory || typ == FileType::Symlink {
             return Err(Errno::EINVAL);
@@ -204,13 +259,33 @@ impl Vfs {
         Ok(self.meta.mknod(ctx, parent, name, typ, mode, umask, rdev)?)
     }
 
-    pub fn mkdir(&self, ctx: &Context, parent: Ino, name: &[u8], mode: u32, umask: u32) -> Result<(Ino, Attr)> {
-        Ok(self.meta.mknod(ctx, parent, name, FileType::Directory, mode, umask, 0)?)
+    pub fn mkdir(
+        &self,
+        ctx: &Context,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        umask: u32,
+    ) -> Result<(Ino, Attr)> {
+        Ok(self
+            .meta
+            .mknod(ctx, parent, name, FileType::Directory, mode, umask, 0)?)
     }
 
     /// Create and open a regular file.
-    pub fn create(&self, ctx: &Context, parent: Ino, name: &[u8], mode: u32, umask: u32, flags: i32) -> Result<(Ino, Attr, u64)> {
-        let (ino, attr) = match self.meta.mknod(ctx, parent, name, FileType::File, mode, umask, 0) {
+    pub fn create(
+        &self,
+        ctx: &Context,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        umask: u32,
+        flags: i32,
+    ) -> Result<(Ino, Attr, u64)> {
+        let (ino, attr) = match self
+            .meta
+            .mknod(ctx, parent, name, FileType::File, mode, umask, 0)
+        {
             Ok(r) => r,
             // Without O_EXCL an existing file is simply opened.
             Err(MetaError::Sys(e)) if e == Errno::EEXIST && flags & libc::O_EXCL == 0 => {
@@ -222,7 +297,10 @@ impl Vfs {
             }
             Err(e) => return Err(e.into()),
         };
-        let opened = Context { check_permission: false, ..ctx.clone() };
+        let opened = Context {
+            check_permission: false,
+            ..ctx.clone()
+        };
         let fh = self.open(&opened, ino, flags)?;
         Ok((ino, attr, fh))
     }
@@ -243,7 +321,8 @@ impl Vfs {
         } else {
             None
         };
-        if flags & libc::O_TRUNC != 0 && is_write(flags) && a.typ == FileType::File && a.length > 0 {
+        if flags & libc::O_TRUNC != 0 && is_write(flags) && a.typ == FileType::File && a.length > 0
+        {
             if let Err(e) = self.meta.truncate(ctx, ino, 0) {
                 let _ = self.release_file(FileHandle { ino, writer });
                 return Err(e.into());
@@ -254,7 +333,9 @@ impl Vfs {
 
     pub fn read(&self, fh: u64, off: u64, size: u32) -> Result<Vec<u8>> {
         let h = self.handle(fh)?;
-        let Handle::File(f) = &*h else { return Err(Errno::EISDIR) };
+        let Handle::File(f) = &*h else {
+            return Err(Errno::EISDIR);
+        };
         self.settle(f.ino)?;
         let a = self.meta.getattr(f.ino)?;
         Ok(self.cs.read(f.ino, off, size as usize, a.length)?)
@@ -262,9 +343,14 @@ impl Vfs {
 
     pub fn write(&self, fh: u64, off: u64, data: &[u8]) -> Result<u32> {
         let h = self.handle(fh)?;
-        let Handle::File(f) = &*h else { return Err(Errno::EISDIR) };
+        let Handle::File(f) = &*h else {
+            return Err(Errno::EISDIR);
+        };
         let w = f.writer.as_ref().ok_or(Errno::EBADF)?;
-        if off.checked_add(data.len() as u64).is_none_or(|end| end > MAX_FILE_SIZE) {
+        if off
+            .checked_add(data.len() as u64)
+            .is_none_or(|end| end > MAX_FILE_SIZE)
+        {
             return Err(Errno::EFBIG);
         }
         w.write(off, data)?;
@@ -274,7 +360,10 @@ impl Vfs {
     /// close(2) of one descriptor: commit what it wrote.
     pub fn flush(&self, fh: u64) -> Result<()> {
         let h = self.handle(fh)?;
-        if let Handle::File(FileHandle { writer: Some(w), .. }) = &*h {
+        if let Handle::File(FileHandle {
+            writer: Some(w), ..
+        }) = &*h
+        {
             w.flush()?;
         }
         Ok(())
@@ -286,7 +375,12 @@ impl Vfs {
     }
 
     pub fn release(&self, fh: u64) -> Result<()> {
-        let h = self.handles.lock().unwrap().remove(&fh).ok_or(Errno::EBADF)?;
+        let h = self
+            .handles
+            .lock()
+            .unwrap()
+            .remove(&fh)
+            .ok_or(Errno::EBADF)?;
         match Arc::try_unwrap(h) {
             Ok(Handle::File(f)) => self.release_file(f),
             Ok(Handle::Dir(_)) => Ok(()),
@@ -314,7 +408,9 @@ impl Vfs {
 
     pub fn fallocate(&self, ctx: &Context, fh: u64, mode: i32, off: u64, len: u64) -> Result<()> {
         let h = self.handle(fh)?;
-        let Handle::File(f) = &*h else { return Err(Errno::EISDIR) };
+        let Handle::File(f) = &*h else {
+            return Err(Errno::EISDIR);
+        };
         if f.writer.is_none() {
             return Err(Errno::EBADF);
         }
@@ -331,29 +427,48 @@ impl Vfs {
         if ctx.check_permission {
             self.meta.access(ctx, ino, MODE_R)?;
         }
-        Ok(self.add_handle(Handle::Dir(DirHandle { ino, entries: Mutex::new(None) })))
+        Ok(self.add_handle(Handle::Dir(DirHandle {
+            ino,
+            entries: Mutex::new(None),
+        })))
     }
 
     /// Entries from `offset` on; each entry's offset is the one to resume after it.
     /// "." and ".." come first.
-    pub fn readdir(&self, ctx: &Context, fh: u64, offset: u64, plus: bool) -> Result<Vec<(u64, DirEntry)>> {
+    pub fn readdir(
+        &self,
+        ctx: &Context,
+        fh: u64,
+        offset: u64,
+        plus: bool,
+    ) -> Result<Vec<(u64, DirEntry)>> {
         let h = self.handle(fh)?;
-        let Handle::Dir(d) = &*h else { return Err(Errno::ENOTDIR) };
+        let Handle::Dir(d) = &*h else {
+            return Err(Errno::ENOTDIR);
+        };
         let mut cached = d.entries.lock().unwrap();
         if offset == 0 || cached.is_none() {
             let a = self.meta.getattr(d.ino)?;
-            let parent = if d.ino == ROOT_INO || a.parent == 0 { ROOT_INO } else { a.parent };
+            let parent = if d.ino == ROOT_INO || a.parent == 0 {
+                ROOT_INO
+            } else {
+                a.parent
+            };
             let mut all = vec![
-                DirEntry { name: b".".to_vec(), ino: d.ino, typ: FileType::Directory, attr: plus.then(|| a.clone()) },
-                DirEntry { name: b"..".to_vec(), ino: parent, typ: FileType::Directory, attr: None },
+                DirEntry {
+                    name: b".".to_vec(),
+                    ino: d.ino,
+                    typ: FileType::Directory,
+                    attr: plus.then(|| a.clone()),
+                },
+                DirEntry {
+                    name: b"..".to_vec(),
+                    ino: parent,
+                    typ: FileType::Directory,
+                    attr: None,
+                },
             ];
-            let mut rest = self.meta.readdir(ctx, d.ino, plus)?;
-            for e in rest.iter_mut() {
-                if let Some(a) = e.attr.take() {
-                    e.attr = Some(self.view(e.ino, a));
-                }
-            }
-            all.extend(rest);
+            all.extend(self.meta.readdir(ctx, d.ino, plus)?);
             *cached = Some(Arc::new(all));
         }
         let entries = cached.as_ref().map(Arc::clone).unwrap_or_default();
@@ -373,16 +488,32 @@ impl Vfs {
         Ok(self.meta.rmdir(ctx, parent, name)?)
     }
 
-    pub fn rename(&self, ctx: &Context, parent: Ino, name: &[u8], new_parent: Ino, new_name: &[u8], flags: u32) -> Result<()> {
-        Ok(self.meta.rename(ctx, parent, name, new_parent, new_name, flags)?)
+    pub fn rename(
+        &self,
+        ctx: &Context,
+        parent: Ino,
+        name: &[u8],
+        new_parent: Ino,
+        new_name: &[u8],
+        flags: u32,
+    ) -> Result<()> {
+        Ok(self
+            .meta
+            .rename(ctx, parent, name, new_parent, new_name, flags)?)
     }
 
     pub fn link(&self, ctx: &Context, ino: Ino, parent: Ino, name: &[u8]) -> Result<Attr> {
-        let a = self.meta.link(ctx, ino, parent, name)?;
-        Ok(self.view(ino, a))
+        self.meta.link(ctx, ino, parent, name)?;
+        self.getattr(ino)
     }
 
-    pub fn symlink(&self, ctx: &Context, parent: Ino, name: &[u8], target: &[u8]) -> Result<(Ino, Attr)> {
+    pub fn symlink(
+        &self,
+        ctx: &Context,
+        parent: Ino,
+        name: &[u8],
+        target: &[u8],
+    ) -> Result<(Ino, Attr)> {
         Ok(self.meta.symlink(ctx, parent, name, target)?)
     }
 
@@ -402,7 +533,14 @@ impl Vfs {
         Ok(self.meta.getxattr(ino, name)?)
     }
 
-    pub fn setxattr(&self, ctx: &Context, ino: Ino, name: &[u8], value: &[u8], flags: i32) -> Result<()> {
+    pub fn setxattr(
+        &self,
+        ctx: &Context,
+        ino: Ino,
+        name: &[u8],
+        value: &[u8],
+        flags: i32,
+    ) -> Result<()> {
         Ok(self.meta.setxattr(ctx, ino, name, value, flags)?)
     }
 

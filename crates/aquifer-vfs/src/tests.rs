@@ -40,13 +40,23 @@ fn root() -> Context {
 #[test]
 fn write_read_across_blocks_and_chunks() {
     let (v, _) = vfs();
-    let (ino, _, fh) = v.create(&root(), ROOT_INO, b"f", 0o644, 0, libc::O_RDWR).unwrap();
+    let (ino, _, fh) = v
+        .create(&root(), ROOT_INO, b"f", 0o644, 0, libc::O_RDWR)
+        .unwrap();
     let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7) as u8).collect();
     let off = CHUNK_SIZE - 100_000;
     assert_eq!(v.write(fh, off, &data).unwrap(), data.len() as u32);
-    assert_eq!(v.getattr(ino).unwrap().length, off + data.len() as u64, "size includes buffered data");
+    assert_eq!(
+        v.getattr(ino).unwrap().length,
+        off + data.len() as u64,
+        "size includes buffered data"
+    );
     assert_eq!(v.read(fh, off, data.len() as u32).unwrap(), data);
-    assert_eq!(v.read(fh, 0, 10).unwrap(), vec![0; 10], "hole reads as zeros");
+    assert_eq!(
+        v.read(fh, 0, 10).unwrap(),
+        vec![0; 10],
+        "hole reads as zeros"
+    );
     v.flush(fh).unwrap();
     v.release(fh).unwrap();
     let fh = v.open(&root(), ino, libc::O_RDONLY).unwrap();
@@ -58,7 +68,9 @@ fn write_read_across_blocks_and_chunks() {
 #[test]
 fn large_offsets_past_4gib() {
     let (v, _) = vfs();
-    let (ino, _, fh) = v.create(&root(), ROOT_INO, b"big", 0o644, 0, libc::O_RDWR).unwrap();
+    let (ino, _, fh) = v
+        .create(&root(), ROOT_INO, b"big", 0o644, 0, libc::O_RDWR)
+        .unwrap();
     let off = (5u64 << 30) + 12345;
     v.write(fh, off, b"hello").unwrap();
     v.release(fh).unwrap();
@@ -70,11 +82,16 @@ fn large_offsets_past_4gib() {
 #[test]
 fn unlinked_open_file_readable_until_close() {
     let (v, store) = vfs();
-    let (ino, _, fh) = v.create(&root(), ROOT_INO, b"f", 0o644, 0, libc::O_RDWR).unwrap();
+    let (ino, _, fh) = v
+        .create(&root(), ROOT_INO, b"f", 0o644, 0, libc::O_RDWR)
+        .unwrap();
     v.write(fh, 0, &[9u8; 200_000]).unwrap();
     v.flush(fh).unwrap();
     v.unlink(&root(), ROOT_INO, b"f").unwrap();
-    assert_eq!(v.lookup(&root(), ROOT_INO, b"f").unwrap_err(), Errno::ENOENT);
+    assert_eq!(
+        v.lookup(&root(), ROOT_INO, b"f").unwrap_err(),
+        Errno::ENOENT
+    );
     assert_eq!(v.read(fh, 0, 5).unwrap(), vec![9; 5]);
     v.write(fh, 200_000, b"more").unwrap();
     assert!(!store.is_empty());
@@ -88,7 +105,15 @@ fn unlinked_open_file_readable_until_close() {
 fn readdir_offsets_stable_while_directory_changes() {
     let (v, _) = vfs();
     for i in 0..50 {
-        v.mknod(&root(), ROOT_INO, format!("f{i:02}").as_bytes(), libc::S_IFREG | 0o644, 0, 0).unwrap();
+        v.mknod(
+            &root(),
+            ROOT_INO,
+            format!("f{i:02}").as_bytes(),
+            libc::S_IFREG | 0o644,
+            0,
+            0,
+        )
+        .unwrap();
     }
     let dh = v.opendir(&root(), ROOT_INO).unwrap();
     let first = v.readdir(&root(), dh, 0, false).unwrap();
@@ -97,7 +122,8 @@ fn readdir_offsets_stable_while_directory_changes() {
     let (resume, _) = first[20];
     // Changes after the listing started do not shift the remaining offsets.
     v.unlink(&root(), ROOT_INO, b"f00").unwrap();
-    v.mknod(&root(), ROOT_INO, b"a-new", libc::S_IFREG | 0o644, 0, 0).unwrap();
+    v.mknod(&root(), ROOT_INO, b"a-new", libc::S_IFREG | 0o644, 0, 0)
+        .unwrap();
     let rest = v.readdir(&root(), dh, resume, false).unwrap();
     assert_eq!(rest[0].1.name, first[21].1.name);
     assert_eq!(rest.len(), 31);
@@ -107,15 +133,26 @@ fn readdir_offsets_stable_while_directory_changes() {
 #[test]
 fn truncate_discards_and_zero_extends() {
     let (v, _) = vfs();
-    let (ino, _, fh) = v.create(&root(), ROOT_INO, b"f", 0o644, 0, libc::O_RDWR).unwrap();
+    let (ino, _, fh) = v
+        .create(&root(), ROOT_INO, b"f", 0o644, 0, libc::O_RDWR)
+        .unwrap();
     v.write(fh, 0, &[1u8; 1000]).unwrap();
-    v.setattr(&root(), ino, &SetAttr::default(), Some(100)).unwrap();
-    v.setattr(&root(), ino, &SetAttr::default(), Some(500)).unwrap();
+    v.setattr(&root(), ino, &SetAttr::default(), Some(100))
+        .unwrap();
+    v.setattr(&root(), ino, &SetAttr::default(), Some(500))
+        .unwrap();
     let got = v.read(fh, 0, 1000).unwrap();
     assert_eq!(got.len(), 500);
     assert!(got[..100].iter().all(|b| *b == 1));
     assert!(got[100..].iter().all(|b| *b == 0));
-    v.fallocate(&root(), fh, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 10, 20).unwrap();
+    v.fallocate(
+        &root(),
+        fh,
+        FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+        10,
+        20,
+    )
+    .unwrap();
     let got = v.read(fh, 0, 40).unwrap();
     assert_eq!(&got[..10], &[1; 10]);
     assert_eq!(&got[10..30], &[0; 20]);
@@ -125,14 +162,26 @@ fn truncate_discards_and_zero_extends() {
 #[test]
 fn open_with_trunc_and_excl() {
     let (v, _) = vfs();
-    let (ino, _, fh) = v.create(&root(), ROOT_INO, b"f", 0o644, 0, libc::O_RDWR).unwrap();
+    let (ino, _, fh) = v
+        .create(&root(), ROOT_INO, b"f", 0o644, 0, libc::O_RDWR)
+        .unwrap();
     v.write(fh, 0, b"abc").unwrap();
     v.release(fh).unwrap();
     assert_eq!(
-        v.create(&root(), ROOT_INO, b"f", 0o644, 0, libc::O_RDWR | libc::O_CREAT | libc::O_EXCL).unwrap_err(),
+        v.create(
+            &root(),
+            ROOT_INO,
+            b"f",
+            0o644,
+            0,
+            libc::O_RDWR | libc::O_CREAT | libc::O_EXCL
+        )
+        .unwrap_err(),
         Errno::EEXIST
     );
-    let fh = v.open(&root(), ino, libc::O_WRONLY | libc::O_TRUNC).unwrap();
+    let fh = v
+        .open(&root(), ino, libc::O_WRONLY | libc::O_TRUNC)
+        .unwrap();
     assert_eq!(v.getattr(ino).unwrap().length, 0);
     v.release(fh).unwrap();
 }
@@ -140,10 +189,20 @@ fn open_with_trunc_and_excl() {
 #[test]
 fn permissions_enforced_for_checked_contexts() {
     let (v, _) = vfs();
-    let (ino, _, fh) = v.create(&root(), ROOT_INO, b"secret", 0o600, 0, libc::O_RDWR).unwrap();
+    let (ino, _, fh) = v
+        .create(&root(), ROOT_INO, b"secret", 0o600, 0, libc::O_RDWR)
+        .unwrap();
     v.release(fh).unwrap();
-    let user = Context { uid: 1000, gid: 1000, check_permission: true, ..Default::default() };
-    assert_eq!(v.open(&user, ino, libc::O_RDONLY).unwrap_err(), Errno::EACCES);
+    let user = Context {
+        uid: 1000,
+        gid: 1000,
+        check_permission: true,
+        ..Default::default()
+    };
+    assert_eq!(
+        v.open(&user, ino, libc::O_RDONLY).unwrap_err(),
+        Errno::EACCES
+    );
     assert_eq!(v.access(&user, ino, MODE_R).unwrap_err(), Errno::EACCES);
     v.access(&root(), ino, MODE_R | MODE_W).unwrap();
 }
@@ -151,8 +210,31 @@ fn permissions_enforced_for_checked_contexts() {
 #[test]
 fn shutdown_commits_buffered_writes() {
     let (v, _) = vfs();
-    let (ino, _, fh) = v.create(&root(), ROOT_INO, b"f", 0o644, 0, libc::O_RDWR).unwrap();
+    let (ino, _, fh) = v
+        .create(&root(), ROOT_INO, b"f", 0o644, 0, libc::O_RDWR)
+        .unwrap();
     v.write(fh, 0, b"pending").unwrap();
     v.shutdown();
     assert_eq!(v.meta().getattr(ino).unwrap().length, 7);
+}
+
+#[test]
+fn explicit_mtime_survives_buffered_writes() {
+    let (v, _) = vfs();
+    let (ino, _, fh) = v
+        .create(&root(), ROOT_INO, b"f", 0o644, 0, libc::O_RDWR)
+        .unwrap();
+    v.write(fh, 0, b"data").unwrap();
+    let t = Time {
+        sec: 981_173_106,
+        nsec: 123_456_789,
+    };
+    let set = SetAttr {
+        mtime: Some(SetTime::At(t)),
+        ..Default::default()
+    };
+    v.setattr(&root(), ino, &set, None).unwrap();
+    v.flush(fh).unwrap();
+    v.release(fh).unwrap();
+    assert_eq!(v.getattr(ino).unwrap().mtime, t);
 }

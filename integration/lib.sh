@@ -1,0 +1,51 @@
+# Helpers for integration tests: fresh volumes on real FUSE mounts, cleaned up on exit.
+# shellcheck shell=bash
+set -euo pipefail
+: "${AQUIFER:?set AQUIFER to the aquifer binary}"
+WORK=$(mktemp -d /tmp/aquifer-it.XXXXXX)
+MOUNTS=()
+
+cleanup() {
+  local mp
+  for mp in "${MOUNTS[@]}"; do
+    if grep -q " $mp fuse" /proc/self/mounts 2>/dev/null; then
+      "$AQUIFER" umount "$mp" >/dev/null 2>&1 || fusermount3 -uz "$mp" 2>/dev/null || true
+    fi
+  done
+  # Give daemons a moment to exit, then make sure none is left.
+  sleep 0.5
+  pkill -f -- "--log $WORK/" 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+fail() { echo "FAIL: $*" >&2; exit 1; }
+note() { echo "  $*"; }
+
+# new_volume NAME: format a volume; sets META and BLOCKS.
+new_volume() {
+  META="rocksdb://$WORK/$1/meta"
+  BLOCKS="$WORK/$1/blocks"
+  "$AQUIFER" format "$META" "$1" --storage file --bucket "$BLOCKS" >/dev/null
+}
+
+# mount_volume MOUNTPOINT: mount $META in the background; sets DAEMON_PID.
+mount_volume() {
+  local mp=$1
+  mkdir -p "$mp"
+  local out
+  out=$("$AQUIFER" mount -d "$META" "$mp" --log "$WORK/$(basename "$mp").log") || fail "mount of $mp failed"
+  DAEMON_PID=$(sed -n 's/.*(pid \([0-9]*\),.*/\1/p' <<<"$out")
+  MOUNTS+=("$mp")
+}
+
+# umount_volume MOUNTPOINT: unmount and wait for the daemon to finish.
+umount_volume() {
+  "$AQUIFER" umount "$1"
+  local i
+  for i in $(seq 1 100); do
+    kill -0 "$DAEMON_PID" 2>/dev/null || return 0
+    sleep 0.1
+  done
+  fail "daemon $DAEMON_PID did not exit after unmount"
+}

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Install what aquifer needs on a Debian/Ubuntu machine. Idempotent.
+#   scripts/install-deps.sh          runtime + build: fuse3, clang/libclang (for rocksdb)
+#   scripts/install-deps.sh --test   also the test tools: redis-server, sqlite3, git, fio,
+#                                    pjdfstest, fsx, and the users pjdfstest switches to
+set -euo pipefail
+
+want_test=0
+[ "${1:-}" = "--test" ] && want_test=1
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+pkgs=(fuse3 clang libclang-dev pkg-config)
+if [ $want_test = 1 ]; then
+  pkgs+=(redis-server sqlite3 git fio rsync attr xz-utils)
+fi
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing: ${missing[*]}"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if [ $want_test = 1 ]; then
+  # Versions pinned to ones that build with the machine's Rust toolchain.
+  command -v pjdfstest >/dev/null || cargo install --locked --quiet pjdfstest@0.2.2
+  command -v fsx >/dev/null || cargo install --locked --quiet fsx@0.3.2
+  # pjdfstest switches to these users.
+  getent group tests >/dev/null || as_root groupadd tests
+  id tests >/dev/null 2>&1 || as_root useradd -M -g tests -s /usr/sbin/nologin tests
+fi
