@@ -525,6 +525,48 @@ pub fn statfs_counts(m: &dyn Meta) {
     assert_eq!(errno(m.write_slice(file, 0, big)), Errno::ENOSPC);
 }
 
+pub fn posix_and_bsd_locks(m: &dyn Meta) {
+    let ctx = ready(m);
+    let f = mkfile(m, &ctx, ROOT_INO, "f");
+    let lk = |typ, start, end| PLock {
+        typ,
+        start,
+        end,
+        pid: 1,
+    };
+    m.setlk(f, 1, &lk(F_WRLCK, 0, 99)).unwrap();
+    assert_eq!(errno(m.setlk(f, 2, &lk(F_RDLCK, 50, 60))), Errno::EAGAIN);
+    assert_eq!(
+        m.getlk(f, 2, &lk(F_RDLCK, 50, 60)).unwrap(),
+        Some(lk(F_WRLCK, 0, 99))
+    );
+    assert_eq!(
+        m.getlk(f, 1, &lk(F_WRLCK, 0, 10)).unwrap(),
+        None,
+        "own locks never conflict"
+    );
+    // Unlocking the middle splits the lock in two.
+    m.setlk(f, 1, &lk(F_UNLCK, 40, 59)).unwrap();
+    m.setlk(f, 2, &lk(F_WRLCK, 40, 59)).unwrap();
+    assert_eq!(errno(m.setlk(f, 2, &lk(F_RDLCK, 60, 60))), Errno::EAGAIN);
+    // Shared locks coexist.
+    m.setlk(f, 3, &lk(F_RDLCK, 200, u64::MAX)).unwrap();
+    m.setlk(f, 4, &lk(F_RDLCK, 300, 400)).unwrap();
+    assert_eq!(errno(m.setlk(f, 4, &lk(F_WRLCK, 300, 400))), Errno::EAGAIN);
+    m.release_locks(f, 3).unwrap();
+    m.setlk(f, 4, &lk(F_WRLCK, 300, 400)).unwrap();
+    assert_eq!(errno(m.setlk(f, 1, &lk(9, 0, 1))), Errno::EINVAL);
+    // BSD locks.
+    m.flock(f, 1, F_RDLCK).unwrap();
+    m.flock(f, 2, F_RDLCK).unwrap();
+    assert_eq!(errno(m.flock(f, 1, F_WRLCK)), Errno::EAGAIN);
+    m.flock(f, 2, F_UNLCK).unwrap();
+    m.flock(f, 1, F_WRLCK).unwrap();
+    assert_eq!(errno(m.flock(f, 3, F_RDLCK)), Errno::EAGAIN);
+    m.release_locks(f, 1).unwrap();
+    m.flock(f, 3, F_WRLCK).unwrap();
+}
+
 /// Expand to one `#[test]` per conformance case, each on a fresh engine from `$make`, an
 /// expression giving `(meta, guard)`; the guard (a temp dir, a server) lives for the case.
 #[macro_export]
@@ -534,7 +576,7 @@ macro_rules! meta_conformance {
             format_and_load, create_lookup_readdir, unlink_and_rmdir, hard_links,
             open_unlinked_kept_until_close, rename_cases, symlinks, xattrs,
             slices_and_truncate, setattr_rules, permissions,
-            sessions_clean_up_after_dead_clients, statfs_counts);
+            sessions_clean_up_after_dead_clients, statfs_counts, posix_and_bsd_locks);
     };
     (@cases $make:expr; $($case:ident),*) => {
         $(

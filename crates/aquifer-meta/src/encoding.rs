@@ -12,6 +12,8 @@
 //! | `T` seq                     | slice records to delete       |
 //! | `S` sid                     | session info as JSON          |
 //! | `O` sid ino                 | open-but-unlinked inode       |
+//! | `F` ino                     | BSD locks (sid, owner, type)  |
+//! | `P` ino                     | POSIX locks with ranges       |
 //!
 //! [`Format`]: crate::Format
 
@@ -83,6 +85,14 @@ pub fn sustained(sid: u64, ino: Ino) -> Vec<u8> {
     let mut k = with_ino(b'O', sid);
     k.extend_from_slice(&ino.to_be_bytes());
     k
+}
+
+pub fn flocks(ino: Ino) -> Vec<u8> {
+    with_ino(b'F', ino)
+}
+
+pub fn plocks(ino: Ino) -> Vec<u8> {
+    with_ino(b'P', ino)
 }
 
 pub fn u64_at(key: &[u8], at: usize) -> u64 {

@@ -3,6 +3,7 @@
 use crate::encoding as key;
 use crate::error::{Errno, MetaError, Result};
 use crate::kv::{KvEngine, KvTxn};
+use crate::locks::{self, PLock, F_UNLCK};
 use crate::types::*;
 use crate::{Meta, MODE_R, MODE_W, MODE_X};
 use std::collections::HashMap;
@@ -224,6 +225,8 @@ impl<E: KvEngine> KvMeta<E> {
             t.delete(&k);
         }
         t.delete(&key::attr(ino));
+        t.delete(&key::flocks(ino));
+        t.delete(&key::plocks(ino));
         incr(t, C_USED_INODES, -1)?;
         Ok(())
     }
@@ -425,6 +428,16 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             let p = [b'S'];
             for (k, _) in self.kv.scan(&p, &key::prefix_end(&p), usize::MAX)? {
                 self.clean_session(key::u64_at(&k, 1))?;
+            }
+            // Locks of dead sessions are void.
+            for tag in [b'F', b'P'] {
+                let p = [tag];
+                for (k, _) in self.kv.scan(&p, &key::prefix_end(&p), usize::MAX)? {
+                    self.txn(|t| {
+                        t.delete(&k);
+                        Ok(())
+                    })?;
+                }
             }
             // Sessions that died before registering may still have left open inodes.
             let p = [b'O'];
@@ -1227,6 +1240,82 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             t.delete(&k);
             a.ctime = now();
             put_attr(t, ino, &a);
+            Ok(())
+        })
+    }
+
+    fn flock(&self, ino: Ino, owner: u64, typ: i32) -> Result<()> {
+        let sid = self.sid.load(Ordering::Relaxed);
+        self.txn(|t| {
+            get_attr(t, ino)?;
+            let k = key::flocks(ino);
+            let recs = locks::decode_flocks(&t.get(&k)?.unwrap_or_default());
+            let new = locks::flock_apply(recs, sid, owner, typ)?;
+            if new.is_empty() {
+                t.delete(&k);
+            } else {
+                t.set(&k, locks::encode_flocks(&new));
+            }
+            Ok(())
+        })
+    }
+
+    fn getlk(&self, ino: Ino, owner: u64, lock: &PLock) -> Result<Option<PLock>> {
+        locks::check_range(lock)?;
+        let sid = self.sid.load(Ordering::Relaxed);
+        let recs = locks::decode_plocks(&self.kv.get(&key::plocks(ino))?.unwrap_or_default());
+        Ok(locks::conflict(&recs, sid, owner, lock))
+    }
+
+    fn setlk(&self, ino: Ino, owner: u64, lock: &PLock) -> Result<()> {
+        locks::check_range(lock)?;
+        let sid = self.sid.load(Ordering::Relaxed);
+        self.txn(|t| {
+            get_attr(t, ino)?;
+            let k = key::plocks(ino);
+            let recs = locks::decode_plocks(&t.get(&k)?.unwrap_or_default());
+            if lock.typ != F_UNLCK && locks::conflict(&recs, sid, owner, lock).is_some() {
+                return Err(Errno::EAGAIN.into());
+            }
+            let new = locks::apply(recs, sid, owner, *lock);
+            if new.is_empty() {
+                t.delete(&k);
+            } else {
+                t.set(&k, locks::encode_plocks(&new));
+            }
+            Ok(())
+        })
+    }
+
+    fn release_locks(&self, ino: Ino, owner: u64) -> Result<()> {
+        let sid = self.sid.load(Ordering::Relaxed);
+        let (fk, pk) = (key::flocks(ino), key::plocks(ino));
+        if self.kv.get(&fk)?.is_none() && self.kv.get(&pk)?.is_none() {
+            return Ok(());
+        }
+        self.txn(|t| {
+            if let Some(v) = t.get(&fk)? {
+                let keep: Vec<_> = locks::decode_flocks(&v)
+                    .into_iter()
+                    .filter(|r| (r.0, r.1) != (sid, owner))
+                    .collect();
+                if keep.is_empty() {
+                    t.delete(&fk)
+                } else {
+                    t.set(&fk, locks::encode_flocks(&keep))
+                }
+            }
+            if let Some(v) = t.get(&pk)? {
+                let keep: Vec<_> = locks::decode_plocks(&v)
+                    .into_iter()
+                    .filter(|r| (r.sid, r.owner) != (sid, owner))
+                    .collect();
+                if keep.is_empty() {
+                    t.delete(&pk)
+                } else {
+                    t.set(&pk, locks::encode_plocks(&keep))
+                }
+            }
             Ok(())
         })
     }

@@ -8,6 +8,7 @@ mod encoding;
 mod error;
 mod kv;
 mod kvmeta;
+mod locks;
 mod types;
 
 pub mod conformance;
@@ -16,6 +17,7 @@ pub mod url;
 pub use error::{Errno, MetaError, Result};
 pub use kv::{BufferedTxn, KvEngine, KvPair, KvRead, KvTxn, MemKv};
 pub use kvmeta::KvMeta;
+pub use locks::{PLock, F_RDLCK, F_UNLCK, F_WRLCK};
 pub use types::*;
 
 /// Access mask bits for [`Meta::access`].
@@ -121,6 +123,16 @@ pub trait Meta: Send + Sync {
     ) -> Result<()>;
     fn listxattr(&self, ino: Ino) -> Result<Vec<u8>>;
     fn removexattr(&self, ctx: &Context, ino: Ino, name: &[u8]) -> Result<()>;
+
+    /// Take, convert or release (`F_UNLCK`) a whole-file BSD lock for `owner` of this session.
+    /// EAGAIN when another owner holds a conflicting lock.
+    fn flock(&self, ino: Ino, owner: u64, typ: i32) -> Result<()>;
+    /// The first POSIX lock of another owner that conflicts with `lock`, if any.
+    fn getlk(&self, ino: Ino, owner: u64, lock: &PLock) -> Result<Option<PLock>>;
+    /// Set or release (`F_UNLCK`) a POSIX record lock; EAGAIN on conflict.
+    fn setlk(&self, ino: Ino, owner: u64, lock: &PLock) -> Result<()>;
+    /// Drop every lock `owner` of this session holds on `ino` (close of its descriptor).
+    fn release_locks(&self, ino: Ino, owner: u64) -> Result<()>;
 
     /// Make all committed changes durable (fsync).
     fn sync(&self) -> Result<()>;
