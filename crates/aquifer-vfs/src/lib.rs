@@ -324,7 +324,7 @@ impl Vfs {
         if flags & libc::O_TRUNC != 0 && is_write(flags) && a.typ == FileType::File && a.length > 0
         {
             if let Err(e) = self.meta.truncate(ctx, ino, 0) {
-                let _ = self.release_file(FileHandle { ino, writer });
+                let _ = self.release_file(ino, writer.as_ref());
                 return Err(e.into());
             }
         }
@@ -375,34 +375,28 @@ impl Vfs {
     }
 
     pub fn release(&self, fh: u64) -> Result<()> {
-        let h = self
-            .handles
-            .lock()
-            .unwrap()
-            .remove(&fh)
-            .ok_or(Errno::EBADF)?;
-        match Arc::try_unwrap(h) {
-            Ok(Handle::File(f)) => self.release_file(f),
-            Ok(Handle::Dir(_)) => Ok(()),
-            Err(_) => Ok(()),
+        let h = self.handles.lock().unwrap().remove(&fh).ok_or(Errno::EBADF)?;
+        match &*h {
+            Handle::File(f) => self.release_file(f.ino, f.writer.as_ref()),
+            Handle::Dir(_) => Ok(()),
         }
     }
 
-    fn release_file(&self, f: FileHandle) -> Result<()> {
+    fn release_file(&self, ino: Ino, writer: Option<&Arc<FileWriter>>) -> Result<()> {
         let mut result = Ok(());
-        if let Some(w) = &f.writer {
+        if let Some(w) = writer {
             if let Err(e) = w.flush() {
                 result = Err(e.into());
             }
             let mut ws = self.writers.lock().unwrap();
-            if let Some(e) = ws.get_mut(&f.ino) {
+            if let Some(e) = ws.get_mut(&ino) {
                 e.1 -= 1;
                 if e.1 == 0 {
-                    ws.remove(&f.ino);
+                    ws.remove(&ino);
                 }
             }
         }
-        self.meta.close(f.ino)?;
+        self.meta.close(ino)?;
         result
     }
 
