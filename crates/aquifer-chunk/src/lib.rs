@@ -213,21 +213,17 @@ impl ChunkStore {
             let blen = (size - bidx * bs).min(bs);
             let n = ((blen - boff) as usize).min(dst.len() - done);
             let key = block_key(id, bidx, blen);
-            let data = self.store.get(&key, boff as u64, Some(n as u64))?;
-            if data.len() != n {
-                tracing::error!(
-                    key,
-                    expected = n,
-                    got = data.len(),
-                    "block is shorter than its key says"
-                );
+            let got = self
+                .store
+                .get_into(&key, boff as u64, &mut dst[done..done + n])?;
+            if got != n {
+                tracing::error!(key, expected = n, got, "block is shorter than its key says");
                 return Err(DataError::Short {
                     key,
                     expected: n,
-                    got: data.len(),
+                    got,
                 });
             }
-            dst[done..done + n].copy_from_slice(&data);
             done += n;
             soff += n as u32;
         }

@@ -19,6 +19,11 @@ pub fn ranged_get(s: &dyn ObjectStore) {
     assert_eq!(s.get("k", 9_990, Some(50)).unwrap(), data[9_990..]);
     assert_eq!(s.get("k", 5_000, None).unwrap(), data[5_000..]);
     assert!(s.get("k", 20_000, Some(5)).unwrap().is_empty());
+    let mut buf = vec![0u8; 64];
+    assert_eq!(s.get_into("k", 9_980, &mut buf).unwrap(), 20);
+    assert_eq!(&buf[..20], &data[9_980..]);
+    assert_eq!(s.get_into("k", 1_000, &mut buf).unwrap(), 64);
+    assert_eq!(&buf[..], &data[1_000..1_064]);
 }
 
 pub fn missing_objects(s: &dyn ObjectStore) {

@@ -145,6 +145,21 @@ impl ObjectStore for FileStore {
         Ok(Bytes::from(buf))
     }
 
+    fn get_into(&self, key: &str, off: u64, buf: &mut [u8]) -> Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let f = fs::File::open(self.path(key)?).map_err(|e| self.io("get", key, e))?;
+        let mut done = 0;
+        while done < buf.len() {
+            match f.read_at(&mut buf[done..], off + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.io("get", key, e)),
+            }
+        }
+        Ok(done)
+    }
+
     fn head(&self, key: &str) -> Result<ObjectInfo> {
         let m = fs::metadata(self.path(key)?).map_err(|e| self.io("head", key, e))?;
         Ok(ObjectInfo {

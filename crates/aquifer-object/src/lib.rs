@@ -57,6 +57,13 @@ pub trait ObjectStore: Send + Sync {
     /// Read `len` bytes from `off` (to the end when `len` is None). Fewer bytes are returned
     /// only when the object ends first.
     fn get(&self, key: &str, off: u64, len: Option<u64>) -> Result<Bytes>;
+    /// Read `buf.len()` bytes from `off` straight into `buf`; returns how many were read
+    /// (fewer only when the object ends first). Backends that can avoid a copy override it.
+    fn get_into(&self, key: &str, off: u64, buf: &mut [u8]) -> Result<usize> {
+        let data = self.get(key, off, Some(buf.len() as u64))?;
+        buf[..data.len()].copy_from_slice(&data);
+        Ok(data.len())
+    }
     fn head(&self, key: &str) -> Result<ObjectInfo>;
     /// Delete `key`; deleting a missing key succeeds.
     fn delete(&self, key: &str) -> Result<()>;

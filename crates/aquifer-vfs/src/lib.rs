@@ -375,7 +375,12 @@ impl Vfs {
     }
 
     pub fn release(&self, fh: u64) -> Result<()> {
-        let h = self.handles.lock().unwrap().remove(&fh).ok_or(Errno::EBADF)?;
+        let h = self
+            .handles
+            .lock()
+            .unwrap()
+            .remove(&fh)
+            .ok_or(Errno::EBADF)?;
         match &*h {
             Handle::File(f) => self.release_file(f.ino, f.writer.as_ref()),
             Handle::Dir(_) => Ok(()),
