@@ -152,6 +152,12 @@ impl Filesystem for AquiferFs {
         let _ = config.set_max_readahead(MAX_IO);
         let _ = config.set_max_background(64);
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_PARALLEL_DIROPS);
+        // READDIRPLUS returns attributes with the entries, saving a LOOKUP per entry for
+        // `ls -l`, `find` and data loaders that stat what they list; AUTO lets the kernel use
+        // plain READDIR when nobody looks at the attributes.
+        let _ = config.add_capabilities(
+            fuser::InitFlags::FUSE_DO_READDIRPLUS | fuser::InitFlags::FUSE_READDIRPLUS_AUTO,
+        );
         Ok(())
     }
 
@@ -407,6 +413,45 @@ impl Filesystem for AquiferFs {
         }
     }
 
+    fn readdirplus(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: fuser::ReplyDirectoryPlus,
+    ) {
+        match self.vfs.readdir(&ctx(req), fh.0, offset, true) {
+            Ok(entries) => {
+                for (off, e) in entries {
+                    let attr = match &e.attr {
+                        Some(a) => a.clone(),
+                        // ".." (the kernel takes no lookup reference for it).
+                        None => {
+                            match self.vfs.getattr(e.ino).or_else(|_| self.vfs.getattr(ino.0)) {
+                                Ok(a) => a,
+                                Err(er) => return reply.error(err(er)),
+                            }
+                        }
+                    };
+                    let fa = file_attr(e.ino, &attr);
+                    if reply.add(
+                        INodeNo(e.ino),
+                        off,
+                        OsStr::from_bytes(&e.name),
+                        &self.ttl,
+                        &fa,
+                        Generation(0),
+                    ) {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
     fn releasedir(
         &self,
         _req: &Request,
@@ -507,6 +552,23 @@ impl Filesystem for AquiferFs {
             ),
             Err(e) => reply.error(err(e)),
         }
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        _fh_in: FileHandle,
+        _offset_in: u64,
+        _ino_out: INodeNo,
+        _fh_out: FileHandle,
+        _offset_out: u64,
+        _len: u64,
+        _flags: fuser::CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        // The kernel remembers ENOSYS and copies through read/write from then on.
+        reply.error(fuser::Errno::ENOSYS);
     }
 
     fn fallocate(

@@ -467,7 +467,16 @@ impl Vfs {
                     attr: None,
                 },
             ];
-            all.extend(self.meta.readdir(ctx, d.ino, plus)?);
+            let mut rest = self.meta.readdir(ctx, d.ino, plus)?;
+            if plus {
+                for e in rest.iter_mut() {
+                    if let Some(a) = e.attr.take() {
+                        // May under-report a file growing right now; the next getattr corrects it.
+                        e.attr = Some(Self::view(a, self.pending_end(e.ino)));
+                    }
+                }
+            }
+            all.extend(rest);
             *cached = Some(Arc::new(all));
         }
         let entries = cached.as_ref().map(Arc::clone).unwrap_or_default();
