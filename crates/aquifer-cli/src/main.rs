@@ -1,6 +1,7 @@
 //! `aquifer`: format, mount, umount and inspect volumes.
 
 mod mountpoint;
+mod objbench;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use aquifer_chunk::DataConfig;
@@ -34,6 +35,30 @@ enum Cmd {
     Umount(UmountArgs),
     /// Show a volume's settings, sessions and usage as JSON.
     Status(StatusArgs),
+    /// Measure an object store alone: put/get/head/delete latency and throughput.
+    Objbench(ObjbenchArgs),
+}
+
+#[derive(Args)]
+struct ObjbenchArgs {
+    /// Object storage kind: file.
+    #[arg(long, default_value = "file")]
+    storage: String,
+    /// The bucket to measure: a directory for --storage file.
+    #[arg(long)]
+    bucket: String,
+    /// Size of the large objects in KiB (the block size).
+    #[arg(long, default_value_t = 4096)]
+    block_size: usize,
+    /// Number of large objects.
+    #[arg(long, default_value_t = 64)]
+    objects: usize,
+    /// Number of 4 KiB objects (per-request latency).
+    #[arg(long, default_value_t = 256)]
+    small_objects: usize,
+    /// Concurrent requests.
+    #[arg(long, default_value_t = 4)]
+    threads: usize,
 }
 
 #[derive(Args)]
@@ -88,6 +113,12 @@ struct MountArgs {
     /// Mount read-only.
     #[arg(long)]
     read_only: bool,
+    /// Upload bandwidth limit in MiB/s (0 = none), so a checkpoint writer keeps to its share.
+    #[arg(long, default_value_t = 0)]
+    upload_limit: u64,
+    /// Download bandwidth limit in MiB/s (0 = none).
+    #[arg(long, default_value_t = 0)]
+    download_limit: u64,
     /// Mount even if the mount point is not empty.
     #[arg(long)]
     nonempty: bool,
@@ -116,6 +147,7 @@ fn main() -> ExitCode {
         Cmd::Mount(a) => mount(a),
         Cmd::Umount(a) => mountpoint::umount(&a.mountpoint, a.force),
         Cmd::Status(a) => status(a),
+        Cmd::Objbench(a) => objbench(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -322,6 +354,37 @@ fn mount(a: MountArgs) -> Result<()> {
     vfs.shutdown();
     tracing::info!(mountpoint = %mp.display(), "unmounted");
     r.map_err(|e| anyhow!("FUSE session ended with an error: {e}"))
+}
+
+/// The block store as a mount uses it: `Retrying(RateLimited(backend))`.
+fn layered_store(
+    storage: &str,
+    bucket: &str,
+    up_mib: u64,
+    down_mib: u64,
+) -> Result<Arc<dyn aquifer_object::ObjectStore>> {
+    use aquifer_object::{RateLimited, RetryPolicy, Retrying, TokenBucket};
+    let backend = aquifer_object::create(storage, bucket).map_err(|e| anyhow!("{e}"))?;
+    let bucket_of = |mib: u64| (mib > 0).then(|| TokenBucket::new(mib << 20));
+    let limited = RateLimited::new(backend, bucket_of(up_mib), bucket_of(down_mib));
+    Ok(Arc::new(Retrying::new(limited, RetryPolicy::default())))
+}
+
+fn objbench(a: ObjbenchArgs) -> Result<()> {
+    if a.block_size == 0 || a.threads == 0 {
+        bail!("--block-size and --threads must be positive");
+    }
+    let bucket = a.bucket.trim_start_matches("file://").to_string();
+    let store = layered_store(&a.storage, &bucket, 0, 0)?;
+    objbench::run(
+        store,
+        &objbench::Plan {
+            objects: a.objects,
+            size: a.block_size * 1024,
+            small_objects: a.small_objects,
+            threads: a.threads,
+        },
+    )
 }
 
 fn status(a: StatusArgs) -> Result<()> {

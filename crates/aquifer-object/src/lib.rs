@@ -2,12 +2,16 @@
 //! head, delete, list. Keys are never overwritten with different content (slice ids are never
 //! reused), so a retried put is always safe.
 
+mod fault;
 mod file;
+mod layers;
 mod memory;
 
 pub mod conformance;
 
+pub use fault::FaultStore;
 pub use file::FileStore;
+pub use layers::{RateLimited, RetryPolicy, Retrying, TokenBucket};
 pub use memory::MemStore;
 
 use bytes::Bytes;
@@ -33,11 +37,34 @@ pub enum ObjectError {
     },
     #[error("invalid storage settings: {0}")]
     Config(String),
+    /// The store could not be reached or asked us to slow down: worth retrying.
+    #[error("{store} is unavailable: {msg}")]
+    Unavailable { store: String, msg: String },
 }
 
 impl ObjectError {
     pub fn is_not_found(&self) -> bool {
         matches!(self, ObjectError::NotFound { .. })
+    }
+
+    /// Transient failures (outages, throttling, interrupted I/O) are retried; a missing or
+    /// corrupt object, a bad setting or a full disk are not.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ObjectError::Unavailable { .. } => true,
+            ObjectError::Io { source, .. } => matches!(
+                source.kind(),
+                std::io::ErrorKind::Interrupted
+                    | std::io::ErrorKind::TimedOut
+                    | std::io::ErrorKind::WouldBlock
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionRefused
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::UnexpectedEof
+            ),
+            _ => false,
+        }
     }
 }
 

@@ -2,6 +2,11 @@ use super::*;
 use aquifer_object::MemStore;
 
 fn vfs() -> (Arc<Vfs>, Arc<MemStore>) {
+    let store = Arc::new(MemStore::new());
+    (vfs_on(store.clone()), store)
+}
+
+fn vfs_on(store: Arc<dyn ObjectStore>) -> Arc<Vfs> {
     let meta: Arc<dyn Meta> = Arc::new(KvMeta::new(MemKv::new()));
     meta.format(
         &Format {
@@ -18,8 +23,7 @@ fn vfs() -> (Arc<Vfs>, Arc<MemStore>) {
         false,
     )
     .unwrap();
-    let store = Arc::new(MemStore::new());
-    let v = Vfs::new(meta, store.clone(), DataConfig::default()).unwrap();
+    let v = Vfs::new(meta, store, DataConfig::default()).unwrap();
     v.start_session(SessionInfo {
         sid: 0,
         hostname: "h".into(),
@@ -30,7 +34,7 @@ fn vfs() -> (Arc<Vfs>, Arc<MemStore>) {
         heartbeat: 0,
     })
     .unwrap();
-    (v, store)
+    v
 }
 
 fn root() -> Context {
@@ -237,4 +241,60 @@ fn explicit_mtime_survives_buffered_writes() {
     v.flush(fh).unwrap();
     v.release(fh).unwrap();
     assert_eq!(v.getattr(ino).unwrap().mtime, t);
+}
+
+#[test]
+fn store_outage_fails_flush_and_close_never_silently() {
+    use aquifer_object::FaultStore;
+    let faults = Arc::new(FaultStore::new(MemStore::new()));
+    let v = vfs_on(faults.clone());
+    let (ino, _, fh) = v
+        .create(&root(), ROOT_INO, b"f", 0o644, 0, libc::O_RDWR)
+        .unwrap();
+    v.write(fh, 0, b"committed").unwrap();
+    v.fsync(fh, false).unwrap();
+    faults.set_down(true);
+    v.write(fh, 0, &vec![7u8; 200_000]).unwrap();
+    assert_eq!(
+        v.fsync(fh, false).unwrap_err(),
+        Errno::EIO,
+        "fsync reports the failed upload"
+    );
+    // Nothing of the failed write was committed: the file still has its acknowledged bytes.
+    assert_eq!(v.meta().getattr(ino).unwrap().length, 9);
+    assert_eq!(
+        v.read(fh, 0, 100).unwrap_err(),
+        Errno::EIO,
+        "reads fail while the store is down"
+    );
+    faults.set_down(false);
+    assert_eq!(v.read(fh, 0, 100).unwrap(), b"committed");
+    v.write(fh, 9, b"!").unwrap();
+    v.release(fh).unwrap();
+    let fh = v.open(&root(), ino, libc::O_RDONLY).unwrap();
+    assert_eq!(v.read(fh, 0, 100).unwrap(), b"committed!");
+    v.release(fh).unwrap();
+}
+
+#[test]
+fn transient_faults_are_retried_transparently() {
+    use aquifer_object::{FaultStore, RetryPolicy, Retrying};
+    use std::time::Duration;
+    let faults = Arc::new(FaultStore::new(MemStore::new()));
+    let policy = RetryPolicy {
+        base: Duration::from_millis(1),
+        max_backoff: Duration::from_millis(5),
+        ..Default::default()
+    };
+    let v = vfs_on(Arc::new(Retrying::new(faults.clone(), policy)));
+    let (_, _, fh) = v
+        .create(&root(), ROOT_INO, b"f", 0o644, 0, libc::O_RDWR)
+        .unwrap();
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 241) as u8).collect();
+    v.write(fh, 0, &data).unwrap();
+    faults.fail_next(3);
+    v.flush(fh).unwrap();
+    faults.fail_next(2);
+    assert_eq!(v.read(fh, 0, data.len() as u32).unwrap(), data);
+    v.release(fh).unwrap();
 }

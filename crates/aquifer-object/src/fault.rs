@@ -1,0 +1,96 @@
+//! A fault-injecting wrapper for tests: outages, a number of failing calls, added latency.
+
+use crate::{ObjectError, ObjectInfo, ObjectStore, Result};
+use bytes::Bytes;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+pub struct FaultStore<S> {
+    inner: S,
+    down: AtomicBool,
+    fail_next: AtomicU64,
+    latency_us: AtomicU64,
+    calls: AtomicU64,
+}
+
+impl<S: ObjectStore> FaultStore<S> {
+    pub fn new(inner: S) -> Self {
+        FaultStore {
+            inner,
+            down: AtomicBool::new(false),
+            fail_next: AtomicU64::new(0),
+            latency_us: AtomicU64::new(0),
+            calls: AtomicU64::new(0),
+        }
+    }
+
+    /// While down, every call fails as unavailable.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+    }
+
+    /// The next `n` calls fail as unavailable.
+    pub fn fail_next(&self, n: u64) {
+        self.fail_next.store(n, Ordering::SeqCst);
+    }
+
+    pub fn set_latency(&self, d: Duration) {
+        self.latency_us
+            .store(d.as_micros() as u64, Ordering::SeqCst);
+    }
+
+    /// Calls that reached this wrapper.
+    pub fn calls(&self) -> u64 {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    fn check(&self, op: &str) -> Result<()> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let us = self.latency_us.load(Ordering::SeqCst);
+        if us > 0 {
+            std::thread::sleep(Duration::from_micros(us));
+        }
+        let injected = self.down.load(Ordering::SeqCst)
+            || self
+                .fail_next
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+        if injected {
+            return Err(ObjectError::Unavailable {
+                store: self.inner.describe(),
+                msg: format!("injected fault in {op}"),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl<S: ObjectStore> ObjectStore for FaultStore<S> {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn put(&self, key: &str, data: Bytes) -> Result<()> {
+        self.check("put")?;
+        self.inner.put(key, data)
+    }
+    fn get(&self, key: &str, off: u64, len: Option<u64>) -> Result<Bytes> {
+        self.check("get")?;
+        self.inner.get(key, off, len)
+    }
+    fn get_into(&self, key: &str, off: u64, buf: &mut [u8]) -> Result<usize> {
+        self.check("get")?;
+        self.inner.get_into(key, off, buf)
+    }
+    fn head(&self, key: &str) -> Result<ObjectInfo> {
+        self.check("head")?;
+        self.inner.head(key)
+    }
+    fn delete(&self, key: &str) -> Result<()> {
+        self.check("delete")?;
+        self.inner.delete(key)
+    }
+    fn list(&self, prefix: &str, start_after: &str, limit: usize) -> Result<Vec<ObjectInfo>> {
+        self.check("list")?;
+        self.inner.list(prefix, start_after, limit)
+    }
+}

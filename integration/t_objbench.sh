@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# objbench measures a store alone and cleans up after itself; bandwidth limits are accepted
+# by mounts and data still round-trips through them.
+source "$(dirname "$0")/lib.sh"
+"$AQUIFER" objbench --bucket "$WORK/store" --objects 8 --small-objects 32 --threads 2 >"$WORK/bench.txt" \
+  || fail "objbench failed: $(cat "$WORK/bench.txt")"
+for op in put get head delete "put small" "get small" "delete small"; do
+  grep -q "^$op " "$WORK/bench.txt" || fail "objbench output lacks '$op': $(cat "$WORK/bench.txt")"
+done
+[ -z "$(find "$WORK/store" -type f)" ] || fail "objbench left objects behind"
+touch "$WORK/not-a-dir"
+if "$AQUIFER" objbench --bucket "$WORK/not-a-dir/x" --objects 1 2>"$WORK/err"; then fail "objbench on a bad bucket succeeded"; fi
+[ "$(wc -l <"$WORK/err")" -eq 1 ] || fail "objbench error is not one line: $(cat "$WORK/err")"
+note "bad bucket: $(cat "$WORK/err")"
+
+new_volume limited
+mp=$WORK/mnt
+mkdir -p "$mp"
+out=$("$AQUIFER" mount -d "$META" "$mp" --log "$WORK/limited.log" --upload-limit 64 --download-limit 64) || fail "mount with limits"
+DAEMON_PID=$(sed -n 's/.*(pid \([0-9]*\),.*/\1/p' <<<"$out"); MOUNTS+=("$mp")
+head -c 20000000 /dev/urandom >"$WORK/data"
+cp "$WORK/data" "$mp/data"
+umount_volume "$mp"
+mount_volume "$mp"
+cmp "$WORK/data" "$mp/data" || fail "data differs through rate-limited mount"
+umount_volume "$mp"
+note "ok"
