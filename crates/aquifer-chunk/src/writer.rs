@@ -201,27 +201,14 @@ impl FileWriter {
 mod tests {
     use super::*;
     use crate::DataConfig;
-    use aquifer_meta::{Context, FileType, Format, KvMeta, MemKv, Meta, ROOT_INO};
+    use aquifer_meta::conformance::test_format;
+    use aquifer_meta::{Context, FileType, KvMeta, MemKv, Meta, ROOT_INO};
     use aquifer_object::MemStore;
     use proptest::prelude::*;
 
     fn setup(block_size: u32) -> (Arc<ChunkStore>, Arc<MemStore>, Ino) {
         let meta: Arc<dyn Meta> = Arc::new(KvMeta::new(MemKv::new()));
-        meta.format(
-            &Format {
-                name: "t".into(),
-                uuid: "u".into(),
-                storage: "memory".into(),
-                bucket: String::new(),
-                block_size,
-                capacity: 0,
-                inodes: 0,
-                compression: String::new(),
-                meta_version: 1,
-            },
-            false,
-        )
-        .unwrap();
+        meta.format(&test_format(block_size), false).unwrap();
         let ino = meta
             .mknod(
                 &Context::root(),

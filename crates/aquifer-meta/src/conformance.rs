@@ -5,13 +5,14 @@
 
 use crate::*;
 
-fn fmt() -> Format {
+/// Settings of a throwaway test volume on the memory store.
+pub fn test_format(block_size: u32) -> Format {
     Format {
         name: "test".into(),
         uuid: "00000000-0000-0000-0000-000000000000".into(),
         storage: "memory".into(),
         bucket: String::new(),
-        block_size: 4 << 20,
+        block_size,
         capacity: 0,
         inodes: 0,
         compression: String::new(),
@@ -19,18 +20,26 @@ fn fmt() -> Format {
     }
 }
 
-fn ready(m: &dyn Meta) -> Context {
-    m.format(&fmt(), false).unwrap();
-    m.new_session(SessionInfo {
+/// A session record for tests.
+pub fn test_session(hostname: &str) -> SessionInfo {
+    SessionInfo {
         sid: 0,
-        hostname: "h".into(),
+        hostname: hostname.into(),
         mount_point: "/m".into(),
         pid: 1,
         version: "t".into(),
         started: 0,
         heartbeat: 0,
-    })
-    .unwrap();
+    }
+}
+
+fn fmt() -> Format {
+    test_format(4 << 20)
+}
+
+fn ready(m: &dyn Meta) -> Context {
+    m.format(&fmt(), false).unwrap();
+    m.new_session(test_session("h")).unwrap();
     Context::root()
 }
 
@@ -478,16 +487,7 @@ pub fn sessions_clean_up_after_dead_clients(m: &dyn Meta) {
     m.unlink(&ctx, ROOT_INO, b"f").unwrap();
     assert_eq!(m.list_sessions().unwrap().len(), 1);
     // A new session on an exclusive engine knows the old one is gone.
-    m.new_session(SessionInfo {
-        sid: 0,
-        hostname: "h2".into(),
-        mount_point: "/m".into(),
-        pid: 2,
-        version: "t".into(),
-        started: 0,
-        heartbeat: 0,
-    })
-    .unwrap();
+    m.new_session(test_session("h2")).unwrap();
     assert_eq!(errno(m.getattr(f)), Errno::ENOENT);
     let s = m.list_sessions().unwrap();
     assert_eq!(s.len(), 1);

@@ -1,4 +1,5 @@
 use super::*;
+use aquifer_meta::conformance::{test_format, test_session};
 use aquifer_object::MemStore;
 
 fn vfs() -> (Arc<Vfs>, Arc<MemStore>) {
@@ -8,32 +9,9 @@ fn vfs() -> (Arc<Vfs>, Arc<MemStore>) {
 
 fn vfs_on(store: Arc<dyn ObjectStore>) -> Arc<Vfs> {
     let meta: Arc<dyn Meta> = Arc::new(KvMeta::new(MemKv::new()));
-    meta.format(
-        &Format {
-            name: "t".into(),
-            uuid: "u".into(),
-            storage: "memory".into(),
-            bucket: String::new(),
-            block_size: 1 << 16,
-            capacity: 0,
-            inodes: 0,
-            compression: String::new(),
-            meta_version: 1,
-        },
-        false,
-    )
-    .unwrap();
+    meta.format(&test_format(1 << 16), false).unwrap();
     let v = Vfs::new(meta, store, DataConfig::default()).unwrap();
-    v.start_session(SessionInfo {
-        sid: 0,
-        hostname: "h".into(),
-        mount_point: "/m".into(),
-        pid: 1,
-        version: "t".into(),
-        started: 0,
-        heartbeat: 0,
-    })
-    .unwrap();
+    v.start_session(test_session("h")).unwrap();
     v
 }
 
