@@ -2,7 +2,7 @@
 # Run every test: formatting, lints, unit and conformance tests, then the integration suite
 # against real FUSE mounts. Installs what it needs first.
 #   scripts/test.sh                 everything
-#   scripts/test.sh --quick         skip the slow integration suites (pjdfstest baseline, fsx)
+#   scripts/test.sh t_fsx t_errors  the checks, then only the named integration tests
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -12,8 +12,6 @@ scripts/install-deps.sh --test || { echo "dependency installation failed"; exit 
 # One profile for build, lints and tests: rocksdb's C++ is compiled once.
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target}
 export AQUIFER=$CARGO_TARGET_DIR/release/aquifer
-export AQUIFER_QUICK=0
-[ "${1:-}" = "--quick" ] && AQUIFER_QUICK=1
 
 failed_steps=()
 step() {
@@ -32,7 +30,10 @@ step clippy cargo clippy --release --locked --workspace --all-targets -- -D warn
 step unit cargo test --release --locked --workspace
 
 pass=0; fail=0; failed_tests=()
-for t in integration/t_*.sh; do
+tests=()
+for name in "$@"; do tests+=("integration/$name.sh"); done
+[ ${#tests[@]} -eq 0 ] && tests=(integration/t_*.sh)
+for t in "${tests[@]}"; do
   name=$(basename "$t" .sh)
   echo "=== integration $name"
   start=$(date +%s)

@@ -7,6 +7,7 @@
 //! * [`ChunkStore::read`] merges a chunk's slices ([`layout::visible`]) and reads the blocks.
 //! * Background workers compact fragmented chunks and delete the objects of freed slices.
 
+pub mod codec;
 pub mod layout;
 mod pool;
 pub mod writer;
@@ -29,14 +30,10 @@ pub enum DataError {
     Meta(#[from] MetaError),
     #[error(transparent)]
     Object(#[from] ObjectError),
-    #[error("block {key} is truncated: expected {expected} bytes, got {got}")]
-    Short {
-        key: String,
-        expected: usize,
-        got: usize,
-    },
     #[error("an earlier write to this file failed: {0}")]
     Poisoned(String),
+    #[error("block {key} is corrupt: {msg}")]
+    Corrupt { key: String, msg: String },
 }
 
 impl DataError {
@@ -213,25 +210,22 @@ impl ChunkStore {
             let blen = (size - bidx * bs).min(bs);
             let n = ((blen - boff) as usize).min(dst.len() - done);
             let key = block_key(id, bidx, blen);
-            let got = self
-                .store
-                .get_into(&key, boff as u64, &mut dst[done..done + n])?;
-            if got != n {
-                tracing::error!(key, expected = n, got, "block is shorter than its key says");
-                return Err(DataError::Short {
-                    key,
-                    expected: n,
-                    got,
-                });
-            }
+            codec::read(
+                &*self.store,
+                &key,
+                blen as usize,
+                boff as usize,
+                &mut dst[done..done + n],
+            )?;
             done += n;
             soff += n as u32;
         }
         Ok(())
     }
 
-    pub(crate) fn upload(&self, key: String, data: Bytes) -> Arc<Completion> {
-        self.uploads.submit(key, data)
+    /// Queue block `key` with payload `data` for upload (checksummed on the way).
+    pub(crate) fn upload(&self, key: String, data: &[u8]) -> Arc<Completion> {
+        self.uploads.submit(key, codec::encode(data))
     }
 
     pub(crate) fn maybe_compact(&self, ino: Ino, idx: u32, count: usize) {
@@ -269,8 +263,8 @@ impl ChunkStore {
                 .into_iter()
                 .enumerate()
             {
-                let part = buf.slice(i * bs..((i + 1) * bs).min(buf.len()));
-                self.store.put(&key, part)?;
+                let part = &buf[i * bs..((i + 1) * bs).min(buf.len())];
+                self.store.put(&key, codec::encode(part))?;
             }
             Slice {
                 pos: start,

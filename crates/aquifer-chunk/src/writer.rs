@@ -8,7 +8,7 @@
 
 use crate::{block_key, ChunkStore, Completion, DataError, Result};
 use aquifer_meta::{Ino, Slice, CHUNK_SIZE};
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
@@ -126,9 +126,9 @@ impl FileWriter {
         s.tail.extend_from_slice(data);
         s.len += n;
         while s.tail.len() >= bs as usize {
-            let block: Bytes = s.tail.split_to(bs as usize).freeze();
+            let block = s.tail.split_to(bs as usize);
             let key = block_key(s.id, s.sent / bs, bs);
-            s.uploads.push(self.cs.upload(key, block));
+            s.uploads.push(self.cs.upload(key, &block));
             s.sent += bs;
         }
         Ok(s.end() as u64 == CHUNK_SIZE)
@@ -143,7 +143,7 @@ impl FileWriter {
             if !s.tail.is_empty() {
                 let len = s.tail.len() as u32;
                 let key = block_key(s.id, s.sent / bs, len);
-                s.uploads.push(self.cs.upload(key, s.tail.split().freeze()));
+                s.uploads.push(self.cs.upload(key, &s.tail.split()));
                 s.sent += len;
             }
         }
@@ -296,10 +296,20 @@ mod tests {
         let id = cs.meta().read_chunk(ino, 0).unwrap()[0].id;
         use aquifer_object::ObjectStore;
         store
-            .put(&block_key(id, 0, 64), Bytes::from_static(b"short"))
+            .put(&block_key(id, 0, 64), bytes::Bytes::from_static(b"short"))
             .unwrap();
         let e = cs.read(ino, 0, 64, 64).unwrap_err();
         assert_eq!(e.errno(), aquifer_meta::Errno::EIO);
+        // Same length, one byte flipped: still EIO, not wrong bytes.
+        let mut bad = crate::codec::encode(&[7; 64]).to_vec();
+        bad[10] ^= 1;
+        store
+            .put(&block_key(id, 0, 64), bytes::Bytes::from(bad))
+            .unwrap();
+        assert_eq!(
+            cs.read(ino, 0, 64, 64).unwrap_err().errno(),
+            aquifer_meta::Errno::EIO
+        );
     }
 
     #[derive(Debug, Clone)]
