@@ -10,6 +10,7 @@
 pub mod codec;
 pub mod layout;
 mod pool;
+pub mod prefetch;
 pub mod writer;
 
 use aquifer_meta::{Errno, Ino, Meta, MetaError, Slice, CHUNK_SIZE};
@@ -77,6 +78,11 @@ pub struct DataConfig {
     pub upload_queue: usize,
     /// Compact a chunk once it holds this many slices.
     pub compact_threshold: usize,
+    /// Memory for whole blocks read ahead for sequential readers.
+    pub cache_bytes: usize,
+    /// Blocks fetched ahead of a sequential reader, and the threads fetching them.
+    pub readahead_blocks: u32,
+    pub prefetch_threads: usize,
 }
 
 impl Default for DataConfig {
@@ -86,6 +92,9 @@ impl Default for DataConfig {
             upload_threads: 4,
             upload_queue: 16,
             compact_threshold: 32,
+            cache_bytes: 64 << 20,
+            readahead_blocks: 2,
+            prefetch_threads: 2,
         }
     }
 }
@@ -95,6 +104,8 @@ pub struct ChunkStore {
     store: Arc<dyn ObjectStore>,
     cfg: DataConfig,
     uploads: UploadPool,
+    cache: Arc<prefetch::BlockCache>,
+    prefetch: prefetch::Prefetcher,
     compact_tx: Mutex<Option<Sender<(Ino, u32)>>>,
     compacting: Mutex<HashSet<(Ino, u32)>>,
     workers: Mutex<Vec<JoinHandle<()>>>,
@@ -109,11 +120,16 @@ impl ChunkStore {
     ) -> Arc<ChunkStore> {
         let uploads = UploadPool::new(store.clone(), cfg.upload_threads, cfg.upload_queue);
         let (tx, rx) = mpsc::channel();
+        let cache = Arc::new(prefetch::BlockCache::new(cfg.cache_bytes));
+        let prefetch =
+            prefetch::Prefetcher::new(store.clone(), cache.clone(), cfg.prefetch_threads);
         let cs = Arc::new(ChunkStore {
             meta,
             store,
             cfg,
             uploads,
+            cache,
+            prefetch,
             compact_tx: Mutex::new(Some(tx)),
             compacting: Mutex::new(HashSet::new()),
             workers: Mutex::new(Vec::new()),
@@ -159,6 +175,7 @@ impl ChunkStore {
             return Ok(Vec::new());
         }
         let end = (off + len as u64).min(file_len);
+        let seq = self.prefetch.observe(ino, off, end - off);
         let mut out = vec![0u8; (end - off) as usize];
         let mut pos = off;
         while pos < end {
@@ -166,17 +183,17 @@ impl ChunkStore {
             let cpos = pos % CHUNK_SIZE;
             let n = (CHUNK_SIZE - cpos).min(end - pos) as usize;
             let dst_off = (pos - off) as usize;
-            self.read_chunk(ino, idx, cpos as u32, &mut out[dst_off..dst_off + n])?;
+            self.read_chunk(ino, idx, cpos as u32, &mut out[dst_off..dst_off + n], seq)?;
             pos += n as u64;
         }
         Ok(out)
     }
 
-    fn read_chunk(&self, ino: Ino, idx: u32, cpos: u32, dst: &mut [u8]) -> Result<()> {
+    fn read_chunk(&self, ino: Ino, idx: u32, cpos: u32, dst: &mut [u8], seq: bool) -> Result<()> {
         let mut attempt = 0;
         loop {
             let slices = self.meta.read_chunk(ino, idx)?;
-            match self.read_slices(&slices, cpos, dst) {
+            match self.read_slices(&slices, cpos, dst, seq) {
                 // A compaction may have freed the blocks we were about to read: the slice list
                 // has changed, so read it again.
                 Err(DataError::Object(e)) if e.is_not_found() && attempt < 3 => attempt += 1,
@@ -186,7 +203,7 @@ impl ChunkStore {
     }
 
     /// Fill `dst` with chunk bytes `[cpos, cpos + dst.len())` as described by `slices`.
-    fn read_slices(&self, slices: &[Slice], cpos: u32, dst: &mut [u8]) -> Result<()> {
+    fn read_slices(&self, slices: &[Slice], cpos: u32, dst: &mut [u8], seq: bool) -> Result<()> {
         dst.fill(0);
         let end = cpos + dst.len() as u32;
         for s in layout::visible(slices) {
@@ -195,13 +212,21 @@ impl ChunkStore {
                 continue;
             }
             let d = &mut dst[(a - cpos) as usize..(b - cpos) as usize];
-            self.read_slice(s.id, s.size, s.off + (a - s.pos), d)?;
+            self.read_slice(s.id, s.size, s.off + (a - s.pos), d, seq)?;
         }
         Ok(())
     }
 
-    /// Read `dst.len()` bytes of slice `id` from offset `soff` in the slice.
-    fn read_slice(&self, id: u64, size: u32, mut soff: u32, dst: &mut [u8]) -> Result<()> {
+    /// Read `dst.len()` bytes of slice `id` from offset `soff` in the slice. Sequential
+    /// readers get whole blocks through the cache and the next blocks fetched ahead.
+    fn read_slice(
+        &self,
+        id: u64,
+        size: u32,
+        mut soff: u32,
+        dst: &mut [u8],
+        seq: bool,
+    ) -> Result<()> {
         let bs = self.cfg.block_size;
         let mut done = 0usize;
         while done < dst.len() {
@@ -210,13 +235,26 @@ impl ChunkStore {
             let blen = (size - bidx * bs).min(bs);
             let n = ((blen - boff) as usize).min(dst.len() - done);
             let key = block_key(id, bidx, blen);
-            codec::read(
-                &*self.store,
-                &key,
-                blen as usize,
-                boff as usize,
-                &mut dst[done..done + n],
-            )?;
+            let part = &mut dst[done..done + n];
+            let range = boff as usize..(boff as usize + n);
+            if let Some(block) = self.cache.get(&key) {
+                part.copy_from_slice(&block[range]);
+            } else if seq {
+                let block = prefetch::fetch_block(&*self.store, &key, blen as usize)?;
+                part.copy_from_slice(&block[range]);
+                self.cache.insert(key, block);
+            } else {
+                codec::read(&*self.store, &key, blen as usize, boff as usize, part)?;
+            }
+            if seq {
+                for next in bidx + 1..=bidx + self.cfg.readahead_blocks {
+                    if next * bs < size {
+                        let len = (size - next * bs).min(bs);
+                        self.prefetch
+                            .request(block_key(id, next, len), len as usize);
+                    }
+                }
+            }
             done += n;
             soff += n as u32;
         }
@@ -255,7 +293,7 @@ impl ChunkStore {
             Slice::zero(start, end - start)
         } else {
             let mut buf = vec![0u8; (end - start) as usize];
-            self.read_slices(&slices, start, &mut buf)?;
+            self.read_slices(&slices, start, &mut buf, false)?;
             let id = self.meta.new_slice_id()?;
             let buf = Bytes::from(buf);
             let bs = self.cfg.block_size as usize;

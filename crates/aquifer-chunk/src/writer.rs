@@ -312,6 +312,34 @@ mod tests {
         );
     }
 
+    #[test]
+    fn sequential_reads_fetch_ahead_into_the_cache() {
+        let (cs, _, ino) = setup(64 << 10);
+        let w = FileWriter::new(cs.clone(), ino);
+        let data: Vec<u8> = (0..(5 << 16) as u32).map(|i| (i % 253) as u8).collect();
+        w.write(0, &data).unwrap();
+        w.flush().unwrap();
+        let len = data.len() as u64;
+        assert_eq!(cs.read(ino, 0, 4096, len).unwrap(), data[..4096]);
+        // Block 0 is cached by the read itself, blocks 1 and 2 by the prefetcher.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while cs.cache.bytes() < 3 << 16 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(cs.cache.bytes(), 3 << 16);
+        // A random read elsewhere does not fill the cache.
+        assert_eq!(
+            cs.read(ino, 4 << 16, 100, len).unwrap(),
+            data[4 << 16..(4 << 16) + 100]
+        );
+        assert_eq!(cs.cache.bytes(), 3 << 16);
+        // The cached blocks serve the rest of the sequential read correctly.
+        assert_eq!(
+            cs.read(ino, 4096, (3 << 16) - 4096, len).unwrap(),
+            data[4096..3 << 16]
+        );
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
         Write(u64, usize, u8),
