@@ -30,11 +30,20 @@ pub fn stored_len(len: usize) -> usize {
 pub fn encode(payload: &[u8]) -> Bytes {
     let mut out = Vec::with_capacity(stored_len(payload.len()));
     out.extend_from_slice(payload);
-    for seg in payload.chunks(SEGMENT) {
-        out.extend_from_slice(&crc32c::crc32c(seg).to_le_bytes());
-    }
-    out.extend_from_slice(MAGIC);
+    seal(&mut out);
     Bytes::from(out)
+}
+
+/// Turn a buffer holding a payload into the object to store, appending the trailer.
+pub fn seal(buf: &mut Vec<u8>) {
+    let len = buf.len();
+    buf.reserve_exact(stored_len(len) - len);
+    for i in 0..segments(len) {
+        let seg = &buf[i * SEGMENT..((i + 1) * SEGMENT).min(len)];
+        let crc = crc32c::crc32c(seg).to_le_bytes();
+        buf.extend_from_slice(&crc);
+    }
+    buf.extend_from_slice(MAGIC);
 }
 
 fn corrupt(key: &str, msg: String) -> DataError {

@@ -261,9 +261,11 @@ impl ChunkStore {
         Ok(())
     }
 
-    /// Queue block `key` with payload `data` for upload (checksummed on the way).
-    pub(crate) fn upload(&self, key: String, data: &[u8]) -> Arc<Completion> {
-        self.uploads.submit(key, codec::encode(data))
+    /// Queue block `key` whose payload is `block` for upload; the checksum trailer is
+    /// appended in place (no copy when the buffer has room for it).
+    pub(crate) fn upload_sealed(&self, key: String, mut block: Vec<u8>) -> Arc<Completion> {
+        codec::seal(&mut block);
+        self.uploads.submit(key, Bytes::from(block))
     }
 
     pub(crate) fn maybe_compact(&self, ino: Ino, idx: u32, count: usize) {

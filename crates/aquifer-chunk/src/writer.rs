@@ -6,9 +6,8 @@
 //! soon as they fill. `flush` uploads the tails, waits for every block, then commits the
 //! slices to the metadata in the order they were opened: only then is the data acknowledged.
 
-use crate::{block_key, ChunkStore, Completion, DataError, Result};
+use crate::{block_key, codec, ChunkStore, Completion, DataError, Result};
 use aquifer_meta::{Ino, Slice, CHUNK_SIZE};
-use bytes::BytesMut;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
@@ -19,8 +18,9 @@ struct OpenSlice {
     pos: u32,
     id: u64,
     len: u32,
-    /// Bytes after the last uploaded block.
-    tail: BytesMut,
+    /// Bytes after the last uploaded block, in a buffer with room for the block's checksum
+    /// trailer, so a full block is sealed and uploaded without another copy.
+    tail: Vec<u8>,
     /// Bytes of the slice already handed to the uploader (a multiple of the block size).
     sent: u32,
     uploads: Vec<Arc<Completion>>,
@@ -115,7 +115,7 @@ impl FileWriter {
                     pos: cpos,
                     id,
                     len: 0,
-                    tail: BytesMut::new(),
+                    tail: Vec::new(),
                     sent: 0,
                     uploads: Vec::new(),
                 });
@@ -123,14 +123,31 @@ impl FileWriter {
             }
         };
         let s = &mut list[i];
-        s.tail.extend_from_slice(data);
-        s.len += n;
-        while s.tail.len() >= bs as usize {
-            let block = s.tail.split_to(bs as usize);
-            let key = block_key(s.id, s.sent / bs, bs);
-            s.uploads.push(self.cs.upload(key, &block));
-            s.sent += bs;
+        let bsz = bs as usize;
+        let mut rest = data;
+        while !rest.is_empty() {
+            let take = (bsz - s.tail.len()).min(rest.len());
+            let need = s.tail.len() + take;
+            if s.tail.capacity() < need {
+                // Small files get what they need; a buffer on its way to a full block gets the
+                // whole block and its trailer at once.
+                let target = if need > bsz / 4 {
+                    codec::stored_len(bsz)
+                } else {
+                    codec::stored_len(need.max(2 * s.tail.capacity()))
+                };
+                s.tail.reserve_exact(target - s.tail.len());
+            }
+            s.tail.extend_from_slice(&rest[..take]);
+            rest = &rest[take..];
+            if s.tail.len() == bsz {
+                let block = std::mem::take(&mut s.tail);
+                let key = block_key(s.id, s.sent / bs, bs);
+                s.uploads.push(self.cs.upload_sealed(key, block));
+                s.sent += bs;
+            }
         }
+        s.len += n;
         Ok(s.end() as u64 == CHUNK_SIZE)
     }
 
@@ -143,7 +160,8 @@ impl FileWriter {
             if !s.tail.is_empty() {
                 let len = s.tail.len() as u32;
                 let key = block_key(s.id, s.sent / bs, len);
-                s.uploads.push(self.cs.upload(key, &s.tail.split()));
+                s.uploads
+                    .push(self.cs.upload_sealed(key, std::mem::take(&mut s.tail)));
                 s.sent += len;
             }
         }
