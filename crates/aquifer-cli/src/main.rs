@@ -168,6 +168,17 @@ fn init_logging() {
         .try_init();
 }
 
+/// Block buffers (4 MiB) are allocated and freed on different threads all the time. With
+/// glibc's defaults they stay in per-thread arenas and the daemon's RSS only grows (430 MB
+/// after a 2 GiB write and read); mapping anything over 2 MiB directly returns it on free.
+fn tune_malloc() {
+    // SAFETY: mallopt only changes allocator parameters; called before threads start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 2 << 20);
+        libc::mallopt(libc::M_ARENA_MAX, 4);
+    }
+}
+
 fn meta_err(e: MetaError) -> anyhow::Error {
     anyhow!("{e}")
 }
@@ -295,6 +306,7 @@ fn mount(a: MountArgs) -> Result<()> {
         return mountpoint::spawn_background(&mp, &log);
     }
     init_logging();
+    tune_malloc();
     // Signals are blocked before any thread starts (RocksDB's and ours) so that only the
     // signal thread sees them.
     let signals = mountpoint::block_signals();
