@@ -16,7 +16,7 @@ note "bad bucket: $(cat "$WORK/err")"
 new_volume limited
 mp=$WORK/mnt
 mkdir -p "$mp"
-out=$("$AQUIFER" mount -d "$META" "$mp" --log "$WORK/limited.log" --upload-limit 64 --download-limit 64) || fail "mount with limits"
+out=$("$AQUIFER" mount -d "$META" "$mp" --log "$WORK/limited.log" --upload-limit 64 --download-limit 64 --buffer-size 16 --max-downloads 3) || fail "mount with limits"
 DAEMON_PID=$(sed -n 's/.*(pid \([0-9]*\),.*/\1/p' <<<"$out"); MOUNTS+=("$mp")
 head -c 20000000 /dev/urandom >"$WORK/data"
 cp "$WORK/data" "$mp/data"

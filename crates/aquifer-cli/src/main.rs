@@ -104,6 +104,13 @@ struct MountArgs {
     /// Threads uploading blocks to the object store.
     #[arg(long, default_value_t = 8)]
     max_uploads: usize,
+    /// Threads fetching blocks ahead of sequential readers.
+    #[arg(long, default_value_t = 2)]
+    max_downloads: usize,
+    /// Memory in MiB for blocks in flight: half for blocks queued for upload (writers wait,
+    /// not fail, when it is full), half for blocks read ahead.
+    #[arg(long, default_value_t = 128)]
+    buffer_size: usize,
     /// Kernel attribute cache time in seconds.
     #[arg(long, default_value_t = 1.0)]
     attr_cache: f64,
@@ -327,8 +334,12 @@ fn mount(a: MountArgs) -> Result<()> {
     let format = meta.load_format().map_err(meta_err)?;
     let store =
         aquifer_object::create(&format.storage, &format.bucket).map_err(|e| anyhow!("{e}"))?;
+    let half = (a.buffer_size.max(8) << 20) / 2;
     let cfg = DataConfig {
         upload_threads: a.max_uploads.max(1),
+        upload_queue: (half / format.block_size as usize).max(1),
+        cache_bytes: half,
+        prefetch_threads: a.max_downloads.max(1),
         ..Default::default()
     };
     let vfs = aquifer_vfs::Vfs::new(meta.clone(), store, cfg)
