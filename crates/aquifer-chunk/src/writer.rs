@@ -224,7 +224,15 @@ mod tests {
     use aquifer_object::MemStore;
     use proptest::prelude::*;
 
+    /// A fresh file on a memory volume; background compaction off unless a test asks.
     fn setup(block_size: u32) -> (Arc<ChunkStore>, Arc<MemStore>, Ino) {
+        setup_with(block_size, usize::MAX)
+    }
+
+    fn setup_with(
+        block_size: u32,
+        compact_threshold: usize,
+    ) -> (Arc<ChunkStore>, Arc<MemStore>, Ino) {
         let meta: Arc<dyn Meta> = Arc::new(KvMeta::new(MemKv::new()));
         meta.format(&test_format(block_size), false).unwrap();
         let ino = meta
@@ -242,7 +250,7 @@ mod tests {
         let store = Arc::new(MemStore::new());
         let cfg = DataConfig {
             block_size,
-            compact_threshold: 4,
+            compact_threshold,
             ..Default::default()
         };
         (ChunkStore::new(meta, store.clone(), cfg), store, ino)
@@ -302,6 +310,33 @@ mod tests {
         let before = store.len();
         cs.empty_trash().unwrap();
         assert!(store.len() < before);
+        assert_eq!(read_all(&cs, ino), model);
+    }
+
+    #[test]
+    fn fragmented_chunks_are_compacted_in_the_background() {
+        let (cs, _, ino) = setup_with(64, 4);
+        let w = FileWriter::new(cs.clone(), ino);
+        let mut model = vec![0u8; 0];
+        for i in 0..8u8 {
+            let off = (i as usize * 29) % 200;
+            w.write(off as u64, &[i + 1; 30]).unwrap();
+            if model.len() < off + 30 {
+                model.resize(off + 30, 0);
+            }
+            model[off..off + 30].fill(i + 1);
+            w.flush().unwrap();
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while cs.meta().read_chunk(ino, 0).unwrap().len() >= 4
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(
+            cs.meta().read_chunk(ino, 0).unwrap().len() < 4,
+            "compactor never ran"
+        );
         assert_eq!(read_all(&cs, ino), model);
     }
 
