@@ -416,7 +416,7 @@ impl Filesystem for AquiferFs {
     fn readdirplus(
         &self,
         req: &Request,
-        ino: INodeNo,
+        _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: fuser::ReplyDirectoryPlus,
@@ -424,17 +424,9 @@ impl Filesystem for AquiferFs {
         match self.vfs.readdir(&ctx(req), fh.0, offset, true) {
             Ok(entries) => {
                 for (off, e) in entries {
-                    let attr = match &e.attr {
-                        Some(a) => a.clone(),
-                        // ".." (the kernel takes no lookup reference for it).
-                        None => {
-                            match self.vfs.getattr(e.ino).or_else(|_| self.vfs.getattr(ino.0)) {
-                                Ok(a) => a,
-                                Err(er) => return reply.error(err(er)),
-                            }
-                        }
-                    };
-                    let fa = file_attr(e.ino, &attr);
+                    // The vfs gives every entry its attributes when asked for them.
+                    let Some(attr) = &e.attr else { continue };
+                    let fa = file_attr(e.ino, attr);
                     if reply.add(
                         INodeNo(e.ino),
                         off,

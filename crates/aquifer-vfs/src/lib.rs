@@ -464,7 +464,8 @@ impl Vfs {
                     name: b"..".to_vec(),
                     ino: parent,
                     typ: FileType::Directory,
-                    attr: None,
+                    // The parent may be gone already (a removed directory): show our own.
+                    attr: plus.then(|| self.meta.getattr(parent).unwrap_or_else(|_| a.clone())),
                 },
             ];
             let mut rest = self.meta.readdir(ctx, d.ino, plus)?;

@@ -276,3 +276,18 @@ fn transient_faults_are_retried_transparently() {
     assert_eq!(v.read(fh, 0, data.len() as u32).unwrap(), data);
     v.release(fh).unwrap();
 }
+
+#[test]
+fn readdir_plus_gives_every_entry_attributes() {
+    let (v, _) = vfs();
+    let (d, _) = v.mkdir(&root(), ROOT_INO, b"d", 0o755, 0).unwrap();
+    v.mknod(&root(), d, b"f", libc::S_IFREG | 0o600, 0, 0)
+        .unwrap();
+    let dh = v.opendir(&root(), d).unwrap();
+    let all = v.readdir(&root(), dh, 0, true).unwrap();
+    assert_eq!(all.len(), 3);
+    assert!(all.iter().all(|(_, e)| e.attr.is_some()));
+    assert_eq!(all[1].1.ino, ROOT_INO);
+    assert_eq!(all[2].1.attr.as_ref().unwrap().mode, 0o600);
+    v.release(dh).unwrap();
+}
