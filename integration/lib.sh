@@ -22,11 +22,26 @@ trap cleanup EXIT
 fail() { echo "FAIL: $*" >&2; exit 1; }
 note() { echo "  $*"; }
 
-# new_volume NAME: format a volume; sets META and BLOCKS.
+# new_volume NAME [FORMAT FLAGS...]: format a volume; sets META and BLOCKS (the directory
+# holding its block objects). With AQUIFER_TEST_STORAGE=s3 the blocks go to the S3 test
+# server (scripts/s3-server.sh), whose objects are files under $AQUIFER_S3_DIR/data.
 new_volume() {
-  META="rocksdb://$WORK/$1/meta"
-  BLOCKS="$WORK/$1/blocks"
-  "$AQUIFER" format "$META" "$1" --storage file --bucket "$BLOCKS" >/dev/null
+  local name=$1; shift
+  META="rocksdb://$WORK/$name/meta"
+  case "${AQUIFER_TEST_STORAGE:-file}" in
+    file)
+      BLOCKS="$WORK/$name/blocks"
+      "$AQUIFER" format "$META" "$name" --storage file --bucket "$BLOCKS" "$@" >/dev/null
+      ;;
+    s3)
+      : "${AQUIFER_TEST_S3:?start scripts/s3-server.sh}" "${AQUIFER_S3_DIR:?}"
+      # A prefix of its own in the shared bucket; keys come from the AWS environment.
+      local sub; sub=$(basename "$WORK")
+      "$AQUIFER" format "$META" "$name" --storage s3 --bucket "$AQUIFER_TEST_S3/$sub" "$@" >/dev/null
+      BLOCKS="$AQUIFER_S3_DIR/data/${AQUIFER_TEST_S3##*/}/$sub/$name"
+      ;;
+    *) fail "unknown AQUIFER_TEST_STORAGE=$AQUIFER_TEST_STORAGE" ;;
+  esac
 }
 
 # mount_volume MOUNTPOINT: mount $META in the background; sets DAEMON_PID.

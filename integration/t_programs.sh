@@ -6,7 +6,9 @@ new_volume programs
 mp=$WORK/mnt
 mount_volume "$mp"
 
-src=/usr/include
+# On the S3 test server every cold small-file read is a request (~40 ms on s3s-fs): a
+# smaller tree keeps that run within minutes.
+if [ "${AQUIFER_TEST_STORAGE:-file}" = s3 ]; then src=/usr/include/linux; else src=/usr/include; fi
 note "untar $src and diff -r"
 tar -C "$(dirname $src)" -cf "$WORK/src.tar" "$(basename $src)"
 mkdir "$mp/untar"

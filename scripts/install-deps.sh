@@ -2,7 +2,8 @@
 # Install what aquifer needs on a Debian/Ubuntu machine. Idempotent.
 #   scripts/install-deps.sh          runtime + build: fuse3, clang/libclang (for rocksdb)
 #   scripts/install-deps.sh --test   also the test tools: redis-server, sqlite3, git, fio,
-#                                    pjdfstest, fsx, and the users pjdfstest switches to
+#                                    pjdfstest, fsx, the S3 test server s3s-fs, and the
+#                                    users pjdfstest switches to
 set -euo pipefail
 
 want_test=0
@@ -28,6 +29,8 @@ if [ $want_test = 1 ]; then
   # Versions pinned to ones that build with the machine's Rust toolchain.
   command -v pjdfstest >/dev/null || cargo install --locked --quiet pjdfstest@0.2.2
   command -v fsx >/dev/null || cargo install --locked --quiet fsx@0.3.2
+  # The S3 test server; 0.14.1 is the newest that builds on this toolchain.
+  command -v s3s-fs >/dev/null || cargo install --locked --quiet s3s-fs@0.14.1 --features binary
   # pjdfstest switches to these users.
   getent group tests >/dev/null || as_root groupadd tests
   id tests >/dev/null 2>&1 || as_root useradd -M -g tests -s /usr/sbin/nologin tests

@@ -83,6 +83,8 @@ pub struct DataConfig {
     /// Blocks fetched ahead of a sequential reader, and the threads fetching them.
     pub readahead_blocks: u32,
     pub prefetch_threads: usize,
+    /// How new blocks are compressed (the volume's setting).
+    pub compression: codec::Compression,
 }
 
 impl Default for DataConfig {
@@ -95,6 +97,7 @@ impl Default for DataConfig {
             cache_bytes: 64 << 20,
             readahead_blocks: 2,
             prefetch_threads: 2,
+            compression: codec::Compression::None,
         }
     }
 }
@@ -105,6 +108,8 @@ pub struct ChunkStore {
     cfg: DataConfig,
     uploads: UploadPool,
     cache: Arc<prefetch::BlockCache>,
+    /// Checksum trailers of blocks read at random: 260 bytes per 4 MiB block.
+    trailers: prefetch::BlockCache,
     prefetch: prefetch::Prefetcher,
     compact_tx: Mutex<Option<Sender<(Ino, u32)>>>,
     compacting: Mutex<HashSet<(Ino, u32)>>,
@@ -121,14 +126,19 @@ impl ChunkStore {
         let uploads = UploadPool::new(store.clone(), cfg.upload_threads, cfg.upload_queue);
         let (tx, rx) = mpsc::channel();
         let cache = Arc::new(prefetch::BlockCache::new(cfg.cache_bytes));
-        let prefetch =
-            prefetch::Prefetcher::new(store.clone(), cache.clone(), cfg.prefetch_threads);
+        let prefetch = prefetch::Prefetcher::new(
+            store.clone(),
+            cache.clone(),
+            cfg.prefetch_threads,
+            cfg.compression,
+        );
         let cs = Arc::new(ChunkStore {
             meta,
             store,
             cfg,
             uploads,
             cache,
+            trailers: prefetch::BlockCache::new(4 << 20),
             prefetch,
             compact_tx: Mutex::new(Some(tx)),
             compacting: Mutex::new(HashSet::new()),
@@ -228,6 +238,10 @@ impl ChunkStore {
         seq: bool,
     ) -> Result<()> {
         let bs = self.cfg.block_size;
+        let c = self.cfg.compression;
+        // A compressed block is fetched whole anyway, so keep it for the next read; so are
+        // small blocks (small files), where one request beats a trailer and a range.
+        let whole = seq || c != codec::Compression::None;
         let mut done = 0usize;
         while done < dst.len() {
             let bidx = soff / bs;
@@ -239,12 +253,19 @@ impl ChunkStore {
             let range = boff as usize..(boff as usize + n);
             if let Some(block) = self.cache.get(&key) {
                 part.copy_from_slice(&block[range]);
-            } else if seq {
-                let block = prefetch::fetch_block(&*self.store, &key, blen as usize)?;
+            } else if whole || blen as usize <= 4 * codec::SEGMENT {
+                let block = prefetch::fetch_block(&*self.store, c, &key, blen as usize)?;
                 part.copy_from_slice(&block[range]);
                 self.cache.insert(key, block);
             } else {
-                codec::read(&*self.store, &key, blen as usize, boff as usize, part)?;
+                codec::read(
+                    &*self.store,
+                    Some(&self.trailers),
+                    &key,
+                    blen as usize,
+                    boff as usize,
+                    part,
+                )?;
             }
             if seq {
                 for next in bidx + 1..=bidx + self.cfg.readahead_blocks {
@@ -261,11 +282,11 @@ impl ChunkStore {
         Ok(())
     }
 
-    /// Queue block `key` whose payload is `block` for upload; the checksum trailer is
-    /// appended in place (no copy when the buffer has room for it).
-    pub(crate) fn upload_sealed(&self, key: String, mut block: Vec<u8>) -> Arc<Completion> {
-        codec::seal(&mut block);
-        self.uploads.submit(key, Bytes::from(block))
+    /// Queue block `key` whose payload is `block` for upload; uncompressed, the checksum
+    /// trailer is appended in place (no copy when the buffer has room for it).
+    pub(crate) fn upload_sealed(&self, key: String, block: Vec<u8>) -> Arc<Completion> {
+        let obj = codec::seal_with(self.cfg.compression, block);
+        self.uploads.submit(key, obj)
     }
 
     pub(crate) fn maybe_compact(&self, ino: Ino, idx: u32, count: usize) {
@@ -304,7 +325,8 @@ impl ChunkStore {
                 .enumerate()
             {
                 let part = &buf[i * bs..((i + 1) * bs).min(buf.len())];
-                self.store.put(&key, codec::encode(part))?;
+                self.store
+                    .put(&key, codec::seal_with(self.cfg.compression, part.to_vec()))?;
             }
             Slice {
                 pos: start,

@@ -7,7 +7,7 @@
 //! memory while the store works ahead. Random reads bypass all this and fetch only the
 //! segments they touch.
 
-use crate::codec;
+use crate::codec::{self, Compression};
 use aquifer_meta::Ino;
 use aquifer_object::ObjectStore;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -66,11 +66,14 @@ impl BlockCache {
     }
 }
 
-/// Fetch a whole block, verified.
-pub fn fetch_block(store: &dyn ObjectStore, key: &str, len: usize) -> crate::Result<Arc<Vec<u8>>> {
-    let mut buf = vec![0u8; len];
-    codec::read(store, key, len, 0, &mut buf)?;
-    Ok(Arc::new(buf))
+/// Fetch a whole block, verified, in one request.
+pub fn fetch_block(
+    store: &dyn ObjectStore,
+    c: Compression,
+    key: &str,
+    len: usize,
+) -> crate::Result<Arc<Vec<u8>>> {
+    Ok(Arc::new(codec::read_whole(store, c, key, len)?))
 }
 
 pub struct Prefetcher {
@@ -82,7 +85,12 @@ pub struct Prefetcher {
 }
 
 impl Prefetcher {
-    pub fn new(store: Arc<dyn ObjectStore>, cache: Arc<BlockCache>, threads: usize) -> Prefetcher {
+    pub fn new(
+        store: Arc<dyn ObjectStore>,
+        cache: Arc<BlockCache>,
+        threads: usize,
+        c: Compression,
+    ) -> Prefetcher {
         let (tx, rx) = sync_channel::<(String, usize)>(threads.max(1) * 2);
         let rx: Arc<Mutex<Receiver<(String, usize)>>> = Arc::new(Mutex::new(rx));
         let inflight = Arc::new(Mutex::new(HashSet::new()));
@@ -96,7 +104,7 @@ impl Prefetcher {
                         let job = rx.lock().unwrap().recv();
                         let Ok((key, len)) = job else { return };
                         if cache.get(&key).is_none() {
-                            match fetch_block(&*store, &key, len) {
+                            match fetch_block(&*store, c, &key, len) {
                                 Ok(data) => cache.insert(key.clone(), data),
                                 // The reader fetches it again and reports the error itself.
                                 Err(e) => tracing::debug!(key, error = %e, "prefetch failed"),

@@ -39,14 +39,35 @@ enum Cmd {
     Objbench(ObjbenchArgs),
 }
 
+/// Where an S3 bucket is and how to sign requests to it.
+#[derive(Args, Clone, Default)]
+struct S3Args {
+    /// S3 region (default: AWS_REGION, else us-east-1).
+    #[arg(long)]
+    region: Option<String>,
+    /// Endpoint of an S3-compatible server for `s3://BUCKET` (http(s)://HOST:PORT).
+    #[arg(long)]
+    endpoint: Option<String>,
+    /// Access key; without one, the standard AWS chain is used (AWS_ACCESS_KEY_ID,
+    /// profile files, web identity, instance roles).
+    #[arg(long)]
+    access_key: Option<String>,
+    /// Secret key (or set AQUIFER_SECRET_KEY to keep it off the command line).
+    #[arg(long, env = "AQUIFER_SECRET_KEY", hide_env_values = true)]
+    secret_key: Option<String>,
+}
+
 #[derive(Args)]
 struct ObjbenchArgs {
-    /// Object storage kind: file.
+    /// Object storage kind: file or s3.
     #[arg(long, default_value = "file")]
     storage: String,
-    /// The bucket to measure: a directory for --storage file.
+    /// The bucket to measure: a directory for --storage file,
+    /// http(s)://HOST:PORT/BUCKET or s3://BUCKET for --storage s3.
     #[arg(long)]
     bucket: String,
+    #[command(flatten)]
+    s3: S3Args,
     /// Size of the large objects in KiB (the block size).
     #[arg(long, default_value_t = 4096)]
     block_size: usize,
@@ -67,12 +88,19 @@ struct FormatArgs {
     meta_url: String,
     /// Volume name.
     name: String,
-    /// Object storage kind: file.
+    /// Object storage kind: file or s3.
     #[arg(long, default_value = "file")]
     storage: String,
-    /// Where the blocks go: a directory for --storage file.
+    /// Where the blocks go: a directory for --storage file; http(s)://HOST:PORT/BUCKET
+    /// (path style: MinIO, Ceph RGW, Garage) or s3://BUCKET for --storage s3. Blocks are
+    /// kept under the volume name inside the bucket.
     #[arg(long)]
     bucket: Option<String>,
+    #[command(flatten)]
+    s3: S3Args,
+    /// Block compression: none, lz4 or zstd (fixed at format time).
+    #[arg(long, default_value = "none")]
+    compression: String,
     /// Block size in KiB (fixed at format time).
     #[arg(long, default_value_t = 4096)]
     block_size: u32,
@@ -234,6 +262,10 @@ fn new_format(
         inodes,
         compression: "none".into(),
         meta_version: 1,
+        region: String::new(),
+        endpoint: String::new(),
+        access_key: String::new(),
+        secret_key: Default::default(),
     })
 }
 
@@ -261,10 +293,21 @@ fn format(a: FormatArgs) -> Result<()> {
             std::path::absolute(&p).unwrap_or(p).display().to_string()
         }
         ("file", None) => bail!("--storage file needs --bucket PATH (the block directory)"),
+        ("s3", Some(b)) => b.clone(),
+        ("s3", None) => {
+            bail!("--storage s3 needs --bucket http(s)://HOST:PORT/BUCKET or s3://BUCKET")
+        }
         ("memory", _) => String::new(),
-        (other, _) => bail!("unsupported storage {other:?}: supported is file"),
+        (other, _) => bail!("unsupported storage {other:?}: supported are file and s3"),
     };
-    let f = new_format(
+    if a.storage != "s3" && (a.s3.endpoint.is_some() || a.s3.access_key.is_some()) {
+        bail!("--endpoint and --access-key apply to --storage s3 only");
+    }
+    if a.s3.access_key.is_some() != a.s3.secret_key.is_some() {
+        bail!("--access-key and --secret-key go together");
+    }
+    aquifer_chunk::codec::Compression::parse(&a.compression).map_err(|e| anyhow!(e))?;
+    let mut f = new_format(
         &a.name,
         &a.storage,
         &bucket,
@@ -272,16 +315,85 @@ fn format(a: FormatArgs) -> Result<()> {
         a.capacity,
         a.inodes,
     )?;
-    aquifer_object::create(&f.storage, &f.bucket).map_err(|e| anyhow!("{e}"))?;
+    f.compression = a.compression.clone();
+    f.region = a.s3.region.clone().unwrap_or_default();
+    f.endpoint = a.s3.endpoint.clone().unwrap_or_default();
+    f.access_key = a.s3.access_key.clone().unwrap_or_default();
+    f.secret_key = aquifer_meta::Secret(a.s3.secret_key.clone().unwrap_or_default());
+    check_store(&f)?;
     let meta = open_meta(&a.meta_url, true, false)?;
     meta.format(&f, a.force).map_err(meta_err)?;
     meta.sync().map_err(meta_err)?;
     let f = meta.load_format().map_err(meta_err)?;
     println!(
-        "formatted volume {} (uuid {}) at {}, blocks in {}",
-        f.name, f.uuid, a.meta_url, f.bucket
+        "formatted volume {} (uuid {}) at {}, blocks in {}{}",
+        f.name,
+        f.uuid,
+        a.meta_url,
+        f.bucket,
+        if f.storage == "s3" {
+            format!(" under {}/", f.name)
+        } else {
+            String::new()
+        }
     );
     Ok(())
+}
+
+/// The block store a volume's settings describe.
+fn store_spec(f: &Format) -> aquifer_object::StoreSpec {
+    let creds = (!f.access_key.is_empty()).then(|| aquifer_object::s3::S3Credentials {
+        access_key: f.access_key.clone(),
+        secret_key: f.secret_key.0.clone(),
+        session_token: None,
+    });
+    aquifer_object::StoreSpec {
+        storage: f.storage.clone(),
+        bucket: f.bucket.clone(),
+        // Volumes can share a bucket: each keeps its blocks under its own name.
+        prefix: if f.storage == "s3" {
+            format!("{}/", f.name)
+        } else {
+            String::new()
+        },
+        s3: aquifer_object::s3::S3Options {
+            region: (!f.region.is_empty()).then(|| f.region.clone()),
+            credentials: creds,
+            ..Default::default()
+        },
+        endpoint: (!f.endpoint.is_empty()).then(|| f.endpoint.clone()),
+    }
+}
+
+/// Make sure the store is reachable and writable before a volume is formatted on it: one
+/// object written, read back and deleted (creating the bucket of an S3 store if needed).
+fn check_store(f: &Format) -> Result<()> {
+    let spec = store_spec(f);
+    if f.storage == "s3" {
+        let mut loc = aquifer_object::s3::S3Location::parse(&spec.bucket, spec.endpoint.as_deref())
+            .map_err(|e| anyhow!("{e}"))?;
+        loc.prefix.push_str(&spec.prefix);
+        let s3 = aquifer_object::s3::S3Store::new(loc, &spec.s3).map_err(|e| anyhow!("{e}"))?;
+        s3.ensure_bucket().map_err(|e| anyhow!("{e}"))?;
+    }
+    let store = aquifer_object::create(&spec).map_err(|e| anyhow!("{e}"))?;
+    let key = format!("probe/{}", new_uuid());
+    let data = bytes::Bytes::from_static(b"aquifer format probe");
+    store
+        .put(&key, data.clone())
+        .and_then(|_| store.get(&key, 0, None))
+        .and_then(|got| {
+            if got == data {
+                Ok(())
+            } else {
+                Err(aquifer_object::ObjectError::Config(format!(
+                    "{} returned different bytes than were written",
+                    store.describe()
+                )))
+            }
+        })
+        .and_then(|_| store.delete(&key))
+        .map_err(|e| anyhow!("the block store is not usable: {e}"))
 }
 
 fn default_data_dir() -> PathBuf {
@@ -332,14 +444,17 @@ fn mount(a: MountArgs) -> Result<()> {
         tracing::info!(url, blocks = %blocks.display(), "formatted the embedded default volume");
     }
     let format = meta.load_format().map_err(meta_err)?;
-    let store =
-        aquifer_object::create(&format.storage, &format.bucket).map_err(|e| anyhow!("{e}"))?;
+    let compression =
+        aquifer_chunk::codec::Compression::parse(&format.compression).map_err(|e| anyhow!(e))?;
+    let store = layered_store(&store_spec(&format), a.upload_limit, a.download_limit)?;
     let half = (a.buffer_size.max(8) << 20) / 2;
     let cfg = DataConfig {
         upload_threads: a.max_uploads.max(1),
         upload_queue: (half / format.block_size as usize).max(1),
         cache_bytes: half,
         prefetch_threads: a.max_downloads.max(1),
+        readahead_blocks: a.max_downloads.clamp(2, 32) as u32,
+        compression,
         ..Default::default()
     };
     let vfs = aquifer_vfs::Vfs::new(meta.clone(), store, cfg)
@@ -381,13 +496,12 @@ fn mount(a: MountArgs) -> Result<()> {
 
 /// The block store as a mount uses it: `Retrying(RateLimited(backend))`.
 fn layered_store(
-    storage: &str,
-    bucket: &str,
+    spec: &aquifer_object::StoreSpec,
     up_mib: u64,
     down_mib: u64,
 ) -> Result<Arc<dyn aquifer_object::ObjectStore>> {
     use aquifer_object::{RateLimited, RetryPolicy, Retrying, TokenBucket};
-    let backend = aquifer_object::create(storage, bucket).map_err(|e| anyhow!("{e}"))?;
+    let backend = aquifer_object::create(spec).map_err(|e| anyhow!("{e}"))?;
     let bucket_of = |mib: u64| (mib > 0).then(|| TokenBucket::new(mib << 20));
     let limited = RateLimited::new(backend, bucket_of(up_mib), bucket_of(down_mib));
     Ok(Arc::new(Retrying::new(limited, RetryPolicy::default())))
@@ -397,8 +511,19 @@ fn objbench(a: ObjbenchArgs) -> Result<()> {
     if a.block_size == 0 || a.threads == 0 {
         bail!("--block-size and --threads must be positive");
     }
-    let bucket = a.bucket.trim_start_matches("file://").to_string();
-    let store = layered_store(&a.storage, &bucket, 0, 0)?;
+    let mut f = new_format("objbench", &a.storage, "", 4096, 0, 0)?;
+    f.bucket = match a.storage.as_str() {
+        "file" => a.bucket.trim_start_matches("file://").to_string(),
+        _ => a.bucket.clone(),
+    };
+    f.region = a.s3.region.clone().unwrap_or_default();
+    f.endpoint = a.s3.endpoint.clone().unwrap_or_default();
+    f.access_key = a.s3.access_key.clone().unwrap_or_default();
+    f.secret_key = aquifer_meta::Secret(a.s3.secret_key.clone().unwrap_or_default());
+    let mut spec = store_spec(&f);
+    // Its own prefix in the bucket, removed again by the benchmark.
+    spec.prefix = format!("objbench-{}/", new_uuid());
+    let store = layered_store(&spec, 0, 0)?;
     objbench::run(
         store,
         &objbench::Plan {
@@ -416,7 +541,7 @@ fn status(a: StatusArgs) -> Result<()> {
     let sessions = meta.list_sessions().map_err(meta_err)?;
     let (used, inodes) = meta.usage().map_err(meta_err)?;
     let out = serde_json::json!({
-        "setting": f,
+        "setting": f.redacted(),
         "sessions": sessions,
         "usage": { "used_bytes": used, "inodes": inodes },
     });

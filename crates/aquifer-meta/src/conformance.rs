@@ -16,6 +16,10 @@ pub fn test_format(block_size: u32) -> Format {
         capacity: 0,
         inodes: 0,
         compression: String::new(),
+        region: String::new(),
+        endpoint: String::new(),
+        access_key: String::new(),
+        secret_key: Default::default(),
         meta_version: 1,
     }
 }
@@ -83,6 +87,19 @@ pub fn format_and_load(m: &dyn Meta) {
         m.format(&fmt(), false).is_err(),
         "formatting twice must fail without force"
     );
+    // --force may update limits and keys, never what decides how blocks are stored.
+    let mut f = fmt();
+    f.capacity = 1 << 30;
+    f.secret_key = crate::Secret("k2".into());
+    m.format(&f, true).unwrap();
+    assert_eq!(m.load_format().unwrap().capacity, 1 << 30);
+    assert_eq!(m.load_format().unwrap().uuid, fmt().uuid);
+    f.compression = "zstd".into();
+    assert!(m.format(&f, true).is_err(), "compression is fixed");
+    let mut f = fmt();
+    f.block_size *= 2;
+    assert!(m.format(&f, true).is_err(), "block size is fixed");
+    assert!(!format!("{:?}", m.load_format().unwrap()).contains("k2"));
     let root = m.getattr(ROOT_INO).unwrap();
     assert!(root.is_dir());
     assert_eq!(root.nlink, 2);

@@ -387,9 +387,14 @@ impl<E: KvEngine> Meta for KvMeta<E> {
                         old.name, old.uuid
                     )));
                 }
-                if old.block_size != format.block_size || old.storage != format.storage {
+                let codec = |c: &str| if c.is_empty() { "none".to_string() } else { c.to_string() };
+                if old.block_size != format.block_size
+                    || old.storage != format.storage
+                    || codec(&old.compression) != codec(&format.compression)
+                {
                     return Err(MetaError::Config(
-                        "block size and storage are fixed at format time and cannot change".into(),
+                        "block size, storage and compression are fixed at format time and cannot change"
+                            .into(),
                     ));
                 }
                 let mut keep = format.clone();

@@ -282,9 +282,54 @@ pub struct Format {
     /// Inode limit; 0 = unlimited.
     #[serde(default)]
     pub inodes: u64,
+    /// Block compression: "none" (or empty), "lz4", "zstd".
     #[serde(default)]
     pub compression: String,
     pub meta_version: u32,
+    /// S3 region; empty means the environment's or us-east-1.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub region: String,
+    /// Endpoint for `s3://` buckets outside AWS.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub endpoint: String,
+    /// Static object store keys given at format time; empty means the standard AWS chain
+    /// (environment, profile files, web identity, instance roles) at mount time.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub access_key: String,
+    #[serde(default, skip_serializing_if = "Secret::is_empty")]
+    pub secret_key: Secret,
+}
+
+impl Format {
+    /// The settings as they may be shown: secrets replaced.
+    pub fn redacted(&self) -> Format {
+        let mut f = self.clone();
+        if !f.secret_key.is_empty() {
+            f.secret_key = Secret("removed".into());
+        }
+        f
+    }
+}
+
+/// A string that never appears in Debug output.
+#[derive(Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl Secret {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() {
+            "\"\""
+        } else {
+            "<redacted>"
+        })
+    }
 }
 
 /// One mounted client of a volume.

@@ -6,6 +6,8 @@ mod fault;
 mod file;
 mod layers;
 mod memory;
+#[cfg(feature = "s3")]
+pub mod s3;
 
 pub mod conformance;
 
@@ -98,13 +100,39 @@ pub trait ObjectStore: Send + Sync {
     fn list(&self, prefix: &str, start_after: &str, limit: usize) -> Result<Vec<ObjectInfo>>;
 }
 
-/// Build a store from the volume settings (`storage` kind and `bucket`).
-pub fn create(storage: &str, bucket: &str) -> Result<Arc<dyn ObjectStore>> {
-    match storage {
-        "file" => Ok(Arc::new(FileStore::new(bucket)?)),
+/// What a volume's settings say about its block store.
+#[derive(Clone, Debug, Default)]
+pub struct StoreSpec {
+    /// `file`, `memory` or `s3`.
+    pub storage: String,
+    /// A directory for `file`; `http(s)://HOST:PORT/BUCKET` or `s3://BUCKET` for `s3`.
+    pub bucket: String,
+    /// Prepended to every key (e.g. the volume name, so volumes can share a bucket).
+    pub prefix: String,
+    #[cfg(feature = "s3")]
+    pub s3: s3::S3Options,
+    /// For `s3://` buckets on a server other than AWS.
+    pub endpoint: Option<String>,
+}
+
+/// Build a store from the volume settings.
+pub fn create(spec: &StoreSpec) -> Result<Arc<dyn ObjectStore>> {
+    match spec.storage.as_str() {
+        "file" => Ok(Arc::new(FileStore::new(&spec.bucket)?)),
         "memory" | "mem" => Ok(Arc::new(MemStore::new())),
+        #[cfg(feature = "s3")]
+        "s3" => {
+            let mut loc = s3::S3Location::parse(&spec.bucket, spec.endpoint.as_deref())?;
+            loc.prefix.push_str(&spec.prefix);
+            Ok(Arc::new(s3::S3Store::new(loc, &spec.s3)?))
+        }
         other => Err(ObjectError::Config(format!(
-            "unsupported storage {other:?}: supported are file and memory"
+            "unsupported storage {other:?}: supported are {}",
+            if cfg!(feature = "s3") {
+                "file, s3 and memory"
+            } else {
+                "file and memory"
+            }
         ))),
     }
 }

@@ -1,0 +1,114 @@
+//! The S3 backend against a real S3-protocol server. `scripts/test.sh` starts s3s-fs on
+//! 127.0.0.1 and sets `AQUIFER_TEST_S3` to `http://127.0.0.1:PORT/BUCKET` with the keys in
+//! the standard AWS variables. Without a server the cases are skipped, except under CI where
+//! a missing server is a failure.
+#![cfg(feature = "s3")]
+
+use aquifer_object::s3::{S3Credentials, S3Location, S3Options, S3Store};
+use aquifer_object::{ObjectError, ObjectStore};
+use bytes::Bytes;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+fn server() -> Option<String> {
+    match std::env::var("AQUIFER_TEST_S3") {
+        Ok(u) if !u.is_empty() => Some(u),
+        _ if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("AQUIFER_TEST_S3 is not set: scripts/test.sh starts the S3 test server")
+        }
+        _ => {
+            eprintln!("skipped: AQUIFER_TEST_S3 is not set (scripts/test.sh starts a server)");
+            None
+        }
+    }
+}
+
+/// Deletes everything under the test's prefix when the test ends.
+struct Cleanup(S3Store);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Ok(all) = self.0.list("", "", 10_000) {
+            for o in all {
+                let _ = self.0.delete(&o.key);
+            }
+        }
+    }
+}
+
+/// A store on a prefix of its own, so cases run in parallel without seeing each other.
+fn store() -> Option<(S3Store, Cleanup)> {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let url = server()?;
+    let prefix = format!(
+        "conformance-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    );
+    let loc = S3Location::parse(&format!("{url}/{prefix}"), None).unwrap();
+    // Keys come from the standard AWS environment variables.
+    let make = || S3Store::new(loc.clone(), &S3Options::default()).unwrap();
+    make().ensure_bucket().unwrap();
+    Some((make(), Cleanup(make())))
+}
+
+mod conformance {
+    aquifer_object::object_conformance!(optional super::store());
+}
+
+#[test]
+fn many_threads_share_one_store() {
+    let Some((s, _g)) = store() else { return };
+    std::thread::scope(|t| {
+        for i in 0..8u8 {
+            let s = &s;
+            t.spawn(move || {
+                for j in 0..8u8 {
+                    let key = format!("t{i}/{j}");
+                    let data = Bytes::from(vec![i ^ j; 300_000]);
+                    s.put(&key, data.clone()).unwrap();
+                    let mut buf = vec![0u8; 300_000];
+                    assert_eq!(s.get_into(&key, 0, &mut buf).unwrap(), 300_000);
+                    assert_eq!(buf, data);
+                }
+            });
+        }
+    });
+    assert_eq!(s.list("", "", 1000).unwrap().len(), 64);
+}
+
+#[test]
+fn wrong_keys_are_a_clear_error_that_is_not_retried() {
+    let Some(url) = server() else { return };
+    let opts = S3Options {
+        credentials: Some(S3Credentials {
+            access_key: "nobody".into(),
+            secret_key: "not-the-secret".into(),
+            session_token: None,
+        }),
+        ..Default::default()
+    };
+    let s = S3Store::new(S3Location::parse(&url, None).unwrap(), &opts).unwrap();
+    let e = s.put("x", Bytes::from_static(b"x")).unwrap_err();
+    assert!(!e.is_retryable(), "{e}");
+    let msg = e.to_string();
+    assert!(!msg.contains("not-the-secret"), "{msg}");
+}
+
+#[test]
+fn an_unreachable_server_is_unavailable_and_retryable() {
+    // Port 9 (discard) on loopback: nothing listens there.
+    let loc = S3Location::parse("http://127.0.0.1:9/bucket", None).unwrap();
+    // Static keys, so that no credential provider looks beyond loopback.
+    let opts = S3Options {
+        credentials: Some(S3Credentials {
+            access_key: "a".into(),
+            secret_key: "b".into(),
+            session_token: None,
+        }),
+        ..Default::default()
+    };
+    let s = S3Store::new(loc, &opts).unwrap();
+    let e = s.get("k", 0, None).unwrap_err();
+    assert!(matches!(e, ObjectError::Unavailable { .. }), "{e}");
+    assert!(e.is_retryable());
+}
