@@ -151,16 +151,18 @@ pub fn read_whole(
     len: usize,
 ) -> Result<Vec<u8>> {
     if c == Compression::None {
-        // The plain form's size is known: one ranged read straight into the buffer.
-        let mut buf = vec![0u8; stored_len(len)];
-        let got = store.get_into(key, 0, &mut buf)?;
-        if got != buf.len() {
+        // The plain form's size is known. The store's own buffer becomes the block (no
+        // copy when it hands over a unique one, as the S3 and file stores do).
+        let want = stored_len(len);
+        let obj = store.get(key, 0, Some(want as u64))?;
+        if obj.len() != want {
             return Err(corrupt(
                 key,
-                format!("object is truncated: {got} of {} bytes", buf.len()),
+                format!("object is truncated: {} of {want} bytes", obj.len()),
             ));
         }
-        check_plain(key, len, &buf)?;
+        check_plain(key, len, &obj)?;
+        let mut buf = Vec::from(obj);
         buf.truncate(len);
         return Ok(buf);
     }

@@ -254,9 +254,10 @@ impl ChunkStore {
             if let Some(block) = self.cache.get(&key) {
                 part.copy_from_slice(&block[range]);
             } else if whole || blen as usize <= 4 * codec::SEGMENT {
-                let block = prefetch::fetch_block(&*self.store, c, &key, blen as usize)?;
+                let block = self.cache.get_or_fetch(&key, || {
+                    prefetch::fetch_block(&*self.store, c, &key, blen as usize)
+                })?;
                 part.copy_from_slice(&block[range]);
-                self.cache.insert(key, block);
             } else {
                 codec::read(
                     &*self.store,

@@ -12,13 +12,26 @@ use aquifer_meta::Ino;
 use aquifer_object::ObjectStore;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 /// Whole, verified blocks by key; first in, first out, bounded in bytes.
+///
+/// [`get_or_fetch`](BlockCache::get_or_fetch) lets one thread fetch a block while others
+/// that want it wait: the kernel sends several read-ahead requests of one file at once, and
+/// a prefetcher may be fetching the block a reader has just reached. Without it each of them
+/// would GET the same block.
 pub struct BlockCache {
     inner: Mutex<CacheState>,
     cap: usize,
+    inflight: Mutex<HashMap<String, Arc<Flight>>>,
+}
+
+/// One fetch in progress; `done` holds its outcome (None: it failed) once finished.
+#[derive(Default)]
+struct Flight {
+    done: Mutex<Option<Option<Arc<Vec<u8>>>>>,
+    cv: Condvar,
 }
 
 #[derive(Default)]
@@ -33,7 +46,55 @@ impl BlockCache {
         BlockCache {
             inner: Mutex::new(CacheState::default()),
             cap,
+            inflight: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The cached block `key`, or the result of `fetch` run by exactly one of the threads
+    /// asking for it at the same time.
+    pub fn get_or_fetch(
+        &self,
+        key: &str,
+        fetch: impl FnOnce() -> crate::Result<Arc<Vec<u8>>>,
+    ) -> crate::Result<Arc<Vec<u8>>> {
+        if let Some(b) = self.get(key) {
+            return Ok(b);
+        }
+        let (flight, leader) = {
+            let mut m = self.inflight.lock().unwrap();
+            match m.get(key) {
+                Some(f) => (f.clone(), false),
+                None => {
+                    // Checked again under the lock: a fetch may have finished meanwhile.
+                    if let Some(b) = self.get(key) {
+                        return Ok(b);
+                    }
+                    let f = Arc::new(Flight::default());
+                    m.insert(key.to_string(), f.clone());
+                    (f, true)
+                }
+            }
+        };
+        if !leader {
+            let mut done = flight.done.lock().unwrap();
+            while done.is_none() {
+                done = flight.cv.wait(done).unwrap();
+            }
+            if let Some(Some(b)) = done.as_ref() {
+                return Ok(b.clone());
+            }
+            drop(done);
+            // The leader failed: try once more ourselves, so the error is our own to report.
+            return fetch();
+        }
+        let r = fetch();
+        if let Ok(b) = &r {
+            self.insert(key.to_string(), b.clone());
+        }
+        *flight.done.lock().unwrap() = Some(r.as_ref().ok().cloned());
+        flight.cv.notify_all();
+        self.inflight.lock().unwrap().remove(key);
+        r
     }
 
     pub fn get(&self, key: &str) -> Option<Arc<Vec<u8>>> {
@@ -103,12 +164,11 @@ impl Prefetcher {
                     .spawn(move || loop {
                         let job = rx.lock().unwrap().recv();
                         let Ok((key, len)) = job else { return };
-                        if cache.get(&key).is_none() {
-                            match fetch_block(&*store, c, &key, len) {
-                                Ok(data) => cache.insert(key.clone(), data),
-                                // The reader fetches it again and reports the error itself.
-                                Err(e) => tracing::debug!(key, error = %e, "prefetch failed"),
-                            }
+                        if let Err(e) =
+                            cache.get_or_fetch(&key, || fetch_block(&*store, c, &key, len))
+                        {
+                            // The reader fetches it again and reports the error itself.
+                            tracing::debug!(key, error = %e, "prefetch failed");
                         }
                         inflight.lock().unwrap().remove(&key);
                     })
@@ -124,13 +184,21 @@ impl Prefetcher {
     }
 
     /// Record a read of `[off, off+len)` of `ino`; true when it continues the previous one.
+    /// The kernel sends read-ahead requests of one file concurrently, so they arrive a
+    /// little out of order: a read near where the last one ended still counts.
     pub fn observe(&self, ino: Ino, off: u64, len: u64) -> bool {
+        const WINDOW: u64 = 4 << 20;
         let mut m = self.last_end.lock().unwrap();
         if m.len() > 65536 {
             m.clear();
         }
-        let seq = off == 0 || m.get(&ino) == Some(&off);
-        m.insert(ino, off + len);
+        let last = m.get(&ino).copied();
+        let seq = off == 0 || last.is_some_and(|l| off + WINDOW >= l && off <= l + WINDOW);
+        let end = match last {
+            Some(l) if seq => l.max(off + len),
+            _ => off + len,
+        };
+        m.insert(ino, end);
         seq
     }
 
@@ -161,6 +229,51 @@ impl Drop for Prefetcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn concurrent_requests_for_a_block_fetch_it_once() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let c = BlockCache::new(1 << 20);
+        let fetches = AtomicUsize::new(0);
+        std::thread::scope(|t| {
+            for _ in 0..8 {
+                t.spawn(|| {
+                    let b = c
+                        .get_or_fetch("k", || {
+                            fetches.fetch_add(1, Ordering::SeqCst);
+                            std::thread::sleep(std::time::Duration::from_millis(50));
+                            Ok(Arc::new(vec![7; 100]))
+                        })
+                        .unwrap();
+                    assert_eq!(*b, vec![7; 100]);
+                });
+            }
+        });
+        assert_eq!(fetches.load(Ordering::SeqCst), 1);
+        // A failed fetch is not cached; waiters fall back to fetching themselves.
+        let e = c.get_or_fetch("bad", || Err(crate::DataError::Poisoned("x".into())));
+        assert!(e.is_err());
+        assert!(c.get("bad").is_none());
+    }
+
+    #[test]
+    fn reads_near_the_last_end_are_sequential() {
+        let c = Arc::new(BlockCache::new(1 << 20));
+        let p = Prefetcher::new(
+            Arc::new(aquifer_object::MemStore::new()),
+            c,
+            1,
+            Compression::None,
+        );
+        assert!(p.observe(1, 0, 1 << 20));
+        // Out of order, as concurrent kernel read-ahead delivers them.
+        assert!(p.observe(1, 2 << 20, 1 << 20));
+        assert!(p.observe(1, 1 << 20, 1 << 20));
+        assert!(p.observe(1, 3 << 20, 1 << 20));
+        // A jump far away is random, and so is the first read of another file mid-way.
+        assert!(!p.observe(1, 100 << 20, 4096));
+        assert!(!p.observe(2, 50 << 20, 4096));
+    }
 
     #[test]
     fn cache_is_bounded_first_in_first_out() {

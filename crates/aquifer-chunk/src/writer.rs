@@ -372,7 +372,7 @@ mod tests {
     fn sequential_reads_fetch_ahead_into_the_cache() {
         let (cs, _, ino) = setup(1 << 20);
         let w = FileWriter::new(cs.clone(), ino);
-        let data: Vec<u8> = (0..(5 << 20) as u32).map(|i| (i % 253) as u8).collect();
+        let data: Vec<u8> = (0..(10 << 20) as u32).map(|i| (i % 253) as u8).collect();
         w.write(0, &data).unwrap();
         w.flush().unwrap();
         let len = data.len() as u64;
@@ -385,8 +385,8 @@ mod tests {
         assert_eq!(cs.cache.bytes(), 3 << 20);
         // A small random read elsewhere in a large block does not fill the cache.
         assert_eq!(
-            cs.read(ino, 4 << 20, 100, len).unwrap(),
-            data[4 << 20..(4 << 20) + 100]
+            cs.read(ino, 9 << 20, 100, len).unwrap(),
+            data[9 << 20..(9 << 20) + 100]
         );
         assert_eq!(cs.cache.bytes(), 3 << 20);
         // The cached blocks serve the rest of the sequential read correctly.

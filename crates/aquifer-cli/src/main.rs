@@ -132,8 +132,9 @@ struct MountArgs {
     /// Threads uploading blocks to the object store.
     #[arg(long, default_value_t = 8)]
     max_uploads: usize,
-    /// Threads fetching blocks ahead of sequential readers.
-    #[arg(long, default_value_t = 2)]
+    /// Threads fetching blocks ahead of sequential readers, and how many blocks ahead they
+    /// go: on object stores throughput comes from many GETs in flight.
+    #[arg(long, default_value_t = 8)]
     max_downloads: usize,
     /// Memory in MiB for blocks in flight: half for blocks queued for upload (writers wait,
     /// not fail, when it is full), half for blocks read ahead.

@@ -279,29 +279,46 @@ impl S3Store {
         }
     }
 
-    /// GET `[off, off+len)`; an empty result when `off` is at or past the end.
-    async fn get_stream(
-        &self,
-        key: &str,
-        off: u64,
-        len: Option<u64>,
-    ) -> Result<Option<ByteStream>> {
-        let mut req = self
+    /// GET `[off, off+len)` whole, or None when `off` is at or past the end. The request and the body are driven on the runtime's
+    /// threads and the caller is woken once at the end; polling the body from the caller
+    /// would wake it for every network chunk (hundreds per block).
+    fn fetch(&self, key: &str, off: u64, len: Option<u64>) -> Result<Option<Vec<u8>>> {
+        let range = match len {
+            Some(0) => return Ok(None),
+            Some(l) => Some(format!("bytes={off}-{}", off + l - 1)),
+            None if off > 0 => Some(format!("bytes={off}-")),
+            None => None,
+        };
+        let req = self
             .client
             .get_object()
             .bucket(&self.loc.bucket)
-            .key(self.key(key));
-        match len {
-            Some(0) => return Ok(None),
-            Some(l) => req = req.range(format!("bytes={off}-{}", off + l - 1)),
-            None if off > 0 => req = req.range(format!("bytes={off}-")),
-            None => {}
-        }
-        match req.send().await {
-            Ok(out) => Ok(Some(out.body)),
-            // Range Not Satisfiable: the object ends before `off`.
-            Err(e) if status(&e) == Some(416) => Ok(None),
-            Err(e) => Err(self.error("get", key, e)),
+            .key(self.key(key))
+            .set_range(range);
+        let task = self.rt.spawn(async move {
+            match req.send().await {
+                Ok(mut out) => {
+                    // Into one buffer as the chunks arrive, so a block is held once.
+                    let size = out.content_length().unwrap_or(0).max(0) as usize;
+                    let mut data = Vec::with_capacity(len.map_or(size, |l| l as usize));
+                    while let Some(chunk) = out.body.next().await {
+                        match chunk {
+                            Ok(c) => data.extend_from_slice(&c),
+                            Err(e) => return Ok(Err(e.to_string())),
+                        }
+                    }
+                    Ok(Ok(Some(data)))
+                }
+                // Range Not Satisfiable: the object ends before `off`.
+                Err(e) if status(&e) == Some(416) => Ok(Ok(None)),
+                Err(e) => Err(e),
+            }
+        });
+        match self.rt.block_on(task) {
+            Ok(Ok(Ok(segs))) => Ok(segs),
+            Ok(Ok(Err(body))) => Err(self.body_error(key, body)),
+            Ok(Err(e)) => Err(self.error("get", key, e)),
+            Err(join) => Err(self.body_error(key, join)),
         }
     }
 
@@ -344,42 +361,23 @@ impl ObjectStore for S3Store {
     }
 
     fn get(&self, key: &str, off: u64, len: Option<u64>) -> Result<Bytes> {
-        self.rt.block_on(async {
-            let Some(body) = self.get_stream(key, off, len).await? else {
-                return Ok(Bytes::new());
-            };
-            let data = body
-                .collect()
-                .await
-                .map_err(|e| self.body_error(key, e))?
-                .into_bytes();
-            // A server that ignores Range would hand back the whole object.
-            Ok(match len {
-                Some(l) if data.len() as u64 > l => data.slice(..l as usize),
-                _ => data,
-            })
-        })
+        let Some(mut data) = self.fetch(key, off, len)? else {
+            return Ok(Bytes::new());
+        };
+        // A server that ignores Range would hand back the whole object.
+        if let Some(l) = len {
+            data.truncate(l as usize);
+        }
+        Ok(Bytes::from(data))
     }
 
     fn get_into(&self, key: &str, off: u64, buf: &mut [u8]) -> Result<usize> {
-        self.rt.block_on(async {
-            let Some(mut body) = self.get_stream(key, off, Some(buf.len() as u64)).await? else {
-                return Ok(0);
-            };
-            // Copy each network chunk straight into the caller's buffer: no second copy of
-            // the block is ever held.
-            let mut n = 0;
-            while let Some(chunk) = body.next().await {
-                let chunk = chunk.map_err(|e| self.body_error(key, e))?;
-                let take = chunk.len().min(buf.len() - n);
-                buf[n..n + take].copy_from_slice(&chunk[..take]);
-                n += take;
-                if n == buf.len() {
-                    break;
-                }
-            }
-            Ok(n)
-        })
+        let Some(data) = self.fetch(key, off, Some(buf.len() as u64))? else {
+            return Ok(0);
+        };
+        let n = data.len().min(buf.len());
+        buf[..n].copy_from_slice(&data[..n]);
+        Ok(n)
     }
 
     fn head(&self, key: &str) -> Result<ObjectInfo> {
