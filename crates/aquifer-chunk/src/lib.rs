@@ -23,7 +23,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-pub use pool::{Completion, UploadPool};
+pub use pool::{BufferPool, Completion, UploadPool};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
@@ -107,6 +107,7 @@ pub struct ChunkStore {
     store: Arc<dyn ObjectStore>,
     cfg: DataConfig,
     uploads: UploadPool,
+    buffers: Arc<BufferPool>,
     cache: Arc<prefetch::BlockCache>,
     /// Checksum trailers of blocks read at random: 260 bytes per 4 MiB block.
     trailers: prefetch::BlockCache,
@@ -123,7 +124,17 @@ impl ChunkStore {
         store: Arc<dyn ObjectStore>,
         cfg: DataConfig,
     ) -> Arc<ChunkStore> {
-        let uploads = UploadPool::new(store.clone(), cfg.upload_threads, cfg.upload_queue);
+        // Enough idle buffers for a writer to keep the uploaders busy; any more are freed.
+        let buffers = Arc::new(BufferPool::new(
+            codec::stored_len(cfg.block_size as usize),
+            cfg.upload_threads.clamp(2, 8),
+        ));
+        let uploads = UploadPool::new(
+            store.clone(),
+            cfg.upload_threads,
+            cfg.upload_queue,
+            buffers.clone(),
+        );
         let (tx, rx) = mpsc::channel();
         let cache = Arc::new(prefetch::BlockCache::new(cfg.cache_bytes));
         let prefetch = prefetch::Prefetcher::new(
@@ -137,6 +148,7 @@ impl ChunkStore {
             store,
             cfg,
             uploads,
+            buffers,
             cache,
             trailers: prefetch::BlockCache::new(4 << 20),
             prefetch,
@@ -285,6 +297,11 @@ impl ChunkStore {
 
     /// Queue block `key` whose payload is `block` for upload; uncompressed, the checksum
     /// trailer is appended in place (no copy when the buffer has room for it).
+    /// An empty buffer with room for a whole block and its trailer.
+    pub(crate) fn block_buffer(&self) -> Vec<u8> {
+        self.buffers.take()
+    }
+
     pub(crate) fn upload_sealed(&self, key: String, block: Vec<u8>) -> Arc<Completion> {
         let obj = codec::seal_with(self.cfg.compression, block);
         self.uploads.submit(key, obj)

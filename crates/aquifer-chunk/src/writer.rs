@@ -131,12 +131,14 @@ impl FileWriter {
             if s.tail.capacity() < need {
                 // Small files get what they need; a buffer on its way to a full block gets the
                 // whole block and its trailer at once.
-                let target = if need > bsz / 4 {
-                    codec::stored_len(bsz)
+                if need > bsz / 4 {
+                    let mut b = self.cs.block_buffer();
+                    b.extend_from_slice(&s.tail);
+                    s.tail = b;
                 } else {
-                    codec::stored_len(need.max(2 * s.tail.capacity()))
-                };
-                s.tail.reserve_exact(target - s.tail.len());
+                    let target = codec::stored_len(need.max(2 * s.tail.capacity()));
+                    s.tail.reserve_exact(target - s.tail.len());
+                }
             }
             s.tail.extend_from_slice(&rest[..take]);
             rest = &rest[take..];
@@ -366,6 +368,46 @@ mod tests {
             cs.read(ino, 0, 64, 64).unwrap_err().errno(),
             aquifer_meta::Errno::EIO
         );
+    }
+
+    #[test]
+    fn block_buffers_are_reused_and_bounded() {
+        // A store that, like S3 or a directory, keeps no reference to what it was given.
+        let dir = tempfile::tempdir().unwrap();
+        let meta: Arc<dyn Meta> = Arc::new(KvMeta::new(MemKv::new()));
+        meta.format(&test_format(64 << 10), false).unwrap();
+        let ino = meta
+            .mknod(
+                &Context::root(),
+                ROOT_INO,
+                b"f",
+                FileType::File,
+                0o644,
+                0,
+                0,
+            )
+            .unwrap()
+            .0;
+        let store = Arc::new(aquifer_object::FileStore::new(dir.path().to_str().unwrap()).unwrap());
+        let cfg = DataConfig {
+            block_size: 64 << 10,
+            compact_threshold: usize::MAX,
+            ..Default::default()
+        };
+        let cs = ChunkStore::new(meta, store, cfg);
+        let w = FileWriter::new(cs.clone(), ino);
+        let data: Vec<u8> = (0..(40 << 16) as u32).map(|i| (i % 241) as u8).collect();
+        for part in data.chunks(10_000) {
+            w.write(
+                (part.as_ptr() as usize - data.as_ptr() as usize) as u64,
+                part,
+            )
+            .unwrap();
+        }
+        w.flush().unwrap();
+        let idle = cs.buffers.idle();
+        assert!((1..=8).contains(&idle), "{idle} idle buffers");
+        assert_eq!(read_all(&cs, ino), data);
     }
 
     #[test]
