@@ -77,6 +77,25 @@ fn many_threads_share_one_store() {
 }
 
 #[test]
+fn large_ranges_are_fetched_in_parallel_parts_and_reassembled() {
+    let Some((s, _g)) = store() else { return };
+    let data: Vec<u8> = (0..(10u32 << 20) + 12_345)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    s.put("big", Bytes::from(data.clone())).unwrap();
+    assert_eq!(s.get("big", 0, Some(data.len() as u64)).unwrap(), data);
+    // Parts cross the object's end, and a range starts mid-part.
+    assert_eq!(
+        s.get("big", 3 << 20, Some(20 << 20)).unwrap(),
+        data[3 << 20..]
+    );
+    let mut buf = vec![0u8; 7 << 20];
+    assert_eq!(s.get_into("big", 1_000_001, &mut buf).unwrap(), buf.len());
+    assert_eq!(buf, data[1_000_001..1_000_001 + (7 << 20)]);
+    assert!(s.get("big", 30 << 20, Some(8 << 20)).unwrap().is_empty());
+}
+
+#[test]
 fn wrong_keys_are_a_clear_error_that_is_not_retried() {
     let Some(url) = server() else { return };
     let opts = S3Options {
