@@ -4,7 +4,8 @@
 # cold sequential read of a multi-GiB file, then the small-file job (write, cold read).
 # "Cold": the daemon is remounted, the kernel page cache dropped and JuiceFS's local block
 # cache emptied, so every block comes from the S3 server.
-# Prints a markdown table: throughput, each daemon's peak RSS and CPU seconds per GiB moved.
+# Prints a markdown table: throughput, each daemon's peak RSS and CPU seconds per GiB moved,
+# and the S3 server's CPU seconds per GiB while serving each.
 #   benches/s3.sh [WORKDIR]      (SIZE=2G NRFILES=200 ROUNDS=1 by default; needs root)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -61,6 +62,9 @@ hwm() {
   done
   echo $((m / 1024))
 }
+server_cpu() {
+  awk -v t="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / t}' "/proc/$(cat "$work/s3/pid")/stat"
+}
 remount() {  # remount SYSTEM: records the peak RSS of the mount that ends
   echo "$(hwm "$1")" >>"$work/$1.hwm"
   case $1 in aquifer) "$aquifer" umount "$(mnt "$1")" ;; juicefs) juicefs umount "$(mnt "$1")" >/dev/null ;; esac
@@ -87,11 +91,15 @@ for fs in aquifer juicefs; do
   out="$work/$fs.tsv"; : >"$out"
   emit() { printf '%s\t%s\n' "$1" "$2" >>"$out"; }
   # phase JOB METRIC FIELD GIB: run a fio job, record its rate and the daemon's CPU per GiB.
+  # The S3 server's CPU too: on two cores it shares the machine with the daemon.
   phase() {
-    local c0 c1 bw fps
-    c0=$(cpu "$fs"); read -r bw fps < <(fio_bw "$1" "$d"); c1=$(cpu "$fs")
+    local c0 c1 s0 s1 bw fps
+    c0=$(cpu "$fs"); s0=$(server_cpu)
+    read -r bw fps < <(fio_bw "$1" "$d")
+    c1=$(cpu "$fs"); s1=$(server_cpu)
     if [ "$3" = bw ]; then emit "$2_MiBps" "$bw"; else emit "$2_files_per_s" "$fps"; fi
     emit "$2_cpu_s_per_GiB" "$(echo "$c0 $c1 $4" | awk '{printf "%.2f", ($2 - $1) / $3}')"
+    emit "$2_server_cpu_s_per_GiB" "$(echo "$s0 $s1 $4" | awk '{printf "%.2f", ($2 - $1) / $3}')"
   }
   phase seq-write seq_write bw "$gib"
   remount "$fs"

@@ -24,4 +24,20 @@ umount_volume "$mp"
 mount_volume "$mp"
 cmp "$WORK/data" "$mp/data" || fail "data differs through rate-limited mount"
 umount_volume "$mp"
+
+# The limit holds: 32 MiB at 8 MiB/s (with at most 8 MiB of burst) cannot be stored in
+# under 3 s (2.5 s allows for clock slack). Only a lower bound, so a slow machine cannot make this fail.
+new_volume slow
+out=$("$AQUIFER" mount -d "$META" "$mp" --log "$WORK/slow.log" --upload-limit 8) || fail "mount with --upload-limit"
+DAEMON_PID=$(sed -n 's/.*(pid \([0-9]*\),.*/\1/p' <<<"$out")
+head -c 33554432 /dev/urandom >"$WORK/d32"
+start=$(date +%s.%N)
+dd if="$WORK/d32" of="$mp/limited" bs=1M conv=fsync status=none || fail "write through the limit"
+elapsed=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN {printf "%.2f", b - a}')
+note "32 MiB through --upload-limit 8 took ${elapsed}s"
+awk -v e="$elapsed" 'BEGIN {exit !(e >= 2.5)}' || fail "--upload-limit 8 let 32 MiB through in ${elapsed}s"
+umount_volume "$mp"
+mount_volume "$mp"
+cmp "$WORK/d32" "$mp/limited" || fail "data differs after the limited write"
+umount_volume "$mp"
 note "ok"
