@@ -223,8 +223,18 @@ impl S3Store {
                     .block_on(self.client.create_bucket().bucket(&self.loc.bucket).send());
                 match r {
                     Ok(_) => Ok(()),
-                    Err(e) if matches!(e.code(), Some("BucketAlreadyOwnedByYou")) => Ok(()),
-                    Err(e) => Err(self.error("create bucket", &self.loc.bucket, e)),
+                    // Another client may have created it meanwhile (two formats, parallel
+                    // tests); servers answer that race differently (409, or even 500), so
+                    // a second look decides.
+                    Err(e) => {
+                        let again = self
+                            .rt
+                            .block_on(self.client.head_bucket().bucket(&self.loc.bucket).send());
+                        match again {
+                            Ok(_) => Ok(()),
+                            Err(_) => Err(self.error("create bucket", &self.loc.bucket, e)),
+                        }
+                    }
                 }
             }
             Err(e) => Err(self.error("open bucket", &self.loc.bucket, e)),

@@ -96,6 +96,28 @@ fn large_ranges_are_fetched_in_parallel_parts_and_reassembled() {
 }
 
 #[test]
+fn clients_racing_to_create_a_bucket_all_succeed() {
+    let Some(url) = server() else { return };
+    let bucket = format!("race-{}", std::process::id());
+    let loc = S3Location::parse(
+        &format!("{}/{bucket}", url.rsplit_once('/').unwrap().0),
+        None,
+    )
+    .unwrap();
+    std::thread::scope(|t| {
+        for _ in 0..6 {
+            let loc = loc.clone();
+            t.spawn(move || {
+                S3Store::new(loc, &S3Options::default())
+                    .unwrap()
+                    .ensure_bucket()
+                    .unwrap()
+            });
+        }
+    });
+}
+
+#[test]
 fn wrong_keys_are_a_clear_error_that_is_not_retried() {
     let Some(url) = server() else { return };
     let opts = S3Options {
