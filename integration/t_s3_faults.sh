@@ -30,6 +30,11 @@ expect_error "bad bucket url" "invalid S3 bucket" \
 expect_error "bad compression" "compression" \
   "$AQUIFER" format "rocksdb://$WORK/x4" x4 --storage s3 --bucket "$url/bkt" --compression gzip
 
+# JuiceFS's name for path-style S3 is accepted and stored as s3.
+"$AQUIFER" format "rocksdb://$WORK/x5" x5 --storage minio --bucket "$url/bkt" >/dev/null \
+  || fail "--storage minio"
+"$AQUIFER" status "rocksdb://$WORK/x5" | grep -q '"storage": "s3"' || fail "--storage minio not stored as s3"
+
 # Keys given at format time are kept with the volume: the mount needs no environment.
 META=rocksdb://$WORK/v/meta
 "$AQUIFER" format "$META" faults --storage s3 --bucket "$url/faults" --compression zstd \

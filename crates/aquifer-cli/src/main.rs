@@ -88,7 +88,7 @@ struct FormatArgs {
     meta_url: String,
     /// Volume name.
     name: String,
-    /// Object storage kind: file or s3.
+    /// Object storage kind: file or s3 (minio is accepted as s3).
     #[arg(long, default_value = "file")]
     storage: String,
     /// Where the blocks go: a directory for --storage file; http(s)://HOST:PORT/BUCKET
@@ -287,7 +287,11 @@ fn new_uuid() -> String {
     )
 }
 
-fn format(a: FormatArgs) -> Result<()> {
+fn format(mut a: FormatArgs) -> Result<()> {
+    // JuiceFS users say `--storage minio` for the same path-style S3.
+    if a.storage == "minio" {
+        a.storage = "s3".into();
+    }
     let bucket = match (a.storage.as_str(), &a.bucket) {
         ("file", Some(b)) => {
             let p = PathBuf::from(b.trim_start_matches("file://"));
