@@ -144,17 +144,19 @@ pub fn decode(key: &str, len: usize, obj: &[u8]) -> Result<Vec<u8>> {
 }
 
 /// Fetch and verify the whole block `key` of payload length `len` in one request.
+/// `buf` is filled and returned when the block is stored plain (a recycled buffer).
 pub fn read_whole(
     store: &dyn ObjectStore,
     c: Compression,
     key: &str,
     len: usize,
+    buf: Vec<u8>,
 ) -> Result<Vec<u8>> {
     if c == Compression::None {
         // The plain form's size is known. The store's own buffer becomes the block (no
         // copy when it hands over a unique one, as the S3 and file stores do).
         let want = stored_len(len);
-        let obj = store.get(key, 0, Some(want as u64))?;
+        let mut obj = store.get_owned(key, 0, want, buf)?;
         if obj.len() != want {
             return Err(corrupt(
                 key,
@@ -162,9 +164,8 @@ pub fn read_whole(
             ));
         }
         check_plain(key, len, &obj)?;
-        let mut buf = Vec::from(obj);
-        buf.truncate(len);
-        return Ok(buf);
+        obj.truncate(len);
+        return Ok(obj);
     }
     let obj = store.get(key, 0, None)?;
     decode(key, len, &obj)
@@ -234,7 +235,7 @@ pub fn read(
     let seg_end = (s1 * SEGMENT).min(len);
     // A read touching most of the block: one request for all of it beats two.
     if 2 * (seg_end - seg_start) >= len {
-        let whole = read_whole(store, Compression::None, key, len)?;
+        let whole = read_whole(store, Compression::None, key, len, Vec::new())?;
         dst.copy_from_slice(&whole[off..end]);
         return Ok(());
     }
@@ -349,23 +350,23 @@ mod tests {
                     assert!(obj.len() < p.len() / 10, "{c:?} did not compress");
                 }
                 s.put("k", obj.clone()).unwrap();
-                assert_eq!(&read_whole(&s, c, "k", p.len()).unwrap(), p);
+                assert_eq!(&read_whole(&s, c, "k", p.len(), Vec::new()).unwrap(), p);
                 for pos in [0, obj.len() / 2, obj.len() - 5, obj.len() - 1] {
                     let mut bad = obj.to_vec();
                     bad[pos] ^= 1;
                     s.put("bad", Bytes::from(bad)).unwrap();
-                    let e = read_whole(&s, c, "bad", p.len()).unwrap_err();
+                    let e = read_whole(&s, c, "bad", p.len(), Vec::new()).unwrap_err();
                     assert!(matches!(e, DataError::Corrupt { .. }), "{c:?} byte {pos}");
                 }
                 s.put("short", obj.slice(..obj.len() - 3)).unwrap();
-                assert!(read_whole(&s, c, "short", p.len()).is_err());
+                assert!(read_whole(&s, c, "short", p.len(), Vec::new()).is_err());
             }
         }
         // A volume may hold plain blocks next to compressed ones: every object says which.
         s.put("plain", seal_with(Compression::None, noise.clone()))
             .unwrap();
         assert_eq!(
-            read_whole(&s, Compression::Zstd, "plain", noise.len()).unwrap(),
+            read_whole(&s, Compression::Zstd, "plain", noise.len(), Vec::new()).unwrap(),
             noise
         );
     }

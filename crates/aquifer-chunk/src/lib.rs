@@ -136,7 +136,10 @@ impl ChunkStore {
             buffers.clone(),
         );
         let (tx, rx) = mpsc::channel();
-        let cache = Arc::new(prefetch::BlockCache::new(cfg.cache_bytes));
+        let cache = Arc::new(prefetch::BlockCache::with_buffers(
+            cfg.cache_bytes,
+            buffers.clone(),
+        ));
         let prefetch = prefetch::Prefetcher::new(
             store.clone(),
             cache.clone(),
@@ -267,7 +270,7 @@ impl ChunkStore {
                 part.copy_from_slice(&block[range]);
             } else if whole || blen as usize <= 4 * codec::SEGMENT {
                 let block = self.cache.get_or_fetch(&key, || {
-                    prefetch::fetch_block(&*self.store, c, &key, blen as usize)
+                    prefetch::fetch_block(&*self.store, &self.cache, c, &key, blen as usize)
                 })?;
                 part.copy_from_slice(&block[range]);
             } else {

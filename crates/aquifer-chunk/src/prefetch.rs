@@ -8,6 +8,7 @@
 //! segments they touch.
 
 use crate::codec::{self, Compression};
+use crate::pool::BufferPool;
 use aquifer_meta::Ino;
 use aquifer_object::ObjectStore;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -25,6 +26,9 @@ pub struct BlockCache {
     inner: Mutex<CacheState>,
     cap: usize,
     inflight: Mutex<HashMap<String, Arc<Flight>>>,
+    /// Evicted blocks go back here and new fetches take their buffers from it, so reading
+    /// does not map and fault in a fresh 4 MiB buffer per block.
+    buffers: Option<Arc<BufferPool>>,
 }
 
 /// One fetch in progress; `done` holds its outcome (None: it failed) once finished.
@@ -47,7 +51,21 @@ impl BlockCache {
             inner: Mutex::new(CacheState::default()),
             cap,
             inflight: Mutex::new(HashMap::new()),
+            buffers: None,
         }
+    }
+
+    /// A cache whose evicted blocks are recycled through `buffers`.
+    pub fn with_buffers(cap: usize, buffers: Arc<BufferPool>) -> BlockCache {
+        BlockCache {
+            buffers: Some(buffers),
+            ..BlockCache::new(cap)
+        }
+    }
+
+    /// A buffer for the next fetch: a recycled one when there is one.
+    pub fn buffer(&self) -> Vec<u8> {
+        self.buffers.as_ref().map(|b| b.take()).unwrap_or_default()
     }
 
     /// The cached block `key`, or the result of `fetch` run by exactly one of the threads
@@ -118,6 +136,10 @@ impl BlockCache {
             };
             if let Some(d) = s.map.remove(&old) {
                 s.bytes -= d.len();
+                // Readers may still hold it; then it is simply freed when they are done.
+                if let (Some(pool), Ok(v)) = (&self.buffers, Arc::try_unwrap(d)) {
+                    pool.give(v);
+                }
             }
         }
     }
@@ -130,11 +152,13 @@ impl BlockCache {
 /// Fetch a whole block, verified, in one request.
 pub fn fetch_block(
     store: &dyn ObjectStore,
+    cache: &BlockCache,
     c: Compression,
     key: &str,
     len: usize,
 ) -> crate::Result<Arc<Vec<u8>>> {
-    Ok(Arc::new(codec::read_whole(store, c, key, len)?))
+    let buf = cache.buffer();
+    Ok(Arc::new(codec::read_whole(store, c, key, len, buf)?))
 }
 
 pub struct Prefetcher {
@@ -165,7 +189,7 @@ impl Prefetcher {
                         let job = rx.lock().unwrap().recv();
                         let Ok((key, len)) = job else { return };
                         if let Err(e) =
-                            cache.get_or_fetch(&key, || fetch_block(&*store, c, &key, len))
+                            cache.get_or_fetch(&key, || fetch_block(&*store, &cache, c, &key, len))
                         {
                             // The reader fetches it again and reports the error itself.
                             tracing::debug!(key, error = %e, "prefetch failed");
@@ -273,6 +297,23 @@ mod tests {
         // A jump far away is random, and so is the first read of another file mid-way.
         assert!(!p.observe(1, 100 << 20, 4096));
         assert!(!p.observe(2, 50 << 20, 4096));
+    }
+
+    #[test]
+    fn evicted_blocks_are_recycled_unless_still_in_use() {
+        let pool = Arc::new(BufferPool::new(100, 4));
+        let c = BlockCache::with_buffers(250, pool.clone());
+        c.insert("a".into(), Arc::new(Vec::with_capacity(100)));
+        let held = c.get("a").unwrap();
+        c.insert("b".into(), Arc::new(vec![1; 100]));
+        c.insert("c".into(), Arc::new(vec![2; 100]));
+        c.insert("d".into(), Arc::new(vec![3; 100]));
+        // "a" (empty, still held by a reader) and "b" were evicted: only "b" came back.
+        assert!(c.get("b").is_none());
+        assert_eq!(pool.idle(), 1);
+        let b = c.buffer();
+        assert!(b.is_empty() && b.capacity() >= 100);
+        drop(held);
     }
 
     #[test]

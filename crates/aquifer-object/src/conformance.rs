@@ -26,6 +26,23 @@ pub fn ranged_get(s: &dyn ObjectStore) {
     assert_eq!(&buf[..], &data[1_000..1_064]);
 }
 
+/// A recycled buffer's old bytes never show through.
+pub fn get_owned_fills_a_recycled_buffer(s: &dyn ObjectStore) {
+    let data: Vec<u8> = (0..10_000u32).map(|i| (i % 249) as u8).collect();
+    s.put("k", Bytes::from(data.clone())).unwrap();
+    let junk = vec![0xAAu8; 50_000];
+    assert_eq!(
+        s.get_owned("k", 100, 50, junk.clone()).unwrap(),
+        data[100..150]
+    );
+    assert_eq!(
+        s.get_owned("k", 9_990, 64, junk.clone()).unwrap(),
+        data[9_990..]
+    );
+    assert_eq!(s.get_owned("k", 0, 10_000, Vec::new()).unwrap(), data);
+    assert!(s.get_owned("nope", 0, 10, junk).unwrap_err().is_not_found());
+}
+
 pub fn missing_objects(s: &dyn ObjectStore) {
     assert!(s.get("nope", 0, None).unwrap_err().is_not_found());
     assert!(s.head("nope").unwrap_err().is_not_found());
@@ -67,13 +84,14 @@ pub fn empty_object(s: &dyn ObjectStore) {
 macro_rules! object_conformance {
     ($make:expr) => {
         $crate::object_conformance!(@cases $make; put_get_roundtrip, ranged_get, missing_objects,
-            delete_removes, put_replaces_whole_object, list_in_order, empty_object);
+            delete_removes, put_replaces_whole_object, list_in_order, empty_object,
+            get_owned_fills_a_recycled_buffer);
     };
     // For backends that need a server: `$make` gives an Option and None skips the cases.
     (optional $make:expr) => {
         $crate::object_conformance!(@optional $make; put_get_roundtrip, ranged_get,
             missing_objects, delete_removes, put_replaces_whole_object, list_in_order,
-            empty_object);
+            empty_object, get_owned_fills_a_recycled_buffer);
     };
     (@optional $make:expr; $($case:ident),*) => {
         $(

@@ -110,6 +110,14 @@ impl<S: ObjectStore> ObjectStore for Retrying<S> {
     fn get_into(&self, key: &str, off: u64, buf: &mut [u8]) -> Result<usize> {
         self.run("get", key, || self.inner.get_into(key, off, buf))
     }
+    fn get_owned(&self, key: &str, off: u64, len: usize, buf: Vec<u8>) -> Result<Vec<u8>> {
+        // The buffer goes to the first attempt; a retry (rare) brings its own.
+        let mut buf = Some(buf);
+        self.run("get", key, || {
+            self.inner
+                .get_owned(key, off, len, buf.take().unwrap_or_default())
+        })
+    }
     fn head(&self, key: &str) -> Result<ObjectInfo> {
         self.run("head", key, || self.inner.head(key))
     }
@@ -200,6 +208,12 @@ impl<S: ObjectStore> ObjectStore for RateLimited<S> {
         }
         self.inner.get_into(key, off, buf)
     }
+    fn get_owned(&self, key: &str, off: u64, len: usize, buf: Vec<u8>) -> Result<Vec<u8>> {
+        if let Some(b) = &self.down {
+            b.acquire(len as u64);
+        }
+        self.inner.get_owned(key, off, len, buf)
+    }
     fn head(&self, key: &str) -> Result<ObjectInfo> {
         self.inner.head(key)
     }
@@ -223,6 +237,9 @@ impl<S: ObjectStore + ?Sized> ObjectStore for Arc<S> {
     }
     fn get_into(&self, key: &str, off: u64, buf: &mut [u8]) -> Result<usize> {
         (**self).get_into(key, off, buf)
+    }
+    fn get_owned(&self, key: &str, off: u64, len: usize, buf: Vec<u8>) -> Result<Vec<u8>> {
+        (**self).get_owned(key, off, len, buf)
     }
     fn head(&self, key: &str) -> Result<ObjectInfo> {
         (**self).head(key)

@@ -93,6 +93,16 @@ pub trait ObjectStore: Send + Sync {
         buf[..data.len()].copy_from_slice(&data);
         Ok(data.len())
     }
+    /// Read `len` bytes from `off` into `buf` (its old content is discarded) and return it,
+    /// shorter only when the object ends first. Lets a caller recycle block buffers; backends
+    /// that fill a buffer of their own override it to fill this one instead.
+    fn get_owned(&self, key: &str, off: u64, len: usize, mut buf: Vec<u8>) -> Result<Vec<u8>> {
+        buf.clear();
+        buf.resize(len, 0);
+        let n = self.get_into(key, off, &mut buf)?;
+        buf.truncate(n);
+        Ok(buf)
+    }
     fn head(&self, key: &str) -> Result<ObjectInfo>;
     /// Delete `key`; deleting a missing key succeeds.
     fn delete(&self, key: &str) -> Result<()>;

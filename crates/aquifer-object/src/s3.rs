@@ -298,7 +298,7 @@ impl S3Store {
         let l = match len {
             Some(l) if l > SPLIT_ABOVE => l,
             _ => {
-                let task = self.spawn_get(key, off, len);
+                let task = self.spawn_get(key, off, len, Vec::new());
                 return self.finish(key, task);
             }
         };
@@ -307,7 +307,7 @@ impl S3Store {
             .map(|p| {
                 (
                     PART.min(l - p),
-                    self.spawn_get(key, off + p, Some(PART.min(l - p))),
+                    self.spawn_get(key, off + p, Some(PART.min(l - p)), Vec::new()),
                 )
             })
             .collect();
@@ -327,7 +327,8 @@ impl S3Store {
     /// Start one GET on the runtime. The request and the body are driven on the runtime's
     /// threads and the caller is woken once at the end; polling the body from the caller
     /// would wake it for every network chunk (hundreds per block).
-    fn spawn_get(&self, key: &str, off: u64, len: Option<u64>) -> GetTask {
+    /// The body is gathered into `buf` (cleared first), so a recycled buffer is reused.
+    fn spawn_get(&self, key: &str, off: u64, len: Option<u64>, mut buf: Vec<u8>) -> GetTask {
         let range = match len {
             Some(0) => return self.rt.spawn(async { Ok(Ok(None)) }),
             Some(l) => Some(format!("bytes={off}-{}", off + l - 1)),
@@ -345,14 +346,15 @@ impl S3Store {
                 Ok(mut out) => {
                     // Into one buffer as the chunks arrive, so a block is held once.
                     let size = out.content_length().unwrap_or(0).max(0) as usize;
-                    let mut data = Vec::with_capacity(len.map_or(size, |l| l as usize));
+                    buf.clear();
+                    buf.reserve(len.map_or(size, |l| l as usize));
                     while let Some(chunk) = out.body.next().await {
                         match chunk {
-                            Ok(c) => data.extend_from_slice(&c),
+                            Ok(c) => buf.extend_from_slice(&c),
                             Err(e) => return Ok(Err(e.to_string())),
                         }
                     }
-                    Ok(Ok(Some(data)))
+                    Ok(Ok(Some(buf)))
                 }
                 // Range Not Satisfiable: the object ends before `off`.
                 Err(e) if status(&e) == Some(416) => Ok(Ok(None)),
@@ -434,6 +436,16 @@ impl ObjectStore for S3Store {
         let n = data.len().min(buf.len());
         buf[..n].copy_from_slice(&data[..n]);
         Ok(n)
+    }
+
+    fn get_owned(&self, key: &str, off: u64, len: usize, buf: Vec<u8>) -> Result<Vec<u8>> {
+        if len as u64 > 6 << 20 {
+            return Ok(self.fetch(key, off, Some(len as u64))?.unwrap_or_default());
+        }
+        let task = self.spawn_get(key, off, Some(len as u64), buf);
+        let mut data = self.finish(key, task)?.unwrap_or_default();
+        data.truncate(len);
+        Ok(data)
     }
 
     fn head(&self, key: &str) -> Result<ObjectInfo> {
