@@ -237,6 +237,18 @@ mod tests {
         compact_threshold: usize,
         compression: Compression,
     ) -> (Arc<ChunkStore>, Arc<MemStore>, Ino) {
+        let store = Arc::new(MemStore::new());
+        let (cs, ino) = setup_on(store.clone(), block_size, compact_threshold, compression);
+        (cs, store, ino)
+    }
+
+    /// A fresh file on a volume whose blocks go to `store`.
+    fn setup_on(
+        store: Arc<dyn aquifer_object::ObjectStore>,
+        block_size: u32,
+        compact_threshold: usize,
+        compression: Compression,
+    ) -> (Arc<ChunkStore>, Ino) {
         let meta: Arc<dyn Meta> = Arc::new(KvMeta::new(MemKv::new()));
         meta.format(&test_format(block_size), false).unwrap();
         let ino = meta
@@ -251,14 +263,13 @@ mod tests {
             )
             .unwrap()
             .0;
-        let store = Arc::new(MemStore::new());
         let cfg = DataConfig {
             block_size,
             compact_threshold,
             compression,
             ..Default::default()
         };
-        (ChunkStore::new(meta, store.clone(), cfg), store, ino)
+        (ChunkStore::new(meta, store, cfg), ino)
     }
 
     fn read_all(cs: &ChunkStore, ino: Ino) -> Vec<u8> {
@@ -374,27 +385,8 @@ mod tests {
     fn block_buffers_are_reused_and_bounded() {
         // A store that, like S3 or a directory, keeps no reference to what it was given.
         let dir = tempfile::tempdir().unwrap();
-        let meta: Arc<dyn Meta> = Arc::new(KvMeta::new(MemKv::new()));
-        meta.format(&test_format(64 << 10), false).unwrap();
-        let ino = meta
-            .mknod(
-                &Context::root(),
-                ROOT_INO,
-                b"f",
-                FileType::File,
-                0o644,
-                0,
-                0,
-            )
-            .unwrap()
-            .0;
         let store = Arc::new(aquifer_object::FileStore::new(dir.path().to_str().unwrap()).unwrap());
-        let cfg = DataConfig {
-            block_size: 64 << 10,
-            compact_threshold: usize::MAX,
-            ..Default::default()
-        };
-        let cs = ChunkStore::new(meta, store, cfg);
+        let (cs, ino) = setup_on(store, 64 << 10, usize::MAX, Compression::None);
         let w = FileWriter::new(cs.clone(), ino);
         let data: Vec<u8> = (0..(40 << 16) as u32).map(|i| (i % 241) as u8).collect();
         for part in data.chunks(10_000) {

@@ -57,6 +57,16 @@ struct S3Args {
     secret_key: Option<String>,
 }
 
+impl S3Args {
+    /// Record these settings in a volume's settings.
+    fn apply(&self, f: &mut Format) {
+        f.region = self.region.clone().unwrap_or_default();
+        f.endpoint = self.endpoint.clone().unwrap_or_default();
+        f.access_key = self.access_key.clone().unwrap_or_default();
+        f.secret_key = aquifer_meta::Secret(self.secret_key.clone().unwrap_or_default());
+    }
+}
+
 #[derive(Args)]
 struct ObjbenchArgs {
     /// Object storage kind: file or s3.
@@ -321,10 +331,7 @@ fn format(mut a: FormatArgs) -> Result<()> {
         a.inodes,
     )?;
     f.compression = a.compression.clone();
-    f.region = a.s3.region.clone().unwrap_or_default();
-    f.endpoint = a.s3.endpoint.clone().unwrap_or_default();
-    f.access_key = a.s3.access_key.clone().unwrap_or_default();
-    f.secret_key = aquifer_meta::Secret(a.s3.secret_key.clone().unwrap_or_default());
+    a.s3.apply(&mut f);
     check_store(&f)?;
     let meta = open_meta(&a.meta_url, true, false)?;
     meta.format(&f, a.force).map_err(meta_err)?;
@@ -374,14 +381,13 @@ fn store_spec(f: &Format) -> aquifer_object::StoreSpec {
 /// object written, read back and deleted (creating the bucket of an S3 store if needed).
 fn check_store(f: &Format) -> Result<()> {
     let spec = store_spec(f);
-    if f.storage == "s3" {
-        let mut loc = aquifer_object::s3::S3Location::parse(&spec.bucket, spec.endpoint.as_deref())
-            .map_err(|e| anyhow!("{e}"))?;
-        loc.prefix.push_str(&spec.prefix);
-        let s3 = aquifer_object::s3::S3Store::new(loc, &spec.s3).map_err(|e| anyhow!("{e}"))?;
+    let store: Arc<dyn aquifer_object::ObjectStore> = if f.storage == "s3" {
+        let s3 = aquifer_object::s3_store(&spec).map_err(|e| anyhow!("{e}"))?;
         s3.ensure_bucket().map_err(|e| anyhow!("{e}"))?;
-    }
-    let store = aquifer_object::create(&spec).map_err(|e| anyhow!("{e}"))?;
+        Arc::new(s3)
+    } else {
+        aquifer_object::create(&spec).map_err(|e| anyhow!("{e}"))?
+    };
     let key = format!("probe/{}", new_uuid());
     let data = bytes::Bytes::from_static(b"aquifer format probe");
     store
@@ -521,10 +527,7 @@ fn objbench(a: ObjbenchArgs) -> Result<()> {
         "file" => a.bucket.trim_start_matches("file://").to_string(),
         _ => a.bucket.clone(),
     };
-    f.region = a.s3.region.clone().unwrap_or_default();
-    f.endpoint = a.s3.endpoint.clone().unwrap_or_default();
-    f.access_key = a.s3.access_key.clone().unwrap_or_default();
-    f.secret_key = aquifer_meta::Secret(a.s3.secret_key.clone().unwrap_or_default());
+    a.s3.apply(&mut f);
     let mut spec = store_spec(&f);
     // Its own prefix in the bucket, removed again by the benchmark.
     spec.prefix = format!("objbench-{}/", new_uuid());

@@ -131,11 +131,7 @@ pub fn create(spec: &StoreSpec) -> Result<Arc<dyn ObjectStore>> {
         "file" => Ok(Arc::new(FileStore::new(&spec.bucket)?)),
         "memory" | "mem" => Ok(Arc::new(MemStore::new())),
         #[cfg(feature = "s3")]
-        "s3" => {
-            let mut loc = s3::S3Location::parse(&spec.bucket, spec.endpoint.as_deref())?;
-            loc.prefix.push_str(&spec.prefix);
-            Ok(Arc::new(s3::S3Store::new(loc, &spec.s3)?))
-        }
+        "s3" => Ok(Arc::new(s3_store(spec)?)),
         other => Err(ObjectError::Config(format!(
             "unsupported storage {other:?}: supported are {}",
             if cfg!(feature = "s3") {
@@ -145,4 +141,12 @@ pub fn create(spec: &StoreSpec) -> Result<Arc<dyn ObjectStore>> {
             }
         ))),
     }
+}
+
+/// The S3 store a `storage = "s3"` spec describes, as its own type (for bucket set-up).
+#[cfg(feature = "s3")]
+pub fn s3_store(spec: &StoreSpec) -> Result<s3::S3Store> {
+    let mut loc = s3::S3Location::parse(&spec.bucket, spec.endpoint.as_deref())?;
+    loc.prefix.push_str(&spec.prefix);
+    s3::S3Store::new(loc, &spec.s3)
 }

@@ -292,13 +292,20 @@ impl S3Store {
     /// GET `[off, off+len)` whole, or None when `off` is at or past the end. Large ranges
     /// (blocks formatted bigger than 6 MiB) are fetched as 4 MiB ranged GETs in parallel: one
     /// HTTP stream rarely fills the link to a remote store.
-    fn fetch(&self, key: &str, off: u64, len: Option<u64>) -> Result<Option<Vec<u8>>> {
+    /// `buf` receives the body unless the range is split (a recycled buffer is reused).
+    fn fetch(
+        &self,
+        key: &str,
+        off: u64,
+        len: Option<u64>,
+        buf: Vec<u8>,
+    ) -> Result<Option<Vec<u8>>> {
         const PART: u64 = 4 << 20;
         const SPLIT_ABOVE: u64 = 6 << 20;
         let l = match len {
             Some(l) if l > SPLIT_ABOVE => l,
             _ => {
-                let task = self.spawn_get(key, off, len, Vec::new());
+                let task = self.spawn_get(key, off, len, buf);
                 return self.finish(key, task);
             }
         };
@@ -419,7 +426,7 @@ impl ObjectStore for S3Store {
     }
 
     fn get(&self, key: &str, off: u64, len: Option<u64>) -> Result<Bytes> {
-        let Some(mut data) = self.fetch(key, off, len)? else {
+        let Some(mut data) = self.fetch(key, off, len, Vec::new())? else {
             return Ok(Bytes::new());
         };
         // A server that ignores Range would hand back the whole object.
@@ -430,7 +437,7 @@ impl ObjectStore for S3Store {
     }
 
     fn get_into(&self, key: &str, off: u64, buf: &mut [u8]) -> Result<usize> {
-        let Some(data) = self.fetch(key, off, Some(buf.len() as u64))? else {
+        let Some(data) = self.fetch(key, off, Some(buf.len() as u64), Vec::new())? else {
             return Ok(0);
         };
         let n = data.len().min(buf.len());
@@ -439,11 +446,10 @@ impl ObjectStore for S3Store {
     }
 
     fn get_owned(&self, key: &str, off: u64, len: usize, buf: Vec<u8>) -> Result<Vec<u8>> {
-        if len as u64 > 6 << 20 {
-            return Ok(self.fetch(key, off, Some(len as u64))?.unwrap_or_default());
-        }
-        let task = self.spawn_get(key, off, Some(len as u64), buf);
-        let mut data = self.finish(key, task)?.unwrap_or_default();
+        let mut data = self
+            .fetch(key, off, Some(len as u64), buf)?
+            .unwrap_or_default();
+        // A server that ignores Range would hand back the whole object.
         data.truncate(len);
         Ok(data)
     }

@@ -22,6 +22,17 @@ fn server() -> Option<String> {
     }
 }
 
+fn static_keys(access_key: &str, secret_key: &str) -> S3Options {
+    S3Options {
+        credentials: Some(S3Credentials {
+            access_key: access_key.into(),
+            secret_key: secret_key.into(),
+            session_token: None,
+        }),
+        ..Default::default()
+    }
+}
+
 /// Deletes everything under the test's prefix when the test ends.
 struct Cleanup(S3Store);
 
@@ -120,14 +131,7 @@ fn clients_racing_to_create_a_bucket_all_succeed() {
 #[test]
 fn wrong_keys_are_a_clear_error_that_is_not_retried() {
     let Some(url) = server() else { return };
-    let opts = S3Options {
-        credentials: Some(S3Credentials {
-            access_key: "nobody".into(),
-            secret_key: "not-the-secret".into(),
-            session_token: None,
-        }),
-        ..Default::default()
-    };
+    let opts = static_keys("nobody", "not-the-secret");
     let s = S3Store::new(S3Location::parse(&url, None).unwrap(), &opts).unwrap();
     let e = s.put("x", Bytes::from_static(b"x")).unwrap_err();
     assert!(!e.is_retryable(), "{e}");
@@ -140,14 +144,7 @@ fn an_unreachable_server_is_unavailable_and_retryable() {
     // Port 9 (discard) on loopback: nothing listens there.
     let loc = S3Location::parse("http://127.0.0.1:9/bucket", None).unwrap();
     // Static keys, so that no credential provider looks beyond loopback.
-    let opts = S3Options {
-        credentials: Some(S3Credentials {
-            access_key: "a".into(),
-            secret_key: "b".into(),
-            session_token: None,
-        }),
-        ..Default::default()
-    };
+    let opts = static_keys("a", "b");
     let s = S3Store::new(loc, &opts).unwrap();
     let e = s.get("k", 0, None).unwrap_err();
     assert!(matches!(e, ObjectError::Unavailable { .. }), "{e}");
