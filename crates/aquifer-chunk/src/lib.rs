@@ -211,7 +211,45 @@ impl ChunkStore {
             self.read_chunk(ino, idx, cpos as u32, &mut out[dst_off..dst_off + n], seq)?;
             pos += n as u64;
         }
+        if seq {
+            self.read_ahead_into_next_chunk(ino, end, file_len);
+        }
         Ok(out)
+    }
+
+    /// `read_slice` reads ahead only inside the slice it reads. When the read-ahead window
+    /// of a sequential reader reaches past the end of the chunk, the first blocks of the
+    /// next chunk are requested as well, so the reader crossing a 64 MiB boundary finds them
+    /// in flight instead of waiting for one GET with nothing else queued behind it.
+    fn read_ahead_into_next_chunk(&self, ino: Ino, end: u64, file_len: u64) {
+        let bs = self.cfg.block_size as u64;
+        let to = (end + self.cfg.readahead_blocks as u64 * bs).min(file_len);
+        let next = end.div_ceil(CHUNK_SIZE);
+        if next * CHUNK_SIZE >= to {
+            return;
+        }
+        let idx = next as u32;
+        let Some(visible) = self.prefetch.slices_ahead(ino, idx, || {
+            // Only a hint: a failed lookup means no read-ahead, the read itself will report.
+            self.meta
+                .read_chunk(ino, idx)
+                .ok()
+                .map(|s| layout::visible(&s))
+        }) else {
+            return;
+        };
+        // A stale list (the file changed since) only fetches blocks nobody reads: blocks
+        // are immutable and reads always consult the current slice list.
+        let lim = (to - next * CHUNK_SIZE) as u32;
+        for s in visible.iter().filter(|s| s.id != 0 && s.pos < lim) {
+            let (a, b) = (s.off, s.off + (s.end().min(lim) - s.pos));
+            let bs = bs as u32;
+            for bidx in a / bs..b.div_ceil(bs) {
+                let len = (s.size - bidx * bs).min(bs);
+                self.prefetch
+                    .request(block_key(s.id, bidx, len), len as usize);
+            }
+        }
     }
 
     fn read_chunk(&self, ino: Ino, idx: u32, cpos: u32, dst: &mut [u8], seq: bool) -> Result<()> {

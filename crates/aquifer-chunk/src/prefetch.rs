@@ -9,7 +9,7 @@
 
 use crate::codec::{self, Compression};
 use crate::pool::BufferPool;
-use aquifer_meta::Ino;
+use aquifer_meta::{Ino, Slice};
 use aquifer_object::ObjectStore;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
@@ -167,6 +167,9 @@ pub struct Prefetcher {
     threads: Mutex<Vec<JoinHandle<()>>>,
     /// End offset of the last read, per inode: the next read starting there is sequential.
     last_end: Mutex<HashMap<Ino, u64>>,
+    /// The visible slices of the chunk ahead of each sequential reader, looked up once per
+    /// chunk rather than once per read (a metadata round trip on Redis).
+    ahead: Mutex<HashMap<Ino, (u32, Arc<Vec<Slice>>)>>,
 }
 
 impl Prefetcher {
@@ -204,7 +207,29 @@ impl Prefetcher {
             inflight,
             threads: Mutex::new(handles),
             last_end: Mutex::new(HashMap::new()),
+            ahead: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The visible slices of chunk `idx` of `ino`, from `load` the first time it is asked.
+    pub fn slices_ahead(
+        &self,
+        ino: Ino,
+        idx: u32,
+        load: impl FnOnce() -> Option<Vec<Slice>>,
+    ) -> Option<Arc<Vec<Slice>>> {
+        if let Some((i, v)) = self.ahead.lock().unwrap().get(&ino) {
+            if *i == idx {
+                return Some(v.clone());
+            }
+        }
+        let v = Arc::new(load()?);
+        let mut m = self.ahead.lock().unwrap();
+        if m.len() > 4096 {
+            m.clear();
+        }
+        m.insert(ino, (idx, v.clone()));
+        Some(v)
     }
 
     /// Record a read of `[off, off+len)` of `ino`; true when it continues the previous one.

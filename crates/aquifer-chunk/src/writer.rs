@@ -294,6 +294,43 @@ mod tests {
     }
 
     #[test]
+    fn sequential_reads_fetch_ahead_into_the_next_chunk() {
+        let bs = 1 << 20;
+        let (cs, _, ino) = setup(bs);
+        let w = FileWriter::new(cs.clone(), ino);
+        // Data at the end of chunk 0 and the start of chunk 1, holes before.
+        w.write(CHUNK_SIZE - 1024, &[1; 1024]).unwrap();
+        w.write(CHUNK_SIZE, &[2; 3 << 20]).unwrap();
+        w.flush().unwrap();
+        let len = CHUNK_SIZE + (3 << 20);
+        let next = cs.meta().read_chunk(ino, 1).unwrap()[0];
+        let first = block_key(next.id, 0, bs);
+        // Sequential reads up to the end of chunk 0, none of them inside chunk 1.
+        let mut off = 0;
+        while off < CHUNK_SIZE {
+            let n = (4 << 20).min(CHUNK_SIZE - off);
+            assert_eq!(
+                cs.read(ino, off, n as usize, len).unwrap().len(),
+                n as usize
+            );
+            off += n;
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while cs.cache.get(&first).is_none() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the next chunk's first block was not read ahead"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(*cs.cache.get(&first).unwrap(), vec![2u8; bs as usize]);
+        assert_eq!(
+            cs.read(ino, CHUNK_SIZE, 3 << 20, len).unwrap(),
+            vec![2u8; 3 << 20]
+        );
+    }
+
+    #[test]
     fn overwrite_then_extend_keeps_newest_bytes() {
         let (cs, _, ino) = setup(64);
         let w = FileWriter::new(cs.clone(), ino);
