@@ -161,6 +161,9 @@ pub fn fetch_block(
     Ok(Arc::new(codec::read_whole(store, c, key, len, buf)?))
 }
 
+/// A chunk index and its visible slices.
+type ChunkAhead = (u32, Arc<Vec<Slice>>);
+
 pub struct Prefetcher {
     tx: Mutex<Option<SyncSender<(String, usize)>>>,
     inflight: Arc<Mutex<HashSet<String>>>,
@@ -169,7 +172,7 @@ pub struct Prefetcher {
     last_end: Mutex<HashMap<Ino, u64>>,
     /// The visible slices of the chunk ahead of each sequential reader, looked up once per
     /// chunk rather than once per read (a metadata round trip on Redis).
-    ahead: Mutex<HashMap<Ino, (u32, Arc<Vec<Slice>>)>>,
+    ahead: Mutex<HashMap<Ino, ChunkAhead>>,
 }
 
 impl Prefetcher {
