@@ -122,8 +122,12 @@ impl ChunkStore {
     pub fn new(
         meta: Arc<dyn Meta>,
         store: Arc<dyn ObjectStore>,
-        cfg: DataConfig,
+        mut cfg: DataConfig,
     ) -> Arc<ChunkStore> {
+        // Blocks fetched ahead must still be cached when the reader reaches them: a window
+        // wider than the cache evicts them first and every block is fetched twice.
+        let fit = cfg.cache_bytes / 2 / (cfg.block_size.max(1) as usize);
+        cfg.readahead_blocks = cfg.readahead_blocks.min(fit.max(1) as u32);
         // Enough idle buffers for a writer to keep the uploaders busy; any more are freed.
         let buffers = Arc::new(BufferPool::new(
             codec::stored_len(cfg.block_size as usize),
@@ -247,7 +251,7 @@ impl ChunkStore {
             for bidx in a / bs..b.div_ceil(bs) {
                 let len = (s.size - bidx * bs).min(bs);
                 self.prefetch
-                    .request(block_key(s.id, bidx, len), len as usize);
+                    .request(&self.cache, block_key(s.id, bidx, len), len as usize);
             }
         }
     }
@@ -322,11 +326,12 @@ impl ChunkStore {
                 )?;
             }
             if seq {
+                self.prefetch.cancel(&key);
                 for next in bidx + 1..=bidx + self.cfg.readahead_blocks {
                     if next * bs < size {
                         let len = (size - next * bs).min(bs);
                         self.prefetch
-                            .request(block_key(id, next, len), len as usize);
+                            .request(&self.cache, block_key(id, next, len), len as usize);
                     }
                 }
             }

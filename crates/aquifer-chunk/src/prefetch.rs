@@ -115,6 +115,10 @@ impl BlockCache {
         r
     }
 
+    pub fn contains(&self, key: &str) -> bool {
+        self.inner.lock().unwrap().map.contains_key(key)
+    }
+
     pub fn get(&self, key: &str) -> Option<Arc<Vec<u8>>> {
         self.inner.lock().unwrap().map.get(key).cloned()
     }
@@ -194,6 +198,10 @@ impl Prefetcher {
                     .spawn(move || loop {
                         let job = rx.lock().unwrap().recv();
                         let Ok((key, len)) = job else { return };
+                        // Cancelled while queued: the reader got there first.
+                        if !inflight.lock().unwrap().contains(&key) {
+                            continue;
+                        }
                         if let Err(e) =
                             cache.get_or_fetch(&key, || fetch_block(&*store, &cache, c, &key, len))
                         {
@@ -254,9 +262,10 @@ impl Prefetcher {
         seq
     }
 
-    /// Fetch `key` in the background unless it is already on its way; never blocks.
-    pub fn request(&self, key: String, len: usize) {
-        if !self.inflight.lock().unwrap().insert(key.clone()) {
+    /// Fetch `key` in the background unless it is cached or already on its way; never
+    /// blocks.
+    pub fn request(&self, cache: &BlockCache, key: String, len: usize) {
+        if cache.contains(&key) || !self.inflight.lock().unwrap().insert(key.clone()) {
             return;
         }
         let sent = match self.tx.lock().unwrap().as_ref() {
@@ -265,6 +274,18 @@ impl Prefetcher {
         };
         if !sent {
             self.inflight.lock().unwrap().remove(&key);
+        }
+    }
+}
+
+impl Prefetcher {
+    /// The reader has `key` (fetched it itself or found it cached): a request for it still
+    /// queued is dropped. Run later, it would find the block evicted by then (the reader
+    /// has moved on) and fetch it a second time for nobody.
+    pub fn cancel(&self, key: &str) {
+        let mut inflight = self.inflight.lock().unwrap();
+        if !inflight.is_empty() {
+            inflight.remove(key);
         }
     }
 }

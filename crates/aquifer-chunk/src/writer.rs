@@ -331,6 +331,51 @@ mod tests {
     }
 
     #[test]
+    fn read_ahead_wider_than_the_cache_fetches_each_block_once() {
+        let store = Arc::new(aquifer_object::FaultStore::new(MemStore::new()));
+        let meta: Arc<dyn Meta> = Arc::new(KvMeta::new(MemKv::new()));
+        let bs = 64 << 10;
+        meta.format(&test_format(bs), false).unwrap();
+        let ino = meta
+            .mknod(
+                &Context::root(),
+                ROOT_INO,
+                b"f",
+                FileType::File,
+                0o644,
+                0,
+                0,
+            )
+            .unwrap()
+            .0;
+        let cfg = DataConfig {
+            block_size: bs,
+            cache_bytes: 4 * bs as usize,
+            readahead_blocks: 16,
+            prefetch_threads: 16,
+            ..Default::default()
+        };
+        let cs = ChunkStore::new(meta, store.clone(), cfg);
+        let w = FileWriter::new(cs.clone(), ino);
+        let data: Vec<u8> = (0..64 * bs).map(|i| (i / 4099) as u8).collect();
+        w.write(0, &data).unwrap();
+        w.flush().unwrap();
+        let before = store.calls();
+        let len = data.len() as u64;
+        for off in (0..len).step_by(bs as usize) {
+            let got = cs.read(ino, off, bs as usize, len).unwrap();
+            assert!(got == data[off as usize..(off + bs as u64) as usize]);
+        }
+        // Let the last read-ahead requests finish before counting.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert_eq!(
+            store.calls() - before,
+            64,
+            "each block is fetched exactly once"
+        );
+    }
+
+    #[test]
     fn overwrite_then_extend_keeps_newest_bytes() {
         let (cs, _, ino) = setup(64);
         let w = FileWriter::new(cs.clone(), ino);
