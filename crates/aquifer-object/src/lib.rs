@@ -8,6 +8,8 @@ mod layers;
 mod memory;
 #[cfg(feature = "s3")]
 pub mod s3;
+#[cfg(feature = "s3")]
+mod s3_http;
 
 pub mod conformance;
 

@@ -10,6 +10,7 @@
 //! checksums, which not every S3-compatible server understands, are asked for only when an
 //! operation requires them.
 
+use crate::s3_http::QuickAckHttpClient;
 use crate::{ObjectError, ObjectInfo, ObjectStore, Result};
 use aws_sdk_s3::config::retry::RetryConfig;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
@@ -19,6 +20,7 @@ use aws_sdk_s3::config::{
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::Client;
+use aws_smithy_runtime_api::client::http::SharedHttpClient;
 use bytes::Bytes;
 use std::fmt;
 use std::time::Duration;
@@ -155,11 +157,16 @@ impl S3Store {
             .enable_all()
             .build()
             .map_err(|e| ObjectError::Config(format!("cannot start the S3 client runtime: {e}")))?;
-        let http = aws_smithy_http_client::Builder::new()
-            .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
-                aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
-            ))
-            .build_https();
+        let http = match &loc.endpoint {
+            Some(ep) if ep.starts_with("http://") => {
+                SharedHttpClient::new(QuickAckHttpClient::new(opts.connect_timeout))
+            }
+            _ => aws_smithy_http_client::Builder::new()
+                .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+                    aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+                ))
+                .build_https(),
+        };
         // The region is always given explicitly so that nothing asks the instance metadata
         // service for one; AWS_REGION and profiles are honoured by the loader only for keys.
         let region = opts
