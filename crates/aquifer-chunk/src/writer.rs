@@ -238,19 +238,23 @@ mod tests {
         compression: Compression,
     ) -> (Arc<ChunkStore>, Arc<MemStore>, Ino) {
         let store = Arc::new(MemStore::new());
-        let (cs, ino) = setup_on(store.clone(), block_size, compact_threshold, compression);
+        let cfg = DataConfig {
+            block_size,
+            compact_threshold,
+            compression,
+            ..Default::default()
+        };
+        let (cs, ino) = setup_on(store.clone(), cfg);
         (cs, store, ino)
     }
 
     /// A fresh file on a volume whose blocks go to `store`.
     fn setup_on(
         store: Arc<dyn aquifer_object::ObjectStore>,
-        block_size: u32,
-        compact_threshold: usize,
-        compression: Compression,
+        cfg: DataConfig,
     ) -> (Arc<ChunkStore>, Ino) {
         let meta: Arc<dyn Meta> = Arc::new(KvMeta::new(MemKv::new()));
-        meta.format(&test_format(block_size), false).unwrap();
+        meta.format(&test_format(cfg.block_size), false).unwrap();
         let ino = meta
             .mknod(
                 &Context::root(),
@@ -263,12 +267,6 @@ mod tests {
             )
             .unwrap()
             .0;
-        let cfg = DataConfig {
-            block_size,
-            compact_threshold,
-            compression,
-            ..Default::default()
-        };
         (ChunkStore::new(meta, store, cfg), ino)
     }
 
@@ -333,21 +331,7 @@ mod tests {
     #[test]
     fn read_ahead_wider_than_the_cache_fetches_each_block_once() {
         let store = Arc::new(aquifer_object::FaultStore::new(MemStore::new()));
-        let meta: Arc<dyn Meta> = Arc::new(KvMeta::new(MemKv::new()));
         let bs = 64 << 10;
-        meta.format(&test_format(bs), false).unwrap();
-        let ino = meta
-            .mknod(
-                &Context::root(),
-                ROOT_INO,
-                b"f",
-                FileType::File,
-                0o644,
-                0,
-                0,
-            )
-            .unwrap()
-            .0;
         let cfg = DataConfig {
             block_size: bs,
             cache_bytes: 4 * bs as usize,
@@ -355,7 +339,7 @@ mod tests {
             prefetch_threads: 16,
             ..Default::default()
         };
-        let cs = ChunkStore::new(meta, store.clone(), cfg);
+        let (cs, ino) = setup_on(store.clone(), cfg);
         let w = FileWriter::new(cs.clone(), ino);
         let data: Vec<u8> = (0..64 * bs).map(|i| (i / 4099) as u8).collect();
         w.write(0, &data).unwrap();
@@ -468,7 +452,12 @@ mod tests {
         // A store that, like S3 or a directory, keeps no reference to what it was given.
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(aquifer_object::FileStore::new(dir.path().to_str().unwrap()).unwrap());
-        let (cs, ino) = setup_on(store, 64 << 10, usize::MAX, Compression::None);
+        let cfg = DataConfig {
+            block_size: 64 << 10,
+            compact_threshold: usize::MAX,
+            ..Default::default()
+        };
+        let (cs, ino) = setup_on(store, cfg);
         let w = FileWriter::new(cs.clone(), ino);
         let data: Vec<u8> = (0..(40 << 16) as u32).map(|i| (i % 241) as u8).collect();
         for part in data.chunks(10_000) {
