@@ -147,6 +147,8 @@ pub struct S3Store {
     loc: S3Location,
     rt: tokio::runtime::Runtime,
     name: String,
+    /// Deadline for one GET's body: the SDK's attempt timeout ends with the headers.
+    body_timeout: Duration,
 }
 
 impl S3Store {
@@ -210,6 +212,7 @@ impl S3Store {
             loc,
             rt,
             name,
+            body_timeout: opts.request_timeout,
         })
     }
 
@@ -355,6 +358,7 @@ impl S3Store {
             .bucket(&self.loc.bucket)
             .key(self.key(key))
             .set_range(range);
+        let body_timeout = self.body_timeout;
         self.rt.spawn(async move {
             match req.send().await {
                 Ok(mut out) => {
@@ -362,13 +366,22 @@ impl S3Store {
                     let size = out.content_length().unwrap_or(0).max(0) as usize;
                     buf.clear();
                     buf.reserve(len.map_or(size, |l| l as usize));
-                    while let Some(chunk) = out.body.next().await {
-                        match chunk {
-                            Ok(c) => buf.extend_from_slice(&c),
-                            Err(e) => return Ok(Err(e.to_string())),
+                    // A server that stops sending mid-body must not hang the reader (and
+                    // the FUSE request behind it) for ever: it is an error to retry.
+                    let body = async {
+                        while let Some(chunk) = out.body.next().await {
+                            match chunk {
+                                Ok(c) => buf.extend_from_slice(&c),
+                                Err(e) => return Err(e.to_string()),
+                            }
                         }
+                        Ok(())
+                    };
+                    match tokio::time::timeout(body_timeout, body).await {
+                        Ok(Ok(())) => Ok(Ok(Some(buf))),
+                        Ok(Err(e)) => Ok(Err(e)),
+                        Err(_) => Ok(Err(format!("body not complete after {body_timeout:?}"))),
                     }
-                    Ok(Ok(Some(buf)))
                 }
                 // Range Not Satisfiable: the object ends before `off`.
                 Err(e) if status(&e) == Some(416) => Ok(Ok(None)),

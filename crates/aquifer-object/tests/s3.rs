@@ -150,3 +150,46 @@ fn an_unreachable_server_is_unavailable_and_retryable() {
     assert!(matches!(e, ObjectError::Unavailable { .. }), "{e}");
     assert!(e.is_retryable());
 }
+
+/// A fault, not a server: answers every request with headers and the first bytes of the
+/// promised body, then goes silent with the connection open.
+fn stalling_server() -> std::net::SocketAddr {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in l.incoming() {
+            let Ok(mut c) = conn else { return };
+            let mut req = [0u8; 4096];
+            let _ = c.read(&mut req);
+            let _ = c.write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 1048576\r\nContent-Type: binary/octet-stream\r\n\r\n0123456789",
+            );
+            held.push(c);
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_body_that_stops_arriving_is_an_error_not_a_hang() {
+    let addr = stalling_server();
+    let loc = S3Location::parse(&format!("http://{addr}/bucket"), None).unwrap();
+    let opts = S3Options {
+        request_timeout: std::time::Duration::from_secs(1),
+        ..static_keys("a", "b")
+    };
+    let s = S3Store::new(loc, &opts).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(s.get("k", 0, None).map(|b| b.len()));
+    });
+    // Far longer than the 1 s deadline: only a hang fails here.
+    let r = rx
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("get() still blocked on a silent body after 60 s");
+    let e = r.unwrap_err();
+    assert!(matches!(e, ObjectError::Unavailable { .. }), "{e}");
+    assert!(e.is_retryable());
+}
