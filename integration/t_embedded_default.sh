@@ -24,5 +24,13 @@ assert s["setting"]["name"] == "default", s
 assert len(s["sessions"]) == 1, s
 assert s["usage"]["used_bytes"] >= 5000000, s
 PY
+# `aquifer umount` returns once the daemon has finished and released the volume, so it can
+# be mounted again straight away (scripts, CSI unpublish/publish).
+rm "$mp/file"
+"$AQUIFER" umount "$mp" || fail "umount"
+state=$(awk '{print $3}' "/proc/$DAEMON_PID/stat" 2>/dev/null || echo gone)
+[ "$state" = gone ] || [ "$state" = Z ] || fail "umount returned while daemon $DAEMON_PID still runs ($state)"
+out=$("$AQUIFER" mount -d "$mp" --log "$WORK/default.log") || fail "mount right after umount"
+DAEMON_PID=$(sed -n 's/.*(pid \([0-9]*\),.*/\1/p' <<<"$out")
 umount_volume "$mp"
 note "ok"

@@ -490,6 +490,11 @@ fn mount(a: MountArgs) -> Result<()> {
         read_only: a.read_only,
         attr_ttl: Duration::from_secs_f64(a.attr_cache.max(0.0)),
     };
+    // Held until the process exits, after the metadata engine is closed: `aquifer umount`
+    // returns only then.
+    if let Some(lock) = mountpoint::hold_mount_lock(&mp) {
+        std::mem::forget(lock);
+    }
     let mut session = match aquifer_fuse::mount(vfs.clone(), &mp, &opts) {
         Ok(s) => s,
         Err(e) => {

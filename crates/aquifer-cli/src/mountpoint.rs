@@ -212,6 +212,89 @@ pub fn handle_signals(
         });
 }
 
+/// The lock file a daemon serving `mp` holds for as long as it runs. `aquifer umount` waits
+/// on it: unmounting returns as soon as the kernel lets go, while the daemon still finishes
+/// (background work, closing the metadata engine), and a `mount` of the same volume right
+/// after would find the metadata database in use.
+fn lock_path(mp: &Path) -> PathBuf {
+    // SAFETY: geteuid has no preconditions.
+    let dir = if unsafe { libc::geteuid() } == 0 {
+        PathBuf::from("/run/aquifer")
+    } else if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
+        PathBuf::from(d).join("aquifer")
+    } else {
+        // SAFETY: as above.
+        std::env::temp_dir().join(format!("aquifer-{}", unsafe { libc::geteuid() }))
+    };
+    // FNV-1a: stable across builds, so an upgraded `aquifer umount` finds an older daemon's.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in mp.as_os_str().as_encoded_bytes() {
+        h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    dir.join(format!("mount-{h:016x}.lock"))
+}
+
+fn flock(f: &std::fs::File, blocking: bool) -> bool {
+    use std::os::fd::AsRawFd;
+    let op = libc::LOCK_EX | if blocking { 0 } else { libc::LOCK_NB };
+    // SAFETY: a valid open descriptor.
+    unsafe { libc::flock(f.as_raw_fd(), op) == 0 }
+}
+
+/// Taken by the daemon serving `mp` and kept until it exits (the kernel drops the lock with
+/// the process, however it ends). Best effort: without it `umount` just does not wait.
+pub fn hold_mount_lock(mp: &Path) -> Option<std::fs::File> {
+    use std::os::unix::fs::MetadataExt;
+    let path = lock_path(mp);
+    std::fs::create_dir_all(path.parent()?).ok()?;
+    // `umount` removes the file once it holds the lock; a file locked after that removal is
+    // no longer the one at the path, so open it again.
+    for _ in 0..3 {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .ok()?;
+        if !flock(&f, false) {
+            return None;
+        }
+        let same = match (f.metadata(), std::fs::metadata(&path)) {
+            (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
+            _ => false,
+        };
+        if same {
+            return Some(f);
+        }
+    }
+    None
+}
+
+/// Wait until no daemon holds `mp`'s lock, for at most `limit`.
+fn wait_for_daemon(mp: &Path, limit: Duration) -> bool {
+    let Ok(f) = std::fs::File::open(lock_path(mp)) else {
+        return true;
+    };
+    let start = Instant::now();
+    let mut told = false;
+    while !flock(&f, false) {
+        if start.elapsed() > limit {
+            return false;
+        }
+        if !told && start.elapsed() > Duration::from_secs(2) {
+            eprintln!(
+                "aquifer: waiting for the daemon of {} to finish",
+                mp.display()
+            );
+            told = true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Ours now: nobody serves `mp`, so the file can go (see `hold_mount_lock`).
+    let _ = std::fs::remove_file(lock_path(mp));
+    true
+}
+
 fn lazy_unmount(mp: &Path) {
     let c = std::ffi::CString::new(mp.as_os_str().as_encoded_bytes()).unwrap_or_default();
     // SAFETY: c is a valid NUL-terminated path.
@@ -246,8 +329,18 @@ pub fn umount(mp: &Path, force: bool) -> Result<()> {
         cmd.arg("-z");
     }
     let out = cmd.arg(&canon).output();
+    let done = |canon: &Path| {
+        // A forced (lazy) unmount may leave the daemon serving open files: do not wait.
+        if !force && !wait_for_daemon(canon, Duration::from_secs(60)) {
+            eprintln!(
+                "aquifer: unmounted {}, but its daemon is still finishing after 60 s; see its log",
+                canon.display()
+            );
+        }
+        Ok(())
+    };
     match out {
-        Ok(o) if o.status.success() => Ok(()),
+        Ok(o) if o.status.success() => done(&canon),
         Ok(o) => {
             let msg = String::from_utf8_lossy(&o.stderr);
             let msg = msg.lines().next().unwrap_or("").trim().to_string();
@@ -270,7 +363,7 @@ pub fn umount(mp: &Path, force: bool) -> Result<()> {
                     std::io::Error::last_os_error()
                 );
             }
-            Ok(())
+            done(&canon)
         }
     }
 }
