@@ -251,7 +251,7 @@ impl ChunkStore {
             for bidx in a / bs..b.div_ceil(bs) {
                 let len = (s.size - bidx * bs).min(bs);
                 self.prefetch
-                    .request(&self.cache, block_key(s.id, bidx, len), len as usize);
+                    .request(block_key(s.id, bidx, len), len as usize);
             }
         }
     }
@@ -331,7 +331,7 @@ impl ChunkStore {
                     if next * bs < size {
                         let len = (size - next * bs).min(bs);
                         self.prefetch
-                            .request(&self.cache, block_key(id, next, len), len as usize);
+                            .request(block_key(id, next, len), len as usize);
                     }
                 }
             }
@@ -341,13 +341,13 @@ impl ChunkStore {
         Ok(())
     }
 
-    /// Queue block `key` whose payload is `block` for upload; uncompressed, the checksum
-    /// trailer is appended in place (no copy when the buffer has room for it).
     /// An empty buffer with room for a whole block and its trailer.
     pub(crate) fn block_buffer(&self) -> Vec<u8> {
         self.buffers.take()
     }
 
+    /// Queue block `key` whose payload is `block` for upload; uncompressed, the checksum
+    /// trailer is appended in place (no copy when the buffer has room for it).
     pub(crate) fn upload_sealed(&self, key: String, block: Vec<u8>) -> Arc<Completion> {
         let obj = codec::seal_with(self.cfg.compression, block);
         self.uploads.submit(key, obj)

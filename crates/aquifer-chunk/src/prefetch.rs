@@ -169,6 +169,7 @@ pub fn fetch_block(
 type ChunkAhead = (u32, Arc<Vec<Slice>>);
 
 pub struct Prefetcher {
+    cache: Arc<BlockCache>,
     tx: Mutex<Option<SyncSender<(String, usize)>>>,
     inflight: Arc<Mutex<HashSet<String>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
@@ -214,6 +215,7 @@ impl Prefetcher {
             })
             .collect();
         Prefetcher {
+            cache,
             tx: Mutex::new(Some(tx)),
             inflight,
             threads: Mutex::new(handles),
@@ -264,8 +266,8 @@ impl Prefetcher {
 
     /// Fetch `key` in the background unless it is cached or already on its way; never
     /// blocks.
-    pub fn request(&self, cache: &BlockCache, key: String, len: usize) {
-        if cache.contains(&key) || !self.inflight.lock().unwrap().insert(key.clone()) {
+    pub fn request(&self, key: String, len: usize) {
+        if self.cache.contains(&key) || !self.inflight.lock().unwrap().insert(key.clone()) {
             return;
         }
         let sent = match self.tx.lock().unwrap().as_ref() {
@@ -276,17 +278,12 @@ impl Prefetcher {
             self.inflight.lock().unwrap().remove(&key);
         }
     }
-}
 
-impl Prefetcher {
     /// The reader has `key` (fetched it itself or found it cached): a request for it still
     /// queued is dropped. Run later, it would find the block evicted by then (the reader
     /// has moved on) and fetch it a second time for nobody.
     pub fn cancel(&self, key: &str) {
-        let mut inflight = self.inflight.lock().unwrap();
-        if !inflight.is_empty() {
-            inflight.remove(key);
-        }
+        self.inflight.lock().unwrap().remove(key);
     }
 }
 
