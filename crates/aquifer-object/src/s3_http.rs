@@ -111,6 +111,14 @@ struct QuickAckStream {
     sent: bool,
 }
 
+impl QuickAckStream {
+    fn note_write(&mut self, r: &Poll<io::Result<usize>>) {
+        if matches!(r, Poll::Ready(Ok(n)) if *n > 0) {
+            self.sent = true;
+        }
+    }
+}
+
 fn quickack(s: &TcpStream) {
     let on: libc::c_int = 1;
     // SAFETY: a valid socket descriptor and a c_int option of the right size. Failure only
@@ -155,9 +163,7 @@ impl Write for QuickAckStream {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.io).poll_write(cx, buf);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            this.sent = true;
-        }
+        this.note_write(&r);
         r
     }
 
@@ -168,9 +174,7 @@ impl Write for QuickAckStream {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            this.sent = true;
-        }
+        this.note_write(&r);
         r
     }
 
