@@ -9,6 +9,7 @@
 
 pub mod codec;
 pub mod layout;
+pub mod maintenance;
 mod pool;
 pub mod prefetch;
 pub mod writer;
@@ -16,14 +17,16 @@ pub mod writer;
 use aquifer_meta::{Errno, Ino, Meta, MetaError, Slice, CHUNK_SIZE};
 use aquifer_object::{ObjectError, ObjectStore};
 use bytes::Bytes;
+use parking_lot::Mutex;
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-pub use pool::{BufferPool, Completion, UploadPool};
+pub use pool::{Budget, BufferPool, Completion, Held, UploadPool};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
@@ -35,6 +38,8 @@ pub enum DataError {
     Poisoned(String),
     #[error("block {key} is corrupt: {msg}")]
     Corrupt { key: String, msg: String },
+    #[error("cannot start the data path: {0}")]
+    Setup(String),
 }
 
 impl DataError {
@@ -74,8 +79,11 @@ pub struct DataConfig {
     pub block_size: u32,
     /// Threads writing blocks to the object store.
     pub upload_threads: usize,
-    /// Blocks queued for upload before writers wait (bounds memory).
+    /// Blocks queued for upload before a submitting writer waits.
     pub upload_queue: usize,
+    /// Memory for buffered write data: open slices' tails, blocks queued or being
+    /// uploaded, failed blocks kept for a retry. Writers wait when it is spent.
+    pub write_buffer: usize,
     /// Compact a chunk once it holds this many slices.
     pub compact_threshold: usize,
     /// Memory for whole blocks read ahead for sequential readers.
@@ -93,6 +101,7 @@ impl Default for DataConfig {
             block_size: 4 << 20,
             upload_threads: 4,
             upload_queue: 16,
+            write_buffer: 64 << 20,
             compact_threshold: 32,
             cache_bytes: 64 << 20,
             readahead_blocks: 2,
@@ -108,6 +117,12 @@ pub struct ChunkStore {
     cfg: DataConfig,
     uploads: UploadPool,
     buffers: Arc<BufferPool>,
+    budget: Arc<Budget>,
+    /// Every live writer, for the budget to seal the idlest ones' tails.
+    writers: Mutex<Vec<Weak<writer::FileWriter>>>,
+    /// One writer at a time makes room in the budget; the others wait for it.
+    spilling: Mutex<()>,
+    clock: AtomicU64,
     cache: Arc<prefetch::BlockCache>,
     /// Checksum trailers of blocks read at random: 260 bytes per 4 MiB block.
     trailers: prefetch::BlockCache,
@@ -123,7 +138,8 @@ impl ChunkStore {
         meta: Arc<dyn Meta>,
         store: Arc<dyn ObjectStore>,
         mut cfg: DataConfig,
-    ) -> Arc<ChunkStore> {
+    ) -> Result<Arc<ChunkStore>> {
+        let setup = |e: std::io::Error| DataError::Setup(format!("cannot start a thread: {e}"));
         // Blocks fetched ahead must still be cached when the reader reaches them: a window
         // wider than the cache evicts them first and every block is fetched twice.
         let fit = cfg.cache_bytes / 2 / (cfg.block_size.max(1) as usize);
@@ -138,7 +154,8 @@ impl ChunkStore {
             cfg.upload_threads,
             cfg.upload_queue,
             buffers.clone(),
-        );
+        )
+        .map_err(setup)?;
         let (tx, rx) = mpsc::channel();
         let cache = Arc::new(prefetch::BlockCache::with_buffers(
             cfg.cache_bytes,
@@ -149,13 +166,19 @@ impl ChunkStore {
             cache.clone(),
             cfg.prefetch_threads,
             cfg.compression,
-        );
+        )
+        .map_err(setup)?;
+        let budget = Budget::new(cfg.write_buffer);
         let cs = Arc::new(ChunkStore {
             meta,
             store,
             cfg,
             uploads,
             buffers,
+            budget,
+            writers: Mutex::new(Vec::new()),
+            spilling: Mutex::new(()),
+            clock: AtomicU64::new(0),
             cache,
             trailers: prefetch::BlockCache::new(4 << 20),
             prefetch,
@@ -168,15 +191,69 @@ impl ChunkStore {
         let compactor = std::thread::Builder::new()
             .name("compact".into())
             .spawn(move || compact_loop(weak, rx))
-            .expect("spawn compactor");
+            .map_err(setup)?;
         let weak = Arc::downgrade(&cs);
         let stop = cs.stop.clone();
         let trash = std::thread::Builder::new()
             .name("trash".into())
             .spawn(move || trash_loop(weak, stop))
-            .expect("spawn trash worker");
-        cs.workers.lock().unwrap().extend([compactor, trash]);
-        cs
+            .map_err(setup)?;
+        cs.workers.lock().extend([compactor, trash]);
+        Ok(cs)
+    }
+
+    /// Make every committed change durable: first the blocks written so far, then the
+    /// metadata that references them, so a power cut at any point never leaves durable
+    /// metadata pointing at a block that is not on the disk.
+    pub fn sync(&self) -> Result<()> {
+        self.store.sync()?;
+        self.meta.sync()?;
+        Ok(())
+    }
+
+    pub(crate) fn budget(&self) -> &Arc<Budget> {
+        &self.budget
+    }
+
+    /// Bytes of buffered write data held now (tails, uploads in flight, failed blocks).
+    pub fn buffered_bytes(&self) -> usize {
+        self.budget.used()
+    }
+
+    pub(crate) fn tick(&self) -> u64 {
+        self.clock.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub(crate) fn register_writer(&self, w: &Arc<writer::FileWriter>) {
+        let mut ws = self.writers.lock();
+        if ws.len() >= 64 && ws.len().is_power_of_two() {
+            ws.retain(|w| w.strong_count() > 0);
+        }
+        ws.push(Arc::downgrade(w));
+    }
+
+    /// The budget cannot give `need` bytes: have the tails of the writers idle longest
+    /// uploaded until that much is on its way, then wait a little for uploads to finish.
+    pub(crate) fn make_room(&self, need: usize) {
+        {
+            let _one = self.spilling.lock();
+            if self.budget.used() + need > self.budget.cap() {
+                let mut ws: Vec<Arc<writer::FileWriter>> = {
+                    let mut reg = self.writers.lock();
+                    reg.retain(|w| w.strong_count() > 0);
+                    reg.iter().filter_map(|w| w.upgrade()).collect()
+                };
+                ws.sort_by_key(|w| w.last_write.load(Ordering::Relaxed));
+                let mut moving = 0;
+                for w in ws {
+                    if moving >= need {
+                        break;
+                    }
+                    moving += w.spill();
+                }
+            }
+        }
+        self.budget.wait_for(need, Duration::from_millis(50));
     }
 
     pub fn meta(&self) -> &Arc<dyn Meta> {
@@ -190,8 +267,8 @@ impl ChunkStore {
     /// Stop the background workers after finishing the trash that is already due.
     pub fn shutdown(&self) {
         self.stop.store(true, Ordering::SeqCst);
-        self.compact_tx.lock().unwrap().take();
-        let workers = std::mem::take(&mut *self.workers.lock().unwrap());
+        self.compact_tx.lock().take();
+        let workers = std::mem::take(&mut *self.workers.lock());
         for w in workers {
             let _ = w.join();
         }
@@ -295,10 +372,6 @@ impl ChunkStore {
         seq: bool,
     ) -> Result<()> {
         let bs = self.cfg.block_size;
-        let c = self.cfg.compression;
-        // A compressed block is fetched whole anyway, so keep it for the next read; so are
-        // small blocks (small files), where one request beats a trailer and a range.
-        let whole = seq || c != codec::Compression::None;
         let mut done = 0usize;
         while done < dst.len() {
             let bidx = soff / bs;
@@ -306,25 +379,7 @@ impl ChunkStore {
             let blen = (size - bidx * bs).min(bs);
             let n = ((blen - boff) as usize).min(dst.len() - done);
             let key = block_key(id, bidx, blen);
-            let part = &mut dst[done..done + n];
-            let range = boff as usize..(boff as usize + n);
-            if let Some(block) = self.cache.get(&key) {
-                part.copy_from_slice(&block[range]);
-            } else if whole || blen as usize <= 4 * codec::SEGMENT {
-                let block = self.cache.get_or_fetch(&key, || {
-                    prefetch::fetch_block(&*self.store, &self.cache, c, &key, blen as usize)
-                })?;
-                part.copy_from_slice(&block[range]);
-            } else {
-                codec::read(
-                    &*self.store,
-                    Some(&self.trailers),
-                    &key,
-                    blen as usize,
-                    boff as usize,
-                    part,
-                )?;
-            }
+            self.read_block(&key, blen, boff, &mut dst[done..done + n], seq)?;
             if seq {
                 self.prefetch.cancel(&key);
                 for next in bidx + 1..=bidx + self.cfg.readahead_blocks {
@@ -341,111 +396,266 @@ impl ChunkStore {
         Ok(())
     }
 
+    /// Fill `part` from offset `boff` of block `key` (whose payload is `blen` bytes): from
+    /// the cache, else the whole block through the cache (`whole`, compressed volumes, small
+    /// blocks), else only the segments it touches.
+    pub(crate) fn read_block(
+        &self,
+        key: &str,
+        blen: u32,
+        boff: u32,
+        part: &mut [u8],
+        whole: bool,
+    ) -> Result<()> {
+        let c = self.cfg.compression;
+        // A compressed block is fetched whole anyway, so keep it for the next read; so are
+        // small blocks (small files), where one request beats a trailer and a range.
+        let whole = whole || c != codec::Compression::None;
+        let range = boff as usize..(boff as usize + part.len());
+        if let Some(block) = self.cache.get(key) {
+            part.copy_from_slice(&block[range]);
+        } else if whole || blen as usize <= 4 * codec::SEGMENT {
+            let block = self.cache.get_or_fetch(key, || {
+                prefetch::fetch_block(&*self.store, &self.cache, c, key, blen as usize)
+            })?;
+            part.copy_from_slice(&block[range]);
+        } else {
+            codec::read(
+                &*self.store,
+                Some(&self.trailers),
+                key,
+                blen as usize,
+                boff as usize,
+                part,
+            )?;
+        }
+        Ok(())
+    }
+
     /// An empty buffer with room for a whole block and its trailer.
     pub(crate) fn block_buffer(&self) -> Vec<u8> {
         self.buffers.take()
     }
 
-    /// Queue block `key` whose payload is `block` for upload; uncompressed, the checksum
-    /// trailer is appended in place (no copy when the buffer has room for it).
-    pub(crate) fn upload_sealed(&self, key: String, block: Vec<u8>) -> Arc<Completion> {
+    /// The capacity of [`block_buffer`](ChunkStore::block_buffer)'s buffers.
+    pub(crate) fn block_buffer_size(&self) -> usize {
+        self.buffers.size()
+    }
+
+    /// Queue block `key` whose payload is `block` for upload, holding `held` of the write
+    /// budget until it is stored; uncompressed, the checksum trailer is appended in place
+    /// (no copy when the buffer has room for it).
+    pub(crate) fn upload_sealed(&self, key: String, block: Vec<u8>, held: Held) -> Arc<Completion> {
         let obj = codec::seal_with(self.cfg.compression, block);
-        self.uploads.submit(key, obj)
+        self.uploads.submit(key, obj, held)
+    }
+
+    /// Upload again an object whose upload failed.
+    pub(crate) fn resubmit(&self, key: String, obj: Bytes, held: Held) -> Arc<Completion> {
+        self.uploads.submit(key, obj, held)
     }
 
     pub(crate) fn maybe_compact(&self, ino: Ino, idx: u32, count: usize) {
-        if count < self.cfg.compact_threshold {
+        // At every multiple of the threshold: a sparse chunk whose data stays in more runs
+        // than that after compaction is not rewritten again on every append.
+        let t = self.cfg.compact_threshold.max(2);
+        if count < t || !count.is_multiple_of(t) {
             return;
         }
-        if !self.compacting.lock().unwrap().insert((ino, idx)) {
+        if !self.compacting.lock().insert((ino, idx)) {
             return;
         }
-        if let Some(tx) = self.compact_tx.lock().unwrap().as_ref() {
+        if let Some(tx) = self.compact_tx.lock().as_ref() {
             let _ = tx.send((ino, idx));
         }
     }
 
-    /// Rewrite a chunk's slices as one slice.
+    /// Rewrite a chunk's slices as few slices holding only its data: runs of visible bytes
+    /// become one slice each and holes stay holes (stored as nothing). Runs are joined
+    /// across the narrowest gaps until fewer than half the compaction threshold remain, so a
+    /// compacted chunk is not compacted again at once. Blocks are read and written one at a
+    /// time, so compaction needs one block of memory whatever the chunk holds.
+    ///
+    /// Returns false when there was nothing to do or the chunk changed meanwhile (an append,
+    /// a truncate, an unlink): then the new blocks are deleted again, and the error of a
+    /// read of an input that was freed in the meantime is not an error at all.
     pub fn compact(&self, ino: Ino, idx: u32) -> Result<bool> {
         let slices = self.meta.read_chunk(ino, idx)?;
         if slices.len() < 2 {
             return Ok(false);
         }
-        let vis = layout::visible(&slices);
-        let Some(start) = vis.iter().map(|s| s.pos).min() else {
-            return Ok(false);
-        };
-        let end = vis.iter().map(|s| s.end()).max().unwrap_or(start);
-        let new = if vis.iter().all(|s| s.id == 0) {
-            Slice::zero(start, end - start)
-        } else {
-            let mut buf = vec![0u8; (end - start) as usize];
-            self.read_slices(&slices, start, &mut buf, false)?;
+        let runs = data_runs(&layout::visible(&slices), self.cfg.compact_threshold / 2);
+        let mut new = Vec::with_capacity(runs.len());
+        let written = runs.iter().try_for_each(|&(start, end)| {
             let id = self.meta.new_slice_id()?;
-            let buf = Bytes::from(buf);
-            let bs = self.cfg.block_size as usize;
-            for (i, key) in slice_keys(id, end - start, self.cfg.block_size)
-                .into_iter()
-                .enumerate()
-            {
-                let part = &buf[i * bs..((i + 1) * bs).min(buf.len())];
-                self.store
-                    .put(&key, codec::seal_with(self.cfg.compression, part.to_vec()))?;
-            }
-            Slice {
+            let s = Slice {
                 pos: start,
                 id,
                 size: end - start,
                 off: 0,
                 len: end - start,
+            };
+            new.push(s);
+            self.write_compacted(&slices, &s)
+        });
+        if let Err(e) = written {
+            new.iter().for_each(|s| self.delete_slice(s));
+            // Inputs freed by a racing truncate or unlink: the chunk changed, nothing lost.
+            let changed = self.meta.read_chunk(ino, idx).map_or(true, |now| {
+                now.len() < slices.len() || now[..slices.len()] != slices[..]
+            });
+            return if changed { Ok(false) } else { Err(e) };
+        }
+        let replaced = match self.meta.compact_chunk(ino, idx, &slices, &new) {
+            Ok(r) => r,
+            // The file is gone.
+            Err(e) if e.errno() == Errno::ENOENT => false,
+            Err(e) => {
+                new.iter().for_each(|s| self.delete_slice(s));
+                return Err(e.into());
             }
         };
-        let replaced = self.meta.compact_chunk(ino, idx, &slices, new)?;
-        if !replaced && new.id != 0 {
-            self.delete_slice(&new);
+        if !replaced {
+            new.iter().for_each(|s| self.delete_slice(s));
         }
         Ok(replaced)
     }
 
-    fn delete_slice(&self, s: &Slice) {
-        for key in slice_keys(s.id, s.size, self.cfg.block_size) {
-            if let Err(e) = self.store.delete(&key) {
-                tracing::warn!(error = %e, "delete of a freed block failed; it stays as garbage");
-            }
+    /// Store the chunk content `s` covers (as `slices` describe it) as the blocks of `s`.
+    fn write_compacted(&self, slices: &[Slice], s: &Slice) -> Result<()> {
+        let bs = self.cfg.block_size;
+        for (i, key) in slice_keys(s.id, s.size, bs).into_iter().enumerate() {
+            let at = s.pos + i as u32 * bs;
+            let len = (s.end() - at).min(bs) as usize;
+            let mut buf = self.buffers.take();
+            buf.resize(len, 0);
+            self.read_slices(slices, at, &mut buf, false)?;
+            self.store
+                .put(&key, codec::seal_with(self.cfg.compression, buf))?;
         }
+        Ok(())
+    }
+
+    fn delete_slice(&self, s: &Slice) {
+        if let Err(e) = self.delete_blocks(s) {
+            tracing::warn!(error = %e, "delete of a block failed; gc will find it");
+        }
+    }
+
+    fn delete_blocks(&self, s: &Slice) -> Result<()> {
+        delete_blocks(&*self.store, s, self.cfg.block_size)
     }
 
     /// Delete the objects of every slice in the trash. Returns how many slices were freed.
     pub fn empty_trash(&self) -> Result<usize> {
-        let mut freed = 0;
-        loop {
-            let batch = self.meta.trash_batch(64)?;
-            if batch.is_empty() {
-                return Ok(freed);
-            }
-            for (id, slices) in batch {
-                let mut seen = HashSet::new();
-                for s in slices.iter().filter(|s| s.id != 0 && seen.insert(s.id)) {
-                    self.delete_slice(s);
-                    freed += 1;
+        free_trash(&*self.meta, &*self.store, self.cfg.block_size)
+    }
+}
+
+fn delete_blocks(store: &dyn ObjectStore, s: &Slice, block_size: u32) -> Result<()> {
+    for key in slice_keys(s.id, s.size, block_size) {
+        store.delete(&key)?;
+    }
+    Ok(())
+}
+
+/// Delete the objects of every slice in the trash. Returns how many slices were freed.
+///
+/// The change that freed them is made durable first (blocks, then metadata, as
+/// [`ChunkStore::sync`]): otherwise a power cut could bring back metadata that points at
+/// blocks already deleted. A record whose deletes failed stays in the trash and is tried
+/// again on the next round (and by `aquifer gc --delete`).
+pub fn free_trash(meta: &dyn Meta, store: &dyn ObjectStore, block_size: u32) -> Result<usize> {
+    let mut freed = 0;
+    let mut synced = false;
+    let mut after = 0;
+    loop {
+        let batch = meta.trash_batch(after, 64)?;
+        if batch.is_empty() {
+            return Ok(freed);
+        }
+        if !synced {
+            store.sync()?;
+            meta.sync()?;
+            synced = true;
+        }
+        for (id, slices) in batch {
+            after = id;
+            let mut seen = HashSet::new();
+            let mut failed = None;
+            for s in slices.iter().filter(|s| s.id != 0 && seen.insert(s.id)) {
+                match delete_blocks(store, s, block_size) {
+                    Ok(()) => freed += 1,
+                    Err(e) => {
+                        failed.get_or_insert(e);
+                    }
                 }
-                self.meta.trash_done(id)?;
+            }
+            match failed {
+                None => meta.trash_done(id)?,
+                Some(e) => {
+                    tracing::warn!(trash = id, error = %e, "freeing blocks failed; will retry")
+                }
             }
         }
     }
 }
 
-fn compact_loop(cs: std::sync::Weak<ChunkStore>, rx: Receiver<(Ino, u32)>) {
+/// Runs `(start, end)` of visible data (hole slices are not data): adjacent pieces and
+/// pieces less than a segment apart are joined (a few KiB of stored zeros cost less than a
+/// slice record and a request), then the narrowest gaps while fewer than `max_runs` runs
+/// are wanted — but never storing more zeros than there are data bytes, so a sparse chunk
+/// stays sparse.
+fn data_runs(visible: &[Slice], max_runs: usize) -> Vec<(u32, u32)> {
+    let mut runs: Vec<(u32, u32)> = Vec::new();
+    for s in visible.iter().filter(|s| s.id != 0) {
+        match runs.last_mut() {
+            Some(last) if s.pos - last.1 < codec::SEGMENT as u32 => last.1 = s.end(),
+            _ => runs.push((s.pos, s.end())),
+        }
+    }
+    if runs.len() < max_runs.max(1) {
+        return runs;
+    }
+    let data: u64 = runs.iter().map(|r| (r.1 - r.0) as u64).sum();
+    let mut by_width: Vec<usize> = (0..runs.len() - 1).collect();
+    by_width.sort_by_key(|&i| (runs[i + 1].0 - runs[i].1, i));
+    let mut join = vec![false; runs.len() - 1];
+    let (mut zeros, mut joined) = (0u64, 0usize);
+    for i in by_width {
+        let gap = (runs[i + 1].0 - runs[i].1) as u64;
+        if runs.len() - joined < max_runs.max(1) || zeros + gap > data {
+            break;
+        }
+        join[i] = true;
+        zeros += gap;
+        joined += 1;
+    }
+    let mut merged: Vec<(u32, u32)> = vec![runs[0]];
+    for (i, r) in runs.into_iter().enumerate().skip(1) {
+        let last = merged.last_mut().expect("starts with one run");
+        if join[i - 1] {
+            last.1 = r.1;
+        } else {
+            merged.push(r);
+        }
+    }
+    merged
+}
+
+fn compact_loop(cs: Weak<ChunkStore>, rx: Receiver<(Ino, u32)>) {
     while let Ok((ino, idx)) = rx.recv() {
         let Some(cs) = cs.upgrade() else { return };
-        if let Err(e) = cs.compact(ino, idx) {
-            tracing::warn!(ino, idx, error = %e, "compaction failed");
+        match catch_unwind(AssertUnwindSafe(|| cs.compact(ino, idx))) {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(ino, idx, error = %e, "compaction failed"),
+            Err(_) => tracing::error!(ino, idx, "compaction panicked; the chunk is left as it was"),
         }
-        cs.compacting.lock().unwrap().remove(&(ino, idx));
+        cs.compacting.lock().remove(&(ino, idx));
     }
 }
 
-fn trash_loop(cs: std::sync::Weak<ChunkStore>, stop: Arc<AtomicBool>) {
+fn trash_loop(cs: Weak<ChunkStore>, stop: Arc<AtomicBool>) {
     let (_keep, idle) = mpsc::channel::<()>();
     while !stop.load(Ordering::SeqCst) {
         match idle.recv_timeout(Duration::from_millis(500)) {
@@ -453,8 +663,10 @@ fn trash_loop(cs: std::sync::Weak<ChunkStore>, stop: Arc<AtomicBool>) {
             Err(RecvTimeoutError::Disconnected) => return,
         }
         let Some(cs) = cs.upgrade() else { return };
-        if let Err(e) = cs.empty_trash() {
-            tracing::warn!(error = %e, "emptying the trash failed; will retry");
+        match catch_unwind(AssertUnwindSafe(|| cs.empty_trash())) {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "emptying the trash failed; will retry"),
+            Err(_) => tracing::error!("emptying the trash panicked; will retry"),
         }
     }
 }

@@ -11,9 +11,11 @@ use crate::codec::{self, Compression};
 use crate::pool::BufferPool;
 use aquifer_meta::{Ino, Slice};
 use aquifer_object::ObjectStore;
+use parking_lot::{Condvar, Mutex};
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 /// Whole, verified blocks by key; first in, first out, bounded in bytes.
@@ -79,7 +81,7 @@ impl BlockCache {
             return Ok(b);
         }
         let (flight, leader) = {
-            let mut m = self.inflight.lock().unwrap();
+            let mut m = self.inflight.lock();
             match m.get(key) {
                 Some(f) => (f.clone(), false),
                 None => {
@@ -94,9 +96,9 @@ impl BlockCache {
             }
         };
         if !leader {
-            let mut done = flight.done.lock().unwrap();
+            let mut done = flight.done.lock();
             while done.is_none() {
-                done = flight.cv.wait(done).unwrap();
+                flight.cv.wait(&mut done);
             }
             if let Some(Some(b)) = done.as_ref() {
                 return Ok(b.clone());
@@ -105,29 +107,34 @@ impl BlockCache {
             // The leader failed: try once more ourselves, so the error is our own to report.
             return fetch();
         }
+        // Whatever happens to the fetch, even a panic, the flight ends and its waiters wake.
+        let landing = Landing {
+            cache: self,
+            key,
+            flight: &flight,
+        };
         let r = fetch();
         if let Ok(b) = &r {
             self.insert(key.to_string(), b.clone());
         }
-        *flight.done.lock().unwrap() = Some(r.as_ref().ok().cloned());
-        flight.cv.notify_all();
-        self.inflight.lock().unwrap().remove(key);
+        *flight.done.lock() = Some(r.as_ref().ok().cloned());
+        drop(landing);
         r
     }
 
     pub fn contains(&self, key: &str) -> bool {
-        self.inner.lock().unwrap().map.contains_key(key)
+        self.inner.lock().map.contains_key(key)
     }
 
     pub fn get(&self, key: &str) -> Option<Arc<Vec<u8>>> {
-        self.inner.lock().unwrap().map.get(key).cloned()
+        self.inner.lock().map.get(key).cloned()
     }
 
     pub fn insert(&self, key: String, data: Arc<Vec<u8>>) {
         if data.len() > self.cap {
             return;
         }
-        let mut s = self.inner.lock().unwrap();
+        let mut s = self.inner.lock();
         if s.map.contains_key(&key) {
             return;
         }
@@ -149,7 +156,27 @@ impl BlockCache {
     }
 
     pub fn bytes(&self) -> usize {
-        self.inner.lock().unwrap().bytes
+        self.inner.lock().bytes
+    }
+}
+
+/// Ends a flight when the leader is done with it: a leader that panicked leaves it failed
+/// (`Some(None)`), so its waiters fetch for themselves instead of waiting for ever.
+struct Landing<'a> {
+    cache: &'a BlockCache,
+    key: &'a str,
+    flight: &'a Flight,
+}
+
+impl Drop for Landing<'_> {
+    fn drop(&mut self) {
+        let mut done = self.flight.done.lock();
+        if done.is_none() {
+            *done = Some(None);
+        }
+        drop(done);
+        self.flight.cv.notify_all();
+        self.cache.inflight.lock().remove(self.key);
     }
 }
 
@@ -186,42 +213,45 @@ impl Prefetcher {
         cache: Arc<BlockCache>,
         threads: usize,
         c: Compression,
-    ) -> Prefetcher {
+    ) -> std::io::Result<Prefetcher> {
         let (tx, rx) = sync_channel::<(String, usize)>(threads.max(1) * 2);
         let rx: Arc<Mutex<Receiver<(String, usize)>>> = Arc::new(Mutex::new(rx));
         let inflight = Arc::new(Mutex::new(HashSet::new()));
-        let handles = (0..threads.max(1))
-            .map(|i| {
-                let (rx, store, cache, inflight) =
-                    (rx.clone(), store.clone(), cache.clone(), inflight.clone());
+        let mut handles = Vec::new();
+        for i in 0..threads.max(1) {
+            let (rx, store, cache, inflight) =
+                (rx.clone(), store.clone(), cache.clone(), inflight.clone());
+            handles.push(
                 std::thread::Builder::new()
                     .name(format!("prefetch-{i}"))
                     .spawn(move || loop {
-                        let job = rx.lock().unwrap().recv();
+                        let job = rx.lock().recv();
                         let Ok((key, len)) = job else { return };
                         // Cancelled while queued: the reader got there first.
-                        if !inflight.lock().unwrap().contains(&key) {
+                        if !inflight.lock().contains(&key) {
                             continue;
                         }
-                        if let Err(e) =
+                        let r = catch_unwind(AssertUnwindSafe(|| {
                             cache.get_or_fetch(&key, || fetch_block(&*store, &cache, c, &key, len))
-                        {
+                        }));
+                        match r {
                             // The reader fetches it again and reports the error itself.
-                            tracing::debug!(key, error = %e, "prefetch failed");
+                            Ok(Err(e)) => tracing::debug!(key, error = %e, "prefetch failed"),
+                            Err(_) => tracing::error!(key, "prefetch panicked"),
+                            Ok(Ok(_)) => {}
                         }
-                        inflight.lock().unwrap().remove(&key);
-                    })
-                    .expect("spawn prefetch thread")
-            })
-            .collect();
-        Prefetcher {
+                        inflight.lock().remove(&key);
+                    })?,
+            );
+        }
+        Ok(Prefetcher {
             cache,
             tx: Mutex::new(Some(tx)),
             inflight,
             threads: Mutex::new(handles),
             last_end: Mutex::new(HashMap::new()),
             ahead: Mutex::new(HashMap::new()),
-        }
+        })
     }
 
     /// The visible slices of chunk `idx` of `ino`, from `load` the first time it is asked.
@@ -231,13 +261,13 @@ impl Prefetcher {
         idx: u32,
         load: impl FnOnce() -> Option<Vec<Slice>>,
     ) -> Option<Arc<Vec<Slice>>> {
-        if let Some((i, v)) = self.ahead.lock().unwrap().get(&ino) {
+        if let Some((i, v)) = self.ahead.lock().get(&ino) {
             if *i == idx {
                 return Some(v.clone());
             }
         }
         let v = Arc::new(load()?);
-        let mut m = self.ahead.lock().unwrap();
+        let mut m = self.ahead.lock();
         if m.len() > 4096 {
             m.clear();
         }
@@ -250,7 +280,7 @@ impl Prefetcher {
     /// little out of order: a read near where the last one ended still counts.
     pub fn observe(&self, ino: Ino, off: u64, len: u64) -> bool {
         const WINDOW: u64 = 4 << 20;
-        let mut m = self.last_end.lock().unwrap();
+        let mut m = self.last_end.lock();
         if m.len() > 65536 {
             m.clear();
         }
@@ -267,15 +297,15 @@ impl Prefetcher {
     /// Fetch `key` in the background unless it is cached or already on its way; never
     /// blocks.
     pub fn request(&self, key: String, len: usize) {
-        if self.cache.contains(&key) || !self.inflight.lock().unwrap().insert(key.clone()) {
+        if self.cache.contains(&key) || !self.inflight.lock().insert(key.clone()) {
             return;
         }
-        let sent = match self.tx.lock().unwrap().as_ref() {
+        let sent = match self.tx.lock().as_ref() {
             Some(tx) => tx.try_send((key.clone(), len)).is_ok(),
             None => false,
         };
         if !sent {
-            self.inflight.lock().unwrap().remove(&key);
+            self.inflight.lock().remove(&key);
         }
     }
 
@@ -283,14 +313,14 @@ impl Prefetcher {
     /// queued is dropped. Run later, it would find the block evicted by then (the reader
     /// has moved on) and fetch it a second time for nobody.
     pub fn cancel(&self, key: &str) {
-        self.inflight.lock().unwrap().remove(key);
+        self.inflight.lock().remove(key);
     }
 }
 
 impl Drop for Prefetcher {
     fn drop(&mut self) {
-        self.tx.lock().unwrap().take();
-        for t in std::mem::take(&mut *self.threads.lock().unwrap()) {
+        self.tx.lock().take();
+        for t in std::mem::take(&mut *self.threads.lock()) {
             let _ = t.join();
         }
     }
@@ -327,6 +357,30 @@ mod tests {
     }
 
     #[test]
+    fn a_fetch_that_panics_releases_its_waiters() {
+        let c = BlockCache::new(1 << 20);
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        std::thread::scope(|t| {
+            let leader = t.spawn(|| {
+                let _ = catch_unwind(AssertUnwindSafe(|| {
+                    c.get_or_fetch("k", || {
+                        started_tx.send(()).unwrap();
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                        panic!("fetch blew up")
+                    })
+                }));
+            });
+            started_rx.recv().unwrap();
+            // Joins the leader's flight, which panics: this must not hang, and fetches itself.
+            let b = c.get_or_fetch("k", || Ok(Arc::new(vec![1; 4]))).unwrap();
+            assert_eq!(*b, vec![1; 4]);
+            leader.join().unwrap();
+        });
+        // And the next caller is not stuck behind a dead flight either.
+        assert!(c.get_or_fetch("k2", || Ok(Arc::new(vec![2]))).is_ok());
+    }
+
+    #[test]
     fn reads_near_the_last_end_are_sequential() {
         let c = Arc::new(BlockCache::new(1 << 20));
         let p = Prefetcher::new(
@@ -334,7 +388,8 @@ mod tests {
             c,
             1,
             Compression::None,
-        );
+        )
+        .unwrap();
         assert!(p.observe(1, 0, 1 << 20));
         // Out of order, as concurrent kernel read-ahead delivers them.
         assert!(p.observe(1, 2 << 20, 1 << 20));

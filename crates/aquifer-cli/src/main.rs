@@ -9,6 +9,7 @@ use aquifer_meta::url::MetaUrl;
 use aquifer_meta::{Format, KvMeta, MemKv, Meta, MetaError, SessionInfo};
 use aquifer_meta_rocksdb::RocksKv;
 use clap::{Args, Parser, Subcommand};
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -37,6 +38,37 @@ enum Cmd {
     Status(StatusArgs),
     /// Measure an object store alone: put/get/head/delete latency and throughput.
     Objbench(ObjbenchArgs),
+    /// Find objects no file references (leaked by crashes, failed flushes, lost
+    /// compactions) and, with --delete, remove them.
+    Gc(GcArgs),
+    /// Check that every block of every file exists (--deep: and reads back intact).
+    Fsck(FsckArgs),
+}
+
+#[derive(Args)]
+struct GcArgs {
+    meta_url: String,
+    /// Delete the leaked objects (otherwise only report them).
+    #[arg(long)]
+    delete: bool,
+    /// Spare objects younger than this (uploads of live mounts not committed yet): 1h,
+    /// 30m, 90s, 2d or a number of seconds.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    min_age: Duration,
+    /// Concurrent deletes.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
+    threads: u32,
+}
+
+#[derive(Args)]
+struct FsckArgs {
+    meta_url: String,
+    /// Only check files below this path of the volume.
+    #[arg(long, default_value = "/")]
+    path: String,
+    /// Read every block and verify its checksums (otherwise only its presence and size).
+    #[arg(long)]
+    deep: bool,
 }
 
 /// Where an S3 bucket is and how to sign requests to it.
@@ -79,16 +111,16 @@ struct ObjbenchArgs {
     #[command(flatten)]
     s3: S3Args,
     /// Size of the large objects in KiB (the block size).
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 4096, value_parser = usize_in(1, 1 << 20))]
     block_size: usize,
     /// Number of large objects.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = usize_in(0, 1 << 20))]
     objects: usize,
     /// Number of 4 KiB objects (per-request latency).
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = usize_in(0, 1 << 20))]
     small_objects: usize,
     /// Concurrent requests.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = usize_in(1, 1024))]
     threads: usize,
 }
 
@@ -115,7 +147,7 @@ struct FormatArgs {
     #[arg(long, default_value_t = 4096)]
     block_size: u32,
     /// Capacity limit in GiB (0 = unlimited).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..1 << 33))]
     capacity: u64,
     /// Inode limit (0 = unlimited).
     #[arg(long, default_value_t = 0)]
@@ -137,21 +169,22 @@ struct MountArgs {
     #[arg(long)]
     log: Option<PathBuf>,
     /// FUSE worker threads.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = usize_in(1, 1024))]
     threads: usize,
     /// Threads uploading blocks to the object store.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = usize_in(1, 256))]
     max_uploads: usize,
     /// Threads fetching blocks ahead of sequential readers, and how many blocks ahead they
     /// go: on object stores throughput comes from many GETs in flight.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = usize_in(1, 256))]
     max_downloads: usize,
-    /// Memory in MiB for blocks in flight: half for blocks queued for upload (writers wait,
-    /// not fail, when it is full), half for blocks read ahead.
-    #[arg(long, default_value_t = 128)]
+    /// Memory in MiB for data in flight: half for buffered writes (open files' tails and
+    /// blocks queued for upload; writers wait, not fail, when it is full), half for blocks
+    /// read ahead.
+    #[arg(long, default_value_t = 128, value_parser = usize_in(8, 1 << 20))]
     buffer_size: usize,
-    /// Kernel attribute cache time in seconds.
-    #[arg(long, default_value_t = 1.0)]
+    /// Kernel attribute cache time in seconds (0 to 86400).
+    #[arg(long, default_value_t = 1.0, value_parser = parse_seconds)]
     attr_cache: f64,
     /// Allow other users to access the mount (default when run as root).
     #[arg(long)]
@@ -160,10 +193,10 @@ struct MountArgs {
     #[arg(long)]
     read_only: bool,
     /// Upload bandwidth limit in MiB/s (0 = none), so a checkpoint writer keeps to its share.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..1 << 30))]
     upload_limit: u64,
     /// Download bandwidth limit in MiB/s (0 = none).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..1 << 30))]
     download_limit: u64,
     /// Mount even if the mount point is not empty.
     #[arg(long)]
@@ -186,7 +219,61 @@ struct StatusArgs {
     meta_url: String,
 }
 
+/// A whole number in `[lo, hi]`, for flags whose extremes would overflow or exhaust the
+/// machine (threads, buffer sizes).
+fn usize_in(lo: usize, hi: usize) -> impl Fn(&str) -> std::result::Result<usize, String> + Clone {
+    move |v: &str| {
+        let n: usize = v
+            .trim()
+            .parse()
+            .map_err(|_| format!("{v:?} is not a whole number"))?;
+        if n < lo || n > hi {
+            return Err(format!("{n} is not in {lo}..={hi}"));
+        }
+        Ok(n)
+    }
+}
+
+/// Seconds for a kernel cache timeout: finite, 0 to a day.
+fn parse_seconds(v: &str) -> std::result::Result<f64, String> {
+    let x: f64 = v
+        .trim()
+        .parse()
+        .map_err(|_| format!("{v:?} is not a number of seconds"))?;
+    if !x.is_finite() || !(0.0..=86400.0).contains(&x) {
+        return Err(format!("{v} is not between 0 and 86400 seconds"));
+    }
+    Ok(x)
+}
+
+/// `90s`, `30m`, `1h`, `2d` or a number of seconds.
+fn parse_duration(v: &str) -> std::result::Result<Duration, String> {
+    let t = v.trim();
+    let (num, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => t.split_at(i),
+        None => (t, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{v:?} is not a duration (like 90s, 30m, 1h, 2d)"))?;
+    let mul = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(format!("{v:?}: the unit must be s, m, h or d")),
+    };
+    n.checked_mul(mul)
+        .filter(|&s| s <= 100 * 365 * 86400)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{v:?} is too long"))
+}
+
 fn main() -> ExitCode {
+    // Private by default whatever the caller's umask: the data dir, metadata files and
+    // block files hold every file's bytes and the stored S3 secret.
+    // SAFETY: umask only changes this process's file creation mask.
+    unsafe { libc::umask(0o077) };
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Format(a) => format(a),
@@ -194,6 +281,11 @@ fn main() -> ExitCode {
         Cmd::Umount(a) => mountpoint::umount(&a.mountpoint, a.force),
         Cmd::Status(a) => status(a),
         Cmd::Objbench(a) => objbench(a),
+        Cmd::Gc(a) => gc(a),
+        Cmd::Fsck(a) => match fsck(a) {
+            Ok(code) => return code,
+            Err(e) => Err(e),
+        },
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -277,6 +369,8 @@ fn new_format(
         endpoint: String::new(),
         access_key: String::new(),
         secret_key: Default::default(),
+        // Its own place in the store, next to its marker.
+        prefix: Some(format!("{name}/")),
     })
 }
 
@@ -332,22 +426,44 @@ fn format(mut a: FormatArgs) -> Result<()> {
     )?;
     f.compression = a.compression.clone();
     a.s3.apply(&mut f);
-    check_store(&f)?;
     let meta = open_meta(&a.meta_url, true, false)?;
+    match meta.load_format() {
+        Ok(old) if a.force => {
+            // The same volume: its uuid (and so its marker) stays, and so do its blocks.
+            if old.bucket != f.bucket {
+                bail!(
+                    "volume {} keeps its blocks in {}: --force cannot move them to {}",
+                    old.name,
+                    old.bucket,
+                    f.bucket
+                );
+            }
+            f.uuid = old.uuid;
+            f.prefix = old.prefix;
+        }
+        Ok(old) => bail!(
+            "volume {:?} is already formatted here (uuid {}); pass --force to update its settings",
+            old.name,
+            old.uuid
+        ),
+        Err(MetaError::NotFormatted) => {}
+        Err(e) => return Err(meta_err(e)),
+    }
+    let store = check_store(&f)?;
+    if f.prefix.is_some() {
+        aquifer_chunk::maintenance::claim_volume(&*store, &f.name, &f.uuid)
+            .map_err(|e| anyhow!("{e}"))?;
+    }
     meta.format(&f, a.force).map_err(meta_err)?;
     meta.sync().map_err(meta_err)?;
     let f = meta.load_format().map_err(meta_err)?;
     println!(
-        "formatted volume {} (uuid {}) at {}, blocks in {}{}",
+        "formatted volume {} (uuid {}) at {}, blocks in {} under {}",
         f.name,
         f.uuid,
         a.meta_url,
         f.bucket,
-        if f.storage == "s3" {
-            format!(" under {}/", f.name)
-        } else {
-            String::new()
-        }
+        store_spec(&f).prefix
     );
     Ok(())
 }
@@ -362,11 +478,12 @@ fn store_spec(f: &Format) -> aquifer_object::StoreSpec {
     aquifer_object::StoreSpec {
         storage: f.storage.clone(),
         bucket: f.bucket.clone(),
-        // Volumes can share a bucket: each keeps its blocks under its own name.
-        prefix: if f.storage == "s3" {
-            format!("{}/", f.name)
-        } else {
-            String::new()
+        // Volumes can share a bucket: each keeps its blocks under its own name (volumes
+        // formatted before markers: only in buckets).
+        prefix: match &f.prefix {
+            Some(p) => p.clone(),
+            None if f.storage == "s3" => format!("{}/", f.name),
+            None => String::new(),
         },
         s3: aquifer_object::s3::S3Options {
             region: (!f.region.is_empty()).then(|| f.region.clone()),
@@ -379,7 +496,8 @@ fn store_spec(f: &Format) -> aquifer_object::StoreSpec {
 
 /// Make sure the store is reachable and writable before a volume is formatted on it: one
 /// object written, read back and deleted (creating the bucket of an S3 store if needed).
-fn check_store(f: &Format) -> Result<()> {
+/// Returns the store, at the volume's prefix.
+fn check_store(f: &Format) -> Result<Arc<dyn aquifer_object::ObjectStore>> {
     let spec = store_spec(f);
     let store: Arc<dyn aquifer_object::ObjectStore> = if f.storage == "s3" {
         let s3 = aquifer_object::s3_store(&spec).map_err(|e| anyhow!("{e}"))?;
@@ -404,7 +522,8 @@ fn check_store(f: &Format) -> Result<()> {
             }
         })
         .and_then(|_| store.delete(&key))
-        .map_err(|e| anyhow!("the block store is not usable: {e}"))
+        .map_err(|e| anyhow!("the block store is not usable: {e}"))?;
+    Ok(store)
 }
 
 fn default_data_dir() -> PathBuf {
@@ -451,6 +570,9 @@ fn mount(a: MountArgs) -> Result<()> {
     if embedded && matches!(meta.load_format(), Err(MetaError::NotFormatted)) {
         let blocks = data_dir.join("default").join("blocks");
         let f = new_format("default", "file", &blocks.display().to_string(), 4096, 0, 0)?;
+        let store = check_store(&f)?;
+        aquifer_chunk::maintenance::claim_volume(&*store, &f.name, &f.uuid)
+            .map_err(|e| anyhow!("{e}"))?;
         meta.format(&f, false).map_err(meta_err)?;
         tracing::info!(url, blocks = %blocks.display(), "formatted the embedded default volume");
     }
@@ -458,10 +580,13 @@ fn mount(a: MountArgs) -> Result<()> {
     let compression =
         aquifer_chunk::codec::Compression::parse(&format.compression).map_err(|e| anyhow!(e))?;
     let store = layered_store(&store_spec(&format), a.upload_limit, a.download_limit)?;
-    let half = (a.buffer_size.max(8) << 20) / 2;
+    check_marker(&*store, &format)?;
+    let half = (a.buffer_size << 20) / 2;
     let cfg = DataConfig {
-        upload_threads: a.max_uploads.max(1),
-        upload_queue: (half / format.block_size as usize).max(1),
+        upload_threads: a.max_uploads,
+        // The write budget bounds memory; the queue only has to keep the uploaders busy.
+        upload_queue: (half / format.block_size as usize).max(1) + a.max_uploads,
+        write_buffer: half,
         cache_bytes: half,
         prefetch_threads: a.max_downloads.max(1),
         readahead_blocks: a.max_downloads.clamp(2, 32) as u32,
@@ -488,7 +613,7 @@ fn mount(a: MountArgs) -> Result<()> {
         threads: a.threads,
         allow_other: a.allow_other || root,
         read_only: a.read_only,
-        attr_ttl: Duration::from_secs_f64(a.attr_cache.max(0.0)),
+        attr_ttl: Duration::from_secs_f64(a.attr_cache),
     };
     // Held until the process exits, after the metadata engine is closed: `aquifer umount`
     // returns only then.
@@ -508,6 +633,26 @@ fn mount(a: MountArgs) -> Result<()> {
     vfs.shutdown();
     tracing::info!(mountpoint = %mp.display(), "unmounted");
     r.map_err(|e| anyhow!("FUSE session ended with an error: {e}"))
+}
+
+/// The store must hold this volume's marker: a volume whose `--bucket` now names another
+/// volume's place (or nothing) would read and delete someone else's blocks.
+fn check_marker(store: &dyn aquifer_object::ObjectStore, f: &Format) -> Result<()> {
+    use aquifer_chunk::maintenance::{check_volume, claim_volume};
+    match check_volume(store, &f.name, &f.uuid) {
+        Ok(true) => Ok(()),
+        // A volume from before markers: it gets one now.
+        Ok(false) if f.prefix.is_none() => {
+            claim_volume(store, &f.name, &f.uuid).map_err(|e| anyhow!("{e}"))
+        }
+        Ok(false) => bail!(
+            "{} does not hold volume {} (uuid {}): its marker is missing (was the bucket moved or wiped?)",
+            store.describe(),
+            f.name,
+            f.uuid
+        ),
+        Err(e) => bail!("{e}"),
+    }
 }
 
 /// The block store as a mount uses it: `Retrying(RateLimited(backend))`.
@@ -560,4 +705,175 @@ fn status(a: StatusArgs) -> Result<()> {
     });
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
+}
+
+/// A progress bar on a terminal, nothing otherwise.
+fn progress(what: &str) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new_spinner();
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {msg} {pos} [{elapsed}] {per_sec}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+    );
+    pb.set_message(what.to_string());
+    pb.enable_steady_tick(Duration::from_millis(200));
+    pb
+}
+
+/// A volume that is not mounted, opened for gc and fsck.
+struct Volume {
+    meta: Arc<dyn Meta>,
+    format: Format,
+    store: Arc<dyn aquifer_object::ObjectStore>,
+}
+
+fn open_volume(url: &str) -> Result<Volume> {
+    let meta = open_meta(url, false, false)?;
+    let format = meta.load_format().map_err(meta_err)?;
+    let store = layered_store(&store_spec(&format), 0, 0)?;
+    check_marker(&*store, &format)?;
+    Ok(Volume {
+        meta,
+        format,
+        store,
+    })
+}
+
+fn gc(a: GcArgs) -> Result<()> {
+    init_logging();
+    let Volume {
+        meta,
+        format: f,
+        store,
+    } = open_volume(&a.meta_url)?;
+    let pb = progress("objects listed");
+    let opts = aquifer_chunk::maintenance::GcOptions {
+        delete: a.delete,
+        min_age: a.min_age,
+        threads: a.threads as usize,
+    };
+    let r = aquifer_chunk::maintenance::gc(&*meta, &*store, f.block_size, &opts, &|n| pb.inc(n))
+        .map_err(|e| anyhow!("gc failed: {e}"))?;
+    pb.finish_and_clear();
+    let out = serde_json::json!({
+        "objects": r.objects,
+        "bytes": r.bytes,
+        "leaked": r.leaked,
+        "leaked_bytes": r.leaked_bytes,
+        "spared_young": r.young,
+        "deleted": r.deleted,
+        "trash_freed": r.trash_freed,
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    if !a.delete && r.leaked > r.young {
+        eprintln!(
+            "aquifer: {} leaked objects ({} bytes) older than {:?}; run with --delete to remove them",
+            r.leaked - r.young,
+            r.leaked_bytes,
+            a.min_age
+        );
+    }
+    Ok(())
+}
+
+fn fsck(a: FsckArgs) -> Result<ExitCode> {
+    init_logging();
+    let Volume {
+        meta,
+        format: f,
+        store,
+    } = open_volume(&a.meta_url)?;
+    let compression =
+        aquifer_chunk::codec::Compression::parse(&f.compression).map_err(|e| anyhow!(e))?;
+    let pb = progress("blocks checked");
+    let r = aquifer_chunk::maintenance::fsck(
+        &*meta,
+        &*store,
+        f.block_size,
+        compression,
+        &a.path,
+        a.deep,
+        &|n| pb.inc(n),
+    )
+    .map_err(|e| anyhow!("fsck failed: {e}"))?;
+    pb.finish_and_clear();
+    for b in &r.broken {
+        println!(
+            "broken: {} (inode {}): block {}: {}",
+            b.path, b.ino, b.key, b.problem
+        );
+    }
+    let files: HashSet<_> = r.broken.iter().map(|b| b.ino).collect();
+    println!(
+        "checked {} files, {} blocks: {} broken files, {} broken blocks",
+        r.files,
+        r.blocks,
+        files.len(),
+        r.broken.len()
+    );
+    Ok(if r.broken.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> std::result::Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("aquifer").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn mount_flags_reject_what_would_panic_or_overflow() {
+        let ok = parse(&["mount", "/mnt/x"]);
+        assert!(ok.is_ok());
+        for bad in [
+            ["--attr-cache", "inf"],
+            ["--attr-cache", "NaN"],
+            ["--attr-cache", "-1"],
+            ["--attr-cache", "1e300"],
+            ["--buffer-size", "0"],
+            ["--buffer-size", "18446744073709551615"],
+            ["--buffer-size", "-5"],
+            ["--max-downloads", "1000000000"],
+            ["--max-downloads", "0"],
+            ["--max-uploads", "100000"],
+            ["--threads", "0"],
+            ["--upload-limit", "18446744073709551615"],
+            ["--download-limit", "x"],
+        ] {
+            let args = ["mount", "/mnt/x", bad[0], bad[1]];
+            assert!(parse(&args).is_err(), "{bad:?} was accepted");
+        }
+        for good in [
+            ["--attr-cache", "0"],
+            ["--attr-cache", "2.5"],
+            ["--buffer-size", "8"],
+            ["--max-downloads", "256"],
+        ] {
+            let args = ["mount", "/mnt/x", good[0], good[1]];
+            assert!(parse(&args).is_ok(), "{good:?} was refused");
+        }
+    }
+
+    #[test]
+    fn format_and_gc_flags_have_bounds() {
+        assert!(parse(&["format", "m", "v", "--capacity", "18446744073709551615"]).is_err());
+        assert!(parse(&["format", "m", "v", "--capacity", "1024"]).is_ok());
+        assert!(parse(&["gc", "m", "--min-age", "1x"]).is_err());
+        assert!(parse(&["gc", "m", "--min-age", "-1h"]).is_err());
+        assert!(parse(&["gc", "m", "--min-age", "99999999999999999d"]).is_err());
+        assert!(parse(&["gc", "m", "--threads", "0"]).is_err());
+        assert!(parse(&["objbench", "--bucket", "b", "--threads", "0"]).is_err());
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("30m").unwrap(), Duration::from_secs(1800));
+        assert_eq!(parse_duration("2d").unwrap(), Duration::from_secs(172_800));
+        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
+    }
 }

@@ -1131,7 +1131,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
         })
     }
 
-    fn compact_chunk(&self, ino: Ino, idx: u32, replaced: &[Slice], new: Slice) -> Result<bool> {
+    fn compact_chunk(&self, ino: Ino, idx: u32, replaced: &[Slice], new: &[Slice]) -> Result<bool> {
         self.txn(|t| {
             let k = key::chunk(ino, idx);
             let Some(v) = t.get(&k)? else {
@@ -1141,20 +1141,28 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             if cur.len() < replaced.len() || cur[..replaced.len()] != *replaced {
                 return Ok(false);
             }
-            let mut list = vec![new];
+            let mut list = new.to_vec();
             list.extend_from_slice(&cur[replaced.len()..]);
-            t.set(&k, Slice::encode_list(&list));
+            if list.is_empty() {
+                t.delete(&k);
+            } else {
+                t.set(&k, Slice::encode_list(&list));
+            }
             let dead: Vec<Slice> = replaced.iter().copied().filter(|s| s.id != 0).collect();
             Self::trash_slices(t, &dead)?;
             Ok(true)
         })
     }
 
-    fn trash_batch(&self, limit: usize) -> Result<Vec<(u64, Vec<Slice>)>> {
+    fn trash_batch(&self, after: u64, limit: usize) -> Result<Vec<(u64, Vec<Slice>)>> {
         let p = [b'T'];
         Ok(self
             .kv
-            .scan(&p, &key::prefix_end(&p), limit)?
+            .scan(
+                &key::trash(after.saturating_add(1)),
+                &key::prefix_end(&p),
+                limit,
+            )?
             .into_iter()
             .map(|(k, v)| {
                 (
@@ -1163,6 +1171,39 @@ impl<E: KvEngine> Meta for KvMeta<E> {
                 )
             })
             .collect())
+    }
+
+    fn scan_chunks(
+        &self,
+        after: Option<(Ino, u32)>,
+        limit: usize,
+    ) -> Result<Vec<(Ino, u32, Vec<Slice>)>> {
+        let p = [b'C'];
+        let start = match after {
+            Some((ino, idx)) => {
+                let mut k = key::chunk(ino, idx);
+                k.push(0);
+                k
+            }
+            None => p.to_vec(),
+        };
+        self.kv
+            .scan(&start, &key::prefix_end(&p), limit)?
+            .into_iter()
+            .map(|(k, v)| {
+                let ino = key::u64_at(&k, 1);
+                let idx = k
+                    .get(9..13)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u32::from_be_bytes)
+                    .unwrap_or(0);
+                let slices = Slice::decode_list(&v).ok_or_else(|| MetaError::Corrupt {
+                    key: format!("C{ino}/{idx}"),
+                    msg: "slice list length is not a multiple of 24".into(),
+                })?;
+                Ok((ino, idx, slices))
+            })
+            .collect()
     }
 
     fn trash_done(&self, id: u64) -> Result<()> {

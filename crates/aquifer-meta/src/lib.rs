@@ -105,12 +105,20 @@ pub trait Meta: Send + Sync {
     /// Returns the new attributes and the number of slices in the chunk.
     fn write_slice(&self, ino: Ino, idx: u32, slice: Slice) -> Result<(Attr, usize)>;
     /// Replace the first `replaced.len()` slices of a chunk, if they are still exactly
-    /// `replaced`, by `new`; the replaced slices go to the trash. Returns false when the chunk
-    /// changed meanwhile (the caller frees `new`).
-    fn compact_chunk(&self, ino: Ino, idx: u32, replaced: &[Slice], new: Slice) -> Result<bool>;
-    /// Slices waiting to have their objects deleted, as (trash id, slices).
-    fn trash_batch(&self, limit: usize) -> Result<Vec<(u64, Vec<Slice>)>>;
+    /// `replaced`, by `new` (any number, none for a chunk of holes); the replaced slices go
+    /// to the trash. Returns false when the chunk changed meanwhile (the caller frees `new`).
+    fn compact_chunk(&self, ino: Ino, idx: u32, replaced: &[Slice], new: &[Slice]) -> Result<bool>;
+    /// Slices waiting to have their objects deleted, as (trash id, slices), for ids after
+    /// `after`, in order.
+    fn trash_batch(&self, after: u64, limit: usize) -> Result<Vec<(u64, Vec<Slice>)>>;
     fn trash_done(&self, id: u64) -> Result<()>;
+    /// Every chunk's slice list, a page at a time: up to `limit` chunks after `after`
+    /// (`None`: from the first), in (inode, index) order. For gc and fsck.
+    fn scan_chunks(
+        &self,
+        after: Option<(Ino, u32)>,
+        limit: usize,
+    ) -> Result<Vec<(Ino, u32, Vec<Slice>)>>;
 
     fn getxattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>>;
     fn setxattr(

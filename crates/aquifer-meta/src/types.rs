@@ -298,6 +298,11 @@ pub struct Format {
     pub access_key: String,
     #[serde(default, skip_serializing_if = "Secret::is_empty")]
     pub secret_key: Secret,
+    /// Where in the store this volume's objects live (`NAME/`), next to its marker
+    /// `NAME/aquifer.volume` naming its uuid. `None` for volumes formatted before volumes
+    /// had markers: blocks at the top of a file store, under `NAME/` in a bucket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
 }
 
 impl Format {

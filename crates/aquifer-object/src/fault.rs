@@ -11,6 +11,9 @@ pub struct FaultStore<S> {
     fail_next: AtomicU64,
     latency_us: AtomicU64,
     calls: AtomicU64,
+    refuse_writes: AtomicBool,
+    panic: AtomicBool,
+    syncs: AtomicU64,
 }
 
 impl<S: ObjectStore> FaultStore<S> {
@@ -21,6 +24,9 @@ impl<S: ObjectStore> FaultStore<S> {
             fail_next: AtomicU64::new(0),
             latency_us: AtomicU64::new(0),
             calls: AtomicU64::new(0),
+            refuse_writes: AtomicBool::new(false),
+            panic: AtomicBool::new(false),
+            syncs: AtomicU64::new(0),
         }
     }
 
@@ -39,6 +45,23 @@ impl<S: ObjectStore> FaultStore<S> {
             .store(d.as_micros() as u64, Ordering::SeqCst);
     }
 
+    /// While set, puts fail with a permanent error, as a store that refuses writes (full,
+    /// read-only, access denied) does: not retried.
+    pub fn set_refuse_writes(&self, refuse: bool) {
+        self.refuse_writes.store(refuse, Ordering::SeqCst);
+    }
+
+    /// While set, every call panics (to test that a panicking worker fails its request
+    /// instead of hanging the callers waiting for it).
+    pub fn set_panic(&self, panic: bool) {
+        self.panic.store(panic, Ordering::SeqCst);
+    }
+
+    /// Calls of [`ObjectStore::sync`] that reached this wrapper.
+    pub fn syncs(&self) -> u64 {
+        self.syncs.load(Ordering::SeqCst)
+    }
+
     /// Calls that reached this wrapper.
     pub fn calls(&self) -> u64 {
         self.calls.load(Ordering::SeqCst)
@@ -46,6 +69,9 @@ impl<S: ObjectStore> FaultStore<S> {
 
     fn check(&self, op: &str) -> Result<()> {
         self.calls.fetch_add(1, Ordering::SeqCst);
+        if self.panic.load(Ordering::SeqCst) {
+            panic!("injected panic in {op}");
+        }
         let us = self.latency_us.load(Ordering::SeqCst);
         if us > 0 {
             std::thread::sleep(Duration::from_micros(us));
@@ -71,6 +97,17 @@ impl<S: ObjectStore> ObjectStore for FaultStore<S> {
     }
     fn put(&self, key: &str, data: Bytes) -> Result<()> {
         self.check("put")?;
+        if self.refuse_writes.load(Ordering::SeqCst) {
+            return Err(ObjectError::Io {
+                store: self.inner.describe(),
+                op: "put",
+                key: key.to_string(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    "injected: the store refuses writes",
+                ),
+            });
+        }
         self.inner.put(key, data)
     }
     fn get(&self, key: &str, off: u64, len: Option<u64>) -> Result<Bytes> {
@@ -92,5 +129,10 @@ impl<S: ObjectStore> ObjectStore for FaultStore<S> {
     fn list(&self, prefix: &str, start_after: &str, limit: usize) -> Result<Vec<ObjectInfo>> {
         self.check("list")?;
         self.inner.list(prefix, start_after, limit)
+    }
+    fn sync(&self) -> Result<()> {
+        self.syncs.fetch_add(1, Ordering::SeqCst);
+        self.check("sync")?;
+        self.inner.sync()
     }
 }

@@ -129,6 +129,9 @@ impl<S: ObjectStore> ObjectStore for Retrying<S> {
             self.inner.list(prefix, start_after, limit)
         })
     }
+    fn sync(&self) -> Result<()> {
+        self.run("sync", "", || self.inner.sync())
+    }
 }
 
 /// A token bucket in bytes per second. Callers wait for tokens outside the lock; a request
@@ -223,6 +226,9 @@ impl<S: ObjectStore> ObjectStore for RateLimited<S> {
     fn list(&self, prefix: &str, start_after: &str, limit: usize) -> Result<Vec<ObjectInfo>> {
         self.inner.list(prefix, start_after, limit)
     }
+    fn sync(&self) -> Result<()> {
+        self.inner.sync()
+    }
 }
 
 impl<S: ObjectStore + ?Sized> ObjectStore for Arc<S> {
@@ -249,6 +255,9 @@ impl<S: ObjectStore + ?Sized> ObjectStore for Arc<S> {
     }
     fn list(&self, prefix: &str, start_after: &str, limit: usize) -> Result<Vec<ObjectInfo>> {
         (**self).list(prefix, start_after, limit)
+    }
+    fn sync(&self) -> Result<()> {
+        (**self).sync()
     }
 }
 

@@ -78,6 +78,8 @@ pub type Result<T> = std::result::Result<T, ObjectError>;
 pub struct ObjectInfo {
     pub key: String,
     pub size: u64,
+    /// When the object was written, where the store says (gc spares young objects).
+    pub modified: Option<std::time::SystemTime>,
 }
 
 pub trait ObjectStore: Send + Sync {
@@ -110,6 +112,13 @@ pub trait ObjectStore: Send + Sync {
     fn delete(&self, key: &str) -> Result<()>;
     /// Keys starting with `prefix`, after `start_after`, in order, at most `limit`.
     fn list(&self, prefix: &str, start_after: &str, limit: usize) -> Result<Vec<ObjectInfo>>;
+    /// Make every put that has returned durable: after `sync` returns, those objects survive
+    /// a power cut. Stores whose puts are durable when they return (S3) need not override it.
+    /// Metadata that references a block is made durable only after this, so a power cut
+    /// never leaves committed metadata pointing at a block that did not reach the disk.
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// What a volume's settings say about its block store.
@@ -130,7 +139,10 @@ pub struct StoreSpec {
 /// Build a store from the volume settings.
 pub fn create(spec: &StoreSpec) -> Result<Arc<dyn ObjectStore>> {
     match spec.storage.as_str() {
-        "file" => Ok(Arc::new(FileStore::new(&spec.bucket)?)),
+        // The prefix is a directory of its own in a file store.
+        "file" => Ok(Arc::new(FileStore::new(
+            std::path::Path::new(&spec.bucket).join(spec.prefix.trim_end_matches('/')),
+        )?)),
         "memory" | "mem" => Ok(Arc::new(MemStore::new())),
         #[cfg(feature = "s3")]
         "s3" => Ok(Arc::new(s3_store(spec)?)),

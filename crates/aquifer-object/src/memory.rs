@@ -3,11 +3,12 @@ use bytes::Bytes;
 use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::RwLock;
+use std::time::SystemTime;
 
 /// In-memory object store for tests.
 #[derive(Default)]
 pub struct MemStore {
-    objects: RwLock<BTreeMap<String, Bytes>>,
+    objects: RwLock<BTreeMap<String, (Bytes, SystemTime)>>,
 }
 
 impl MemStore {
@@ -30,13 +31,16 @@ impl ObjectStore for MemStore {
     }
 
     fn put(&self, key: &str, data: Bytes) -> Result<()> {
-        self.objects.write().unwrap().insert(key.to_string(), data);
+        self.objects
+            .write()
+            .unwrap()
+            .insert(key.to_string(), (data, SystemTime::now()));
         Ok(())
     }
 
     fn get(&self, key: &str, off: u64, len: Option<u64>) -> Result<Bytes> {
         let objects = self.objects.read().unwrap();
-        let data = objects.get(key).ok_or_else(|| ObjectError::NotFound {
+        let (data, _) = objects.get(key).ok_or_else(|| ObjectError::NotFound {
             store: self.describe(),
             key: key.to_string(),
         })?;
@@ -50,13 +54,14 @@ impl ObjectStore for MemStore {
 
     fn head(&self, key: &str) -> Result<ObjectInfo> {
         let objects = self.objects.read().unwrap();
-        let data = objects.get(key).ok_or_else(|| ObjectError::NotFound {
+        let (data, at) = objects.get(key).ok_or_else(|| ObjectError::NotFound {
             store: self.describe(),
             key: key.to_string(),
         })?;
         Ok(ObjectInfo {
             key: key.to_string(),
             size: data.len() as u64,
+            modified: Some(*at),
         })
     }
 
@@ -77,9 +82,10 @@ impl ObjectStore for MemStore {
             .skip_while(|(k, _)| !k.starts_with(prefix) && k.as_str() < prefix)
             .take_while(|(k, _)| k.starts_with(prefix))
             .take(limit)
-            .map(|(k, v)| ObjectInfo {
+            .map(|(k, (v, at))| ObjectInfo {
                 key: k.clone(),
                 size: v.len() as u64,
+                modified: Some(*at),
             })
             .collect())
     }

@@ -487,6 +487,7 @@ impl ObjectStore for S3Store {
         Ok(ObjectInfo {
             key: key.to_string(),
             size: out.content_length().unwrap_or(0).max(0) as u64,
+            modified: out.last_modified().and_then(|t| (*t).try_into().ok()),
         })
     }
 
@@ -530,6 +531,7 @@ impl ObjectStore for S3Store {
                 out.push(ObjectInfo {
                     key: k.to_string(),
                     size: o.size().unwrap_or(0).max(0) as u64,
+                    modified: o.last_modified().and_then(|t| (*t).try_into().ok()),
                 });
             }
             match page.next_continuation_token() {

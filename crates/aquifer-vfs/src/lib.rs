@@ -6,9 +6,10 @@ use aquifer_chunk::writer::FileWriter;
 use aquifer_chunk::{ChunkStore, DataConfig};
 use aquifer_meta::*;
 use aquifer_object::ObjectStore;
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -24,6 +25,10 @@ struct DirHandle {
 struct FileHandle {
     ino: Ino,
     writer: Option<Arc<FileWriter>>,
+    /// The writer's error count this handle has reported (or found at open): each failed
+    /// flush of the file is reported once by every handle that was open when it happened,
+    /// as Linux reports writeback errors to each descriptor.
+    seen_errors: AtomicU64,
 }
 
 enum Handle {
@@ -57,7 +62,10 @@ impl Vfs {
     ) -> Result<Arc<Vfs>> {
         let format = meta.load_format()?;
         cfg.block_size = format.block_size;
-        let cs = ChunkStore::new(meta.clone(), store, cfg);
+        let cs = ChunkStore::new(meta.clone(), store, cfg).map_err(|e| {
+            tracing::error!(error = %e, "cannot start the data path");
+            Errno::EAGAIN
+        })?;
         Ok(Arc::new(Vfs {
             meta,
             cs,
@@ -91,7 +99,7 @@ impl Vfs {
                 }
             })
             .map_err(|_| Errno::EIO)?;
-        *self.heartbeat.lock().unwrap() = Some(hb);
+        *self.heartbeat.lock() = Some(hb);
         Ok(sid)
     }
 
@@ -112,31 +120,31 @@ impl Vfs {
         let writers: Vec<_> = self
             .writers
             .lock()
-            .unwrap()
             .values()
             .map(|(w, _)| w.clone())
             .collect();
         for w in writers {
+            // Counted by the writer: its handles report it at their next fsync or close.
             if let Err(e) = w.flush() {
-                tracing::error!(error = %e, "flush failed");
+                tracing::error!(ino = w.ino(), error = %e, "flush failed");
             }
         }
-        if let Err(e) = self.meta.sync() {
-            tracing::error!(error = %e, "metadata sync failed");
+        if let Err(e) = self.cs.sync() {
+            tracing::error!(error = %e, "sync failed");
         }
     }
 
     /// Flush every writer, stop background work and end the session. Idempotent; returns
     /// only when the first shutdown has finished.
     pub fn shutdown(&self) {
-        let mut closed = self.closed.lock().unwrap();
+        let mut closed = self.closed.lock();
         if *closed {
             return;
         }
         *closed = true;
         self.flush_all();
         self.stop.store(true, Ordering::SeqCst);
-        if let Some(h) = self.heartbeat.lock().unwrap().take() {
+        if let Some(h) = self.heartbeat.lock().take() {
             let _ = h.join();
         }
         self.cs.shutdown();
@@ -146,11 +154,7 @@ impl Vfs {
     }
 
     fn writer_of(&self, ino: Ino) -> Option<Arc<FileWriter>> {
-        self.writers
-            .lock()
-            .unwrap()
-            .get(&ino)
-            .map(|(w, _)| w.clone())
+        self.writers.lock().get(&ino).map(|(w, _)| w.clone())
     }
 
     /// Commit buffered writes of `ino` so the metadata describes every byte written.
@@ -179,21 +183,30 @@ impl Vfs {
     }
 
     fn handle(&self, fh: u64) -> Result<Arc<Handle>> {
-        self.handles
-            .lock()
-            .unwrap()
-            .get(&fh)
-            .cloned()
-            .ok_or(Errno::EBADF)
+        self.handles.lock().get(&fh).cloned().ok_or(Errno::EBADF)
     }
 
     fn add_handle(&self, h: Handle) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.handles.lock().unwrap().insert(fh, Arc::new(h));
+        self.handles.lock().insert(fh, Arc::new(h));
         fh
     }
 
     pub fn lookup(&self, ctx: &Context, parent: Ino, name: &[u8]) -> Result<(Ino, Attr)> {
+        // The kernel asks for "." and ".." of a node id when it decodes a file handle
+        // (open_by_handle_at, NFS re-export) of an inode it no longer has in its cache.
+        if name == b"." {
+            return Ok((parent, self.getattr(parent)?));
+        }
+        if name == b".." {
+            let a = self.meta.getattr(parent)?;
+            let up = if parent == ROOT_INO || a.parent == 0 {
+                ROOT_INO
+            } else {
+                a.parent
+            };
+            return Ok((up, self.getattr(up)?));
+        }
         let (ino, a) = self.meta.lookup(ctx, parent, name)?;
         let pending = self.pending_end(ino);
         // Re-read the attributes after the buffer (see pending_end) when a write is buffered.
@@ -312,15 +325,16 @@ impl Vfs {
             return Err(Errno::EISDIR);
         }
         let writer = if is_write(flags) && a.typ == FileType::File {
-            let mut ws = self.writers.lock().unwrap();
+            let mut ws = self.writers.lock();
             let e = ws
                 .entry(ino)
-                .or_insert_with(|| (Arc::new(FileWriter::new(self.cs.clone(), ino)), 0));
+                .or_insert_with(|| (FileWriter::new(self.cs.clone(), ino), 0));
             e.1 += 1;
             Some(e.0.clone())
         } else {
             None
         };
+        let seen_errors = AtomicU64::new(writer.as_ref().map_or(0, |w| w.error_count()));
         if flags & libc::O_TRUNC != 0 && is_write(flags) && a.typ == FileType::File && a.length > 0
         {
             if let Err(e) = self.meta.truncate(ctx, ino, 0) {
@@ -328,7 +342,11 @@ impl Vfs {
                 return Err(e.into());
             }
         }
-        Ok(self.add_handle(Handle::File(FileHandle { ino, writer })))
+        Ok(self.add_handle(Handle::File(FileHandle {
+            ino,
+            writer,
+            seen_errors,
+        })))
     }
 
     pub fn read(&self, fh: u64, off: u64, size: u32) -> Result<Vec<u8>> {
@@ -336,6 +354,25 @@ impl Vfs {
         let Handle::File(f) = &*h else {
             return Err(Errno::EISDIR);
         };
+        let Some(w) = self.writer_of(f.ino).filter(|w| w.is_dirty()) else {
+            let a = self.meta.getattr(f.ino)?;
+            return Ok(self.cs.read(f.ino, off, size as usize, a.length)?);
+        };
+        // Buffered writes are read from the writer's buffers over what the metadata holds,
+        // without committing them: a reader tailing a file being written no longer turns
+        // every read into a commit of a tiny slice.
+        for _ in 0..3 {
+            let generation = w.generation();
+            let pending = w.pending_end();
+            let a = self.meta.getattr(f.ino)?;
+            let mut data = self
+                .cs
+                .read(f.ino, off, size as usize, a.length.max(pending))?;
+            if w.overlay(off, &mut data, generation)? {
+                return Ok(data);
+            }
+        }
+        // Commits keep racing the read: commit and read the metadata alone.
         self.settle(f.ino)?;
         let a = self.meta.getattr(f.ino)?;
         Ok(self.cs.read(f.ino, off, size as usize, a.length)?)
@@ -357,52 +394,65 @@ impl Vfs {
         Ok(data.len() as u32)
     }
 
-    /// close(2) of one descriptor: commit what it wrote.
+    /// close(2) of one descriptor: commit what was written to the file, and report a
+    /// failure to store the file's data that this descriptor has not reported yet.
     pub fn flush(&self, fh: u64) -> Result<()> {
         let h = self.handle(fh)?;
-        if let Handle::File(FileHandle {
-            writer: Some(w), ..
-        }) = &*h
-        {
-            w.flush()?;
+        match &*h {
+            Handle::File(f) => Self::flush_file(f),
+            Handle::Dir(_) => Ok(()),
         }
-        Ok(())
     }
 
+    fn flush_file(f: &FileHandle) -> Result<()> {
+        let Some(w) = &f.writer else { return Ok(()) };
+        let r = w.flush();
+        let now = w.error_count();
+        let seen = f.seen_errors.swap(now, Ordering::SeqCst);
+        match r {
+            Err(e) => Err(e.into()),
+            Ok(()) if now > seen => {
+                tracing::error!(ino = f.ino, error = %w.last_error(), "reporting an earlier failure to store this file's data");
+                Err(Errno::EIO)
+            }
+            Ok(()) => Ok(()),
+        }
+    }
+
+    /// fsync(2): commit the file, then make it durable — blocks first, then the metadata.
     pub fn fsync(&self, fh: u64, _datasync: bool) -> Result<()> {
-        self.flush(fh)?;
-        Ok(self.meta.sync()?)
+        let flushed = self.flush(fh);
+        self.cs.sync()?;
+        flushed
     }
 
     pub fn release(&self, fh: u64) -> Result<()> {
-        let h = self
-            .handles
-            .lock()
-            .unwrap()
-            .remove(&fh)
-            .ok_or(Errno::EBADF)?;
+        let h = self.handles.lock().remove(&fh).ok_or(Errno::EBADF)?;
         match &*h {
-            Handle::File(f) => self.release_file(f.ino, f.writer.as_ref()),
+            Handle::File(f) => {
+                let flushed = Self::flush_file(f);
+                self.release_file(f.ino, f.writer.as_ref())?;
+                flushed
+            }
             Handle::Dir(_) => Ok(()),
         }
     }
 
     fn release_file(&self, ino: Ino, writer: Option<&Arc<FileWriter>>) -> Result<()> {
-        let mut result = Ok(());
         if let Some(w) = writer {
-            if let Err(e) = w.flush() {
-                result = Err(e.into());
-            }
-            let mut ws = self.writers.lock().unwrap();
+            let mut ws = self.writers.lock();
             if let Some(e) = ws.get_mut(&ino) {
                 e.1 -= 1;
                 if e.1 == 0 {
                     ws.remove(&ino);
+                    // Nobody is left to retry what could not be stored (each handle has
+                    // had the error): free its memory.
+                    w.discard();
                 }
             }
         }
         self.meta.close(ino)?;
-        result
+        Ok(())
     }
 
     pub fn fallocate(&self, ctx: &Context, fh: u64, mode: i32, off: u64, len: u64) -> Result<()> {
@@ -445,7 +495,7 @@ impl Vfs {
         let Handle::Dir(d) = &*h else {
             return Err(Errno::ENOTDIR);
         };
-        let mut cached = d.entries.lock().unwrap();
+        let mut cached = d.entries.lock();
         if offset == 0 || cached.is_none() {
             let a = self.meta.getattr(d.ino)?;
             let parent = if d.ino == ROOT_INO || a.parent == 0 {
