@@ -4,6 +4,8 @@ set -euo pipefail
 : "${AQUIFER:?set AQUIFER to the aquifer binary}"
 WORK=$(mktemp -d /tmp/aquifer-it.XXXXXX)
 MOUNTS=()
+# Commands run at exit after the FUSE mounts are gone (loop devices, sysctls), last first.
+CLEANUPS=()
 
 cleanup() {
   local mp
@@ -14,7 +16,11 @@ cleanup() {
   done
   # Give daemons a moment to exit, then make sure none is left.
   sleep 0.5
-  pkill -f -- "--log $WORK/" 2>/dev/null || true
+  pkill -9 -f -- "--log $WORK/" 2>/dev/null || true
+  local i
+  for ((i = ${#CLEANUPS[@]} - 1; i >= 0; i--)); do
+    eval "${CLEANUPS[$i]}" >/dev/null 2>&1 || true
+  done
   rm -rf "$WORK"
 }
 trap cleanup EXIT

@@ -56,7 +56,7 @@ for t in "${tests[@]}"; do
   run_test "$t" "$(basename "$t" .sh)"
 done
 # The whole-filesystem tests again on a volume whose blocks are in the S3 server.
-s3_tests=(t_pjdfstest t_fsx t_programs t_durability t_corruption t_parallel)
+s3_tests=(t_pjdfstest t_fsx t_programs t_durability t_corruption t_parallel t_volumes)
 for t in "${tests[@]}"; do
   name=$(basename "$t" .sh)
   [[ " ${s3_tests[*]} " == *" $name "* ]] && run_test "$t" "$name[s3]" AQUIFER_TEST_STORAGE=s3
