@@ -152,6 +152,9 @@ impl Filesystem for AquiferFs {
         let _ = config.set_max_readahead(MAX_IO);
         let _ = config.set_max_background(64);
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_PARALLEL_DIROPS);
+        // File handles (name_to_handle_at/open_by_handle_at, NFS re-export): the kernel
+        // looks up "." of a node id it has forgotten, which the vfs answers.
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_EXPORT_SUPPORT);
         // READDIRPLUS returns attributes with the entries, saving a LOOKUP per entry for
         // `ls -l`, `find` and data loaders that stat what they list; AUTO lets the kernel use
         // plain READDIR when nobody looks at the attributes.
