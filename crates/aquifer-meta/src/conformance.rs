@@ -145,6 +145,32 @@ pub fn create_lookup_readdir(m: &dyn Meta) {
     assert_eq!(m.usage().unwrap().1, 5);
 }
 
+/// Paging through a directory returns every entry once, in name order.
+pub fn readdir_in_pages(m: &dyn Meta) {
+    let ctx = ready(m);
+    let d = mkdir(m, &ctx, ROOT_INO, "big");
+    let mut want: Vec<String> = (0..250).map(|i| format!("e{i:04}")).collect();
+    for n in &want {
+        mkfile(m, &ctx, d, n);
+    }
+    want.sort();
+    let mut got = Vec::new();
+    let mut after = Vec::new();
+    loop {
+        let page = m.readdir_page(&ctx, d, &after, 64, true).unwrap();
+        assert!(page.len() <= 64);
+        let Some(last) = page.last() else { break };
+        after = last.name.clone();
+        assert!(page.iter().all(|e| e.attr.is_some()));
+        got.extend(page.into_iter().map(|e| String::from_utf8(e.name).unwrap()));
+    }
+    assert_eq!(got, want);
+    assert_eq!(
+        m.readdir_page(&ctx, ROOT_INO, b"", 10, false).unwrap()[0].name,
+        b"big"
+    );
+}
+
 pub fn unlink_and_rmdir(m: &dyn Meta) {
     let ctx = ready(m);
     let d = mkdir(m, &ctx, ROOT_INO, "d");
@@ -627,7 +653,7 @@ pub fn posix_and_bsd_locks(m: &dyn Meta) {
 macro_rules! meta_conformance {
     ($make:expr) => {
         $crate::meta_conformance!(@cases $make;
-            format_and_load, create_lookup_readdir, unlink_and_rmdir, hard_links,
+            format_and_load, create_lookup_readdir, readdir_in_pages, unlink_and_rmdir, hard_links,
             open_unlinked_kept_until_close, rename_cases, symlinks, xattrs,
             slices_and_truncate, chunk_and_trash_paging, setattr_rules, permissions,
             sessions_clean_up_after_dead_clients, statfs_counts, posix_and_bsd_locks);

@@ -1024,13 +1024,32 @@ impl<E: KvEngine> Meta for KvMeta<E> {
     }
 
     fn readdir(&self, ctx: &Context, ino: Ino, plus: bool) -> Result<Vec<DirEntry>> {
+        self.readdir_page(ctx, ino, b"", usize::MAX, plus)
+    }
+
+    fn readdir_page(
+        &self,
+        ctx: &Context,
+        ino: Ino,
+        after: &[u8],
+        limit: usize,
+        plus: bool,
+    ) -> Result<Vec<DirEntry>> {
         let a = self.getattr(ino)?;
         if !a.is_dir() {
             return Err(Errno::ENOTDIR.into());
         }
         access_ok(ctx, &a, MODE_R)?;
         let p = key::dentry_prefix(ino);
-        let rows = self.kv.scan(&p, &key::prefix_end(&p), usize::MAX)?;
+        let start = if after.is_empty() {
+            p.clone()
+        } else {
+            // The first key after `after` itself.
+            let mut k = key::dentry(ino, after);
+            k.push(0);
+            k
+        };
+        let rows = self.kv.scan(&start, &key::prefix_end(&p), limit)?;
         let mut out = Vec::with_capacity(rows.len());
         for (k, v) in rows {
             let (typ, child) = key::decode_dentry(&k, &v)?;

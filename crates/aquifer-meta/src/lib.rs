@@ -92,6 +92,17 @@ pub trait Meta: Send + Sync {
     /// All entries of a directory, without "." and "..", sorted by name; with attributes
     /// when `plus`.
     fn readdir(&self, ctx: &Context, ino: Ino, plus: bool) -> Result<Vec<DirEntry>>;
+    /// Up to `limit` entries of a directory whose names sort after `after` (all from the
+    /// first when empty), sorted by name: a directory of millions of entries is listed a
+    /// page at a time in bounded memory.
+    fn readdir_page(
+        &self,
+        ctx: &Context,
+        ino: Ino,
+        after: &[u8],
+        limit: usize,
+        plus: bool,
+    ) -> Result<Vec<DirEntry>>;
 
     /// Count an open of `ino` (an open file is kept after its last unlink until closed).
     fn open(&self, ctx: &Context, ino: Ino, flags: i32) -> Result<Attr>;

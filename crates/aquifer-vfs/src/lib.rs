@@ -15,11 +15,28 @@ use std::time::Duration;
 
 pub type Result<T> = std::result::Result<T, Errno>;
 
-/// One open directory: its entries, read once at the first readdir from offset 0, so offsets
-/// stay valid while the directory changes.
+/// Entries of a directory read from the metadata at a time: an open directory holds one
+/// page, whatever the directory's size.
+const DIR_PAGE: usize = 1024;
+
+/// One open directory, listed a page at a time. Entry `i` of the listing ("." and ".."
+/// first, then names in order) has offset `i + 1`; the handle keeps the page being read,
+/// and the next page continues after its last name, so offsets stay valid while the
+/// directory changes (entries added or removed meanwhile may or may not appear, as POSIX
+/// allows). Seeking back to an earlier page lists again from the start.
 struct DirHandle {
     ino: Ino,
-    entries: Mutex<Option<Arc<Vec<DirEntry>>>>,
+    page: Mutex<DirPage>,
+}
+
+#[derive(Default)]
+struct DirPage {
+    /// Index in the listing of `entries[0]`.
+    base: u64,
+    entries: Vec<DirEntry>,
+    /// Whether the metadata has no entries after this page.
+    last: bool,
+    started: bool,
 }
 
 struct FileHandle {
@@ -478,7 +495,7 @@ impl Vfs {
         }
         Ok(self.add_handle(Handle::Dir(DirHandle {
             ino,
-            entries: Mutex::new(None),
+            page: Mutex::new(DirPage::default()),
         })))
     }
 
@@ -495,48 +512,83 @@ impl Vfs {
         let Handle::Dir(d) = &*h else {
             return Err(Errno::ENOTDIR);
         };
-        let mut cached = d.entries.lock();
-        if offset == 0 || cached.is_none() {
-            let a = self.meta.getattr(d.ino)?;
-            let parent = if d.ino == ROOT_INO || a.parent == 0 {
-                ROOT_INO
-            } else {
-                a.parent
-            };
-            let mut all = vec![
-                DirEntry {
-                    name: b".".to_vec(),
-                    ino: d.ino,
-                    typ: FileType::Directory,
-                    attr: plus.then(|| a.clone()),
-                },
-                DirEntry {
-                    name: b"..".to_vec(),
-                    ino: parent,
-                    typ: FileType::Directory,
-                    // The parent may be gone already (a removed directory): show our own.
-                    attr: plus.then(|| self.meta.getattr(parent).unwrap_or_else(|_| a.clone())),
-                },
-            ];
-            let mut rest = self.meta.readdir(ctx, d.ino, plus)?;
-            if plus {
-                for e in rest.iter_mut() {
-                    if let Some(a) = e.attr.take() {
-                        // May under-report a file growing right now; the next getattr corrects it.
-                        e.attr = Some(Self::view(a, self.pending_end(e.ino)));
-                    }
-                }
-            }
-            all.extend(rest);
-            *cached = Some(Arc::new(all));
+        let mut page = d.page.lock();
+        if offset == 0 || !page.started || offset < page.base {
+            *page = self.first_dir_page(ctx, d.ino, plus)?;
         }
-        let entries = cached.as_ref().map(Arc::clone).unwrap_or_default();
-        Ok(entries
+        // Forward to the page holding `offset` (normally the next one).
+        while offset >= page.base + page.entries.len() as u64 && !page.last {
+            let base = page.base + page.entries.len() as u64;
+            let after = page
+                .entries
+                .last()
+                .map(|e| e.name.clone())
+                .unwrap_or_default();
+            let entries = self.dir_page(ctx, d.ino, &after, plus)?;
+            *page = DirPage {
+                base,
+                last: entries.len() < DIR_PAGE,
+                entries,
+                started: true,
+            };
+        }
+        let skip = offset.saturating_sub(page.base) as usize;
+        // More than a kernel readdir buffer ever takes; the rest is asked for again.
+        Ok(page
+            .entries
             .iter()
             .enumerate()
-            .skip(offset as usize)
-            .map(|(i, e)| (i as u64 + 1, e.clone()))
+            .skip(skip)
+            .take(512)
+            .map(|(i, e)| (page.base + i as u64 + 1, e.clone()))
             .collect())
+    }
+
+    /// "." and "..", then the first page of names.
+    fn first_dir_page(&self, ctx: &Context, ino: Ino, plus: bool) -> Result<DirPage> {
+        let a = self.meta.getattr(ino)?;
+        let parent = if ino == ROOT_INO || a.parent == 0 {
+            ROOT_INO
+        } else {
+            a.parent
+        };
+        let mut entries = vec![
+            DirEntry {
+                name: b".".to_vec(),
+                ino,
+                typ: FileType::Directory,
+                attr: plus.then(|| a.clone()),
+            },
+            DirEntry {
+                name: b"..".to_vec(),
+                ino: parent,
+                typ: FileType::Directory,
+                // The parent may be gone already (a removed directory): show our own.
+                attr: plus.then(|| self.meta.getattr(parent).unwrap_or_else(|_| a.clone())),
+            },
+        ];
+        let names = self.dir_page(ctx, ino, b"", plus)?;
+        let last = names.len() < DIR_PAGE;
+        entries.extend(names);
+        Ok(DirPage {
+            base: 0,
+            entries,
+            last,
+            started: true,
+        })
+    }
+
+    fn dir_page(&self, ctx: &Context, ino: Ino, after: &[u8], plus: bool) -> Result<Vec<DirEntry>> {
+        let mut page = self.meta.readdir_page(ctx, ino, after, DIR_PAGE, plus)?;
+        if plus {
+            for e in page.iter_mut() {
+                if let Some(a) = e.attr.take() {
+                    // May under-report a file growing right now; the next getattr corrects it.
+                    e.attr = Some(Self::view(a, self.pending_end(e.ino)));
+                }
+            }
+        }
+        Ok(page)
     }
 
     pub fn unlink(&self, ctx: &Context, parent: Ino, name: &[u8]) -> Result<()> {
