@@ -445,9 +445,19 @@ impl ChunkStore {
     /// Queue block `key` whose payload is `block` for upload, holding `held` of the write
     /// budget until it is stored; uncompressed, the checksum trailer is appended in place
     /// (no copy when the buffer has room for it).
-    pub(crate) fn upload_sealed(&self, key: String, block: Vec<u8>, held: Held) -> Arc<Completion> {
+    pub(crate) fn upload_sealed(
+        &self,
+        key: String,
+        block: Vec<u8>,
+        held: Held,
+        inline: bool,
+    ) -> Arc<Completion> {
         let obj = codec::seal_with(self.cfg.compression, block);
-        self.uploads.submit(key, obj, held)
+        if inline {
+            self.uploads.run_inline(key, obj, held)
+        } else {
+            self.uploads.submit(key, obj, held)
+        }
     }
 
     /// Upload again an object whose upload failed.

@@ -252,6 +252,40 @@ struct Job {
 pub struct UploadPool {
     tx: Mutex<Option<SyncSender<Job>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    store: Arc<dyn ObjectStore>,
+    buffers: Arc<BufferPool>,
+}
+
+/// Store one block and settle its completion: the budget is released and the buffer
+/// recycled on success, the object kept for a retry on failure (a panic is a failure).
+fn execute(store: &dyn ObjectStore, buffers: &BufferPool, job: Job) {
+    let Job {
+        key,
+        data,
+        held,
+        done,
+    } = job;
+    let r = catch_unwind(AssertUnwindSafe(|| store.put(&key, data.clone()))).unwrap_or_else(|p| {
+        Err(aquifer_object::ObjectError::Config(format!(
+            "upload of {key} panicked: {}",
+            panic_message(&*p)
+        )))
+    });
+    match r {
+        Ok(()) => {
+            // Its memory is accounted free before anyone learns it is done.
+            drop(held);
+            done.set(Outcome::Done);
+            // The store is done with the block: its buffer can hold the next.
+            if data.is_unique() {
+                buffers.give(Vec::from(data));
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "block upload failed");
+            done.set(Outcome::Failed(e.to_string(), data, held));
+        }
+    }
 }
 
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
@@ -279,45 +313,31 @@ impl UploadPool {
                 std::thread::Builder::new()
                     .name(format!("upload-{i}"))
                     .spawn(move || loop {
-                        let job = rx.lock().recv();
-                        let Ok(Job {
-                            key,
-                            data,
-                            held,
-                            done,
-                        }) = job
-                        else {
-                            return;
-                        };
-                        let r = catch_unwind(AssertUnwindSafe(|| store.put(&key, data.clone())))
-                            .unwrap_or_else(|p| {
-                                Err(aquifer_object::ObjectError::Config(format!(
-                                    "upload of {key} panicked: {}",
-                                    panic_message(&*p)
-                                )))
-                            });
-                        match r {
-                            Ok(()) => {
-                                // Its memory is accounted free before anyone learns it is done.
-                                drop(held);
-                                done.set(Outcome::Done);
-                                // The store is done with the block: its buffer can hold the next.
-                                if data.is_unique() {
-                                    buffers.give(Vec::from(data));
-                                }
-                            }
-                            Err(e) => {
-                                tracing::error!(error = %e, "block upload failed");
-                                done.set(Outcome::Failed(e.to_string(), data, held));
-                            }
-                        }
+                        let Ok(job) = rx.lock().recv() else { return };
+                        execute(&*store, &buffers, job);
                     })?,
             );
         }
         Ok(UploadPool {
             tx: Mutex::new(Some(tx)),
             threads: Mutex::new(handles),
+            store,
+            buffers,
         })
+    }
+
+    /// Upload on the calling thread: for a caller about to wait for this one upload anyway
+    /// (a flush with a single tail), two thread hand-offs fewer.
+    pub fn run_inline(&self, key: String, data: Bytes, held: Held) -> Arc<Completion> {
+        let done = Completion::running();
+        let job = Job {
+            key,
+            data,
+            held,
+            done: done.clone(),
+        };
+        execute(&*self.store, &self.buffers, job);
+        done
     }
 
     /// Queue an upload of `data` (holding `held` of the budget until it is stored); blocks

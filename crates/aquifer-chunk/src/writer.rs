@@ -291,15 +291,17 @@ impl FileWriter {
             let block = std::mem::take(&mut s.tail);
             let held = std::mem::take(&mut s.held);
             let key = block_key(s.id, s.sent / bs, bs);
-            s.uploads.push(self.cs.upload_sealed(key, block, held));
+            s.uploads
+                .push(self.cs.upload_sealed(key, block, held, false));
             s.sent += bs;
         }
         s.len += data.len() as u32;
         Ok(s.end() as u64 == CHUNK_SIZE)
     }
 
-    /// Upload a slice's partial last block; the slice is closed to extension from now on.
-    fn seal(cs: &ChunkStore, s: &mut OpenSlice) -> usize {
+    /// Upload a slice's partial last block (on this thread with `inline`); the slice is
+    /// closed to extension from now on.
+    fn seal(cs: &ChunkStore, s: &mut OpenSlice, inline: bool) -> usize {
         if s.tail.is_empty() {
             return 0;
         }
@@ -309,7 +311,7 @@ impl FileWriter {
         let held = std::mem::take(&mut s.held);
         let bytes = held.bytes();
         s.uploads
-            .push(cs.upload_sealed(key, std::mem::take(&mut s.tail), held));
+            .push(cs.upload_sealed(key, std::mem::take(&mut s.tail), held, inline));
         s.sent += len;
         s.sealed = true;
         bytes
@@ -335,7 +337,7 @@ impl FileWriter {
         let mut n = 0;
         for s in st.chunks.values_mut().flatten() {
             Self::retry_failed(&self.cs, s);
-            n += Self::seal(&self.cs, s);
+            n += Self::seal(&self.cs, s, false);
         }
         n
     }
@@ -344,9 +346,12 @@ impl FileWriter {
         let Some(list) = st.chunks.get_mut(&idx) else {
             return Ok(());
         };
+        // One tail to store and then wait for: store it here rather than hand it to an
+        // upload thread and sleep until it is done (a small file's close, an fsync).
+        let inline = list.iter().filter(|s| !s.tail.is_empty()).count() == 1;
         for s in list.iter_mut() {
             Self::retry_failed(&self.cs, s);
-            Self::seal(&self.cs, s);
+            Self::seal(&self.cs, s, inline);
         }
         let mut failed = None;
         for u in list.iter().flat_map(|s| &s.uploads) {
@@ -404,6 +409,45 @@ impl FileWriter {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+
+    /// Truncate the file to `len` without committing what is buffered, when all of it is
+    /// still in memory (nothing uploaded yet: small files, the common case of a program that
+    /// rewrites and truncates one file, as fsx does): `truncate` changes the metadata under
+    /// the writer's lock, then the buffered slices are cut to match. Committing first would
+    /// store a block only for the truncate to free it again. Returns `None` without doing
+    /// anything when some buffered block is already uploaded; the caller then commits and
+    /// truncates the metadata alone.
+    pub fn truncate_buffered<T>(
+        &self,
+        len: u64,
+        truncate: impl FnOnce() -> Result<T>,
+    ) -> Result<Option<T>> {
+        let mut st = self.state.lock();
+        if st.chunks.values().flatten().any(|s| s.sent > 0) {
+            return Ok(None);
+        }
+        let r = truncate()?;
+        let keep = len.div_ceil(CHUNK_SIZE) as u32;
+        st.chunks.retain(|&idx, _| idx < keep);
+        // The chunk holding the new end (none when it falls on a chunk boundary).
+        let last = (len / CHUNK_SIZE) as u32;
+        if let Some(list) = st.chunks.get_mut(&last) {
+            let cut = (len % CHUNK_SIZE) as u32;
+            list.retain(|s| s.pos < cut);
+            for s in list.iter_mut().filter(|s| s.end() > cut) {
+                s.len = cut - s.pos;
+                s.tail.truncate(s.len as usize);
+            }
+            if list.is_empty() {
+                st.chunks.remove(&last);
+            }
+        }
+        st.end = st.end.min(len);
+        self.pending.store(st.end, Ordering::SeqCst);
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.settled(&mut st);
+        Ok(Some(r))
     }
 
     /// Forget uncommitted data (the file is gone or truncated, or its last handle closed
@@ -899,6 +943,8 @@ mod tests {
         Punch(u64, u64),
         Flush,
         Read(u64, usize),
+        /// A read that leaves buffered writes buffered (overlaid on the committed data).
+        ReadBuffered(u64, usize),
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -911,7 +957,8 @@ mod tests {
             1 => (base..(CHUNK_SIZE + 2048)).prop_map(Op::Truncate),
             1 => (off.clone(), 1u64..3000).prop_map(|(o, l)| Op::Punch(o, l)),
             2 => Just(Op::Flush),
-            2 => (off, 1usize..3000).prop_map(|(o, l)| Op::Read(o, l)),
+            2 => (off.clone(), 1usize..3000).prop_map(|(o, l)| Op::Read(o, l)),
+            2 => (off, 1usize..3000).prop_map(|(o, l)| Op::ReadBuffered(o, l)),
         ]
     }
 
@@ -937,8 +984,12 @@ mod tests {
                         len = len.max(o + l as u64);
                     }
                     Op::Truncate(n) => {
-                        w.flush().unwrap();
-                        meta.truncate(&ctx, ino, n).unwrap();
+                        // Cut in memory when nothing is uploaded yet, else commit first.
+                        let cut = w.truncate_buffered(n, || Ok(meta.truncate(&ctx, ino, n)?)).unwrap();
+                        if cut.is_none() {
+                            w.flush().unwrap();
+                            meta.truncate(&ctx, ino, n).unwrap();
+                        }
                         model.retain(|k, _| *k < n);
                         len = n;
                     }
@@ -953,6 +1004,16 @@ mod tests {
                         let a = meta.getattr(ino).unwrap();
                         prop_assert_eq!(a.length, len);
                         let got = cs.read(ino, o, l, a.length).unwrap();
+                        let end = (o + l as u64).min(len).max(o);
+                        let want: Vec<u8> = (o..end).map(|i| *model.get(&i).unwrap_or(&0)).collect();
+                        prop_assert_eq!(got, want);
+                    }
+                    Op::ReadBuffered(o, l) => {
+                        let g = w.generation();
+                        let flen = meta.getattr(ino).unwrap().length.max(w.pending_end());
+                        prop_assert_eq!(flen, len);
+                        let mut got = cs.read(ino, o, l, flen).unwrap();
+                        prop_assert!(w.overlay(o, &mut got, g).unwrap());
                         let end = (o + l as u64).min(len).max(o);
                         let want: Vec<u8> = (o..end).map(|i| *model.get(&i).unwrap_or(&0)).collect();
                         prop_assert_eq!(got, want);

@@ -249,13 +249,19 @@ impl Vfs {
         size: Option<u64>,
     ) -> Result<Attr> {
         let mut attr = None;
-        if size.is_some() || set.mtime.is_some() {
+        if let (Some(len), None) = (size, set.mtime) {
+            // Buffered data still in memory is cut with the metadata, not committed first.
+            if let Some(w) = self.writer_of(ino).filter(|w| w.is_dirty()) {
+                attr = w.truncate_buffered(len, || Ok(self.meta.truncate(ctx, ino, len)?))?;
+            }
+        }
+        if attr.is_none() && (size.is_some() || set.mtime.is_some()) {
             // Buffered writes must land before: their commit would otherwise stamp a later
             // mtime over the one being set (cp -a, tar, rsync set times after writing).
             self.settle(ino)?;
-        }
-        if let Some(size) = size {
-            attr = Some(self.meta.truncate(ctx, ino, size)?);
+            if let Some(size) = size {
+                attr = Some(self.meta.truncate(ctx, ino, size)?);
+            }
         }
         if set.mode.is_some()
             || set.uid.is_some()
