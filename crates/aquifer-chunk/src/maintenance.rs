@@ -180,9 +180,11 @@ pub fn gc(
             report.bytes += o.size;
             progress(1);
             let owned = parse_block_key(&o.key).is_some_and(|(id, idx, len)| {
+                // A block of the slice's layout: within it, and of the length it implies.
                 refs.get(&id).is_some_and(|&size| {
-                    slice_keys(id, size, block_size).get(idx as usize)
-                        == Some(&block_key(id, idx, len))
+                    let start = idx as u64 * block_size as u64;
+                    start < size as u64
+                        && len as u64 == (size as u64 - start).min(block_size as u64)
                 })
             });
             if owned {
@@ -457,31 +459,25 @@ mod tests {
         let (cs, store) = volume();
         file(&cs, "good", &[1; 2500]);
         let bad = file(&cs, "bad", &[2; 2500]);
-        let c = codec::Compression::None;
-        let r = fsck(
-            cs.meta().as_ref(),
-            store.as_ref(),
-            1024,
-            c,
-            "/",
-            true,
-            &|_| {},
-        )
-        .unwrap();
+        let check = |path: &str, deep: bool| {
+            let c = codec::Compression::None;
+            fsck(
+                cs.meta().as_ref(),
+                store.as_ref(),
+                1024,
+                c,
+                path,
+                deep,
+                &|_| {},
+            )
+            .unwrap()
+        };
+        let r = check("/", true);
         assert_eq!((r.files, r.blocks, r.broken.len()), (2, 6, 0));
         let id = cs.meta().read_chunk(bad, 0).unwrap()[0].id;
         use aquifer_object::ObjectStore;
         store.delete(&block_key(id, 1, 1024)).unwrap();
-        let r = fsck(
-            cs.meta().as_ref(),
-            store.as_ref(),
-            1024,
-            c,
-            "/",
-            false,
-            &|_| {},
-        )
-        .unwrap();
+        let r = check("/", false);
         assert_eq!(r.broken.len(), 1);
         assert_eq!(r.broken[0].path, "/bad");
         assert_eq!(r.broken[0].problem, "missing");
@@ -490,27 +486,9 @@ mod tests {
         let mut obj = store.get(&key, 0, None).unwrap().to_vec();
         obj[5] ^= 1;
         store.put(&key, Bytes::from(obj)).unwrap();
-        let r = fsck(
-            cs.meta().as_ref(),
-            store.as_ref(),
-            1024,
-            c,
-            "/",
-            true,
-            &|_| {},
-        )
-        .unwrap();
+        let r = check("/", true);
         assert_eq!(r.broken.len(), 2);
-        let r = fsck(
-            cs.meta().as_ref(),
-            store.as_ref(),
-            1024,
-            c,
-            "/good",
-            true,
-            &|_| {},
-        )
-        .unwrap();
+        let r = check("/good", true);
         assert_eq!((r.files, r.broken.len()), (1, 0));
     }
 }

@@ -145,16 +145,6 @@ impl Completion {
         })
     }
 
-    /// A completion that has already finished with `value`.
-    pub fn done(value: Result<(), String>) -> Arc<Completion> {
-        let c = Completion::running();
-        match value {
-            Ok(()) => c.set(Outcome::Done),
-            Err(e) => c.set(Outcome::Failed(e, Bytes::new(), Held::default())),
-        }
-        c
-    }
-
     fn set(&self, o: Outcome) {
         *self.state.lock() = o;
         self.cv.notify_all();
