@@ -8,6 +8,7 @@
 //! * Background workers compact fragmented chunks and delete the objects of freed slices.
 
 pub mod codec;
+pub mod journal;
 pub mod layout;
 pub mod maintenance;
 mod pool;
@@ -113,7 +114,9 @@ impl Default for DataConfig {
 
 pub struct ChunkStore {
     meta: Arc<dyn Meta>,
+    /// The store, through the journal (every put is seen by it).
     store: Arc<dyn ObjectStore>,
+    journal: Arc<journal::Journal>,
     cfg: DataConfig,
     uploads: UploadPool,
     buffers: Arc<BufferPool>,
@@ -140,6 +143,8 @@ impl ChunkStore {
         mut cfg: DataConfig,
     ) -> Result<Arc<ChunkStore>> {
         let setup = |e: std::io::Error| DataError::Setup(format!("cannot start a thread: {e}"));
+        let journal = journal::Journal::new(meta.clone(), store)?;
+        let store: Arc<dyn ObjectStore> = journal.clone();
         // Blocks fetched ahead must still be cached when the reader reaches them: a window
         // wider than the cache evicts them first and every block is fetched twice.
         let fit = cfg.cache_bytes / 2 / (cfg.block_size.max(1) as usize);
@@ -172,6 +177,7 @@ impl ChunkStore {
         let cs = Arc::new(ChunkStore {
             meta,
             store,
+            journal,
             cfg,
             uploads,
             buffers,
@@ -202,13 +208,11 @@ impl ChunkStore {
         Ok(cs)
     }
 
-    /// Make every committed change durable: first the blocks written so far, then the
-    /// metadata that references them, so a power cut at any point never leaves durable
-    /// metadata pointing at a block that is not on the disk.
+    /// Make every committed change durable, with every block put so far (see
+    /// [`journal::Journal::sync_committed`]: small blocks through the metadata log, others synced in
+    /// the store before the metadata).
     pub fn sync(&self) -> Result<()> {
-        self.store.sync()?;
-        self.meta.sync()?;
-        Ok(())
+        self.journal.sync_committed()
     }
 
     pub(crate) fn budget(&self) -> &Arc<Budget> {
@@ -273,6 +277,10 @@ impl ChunkStore {
             let _ = w.join();
         }
         let _ = self.empty_trash();
+        // A clean stop leaves nothing to replay.
+        if let Err(e) = self.journal.checkpoint() {
+            tracing::warn!(error = %e, "checkpoint of the object journal failed");
+        }
     }
 
     /// Read up to `len` bytes at `off` of a file whose length is `file_len`.
@@ -673,6 +681,9 @@ fn trash_loop(cs: Weak<ChunkStore>, stop: Arc<AtomicBool>) {
             Err(RecvTimeoutError::Disconnected) => return,
         }
         let Some(cs) = cs.upgrade() else { return };
+        if let Err(e) = cs.journal.checkpoint_if_due() {
+            tracing::warn!(error = %e, "checkpoint of the object journal failed; will retry");
+        }
         match catch_unwind(AssertUnwindSafe(|| cs.empty_trash())) {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "emptying the trash failed; will retry"),

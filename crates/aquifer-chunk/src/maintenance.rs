@@ -163,6 +163,8 @@ pub fn gc(
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<GcReport> {
     let mut report = GcReport::default();
+    // Blocks an fsync left only in the metadata journal are the volume's too.
+    crate::journal::replay(meta, store)?;
     if opts.delete {
         // Failed trash deletes are retried here, not forgotten.
         report.trash_freed = free_trash(meta, store, block_size)?;
@@ -256,6 +258,8 @@ pub fn fsck(
     deep: bool,
     progress: &dyn Fn(u64),
 ) -> Result<FsckReport> {
+    // Blocks an fsync left only in the metadata journal are not broken: put them back first.
+    crate::journal::replay(meta, store)?;
     let ctx = Context::root();
     let mut ino = ROOT_INO;
     for part in path.split('/').filter(|p| !p.is_empty() && *p != ".") {

@@ -14,6 +14,7 @@
 //! | `O` sid ino                 | open-but-unlinked inode       |
 //! | `F` ino                     | BSD locks (sid, owner, type)  |
 //! | `P` ino                     | POSIX locks with ranges       |
+//! | `J` object key              | object bytes until the store has them durably |
 //!
 //! [`Format`]: crate::Format
 
@@ -71,6 +72,12 @@ pub fn xattr(ino: Ino, name: &[u8]) -> Vec<u8> {
 
 pub fn xattr_prefix(ino: Ino) -> Vec<u8> {
     with_ino(b'X', ino)
+}
+
+pub fn journal(object: &str) -> Vec<u8> {
+    let mut k = b"J".to_vec();
+    k.extend_from_slice(object.as_bytes());
+    k
 }
 
 pub fn trash(seq: u64) -> Vec<u8> {

@@ -155,4 +155,14 @@ pub trait Meta: Send + Sync {
 
     /// Make all committed changes durable (fsync).
     fn sync(&self) -> Result<()>;
+
+    /// Keep copies of small objects in the metadata log until the object store has them on
+    /// disk: an fsync of a few KiB then costs one log flush instead of a flush per block file
+    /// and directory. Made durable by the next [`Meta::sync`]; replayed into the store after a
+    /// crash. Keys are object keys; a key written again replaces its copy.
+    fn journal_put(&self, records: &[(&str, &[u8])]) -> Result<()>;
+    /// Every journaled object, in key order.
+    fn journal_list(&self) -> Result<Vec<(String, Vec<u8>)>>;
+    /// Forget journaled objects (the store holds them durably now); missing keys are ignored.
+    fn journal_remove(&self, keys: &[String]) -> Result<()>;
 }

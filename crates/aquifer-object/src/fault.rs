@@ -135,4 +135,7 @@ impl<S: ObjectStore> ObjectStore for FaultStore<S> {
         self.check("sync")?;
         self.inner.sync()
     }
+    fn puts_need_sync(&self) -> bool {
+        self.inner.puts_need_sync()
+    }
 }

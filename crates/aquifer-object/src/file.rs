@@ -98,7 +98,10 @@ impl FileStore {
             Err(_) => {
                 // The put's directory does not exist yet: keep the inode for the next put
                 // (dropping it from the pool would leave it behind in `.free/`).
-                self.free.lock().unwrap_or_else(|e| e.into_inner()).push(old);
+                self.free
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(old);
                 false
             }
         }
@@ -504,7 +507,8 @@ mod tests {
     fn the_pool_is_removed_whole_when_puts_make_directories() {
         let (s, d) = fresh();
         for i in 0..3 {
-            s.put(&format!("large/{i}"), Bytes::from_static(b"big")).unwrap();
+            s.put(&format!("large/{i}"), Bytes::from_static(b"big"))
+                .unwrap();
         }
         for i in 0..3 {
             s.delete(&format!("large/{i}")).unwrap();

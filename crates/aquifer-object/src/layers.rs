@@ -132,6 +132,9 @@ impl<S: ObjectStore> ObjectStore for Retrying<S> {
     fn sync(&self) -> Result<()> {
         self.run("sync", "", || self.inner.sync())
     }
+    fn puts_need_sync(&self) -> bool {
+        self.inner.puts_need_sync()
+    }
 }
 
 /// A token bucket in bytes per second. Callers wait for tokens outside the lock; a request
@@ -229,6 +232,9 @@ impl<S: ObjectStore> ObjectStore for RateLimited<S> {
     fn sync(&self) -> Result<()> {
         self.inner.sync()
     }
+    fn puts_need_sync(&self) -> bool {
+        self.inner.puts_need_sync()
+    }
 }
 
 impl<S: ObjectStore + ?Sized> ObjectStore for Arc<S> {
@@ -258,6 +264,9 @@ impl<S: ObjectStore + ?Sized> ObjectStore for Arc<S> {
     }
     fn sync(&self) -> Result<()> {
         (**self).sync()
+    }
+    fn puts_need_sync(&self) -> bool {
+        (**self).puts_need_sync()
     }
 }
 

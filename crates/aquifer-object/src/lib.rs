@@ -114,10 +114,13 @@ pub trait ObjectStore: Send + Sync {
     fn list(&self, prefix: &str, start_after: &str, limit: usize) -> Result<Vec<ObjectInfo>>;
     /// Make every put that has returned durable: after `sync` returns, those objects survive
     /// a power cut. Stores whose puts are durable when they return (S3) need not override it.
-    /// Metadata that references a block is made durable only after this, so a power cut
-    /// never leaves committed metadata pointing at a block that did not reach the disk.
     fn sync(&self) -> Result<()> {
         Ok(())
+    }
+    /// Whether a returned put still needs [`ObjectStore::sync`] to be durable (a local
+    /// directory: yes; S3: no). The data path journals small objects only for such stores.
+    fn puts_need_sync(&self) -> bool {
+        false
     }
 }
 
