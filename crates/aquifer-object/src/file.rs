@@ -56,6 +56,9 @@ pub const MAX_FREE: usize = 4096;
 const FREE_DIR: &str = ".free";
 
 const TMP_SUFFIX: &str = ".tmp-";
+/// Objects this large have their writeback started as they are put (whole blocks of a
+/// streaming writer); small ones are left to the page cache, and to the object journal.
+const EARLY_WRITEBACK_MIN: usize = 1 << 20;
 /// Reads at least this large from offset 0 prefetch the whole block.
 const READAHEAD_MIN: usize = 256 << 10;
 
@@ -292,6 +295,15 @@ impl ObjectStore for FileStore {
                 .mode(0o600)
                 .open(tmp)?;
             f.write_all(&data)?;
+            if data.len() >= EARLY_WRITEBACK_MIN {
+                // Start writing it to the disk now, without waiting: a writer streaming
+                // gigabytes then finds its fsync nearly done instead of flushing them all at
+                // the end, as ingestion through FUSE and the disk's writes overlap.
+                use std::os::fd::AsRawFd;
+                // SAFETY: the descriptor is open for the duration of the call; the flags
+                // only start asynchronous writeback of the file's dirty pages.
+                unsafe { libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+            }
             Ok(())
         };
         self.reuse(&tmp);
