@@ -76,20 +76,23 @@ with open(expect, "w") as f:
 PY
 sleep 1.5  # the trash worker runs: its deletes must wait for durable metadata
 
-# The power cut: freeze the daemon, copy what reached the device, then kill everything.
-kill -STOP "$DAEMON_PID"
-dd if="$dev" of="$WORK/copy.img" bs=4M iflag=direct status=none
-kill -9 "$DAEMON_PID"
-kill -CONT "$DAEMON_PID" 2>/dev/null || true
-fusermount3 -uz "$mp" 2>/dev/null || umount -l "$mp"
-umount "$disk"
-
-# Boot from the copy at the same path (the volume's settings name it).
-copydev=$(losetup --find --show "$WORK/copy.img")
-CLEANUPS+=("losetup -d $copydev")
-mount "$copydev" "$disk"
-CLEANUPS+=("umount -l $disk")
-mount_volume "$mp"
+# power_cut DEVICE IMAGE: freeze the daemon, copy what reached DEVICE into IMAGE (a power
+# cut at that instant), kill everything, then boot from the copy at the same path (the
+# volume's settings name it) and mount it again. Sets $dev to the copy's loop device.
+power_cut() {
+  kill -STOP "$DAEMON_PID"
+  dd if="$1" of="$2" bs=4M iflag=direct status=none
+  kill -9 "$DAEMON_PID"
+  kill -CONT "$DAEMON_PID" 2>/dev/null || true
+  fusermount3 -uz "$mp" 2>/dev/null || umount -l "$mp"
+  umount "$disk"
+  dev=$(losetup --find --show "$2")
+  CLEANUPS+=("losetup -d $dev")
+  mount "$dev" "$disk"
+  CLEANUPS+=("umount -l $disk")
+  mount_volume "$mp"
+}
+power_cut "$dev" "$WORK/copy.img"
 n=$(wc -l <"$WORK/expect")
 (cd "$mp" && sha256sum -c --quiet "$WORK/expect") || fail "fsynced files differ after the power cut"
 note "$n fsynced files intact after the power cut"
@@ -127,17 +130,7 @@ with open(expect, "w") as f:
         f.write(f"{hashlib.sha256(v).hexdigest()}  {k}\n")
 PY
 before=$(grep -c "put back journaled objects" "$WORK/mnt.log" || true)
-kill -STOP "$DAEMON_PID"
-dd if="$copydev" of="$WORK/copy2.img" bs=4M iflag=direct status=none
-kill -9 "$DAEMON_PID"
-kill -CONT "$DAEMON_PID" 2>/dev/null || true
-fusermount3 -uz "$mp" 2>/dev/null || umount -l "$mp"
-umount "$disk"
-copydev2=$(losetup --find --show "$WORK/copy2.img")
-CLEANUPS+=("losetup -d $copydev2")
-mount "$copydev2" "$disk"
-CLEANUPS+=("umount -l $disk")
-mount_volume "$mp"
+power_cut "$dev" "$WORK/copy2.img"
 (cd "$mp" && sha256sum -c --quiet "$WORK/expect2") || fail "small fsynced files differ after the power cut"
 after=$(grep -c "put back journaled objects" "$WORK/mnt.log" || true)
 [ "$after" -gt "$before" ] || fail "the mount put nothing back from the journal (were the blocks synced after all?)"
