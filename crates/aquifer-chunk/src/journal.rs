@@ -4,11 +4,16 @@
 //! an fsync of the directory its name went into, and the metadata that references it needs a
 //! third flush (the RocksDB log). An fsync of a few KiB — `msync` of a mapped page, a database
 //! commit — would cost three disk flushes where ext4 costs one. So when everything put since
-//! the store was last synced is small, [`Journal::sync_committed`] writes copies of those objects into
-//! the metadata engine and syncs it: one log flush makes the data and the metadata that
-//! references it durable together. A checkpoint ([`Journal::checkpoint`]: every few seconds,
-//! before trash deletes, at shutdown) syncs the store the slow way and drops the copies. After
-//! a crash the copies are put back into the store ([`replay`]) before the volume is used.
+//! the store was last synced is small, [`Journal::sync_committed`] writes copies of those
+//! objects into the metadata engine and syncs it: one log flush makes the data and the
+//! metadata that references it durable together. A checkpoint ([`Journal::checkpoint`]: every
+//! few seconds, or when much is journaled, and at shutdown) syncs the store the slow way and
+//! drops the copies. After a crash the copies are put back into the store ([`replay`]) before
+//! the volume is used.
+//!
+//! A checkpoint runs beside fsyncs, not in their way: every put gets a sequence number, a
+//! checkpoint notes the last one before it syncs the store, and afterwards drops only what
+//! that sync covered. An fsync during a checkpoint journals what it finds, as at any time.
 //!
 //! Stores whose puts are durable when they return (S3) are passed through untouched.
 
@@ -26,7 +31,7 @@ const OBJECT_MAX: usize = 1 << 20;
 const PENDING_MAX: usize = 16 << 20;
 /// Copies kept in the metadata engine before a checkpoint moves them out.
 const JOURNALED_MAX: usize = 32 << 20;
-/// Age of the oldest copy in the metadata engine at which a checkpoint is due.
+/// Age of the oldest copy (journaled or pending) at which a checkpoint is due.
 const CHECKPOINT_AGE: Duration = Duration::from_secs(5);
 
 /// An [`ObjectStore`] that remembers its recent small puts, for [`Journal::sync_committed`].
@@ -35,22 +40,42 @@ pub struct Journal {
     meta: Arc<dyn Meta>,
     enabled: bool,
     state: Mutex<State>,
-    /// One sync or checkpoint at a time: a sync that finds nothing pending must not return
-    /// while an earlier one is still making those objects durable.
+    /// One fsync at a time: a sync that finds nothing pending must not return while an
+    /// earlier one is still making those objects durable.
     order: Mutex<()>,
+    /// One checkpoint at a time (they do not take `order`).
+    checkpointing: Mutex<()>,
 }
 
 #[derive(Default)]
 struct State {
+    /// Sequence number of the last put seen.
+    seq: u64,
+    /// Every put up to this one is durable in the store itself (a store sync covered it).
+    durable_upto: u64,
+    /// The last put that was not recorded (too large, or too many pending). While it is
+    /// past `durable_upto`, an fsync must sync the store itself.
+    overflow_upto: u64,
     /// Put since the store was last synced and not journaled yet: copies of their bytes.
-    pending: HashMap<String, Bytes>,
+    pending: HashMap<String, (u64, Bytes)>,
     pending_bytes: usize,
-    /// A put was too large, or too many were pending: the next sync is a full one.
-    overflow: bool,
-    /// In the metadata journal, waiting for a checkpoint.
-    journaled: HashMap<String, usize>,
+    /// In the metadata journal, waiting for a checkpoint: sequence number and size.
+    journaled: HashMap<String, (u64, usize)>,
     journaled_bytes: usize,
+    /// When the oldest copy still held (pending or journaled) was made.
     since: Option<Instant>,
+}
+
+impl State {
+    fn overflowed(&self) -> bool {
+        self.overflow_upto > self.durable_upto
+    }
+
+    fn reset_since(&mut self) {
+        if self.pending.is_empty() && self.journaled.is_empty() {
+            self.since = None;
+        }
+    }
 }
 
 impl Journal {
@@ -63,6 +88,7 @@ impl Journal {
             meta,
             state: Mutex::new(State::default()),
             order: Mutex::new(()),
+            checkpointing: Mutex::new(()),
         }))
     }
 
@@ -76,7 +102,7 @@ impl Journal {
         }
         let taken = {
             let mut st = self.state.lock();
-            if st.overflow {
+            if st.overflowed() {
                 None
             } else {
                 st.pending_bytes = 0;
@@ -84,22 +110,26 @@ impl Journal {
             }
         };
         let Some(recs) = taken else {
-            return self.full_sync();
+            self.sync_store()?;
+            self.meta.sync()?;
+            return Ok(());
         };
         let r = (|| {
-            let list: Vec<(&str, &[u8])> = recs.iter().map(|(k, v)| (k.as_str(), &v[..])).collect();
+            let list: Vec<(&str, &[u8])> = recs
+                .iter()
+                .map(|(k, (_, v))| (k.as_str(), &v[..]))
+                .collect();
             self.meta.journal_put(&list)?;
             self.meta.sync()
         })();
         let mut st = self.state.lock();
         match r {
             Ok(()) => {
-                if !recs.is_empty() {
-                    st.since.get_or_insert_with(Instant::now);
-                }
-                for (k, v) in recs {
+                for (k, (seq, v)) in recs {
+                    // A checkpoint that ran meanwhile may already cover it; its copy then
+                    // stays journaled until the next one, which is harmless.
                     st.journaled_bytes += v.len();
-                    if let Some(old) = st.journaled.insert(k, v.len()) {
+                    if let Some((_, old)) = st.journaled.insert(k, (seq, v.len())) {
                         st.journaled_bytes -= old;
                     }
                 }
@@ -107,19 +137,24 @@ impl Journal {
             }
             Err(e) => {
                 // Not known to be durable: journal them again next time.
-                for (k, v) in recs {
-                    st.pending_bytes += v.len();
-                    st.pending.entry(k).or_insert(v);
+                for (k, (seq, v)) in recs {
+                    if seq > st.durable_upto && !st.pending.contains_key(&k) {
+                        st.pending_bytes += v.len();
+                        st.pending.insert(k, (seq, v));
+                    }
                 }
                 Err(e.into())
             }
         }
     }
 
-    /// Sync the store the slow way, then drop the journal's copies and sync the metadata.
+    /// Sync the store the slow way, then drop the journal's copies of what it covered.
+    /// Runs beside fsyncs: it does not hold their lock while the store syncs.
     pub fn checkpoint(&self) -> std::result::Result<(), crate::DataError> {
-        let _one = self.order.lock();
-        self.full_sync()
+        let _one = self.checkpointing.lock();
+        self.sync_store()?;
+        self.meta.sync()?;
+        Ok(())
     }
 
     /// A checkpoint if the journal holds much or old data; called by a background worker.
@@ -135,68 +170,62 @@ impl Journal {
         Ok(())
     }
 
-    fn full_sync(&self) -> std::result::Result<(), crate::DataError> {
-        // What is taken now was put before the store sync starts, so that sync covers it;
-        // later puts stay pending.
-        let (pending, overflow, journaled) = {
+    /// Sync the store itself; afterwards every put noted before it began is durable there,
+    /// so its copies (pending or journaled) are dropped.
+    fn sync_store(&self) -> std::result::Result<(), crate::DataError> {
+        let upto = self.state.lock().seq;
+        self.inner.sync()?;
+        let dropped: Vec<(String, (u64, usize))> = {
             let mut st = self.state.lock();
-            st.pending_bytes = 0;
-            st.journaled_bytes = 0;
-            st.since = None;
-            (
-                std::mem::take(&mut st.pending),
-                std::mem::take(&mut st.overflow),
-                std::mem::take(&mut st.journaled),
-            )
+            st.durable_upto = st.durable_upto.max(upto);
+            st.pending.retain(|_, (seq, _)| *seq > upto);
+            st.pending_bytes = st.pending.values().map(|(_, v)| v.len()).sum();
+            let (drop, keep): (HashMap<_, _>, HashMap<_, _>) = std::mem::take(&mut st.journaled)
+                .into_iter()
+                .partition(|(_, (seq, _))| *seq <= upto);
+            st.journaled = keep;
+            st.journaled_bytes = st.journaled.values().map(|(_, n)| n).sum();
+            st.reset_since();
+            drop.into_iter().collect()
         };
-        let restore = |pending: HashMap<String, Bytes>, journaled: HashMap<String, usize>| {
-            let mut st = self.state.lock();
-            st.overflow |= overflow;
-            for (k, v) in pending {
-                st.pending_bytes += v.len();
-                st.pending.entry(k).or_insert(v);
-            }
-            if !journaled.is_empty() {
-                st.since.get_or_insert_with(Instant::now);
-            }
-            for (k, n) in journaled {
-                st.journaled_bytes += n;
-                st.journaled.insert(k, n);
-            }
-        };
-        if let Err(e) = self.inner.sync() {
-            restore(pending, journaled);
-            return Err(e.into());
-        }
-        if !journaled.is_empty() {
-            let keys: Vec<String> = journaled.keys().cloned().collect();
+        if !dropped.is_empty() {
+            let keys: Vec<String> = dropped.iter().map(|(k, _)| k.clone()).collect();
             if let Err(e) = self.meta.journal_remove(&keys) {
                 // The store has them; the copies stay until a later checkpoint drops them.
-                restore(HashMap::new(), journaled);
+                let mut st = self.state.lock();
+                st.since.get_or_insert_with(Instant::now);
+                for (k, (seq, n)) in dropped {
+                    if !st.journaled.contains_key(&k) {
+                        st.journaled_bytes += n;
+                        st.journaled.insert(k, (seq, n));
+                    }
+                }
                 return Err(e.into());
             }
         }
-        self.meta.sync()?;
         Ok(())
     }
 
     fn note_put(&self, key: &str, data: &Bytes) {
         let mut st = self.state.lock();
-        if st.overflow {
-            return;
-        }
-        if data.len() > OBJECT_MAX || st.pending_bytes + data.len() > PENDING_MAX {
-            st.overflow = true;
+        st.seq += 1;
+        let seq = st.seq;
+        if st.overflowed() || data.len() > OBJECT_MAX || st.pending_bytes + data.len() > PENDING_MAX
+        {
+            // Not recorded: the next fsync syncs the store, which covers what is pending too.
+            st.overflow_upto = seq;
             st.pending.clear();
             st.pending_bytes = 0;
+            st.since.get_or_insert_with(Instant::now);
             return;
         }
         // A copy: the upload's buffer is a whole block's allocation, recycled once the
         // store is done with it.
         st.pending_bytes += data.len();
-        if let Some(old) = st
+        st.since.get_or_insert_with(Instant::now);
+        if let Some((_, old)) = st
             .pending
-            .insert(key.to_string(), Bytes::copy_from_slice(data))
+            .insert(key.to_string(), (seq, Bytes::copy_from_slice(data)))
         {
             st.pending_bytes -= old.len();
         }
@@ -205,13 +234,14 @@ impl Journal {
     fn note_delete(&self, key: &str) -> Result<()> {
         let journaled = {
             let mut st = self.state.lock();
-            if let Some(old) = st.pending.remove(key) {
+            if let Some((_, old)) = st.pending.remove(key) {
                 st.pending_bytes -= old.len();
             }
             let j = st.journaled.remove(key);
-            if let Some(n) = j {
+            if let Some((_, n)) = j {
                 st.journaled_bytes -= n;
             }
+            st.reset_since();
             j.is_some()
         };
         if journaled {
@@ -411,6 +441,150 @@ mod tests {
         j.sync_committed().unwrap();
         assert_eq!(store.syncs(), 2);
         assert!(meta.journal_list().unwrap().is_empty());
+    }
+
+    /// A file store whose syncs wait at a gate, to hold a checkpoint in the middle.
+    struct GateStore {
+        inner: FileStore,
+        /// (held shut, a sync is waiting)
+        gate: std::sync::Mutex<(bool, bool)>,
+        cv: std::sync::Condvar,
+        syncs: std::sync::atomic::AtomicU64,
+    }
+
+    impl GateStore {
+        fn shut(&self) {
+            self.gate.lock().unwrap().0 = true;
+        }
+        fn wait_for_a_sync(&self) {
+            let g = self.gate.lock().unwrap();
+            drop(self.cv.wait_while(g, |g| !g.1).unwrap());
+        }
+        fn open(&self) {
+            self.gate.lock().unwrap().0 = false;
+            self.cv.notify_all();
+        }
+    }
+
+    impl ObjectStore for GateStore {
+        fn describe(&self) -> String {
+            self.inner.describe()
+        }
+        fn put(&self, key: &str, data: Bytes) -> Result<()> {
+            self.inner.put(key, data)
+        }
+        fn get(&self, key: &str, off: u64, len: Option<u64>) -> Result<Bytes> {
+            self.inner.get(key, off, len)
+        }
+        fn head(&self, key: &str) -> Result<ObjectInfo> {
+            self.inner.head(key)
+        }
+        fn delete(&self, key: &str) -> Result<()> {
+            self.inner.delete(key)
+        }
+        fn list(&self, prefix: &str, start_after: &str, limit: usize) -> Result<Vec<ObjectInfo>> {
+            self.inner.list(prefix, start_after, limit)
+        }
+        fn sync(&self) -> Result<()> {
+            let mut g = self.gate.lock().unwrap();
+            g.1 = true;
+            self.cv.notify_all();
+            let mut g = self.cv.wait_while(g, |g| g.0).unwrap();
+            g.1 = false;
+            drop(g);
+            self.syncs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.inner.sync()
+        }
+        fn puts_need_sync(&self) -> bool {
+            true
+        }
+    }
+
+    fn gated() -> (Arc<dyn Meta>, Arc<GateStore>, tempfile::TempDir) {
+        let d = tempfile::tempdir().unwrap();
+        let meta: Arc<dyn Meta> = Arc::new(KvMeta::new(MemKv::new()));
+        meta.format(&test_format(4096), false).unwrap();
+        let store = Arc::new(GateStore {
+            inner: FileStore::new(d.path()).unwrap(),
+            gate: Default::default(),
+            cv: Default::default(),
+            syncs: Default::default(),
+        });
+        (meta, store, d)
+    }
+
+    fn keys(meta: &dyn Meta) -> Vec<String> {
+        let mut k: Vec<String> = meta
+            .journal_list()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.0)
+            .collect();
+        k.sort();
+        k
+    }
+
+    #[test]
+    fn an_fsync_does_not_wait_for_a_checkpoint_and_keeps_what_it_did_not_cover() {
+        let (meta, store, _d) = gated();
+        let j = Journal::new(meta.clone(), store.clone()).unwrap();
+        j.put("chunks/a", Bytes::from_static(b"a")).unwrap();
+        j.sync_committed().unwrap();
+        j.put("chunks/b", Bytes::from_static(b"b")).unwrap();
+        store.shut();
+        let ckpt = {
+            let j = j.clone();
+            std::thread::spawn(move || j.checkpoint())
+        };
+        store.wait_for_a_sync();
+        // Mid-checkpoint: a new put and its fsync go through the journal at once.
+        j.put("chunks/c", Bytes::from_static(b"c")).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let j = j.clone();
+            std::thread::spawn(move || tx.send(j.sync_committed().is_ok()).unwrap());
+        }
+        let done = rx.recv_timeout(Duration::from_secs(10));
+        store.open();
+        assert_eq!(
+            done,
+            Ok(true),
+            "the fsync waited for the checkpoint's store sync"
+        );
+        ckpt.join().unwrap().unwrap();
+        assert_eq!(
+            keys(&*meta),
+            vec!["chunks/c".to_string()],
+            "a and b were covered by the checkpoint; c was put after it began"
+        );
+        // c is still not in a synced store: the next checkpoint moves it out.
+        j.checkpoint().unwrap();
+        assert!(keys(&*meta).is_empty());
+    }
+
+    #[test]
+    fn an_overflow_during_a_checkpoint_still_needs_a_store_sync() {
+        let (meta, store, _d) = gated();
+        let j = Journal::new(meta.clone(), store.clone()).unwrap();
+        j.put("chunks/a", Bytes::from_static(b"a")).unwrap();
+        store.shut();
+        let ckpt = {
+            let j = j.clone();
+            std::thread::spawn(move || j.checkpoint())
+        };
+        store.wait_for_a_sync();
+        j.put("chunks/big", Bytes::from(vec![3u8; OBJECT_MAX + 1]))
+            .unwrap();
+        store.open();
+        ckpt.join().unwrap().unwrap();
+        let before = store.syncs.load(std::sync::atomic::Ordering::SeqCst);
+        j.sync_committed().unwrap();
+        assert_eq!(
+            store.syncs.load(std::sync::atomic::Ordering::SeqCst),
+            before + 1,
+            "the large put came after the checkpoint began: only a store sync covers it"
+        );
+        assert!(keys(&*meta).is_empty());
     }
 
     #[test]

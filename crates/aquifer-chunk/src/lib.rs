@@ -566,7 +566,11 @@ impl ChunkStore {
 
     /// Delete the objects of every slice in the trash. Returns how many slices were freed.
     pub fn empty_trash(&self) -> Result<usize> {
-        free_trash(&*self.meta, &*self.store, self.cfg.block_size)
+        // An fsync's worth of durability, journal included: forcing a checkpoint here would
+        // sync the whole store every time compaction frees a slice.
+        free_trash(&*self.meta, &*self.store, self.cfg.block_size, &|| {
+            self.journal.sync_committed()
+        })
     }
 }
 
@@ -579,11 +583,16 @@ fn delete_blocks(store: &dyn ObjectStore, s: &Slice, block_size: u32) -> Result<
 
 /// Delete the objects of every slice in the trash. Returns how many slices were freed.
 ///
-/// The change that freed them is made durable first (blocks, then metadata, as
+/// The change that freed them is made durable first by `durable` (blocks, then metadata, as
 /// [`ChunkStore::sync`]): otherwise a power cut could bring back metadata that points at
 /// blocks already deleted. A record whose deletes failed stays in the trash and is tried
 /// again on the next round (and by `aquifer gc --delete`).
-pub fn free_trash(meta: &dyn Meta, store: &dyn ObjectStore, block_size: u32) -> Result<usize> {
+pub fn free_trash(
+    meta: &dyn Meta,
+    store: &dyn ObjectStore,
+    block_size: u32,
+    durable: &dyn Fn() -> Result<()>,
+) -> Result<usize> {
     let mut freed = 0;
     let mut synced = false;
     let mut after = 0;
@@ -593,8 +602,7 @@ pub fn free_trash(meta: &dyn Meta, store: &dyn ObjectStore, block_size: u32) -> 
             return Ok(freed);
         }
         if !synced {
-            store.sync()?;
-            meta.sync()?;
+            durable()?;
             synced = true;
         }
         for (id, slices) in batch {

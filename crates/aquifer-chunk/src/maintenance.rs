@@ -167,7 +167,11 @@ pub fn gc(
     crate::journal::replay(meta, store)?;
     if opts.delete {
         // Failed trash deletes are retried here, not forgotten.
-        report.trash_freed = free_trash(meta, store, block_size)?;
+        report.trash_freed = free_trash(meta, store, block_size, &|| {
+            store.sync()?;
+            meta.sync()?;
+            Ok(())
+        })?;
     }
     let refs = referenced_slices(meta)?;
     let now = SystemTime::now();
