@@ -17,8 +17,8 @@
 //! and fall back to the plain form when compression does not shrink the block, so every
 //! object says how it is stored. Compressed blocks are always read whole.
 
-use crate::prefetch::BlockCache;
 use crate::{DataError, Result};
+use aquifer_cache::Cache;
 use aquifer_object::ObjectStore;
 use bytes::Bytes;
 
@@ -214,7 +214,7 @@ fn corrupt(key: &str, msg: String) -> DataError {
 /// same block is a single request.
 pub fn read(
     store: &dyn ObjectStore,
-    trailers: Option<&BlockCache>,
+    trailers: Option<&Cache>,
     key: &str,
     len: usize,
     off: usize,
@@ -255,7 +255,7 @@ pub fn read(
             }
             let t = std::sync::Arc::new(t);
             if let Some(c) = trailers {
-                c.insert(key.to_string(), t.clone());
+                c.insert(key, &t);
             }
             t
         }
@@ -383,7 +383,7 @@ mod tests {
             read(&s, None, "k", len, x, &mut d).unwrap();
             prop_assert_eq!(&d[..], &p[x..y]);
             // Again with the trailer remembered from the first read.
-            let trailers = BlockCache::new(1 << 20);
+            let trailers = Cache::memory(1 << 20);
             for _ in 0..2 {
                 d.fill(0);
                 read(&s, Some(&trailers), "k", len, x, &mut d).unwrap();

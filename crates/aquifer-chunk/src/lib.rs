@@ -15,6 +15,7 @@ mod pool;
 pub mod prefetch;
 pub mod writer;
 
+use aquifer_cache::{Cache, MemTier, Recycle};
 use aquifer_meta::{Errno, Ino, Meta, MetaError, Slice, CHUNK_SIZE};
 use aquifer_object::{ObjectError, ObjectStore};
 use bytes::Bytes;
@@ -126,9 +127,9 @@ pub struct ChunkStore {
     /// One writer at a time makes room in the budget; the others wait for it.
     spilling: Mutex<()>,
     clock: AtomicU64,
-    cache: Arc<prefetch::BlockCache>,
+    cache: Arc<Cache>,
     /// Checksum trailers of blocks read at random: 260 bytes per 4 MiB block.
-    trailers: prefetch::BlockCache,
+    trailers: Cache,
     prefetch: prefetch::Prefetcher,
     compact_tx: Mutex<Option<Sender<(Ino, u32)>>>,
     compacting: Mutex<HashSet<(Ino, u32)>>,
@@ -147,7 +148,8 @@ impl ChunkStore {
         let store: Arc<dyn ObjectStore> = journal.clone();
         // Blocks fetched ahead must still be cached when the reader reaches them: a window
         // wider than the cache evicts them first and every block is fetched twice.
-        let fit = cfg.cache_bytes / 2 / (cfg.block_size.max(1) as usize);
+        // The cache counts what a block pins: its stored size (checksums included).
+        let fit = cfg.cache_bytes / 2 / codec::stored_len(cfg.block_size.max(1) as usize);
         cfg.readahead_blocks = cfg.readahead_blocks.min(fit.max(1) as u32);
         // Enough idle buffers for a writer to keep the uploaders busy; any more are freed.
         let buffers = Arc::new(BufferPool::new(
@@ -162,10 +164,15 @@ impl ChunkStore {
         )
         .map_err(setup)?;
         let (tx, rx) = mpsc::channel();
-        let cache = Arc::new(prefetch::BlockCache::with_buffers(
-            cfg.cache_bytes,
-            buffers.clone(),
-        ));
+        // The RAM tier; evicted blocks give their buffers back to the pool uploads and
+        // fetches draw from.
+        let recycle: Arc<dyn Recycle> = buffers.clone();
+        let window =
+            (cfg.readahead_blocks as usize + 1) * codec::stored_len(cfg.block_size.max(1) as usize);
+        let ram = MemTier::new(cfg.cache_bytes)
+            .with_small(window)
+            .with_recycler(recycle.clone());
+        let cache = Arc::new(Cache::new(vec![Arc::new(ram)]).with_recycler(recycle));
         let prefetch = prefetch::Prefetcher::new(
             store.clone(),
             cache.clone(),
@@ -186,7 +193,7 @@ impl ChunkStore {
             spilling: Mutex::new(()),
             clock: AtomicU64::new(0),
             cache,
-            trailers: prefetch::BlockCache::new(4 << 20),
+            trailers: Cache::memory(4 << 20),
             prefetch,
             compact_tx: Mutex::new(Some(tx)),
             compacting: Mutex::new(HashSet::new()),

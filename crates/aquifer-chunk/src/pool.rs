@@ -232,6 +232,22 @@ impl BufferPool {
     }
 }
 
+/// The block cache's buffers: a block of at least half a pool buffer gets one; a smaller
+/// one (a small file's block) gets an allocation of its own size, so the cache, which counts
+/// what entries pin, is not filled by mostly-empty 4 MiB buffers.
+impl aquifer_cache::Recycle for BufferPool {
+    fn take(&self, want: usize) -> Vec<u8> {
+        if 2 * want >= self.size {
+            BufferPool::take(self)
+        } else {
+            Vec::new()
+        }
+    }
+    fn give(&self, buf: Vec<u8>) {
+        BufferPool::give(self, buf)
+    }
+}
+
 struct Job {
     key: String,
     data: Bytes,

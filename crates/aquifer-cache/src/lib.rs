@@ -1,0 +1,285 @@
+//! Block caches as composable tiers.
+//!
+//! A [`Cache`] is an ordered list of [`Tier`]s — RAM first, local disks next — in front of
+//! the object store. A read asks each tier in turn and fills the faster tiers on the way
+//! back; a block found nowhere is fetched from the store once, however many readers want it
+//! at the same time ([`Cache::get_or_fetch`]), and enters every tier.
+//!
+//! Blocks are immutable and their keys are never reused (a rewrite makes a new slice with a
+//! new id), so a cached block is never stale: tiers need no invalidation, only bounds. A
+//! tier that fails is a miss, never an error: the store still has the block.
+
+mod mem;
+
+pub use mem::MemTier;
+
+use parking_lot::{Condvar, Mutex};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// A whole, verified block.
+pub type Block = Arc<Vec<u8>>;
+
+/// One level of the cache.
+pub trait Tier: Send + Sync {
+    /// For logs and figures: "memory", "disk /path".
+    fn name(&self) -> String;
+    /// The block, counting as one access for eviction.
+    fn get(&self, key: &str) -> Option<Block>;
+    /// Whether the block is held, without counting an access.
+    fn contains(&self, key: &str) -> bool;
+    /// Offer a block; the tier may decline it (too large, full of blocks it must keep, out
+    /// of use).
+    fn insert(&self, key: &str, block: &Block);
+    fn remove(&self, key: &str);
+    fn usage(&self) -> Usage;
+}
+
+/// What a tier holds, counted as its medium holds it (allocations, not payload bytes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub bytes: u64,
+    pub entries: u64,
+    pub capacity: u64,
+}
+
+/// Where evicted block buffers go, and fetches take their buffers from, so that reading does
+/// not map and fault in a fresh 4 MiB buffer per block.
+pub trait Recycle: Send + Sync {
+    /// An empty buffer for a fetch of `want` bytes.
+    fn take(&self, want: usize) -> Vec<u8>;
+    fn give(&self, buf: Vec<u8>);
+}
+
+/// The tiers in order, with single-flight fetches from the store behind them.
+pub struct Cache {
+    tiers: Vec<Arc<dyn Tier>>,
+    inflight: Mutex<HashMap<String, Arc<Flight>>>,
+    recycle: Option<Arc<dyn Recycle>>,
+}
+
+/// One fetch in progress; `done` holds its outcome (None: it failed) once finished.
+#[derive(Default)]
+struct Flight {
+    done: Mutex<Option<Option<Block>>>,
+    cv: Condvar,
+}
+
+impl Cache {
+    pub fn new(tiers: Vec<Arc<dyn Tier>>) -> Cache {
+        Cache {
+            tiers,
+            inflight: Mutex::new(HashMap::new()),
+            recycle: None,
+        }
+    }
+
+    /// One RAM tier of `cap` bytes.
+    pub fn memory(cap: usize) -> Cache {
+        Cache::new(vec![Arc::new(MemTier::new(cap))])
+    }
+
+    /// Fetches take their buffers from `r` ([`Cache::buffer`]).
+    pub fn with_recycler(mut self, r: Arc<dyn Recycle>) -> Cache {
+        self.recycle = Some(r);
+        self
+    }
+
+    pub fn tiers(&self) -> &[Arc<dyn Tier>] {
+        &self.tiers
+    }
+
+    /// A buffer for a fetch of `want` bytes: a recycled one when there is one.
+    pub fn buffer(&self, want: usize) -> Vec<u8> {
+        self.recycle
+            .as_ref()
+            .map(|r| r.take(want))
+            .unwrap_or_default()
+    }
+
+    /// The block from the first tier that has it; the tiers before it get a copy.
+    pub fn get(&self, key: &str) -> Option<Block> {
+        for (i, t) in self.tiers.iter().enumerate() {
+            if let Some(b) = t.get(key) {
+                for up in &self.tiers[..i] {
+                    up.insert(key, &b);
+                }
+                return Some(b);
+            }
+        }
+        None
+    }
+
+    pub fn contains(&self, key: &str) -> bool {
+        self.tiers.iter().any(|t| t.contains(key))
+    }
+
+    /// Offer a block to every tier.
+    pub fn insert(&self, key: &str, block: &Block) {
+        for t in &self.tiers {
+            t.insert(key, block);
+        }
+    }
+
+    pub fn remove(&self, key: &str) {
+        for t in &self.tiers {
+            t.remove(key);
+        }
+    }
+
+    /// Bytes held by all tiers.
+    pub fn bytes(&self) -> u64 {
+        self.tiers.iter().map(|t| t.usage().bytes).sum()
+    }
+
+    /// The cached block `key`, or the result of `fetch` run by exactly one of the threads
+    /// asking for it at the same time: the kernel sends several read-ahead requests of one
+    /// file at once, and a prefetcher may be fetching the block a reader has just reached.
+    /// A fetched block enters every tier.
+    pub fn get_or_fetch<E>(
+        &self,
+        key: &str,
+        fetch: impl FnOnce() -> Result<Block, E>,
+    ) -> Result<Block, E> {
+        if let Some(b) = self.get(key) {
+            return Ok(b);
+        }
+        let (flight, leader) = {
+            let mut m = self.inflight.lock();
+            match m.get(key) {
+                Some(f) => (f.clone(), false),
+                None => {
+                    // Checked again under the lock: a fetch may have finished meanwhile.
+                    if let Some(b) = self.get(key) {
+                        return Ok(b);
+                    }
+                    let f = Arc::new(Flight::default());
+                    m.insert(key.to_string(), f.clone());
+                    (f, true)
+                }
+            }
+        };
+        if !leader {
+            let mut done = flight.done.lock();
+            while done.is_none() {
+                flight.cv.wait(&mut done);
+            }
+            if let Some(Some(b)) = done.as_ref() {
+                return Ok(b.clone());
+            }
+            drop(done);
+            // The leader failed: try once more ourselves, so the error is our own to report.
+            return fetch();
+        }
+        // Whatever happens to the fetch, even a panic, the flight ends and its waiters wake.
+        let landing = Landing {
+            cache: self,
+            key,
+            flight: &flight,
+        };
+        let r = fetch();
+        if let Ok(b) = &r {
+            self.insert(key, b);
+        }
+        *flight.done.lock() = Some(r.as_ref().ok().cloned());
+        drop(landing);
+        r
+    }
+}
+
+/// Ends a flight when the leader is done with it: a leader that panicked leaves it failed
+/// (`Some(None)`), so its waiters fetch for themselves instead of waiting for ever.
+struct Landing<'a> {
+    cache: &'a Cache,
+    key: &'a str,
+    flight: &'a Flight,
+}
+
+impl Drop for Landing<'_> {
+    fn drop(&mut self) {
+        let mut done = self.flight.done.lock();
+        if done.is_none() {
+            *done = Some(None);
+        }
+        drop(done);
+        self.flight.cv.notify_all();
+        self.cache.inflight.lock().remove(self.key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn block(n: usize, fill: u8) -> Block {
+        Arc::new(vec![fill; n])
+    }
+
+    #[test]
+    fn concurrent_requests_for_a_block_fetch_it_once() {
+        let cache = Arc::new(Cache::memory(1 << 20));
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (cache, fetches) = (cache.clone(), fetches.clone());
+                std::thread::spawn(move || {
+                    cache
+                        .get_or_fetch::<()>("k", || {
+                            fetches.fetch_add(1, Ordering::SeqCst);
+                            std::thread::sleep(std::time::Duration::from_millis(50));
+                            Ok(block(1000, 7))
+                        })
+                        .unwrap()
+                })
+            })
+            .collect();
+        for t in threads {
+            assert_eq!(t.join().unwrap()[0], 7);
+        }
+        assert_eq!(fetches.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_fetch_that_panics_releases_its_waiters() {
+        let cache = Arc::new(Cache::memory(1 << 20));
+        let leader = {
+            let cache = cache.clone();
+            std::thread::spawn(move || {
+                let _ = cache.get_or_fetch::<()>("k", || {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    panic!("injected")
+                });
+            })
+        };
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        // Waits on the leader's flight, then fetches for itself.
+        let b = cache.get_or_fetch::<()>("k", || Ok(block(10, 1))).unwrap();
+        assert_eq!(b[0], 1);
+        assert!(leader.join().is_err());
+    }
+
+    #[test]
+    fn a_hit_in_a_lower_tier_fills_the_upper_ones() {
+        let ram = Arc::new(MemTier::new(1 << 20));
+        let lower = Arc::new(MemTier::new(1 << 20));
+        let cache = Cache::new(vec![ram.clone(), lower.clone()]);
+        lower.insert("k", &block(100, 3));
+        assert!(!ram.contains("k"));
+        assert_eq!(cache.get("k").unwrap()[0], 3);
+        assert!(ram.contains("k"));
+        // A fetched block enters every tier.
+        cache.get_or_fetch::<()>("f", || Ok(block(10, 4))).unwrap();
+        assert!(ram.contains("f") && lower.contains("f"));
+    }
+
+    #[test]
+    fn a_failed_fetch_is_the_callers_error_and_caches_nothing() {
+        let cache = Cache::memory(1 << 20);
+        assert_eq!(
+            cache.get_or_fetch("k", || Err::<Block, _>("down")),
+            Err("down")
+        );
+        assert!(!cache.contains("k"));
+    }
+}
