@@ -312,8 +312,15 @@ impl Filesystem for AquiferFs {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.vfs.open(&ctx(req), ino.0, flags.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+        match self.vfs.open_file(&ctx(req), ino.0, flags.0) {
+            Ok(o) => {
+                let f = if o.keep_cache {
+                    FopenFlags::FOPEN_KEEP_CACHE
+                } else {
+                    FopenFlags::empty()
+                };
+                reply.opened(FileHandle(o.fh), f)
+            }
             Err(e) => reply.error(err(e)),
         }
     }

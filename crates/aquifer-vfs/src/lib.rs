@@ -65,6 +65,24 @@ pub struct Vfs {
     heartbeat: Mutex<Option<JoinHandle<()>>>,
     /// Set once shut down; the lock serialises concurrent shutdowns.
     closed: Mutex<bool>,
+    /// Length, mtime and ctime of each file at its last open here. A file found unchanged
+    /// at its next open keeps the kernel's page cache (close-to-open: what another mount
+    /// changed and closed shows in the attributes read at open).
+    opened: Mutex<HashMap<Ino, Stamp>>,
+}
+
+type Stamp = (u64, aquifer_meta::Time, aquifer_meta::Time);
+
+/// Files whose stamps are kept; past this the table starts over (a cache miss, no more).
+const OPENED_MAX: usize = 1 << 18;
+
+/// An open file handle and how the kernel may cache its pages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Opened {
+    pub fh: u64,
+    /// The file is unchanged since its last open here: the kernel may keep its cached
+    /// pages (FOPEN_KEEP_CACHE) instead of dropping them.
+    pub keep_cache: bool,
 }
 
 fn is_write(flags: i32) -> bool {
@@ -93,6 +111,7 @@ impl Vfs {
             stop: Arc::new(AtomicBool::new(false)),
             heartbeat: Mutex::new(None),
             closed: Mutex::new(false),
+            opened: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -342,6 +361,11 @@ impl Vfs {
     }
 
     pub fn open(&self, ctx: &Context, ino: Ino, flags: i32) -> Result<u64> {
+        Ok(self.open_file(ctx, ino, flags)?.fh)
+    }
+
+    /// Open, and say whether the kernel may keep the file's cached pages.
+    pub fn open_file(&self, ctx: &Context, ino: Ino, flags: i32) -> Result<Opened> {
         let a = self.meta.open(ctx, ino, flags)?;
         if a.is_dir() && is_write(flags) {
             self.meta.close(ino)?;
@@ -365,11 +389,26 @@ impl Vfs {
                 return Err(e.into());
             }
         }
-        Ok(self.add_handle(Handle::File(FileHandle {
+        let keep_cache = a.typ == FileType::File && {
+            let mut m = self.opened.lock();
+            if flags & libc::O_TRUNC != 0 {
+                // Truncated just now: nothing cached is worth keeping.
+                m.remove(&ino);
+                false
+            } else {
+                if m.len() >= OPENED_MAX && !m.contains_key(&ino) {
+                    m.clear();
+                }
+                let stamp = (a.length, a.mtime, a.ctime);
+                m.insert(ino, stamp) == Some(stamp)
+            }
+        };
+        let fh = self.add_handle(Handle::File(FileHandle {
             ino,
             writer,
             seen_errors,
-        })))
+        }));
+        Ok(Opened { fh, keep_cache })
     }
 
     pub fn read(&self, fh: u64, off: u64, size: u32) -> Result<Vec<u8>> {
@@ -468,6 +507,11 @@ impl Vfs {
                 e.1 -= 1;
                 if e.1 == 0 {
                     ws.remove(&ino);
+                    if w.error_count() > 0 {
+                        // The kernel's pages may hold bytes that were never stored: the
+                        // next open must not keep them.
+                        self.opened.lock().remove(&ino);
+                    }
                     // Nobody is left to retry what could not be stored (each handle has
                     // had the error): free its memory.
                     w.discard();

@@ -452,3 +452,34 @@ fn readdir_plus_gives_every_entry_attributes() {
     assert_eq!(all[2].1.attr.as_ref().unwrap().mode, 0o600);
     v.release(dh).unwrap();
 }
+
+#[test]
+fn the_page_cache_is_kept_only_across_opens_of_an_unchanged_file() {
+    let (v, _) = vfs();
+    let (ino, _, fh) = v
+        .create(&root(), ROOT_INO, b"kc", 0o644, 0, libc::O_RDWR)
+        .unwrap();
+    v.write(fh, 0, b"epoch data").unwrap();
+    v.release(fh).unwrap();
+    let keep = |flags| {
+        let o = v.open_file(&root(), ino, flags).unwrap();
+        v.release(o.fh).unwrap();
+        o.keep_cache
+    };
+    assert!(!keep(libc::O_RDONLY), "written since it was created");
+    assert!(keep(libc::O_RDONLY), "unchanged since the last open");
+    assert!(keep(libc::O_RDONLY));
+    // Rewritten in place (same length): the next open drops the cached pages.
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let fh = v.open(&root(), ino, libc::O_WRONLY).unwrap();
+    v.write(fh, 0, b"EPOCH").unwrap();
+    v.release(fh).unwrap();
+    assert!(!keep(libc::O_RDONLY), "rewritten");
+    assert!(keep(libc::O_RDONLY));
+    // Truncated: dropped again; an O_TRUNC open never keeps.
+    v.setattr(&root(), ino, &SetAttr::default(), Some(3))
+        .unwrap();
+    assert!(!keep(libc::O_RDONLY), "truncated");
+    assert!(!keep(libc::O_WRONLY | libc::O_TRUNC));
+    assert!(!keep(libc::O_RDONLY), "emptied by the O_TRUNC open");
+}
