@@ -185,7 +185,9 @@ impl Journal {
                 .partition(|(_, (seq, _))| *seq <= upto);
             st.journaled = keep;
             st.journaled_bytes = st.journaled.values().map(|(_, n)| n).sum();
-            st.reset_since();
+            // What is left was put after this sync began: due a full age from now, not at
+            // once again.
+            st.since = (!st.pending.is_empty() || !st.journaled.is_empty()).then(Instant::now);
             drop.into_iter().collect()
         };
         if !dropped.is_empty() {
