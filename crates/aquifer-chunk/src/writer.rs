@@ -468,6 +468,11 @@ impl FileWriter {
         if self.generation() != generation {
             return Ok(false);
         }
+        if buf.is_empty() {
+            // A read at or past the end; and at a chunk boundary `last` would precede
+            // `first` below, which BTreeMap::range rejects with a panic.
+            return Ok(true);
+        }
         let end = off + buf.len() as u64;
         let bs = self.cs.block_size();
         let first = (off / CHUNK_SIZE) as u32;
