@@ -445,76 +445,6 @@ mod tests {
         assert!(meta.journal_list().unwrap().is_empty());
     }
 
-    /// A file store whose syncs wait at a gate, to hold a checkpoint in the middle.
-    struct GateStore {
-        inner: FileStore,
-        /// (held shut, a sync is waiting)
-        gate: std::sync::Mutex<(bool, bool)>,
-        cv: std::sync::Condvar,
-        syncs: std::sync::atomic::AtomicU64,
-    }
-
-    impl GateStore {
-        fn shut(&self) {
-            self.gate.lock().unwrap().0 = true;
-        }
-        fn wait_for_a_sync(&self) {
-            let g = self.gate.lock().unwrap();
-            drop(self.cv.wait_while(g, |g| !g.1).unwrap());
-        }
-        fn open(&self) {
-            self.gate.lock().unwrap().0 = false;
-            self.cv.notify_all();
-        }
-    }
-
-    impl ObjectStore for GateStore {
-        fn describe(&self) -> String {
-            self.inner.describe()
-        }
-        fn put(&self, key: &str, data: Bytes) -> Result<()> {
-            self.inner.put(key, data)
-        }
-        fn get(&self, key: &str, off: u64, len: Option<u64>) -> Result<Bytes> {
-            self.inner.get(key, off, len)
-        }
-        fn head(&self, key: &str) -> Result<ObjectInfo> {
-            self.inner.head(key)
-        }
-        fn delete(&self, key: &str) -> Result<()> {
-            self.inner.delete(key)
-        }
-        fn list(&self, prefix: &str, start_after: &str, limit: usize) -> Result<Vec<ObjectInfo>> {
-            self.inner.list(prefix, start_after, limit)
-        }
-        fn sync(&self) -> Result<()> {
-            let mut g = self.gate.lock().unwrap();
-            g.1 = true;
-            self.cv.notify_all();
-            let mut g = self.cv.wait_while(g, |g| g.0).unwrap();
-            g.1 = false;
-            drop(g);
-            self.syncs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            self.inner.sync()
-        }
-        fn puts_need_sync(&self) -> bool {
-            true
-        }
-    }
-
-    fn gated() -> (Arc<dyn Meta>, Arc<GateStore>, tempfile::TempDir) {
-        let d = tempfile::tempdir().unwrap();
-        let meta: Arc<dyn Meta> = Arc::new(KvMeta::new(MemKv::new()));
-        meta.format(&test_format(4096), false).unwrap();
-        let store = Arc::new(GateStore {
-            inner: FileStore::new(d.path()).unwrap(),
-            gate: Default::default(),
-            cv: Default::default(),
-            syncs: Default::default(),
-        });
-        (meta, store, d)
-    }
-
     fn keys(meta: &dyn Meta) -> Vec<String> {
         let mut k: Vec<String> = meta
             .journal_list()
@@ -528,17 +458,17 @@ mod tests {
 
     #[test]
     fn an_fsync_does_not_wait_for_a_checkpoint_and_keeps_what_it_did_not_cover() {
-        let (meta, store, _d) = gated();
+        let (meta, store, _d) = fixture();
         let j = Journal::new(meta.clone(), store.clone()).unwrap();
         j.put("chunks/a", Bytes::from_static(b"a")).unwrap();
         j.sync_committed().unwrap();
         j.put("chunks/b", Bytes::from_static(b"b")).unwrap();
-        store.shut();
+        store.hold_syncs(true);
         let ckpt = {
             let j = j.clone();
             std::thread::spawn(move || j.checkpoint())
         };
-        store.wait_for_a_sync();
+        store.wait_for_a_held_sync();
         // Mid-checkpoint: a new put and its fsync go through the journal at once.
         j.put("chunks/c", Bytes::from_static(b"c")).unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
@@ -547,7 +477,7 @@ mod tests {
             std::thread::spawn(move || tx.send(j.sync_committed().is_ok()).unwrap());
         }
         let done = rx.recv_timeout(Duration::from_secs(10));
-        store.open();
+        store.hold_syncs(false);
         assert_eq!(
             done,
             Ok(true),
@@ -566,23 +496,23 @@ mod tests {
 
     #[test]
     fn an_overflow_during_a_checkpoint_still_needs_a_store_sync() {
-        let (meta, store, _d) = gated();
+        let (meta, store, _d) = fixture();
         let j = Journal::new(meta.clone(), store.clone()).unwrap();
         j.put("chunks/a", Bytes::from_static(b"a")).unwrap();
-        store.shut();
+        store.hold_syncs(true);
         let ckpt = {
             let j = j.clone();
             std::thread::spawn(move || j.checkpoint())
         };
-        store.wait_for_a_sync();
+        store.wait_for_a_held_sync();
         j.put("chunks/big", Bytes::from(vec![3u8; OBJECT_MAX + 1]))
             .unwrap();
-        store.open();
+        store.hold_syncs(false);
         ckpt.join().unwrap().unwrap();
-        let before = store.syncs.load(std::sync::atomic::Ordering::SeqCst);
+        let before = store.syncs();
         j.sync_committed().unwrap();
         assert_eq!(
-            store.syncs.load(std::sync::atomic::Ordering::SeqCst),
+            store.syncs(),
             before + 1,
             "the large put came after the checkpoint began: only a store sync covers it"
         );

@@ -14,6 +14,9 @@ pub struct FaultStore<S> {
     refuse_writes: AtomicBool,
     panic: AtomicBool,
     syncs: AtomicU64,
+    /// (syncs are held, syncs waiting at the gate)
+    gate: std::sync::Mutex<(bool, usize)>,
+    gate_cv: std::sync::Condvar,
 }
 
 impl<S: ObjectStore> FaultStore<S> {
@@ -27,6 +30,8 @@ impl<S: ObjectStore> FaultStore<S> {
             refuse_writes: AtomicBool::new(false),
             panic: AtomicBool::new(false),
             syncs: AtomicU64::new(0),
+            gate: std::sync::Mutex::new((false, 0)),
+            gate_cv: std::sync::Condvar::new(),
         }
     }
 
@@ -55,6 +60,31 @@ impl<S: ObjectStore> FaultStore<S> {
     /// instead of hanging the callers waiting for it).
     pub fn set_panic(&self, panic: bool) {
         self.panic.store(panic, Ordering::SeqCst);
+    }
+
+    /// While held, calls of [`ObjectStore::sync`] wait (to catch a caller mid-sync).
+    pub fn hold_syncs(&self, hold: bool) {
+        self.gate.lock().unwrap_or_else(|e| e.into_inner()).0 = hold;
+        self.gate_cv.notify_all();
+    }
+
+    /// Wait until a sync is waiting at the gate of [`FaultStore::hold_syncs`].
+    pub fn wait_for_a_held_sync(&self) {
+        let g = self.gate.lock().unwrap_or_else(|e| e.into_inner());
+        drop(self.gate_cv.wait_while(g, |g| g.1 == 0));
+    }
+
+    fn pass_gate(&self) {
+        let mut g = self.gate.lock().unwrap_or_else(|e| e.into_inner());
+        if g.0 {
+            g.1 += 1;
+            self.gate_cv.notify_all();
+            g = self
+                .gate_cv
+                .wait_while(g, |g| g.0)
+                .unwrap_or_else(|e| e.into_inner());
+            g.1 -= 1;
+        }
     }
 
     /// Calls of [`ObjectStore::sync`] that reached this wrapper.
@@ -131,6 +161,7 @@ impl<S: ObjectStore> ObjectStore for FaultStore<S> {
         self.inner.list(prefix, start_after, limit)
     }
     fn sync(&self) -> Result<()> {
+        self.pass_gate();
         self.syncs.fetch_add(1, Ordering::SeqCst);
         self.check("sync")?;
         self.inner.sync()
