@@ -20,7 +20,7 @@ use aquifer_meta::{Errno, Ino, Meta, MetaError, Slice, CHUNK_SIZE};
 use aquifer_object::{ObjectError, ObjectStore};
 use bytes::Bytes;
 use parking_lot::Mutex;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
@@ -132,7 +132,9 @@ pub struct ChunkStore {
     trailers: Cache,
     prefetch: prefetch::Prefetcher,
     compact_tx: Mutex<Option<Sender<(Ino, u32)>>>,
-    compacting: Mutex<HashSet<(Ino, u32)>>,
+    /// Chunks queued or being compacted, each with whether it reached another multiple of
+    /// the threshold meanwhile (then it is compacted once more when this run ends).
+    compacting: Mutex<HashMap<(Ino, u32), bool>>,
     workers: Mutex<Vec<JoinHandle<()>>>,
     stop: Arc<AtomicBool>,
 }
@@ -196,7 +198,7 @@ impl ChunkStore {
             trailers: Cache::memory(4 << 20),
             prefetch,
             compact_tx: Mutex::new(Some(tx)),
-            compacting: Mutex::new(HashSet::new()),
+            compacting: Mutex::new(HashMap::new()),
             workers: Mutex::new(Vec::new()),
             stop: Arc::new(AtomicBool::new(false)),
         });
@@ -480,6 +482,16 @@ impl ChunkStore {
         self.uploads.submit(key, obj, held)
     }
 
+    /// Queue a compaction of a chunk asked for again while it was being compacted.
+    fn maybe_compact_now(&self, ino: Ino, idx: u32) {
+        if self.compacting.lock().insert((ino, idx), false).is_some() {
+            return;
+        }
+        if let Some(tx) = self.compact_tx.lock().as_ref() {
+            let _ = tx.send((ino, idx));
+        }
+    }
+
     pub(crate) fn maybe_compact(&self, ino: Ino, idx: u32, count: usize) {
         // At every multiple of the threshold: a sparse chunk whose data stays in more runs
         // than that after compaction is not rewritten again on every append.
@@ -487,8 +499,15 @@ impl ChunkStore {
         if count < t || !count.is_multiple_of(t) {
             return;
         }
-        if !self.compacting.lock().insert((ino, idx)) {
-            return;
+        {
+            let mut c = self.compacting.lock();
+            if let Some(again) = c.get_mut(&(ino, idx)) {
+                // Appends the running compaction does not see: without another run the
+                // chunk could stay fragmented until it reaches the next multiple.
+                *again = true;
+                return;
+            }
+            c.insert((ino, idx), false);
         }
         if let Some(tx) = self.compact_tx.lock().as_ref() {
             let _ = tx.send((ino, idx));
@@ -684,7 +703,10 @@ fn compact_loop(cs: Weak<ChunkStore>, rx: Receiver<(Ino, u32)>) {
             Ok(Err(e)) => tracing::warn!(ino, idx, error = %e, "compaction failed"),
             Err(_) => tracing::error!(ino, idx, "compaction panicked; the chunk is left as it was"),
         }
-        cs.compacting.lock().remove(&(ino, idx));
+        let again = cs.compacting.lock().remove(&(ino, idx)) == Some(true);
+        if again {
+            cs.maybe_compact_now(ino, idx);
+        }
     }
 }
 

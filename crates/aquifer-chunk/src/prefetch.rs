@@ -70,13 +70,24 @@ impl Prefetcher {
                             continue;
                         }
                         let r = catch_unwind(AssertUnwindSafe(|| {
-                            cache.get_or_fetch(&key, || fetch_block(&*store, &cache, c, &key, len))
+                            cache.get_or_fetch(&key, || {
+                                // Checked again at the last moment: a reader that got the
+                                // block while this job waited for a thread has moved on, and
+                                // the block may be evicted by now; fetching it again would be
+                                // a GET for nobody. `None` is that cancellation.
+                                if !inflight.lock().contains(&key) {
+                                    return Err(None);
+                                }
+                                fetch_block(&*store, &cache, c, &key, len).map_err(Some)
+                            })
                         }));
                         match r {
                             // The reader fetches it again and reports the error itself.
-                            Ok(Err(e)) => tracing::debug!(key, error = %e, "prefetch failed"),
+                            Ok(Err(Some(e))) => {
+                                tracing::debug!(key, error = %e, "prefetch failed")
+                            }
                             Err(_) => tracing::error!(key, "prefetch panicked"),
-                            Ok(Ok(_)) => {}
+                            Ok(Err(None)) | Ok(Ok(_)) => {}
                         }
                         inflight.lock().remove(&key);
                     })?,
