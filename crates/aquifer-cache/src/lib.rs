@@ -9,12 +9,18 @@
 //! new id), so a cached block is never stale: tiers need no invalidation, only bounds. A
 //! tier that fails is a miss, never an error: the store still has the block.
 
+mod disk;
 mod mem;
+mod policy;
+mod spread;
 
+pub use disk::{DiskConfig, DiskTier};
 pub use mem::MemTier;
+pub use spread::Spread;
 
 use parking_lot::{Condvar, Mutex};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// A whole, verified block.
@@ -33,6 +39,12 @@ pub trait Tier: Send + Sync {
     fn insert(&self, key: &str, block: &Block);
     fn remove(&self, key: &str);
     fn usage(&self) -> Usage;
+    /// Whether blocks just written to the store are offered to this tier (write-through).
+    fn writes_through(&self) -> bool {
+        true
+    }
+    /// Wait until blocks offered so far are stored (a tier that writes in the background).
+    fn flush(&self) {}
 }
 
 /// What a tier holds, counted as its medium holds it (allocations, not payload bytes).
@@ -41,6 +53,15 @@ pub struct Usage {
     pub bytes: u64,
     pub entries: u64,
     pub capacity: u64,
+    /// Blocks evicted since the tier started.
+    pub evicted: u64,
+}
+
+/// Lookups answered by one tier.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Hits {
+    pub hits: u64,
+    pub misses: u64,
 }
 
 /// Where evicted block buffers go, and fetches take their buffers from, so that reading does
@@ -54,6 +75,8 @@ pub trait Recycle: Send + Sync {
 /// The tiers in order, with single-flight fetches from the store behind them.
 pub struct Cache {
     tiers: Vec<Arc<dyn Tier>>,
+    /// Per tier: lookups it answered, lookups that went past it.
+    hits: Vec<(AtomicU64, AtomicU64)>,
     inflight: Mutex<HashMap<String, Arc<Flight>>>,
     recycle: Option<Arc<dyn Recycle>>,
 }
@@ -68,6 +91,7 @@ struct Flight {
 impl Cache {
     pub fn new(tiers: Vec<Arc<dyn Tier>>) -> Cache {
         Cache {
+            hits: tiers.iter().map(|_| Default::default()).collect(),
             tiers,
             inflight: Mutex::new(HashMap::new()),
             recycle: None,
@@ -101,13 +125,49 @@ impl Cache {
     pub fn get(&self, key: &str) -> Option<Block> {
         for (i, t) in self.tiers.iter().enumerate() {
             if let Some(b) = t.get(key) {
+                self.hits[i].0.fetch_add(1, Ordering::Relaxed);
                 for up in &self.tiers[..i] {
                     up.insert(key, &b);
                 }
                 return Some(b);
             }
+            self.hits[i].1.fetch_add(1, Ordering::Relaxed);
         }
         None
+    }
+
+    /// Hits and misses of each tier, in order.
+    pub fn hits(&self) -> Vec<Hits> {
+        self.hits
+            .iter()
+            .map(|(h, m)| Hits {
+                hits: h.load(Ordering::Relaxed),
+                misses: m.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+
+    /// A block just written to the store: offered to the tiers that keep writes. A single
+    /// pass of written blocks enters their small queues, so a burst of checkpoint writes
+    /// does not displace the blocks every epoch reads.
+    pub fn write_through(&self, key: &str, block: &Block) {
+        for t in &self.tiers {
+            if t.writes_through() {
+                t.insert(key, block);
+            }
+        }
+    }
+
+    /// Whether any tier below RAM keeps written blocks.
+    pub fn keeps_writes(&self) -> bool {
+        self.tiers.iter().any(|t| t.writes_through())
+    }
+
+    /// Wait for every tier to store what it was offered.
+    pub fn flush(&self) {
+        for t in &self.tiers {
+            t.flush();
+        }
     }
 
     pub fn contains(&self, key: &str) -> bool {

@@ -1,27 +1,18 @@
-//! The RAM tier: S3-FIFO eviction over whole blocks, bounded by the bytes it pins.
-//!
-//! S3-FIFO (Yang et al., SOSP 2023) keeps a small FIFO (a tenth of the space) for new
-//! blocks and a main FIFO for blocks read again. A block that leaves the small queue unread
-//! since it came in is dropped and only its key is remembered (the ghost queue); one that
-//! was read again moves to main. A miss on a remembered key goes straight to main. So a
-//! single pass over more data than the cache — a scan of a huge file, a burst of checkpoint
-//! writes — flows through the small queue and leaves main, the blocks every epoch reads,
-//! alone. Main evicts like CLOCK: a block read since it was last considered goes round again.
+//! The RAM tier: S3-FIFO eviction ([`crate::policy`]) over whole blocks, bounded by the
+//! bytes they pin.
 //!
 //! The kernel reads a 4 MiB block as many 128 KiB requests, each a lookup here; lookups of a
 //! block within `rehit` of the previous one count as the same access, so one sequential pass
 //! never looks like reuse.
 
+use crate::policy::{Entry, S3Fifo};
 use crate::{Block, Recycle, Tier, Usage};
 use parking_lot::Mutex;
-use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Lookups closer together than this are one access.
-const REHIT: Duration = Duration::from_secs(1);
-/// Frequency saturates here: a block survives at most this many passes of main's hand.
-const FREQ_MAX: u8 = 3;
+pub(crate) const REHIT: Duration = Duration::from_secs(1);
 
 pub struct MemTier {
     cap: usize,
@@ -30,30 +21,7 @@ pub struct MemTier {
     small_cap: usize,
     rehit: Duration,
     recycle: Option<Arc<dyn Recycle>>,
-    st: Mutex<State>,
-}
-
-struct Entry {
-    data: Block,
-    /// What it pins: the allocation, not the payload.
-    weight: usize,
-    freq: u8,
-    last: Instant,
-    in_main: bool,
-    /// Queue slots carry it; a slot whose generation differs is stale (removed since).
-    gen: u64,
-}
-
-#[derive(Default)]
-struct State {
-    map: HashMap<String, Entry>,
-    small: VecDeque<(String, u64)>,
-    main: VecDeque<(String, u64)>,
-    small_bytes: usize,
-    main_bytes: usize,
-    ghost: HashSet<String>,
-    ghost_order: VecDeque<String>,
-    gen: u64,
+    st: Mutex<S3Fifo<Block>>,
 }
 
 impl MemTier {
@@ -63,7 +31,7 @@ impl MemTier {
             small_cap: cap / 10,
             rehit: REHIT,
             recycle: None,
-            st: Mutex::new(State::default()),
+            st: Mutex::new(S3Fifo::default()),
         }
     }
 
@@ -87,86 +55,10 @@ impl MemTier {
         self
     }
 
-    fn drop_entry(&self, e: Entry) {
+    fn drop_entry(&self, e: Entry<Block>) {
         // Readers may still hold it; then it is simply freed when they are done.
-        if let (Some(r), Ok(v)) = (&self.recycle, Arc::try_unwrap(e.data)) {
+        if let (Some(r), Ok(v)) = (&self.recycle, Arc::try_unwrap(e.value)) {
             r.give(v);
-        }
-    }
-}
-
-impl State {
-    fn bytes(&self) -> usize {
-        self.small_bytes + self.main_bytes
-    }
-
-    fn remember(&mut self, key: String) {
-        // As many ghosts as there are live entries (at least a few): enough to recognise a
-        // block coming back after one pass of the small queue.
-        let cap = self.map.len().max(64);
-        while self.ghost_order.len() >= cap {
-            if let Some(k) = self.ghost_order.pop_front() {
-                self.ghost.remove(&k);
-            }
-        }
-        if self.ghost.insert(key.clone()) {
-            self.ghost_order.push_back(key);
-        }
-    }
-
-    /// Take the entry at the front of a queue if the slot is current.
-    fn live(&self, slot: &(String, u64)) -> bool {
-        self.map.get(&slot.0).is_some_and(|e| e.gen == slot.1)
-    }
-
-    /// Evict one block (or move one from small to main); false when both queues are empty.
-    fn evict_one(&mut self, small_cap: usize, dropped: &mut Vec<Entry>) -> bool {
-        let small_over = self.small_bytes > small_cap || self.main.is_empty();
-        if small_over && !self.small.is_empty() {
-            let Some(slot) = self.small.pop_front() else {
-                return false;
-            };
-            if !self.live(&slot) {
-                return true;
-            }
-            let e = self.map.get_mut(&slot.0).expect("live");
-            self.small_bytes -= e.weight;
-            if e.freq > 0 {
-                e.freq = 0;
-                e.in_main = true;
-                self.main_bytes += e.weight;
-                self.main.push_back(slot);
-            } else {
-                let e = self.map.remove(&slot.0).expect("live");
-                dropped.push(e);
-                self.remember(slot.0);
-            }
-            return true;
-        }
-        let Some(slot) = self.main.pop_front() else {
-            return false;
-        };
-        if !self.live(&slot) {
-            return true;
-        }
-        let e = self.map.get_mut(&slot.0).expect("live");
-        if e.freq > 0 {
-            e.freq -= 1;
-            self.main.push_back(slot);
-        } else {
-            self.main_bytes -= e.weight;
-            dropped.push(self.map.remove(&slot.0).expect("live"));
-        }
-        true
-    }
-
-    /// Stale slots of removed entries would otherwise pile up under a remove-heavy load.
-    fn compact_queues(&mut self) {
-        if self.small.len() + self.main.len() > 2 * self.map.len() + 64 {
-            let map = &self.map;
-            let live = |s: &(String, u64)| map.get(&s.0).is_some_and(|e| e.gen == s.1);
-            self.small.retain(live);
-            self.main.retain(live);
         }
     }
 }
@@ -177,18 +69,17 @@ impl Tier for MemTier {
     }
 
     fn get(&self, key: &str) -> Option<Block> {
-        let mut st = self.st.lock();
-        let e = st.map.get_mut(key)?;
-        let now = Instant::now();
-        if now.duration_since(e.last) >= self.rehit {
-            e.freq = (e.freq + 1).min(FREQ_MAX);
-        }
-        e.last = now;
-        Some(e.data.clone())
+        self.st.lock().access(key, self.rehit).cloned()
     }
 
     fn contains(&self, key: &str) -> bool {
-        self.st.lock().map.contains_key(key)
+        self.st.lock().contains(key)
+    }
+
+    /// Written blocks stay out of RAM: the kernel's page cache holds what was just written,
+    /// and their buffers go back to the writers.
+    fn writes_through(&self) -> bool {
+        false
     }
 
     fn insert(&self, key: &str, block: &Block) {
@@ -196,67 +87,34 @@ impl Tier for MemTier {
         if weight > self.cap {
             return;
         }
-        let mut dropped = Vec::new();
-        {
+        let dropped = {
             let mut st = self.st.lock();
-            if st.map.contains_key(key) {
+            if !st.insert(key, block.clone(), weight as u64, false) {
                 return;
             }
-            st.gen += 1;
-            let gen = st.gen;
-            let to_main = st.ghost.remove(key);
-            let slot = (key.to_string(), gen);
-            if to_main {
-                st.main_bytes += weight;
-                st.main.push_back(slot);
-            } else {
-                st.small_bytes += weight;
-                st.small.push_back(slot);
-            }
-            st.map.insert(
-                key.to_string(),
-                Entry {
-                    data: block.clone(),
-                    weight,
-                    freq: 0,
-                    last: Instant::now(),
-                    in_main: to_main,
-                    gen,
-                },
-            );
-            while st.bytes() > self.cap {
-                if !st.evict_one(self.small_cap, &mut dropped) {
-                    break;
-                }
-            }
-            st.compact_queues();
-        }
-        for e in dropped {
+            let out = st.evict_to(self.cap as u64, self.small_cap as u64);
+            st.evicted += out.len() as u64;
+            out
+        };
+        for (_, e) in dropped {
             self.drop_entry(e);
         }
     }
 
     fn remove(&self, key: &str) {
-        let e = {
-            let mut st = self.st.lock();
-            let Some(e) = st.map.remove(key) else { return };
-            if e.in_main {
-                st.main_bytes -= e.weight;
-            } else {
-                st.small_bytes -= e.weight;
-            }
-            st.compact_queues();
-            e
-        };
-        self.drop_entry(e);
+        let e = self.st.lock().remove(key);
+        if let Some(e) = e {
+            self.drop_entry(e);
+        }
     }
 
     fn usage(&self) -> Usage {
         let st = self.st.lock();
         Usage {
-            bytes: st.bytes() as u64,
-            entries: st.map.len() as u64,
+            bytes: st.bytes(),
+            entries: st.len() as u64,
             capacity: self.cap as u64,
+            evicted: st.evicted,
         }
     }
 }
@@ -265,6 +123,7 @@ impl Tier for MemTier {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::collections::HashMap;
 
     fn block(n: usize) -> Block {
         Arc::new(vec![1u8; n])
@@ -414,7 +273,7 @@ mod tests {
                 let u = t.usage();
                 prop_assert!(u.bytes <= 20_000);
                 let st = t.st.lock();
-                let counted: usize = st.map.values().map(|e| e.weight).sum();
+                let counted: u64 = st.map.values().map(|e| e.weight).sum();
                 prop_assert_eq!(counted, st.small_bytes + st.main_bytes);
             }
         }

@@ -15,7 +15,7 @@ mod pool;
 pub mod prefetch;
 pub mod writer;
 
-use aquifer_cache::{Cache, MemTier, Recycle};
+use aquifer_cache::{Cache, MemTier, Recycle, Tier};
 use aquifer_meta::{Errno, Ino, Meta, MetaError, Slice, CHUNK_SIZE};
 use aquifer_object::{ObjectError, ObjectStore};
 use bytes::Bytes;
@@ -95,6 +95,20 @@ pub struct DataConfig {
     pub prefetch_threads: usize,
     /// How new blocks are compressed (the volume's setting).
     pub compression: codec::Compression,
+    /// The cache tiers below RAM (local disks), built by the caller.
+    pub lower_tiers: Tiers,
+}
+
+/// Cache tiers handed to the data path, slowest last.
+#[derive(Clone, Default)]
+pub struct Tiers(pub Vec<Arc<dyn Tier>>);
+
+impl std::fmt::Debug for Tiers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|t| t.name()))
+            .finish()
+    }
 }
 
 impl Default for DataConfig {
@@ -109,6 +123,7 @@ impl Default for DataConfig {
             readahead_blocks: 2,
             prefetch_threads: 2,
             compression: codec::Compression::None,
+            lower_tiers: Tiers::default(),
         }
     }
 }
@@ -158,23 +173,39 @@ impl ChunkStore {
             codec::stored_len(cfg.block_size as usize),
             cfg.upload_threads.clamp(2, 8),
         ));
-        let uploads = UploadPool::new(
-            store.clone(),
-            cfg.upload_threads,
-            cfg.upload_queue,
-            buffers.clone(),
-        )
-        .map_err(setup)?;
-        let (tx, rx) = mpsc::channel();
-        // The RAM tier; evicted blocks give their buffers back to the pool uploads and
-        // fetches draw from.
+        // The RAM tier, then the caller's; evicted blocks give their buffers back to the
+        // pool uploads and fetches draw from.
         let recycle: Arc<dyn Recycle> = buffers.clone();
         let window =
             (cfg.readahead_blocks as usize + 1) * codec::stored_len(cfg.block_size.max(1) as usize);
         let ram = MemTier::new(cfg.cache_bytes)
             .with_small(window)
             .with_recycler(recycle.clone());
-        let cache = Arc::new(Cache::new(vec![Arc::new(ram)]).with_recycler(recycle));
+        let mut tiers: Vec<Arc<dyn Tier>> = vec![Arc::new(ram)];
+        tiers.extend(cfg.lower_tiers.0.iter().cloned());
+        let cache = Arc::new(Cache::new(tiers).with_recycler(recycle));
+        // Written blocks enter the disk tiers (write-through). A compressed block's payload
+        // is not at hand once sealed, and a compressed volume trades reads for space anyway.
+        let stored: Option<pool::OnStored> =
+            (cfg.compression == codec::Compression::None && cache.keeps_writes()).then(|| {
+                let cache = cache.clone();
+                Arc::new(move |key: &str, obj: &Bytes| {
+                    if let Some((_, _, len)) = maintenance::parse_block_key(key) {
+                        if let Some(payload) = obj.get(..len as usize) {
+                            cache.write_through(key, &Arc::new(payload.to_vec()));
+                        }
+                    }
+                }) as pool::OnStored
+            });
+        let uploads = UploadPool::new(
+            store.clone(),
+            cfg.upload_threads,
+            cfg.upload_queue,
+            buffers.clone(),
+            stored,
+        )
+        .map_err(setup)?;
+        let (tx, rx) = mpsc::channel();
         let prefetch = prefetch::Prefetcher::new(
             store.clone(),
             cache.clone(),
@@ -290,6 +321,13 @@ impl ChunkStore {
         if let Err(e) = self.journal.checkpoint() {
             tracing::warn!(error = %e, "checkpoint of the object journal failed");
         }
+        // What the disk tiers were offered is on disk for the next start.
+        self.cache.flush();
+    }
+
+    /// The block cache, for warm-up and figures.
+    pub fn cache(&self) -> &Arc<Cache> {
+        &self.cache
     }
 
     /// Read up to `len` bytes at `off` of a file whose length is `file_len`.
@@ -426,8 +464,9 @@ impl ChunkStore {
     ) -> Result<()> {
         let c = self.cfg.compression;
         // A compressed block is fetched whole anyway, so keep it for the next read; so are
-        // small blocks (small files), where one request beats a trailer and a range.
-        let whole = whole || c != codec::Compression::None;
+        // small blocks (small files), where one request beats a trailer and a range. With a
+        // disk tier, every block is: the next epoch's random reads find it on disk.
+        let whole = whole || c != codec::Compression::None || !self.cfg.lower_tiers.0.is_empty();
         let range = boff as usize..(boff as usize + part.len());
         if let Some(block) = self.cache.get(key) {
             part.copy_from_slice(&block[range]);
@@ -587,22 +626,35 @@ impl ChunkStore {
     }
 
     fn delete_blocks(&self, s: &Slice) -> Result<()> {
-        delete_blocks(&*self.store, s, self.cfg.block_size)
+        delete_blocks(&*self.store, s, self.cfg.block_size, &|key| {
+            self.cache.remove(key)
+        })
     }
 
     /// Delete the objects of every slice in the trash. Returns how many slices were freed.
     pub fn empty_trash(&self) -> Result<usize> {
         // An fsync's worth of durability, journal included: forcing a checkpoint here would
         // sync the whole store every time compaction frees a slice.
-        free_trash(&*self.meta, &*self.store, self.cfg.block_size, &|| {
-            self.journal.sync_committed()
-        })
+        free_trash(
+            &*self.meta,
+            &*self.store,
+            self.cfg.block_size,
+            &|| self.journal.sync_committed(),
+            // A deleted block's cache files would only wait for eviction.
+            &|key| self.cache.remove(key),
+        )
     }
 }
 
-fn delete_blocks(store: &dyn ObjectStore, s: &Slice, block_size: u32) -> Result<()> {
+fn delete_blocks(
+    store: &dyn ObjectStore,
+    s: &Slice,
+    block_size: u32,
+    forget: &dyn Fn(&str),
+) -> Result<()> {
     for key in slice_keys(s.id, s.size, block_size) {
         store.delete(&key)?;
+        forget(&key);
     }
     Ok(())
 }
@@ -612,12 +664,14 @@ fn delete_blocks(store: &dyn ObjectStore, s: &Slice, block_size: u32) -> Result<
 /// The change that freed them is made durable first by `durable` (blocks, then metadata, as
 /// [`ChunkStore::sync`]): otherwise a power cut could bring back metadata that points at
 /// blocks already deleted. A record whose deletes failed stays in the trash and is tried
-/// again on the next round (and by `aquifer gc --delete`).
+/// again on the next round (and by `aquifer gc --delete`). Each deleted block is passed to
+/// `forget` (to drop it from a cache).
 pub fn free_trash(
     meta: &dyn Meta,
     store: &dyn ObjectStore,
     block_size: u32,
     durable: &dyn Fn() -> Result<()>,
+    forget: &dyn Fn(&str),
 ) -> Result<usize> {
     let mut freed = 0;
     let mut synced = false;
@@ -636,7 +690,7 @@ pub fn free_trash(
             let mut seen = HashSet::new();
             let mut failed = None;
             for s in slices.iter().filter(|s| s.id != 0 && seen.insert(s.id)) {
-                match delete_blocks(store, s, block_size) {
+                match delete_blocks(store, s, block_size, forget) {
                     Ok(()) => freed += 1,
                     Err(e) => {
                         failed.get_or_insert(e);

@@ -255,16 +255,20 @@ struct Job {
     done: Arc<Completion>,
 }
 
+/// Told of every object stored (write-through to a cache).
+pub type OnStored = Arc<dyn Fn(&str, &Bytes) + Send + Sync>;
+
 pub struct UploadPool {
     tx: Mutex<Option<SyncSender<Job>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     store: Arc<dyn ObjectStore>,
     buffers: Arc<BufferPool>,
+    stored: Option<OnStored>,
 }
 
 /// Store one block and settle its completion: the budget is released and the buffer
 /// recycled on success, the object kept for a retry on failure (a panic is a failure).
-fn execute(store: &dyn ObjectStore, buffers: &BufferPool, job: Job) {
+fn execute(store: &dyn ObjectStore, buffers: &BufferPool, stored: Option<&OnStored>, job: Job) {
     let Job {
         key,
         data,
@@ -282,6 +286,9 @@ fn execute(store: &dyn ObjectStore, buffers: &BufferPool, job: Job) {
             // Its memory is accounted free before anyone learns it is done.
             drop(held);
             done.set(Outcome::Done);
+            if let Some(f) = stored {
+                f(&key, &data);
+            }
             // The store is done with the block: its buffer can hold the next.
             if data.is_unique() {
                 buffers.give(Vec::from(data));
@@ -307,6 +314,7 @@ impl UploadPool {
         threads: usize,
         queue: usize,
         buffers: Arc<BufferPool>,
+        stored: Option<OnStored>,
     ) -> std::io::Result<UploadPool> {
         let (tx, rx) = sync_channel::<Job>(queue.max(1));
         let rx = Arc::new(Mutex::new(rx));
@@ -315,12 +323,13 @@ impl UploadPool {
             let rx: Arc<Mutex<Receiver<Job>>> = rx.clone();
             let store = store.clone();
             let buffers = buffers.clone();
+            let stored = stored.clone();
             handles.push(
                 std::thread::Builder::new()
                     .name(format!("upload-{i}"))
                     .spawn(move || loop {
                         let Ok(job) = rx.lock().recv() else { return };
-                        execute(&*store, &buffers, job);
+                        execute(&*store, &buffers, stored.as_ref(), job);
                     })?,
             );
         }
@@ -329,6 +338,7 @@ impl UploadPool {
             threads: Mutex::new(handles),
             store,
             buffers,
+            stored,
         })
     }
 
@@ -342,7 +352,7 @@ impl UploadPool {
             held,
             done: done.clone(),
         };
-        execute(&*self.store, &self.buffers, job);
+        execute(&*self.store, &self.buffers, self.stored.as_ref(), job);
         done
     }
 
@@ -389,7 +399,8 @@ mod tests {
     #[test]
     fn a_panicking_upload_fails_its_request_and_the_pool_goes_on() {
         let store = Arc::new(FaultStore::new(MemStore::new()));
-        let pool = UploadPool::new(store.clone(), 1, 4, Arc::new(BufferPool::new(16, 2))).unwrap();
+        let pool =
+            UploadPool::new(store.clone(), 1, 4, Arc::new(BufferPool::new(16, 2)), None).unwrap();
         store.set_panic(true);
         let c = pool.submit("a".into(), Bytes::from_static(b"x"), Held::default());
         let e = c.wait().unwrap_err();
@@ -404,7 +415,8 @@ mod tests {
     #[test]
     fn budget_is_held_until_the_upload_is_stored() {
         let store = Arc::new(FaultStore::new(MemStore::new()));
-        let pool = UploadPool::new(store.clone(), 1, 4, Arc::new(BufferPool::new(16, 2))).unwrap();
+        let pool =
+            UploadPool::new(store.clone(), 1, 4, Arc::new(BufferPool::new(16, 2)), None).unwrap();
         let budget = Budget::new(100);
         let held = budget.try_acquire(60).unwrap();
         assert!(budget.try_acquire(60).is_none(), "over the cap");

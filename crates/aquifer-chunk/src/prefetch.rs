@@ -143,10 +143,11 @@ impl Prefetcher {
         seq
     }
 
-    /// Fetch `key` in the background unless it is cached or already on its way; never
-    /// blocks.
+    /// Fetch `key` into RAM in the background (from a disk tier or the store) unless it is
+    /// there or already on its way; never blocks.
     pub fn request(&self, key: String, len: usize) {
-        if self.cache.contains(&key) || !self.inflight.lock().insert(key.clone()) {
+        let in_ram = self.cache.tiers().first().is_some_and(|t| t.contains(&key));
+        if in_ram || !self.inflight.lock().insert(key.clone()) {
             return;
         }
         let sent = match self.tx.lock().as_ref() {

@@ -912,6 +912,52 @@ mod tests {
     }
 
     #[test]
+    fn written_blocks_enter_the_disk_tier_and_reads_then_need_no_store() {
+        use aquifer_cache::{DiskConfig, DiskTier, Tier};
+        let dir = tempfile::tempdir().unwrap();
+        let disk = Arc::new(
+            DiskTier::open(
+                dir.path(),
+                DiskConfig {
+                    capacity: 64 << 20,
+                    free_ratio: 0.0,
+                    ..Default::default()
+                },
+            )
+            .unwrap(),
+        );
+        assert!(disk.wait_indexed(std::time::Duration::from_secs(10)));
+        let bs = 64 << 10;
+        let store = Arc::new(aquifer_object::FaultStore::new(MemStore::new()));
+        let cfg = DataConfig {
+            block_size: bs,
+            compact_threshold: usize::MAX,
+            // RAM holds two blocks: the rest must come from the disk.
+            cache_bytes: 2 * codec::stored_len(bs as usize),
+            lower_tiers: crate::Tiers(vec![disk.clone()]),
+            ..Default::default()
+        };
+        let (cs, ino) = setup_on(store.clone(), cfg);
+        let w = FileWriter::new(cs.clone(), ino);
+        let data: Vec<u8> = (0..(16 * bs + 100)).map(|i| (i * 7 % 251) as u8).collect();
+        w.write(0, &data).unwrap();
+        w.flush().unwrap();
+        disk.flush();
+        assert_eq!(disk.usage().entries, 17, "every written block is on disk");
+        let before = store.calls();
+        assert_eq!(read_all(&cs, ino), data);
+        // Random reads too: with a disk tier they go through the cache, not ranged GETs.
+        let mut part = vec![0u8; 1000];
+        let len = data.len() as u64;
+        for off in [5 * bs as u64 + 17, 11 * bs as u64 + 3, 3] {
+            let got = cs.read(ino, off, part.len(), len).unwrap();
+            part.copy_from_slice(&got);
+            assert_eq!(part, data[off as usize..off as usize + 1000]);
+        }
+        assert_eq!(store.calls(), before, "reads went to the store");
+    }
+
+    #[test]
     fn data_runs_join_the_narrowest_gaps() {
         let sl = |pos, len| Slice {
             pos,

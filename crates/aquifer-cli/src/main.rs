@@ -10,7 +10,7 @@ use aquifer_meta::{Format, KvMeta, MemKv, Meta, MetaError, SessionInfo};
 use aquifer_meta_rocksdb::RocksKv;
 use clap::{Args, Parser, Subcommand};
 use std::collections::HashSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -186,6 +186,33 @@ struct MountArgs {
     /// Kernel attribute cache time in seconds (0 to 86400).
     #[arg(long, default_value_t = 1.0, value_parser = parse_seconds)]
     attr_cache: f64,
+    /// Kernel cache time of name lookups in seconds (0 to 86400).
+    #[arg(long, default_value_t = 1.0, value_parser = parse_seconds)]
+    entry_cache: f64,
+    /// Block cache directories on local disks, `DIR[:DIR...]`; blocks are spread over them
+    /// by hash. `memory` (or `none`) for RAM only. Default: `DATA_DIR/cache` for object
+    /// stores, none for a local `file` store (its blocks are on a local disk already).
+    #[arg(long)]
+    cache_dir: Option<String>,
+    /// Quota of the disk cache, split across its directories: `512M`, `100G`, `1T`; a bare
+    /// number is MiB. Counted as the disk counts it (allocated blocks).
+    #[arg(long, default_value = "100G", value_parser = parse_size)]
+    cache_size: u64,
+    /// Eviction starts when the disk cache passes this share of --cache-size...
+    #[arg(long, default_value_t = 0.95, value_parser = parse_ratio)]
+    cache_high: f64,
+    /// ...and stops when it is down to this share.
+    #[arg(long, default_value_t = 0.70, value_parser = parse_ratio)]
+    cache_low: f64,
+    /// Keep at least this share of each cache disk free, evicting if others fill it.
+    #[arg(long, default_value_t = 0.1, value_parser = parse_ratio)]
+    free_space_ratio: f64,
+    /// RAM for cached blocks (units as --cache-size). Default: half of --buffer-size.
+    #[arg(long, value_parser = parse_size)]
+    mem_cache_size: Option<u64>,
+    /// Blocks fetched ahead of each sequential reader (default: --max-downloads, 2 to 32).
+    #[arg(long, value_parser = usize_in(0, 256))]
+    prefetch: Option<usize>,
     /// Allow other users to access the mount (default when run as root).
     #[arg(long)]
     allow_other: bool,
@@ -232,6 +259,44 @@ fn usize_in(lo: usize, hi: usize) -> impl Fn(&str) -> std::result::Result<usize,
         }
         Ok(n)
     }
+}
+
+/// A size: `512M`, `100G`, `1.5T`, `64K`, `4096B`, with or without `iB`; a bare number is
+/// MiB, as in juicefs.
+fn parse_size(v: &str) -> std::result::Result<u64, String> {
+    let t = v.trim();
+    let bad = || format!("{v:?} is not a size (e.g. 512M, 100G; a bare number is MiB)");
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let x: f64 = num.parse().map_err(|_| bad())?;
+    let mul: u64 = match unit.trim().to_ascii_uppercase().trim_end_matches("IB") {
+        "" | "M" => 1 << 20,
+        "B" => 1,
+        "K" => 1 << 10,
+        "G" => 1 << 30,
+        "T" => 1 << 40,
+        "P" => 1 << 50,
+        _ => return Err(bad()),
+    };
+    let bytes = x * mul as f64;
+    if !bytes.is_finite() || bytes >= u64::MAX as f64 / 2.0 {
+        return Err(format!("{v:?} is too large"));
+    }
+    Ok(bytes as u64)
+}
+
+/// A share between 0 and 1.
+fn parse_ratio(v: &str) -> std::result::Result<f64, String> {
+    let x: f64 = v
+        .trim()
+        .parse()
+        .map_err(|_| format!("{v:?} is not a number between 0 and 1"))?;
+    if !x.is_finite() || !(0.0..=1.0).contains(&x) {
+        return Err(format!("{v} is not between 0 and 1"));
+    }
+    Ok(x)
 }
 
 /// Seconds for a kernel cache timeout: finite, 0 to a day.
@@ -582,15 +647,20 @@ fn mount(a: MountArgs) -> Result<()> {
     let store = layered_store(&store_spec(&format), a.upload_limit, a.download_limit)?;
     check_marker(&*store, &format)?;
     let half = (a.buffer_size << 20) / 2;
+    let lower_tiers = disk_tiers(&a, &format, &data_dir)?;
     let cfg = DataConfig {
         upload_threads: a.max_uploads,
         // The write budget bounds memory; the queue only has to keep the uploaders busy.
         upload_queue: (half / format.block_size as usize).max(1) + a.max_uploads,
         write_buffer: half,
-        cache_bytes: half,
+        cache_bytes: a
+            .mem_cache_size
+            .map(|b| b.min(usize::MAX as u64) as usize)
+            .unwrap_or(half),
         prefetch_threads: a.max_downloads.max(1),
-        readahead_blocks: a.max_downloads.clamp(2, 32) as u32,
+        readahead_blocks: a.prefetch.unwrap_or(a.max_downloads.clamp(2, 32)) as u32,
         compression,
+        lower_tiers,
         ..Default::default()
     };
     let vfs = aquifer_vfs::Vfs::new(meta.clone(), store, cfg)
@@ -614,6 +684,7 @@ fn mount(a: MountArgs) -> Result<()> {
         allow_other: a.allow_other || root,
         read_only: a.read_only,
         attr_ttl: Duration::from_secs_f64(a.attr_cache),
+        entry_ttl: Duration::from_secs_f64(a.entry_cache),
     };
     // Held until the process exits, after the metadata engine is closed: `aquifer umount`
     // returns only then.
@@ -633,6 +704,59 @@ fn mount(a: MountArgs) -> Result<()> {
     vfs.shutdown();
     tracing::info!(mountpoint = %mp.display(), "unmounted");
     r.map_err(|e| anyhow!("FUSE session ended with an error: {e}"))
+}
+
+/// The disk cache tiers `--cache-dir` asks for, each under a directory named by the volume's
+/// UUID (volumes sharing a disk never mix blocks).
+fn disk_tiers(a: &MountArgs, f: &Format, data_dir: &Path) -> Result<aquifer_chunk::Tiers> {
+    use aquifer_cache::{DiskConfig, DiskTier, Spread, Tier};
+    if a.cache_low >= a.cache_high {
+        bail!(
+            "--cache-low ({}) must be below --cache-high ({})",
+            a.cache_low,
+            a.cache_high
+        );
+    }
+    let dirs: Vec<PathBuf> = match a.cache_dir.as_deref() {
+        Some("memory") | Some("none") => Vec::new(),
+        Some(list) => {
+            let v: Vec<PathBuf> = list
+                .split(':')
+                .filter(|d| !d.is_empty())
+                .map(PathBuf::from)
+                .collect();
+            if v.is_empty() {
+                bail!("--cache-dir {list:?} names no directory");
+            }
+            v
+        }
+        None if f.storage == "file" => Vec::new(),
+        None => vec![data_dir.join("cache")],
+    };
+    if dirs.is_empty() || a.cache_size == 0 {
+        return Ok(aquifer_chunk::Tiers::default());
+    }
+    let cfg = DiskConfig {
+        capacity: a.cache_size / dirs.len() as u64,
+        high: a.cache_high,
+        low: a.cache_low,
+        free_ratio: a.free_space_ratio,
+        ..Default::default()
+    };
+    let mut parts: Vec<Arc<dyn Tier>> = Vec::new();
+    for d in &dirs {
+        let root = d.join(&f.uuid);
+        let t = DiskTier::open(&root, cfg.clone())
+            .with_context(|| format!("cannot use cache directory {}", root.display()))?;
+        tracing::info!(dir = %root.display(), quota = cfg.capacity, "disk cache");
+        parts.push(Arc::new(t));
+    }
+    let tier: Arc<dyn Tier> = if parts.len() == 1 {
+        parts.pop().expect("one")
+    } else {
+        Arc::new(Spread::new(parts))
+    };
+    Ok(aquifer_chunk::Tiers(vec![tier]))
 }
 
 /// The store must hold this volume's marker: a volume whose `--bucket` now names another
@@ -824,6 +948,22 @@ fn fsck(a: FsckArgs) -> Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_take_units_and_a_bare_number_is_mib() {
+        assert_eq!(parse_size("512"), Ok(512 << 20));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("100G"), Ok(100 << 30));
+        assert_eq!(parse_size("100GiB"), Ok(100 << 30));
+        assert_eq!(parse_size("1.5T"), Ok(3 << 39));
+        assert_eq!(parse_size("64k"), Ok(64 << 10));
+        assert_eq!(parse_size("4096B"), Ok(4096));
+        for bad in ["", "G", "12X", "-1G", "1e400", "99999999999P"] {
+            assert!(parse_size(bad).is_err(), "{bad} accepted");
+        }
+        assert!(parse_ratio("0.7").is_ok());
+        assert!(parse_ratio("1.5").is_err() && parse_ratio("nan").is_err());
+    }
 
     fn parse(args: &[&str]) -> std::result::Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("aquifer").chain(args.iter().copied()))

@@ -28,13 +28,16 @@ pub struct MountOptions {
     /// Let other users in (needs root, or user_allow_other in /etc/fuse.conf).
     pub allow_other: bool,
     pub read_only: bool,
-    /// Attribute and entry cache time in the kernel.
+    /// How long the kernel may trust attributes without a GETATTR.
     pub attr_ttl: Duration,
+    /// How long the kernel may trust a name's lookup without a LOOKUP.
+    pub entry_ttl: Duration,
 }
 
 pub struct AquiferFs {
     vfs: Arc<Vfs>,
     ttl: Duration,
+    entry_ttl: Duration,
 }
 
 fn ctx(req: &Request) -> Context {
@@ -118,13 +121,22 @@ fn set_time(t: Option<TimeOrNow>) -> Option<SetTime> {
 }
 
 impl AquiferFs {
-    pub fn new(vfs: Arc<Vfs>, ttl: Duration) -> Self {
-        AquiferFs { vfs, ttl }
+    pub fn new(vfs: Arc<Vfs>, attr_ttl: Duration, entry_ttl: Duration) -> Self {
+        AquiferFs {
+            vfs,
+            ttl: attr_ttl,
+            entry_ttl,
+        }
     }
 
     fn entry(&self, reply: ReplyEntry, r: aquifer_vfs::Result<(u64, Attr)>) {
         match r {
-            Ok((ino, a)) => reply.entry(&self.ttl, &file_attr(ino, &a), Generation(0)),
+            Ok((ino, a)) => reply.entry_with_ttls(
+                &self.ttl,
+                &self.entry_ttl,
+                &file_attr(ino, &a),
+                Generation(0),
+            ),
             Err(e) => reply.error(err(e)),
         }
     }
@@ -441,7 +453,8 @@ impl Filesystem for AquiferFs {
                         INodeNo(e.ino),
                         off,
                         OsStr::from_bytes(&e.name),
-                        &self.ttl,
+                        // One time for both: the shorter holds for each.
+                        &self.ttl.min(self.entry_ttl),
                         &fa,
                         Generation(0),
                     ) {
@@ -614,5 +627,9 @@ pub fn mount(
     };
     config.n_threads = Some(opts.threads.max(1));
     config.clone_fd = true;
-    Session::new(AquiferFs::new(vfs, opts.attr_ttl), mountpoint, &config)
+    Session::new(
+        AquiferFs::new(vfs, opts.attr_ttl, opts.entry_ttl),
+        mountpoint,
+        &config,
+    )
 }

@@ -1,0 +1,974 @@
+//! The local-disk tier: one directory on a node's NVMe, bounded by what the disk holds.
+//!
+//! Layout under the tier's root (a directory named by the volume's UUID, so volumes never
+//! mix): `blocks/XX/NAME`, where `XX` is two hex digits of the key's crc32c (256
+//! directories of a few thousand files each at a million blocks) and `NAME` the key with
+//! `%` and `/` escaped; `tmp/` holds files being written.
+//!
+//! A cache file is a 16-byte header — magic `AQCB`, format version (u16), flags (u16),
+//! payload length (u32), crc32c of the payload (u32), little-endian — and the payload. It is
+//! written under `tmp/` and renamed into place, so a reader sees a whole file or none; a
+//! file that fails its checks (torn by a power cut, truncated, a flipped bit, another
+//! version) is a miss, removed so the block is fetched and cached again.
+//!
+//! What the tier counts is what the disk holds: each file's allocated blocks (`st_blocks`)
+//! and the directories' own blocks. Inserts that would pass the capacity are declined, so
+//! the directory never holds more than its quota plus the file being written; a background
+//! thread evicts (S3-FIFO, see [`crate::policy`]) from the high watermark down to the low
+//! one, and further while the device has less free space than the free-space ratio.
+//!
+//! The index (keys, weights, eviction order) lives in memory and is rebuilt by a background
+//! scan at start; until it is done, reads still find files by name, and inserts wait.
+//! A disk that fails (gone, read-only, full, I/O errors) is taken out of use: its reads are
+//! misses and its inserts are dropped, and it is tried again after [`DiskConfig::retry`].
+
+use crate::policy::S3Fifo;
+use crate::{Block, Recycle, Tier, Usage};
+use parking_lot::{Condvar, Mutex};
+use std::collections::VecDeque;
+use std::ffi::CString;
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+const MAGIC: &[u8; 4] = b"AQCB";
+const VERSION: u16 = 1;
+pub const HEADER: usize = 16;
+/// Blocks waiting to be written to the disk; beyond this, inserts are dropped rather than
+/// let a slow disk hold memory.
+const QUEUE_BYTES: usize = 32 << 20;
+const FANOUT: u32 = 256;
+
+/// Limits of one disk tier.
+#[derive(Clone, Debug)]
+pub struct DiskConfig {
+    /// Bytes the directory may hold, as the disk counts them.
+    pub capacity: u64,
+    /// Eviction starts above this share of the capacity...
+    pub high: f64,
+    /// ...and stops at this one.
+    pub low: f64,
+    /// Keep this share of the device free, evicting if others fill it.
+    pub free_ratio: f64,
+    /// A disk out of use is tried again after this long.
+    pub retry: Duration,
+}
+
+impl Default for DiskConfig {
+    fn default() -> Self {
+        DiskConfig {
+            capacity: 100 << 30,
+            high: 0.95,
+            low: 0.70,
+            free_ratio: 0.1,
+            retry: Duration::from_secs(30),
+        }
+    }
+}
+
+pub struct DiskTier {
+    inner: Arc<Inner>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+struct Inner {
+    root: PathBuf,
+    cfg: DiskConfig,
+    st: Mutex<S3Fifo<()>>,
+    /// The directories' own blocks, measured by the housekeeper.
+    overhead: AtomicU64,
+    /// The index is complete (the start-up scan is done).
+    ready: AtomicBool,
+    /// Out of use until then (None: in use).
+    down: Mutex<Option<Instant>>,
+    /// The device has less free space than the ratio asks: inserts wait for eviction.
+    low_space: AtomicBool,
+    queue: Mutex<Queue>,
+    queue_cv: Condvar,
+    /// Wakes the housekeeper (eviction, health checks).
+    wake: Mutex<bool>,
+    wake_cv: Condvar,
+    stop: AtomicBool,
+    recycle: Option<Arc<dyn Recycle>>,
+    tmp_seq: AtomicU64,
+    evicted: AtomicU64,
+    corrupt: AtomicU64,
+}
+
+#[derive(Default)]
+struct Queue {
+    items: VecDeque<(String, Block)>,
+    bytes: usize,
+    /// An item is being written (for `flush`).
+    busy: bool,
+}
+
+impl DiskTier {
+    /// A tier at `root` (created if missing). The index is rebuilt in the background.
+    pub fn open(root: &Path, cfg: DiskConfig) -> io::Result<DiskTier> {
+        DiskTier::open_with(root, cfg, None)
+    }
+
+    /// As [`DiskTier::open`], reading blocks into buffers from `r`.
+    pub fn open_with(
+        root: &Path,
+        cfg: DiskConfig,
+        recycle: Option<Arc<dyn Recycle>>,
+    ) -> io::Result<DiskTier> {
+        let inner = Arc::new(Inner {
+            root: root.to_path_buf(),
+            cfg,
+            st: Mutex::new(S3Fifo::default()),
+            overhead: AtomicU64::new(0),
+            ready: AtomicBool::new(false),
+            down: Mutex::new(None),
+            low_space: AtomicBool::new(false),
+            queue: Mutex::new(Queue::default()),
+            queue_cv: Condvar::new(),
+            wake: Mutex::new(false),
+            wake_cv: Condvar::new(),
+            stop: AtomicBool::new(false),
+            recycle,
+            tmp_seq: AtomicU64::new(0),
+            evicted: AtomicU64::new(0),
+            corrupt: AtomicU64::new(0),
+        });
+        // A root that cannot be made is an error for the caller (a wrong flag); one that
+        // fails later is a disk out of use.
+        inner.make_dirs()?;
+        let mut threads = Vec::new();
+        let i = inner.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("cache-index".into())
+                .spawn(move || i.rebuild())?,
+        );
+        let i = inner.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("cache-write".into())
+                .spawn(move || i.write_loop())?,
+        );
+        let i = inner.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("cache-keep".into())
+                .spawn(move || i.housekeep())?,
+        );
+        Ok(DiskTier {
+            inner,
+            threads: Mutex::new(threads),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+
+    /// Whether the start-up scan has indexed every file.
+    pub fn indexed(&self) -> bool {
+        self.inner.ready.load(Ordering::Acquire)
+    }
+
+    /// Wait for the start-up scan (tests, and figures that want the whole index).
+    pub fn wait_indexed(&self, timeout: Duration) -> bool {
+        let end = Instant::now() + timeout;
+        while !self.indexed() {
+            if Instant::now() > end {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
+    }
+
+    /// Whether the disk is in use (not taken out after a failure).
+    pub fn in_use(&self) -> bool {
+        self.inner.usable()
+    }
+
+    /// Cache files found corrupt (and removed) so far.
+    pub fn corrupt_found(&self) -> u64 {
+        self.inner.corrupt.load(Ordering::Relaxed)
+    }
+
+    /// Run the housekeeper now (eviction, health) and wait for it.
+    pub fn housekeep_now(&self) {
+        self.inner.housekeep_once();
+    }
+}
+
+impl Drop for DiskTier {
+    fn drop(&mut self) {
+        self.flush();
+        self.inner.stop.store(true, Ordering::Release);
+        self.inner.queue_cv.notify_all();
+        self.inner.wake();
+        for t in std::mem::take(&mut *self.threads.lock()) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// `%` and `/` escaped, so a key is one file name and the name gives the key back.
+fn escape(key: &str) -> String {
+    let mut s = String::with_capacity(key.len() + 8);
+    for c in key.chars() {
+        match c {
+            '%' => s.push_str("%25"),
+            '/' => s.push_str("%2F"),
+            c => s.push(c),
+        }
+    }
+    s
+}
+
+fn unescape(name: &str) -> Option<String> {
+    let mut out = String::with_capacity(name.len());
+    let mut it = name.split('%');
+    out.push_str(it.next()?);
+    for part in it {
+        match part.get(..2)? {
+            "25" => out.push('%'),
+            "2F" => out.push('/'),
+            _ => return None,
+        }
+        out.push_str(&part[2..]);
+    }
+    Some(out)
+}
+
+/// Where a key lives among the tiers of a [`crate::Spread`], and in a tier's fan-out: two
+/// independent parts of one stable hash, so every start finds blocks where it left them.
+pub(crate) fn key_hash(key: &str) -> u32 {
+    crc32c::crc32c(key.as_bytes())
+}
+
+fn header(payload: &[u8]) -> [u8; HEADER] {
+    let mut h = [0u8; HEADER];
+    h[..4].copy_from_slice(MAGIC);
+    h[4..6].copy_from_slice(&VERSION.to_le_bytes());
+    h[8..12].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    h[12..16].copy_from_slice(&crc32c::crc32c(payload).to_le_bytes());
+    h
+}
+
+/// Why a cache file is not a block.
+enum Bad {
+    Missing,
+    Corrupt(String),
+    Io(io::Error),
+}
+
+/// Bytes free on the device holding `path`, and its size.
+fn device_space(path: &Path) -> io::Result<(u64, u64)> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path has a NUL byte"))?;
+    // SAFETY: statvfs writes a plain struct; `c` outlives the call.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let unit = s.f_frsize as u64;
+    Ok((s.f_bavail as u64 * unit, s.f_blocks as u64 * unit))
+}
+
+fn allocated(m: &fs::Metadata) -> u64 {
+    // Delayed allocation is counted in st_blocks already (ext4, xfs); the size rounded up
+    // to a page is a floor for file systems that report nothing yet.
+    (m.blocks() * 512).max(m.len().div_ceil(4096) * 4096)
+}
+
+impl Inner {
+    fn blocks_dir(&self) -> PathBuf {
+        self.root.join("blocks")
+    }
+
+    fn path(&self, key: &str) -> PathBuf {
+        let h = key_hash(key) % FANOUT;
+        self.blocks_dir().join(format!("{h:02x}")).join(escape(key))
+    }
+
+    fn make_dirs(&self) -> io::Result<()> {
+        fs::create_dir_all(self.root.join("tmp"))?;
+        let b = self.blocks_dir();
+        for h in 0..FANOUT {
+            let d = b.join(format!("{h:02x}"));
+            if !d.is_dir() {
+                fs::create_dir_all(&d)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn usable(&self) -> bool {
+        // Tried again by the housekeeper once its time is up; until then, out of use.
+        self.down.lock().is_none()
+    }
+
+    /// Take the disk out of use after `e` (the first failure is logged).
+    fn fail(&self, what: &str, e: &io::Error) {
+        let mut d = self.down.lock();
+        if d.is_none() {
+            tracing::warn!(
+                dir = %self.root.display(),
+                error = %e,
+                "cache disk out of use after a failed {what}; reads go to the object store, retried in {}s",
+                self.cfg.retry.as_secs()
+            );
+        }
+        *d = Some(Instant::now() + self.cfg.retry);
+    }
+
+    fn wake(&self) {
+        *self.wake.lock() = true;
+        self.wake_cv.notify_all();
+    }
+
+    fn used(&self) -> u64 {
+        self.st.lock().bytes() + self.overhead.load(Ordering::Relaxed)
+    }
+
+    fn read_block(&self, path: &Path) -> Result<Block, Bad> {
+        let mut f = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(Bad::Missing),
+            Err(e) => return Err(Bad::Io(e)),
+        };
+        let size = f.metadata().map_err(Bad::Io)?.len();
+        let mut h = [0u8; HEADER];
+        if size < HEADER as u64 {
+            return Err(Bad::Corrupt(format!("{size} bytes, shorter than a header")));
+        }
+        f.read_exact(&mut h).map_err(Bad::Io)?;
+        if &h[..4] != MAGIC {
+            return Err(Bad::Corrupt("not a cache file".into()));
+        }
+        let version = u16::from_le_bytes([h[4], h[5]]);
+        if version != VERSION {
+            return Err(Bad::Corrupt(format!("format version {version}")));
+        }
+        let len = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes")) as usize;
+        let crc = u32::from_le_bytes(h[12..16].try_into().expect("4 bytes"));
+        if size != (HEADER + len) as u64 {
+            return Err(Bad::Corrupt(format!(
+                "{size} bytes for a {len}-byte block (truncated or extended)"
+            )));
+        }
+        let mut buf = self
+            .recycle
+            .as_ref()
+            .map(|r| r.take(len))
+            .unwrap_or_default();
+        buf.clear();
+        buf.reserve_exact(len);
+        // Appending through `take` fills the spare capacity without zeroing it first.
+        (&mut f)
+            .take(len as u64)
+            .read_to_end(&mut buf)
+            .map_err(Bad::Io)?;
+        if buf.len() != len {
+            return Err(Bad::Corrupt("shorter than its header says".into()));
+        }
+        if crc32c::crc32c(&buf) != crc {
+            return Err(Bad::Corrupt("checksum mismatch".into()));
+        }
+        Ok(Arc::new(buf))
+    }
+
+    fn get(&self, key: &str) -> Option<Block> {
+        if !self.usable() {
+            return None;
+        }
+        let ready = self.ready.load(Ordering::Acquire);
+        // With the index complete, a key it lacks is not on disk: no system call for a miss.
+        if ready && !self.st.lock().contains(key) {
+            return None;
+        }
+        let path = self.path(key);
+        match self.read_block(&path) {
+            Ok(b) => {
+                let mut st = self.st.lock();
+                if st.access(key, crate::mem::REHIT).is_none() && !ready {
+                    // Found before the scan reached it; the scan will skip it.
+                    let w = (HEADER + b.len()).div_ceil(4096) as u64 * 4096;
+                    st.insert(key, (), w, true);
+                }
+                Some(b)
+            }
+            Err(Bad::Missing) => {
+                // Deleted behind our back (or the whole directory was): forget it.
+                self.st.lock().remove(key);
+                None
+            }
+            Err(Bad::Corrupt(why)) => {
+                tracing::warn!(path = %path.display(), why, "corrupt cache file removed; the block is fetched again");
+                self.corrupt.fetch_add(1, Ordering::Relaxed);
+                let _ = fs::remove_file(&path);
+                self.st.lock().remove(key);
+                None
+            }
+            Err(Bad::Io(e)) => {
+                self.fail("read", &e);
+                None
+            }
+        }
+    }
+
+    fn enqueue(&self, key: &str, block: &Block) {
+        if !self.usable() || !self.ready.load(Ordering::Acquire) {
+            return;
+        }
+        if self.low_space.load(Ordering::Relaxed) {
+            self.wake();
+            return;
+        }
+        let w = (HEADER + block.len()) as u64;
+        if self.used() + w > self.cfg.capacity {
+            self.wake();
+            return;
+        }
+        if self.st.lock().contains(key) {
+            return;
+        }
+        let mut q = self.queue.lock();
+        if q.bytes + block.len() > QUEUE_BYTES || q.items.iter().any(|(k, _)| k == key) {
+            return;
+        }
+        q.bytes += block.len();
+        q.items.push_back((key.to_string(), block.clone()));
+        drop(q);
+        self.queue_cv.notify_one();
+    }
+
+    fn write_loop(&self) {
+        loop {
+            let (key, block) = {
+                let mut q = self.queue.lock();
+                loop {
+                    if let Some(item) = q.items.pop_front() {
+                        q.bytes -= item.1.len();
+                        q.busy = true;
+                        break item;
+                    }
+                    q.busy = false;
+                    self.queue_cv.notify_all();
+                    if self.stop.load(Ordering::Acquire) {
+                        return;
+                    }
+                    self.queue_cv.wait_for(&mut q, Duration::from_millis(200));
+                }
+            };
+            self.store(&key, &block);
+        }
+    }
+
+    /// Write one block into place, if it still fits.
+    fn store(&self, key: &str, block: &Block) {
+        if !self.usable() || self.st.lock().contains(key) {
+            return;
+        }
+        let est = (HEADER + block.len()).div_ceil(4096) as u64 * 4096;
+        if self.used() + est > self.cfg.capacity || self.low_space.load(Ordering::Relaxed) {
+            self.wake();
+            return;
+        }
+        let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+        let tmp = self
+            .root
+            .join("tmp")
+            .join(format!("{}.{seq}", std::process::id()));
+        let dst = self.path(key);
+        let r = (|| -> io::Result<u64> {
+            let mut f = File::create(&tmp)?;
+            f.write_all(&header(block))?;
+            f.write_all(block)?;
+            let w = allocated(&f.metadata()?);
+            drop(f);
+            fs::rename(&tmp, &dst)?;
+            Ok(w)
+        })();
+        match r {
+            Ok(w) => {
+                let over = {
+                    let mut st = self.st.lock();
+                    st.insert(key, (), w, false);
+                    st.bytes() + self.overhead.load(Ordering::Relaxed)
+                        > (self.cfg.high * self.cfg.capacity as f64) as u64
+                };
+                if over {
+                    self.wake();
+                }
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                if e.kind() == io::ErrorKind::NotFound && !self.root.join("tmp").is_dir() {
+                    // The directory was deleted under us: start again empty.
+                    self.reset();
+                } else {
+                    self.fail("write", &e);
+                }
+            }
+        }
+    }
+
+    /// The cache directory vanished: forget the index and make the directories again (or
+    /// take the disk out of use if that fails).
+    fn reset(&self) {
+        tracing::warn!(dir = %self.root.display(), "cache directory vanished; starting it again empty");
+        *self.st.lock() = S3Fifo::default();
+        if let Err(e) = self.make_dirs() {
+            self.fail("re-creation of the cache directory", &e);
+        }
+    }
+
+    /// The start-up scan: every block file indexed, oldest first (evicted first), and
+    /// leftovers of interrupted writes removed.
+    fn rebuild(&self) {
+        if let Ok(rd) = fs::read_dir(self.root.join("tmp")) {
+            for e in rd.flatten() {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+        let mut found: Vec<(i64, String, u64)> = Vec::new();
+        for h in 0..FANOUT {
+            if self.stop.load(Ordering::Acquire) {
+                return;
+            }
+            let dir = self.blocks_dir().join(format!("{h:02x}"));
+            let Ok(rd) = fs::read_dir(&dir) else { continue };
+            for e in rd.flatten() {
+                let name = e.file_name();
+                let key = name.to_str().and_then(unescape);
+                let Ok(m) = e.metadata() else { continue };
+                match key {
+                    Some(k) if m.is_file() && key_hash(&k) % FANOUT == h => {
+                        found.push((m.mtime(), k, allocated(&m)))
+                    }
+                    // Not ours, or in the wrong place: it would never be read or counted.
+                    _ => {
+                        let _ = fs::remove_file(e.path());
+                    }
+                }
+            }
+        }
+        found.sort_unstable_by_key(|f| f.0);
+        for batch in found.chunks(4096) {
+            let mut st = self.st.lock();
+            for (_, k, w) in batch {
+                st.insert(k, (), *w, true);
+            }
+        }
+        self.measure_overhead();
+        self.ready.store(true, Ordering::Release);
+        tracing::info!(dir = %self.root.display(), blocks = found.len(), "cache index rebuilt");
+        self.wake();
+    }
+
+    fn measure_overhead(&self) {
+        let mut o = 0;
+        let mut add = |p: &Path| {
+            if let Ok(m) = fs::metadata(p) {
+                o += allocated(&m);
+            }
+        };
+        add(&self.root);
+        add(&self.root.join("tmp"));
+        add(&self.blocks_dir());
+        for h in 0..FANOUT {
+            add(&self.blocks_dir().join(format!("{h:02x}")));
+        }
+        self.overhead.store(o, Ordering::Relaxed);
+    }
+
+    fn housekeep(&self) {
+        let mut last_measure = Instant::now();
+        loop {
+            {
+                let mut w = self.wake.lock();
+                if !*w {
+                    self.wake_cv.wait_for(&mut w, Duration::from_secs(1));
+                }
+                *w = false;
+            }
+            if self.stop.load(Ordering::Acquire) {
+                return;
+            }
+            if last_measure.elapsed() > Duration::from_secs(10) {
+                self.measure_overhead();
+                last_measure = Instant::now();
+            }
+            self.housekeep_once();
+        }
+    }
+
+    fn housekeep_once(&self) {
+        // A disk out of use is tried again once its time is up.
+        let retry = matches!(*self.down.lock(), Some(t) if Instant::now() >= t);
+        if retry {
+            match self.probe() {
+                Ok(()) => {
+                    tracing::info!(dir = %self.root.display(), "cache disk back in use");
+                    *self.down.lock() = None;
+                }
+                Err(e) => self.fail("check", &e),
+            }
+        }
+        if !self.usable() {
+            return;
+        }
+        if !self.blocks_dir().is_dir() {
+            self.reset();
+        }
+        let cap = self.cfg.capacity;
+        let used = self.used();
+        let overhead = self.overhead.load(Ordering::Relaxed);
+        let mut target = u64::MAX;
+        if used > (self.cfg.high * cap as f64) as u64 {
+            target = (self.cfg.low * cap as f64) as u64;
+        }
+        match device_space(&self.root) {
+            Ok((free, total)) => {
+                let want = (self.cfg.free_ratio * total as f64) as u64;
+                let short = want > free;
+                self.low_space.store(short, Ordering::Relaxed);
+                if short {
+                    target = target.min(used.saturating_sub(want - free));
+                }
+            }
+            Err(e) => self.fail("statvfs", &e),
+        }
+        if target == u64::MAX {
+            return;
+        }
+        let small_cap = cap / 10;
+        let victims = self
+            .st
+            .lock()
+            .evict_to(target.saturating_sub(overhead), small_cap);
+        let n = victims.len() as u64;
+        for (k, _) in victims {
+            let _ = fs::remove_file(self.path(&k));
+        }
+        self.evicted.fetch_add(n, Ordering::Relaxed);
+        if let Ok((free, total)) = device_space(&self.root) {
+            self.low_space.store(
+                free < (self.cfg.free_ratio * total as f64) as u64,
+                Ordering::Relaxed,
+            );
+        }
+    }
+
+    /// Whether the disk takes a write again.
+    fn probe(&self) -> io::Result<()> {
+        let fresh = !self.blocks_dir().is_dir();
+        self.make_dirs()?;
+        let p = self.root.join("tmp").join("probe");
+        fs::write(&p, b"probe")?;
+        fs::remove_file(&p)?;
+        if fresh {
+            *self.st.lock() = S3Fifo::default();
+        }
+        Ok(())
+    }
+}
+
+impl Tier for DiskTier {
+    fn name(&self) -> String {
+        format!("disk {}", self.inner.root.display())
+    }
+
+    fn get(&self, key: &str) -> Option<Block> {
+        self.inner.get(key)
+    }
+
+    fn contains(&self, key: &str) -> bool {
+        if !self.inner.usable() {
+            return false;
+        }
+        if self.inner.st.lock().contains(key) {
+            return true;
+        }
+        !self.indexed() && self.inner.path(key).is_file()
+    }
+
+    fn insert(&self, key: &str, block: &Block) {
+        self.inner.enqueue(key, block)
+    }
+
+    fn remove(&self, key: &str) {
+        // Also when out of use: a removed block must not come back when the disk does.
+        let _ = fs::remove_file(self.inner.path(key));
+        self.inner.st.lock().remove(key);
+    }
+
+    fn usage(&self) -> Usage {
+        let st = self.inner.st.lock();
+        Usage {
+            bytes: st.bytes() + self.inner.overhead.load(Ordering::Relaxed),
+            entries: st.len() as u64,
+            capacity: self.inner.cfg.capacity,
+            evicted: self.inner.evicted.load(Ordering::Relaxed),
+        }
+    }
+
+    fn flush(&self) {
+        let mut q = self.inner.queue.lock();
+        while !q.items.is_empty() || q.busy {
+            if self.inner.stop.load(Ordering::Acquire) {
+                return;
+            }
+            self.inner
+                .queue_cv
+                .wait_for(&mut q, Duration::from_millis(50));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(capacity: u64) -> DiskConfig {
+        DiskConfig {
+            capacity,
+            high: 0.95,
+            low: 0.70,
+            free_ratio: 0.0,
+            retry: Duration::from_millis(50),
+        }
+    }
+
+    fn open(root: &Path, capacity: u64) -> DiskTier {
+        let t = DiskTier::open(root, cfg(capacity)).unwrap();
+        assert!(t.wait_indexed(Duration::from_secs(60)));
+        t
+    }
+
+    fn block(n: usize, fill: u8) -> Block {
+        Arc::new((0..n).map(|i| fill.wrapping_add(i as u8)).collect())
+    }
+
+    /// What `du` says: every file's and directory's allocated blocks.
+    fn du(p: &Path) -> u64 {
+        let m = fs::symlink_metadata(p).unwrap();
+        let mut n = m.blocks() * 512;
+        if m.is_dir() {
+            for e in fs::read_dir(p).unwrap().flatten() {
+                n += du(&e.path());
+            }
+        }
+        n
+    }
+
+    #[test]
+    fn keys_escape_and_come_back() {
+        for k in ["chunks/0/1/123_0_4096", "a%2Fb/%", "plain", ""] {
+            assert_eq!(unescape(&escape(k)).as_deref(), Some(k));
+            assert!(!escape(k).contains('/'));
+        }
+        assert_eq!(unescape("bad%zz"), None);
+    }
+
+    #[test]
+    fn blocks_survive_a_restart_and_the_index_is_rebuilt() {
+        let d = tempfile::tempdir().unwrap();
+        {
+            let t = open(d.path(), 64 << 20);
+            for i in 0..20 {
+                t.insert(&format!("chunks/0/0/{i}_0_5000"), &block(5000, i as u8));
+            }
+            t.flush();
+            assert_eq!(t.usage().entries, 20);
+        }
+        let t = open(d.path(), 64 << 20);
+        assert_eq!(t.usage().entries, 20);
+        for i in 0..20 {
+            let b = t.get(&format!("chunks/0/0/{i}_0_5000")).expect("cached");
+            assert_eq!(*b, *block(5000, i as u8));
+        }
+        assert!(t.get("chunks/0/0/99_0_5000").is_none());
+    }
+
+    #[test]
+    fn reads_before_the_index_is_rebuilt_find_files_by_name() {
+        let d = tempfile::tempdir().unwrap();
+        {
+            let t = open(d.path(), 64 << 20);
+            t.insert("k", &block(100, 1));
+        }
+        let t = DiskTier::open(d.path(), cfg(64 << 20)).unwrap();
+        // Whether or not the scan has finished, the block is there.
+        assert_eq!(*t.get("k").unwrap(), *block(100, 1));
+        assert!(t.wait_indexed(Duration::from_secs(10)));
+        assert_eq!(t.usage().entries, 1);
+    }
+
+    #[test]
+    fn a_damaged_file_is_a_miss_and_is_replaced() {
+        let d = tempfile::tempdir().unwrap();
+        let t = open(d.path(), 64 << 20);
+        type Damage<'a> = (&'a str, &'a dyn Fn(&Path));
+        let damage: [Damage; 4] = [
+            ("flipped", &|p| {
+                let mut v = fs::read(p).unwrap();
+                let n = v.len();
+                v[n / 2] ^= 0x10;
+                fs::write(p, v).unwrap();
+            }),
+            ("truncated", &|p| {
+                let v = fs::read(p).unwrap();
+                fs::write(p, &v[..v.len() - 1]).unwrap();
+            }),
+            ("other version", &|p| {
+                let mut v = fs::read(p).unwrap();
+                v[4] = 9;
+                fs::write(p, v).unwrap();
+            }),
+            ("emptied", &|p| fs::write(p, b"").unwrap()),
+        ];
+        for (i, (what, f)) in damage.iter().enumerate() {
+            let key = format!("k{i}");
+            t.insert(&key, &block(10_000, 3));
+            t.flush();
+            let p = t.inner.path(&key);
+            f(&p);
+            assert!(t.get(&key).is_none(), "{what}: served");
+            assert!(!p.exists(), "{what}: not removed");
+            assert!(!t.contains(&key));
+            t.insert(&key, &block(10_000, 3));
+            t.flush();
+            assert_eq!(*t.get(&key).unwrap(), *block(10_000, 3), "{what}");
+        }
+        assert_eq!(t.corrupt_found(), 4);
+    }
+
+    #[test]
+    fn du_stays_within_the_quota_and_eviction_runs_from_high_to_low() {
+        let d = tempfile::tempdir().unwrap();
+        let cap = 8 << 20;
+        let t = open(d.path(), cap);
+        // 3x the quota, written as fast as the tier takes it.
+        for i in 0..(3 * cap / 100_000) {
+            t.insert(&format!("b{i}"), &block(100_000, i as u8));
+            if i % 8 == 0 {
+                t.flush();
+                t.housekeep_now();
+            }
+            let du = du(d.path());
+            assert!(du <= cap + 200_000, "du {du} over the quota {cap}");
+        }
+        t.flush();
+        t.housekeep_now();
+        let u = t.usage();
+        assert!(u.bytes <= cap, "{u:?}");
+        assert!(u.evicted > 0);
+        assert!(du(d.path()) <= cap);
+        // Past the high watermark, eviction goes down to the low one.
+        let before = t.usage().bytes;
+        assert!(before as f64 <= 0.96 * cap as f64, "{before}");
+    }
+
+    #[test]
+    fn a_hot_set_survives_a_scan_of_three_times_the_cache() {
+        let d = tempfile::tempdir().unwrap();
+        // The directories take about 1 MiB of it.
+        let cap = 16 << 20;
+        let t = DiskTier::open(d.path(), cfg(cap)).unwrap();
+        assert!(t.wait_indexed(Duration::from_secs(10)));
+        let sz = 40_000;
+        // A quarter of the cache, read again more than a rehit apart.
+        for i in 0..100 {
+            t.insert(&format!("hot{i}"), &block(sz, 1));
+        }
+        t.flush();
+        std::thread::sleep(crate::mem::REHIT);
+        for i in 0..100 {
+            assert!(t.get(&format!("hot{i}")).is_some());
+        }
+        for i in 0..(3 * cap as usize / sz) {
+            t.insert(&format!("scan{i}"), &block(sz, 2));
+            if i % 20 == 0 {
+                t.flush();
+                t.housekeep_now();
+            }
+        }
+        t.flush();
+        t.housekeep_now();
+        let kept = (0..100).filter(|i| t.contains(&format!("hot{i}"))).count();
+        assert!(
+            kept >= 90,
+            "only {kept} of 100 hot blocks survived the scan"
+        );
+    }
+
+    #[test]
+    fn a_deleted_directory_is_a_miss_then_made_again() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("vol");
+        let t = open(&root, 64 << 20);
+        t.insert("a", &block(1000, 1));
+        t.flush();
+        fs::remove_dir_all(&root).unwrap();
+        assert!(t.get("a").is_none());
+        t.housekeep_now();
+        t.insert("b", &block(1000, 2));
+        t.flush();
+        assert_eq!(*t.get("b").unwrap(), *block(1000, 2));
+        assert_eq!(t.usage().entries, 1);
+    }
+
+    #[test]
+    fn a_failing_disk_is_taken_out_of_use_and_tried_again() {
+        let d = tempfile::tempdir().unwrap();
+        let t = open(d.path(), 64 << 20);
+        t.insert("a", &block(1000, 1));
+        t.flush();
+        // Writes fail: `tmp` is a file now.
+        let tmp = d.path().join("tmp");
+        fs::remove_dir_all(&tmp).unwrap();
+        fs::write(&tmp, b"in the way").unwrap();
+        t.insert("b", &block(1000, 2));
+        t.flush();
+        assert!(!t.in_use());
+        assert!(t.get("a").is_none(), "out of use: every read is a miss");
+        // Still broken at the retry: still out.
+        std::thread::sleep(Duration::from_millis(60));
+        t.housekeep_now();
+        assert!(!t.in_use());
+        fs::remove_file(&tmp).unwrap();
+        std::thread::sleep(Duration::from_millis(60));
+        t.housekeep_now();
+        assert!(t.in_use());
+        assert_eq!(*t.get("a").unwrap(), *block(1000, 1));
+    }
+
+    #[test]
+    fn an_index_of_100000_blocks_is_rebuilt() {
+        let d = tempfile::tempdir().unwrap();
+        let n = 100_000;
+        {
+            let t = open(d.path(), 1 << 40);
+            // Written straight to their places: the write path is tested elsewhere.
+            for i in 0..n {
+                let k = format!("chunks/0/{}/{i}_0_64", i / 1000);
+                let b = block(64, i as u8);
+                let mut v = header(&b).to_vec();
+                v.extend_from_slice(&b);
+                fs::write(t.inner.path(&k), v).unwrap();
+            }
+        }
+        let start = Instant::now();
+        let t = open(d.path(), 1 << 40);
+        eprintln!("indexed {n} blocks in {:?}", start.elapsed());
+        assert_eq!(t.usage().entries, n);
+        let k = "chunks/0/54/54321_0_64";
+        assert_eq!(*t.get(k).unwrap(), *block(64, 54321u32 as u8));
+    }
+}
