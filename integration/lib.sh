@@ -50,12 +50,12 @@ new_volume() {
   esac
 }
 
-# mount_volume MOUNTPOINT: mount $META in the background; sets DAEMON_PID.
+# mount_volume MOUNTPOINT [MOUNT FLAGS...]: mount $META in the background; sets DAEMON_PID.
 mount_volume() {
-  local mp=$1
+  local mp=$1; shift
   mkdir -p "$mp"
   local out
-  out=$("$AQUIFER" mount -d "$META" "$mp" --log "$WORK/$(basename "$mp").log") || fail "mount of $mp failed"
+  out=$("$AQUIFER" mount -d "$META" "$mp" --log "$WORK/$(basename "$mp").log" "$@") || fail "mount of $mp failed"
   DAEMON_PID=$(sed -n 's/.*(pid \([0-9]*\),.*/\1/p' <<<"$out")
   MOUNTS+=("$mp")
 }

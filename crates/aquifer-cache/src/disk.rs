@@ -89,6 +89,8 @@ struct Inner {
     down: Mutex<Option<Instant>>,
     /// The device has less free space than the ratio asks: inserts wait for eviction.
     low_space: AtomicBool,
+    /// An insert was declined for room.
+    pressure: AtomicBool,
     queue: Mutex<Queue>,
     queue_cv: Condvar,
     /// Wakes the housekeeper (eviction, health checks).
@@ -129,6 +131,7 @@ impl DiskTier {
             ready: AtomicBool::new(false),
             down: Mutex::new(None),
             low_space: AtomicBool::new(false),
+            pressure: AtomicBool::new(false),
             queue: Mutex::new(Queue::default()),
             queue_cv: Condvar::new(),
             wake: Mutex::new(false),
@@ -421,7 +424,15 @@ impl Inner {
         }
     }
 
-    fn enqueue(&self, key: &str, block: &Block) {
+    /// Queue a block for the writer; `wait` for room in the queue rather than drop it.
+    fn enqueue(&self, key: &str, block: &Block, wait: bool) {
+        if wait {
+            // A warm-up right after start: the index is needed to count the quota.
+            let end = Instant::now() + Duration::from_secs(60);
+            while !self.ready.load(Ordering::Acquire) && Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         if !self.usable() || !self.ready.load(Ordering::Acquire) {
             return;
         }
@@ -430,15 +441,31 @@ impl Inner {
             return;
         }
         let w = (HEADER + block.len()) as u64;
-        if self.used() + w > self.cfg.capacity {
+        let end = Instant::now() + Duration::from_secs(2);
+        while self.used() + w > self.cfg.capacity {
+            // Declined for room: the housekeeper evicts down to the low watermark even if
+            // this block alone is what passes the high one.
+            self.pressure.store(true, Ordering::Relaxed);
             self.wake();
-            return;
+            if !wait || Instant::now() > end {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
         if self.st.lock().contains(key) {
             return;
         }
         let mut q = self.queue.lock();
-        if q.bytes + block.len() > QUEUE_BYTES || q.items.iter().any(|(k, _)| k == key) {
+        if q.items.iter().any(|(k, _)| k == key) {
+            return;
+        }
+        while wait && !q.items.is_empty() && q.bytes + block.len() > QUEUE_BYTES {
+            if self.stop.load(Ordering::Acquire) {
+                return;
+            }
+            self.queue_cv.wait_for(&mut q, Duration::from_millis(50));
+        }
+        if q.bytes + block.len() > QUEUE_BYTES && !q.items.is_empty() {
             return;
         }
         q.bytes += block.len();
@@ -455,6 +482,8 @@ impl Inner {
                     if let Some(item) = q.items.pop_front() {
                         q.bytes -= item.1.len();
                         q.busy = true;
+                        // Room for a waiting warm-up.
+                        self.queue_cv.notify_all();
                         break item;
                     }
                     q.busy = false;
@@ -630,7 +659,8 @@ impl Inner {
         let used = self.used();
         let overhead = self.overhead.load(Ordering::Relaxed);
         let mut target = u64::MAX;
-        if used > (self.cfg.high * cap as f64) as u64 {
+        let pressed = self.pressure.swap(false, Ordering::Relaxed);
+        if pressed || used > (self.cfg.high * cap as f64) as u64 {
             target = (self.cfg.low * cap as f64) as u64;
         }
         match device_space(&self.root) {
@@ -699,7 +729,11 @@ impl Tier for DiskTier {
     }
 
     fn insert(&self, key: &str, block: &Block) {
-        self.inner.enqueue(key, block)
+        self.inner.enqueue(key, block, false)
+    }
+
+    fn admit(&self, key: &str, block: &Block) {
+        self.inner.enqueue(key, block, true)
     }
 
     fn remove(&self, key: &str) {

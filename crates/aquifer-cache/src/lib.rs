@@ -45,6 +45,11 @@ pub trait Tier: Send + Sync {
     }
     /// Wait until blocks offered so far are stored (a tier that writes in the background).
     fn flush(&self) {}
+    /// As [`Tier::insert`], but waiting for room where the tier would drop the block for
+    /// being busy (a warm-up must land; a reader's offer need not).
+    fn admit(&self, key: &str, block: &Block) {
+        self.insert(key, block)
+    }
 }
 
 /// What a tier holds, counted as its medium holds it (allocations, not payload bytes).
@@ -155,6 +160,13 @@ impl Cache {
             if t.writes_through() {
                 t.insert(key, block);
             }
+        }
+    }
+
+    /// Offer a block to every tier, waiting where a tier is busy ([`Tier::admit`]).
+    pub fn admit(&self, key: &str, block: &Block) {
+        for t in &self.tiers {
+            t.admit(key, block);
         }
     }
 

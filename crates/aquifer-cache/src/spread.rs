@@ -48,6 +48,10 @@ impl Tier for Spread {
         self.part(key).remove(key)
     }
 
+    fn admit(&self, key: &str, block: &Block) {
+        self.part(key).admit(key, block)
+    }
+
     fn usage(&self) -> Usage {
         let mut u = Usage::default();
         for p in &self.parts {

@@ -99,6 +99,22 @@ pub struct DataConfig {
     pub lower_tiers: Tiers,
 }
 
+/// What [`ChunkStore::cache_range`] does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheOp {
+    Warm,
+    Check,
+    Evict,
+}
+
+/// Bytes of the blocks under a range: all, cached before, fetched or evicted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheCounts {
+    pub total: u64,
+    pub cached: u64,
+    pub done: u64,
+}
+
 /// Cache tiers handed to the data path, slowest last.
 #[derive(Clone, Default)]
 pub struct Tiers(pub Vec<Arc<dyn Tier>>);
@@ -328,6 +344,88 @@ impl ChunkStore {
     /// The block cache, for warm-up and figures.
     pub fn cache(&self) -> &Arc<Cache> {
         &self.cache
+    }
+
+    /// Warm, check or evict the cached blocks under `[off, off+len)` of a file whose
+    /// length is `file_len`. "Cached" means held by the last tier (the disk, when there is
+    /// one): what survives a restart and RAM pressure. Warming waits for the disk to take
+    /// the blocks, so a check or a read right after finds them.
+    pub fn cache_range(
+        &self,
+        ino: Ino,
+        op: CacheOp,
+        off: u64,
+        len: u64,
+        file_len: u64,
+    ) -> Result<CacheCounts> {
+        let end = off.saturating_add(len).min(file_len);
+        let bs = self.cfg.block_size;
+        let mut c = CacheCounts::default();
+        let Some(last) = self.cache.tiers().last().cloned() else {
+            return Ok(c);
+        };
+        let mut seen = HashSet::new();
+        let mut pos = off;
+        while pos < end {
+            let idx = (pos / CHUNK_SIZE) as u32;
+            let cstart = idx as u64 * CHUNK_SIZE;
+            let (a, b) = ((pos - cstart) as u32, (end - cstart).min(CHUNK_SIZE) as u32);
+            let slices = self.meta.read_chunk(ino, idx)?;
+            for s in layout::visible(&slices) {
+                let (x, y) = (s.pos.max(a), s.end().min(b));
+                if x >= y || s.id == 0 {
+                    continue;
+                }
+                let (so, se) = (s.off + (x - s.pos), s.off + (y - s.pos));
+                for bidx in so / bs..=(se - 1) / bs {
+                    let blen = (s.size - bidx * bs).min(bs);
+                    let key = block_key(s.id, bidx, blen);
+                    if !seen.insert(key.clone()) {
+                        continue;
+                    }
+                    let n = blen as u64;
+                    c.total += n;
+                    let cached = last.contains(&key);
+                    if cached {
+                        c.cached += n;
+                    }
+                    match op {
+                        CacheOp::Check => {}
+                        CacheOp::Evict => {
+                            if self.cache.contains(&key) {
+                                self.cache.remove(&key);
+                                c.done += n;
+                            }
+                        }
+                        CacheOp::Warm if !cached => {
+                            let c2 = self.cfg.compression;
+                            let block = match self.cache.get(&key) {
+                                Some(b) => b,
+                                None => self.cache.get_or_fetch(&key, || {
+                                    prefetch::fetch_block(
+                                        &*self.store,
+                                        &self.cache,
+                                        c2,
+                                        &key,
+                                        blen as usize,
+                                    )
+                                })?,
+                            };
+                            // Offered again, waiting for room this time: a busy disk
+                            // drops what readers offer, but a warm-up must land.
+                            self.cache.admit(&key, &block);
+                            c.done += n;
+                        }
+                        CacheOp::Warm => {}
+                    }
+                }
+            }
+            pos = cstart + CHUNK_SIZE;
+        }
+        if op == CacheOp::Warm {
+            self.cache.flush();
+        }
+        Ok(c)
     }
 
     /// Read up to `len` bytes at `off` of a file whose length is `file_len`.

@@ -1,7 +1,9 @@
 //! `aquifer`: format, mount, umount and inspect volumes.
 
+mod figures;
 mod mountpoint;
 mod objbench;
+mod warmup;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use aquifer_chunk::DataConfig;
@@ -43,6 +45,12 @@ enum Cmd {
     Gc(GcArgs),
     /// Check that every block of every file exists (--deep: and reads back intact).
     Fsck(FsckArgs),
+    /// Pre-load files and trees under a live mount into its cache (or --check what share is
+    /// cached, or --evict them).
+    Warmup(warmup::WarmupArgs),
+    /// Show a live mount's figures every second: FUSE ops, bytes, cache hits per tier,
+    /// object-store requests, writeback backlog, evictions.
+    Stats(warmup::StatsArgs),
 }
 
 #[derive(Args)]
@@ -207,9 +215,16 @@ struct MountArgs {
     /// Keep at least this share of each cache disk free, evicting if others fill it.
     #[arg(long, default_value_t = 0.1, value_parser = parse_ratio)]
     free_space_ratio: f64,
+    /// Seconds before a cache disk taken out of use after a failure is tried again.
+    #[arg(long, default_value_t = 30.0, value_parser = parse_seconds, hide = true)]
+    cache_retry: f64,
     /// RAM for cached blocks (units as --cache-size). Default: half of --buffer-size.
     #[arg(long, value_parser = parse_size)]
     mem_cache_size: Option<u64>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (`none` to not); when the port is
+    /// taken by another mount, the next free one of the 9 after it.
+    #[arg(long, default_value = "127.0.0.1:9567")]
+    metrics: String,
     /// Blocks fetched ahead of each sequential reader (default: --max-downloads, 2 to 32).
     #[arg(long, value_parser = usize_in(0, 256))]
     prefetch: Option<usize>,
@@ -300,7 +315,7 @@ fn parse_ratio(v: &str) -> std::result::Result<f64, String> {
 }
 
 /// Seconds for a kernel cache timeout: finite, 0 to a day.
-fn parse_seconds(v: &str) -> std::result::Result<f64, String> {
+pub(crate) fn parse_seconds(v: &str) -> std::result::Result<f64, String> {
     let x: f64 = v
         .trim()
         .parse()
@@ -351,6 +366,12 @@ fn main() -> ExitCode {
             Ok(code) => return code,
             Err(e) => Err(e),
         },
+        Cmd::Warmup(a) => match warmup::warmup(a) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::FAILURE,
+            Err(e) => Err(e),
+        },
+        Cmd::Stats(a) => warmup::stats(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -644,8 +665,21 @@ fn mount(a: MountArgs) -> Result<()> {
     let format = meta.load_format().map_err(meta_err)?;
     let compression =
         aquifer_chunk::codec::Compression::parse(&format.compression).map_err(|e| anyhow!(e))?;
-    let store = layered_store(&store_spec(&format), a.upload_limit, a.download_limit)?;
+    let (store, store_counters) =
+        counted_store(&store_spec(&format), a.upload_limit, a.download_limit)?;
     check_marker(&*store, &format)?;
+    let metrics = match a.metrics.as_str() {
+        "" | "none" | "off" => None,
+        addr => {
+            if addr.parse::<std::net::SocketAddr>().is_err() {
+                bail!("--metrics {addr:?} is not an address like 127.0.0.1:9567 (or none)");
+            }
+            // Figures are not worth failing a mount for.
+            figures::bind(addr)
+                .map_err(|e| tracing::warn!(error = %e, "no Prometheus metrics"))
+                .ok()
+        }
+    };
     let half = (a.buffer_size << 20) / 2;
     let lower_tiers = disk_tiers(&a, &format, &data_dir)?;
     let cfg = DataConfig {
@@ -676,6 +710,27 @@ fn mount(a: MountArgs) -> Result<()> {
         heartbeat: 0,
     })
     .map_err(|e| anyhow!("cannot start a session: {e}"))?;
+    let fuse_counters = Arc::new(aquifer_fuse::FuseCounters::default());
+    let sources = Arc::new(figures::Sources {
+        vfs: vfs.clone(),
+        fuse: fuse_counters.clone(),
+        store: store_counters,
+        metrics: parking_lot::Mutex::new(None),
+        staged: None,
+    });
+    if let Some(l) = metrics {
+        let at = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        if !a.metrics.ends_with(&at) {
+            tracing::warn!(asked = %a.metrics, serving = %at, "metrics address taken; using the next free port");
+        }
+        figures::serve(l, sources.clone()).context("cannot start the metrics thread")?;
+        tracing::info!(address = %at, "serving Prometheus metrics at /metrics");
+        *sources.metrics.lock() = Some(at);
+    }
+    let figures_fn: aquifer_fuse::FiguresFn = {
+        let s = sources.clone();
+        Arc::new(move || serde_json::to_vec(&s.snapshot()).unwrap_or_default())
+    };
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     let opts = aquifer_fuse::MountOptions {
@@ -685,6 +740,8 @@ fn mount(a: MountArgs) -> Result<()> {
         read_only: a.read_only,
         attr_ttl: Duration::from_secs_f64(a.attr_cache),
         entry_ttl: Duration::from_secs_f64(a.entry_cache),
+        counters: fuse_counters,
+        figures: Some(figures_fn),
     };
     // Held until the process exits, after the metadata engine is closed: `aquifer umount`
     // returns only then.
@@ -741,7 +798,7 @@ fn disk_tiers(a: &MountArgs, f: &Format, data_dir: &Path) -> Result<aquifer_chun
         high: a.cache_high,
         low: a.cache_low,
         free_ratio: a.free_space_ratio,
-        ..Default::default()
+        retry: Duration::from_secs_f64(a.cache_retry),
     };
     let mut parts: Vec<Arc<dyn Tier>> = Vec::new();
     for d in &dirs {
@@ -785,11 +842,29 @@ fn layered_store(
     up_mib: u64,
     down_mib: u64,
 ) -> Result<Arc<dyn aquifer_object::ObjectStore>> {
-    use aquifer_object::{RateLimited, RetryPolicy, Retrying, TokenBucket};
+    Ok(counted_store(spec, up_mib, down_mib)?.0)
+}
+
+/// `Retrying(Counting(RateLimited(backend)))`: every attempt is counted and takes its share
+/// of the bandwidth.
+fn counted_store(
+    spec: &aquifer_object::StoreSpec,
+    up_mib: u64,
+    down_mib: u64,
+) -> Result<(
+    Arc<dyn aquifer_object::ObjectStore>,
+    Arc<aquifer_object::StoreCounters>,
+)> {
+    use aquifer_object::{Counting, RateLimited, RetryPolicy, Retrying, TokenBucket};
     let backend = aquifer_object::create(spec).map_err(|e| anyhow!("{e}"))?;
     let bucket_of = |mib: u64| (mib > 0).then(|| TokenBucket::new(mib << 20));
     let limited = RateLimited::new(backend, bucket_of(up_mib), bucket_of(down_mib));
-    Ok(Arc::new(Retrying::new(limited, RetryPolicy::default())))
+    let counted = Counting::new(limited);
+    let counters = counted.counters();
+    Ok((
+        Arc::new(Retrying::new(counted, RetryPolicy::default())),
+        counters,
+    ))
 }
 
 fn objbench(a: ObjbenchArgs) -> Result<()> {

@@ -13,10 +13,93 @@ use fuser::{
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use fuser::{Session, SessionUnmounter};
+
+pub mod control;
+
+macro_rules! ops {
+    ($($name:ident),* $(,)?) => {
+        /// The FUSE operations served, for figures.
+        #[allow(non_camel_case_types)]
+        #[derive(Clone, Copy, Debug)]
+        pub enum Op { $($name),* }
+        /// Their names, in [`Op`] order.
+        pub const OP_NAMES: &[&str] = &[$(stringify!($name)),*];
+    };
+}
+
+ops!(
+    lookup,
+    getattr,
+    setattr,
+    readlink,
+    mknod,
+    mkdir,
+    unlink,
+    rmdir,
+    symlink,
+    rename,
+    link,
+    open,
+    read,
+    write,
+    flush,
+    release,
+    fsync,
+    opendir,
+    readdir,
+    readdirplus,
+    releasedir,
+    fsyncdir,
+    statfs,
+    setxattr,
+    getxattr,
+    listxattr,
+    removexattr,
+    access,
+    create,
+    copy_file_range,
+    fallocate,
+    ioctl
+);
+
+/// Requests served and bytes moved, counted by the adapter.
+pub struct FuseCounters {
+    ops: Vec<AtomicU64>,
+    pub read_bytes: AtomicU64,
+    pub write_bytes: AtomicU64,
+}
+
+impl Default for FuseCounters {
+    fn default() -> Self {
+        FuseCounters {
+            ops: OP_NAMES.iter().map(|_| AtomicU64::new(0)).collect(),
+            read_bytes: AtomicU64::new(0),
+            write_bytes: AtomicU64::new(0),
+        }
+    }
+}
+
+impl FuseCounters {
+    fn tick(&self, op: Op) {
+        self.ops[op as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Each operation's name and count.
+    pub fn ops(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        OP_NAMES
+            .iter()
+            .zip(&self.ops)
+            .map(|(n, c)| (*n, c.load(Ordering::Relaxed)))
+    }
+}
+
+/// The mount's figures as JSON, for [`control::STATS`].
+pub type FiguresFn = Arc<dyn Fn() -> Vec<u8> + Send + Sync>;
 
 /// Largest read and write the kernel sends in one request.
 pub const MAX_IO: u32 = 1 << 20;
@@ -32,12 +115,18 @@ pub struct MountOptions {
     pub attr_ttl: Duration,
     /// How long the kernel may trust a name's lookup without a LOOKUP.
     pub entry_ttl: Duration,
+    /// Counted into by the adapter; read by whoever reports figures.
+    pub counters: Arc<FuseCounters>,
+    /// Answers [`control::STATS`].
+    pub figures: Option<FiguresFn>,
 }
 
 pub struct AquiferFs {
     vfs: Arc<Vfs>,
     ttl: Duration,
     entry_ttl: Duration,
+    counters: Arc<FuseCounters>,
+    figures: Option<FiguresFn>,
 }
 
 fn ctx(req: &Request) -> Context {
@@ -121,11 +210,13 @@ fn set_time(t: Option<TimeOrNow>) -> Option<SetTime> {
 }
 
 impl AquiferFs {
-    pub fn new(vfs: Arc<Vfs>, attr_ttl: Duration, entry_ttl: Duration) -> Self {
+    pub fn new(vfs: Arc<Vfs>, opts: &MountOptions) -> Self {
         AquiferFs {
             vfs,
-            ttl: attr_ttl,
-            entry_ttl,
+            ttl: opts.attr_ttl,
+            entry_ttl: opts.entry_ttl,
+            counters: opts.counters.clone(),
+            figures: opts.figures.clone(),
         }
     }
 
@@ -181,10 +272,12 @@ impl Filesystem for AquiferFs {
     }
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.counters.tick(Op::lookup);
         self.entry(reply, self.vfs.lookup(&ctx(req), parent.0, name.as_bytes()));
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.counters.tick(Op::getattr);
         match self.vfs.getattr(ino.0) {
             Ok(a) => reply.attr(&self.ttl, &file_attr(ino.0, &a)),
             Err(e) => reply.error(err(e)),
@@ -209,6 +302,7 @@ impl Filesystem for AquiferFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        self.counters.tick(Op::setattr);
         let set = SetAttr {
             mode,
             uid,
@@ -224,6 +318,7 @@ impl Filesystem for AquiferFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.counters.tick(Op::readlink);
         match self.vfs.readlink(ino.0) {
             Ok(t) => reply.data(&t),
             Err(e) => reply.error(err(e)),
@@ -240,6 +335,7 @@ impl Filesystem for AquiferFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        self.counters.tick(Op::mknod);
         self.entry(
             reply,
             self.vfs
@@ -256,6 +352,7 @@ impl Filesystem for AquiferFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
+        self.counters.tick(Op::mkdir);
         self.entry(
             reply,
             self.vfs
@@ -264,10 +361,12 @@ impl Filesystem for AquiferFs {
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.counters.tick(Op::unlink);
         Self::empty(reply, self.vfs.unlink(&ctx(req), parent.0, name.as_bytes()));
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.counters.tick(Op::rmdir);
         Self::empty(reply, self.vfs.rmdir(&ctx(req), parent.0, name.as_bytes()));
     }
 
@@ -279,6 +378,7 @@ impl Filesystem for AquiferFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        self.counters.tick(Op::symlink);
         let r = self.vfs.symlink(
             &ctx(req),
             parent.0,
@@ -298,6 +398,7 @@ impl Filesystem for AquiferFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        self.counters.tick(Op::rename);
         let r = self.vfs.rename(
             &ctx(req),
             parent.0,
@@ -317,6 +418,7 @@ impl Filesystem for AquiferFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        self.counters.tick(Op::link);
         let r = self
             .vfs
             .link(&ctx(req), ino.0, newparent.0, newname.as_bytes());
@@ -324,6 +426,7 @@ impl Filesystem for AquiferFs {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.counters.tick(Op::open);
         match self.vfs.open_file(&ctx(req), ino.0, flags.0) {
             Ok(o) => {
                 let f = if o.keep_cache {
@@ -348,8 +451,14 @@ impl Filesystem for AquiferFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        self.counters.tick(Op::read);
         match self.vfs.read(fh.0, offset, size) {
-            Ok(d) => reply.data(&d),
+            Ok(d) => {
+                self.counters
+                    .read_bytes
+                    .fetch_add(d.len() as u64, Ordering::Relaxed);
+                reply.data(&d)
+            }
             Err(e) => reply.error(err(e)),
         }
     }
@@ -366,8 +475,14 @@ impl Filesystem for AquiferFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        self.counters.tick(Op::write);
         match self.vfs.write(fh.0, offset, data) {
-            Ok(n) => reply.written(n),
+            Ok(n) => {
+                self.counters
+                    .write_bytes
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                reply.written(n)
+            }
             Err(e) => reply.error(err(e)),
         }
     }
@@ -380,6 +495,7 @@ impl Filesystem for AquiferFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        self.counters.tick(Op::flush);
         Self::empty(reply, self.vfs.flush(fh.0));
     }
 
@@ -393,6 +509,7 @@ impl Filesystem for AquiferFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.counters.tick(Op::release);
         Self::empty(reply, self.vfs.release(fh.0));
     }
 
@@ -404,10 +521,12 @@ impl Filesystem for AquiferFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        self.counters.tick(Op::fsync);
         Self::empty(reply, self.vfs.fsync(fh.0, datasync));
     }
 
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.counters.tick(Op::opendir);
         match self.vfs.opendir(&ctx(req), ino.0) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(err(e)),
@@ -422,6 +541,7 @@ impl Filesystem for AquiferFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        self.counters.tick(Op::readdir);
         match self.vfs.readdir(&ctx(req), fh.0, offset, false) {
             Ok(entries) => {
                 for (off, e) in entries {
@@ -443,6 +563,7 @@ impl Filesystem for AquiferFs {
         offset: u64,
         mut reply: fuser::ReplyDirectoryPlus,
     ) {
+        self.counters.tick(Op::readdirplus);
         match self.vfs.readdir(&ctx(req), fh.0, offset, true) {
             Ok(entries) => {
                 for (off, e) in entries {
@@ -475,6 +596,7 @@ impl Filesystem for AquiferFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        self.counters.tick(Op::releasedir);
         Self::empty(reply, self.vfs.release(fh.0));
     }
 
@@ -486,10 +608,12 @@ impl Filesystem for AquiferFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        self.counters.tick(Op::fsyncdir);
         Self::empty(reply, self.vfs.meta().sync().map_err(Errno::from));
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        self.counters.tick(Op::statfs);
         match self.vfs.statfs() {
             Ok(s) => {
                 let bs = 4096u64;
@@ -518,6 +642,7 @@ impl Filesystem for AquiferFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        self.counters.tick(Op::setxattr);
         Self::empty(
             reply,
             self.vfs
@@ -526,14 +651,17 @@ impl Filesystem for AquiferFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        self.counters.tick(Op::getxattr);
         Self::xattr_reply(reply, size, self.vfs.getxattr(ino.0, name.as_bytes()));
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        self.counters.tick(Op::listxattr);
         Self::xattr_reply(reply, size, self.vfs.listxattr(ino.0));
     }
 
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.counters.tick(Op::removexattr);
         Self::empty(
             reply,
             self.vfs.removexattr(&ctx(req), ino.0, name.as_bytes()),
@@ -541,6 +669,7 @@ impl Filesystem for AquiferFs {
     }
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        self.counters.tick(Op::access);
         Self::empty(reply, self.vfs.access(&ctx(req), ino.0, mask.bits() as u32));
     }
 
@@ -554,6 +683,7 @@ impl Filesystem for AquiferFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        self.counters.tick(Op::create);
         match self
             .vfs
             .create(&ctx(req), parent.0, name.as_bytes(), mode, umask, flags)
@@ -582,6 +712,7 @@ impl Filesystem for AquiferFs {
         _flags: fuser::CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
+        self.counters.tick(Op::copy_file_range);
         // The kernel remembers ENOSYS and copies through read/write from then on.
         reply.error(fuser::Errno::ENOSYS);
     }
@@ -596,10 +727,59 @@ impl Filesystem for AquiferFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        self.counters.tick(Op::fallocate);
         Self::empty(
             reply,
             self.vfs.fallocate(&ctx(req), fh.0, mode, offset, length),
         );
+    }
+
+    fn ioctl(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        cmd: u32,
+        in_data: &[u8],
+        out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        self.counters.tick(Op::ioctl);
+        match cmd {
+            control::STATS => {
+                let Some(f) = &self.figures else {
+                    return reply.error(fuser::Errno::from_i32(libc::ENOTTY));
+                };
+                let mut json = f();
+                json.truncate((out_size as usize).min(control::STATS_SIZE));
+                reply.ioctl(json.len() as i32, &json)
+            }
+            control::WARM => {
+                let Some(r) = control::WarmRequest::decode(in_data) else {
+                    return reply.error(fuser::Errno::from_i32(libc::EINVAL));
+                };
+                let op = match r.op {
+                    control::WarmOp::Warm => aquifer_vfs::CacheOp::Warm,
+                    control::WarmOp::Check => aquifer_vfs::CacheOp::Check,
+                    control::WarmOp::Evict => aquifer_vfs::CacheOp::Evict,
+                };
+                let out = match self.vfs.cache_range(ino.0, op, r.off, r.len) {
+                    Ok(c) => control::WarmReply {
+                        errno: 0,
+                        total: c.total,
+                        cached: c.cached,
+                        done: c.done,
+                    },
+                    Err(e) => control::WarmReply {
+                        errno: e.0,
+                        ..Default::default()
+                    },
+                };
+                reply.ioctl(0, &out.encode())
+            }
+            _ => reply.error(fuser::Errno::from_i32(libc::ENOTTY)),
+        }
     }
 }
 
@@ -627,9 +807,5 @@ pub fn mount(
     };
     config.n_threads = Some(opts.threads.max(1));
     config.clone_fd = true;
-    Session::new(
-        AquiferFs::new(vfs, opts.attr_ttl, opts.entry_ttl),
-        mountpoint,
-        &config,
-    )
+    Session::new(AquiferFs::new(vfs, opts), mountpoint, &config)
 }

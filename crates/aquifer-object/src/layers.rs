@@ -335,3 +335,127 @@ mod tests {
         ()
     ));
 }
+
+/// Requests and bytes that reached the store. The mount puts the counter under the retries,
+/// so each attempt counts.
+#[derive(Debug, Default)]
+pub struct StoreCounters {
+    pub gets: AtomicU64,
+    pub get_bytes: AtomicU64,
+    pub puts: AtomicU64,
+    pub put_bytes: AtomicU64,
+    pub deletes: AtomicU64,
+    pub heads: AtomicU64,
+    pub lists: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+/// A snapshot of [`StoreCounters`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreFigures {
+    pub gets: u64,
+    pub get_bytes: u64,
+    pub puts: u64,
+    pub put_bytes: u64,
+    pub deletes: u64,
+    pub heads: u64,
+    pub lists: u64,
+    pub errors: u64,
+}
+
+impl StoreCounters {
+    pub fn snapshot(&self) -> StoreFigures {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StoreFigures {
+            gets: l(&self.gets),
+            get_bytes: l(&self.get_bytes),
+            puts: l(&self.puts),
+            put_bytes: l(&self.put_bytes),
+            deletes: l(&self.deletes),
+            heads: l(&self.heads),
+            lists: l(&self.lists),
+            errors: l(&self.errors),
+        }
+    }
+}
+
+/// Counts every request that passes, for figures (`aquifer stats`, Prometheus).
+pub struct Counting<S> {
+    inner: S,
+    c: Arc<StoreCounters>,
+}
+
+impl<S: ObjectStore> Counting<S> {
+    pub fn new(inner: S) -> Self {
+        Counting {
+            inner,
+            c: Arc::default(),
+        }
+    }
+
+    pub fn counters(&self) -> Arc<StoreCounters> {
+        self.c.clone()
+    }
+
+    fn count<T>(&self, n: &AtomicU64, r: Result<T>) -> Result<T> {
+        n.fetch_add(1, Ordering::Relaxed);
+        if r.is_err() {
+            self.c.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn got(&self, bytes: usize) {
+        self.c.get_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+}
+
+impl<S: ObjectStore> ObjectStore for Counting<S> {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn put(&self, key: &str, data: Bytes) -> Result<()> {
+        let n = data.len() as u64;
+        let r = self.count(&self.c.puts, self.inner.put(key, data));
+        if r.is_ok() {
+            self.c.put_bytes.fetch_add(n, Ordering::Relaxed);
+        }
+        r
+    }
+    fn get(&self, key: &str, off: u64, len: Option<u64>) -> Result<Bytes> {
+        let r = self.count(&self.c.gets, self.inner.get(key, off, len));
+        if let Ok(b) = &r {
+            self.got(b.len());
+        }
+        r
+    }
+    fn get_into(&self, key: &str, off: u64, buf: &mut [u8]) -> Result<usize> {
+        let r = self.count(&self.c.gets, self.inner.get_into(key, off, buf));
+        if let Ok(n) = &r {
+            self.got(*n);
+        }
+        r
+    }
+    fn get_owned(&self, key: &str, off: u64, len: usize, buf: Vec<u8>) -> Result<Vec<u8>> {
+        let r = self.count(&self.c.gets, self.inner.get_owned(key, off, len, buf));
+        if let Ok(b) = &r {
+            self.got(b.len());
+        }
+        r
+    }
+    fn head(&self, key: &str) -> Result<ObjectInfo> {
+        self.count(&self.c.heads, self.inner.head(key))
+    }
+    fn delete(&self, key: &str) -> Result<()> {
+        self.count(&self.c.deletes, self.inner.delete(key))
+    }
+    fn list(&self, prefix: &str, start_after: &str, limit: usize) -> Result<Vec<ObjectInfo>> {
+        self.count(&self.c.lists, self.inner.list(prefix, start_after, limit))
+    }
+    fn sync(&self) -> Result<()> {
+        self.inner.sync()
+    }
+    fn puts_need_sync(&self) -> bool {
+        self.inner.puts_need_sync()
+    }
+}

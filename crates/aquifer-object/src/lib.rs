@@ -15,7 +15,9 @@ pub mod conformance;
 
 pub use fault::FaultStore;
 pub use file::FileStore;
-pub use layers::{RateLimited, RetryPolicy, Retrying, TokenBucket};
+pub use layers::{
+    Counting, RateLimited, RetryPolicy, Retrying, StoreCounters, StoreFigures, TokenBucket,
+};
 pub use memory::MemStore;
 
 use bytes::Bytes;

@@ -3,6 +3,7 @@
 //! adapter is a thin layer over [`Vfs`]; tests drive [`Vfs`] directly.
 
 use aquifer_chunk::writer::FileWriter;
+pub use aquifer_chunk::{CacheCounts, CacheOp};
 use aquifer_chunk::{ChunkStore, DataConfig};
 use aquifer_meta::*;
 use aquifer_object::ObjectStore;
@@ -409,6 +410,24 @@ impl Vfs {
             seen_errors,
         }));
         Ok(Opened { fh, keep_cache })
+    }
+
+    /// Warm, check or evict the cached blocks of `[off, off+len)` of a regular file.
+    pub fn cache_range(&self, ino: Ino, op: CacheOp, off: u64, len: u64) -> Result<CacheCounts> {
+        let a = self.meta.getattr(ino)?;
+        if a.typ != FileType::File {
+            return Err(if a.typ == FileType::Directory {
+                Errno::EISDIR
+            } else {
+                Errno::EINVAL
+            });
+        }
+        Ok(self.cs.cache_range(ino, op, off, len, a.length)?)
+    }
+
+    /// The data path (its cache, for figures).
+    pub fn data(&self) -> &Arc<ChunkStore> {
+        &self.cs
     }
 
     pub fn read(&self, fh: u64, off: u64, size: u32) -> Result<Vec<u8>> {

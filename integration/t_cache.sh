@@ -1,0 +1,144 @@
+#!/usr/bin/env bash
+# The disk cache on a volume whose blocks are in the S3 test server, counting GETs in the
+# mount's store layer (`aquifer stats --json`): warmup --check reports 0% then 100%; after a
+# warm-up, and after a restart, a full read makes no GET; a flipped byte in a cache file is
+# a miss (right bytes) and the file is replaced; the cache disk made read-only, or its
+# directory deleted, under a reader costs no error; `du` of the cache stays within its quota
+# while reading 3x its size. The cache is on its own ext4 (a loop device) so read-only and
+# free space are real.
+source "$(dirname "$0")/lib.sh"
+: "${AQUIFER_TEST_S3:?needs the S3 test server (scripts/test.sh starts it)}"
+AQUIFER_TEST_STORAGE=s3 new_volume cached
+uuid=$("$AQUIFER" status "$META" | python3 -c 'import json,sys; print(json.load(sys.stdin)["setting"]["uuid"])')
+
+img=$WORK/cache.img
+truncate -s 256M "$img"
+mkfs.ext4 -q -F "$img"
+dev=$(losetup --find --show "$img")
+CLEANUPS+=("losetup -d $dev")
+cdisk=$WORK/cdisk
+mkdir -p "$cdisk"
+mount "$dev" "$cdisk"
+CLEANUPS+=("umount -l $cdisk")
+croot=$cdisk/c/$uuid
+
+quota=$((48 << 20))
+mp=$WORK/mnt
+flags=(--cache-dir "$cdisk/c" --cache-size 48M --mem-cache-size 8M --metrics none --cache-retry 2)
+mount_volume "$mp" "${flags[@]}"
+
+gets() { "$AQUIFER" stats --json "$mp" | python3 -c 'import json,sys; print(json.load(sys.stdin)["store"]["gets"])'; }
+readall() { # compare every file with its source
+  local f
+  for f in "$WORK"/src/*; do cmp "$f" "$mp/data/$(basename "$f")" || fail "wrong bytes in $(basename "$f")"; done
+}
+dropcaches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+
+mkdir -p "$WORK/src" "$mp/data"
+for i in $(seq 1 40); do head -c $(( (16 + i * 7) << 10 )) /dev/urandom >"$WORK/src/small$i"; done
+head -c $((12 << 20)) /dev/urandom >"$WORK/src/large"
+cp "$WORK"/src/* "$mp/data/"
+
+# Written blocks were cached on the way (write-through); evict to start cold.
+"$AQUIFER" warmup --evict "$mp/data" >/dev/null
+out=$("$AQUIFER" warmup --check "$mp/data")
+note "$out"
+[[ "$out" == *"(0.0%)"* ]] || fail "expected 0% cached after --evict: $out"
+out=$("$AQUIFER" warmup --threads 4 "$mp/data")
+note "$out"
+out=$("$AQUIFER" warmup --check "$mp/data")
+note "$out"
+[[ "$out" == *"(100.0%)"* ]] || fail "expected 100% cached after warmup: $out"
+dropcaches
+g0=$(gets); readall; g1=$(gets)
+note "GETs for a full read after warmup: $((g1 - g0))"
+[ "$g1" -eq "$g0" ] || fail "a full read after warmup made $((g1 - g0)) GETs"
+
+# Restart: the index is rebuilt from the files; still no GET.
+umount_volume "$mp"
+mount_volume "$mp" "${flags[@]}"
+dropcaches
+g0=$(gets); readall; g1=$(gets)
+note "GETs for a full read after a restart: $((g1 - g0))"
+[ "$g1" -eq "$g0" ] || fail "a full read after a restart made $((g1 - g0)) GETs"
+
+# A flipped byte in every cache file: right bytes (from the store), files replaced.
+umount_volume "$mp"
+n=0
+while IFS= read -r -d '' f; do
+  size=$(stat -c %s "$f")
+  python3 - "$f" $((size / 2)) <<'PY'
+import sys
+p, at = sys.argv[1], int(sys.argv[2])
+with open(p, "r+b") as f:
+    f.seek(at); b = f.read(1); f.seek(at); f.write(bytes([b[0] ^ 0x40]))
+PY
+  n=$((n + 1))
+done < <(find "$croot/blocks" -type f -print0)
+note "flipped a byte in $n cache files"
+[ "$n" -gt 0 ] || fail "no cache files under $croot"
+mount_volume "$mp" "${flags[@]}"
+dropcaches
+g0=$(gets); readall; g1=$(gets)
+note "GETs re-fetching the damaged blocks: $((g1 - g0))"
+[ "$g1" -gt "$g0" ] || fail "damaged cache files were served"
+"$AQUIFER" warmup "$mp/data" >/dev/null   # replaced files land before the next check
+dropcaches
+g0=$(gets); readall; g1=$(gets)
+[ "$g1" -eq "$g0" ] || fail "the damaged cache files were not replaced ($((g1 - g0)) GETs)"
+
+# 3x the quota read through a cache of 48 MiB: du stays within it.
+head -c $((144 << 20)) /dev/urandom >"$WORK/big"
+cp "$WORK/big" "$mp/big"
+"$AQUIFER" warmup --evict "$mp/big" >/dev/null
+dropcaches
+maxdu=0
+( cmp "$WORK/big" "$mp/big" && touch "$WORK/big.ok" ) &
+reader=$!
+while kill -0 "$reader" 2>/dev/null; do
+  d=$(du -s -B1 "$croot" | cut -f1)
+  [ "$d" -gt "$maxdu" ] && maxdu=$d
+  sleep 0.2
+done
+wait "$reader" || true
+[ -f "$WORK/big.ok" ] || fail "wrong bytes reading 3x the cache"
+note "largest du of the cache dir while reading 3x its quota: $maxdu (quota $quota)"
+# One block may be in flight (being written, not yet counted).
+[ "$maxdu" -le $((quota + (4 << 20) + 8192)) ] || fail "du $maxdu over the quota $quota"
+
+"$AQUIFER" warmup --evict "$mp/big" >/dev/null
+# The cache directory deleted under a reader: right bytes, no error; the cache comes back.
+dropcaches
+( cmp "$WORK/big" "$mp/big" && touch "$WORK/rm.ok" ) &
+reader=$!
+sleep 0.1
+rm -rf "$croot"
+wait "$reader" || true
+[ -f "$WORK/rm.ok" ] || fail "a deleted cache directory failed a reader"
+grep -q "cache directory vanished" "$WORK/mnt.log" || fail "the deleted cache directory was not noticed"
+readall
+# Back in use: the directory is made again and filled.
+for _ in $(seq 1 50); do [ -d "$croot/blocks" ] && break; sleep 0.1; done
+"$AQUIFER" warmup "$mp/data" >/dev/null
+out=$("$AQUIFER" warmup --check "$mp/data")
+[[ "$out" == *"(100.0%)"* ]] || fail "the cache did not come back after its directory was deleted: $out"
+# The cache disk made read-only under a reader: right bytes, no error.
+"$AQUIFER" warmup --evict "$mp/big" >/dev/null
+dropcaches
+( cmp "$WORK/big" "$mp/big" && touch "$WORK/ro.ok" ) &
+reader=$!
+sleep 0.1
+mount -o remount,ro "$cdisk"
+wait "$reader" || true
+mount -o remount,rw "$cdisk"
+[ -f "$WORK/ro.ok" ] || fail "a read-only cache disk failed a reader"
+grep -q "cache disk out of use" "$WORK/mnt.log" || fail "the read-only cache disk was not noticed"
+# Tried again after --cache-retry (2s here): back in use.
+sleep 3
+"$AQUIFER" warmup "$mp/data" >/dev/null
+out=$("$AQUIFER" warmup --check "$mp/data")
+[[ "$out" == *"(100.0%)"* ]] || fail "the cache disk was not back in use after it became writable: $out"
+readall
+
+umount_volume "$mp"
+echo "  ok"
