@@ -83,6 +83,8 @@ struct Inner {
     st: Mutex<S3Fifo<()>>,
     /// The directories' own blocks, measured by the housekeeper.
     overhead: AtomicU64,
+    /// Bytes others keep in the directory that eviction must leave (staged writeback).
+    pinned: Arc<AtomicU64>,
     /// The index is complete (the start-up scan is done).
     ready: AtomicBool,
     /// Out of use until then (None: in use).
@@ -128,6 +130,7 @@ impl DiskTier {
             cfg,
             st: Mutex::new(S3Fifo::default()),
             overhead: AtomicU64::new(0),
+            pinned: Arc::new(AtomicU64::new(0)),
             ready: AtomicBool::new(false),
             down: Mutex::new(None),
             low_space: AtomicBool::new(false),
@@ -194,6 +197,12 @@ impl DiskTier {
     /// Whether the disk is in use (not taken out after a failure).
     pub fn in_use(&self) -> bool {
         self.inner.usable()
+    }
+
+    /// Bytes kept in this directory by others that count in its quota and are never
+    /// evicted (blocks staged for upload): the cache makes room for them.
+    pub fn pinned(&self) -> Arc<AtomicU64> {
+        self.inner.pinned.clone()
     }
 
     /// Cache files found corrupt (and removed) so far.
@@ -335,7 +344,12 @@ impl Inner {
     }
 
     fn used(&self) -> u64 {
-        self.st.lock().bytes() + self.overhead.load(Ordering::Relaxed)
+        self.st.lock().bytes() + self.fixed()
+    }
+
+    /// What the index does not hold but the quota counts.
+    fn fixed(&self) -> u64 {
+        self.overhead.load(Ordering::Relaxed) + self.pinned.load(Ordering::Relaxed)
     }
 
     fn read_block(&self, path: &Path) -> Result<Block, Bad> {
@@ -528,8 +542,7 @@ impl Inner {
                 let over = {
                     let mut st = self.st.lock();
                     st.insert(key, (), w, false);
-                    st.bytes() + self.overhead.load(Ordering::Relaxed)
-                        > (self.cfg.high * self.cfg.capacity as f64) as u64
+                    st.bytes() + self.fixed() > (self.cfg.high * self.cfg.capacity as f64) as u64
                 };
                 if over {
                     self.wake();
@@ -657,7 +670,7 @@ impl Inner {
         }
         let cap = self.cfg.capacity;
         let used = self.used();
-        let overhead = self.overhead.load(Ordering::Relaxed);
+        let overhead = self.fixed();
         let mut target = u64::MAX;
         let pressed = self.pressure.swap(false, Ordering::Relaxed);
         if pressed || used > (self.cfg.high * cap as f64) as u64 {
@@ -745,7 +758,7 @@ impl Tier for DiskTier {
     fn usage(&self) -> Usage {
         let st = self.inner.st.lock();
         Usage {
-            bytes: st.bytes() + self.inner.overhead.load(Ordering::Relaxed),
+            bytes: st.bytes() + self.inner.fixed(),
             entries: st.len() as u64,
             capacity: self.inner.cfg.capacity,
             evicted: self.inner.evicted.load(Ordering::Relaxed),

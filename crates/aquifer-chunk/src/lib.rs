@@ -13,6 +13,7 @@ pub mod layout;
 pub mod maintenance;
 mod pool;
 pub mod prefetch;
+pub mod staging;
 pub mod writer;
 
 use aquifer_cache::{Cache, MemTier, Recycle, Tier};

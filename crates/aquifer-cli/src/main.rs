@@ -215,6 +215,11 @@ struct MountArgs {
     /// Keep at least this share of each cache disk free, evicting if others fill it.
     #[arg(long, default_value_t = 0.1, value_parser = parse_ratio)]
     free_space_ratio: f64,
+    /// Stage written blocks on the (first) cache disk and upload them in the background:
+    /// fsync returns once they are on the local disk; blocks still staged at a crash are
+    /// uploaded at the next mount first. Other mounts see a block once it is uploaded.
+    #[arg(long)]
+    writeback: bool,
     /// Seconds before a cache disk taken out of use after a failure is tried again.
     #[arg(long, default_value_t = 30.0, value_parser = parse_seconds, hide = true)]
     cache_retry: f64,
@@ -681,7 +686,28 @@ fn mount(a: MountArgs) -> Result<()> {
         }
     };
     let half = (a.buffer_size << 20) / 2;
-    let lower_tiers = disk_tiers(&a, &format, &data_dir)?;
+    let (lower_tiers, place) = disk_tiers(&a, &format, &data_dir)?;
+    let staging = match (a.writeback, place) {
+        (false, _) => None,
+        (true, None) => bail!("--writeback stages blocks on a cache disk: give --cache-dir"),
+        (true, Some(p)) => {
+            // Half the disk's quota at most: the rest stays a read cache.
+            let s = aquifer_chunk::staging::Staging::open(
+                &p.dir,
+                store.clone(),
+                a.max_uploads,
+                p.capacity / 2,
+                p.pinned,
+            )
+            .with_context(|| format!("cannot stage blocks in {}", p.dir.display()))?;
+            tracing::info!(dir = %p.dir.display(), "writeback: blocks are staged here and uploaded in the background");
+            Some(s)
+        }
+    };
+    let store: Arc<dyn aquifer_object::ObjectStore> = match &staging {
+        Some(s) => s.clone(),
+        None => store,
+    };
     let cfg = DataConfig {
         upload_threads: a.max_uploads,
         // The write budget bounds memory; the queue only has to keep the uploaders busy.
@@ -716,7 +742,9 @@ fn mount(a: MountArgs) -> Result<()> {
         fuse: fuse_counters.clone(),
         store: store_counters,
         metrics: parking_lot::Mutex::new(None),
-        staged: None,
+        staged: staging
+            .clone()
+            .map(|s| Box::new(move || s.backlog()) as Box<dyn Fn() -> (u64, u64) + Send + Sync>),
     });
     if let Some(l) = metrics {
         let at = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
@@ -759,13 +787,27 @@ fn mount(a: MountArgs) -> Result<()> {
     mountpoint::handle_signals(signals, session.unmount_callable(), vfs.clone(), mp.clone());
     let r = session.run();
     vfs.shutdown();
+    if let Some(s) = &staging {
+        s.shutdown(Duration::from_secs(10));
+    }
     tracing::info!(mountpoint = %mp.display(), "unmounted");
     r.map_err(|e| anyhow!("FUSE session ended with an error: {e}"))
 }
 
+/// Where --writeback stages blocks: the first cache disk, whose quota counts them.
+struct StagingPlace {
+    dir: PathBuf,
+    pinned: Arc<std::sync::atomic::AtomicU64>,
+    capacity: u64,
+}
+
 /// The disk cache tiers `--cache-dir` asks for, each under a directory named by the volume's
 /// UUID (volumes sharing a disk never mix blocks).
-fn disk_tiers(a: &MountArgs, f: &Format, data_dir: &Path) -> Result<aquifer_chunk::Tiers> {
+fn disk_tiers(
+    a: &MountArgs,
+    f: &Format,
+    data_dir: &Path,
+) -> Result<(aquifer_chunk::Tiers, Option<StagingPlace>)> {
     use aquifer_cache::{DiskConfig, DiskTier, Spread, Tier};
     if a.cache_low >= a.cache_high {
         bail!(
@@ -791,7 +833,7 @@ fn disk_tiers(a: &MountArgs, f: &Format, data_dir: &Path) -> Result<aquifer_chun
         None => vec![data_dir.join("cache")],
     };
     if dirs.is_empty() || a.cache_size == 0 {
-        return Ok(aquifer_chunk::Tiers::default());
+        return Ok((aquifer_chunk::Tiers::default(), None));
     }
     let cfg = DiskConfig {
         capacity: a.cache_size / dirs.len() as u64,
@@ -801,11 +843,19 @@ fn disk_tiers(a: &MountArgs, f: &Format, data_dir: &Path) -> Result<aquifer_chun
         retry: Duration::from_secs_f64(a.cache_retry),
     };
     let mut parts: Vec<Arc<dyn Tier>> = Vec::new();
+    let mut staging = None;
     for d in &dirs {
         let root = d.join(&f.uuid);
         let t = DiskTier::open(&root, cfg.clone())
             .with_context(|| format!("cannot use cache directory {}", root.display()))?;
         tracing::info!(dir = %root.display(), quota = cfg.capacity, "disk cache");
+        if staging.is_none() {
+            staging = Some(StagingPlace {
+                dir: root.join("staging"),
+                pinned: t.pinned(),
+                capacity: cfg.capacity,
+            });
+        }
         parts.push(Arc::new(t));
     }
     let tier: Arc<dyn Tier> = if parts.len() == 1 {
@@ -813,7 +863,7 @@ fn disk_tiers(a: &MountArgs, f: &Format, data_dir: &Path) -> Result<aquifer_chun
     } else {
         Arc::new(Spread::new(parts))
     };
-    Ok(aquifer_chunk::Tiers(vec![tier]))
+    Ok((aquifer_chunk::Tiers(vec![tier]), staging))
 }
 
 /// The store must hold this volume's marker: a volume whose `--bucket` now names another
