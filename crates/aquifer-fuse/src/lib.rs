@@ -429,11 +429,18 @@ impl Filesystem for AquiferFs {
         self.counters.tick(Op::open);
         match self.vfs.open_file(&ctx(req), ino.0, flags.0) {
             Ok(o) => {
-                let f = if o.keep_cache {
+                let mut f = if o.keep_cache {
                     FopenFlags::FOPEN_KEEP_CACHE
                 } else {
                     FopenFlags::empty()
                 };
+                // A read-only descriptor has nothing to commit at close: no FLUSH round
+                // trip per file closed (a training epoch opens every file once). Locks are
+                // the kernel's own today; cross-mount POSIX locks, released at flush, will
+                // need it back for descriptors that took one.
+                if flags.0 & libc::O_ACCMODE == libc::O_RDONLY {
+                    f |= FopenFlags::FOPEN_NOFLUSH;
+                }
                 reply.opened(FileHandle(o.fh), f)
             }
             Err(e) => reply.error(err(e)),
