@@ -3,6 +3,9 @@
 set -euo pipefail
 : "${AQUIFER:?set AQUIFER to the aquifer binary}"
 WORK=$(mktemp -d /tmp/aquifer-it.XXXXXX)
+# Daemon state a test does not name (the default disk cache of S3 volumes, logs) stays in
+# WORK and goes with it.
+export AQUIFER_DATA_DIR=$WORK/data
 MOUNTS=()
 # Commands run at exit after the FUSE mounts are gone (loop devices, sysctls), last first.
 CLEANUPS=()
