@@ -408,6 +408,20 @@ fn tune_malloc() {
     }
 }
 
+/// Small-file blocks (below the mmap threshold) come from malloc's arenas; the cache evicts
+/// them in another order than they came, and glibc keeps freed pages in the middle of an
+/// arena until told. Handing them back every second keeps the daemon's resident memory near
+/// what it holds (epoch reads from the disk cache grew it by 100 MiB over the RAM tier).
+fn trim_malloc_periodically() {
+    let _ = std::thread::Builder::new()
+        .name("malloc-trim".into())
+        .spawn(|| loop {
+            std::thread::sleep(Duration::from_secs(1));
+            // SAFETY: malloc_trim only returns free memory to the system.
+            unsafe { libc::malloc_trim(0) };
+        });
+}
+
 fn meta_err(e: MetaError) -> anyhow::Error {
     anyhow!("{e}")
 }
@@ -783,6 +797,7 @@ fn mount(a: MountArgs) -> Result<()> {
             bail!("cannot mount at {}: {e}", mp.display());
         }
     };
+    trim_malloc_periodically();
     tracing::info!(mountpoint = %mp.display(), volume = %format.name, meta = %url, "mounted");
     mountpoint::handle_signals(signals, session.unmount_callable(), vfs.clone(), mp.clone());
     let r = session.run();
