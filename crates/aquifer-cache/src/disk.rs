@@ -22,6 +22,7 @@
 //! A disk that fails (gone, read-only, full, I/O errors) is taken out of use: its reads are
 //! misses and its inserts are dropped, and it is tried again after [`DiskConfig::retry`].
 
+use crate::file::{self, HEADER};
 use crate::policy::S3Fifo;
 use crate::{Block, Recycle, Tier, Usage};
 use parking_lot::{Condvar, Mutex};
@@ -38,8 +39,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 const MAGIC: &[u8; 4] = b"AQCB";
-const VERSION: u16 = 1;
-pub const HEADER: usize = 16;
 /// Blocks waiting to be written to the disk; beyond this, inserts are dropped rather than
 /// let a slow disk hold memory.
 const QUEUE_BYTES: usize = 32 << 20;
@@ -228,47 +227,10 @@ impl Drop for DiskTier {
     }
 }
 
-/// `%` and `/` escaped, so a key is one file name and the name gives the key back.
-fn escape(key: &str) -> String {
-    let mut s = String::with_capacity(key.len() + 8);
-    for c in key.chars() {
-        match c {
-            '%' => s.push_str("%25"),
-            '/' => s.push_str("%2F"),
-            c => s.push(c),
-        }
-    }
-    s
-}
-
-fn unescape(name: &str) -> Option<String> {
-    let mut out = String::with_capacity(name.len());
-    let mut it = name.split('%');
-    out.push_str(it.next()?);
-    for part in it {
-        match part.get(..2)? {
-            "25" => out.push('%'),
-            "2F" => out.push('/'),
-            _ => return None,
-        }
-        out.push_str(&part[2..]);
-    }
-    Some(out)
-}
-
 /// Where a key lives among the tiers of a [`crate::Spread`], and in a tier's fan-out: two
 /// independent parts of one stable hash, so every start finds blocks where it left them.
 pub(crate) fn key_hash(key: &str) -> u32 {
     crc32c::crc32c(key.as_bytes())
-}
-
-fn header(payload: &[u8]) -> [u8; HEADER] {
-    let mut h = [0u8; HEADER];
-    h[..4].copy_from_slice(MAGIC);
-    h[4..6].copy_from_slice(&VERSION.to_le_bytes());
-    h[8..12].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-    h[12..16].copy_from_slice(&crc32c::crc32c(payload).to_le_bytes());
-    h
 }
 
 /// Why a cache file is not a block.
@@ -304,7 +266,9 @@ impl Inner {
 
     fn path(&self, key: &str) -> PathBuf {
         let h = key_hash(key) % FANOUT;
-        self.blocks_dir().join(format!("{h:02x}")).join(escape(key))
+        self.blocks_dir()
+            .join(format!("{h:02x}"))
+            .join(file::file_name(key))
     }
 
     fn make_dirs(&self) -> io::Result<()> {
@@ -364,15 +328,7 @@ impl Inner {
             return Err(Bad::Corrupt(format!("{size} bytes, shorter than a header")));
         }
         f.read_exact(&mut h).map_err(Bad::Io)?;
-        if &h[..4] != MAGIC {
-            return Err(Bad::Corrupt("not a cache file".into()));
-        }
-        let version = u16::from_le_bytes([h[4], h[5]]);
-        if version != VERSION {
-            return Err(Bad::Corrupt(format!("format version {version}")));
-        }
-        let len = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes")) as usize;
-        let crc = u32::from_le_bytes(h[12..16].try_into().expect("4 bytes"));
+        let (len, crc) = file::parse_header(MAGIC, &h).map_err(Bad::Corrupt)?;
         if size != (HEADER + len) as u64 {
             return Err(Bad::Corrupt(format!(
                 "{size} bytes for a {len}-byte block (truncated or extended)"
@@ -530,7 +486,7 @@ impl Inner {
         let dst = self.path(key);
         let r = (|| -> io::Result<u64> {
             let mut f = File::create(&tmp)?;
-            f.write_all(&header(block))?;
+            f.write_all(&file::header(MAGIC, block))?;
             f.write_all(block)?;
             let w = allocated(&f.metadata()?);
             drop(f);
@@ -587,7 +543,7 @@ impl Inner {
             let Ok(rd) = fs::read_dir(&dir) else { continue };
             for e in rd.flatten() {
                 let name = e.file_name();
-                let key = name.to_str().and_then(unescape);
+                let key = name.to_str().and_then(file::key_of);
                 let Ok(m) = e.metadata() else { continue };
                 match key {
                     Some(k) if m.is_file() && key_hash(&k) % FANOUT == h => {
@@ -815,15 +771,6 @@ mod tests {
     }
 
     #[test]
-    fn keys_escape_and_come_back() {
-        for k in ["chunks/0/1/123_0_4096", "a%2Fb/%", "plain", ""] {
-            assert_eq!(unescape(&escape(k)).as_deref(), Some(k));
-            assert!(!escape(k).contains('/'));
-        }
-        assert_eq!(unescape("bad%zz"), None);
-    }
-
-    #[test]
     fn blocks_survive_a_restart_and_the_index_is_rebuilt() {
         let d = tempfile::tempdir().unwrap();
         {
@@ -1006,7 +953,7 @@ mod tests {
             for i in 0..n {
                 let k = format!("chunks/0/{}/{i}_0_64", i / 1000);
                 let b = block(64, i as u8);
-                let mut v = header(&b).to_vec();
+                let mut v = file::header(MAGIC, &b).to_vec();
                 v.extend_from_slice(&b);
                 fs::write(t.inner.path(&k), v).unwrap();
             }

@@ -10,6 +10,7 @@
 //! tier that fails is a miss, never an error: the store still has the block.
 
 mod disk;
+pub mod file;
 mod mem;
 mod policy;
 mod spread;

@@ -399,19 +399,7 @@ impl ChunkStore {
                             }
                         }
                         CacheOp::Warm if !cached => {
-                            let c2 = self.cfg.compression;
-                            let block = match self.cache.get(&key) {
-                                Some(b) => b,
-                                None => self.cache.get_or_fetch(&key, || {
-                                    prefetch::fetch_block(
-                                        &*self.store,
-                                        &self.cache,
-                                        c2,
-                                        &key,
-                                        blen as usize,
-                                    )
-                                })?,
-                            };
+                            let block = self.cached_block(&key, blen)?;
                             // Offered again, waiting for room this time: a busy disk
                             // drops what readers offer, but a warm-up must land.
                             self.cache.admit(&key, &block);
@@ -570,10 +558,7 @@ impl ChunkStore {
         if let Some(block) = self.cache.get(key) {
             part.copy_from_slice(&block[range]);
         } else if whole || blen as usize <= 4 * codec::SEGMENT {
-            let block = self.cache.get_or_fetch(key, || {
-                prefetch::fetch_block(&*self.store, &self.cache, c, key, blen as usize)
-            })?;
-            part.copy_from_slice(&block[range]);
+            part.copy_from_slice(&self.cached_block(key, blen)?[range]);
         } else {
             codec::read(
                 &*self.store,
@@ -585,6 +570,15 @@ impl ChunkStore {
             )?;
         }
         Ok(())
+    }
+
+    /// Block `key` (of `blen` payload bytes) from the cache, or fetched whole from the store
+    /// into it (once, however many ask at the same time).
+    fn cached_block(&self, key: &str, blen: u32) -> Result<aquifer_cache::Block> {
+        let c = self.cfg.compression;
+        self.cache.get_or_fetch(key, || {
+            prefetch::fetch_block(&*self.store, &self.cache, c, key, blen as usize)
+        })
     }
 
     /// An empty buffer with room for a whole block and its trailer.

@@ -15,9 +15,10 @@
 //! Another mount does not see a staged block until it is uploaded: reading it there fails
 //! (the block is missing from the store) until then.
 //!
-//! File format: magic `AQST`, version (u16), flags (u16), length (u32), crc32c (u32), then
+//! File format: the cache disk's header ([`aquifer_cache::file`]) with magic `AQST`, then
 //! the object exactly as it goes to the store.
 
+use aquifer_cache::file::{self, HEADER};
 use aquifer_object::{ObjectError, ObjectInfo, ObjectStore, Result};
 use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
@@ -31,8 +32,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 const MAGIC: &[u8; 4] = b"AQST";
-const VERSION: u16 = 1;
-const HEADER: usize = 16;
 /// A put waits at most this long for staging room before it goes to the store itself.
 const ROOM_WAIT: Duration = Duration::from_secs(300);
 
@@ -63,19 +62,6 @@ struct State {
     uploading: usize,
     /// Files written since the last sync.
     unsynced: Vec<PathBuf>,
-}
-
-fn name_of(key: &str) -> String {
-    key.replace('%', "%25").replace('/', "%2F")
-}
-
-fn key_of(name: &str) -> Option<String> {
-    if name.contains('%') {
-        let k = name.replace("%2F", "/").replace("%25", "%");
-        (name_of(&k) == name).then_some(k)
-    } else {
-        Some(name.to_string())
-    }
 }
 
 fn io_err(dir: &Path, op: &'static str, key: &str, e: io::Error) -> ObjectError {
@@ -109,7 +95,7 @@ impl Staging {
             if !m.is_file() {
                 continue;
             }
-            match e.file_name().to_str().and_then(key_of) {
+            match e.file_name().to_str().and_then(file::key_of) {
                 Some(k) => found.push((m.modified().ok(), e.file_name(), k, m.len())),
                 None => {
                     let _ = fs::remove_file(e.path());
@@ -203,7 +189,7 @@ impl Drop for Staging {
 
 impl Shared {
     fn path(&self, key: &str) -> PathBuf {
-        self.dir.join(name_of(key))
+        self.dir.join(file::file_name(key))
     }
 
     /// The staged object, verified; None if it is not (or no longer) staged.
@@ -214,8 +200,8 @@ impl Shared {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_err(&self.dir, "read", key, e)),
         };
-        match unframe(&raw) {
-            Ok(()) => Ok(Some(Bytes::from(raw).slice(HEADER..))),
+        match file::check(MAGIC, &raw) {
+            Ok(payload) => Ok(Some(Bytes::from(raw).slice(payload))),
             Err(msg) => Err(ObjectError::Corrupt {
                 store: format!("staging {}", self.dir.display()),
                 key: key.to_string(),
@@ -282,41 +268,13 @@ impl Shared {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let tmp = self.dir.join("tmp").join(format!("{seq}"));
         let mut f = File::create(&tmp)?;
-        f.write_all(&frame(data))?;
+        f.write_all(&file::header(MAGIC, data))?;
         f.write_all(data)?;
         drop(f);
         let dst = self.path(key);
         fs::rename(&tmp, &dst)?;
         Ok(seq)
     }
-}
-
-fn frame(data: &[u8]) -> [u8; HEADER] {
-    let mut h = [0u8; HEADER];
-    h[..4].copy_from_slice(MAGIC);
-    h[4..6].copy_from_slice(&VERSION.to_le_bytes());
-    h[8..12].copy_from_slice(&(data.len() as u32).to_le_bytes());
-    h[12..16].copy_from_slice(&crc32c::crc32c(data).to_le_bytes());
-    h
-}
-
-fn unframe(raw: &[u8]) -> std::result::Result<(), String> {
-    if raw.len() < HEADER || &raw[..4] != MAGIC {
-        return Err("not a staged block".into());
-    }
-    let v = u16::from_le_bytes([raw[4], raw[5]]);
-    if v != VERSION {
-        return Err(format!("format version {v}"));
-    }
-    let len = u32::from_le_bytes(raw[8..12].try_into().expect("4 bytes")) as usize;
-    let crc = u32::from_le_bytes(raw[12..16].try_into().expect("4 bytes"));
-    if raw.len() != HEADER + len {
-        return Err("truncated".into());
-    }
-    if crc32c::crc32c(&raw[HEADER..]) != crc {
-        return Err("checksum mismatch".into());
-    }
-    Ok(())
 }
 
 impl ObjectStore for Staging {
@@ -562,13 +520,5 @@ mod tests {
             "a deleted block was uploaded"
         );
         assert_eq!(pinned.load(Ordering::Relaxed), 0);
-    }
-
-    #[test]
-    fn names_roundtrip() {
-        for k in ["chunks/1/2/3_0_4", "a%b", "plain"] {
-            assert_eq!(key_of(&name_of(k)).as_deref(), Some(k));
-        }
-        assert_eq!(key_of("bad%zz"), None);
     }
 }

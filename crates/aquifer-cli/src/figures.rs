@@ -95,28 +95,23 @@ impl Sources {
                 }
             })
             .collect();
-        let s = self.store.snapshot();
+        let l = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        let s = &self.store;
         let staged = self.staged.as_ref().map(|f| f()).unwrap_or_default();
         Figures {
             fuse_ops: self.fuse.ops().map(|(n, c)| (n.to_string(), c)).collect(),
-            read_bytes: self
-                .fuse
-                .read_bytes
-                .load(std::sync::atomic::Ordering::Relaxed),
-            write_bytes: self
-                .fuse
-                .write_bytes
-                .load(std::sync::atomic::Ordering::Relaxed),
+            read_bytes: l(&self.fuse.read_bytes),
+            write_bytes: l(&self.fuse.write_bytes),
             tiers,
             store: StoreFig {
-                gets: s.gets,
-                get_bytes: s.get_bytes,
-                puts: s.puts,
-                put_bytes: s.put_bytes,
-                deletes: s.deletes,
-                heads: s.heads,
-                lists: s.lists,
-                errors: s.errors,
+                gets: l(&s.gets),
+                get_bytes: l(&s.get_bytes),
+                puts: l(&s.puts),
+                put_bytes: l(&s.put_bytes),
+                deletes: l(&s.deletes),
+                heads: l(&s.heads),
+                lists: l(&s.lists),
+                errors: l(&s.errors),
             },
             buffered_bytes: cs.buffered_bytes() as u64,
             staged_blocks: staged.0,

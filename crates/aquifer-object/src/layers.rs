@@ -350,35 +350,6 @@ pub struct StoreCounters {
     pub errors: AtomicU64,
 }
 
-/// A snapshot of [`StoreCounters`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct StoreFigures {
-    pub gets: u64,
-    pub get_bytes: u64,
-    pub puts: u64,
-    pub put_bytes: u64,
-    pub deletes: u64,
-    pub heads: u64,
-    pub lists: u64,
-    pub errors: u64,
-}
-
-impl StoreCounters {
-    pub fn snapshot(&self) -> StoreFigures {
-        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        StoreFigures {
-            gets: l(&self.gets),
-            get_bytes: l(&self.get_bytes),
-            puts: l(&self.puts),
-            put_bytes: l(&self.put_bytes),
-            deletes: l(&self.deletes),
-            heads: l(&self.heads),
-            lists: l(&self.lists),
-            errors: l(&self.errors),
-        }
-    }
-}
-
 /// Counts every request that passes, for figures (`aquifer stats`, Prometheus).
 pub struct Counting<S> {
     inner: S,

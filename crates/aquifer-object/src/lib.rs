@@ -15,9 +15,7 @@ pub mod conformance;
 
 pub use fault::FaultStore;
 pub use file::FileStore;
-pub use layers::{
-    Counting, RateLimited, RetryPolicy, Retrying, StoreCounters, StoreFigures, TokenBucket,
-};
+pub use layers::{Counting, RateLimited, RetryPolicy, Retrying, StoreCounters, TokenBucket};
 pub use memory::MemStore;
 
 use bytes::Bytes;
