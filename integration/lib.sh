@@ -53,6 +53,20 @@ new_volume() {
   esac
 }
 
+# mount_image IMAGE DIR: mount an ext4 image on a loop device at DIR (made if missing),
+# both undone at exit; sets LOOPDEV. mkfs_image IMAGE SIZE: a fresh ext4 image.
+mkfs_image() {
+  truncate -s "$2" "$1"
+  mkfs.ext4 -q -F "$1"
+}
+mount_image() {
+  LOOPDEV=$(losetup --find --show "$1")
+  CLEANUPS+=("losetup -d $LOOPDEV")
+  mkdir -p "$2"
+  mount "$LOOPDEV" "$2"
+  CLEANUPS+=("umount -l $2")
+}
+
 # mount_volume MOUNTPOINT [MOUNT FLAGS...]: mount $META in the background; sets DAEMON_PID.
 mount_volume() {
   local mp=$1; shift

@@ -11,15 +11,9 @@ source "$(dirname "$0")/lib.sh"
 AQUIFER_TEST_STORAGE=s3 new_volume cached
 uuid=$("$AQUIFER" status "$META" | python3 -c 'import json,sys; print(json.load(sys.stdin)["setting"]["uuid"])')
 
-img=$WORK/cache.img
-truncate -s 256M "$img"
-mkfs.ext4 -q -F "$img"
-dev=$(losetup --find --show "$img")
-CLEANUPS+=("losetup -d $dev")
 cdisk=$WORK/cdisk
-mkdir -p "$cdisk"
-mount "$dev" "$cdisk"
-CLEANUPS+=("umount -l $cdisk")
+mkfs_image "$WORK/cache.img" 256M
+mount_image "$WORK/cache.img" "$cdisk"
 croot=$cdisk/c/$uuid
 
 quota=$((48 << 20))
@@ -33,6 +27,18 @@ readall() { # compare every file with its source
   for f in "$WORK"/src/*; do cmp "$f" "$mp/data/$(basename "$f")" || fail "wrong bytes in $(basename "$f")"; done
 }
 dropcaches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+# A cold read of big through the mount in the background, while a test does something to
+# the cache; end_big_read WHILE: it must return the right bytes and no error.
+start_big_read() {
+  rm -f "$WORK/big.ok"
+  dropcaches
+  ( cmp "$WORK/big" "$mp/big" && touch "$WORK/big.ok" ) &
+  reader=$!
+}
+end_big_read() {
+  wait "$reader" || true
+  [ -f "$WORK/big.ok" ] || fail "wrong bytes or an error reading big $1"
+}
 
 mkdir -p "$WORK/src" "$mp/data"
 for i in $(seq 1 40); do head -c $(( (16 + i * 7) << 10 )) /dev/urandom >"$WORK/src/small$i"; done
@@ -91,33 +97,27 @@ g0=$(gets); readall; g1=$(gets)
 head -c $((144 << 20)) /dev/urandom >"$WORK/big"
 cp "$WORK/big" "$mp/big"
 "$AQUIFER" warmup --evict "$mp/big" >/dev/null
-dropcaches
 maxdu=0
-( cmp "$WORK/big" "$mp/big" && touch "$WORK/big.ok" ) &
-reader=$!
+start_big_read
 while kill -0 "$reader" 2>/dev/null; do
   d=$(du -s -B1 "$croot" | cut -f1)
   [ "$d" -gt "$maxdu" ] && maxdu=$d
   sleep 0.2
 done
-wait "$reader" || true
-[ -f "$WORK/big.ok" ] || fail "wrong bytes reading 3x the cache"
+end_big_read "(3x the cache)"
 note "largest du of the cache dir while reading 3x its quota: $maxdu (quota $quota)"
 # One block may be in flight (being written, not yet counted).
 [ "$maxdu" -le $((quota + (4 << 20) + 8192)) ] || fail "du $maxdu over the quota $quota"
 
 "$AQUIFER" warmup --evict "$mp/big" >/dev/null
 # The cache directory deleted under a reader: right bytes, no error; the cache comes back.
-dropcaches
-( cmp "$WORK/big" "$mp/big" && touch "$WORK/rm.ok" ) &
-reader=$!
+start_big_read
 sleep 0.1
 logpos=$(wc -l <"$WORK/mnt.log")
 # The daemon may make directories again while rm walks the tree ("not empty"): that is
 # the race under test, not a failure of it.
 rm -rf "$croot" 2>/dev/null || rm -rf "$croot" 2>/dev/null || true
-wait "$reader" || true
-[ -f "$WORK/rm.ok" ] || fail "a deleted cache directory failed a reader"
+end_big_read "with its cache directory deleted"
 readall
 # Noticed at the next write or housekeeping round (every second): made again at once, or,
 # when a write failed half-way through the removal, after --cache-retry; then filled.
@@ -130,15 +130,12 @@ out=$("$AQUIFER" warmup --check "$mp/data")
 [[ "$out" == *"(100.0%)"* ]] || fail "the cache did not come back after its directory was deleted: $out"
 # The cache disk made read-only under a reader: right bytes, no error.
 "$AQUIFER" warmup --evict "$mp/big" >/dev/null
-dropcaches
-( cmp "$WORK/big" "$mp/big" && touch "$WORK/ro.ok" ) &
-reader=$!
+start_big_read
 sleep 0.1
 logpos=$(wc -l <"$WORK/mnt.log")
 mount -o remount,ro "$cdisk"
-wait "$reader" || true
+end_big_read "with its cache disk read-only"
 mount -o remount,rw "$cdisk"
-[ -f "$WORK/ro.ok" ] || fail "a read-only cache disk failed a reader"
 tail -n +"$((logpos + 1))" "$WORK/mnt.log" | grep -q "cache disk out of use" ||
   fail "the read-only cache disk was not noticed"
 # Tried again after --cache-retry (2s here): back in use.

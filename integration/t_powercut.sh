@@ -8,14 +8,10 @@
 source "$(dirname "$0")/lib.sh"
 
 img=$WORK/disk.img
-truncate -s 768M "$img"
-mkfs.ext4 -q -F "$img"
-dev=$(losetup --find --show "$img")
-CLEANUPS+=("losetup -d $dev")
 disk=$WORK/disk
-mkdir -p "$disk"
-mount "$dev" "$disk"
-CLEANUPS+=("umount -l $disk")
+mkfs_image "$img" 768M
+mount_image "$img" "$disk"
+dev=$LOOPDEV
 
 # Hold off periodic writeback so only explicit syncs reach the device.
 for k in dirty_writeback_centisecs dirty_expire_centisecs; do
@@ -86,10 +82,8 @@ power_cut() {
   kill -CONT "$DAEMON_PID" 2>/dev/null || true
   fusermount3 -uz "$mp" 2>/dev/null || umount -l "$mp"
   umount "$disk"
-  dev=$(losetup --find --show "$2")
-  CLEANUPS+=("losetup -d $dev")
-  mount "$dev" "$disk"
-  CLEANUPS+=("umount -l $disk")
+  mount_image "$2" "$disk"
+  dev=$LOOPDEV
   mount_volume "$mp"
 }
 power_cut "$dev" "$WORK/copy.img"
