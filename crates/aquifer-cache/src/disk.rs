@@ -3,7 +3,8 @@
 //! Layout under the tier's root (a directory named by the volume's UUID, so volumes never
 //! mix): `blocks/XX/NAME`, where `XX` is two hex digits of the key's crc32c (256
 //! directories of a few thousand files each at a million blocks) and `NAME` the key with
-//! `%` and `/` escaped; `tmp/` holds files being written.
+//! `%` and `/` escaped; `tmp/` holds files being written; `files/XX/NAME` holds whole-file
+//! copies for FUSE passthrough.
 //!
 //! A cache file is a 16-byte header — magic `AQCB`, format version (u16), flags (u16),
 //! payload length (u32), crc32c of the payload (u32), little-endian — and the payload. It is
@@ -17,6 +18,11 @@
 //! thread evicts (S3-FIFO, see [`crate::policy`]) from the high watermark down to the low
 //! one, and further while the device has less free space than the free-space ratio.
 //!
+//! A whole-file copy is the file's bytes alone, since the kernel reads it directly from
+//! offset 0; its stamp (what the file was when copied), length and crc32c are in the
+//! `user.aquifer.whole` extended attribute, set before the rename. A copy is checked against
+//! its stamp and checksum at every open; it counts in the quota and is evicted like a block.
+//!
 //! The index (keys, weights, eviction order) lives in memory and is rebuilt by a background
 //! scan at start; until it is done, reads still find files by name, and inserts wait.
 //! A disk that fails (gone, read-only, full, I/O errors) is taken out of use: its reads are
@@ -24,7 +30,7 @@
 
 use crate::file::{self, HEADER};
 use crate::policy::S3Fifo;
-use crate::{Block, Recycle, Tier, Usage};
+use crate::{Block, Fill, Recycle, Tier, Usage};
 use parking_lot::{Condvar, Mutex};
 use std::collections::VecDeque;
 use std::ffi::CString;
@@ -43,6 +49,9 @@ const MAGIC: &[u8; 4] = b"AQCB";
 /// let a slow disk hold memory.
 const QUEUE_BYTES: usize = 32 << 20;
 const FANOUT: u32 = 256;
+/// Index keys of whole-file copies start with this, which no block key does.
+const WHOLE: char = '~';
+const WHOLE_XATTR: &[u8] = b"user.aquifer.whole\0";
 
 /// Limits of one disk tier.
 #[derive(Clone, Debug)]
@@ -264,11 +273,18 @@ impl Inner {
         self.root.join("blocks")
     }
 
+    fn files_dir(&self) -> PathBuf {
+        self.root.join("files")
+    }
+
     fn path(&self, key: &str) -> PathBuf {
         let h = key_hash(key) % FANOUT;
-        self.blocks_dir()
-            .join(format!("{h:02x}"))
-            .join(file::file_name(key))
+        let dir = if key.starts_with(WHOLE) {
+            self.files_dir()
+        } else {
+            self.blocks_dir()
+        };
+        dir.join(format!("{h:02x}")).join(file::file_name(key))
     }
 
     fn make_dirs(&self) -> io::Result<()> {
@@ -535,23 +551,29 @@ impl Inner {
             }
         }
         let mut found: Vec<(i64, String, u64)> = Vec::new();
-        for h in 0..FANOUT {
-            if self.stop.load(Ordering::Acquire) {
-                return;
-            }
-            let dir = self.blocks_dir().join(format!("{h:02x}"));
-            let Ok(rd) = fs::read_dir(&dir) else { continue };
-            for e in rd.flatten() {
-                let name = e.file_name();
-                let key = name.to_str().and_then(file::key_of);
-                let Ok(m) = e.metadata() else { continue };
-                match key {
-                    Some(k) if m.is_file() && key_hash(&k) % FANOUT == h => {
-                        found.push((m.mtime(), k, allocated(&m)))
-                    }
-                    // Not ours, or in the wrong place: it would never be read or counted.
-                    _ => {
-                        let _ = fs::remove_file(e.path());
+        for (top, whole) in [(self.blocks_dir(), false), (self.files_dir(), true)] {
+            for h in 0..FANOUT {
+                if self.stop.load(Ordering::Acquire) {
+                    return;
+                }
+                let dir = top.join(format!("{h:02x}"));
+                let Ok(rd) = fs::read_dir(&dir) else { continue };
+                for e in rd.flatten() {
+                    let name = e.file_name();
+                    let key = name.to_str().and_then(file::key_of);
+                    let Ok(m) = e.metadata() else { continue };
+                    match key {
+                        Some(k)
+                            if m.is_file()
+                                && key_hash(&k) % FANOUT == h
+                                && k.starts_with(WHOLE) == whole =>
+                        {
+                            found.push((m.mtime(), k, allocated(&m)))
+                        }
+                        // Not ours, or in the wrong place: it would never be read or counted.
+                        _ => {
+                            let _ = fs::remove_file(e.path());
+                        }
                     }
                 }
             }
@@ -581,6 +603,12 @@ impl Inner {
         add(&self.blocks_dir());
         for h in 0..FANOUT {
             add(&self.blocks_dir().join(format!("{h:02x}")));
+        }
+        add(&self.files_dir());
+        if let Ok(rd) = fs::read_dir(self.files_dir()) {
+            for e in rd.flatten() {
+                add(&e.path());
+            }
         }
         self.overhead.store(o, Ordering::Relaxed);
     }
@@ -664,6 +692,123 @@ impl Inner {
         }
     }
 
+    fn whole_open(&self, key: &str, stamp: &[u8]) -> Option<File> {
+        if !self.usable() {
+            return None;
+        }
+        let ik = format!("{WHOLE}{key}");
+        if self.ready.load(Ordering::Acquire) && !self.st.lock().contains(&ik) {
+            return None;
+        }
+        let path = self.path(&ik);
+        let f = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.st.lock().remove(&ik);
+                return None;
+            }
+            Err(e) => {
+                self.fail("read", &e);
+                return None;
+            }
+        };
+        match check_whole(&f, stamp) {
+            Ok(true) => {
+                let mut st = self.st.lock();
+                if st.access(&ik, crate::mem::REHIT).is_none() {
+                    if let Ok(m) = f.metadata() {
+                        st.insert(&ik, (), allocated(&m), true);
+                    }
+                }
+                Some(f)
+            }
+            // The file changed since this copy was made: the copy is of no more use.
+            Ok(false) => {
+                let _ = fs::remove_file(&path);
+                self.st.lock().remove(&ik);
+                None
+            }
+            Err(Bad::Corrupt(why)) => {
+                tracing::warn!(path = %path.display(), why, "corrupt whole-file copy removed");
+                self.corrupt.fetch_add(1, Ordering::Relaxed);
+                let _ = fs::remove_file(&path);
+                self.st.lock().remove(&ik);
+                None
+            }
+            Err(Bad::Io(e)) => {
+                self.fail("read", &e);
+                None
+            }
+            Err(Bad::Missing) => None,
+        }
+    }
+
+    fn whole_put(&self, key: &str, stamp: &[u8], len: u64, fill: &mut Fill<'_>) -> bool {
+        if !self.usable()
+            || !self.ready.load(Ordering::Acquire)
+            || self.low_space.load(Ordering::Relaxed)
+        {
+            return false;
+        }
+        let est = len.div_ceil(4096) * 4096;
+        if self.used() + est > (self.cfg.high * self.cfg.capacity as f64) as u64 {
+            return false;
+        }
+        let ik = format!("{WHOLE}{key}");
+        let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+        let tmp = self
+            .root
+            .join("tmp")
+            .join(format!("{}.{seq}", std::process::id()));
+        let dst = self.path(&ik);
+        let r = (|| -> io::Result<u64> {
+            let f = File::create(&tmp)?;
+            let mut w = CrcWriter {
+                out: io::BufWriter::with_capacity(1 << 20, f),
+                crc: 0,
+                n: 0,
+            };
+            fill(&mut w)?;
+            if w.n != len {
+                return Err(io::Error::other(format!("{} bytes written of {len}", w.n)));
+            }
+            let crc = w.crc;
+            let f = w.out.into_inner().map_err(|e| e.into_error())?;
+            let mut v = Vec::with_capacity(12 + stamp.len());
+            v.extend_from_slice(&crc.to_le_bytes());
+            v.extend_from_slice(&len.to_le_bytes());
+            v.extend_from_slice(stamp);
+            set_xattr(&f, &v)?;
+            let w = allocated(&f.metadata()?);
+            drop(f);
+            if let Some(d) = dst.parent() {
+                fs::create_dir_all(d)?;
+            }
+            fs::rename(&tmp, &dst)?;
+            Ok(w)
+        })();
+        match r {
+            Ok(w) => {
+                let mut st = self.st.lock();
+                st.remove(&ik);
+                st.insert(&ik, (), w, false);
+                true
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                if e.kind() == io::ErrorKind::Unsupported
+                    || e.raw_os_error() == Some(libc::EOPNOTSUPP)
+                {
+                    // No extended attributes here: no copies, but blocks still work.
+                    tracing::debug!(dir = %self.root.display(), "cache disk keeps no whole-file copies: no xattrs");
+                } else if e.kind() != io::ErrorKind::Other {
+                    self.fail("write", &e);
+                }
+                false
+            }
+        }
+    }
+
     /// Whether the disk takes a write again.
     fn probe(&self) -> io::Result<()> {
         let fresh = !self.blocks_dir().is_dir();
@@ -676,6 +821,103 @@ impl Inner {
         }
         Ok(())
     }
+}
+
+/// Counts and checksums what a whole-file copy is filled with.
+struct CrcWriter<W> {
+    out: W,
+    crc: u32,
+    n: u64,
+}
+
+impl<W: Write> Write for CrcWriter<W> {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        let k = self.out.write(b)?;
+        self.crc = crc32c::crc32c_append(self.crc, &b[..k]);
+        self.n += k as u64;
+        Ok(k)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
+fn set_xattr(f: &File, v: &[u8]) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the name is NUL-terminated, `v` is valid for its length, `f` is open.
+    let r = unsafe {
+        libc::fsetxattr(
+            f.as_raw_fd(),
+            WHOLE_XATTR.as_ptr().cast(),
+            v.as_ptr().cast(),
+            v.len(),
+            0,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn get_xattr(f: &File) -> io::Result<Vec<u8>> {
+    use std::os::fd::AsRawFd;
+    let mut v = vec![0u8; 512];
+    // SAFETY: as in `set_xattr`; the kernel writes at most `v.len()` bytes.
+    let r = unsafe {
+        libc::fgetxattr(
+            f.as_raw_fd(),
+            WHOLE_XATTR.as_ptr().cast(),
+            v.as_mut_ptr().cast(),
+            v.len(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    v.truncate(r as usize);
+    Ok(v)
+}
+
+/// Whether `f` is a sound copy made under `stamp` (Ok(false): a copy of another version).
+fn check_whole(f: &File, stamp: &[u8]) -> Result<bool, Bad> {
+    let v = match get_xattr(f) {
+        Ok(v) => v,
+        Err(e) if e.raw_os_error() == Some(libc::ENODATA) => {
+            return Err(Bad::Corrupt("no stamp".into()))
+        }
+        Err(e) => return Err(Bad::Io(e)),
+    };
+    if v.len() < 12 {
+        return Err(Bad::Corrupt("short stamp".into()));
+    }
+    if &v[12..] != stamp {
+        return Ok(false);
+    }
+    let crc = u32::from_le_bytes(v[..4].try_into().unwrap());
+    let len = u64::from_le_bytes(v[4..12].try_into().unwrap());
+    let size = f.metadata().map_err(Bad::Io)?.len();
+    if size != len {
+        return Err(Bad::Corrupt(format!("{size} bytes for a {len}-byte copy")));
+    }
+    let mut buf = vec![0u8; (len as usize).clamp(1, 1 << 20)];
+    let mut r = f;
+    let mut c = 0u32;
+    let mut n = 0u64;
+    loop {
+        let k = r.read(&mut buf).map_err(Bad::Io)?;
+        if k == 0 {
+            break;
+        }
+        c = crc32c::crc32c_append(c, &buf[..k]);
+        n += k as u64;
+    }
+    use std::io::Seek;
+    r.seek(io::SeekFrom::Start(0)).map_err(Bad::Io)?;
+    if n != len || c != crc {
+        return Err(Bad::Corrupt("checksum mismatch".into()));
+    }
+    Ok(true)
 }
 
 impl Tier for DiskTier {
@@ -721,6 +963,14 @@ impl Tier for DiskTier {
         }
     }
 
+    fn whole_open(&self, key: &str, stamp: &[u8]) -> Option<File> {
+        self.inner.whole_open(key, stamp)
+    }
+
+    fn whole_put(&self, key: &str, stamp: &[u8], len: u64, fill: &mut Fill<'_>) -> bool {
+        self.inner.whole_put(key, stamp, len, fill)
+    }
+
     fn flush(&self) {
         let mut q = self.inner.queue.lock();
         while !q.items.is_empty() || q.busy {
@@ -756,6 +1006,60 @@ mod tests {
 
     fn block(n: usize, fill: u8) -> Block {
         Arc::new((0..n).map(|i| fill.wrapping_add(i as u8)).collect())
+    }
+
+    fn put_whole(t: &DiskTier, key: &str, stamp: &[u8], data: &[u8]) -> bool {
+        let mut fill = |w: &mut dyn Write| w.write_all(data);
+        t.whole_put(key, stamp, data.len() as u64, &mut fill)
+    }
+
+    fn read_all(mut f: File) -> Vec<u8> {
+        let mut v = Vec::new();
+        f.read_to_end(&mut v).unwrap();
+        v
+    }
+
+    #[test]
+    fn whole_copies_are_checked_by_stamp_and_checksum_and_survive_restart() {
+        let d = tempfile::tempdir().unwrap();
+        let data = block(300_000, 7);
+        {
+            let t = open(d.path(), 64 << 20);
+            assert!(t.whole_open("files/1", b"v1").is_none());
+            assert!(put_whole(&t, "files/1", b"v1", &data));
+            assert_eq!(read_all(t.whole_open("files/1", b"v1").unwrap()), *data);
+            // Another version of the file: the old copy is not served, and is gone.
+            assert!(t.whole_open("files/1", b"v2").is_none());
+            assert!(t.whole_open("files/1", b"v1").is_none());
+            assert!(put_whole(&t, "files/1", b"v2", &data));
+            assert!(t.usage().bytes >= 300_000);
+            // A fill that writes less than it promised leaves no copy.
+            let mut short = |w: &mut dyn Write| w.write_all(&data[..10]);
+            assert!(!t.whole_put("files/2", b"v1", 300_000, &mut short));
+            assert!(t.whole_open("files/2", b"v1").is_none());
+        }
+        // Indexed again at restart, with its weight.
+        let t = open(d.path(), 64 << 20);
+        assert!(t.usage().bytes >= 300_000);
+        assert_eq!(read_all(t.whole_open("files/1", b"v2").unwrap()), *data);
+        // A flipped byte: a miss, counted, and the copy removed.
+        let path = t.inner.path("~files/1");
+        let mut raw = fs::read(&path).unwrap();
+        raw[1234] ^= 1;
+        let f = fs::OpenOptions::new().write(true).open(&path).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &raw[1234..1235], 1234).unwrap();
+        assert!(t.whole_open("files/1", b"v2").is_none());
+        assert_eq!(t.corrupt_found(), 1);
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn a_whole_copy_never_evicts_to_make_room() {
+        let d = tempfile::tempdir().unwrap();
+        let t = open(d.path(), 4 << 20);
+        let big = block(4 << 20, 1);
+        assert!(!put_whole(&t, "files/9", b"v", &big));
+        assert!(t.whole_open("files/9", b"v").is_none());
     }
 
     /// What `du` says: every file's and directory's allocated blocks.

@@ -21,6 +21,8 @@ pub use spread::Spread;
 
 use parking_lot::{Condvar, Mutex};
 use std::collections::HashMap;
+use std::fs::File;
+use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -51,7 +53,21 @@ pub trait Tier: Send + Sync {
     fn admit(&self, key: &str, block: &Block) {
         self.insert(key, block)
     }
+    /// The whole-file copy kept under `key` if its stamp is `stamp` and its bytes check,
+    /// opened read-only (for FUSE passthrough). Tiers that keep no copies have none.
+    fn whole_open(&self, _key: &str, _stamp: &[u8]) -> Option<File> {
+        None
+    }
+    /// Keep a whole-file copy of `len` bytes, written by `fill`, under `key` with `stamp`,
+    /// replacing any older one. False when the tier keeps no copies or has no room for it
+    /// without eviction (a copy must not push out the blocks it was built from).
+    fn whole_put(&self, _key: &str, _stamp: &[u8], _len: u64, _fill: &mut Fill<'_>) -> bool {
+        false
+    }
 }
+
+/// Writes a whole file's bytes, in order, to the sink it is given.
+pub type Fill<'a> = dyn FnMut(&mut dyn io::Write) -> io::Result<()> + 'a;
 
 /// What a tier holds, counted as its medium holds it (allocations, not payload bytes).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -198,6 +214,18 @@ impl Cache {
         for t in &self.tiers {
             t.remove(key);
         }
+    }
+
+    /// The first whole-file copy a tier holds for `key` with `stamp` ([`Tier::whole_open`]).
+    pub fn whole_open(&self, key: &str, stamp: &[u8]) -> Option<File> {
+        self.tiers.iter().find_map(|t| t.whole_open(key, stamp))
+    }
+
+    /// Keep a whole-file copy in the first tier that takes it ([`Tier::whole_put`]).
+    pub fn whole_put(&self, key: &str, stamp: &[u8], len: u64, fill: &mut Fill<'_>) -> bool {
+        self.tiers
+            .iter()
+            .any(|t| t.whole_put(key, stamp, len, fill))
     }
 
     /// Bytes held by all tiers.

@@ -1,7 +1,8 @@
 //! Several disks as one tier: each block lives on the disk its key hashes to, so a node's
 //! NVMe drives share the load and the quota, and a failed disk costs only its share.
 
-use crate::{disk::key_hash, Block, Tier, Usage};
+use crate::{disk::key_hash, Block, Fill, Tier, Usage};
+use std::fs::File;
 use std::sync::Arc;
 
 pub struct Spread {
@@ -72,5 +73,13 @@ impl Tier for Spread {
         for p in &self.parts {
             p.flush();
         }
+    }
+
+    fn whole_open(&self, key: &str, stamp: &[u8]) -> Option<File> {
+        self.part(key).whole_open(key, stamp)
+    }
+
+    fn whole_put(&self, key: &str, stamp: &[u8], len: u64, fill: &mut Fill<'_>) -> bool {
+        self.part(key).whole_put(key, stamp, len, fill)
     }
 }

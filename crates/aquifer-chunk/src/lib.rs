@@ -116,6 +116,10 @@ pub struct CacheCounts {
     pub done: u64,
 }
 
+/// Largest file copied whole at its open for passthrough (a larger one is read through
+/// the data path); the copy is made from cached blocks at disk speed.
+pub const WHOLE_SYNC_MAX: u64 = 256 << 20;
+
 /// Cache tiers handed to the data path, slowest last.
 #[derive(Clone, Default)]
 pub struct Tiers(pub Vec<Arc<dyn Tier>>);
@@ -345,6 +349,47 @@ impl ChunkStore {
     /// The block cache, for warm-up and figures.
     pub fn cache(&self) -> &Arc<Cache> {
         &self.cache
+    }
+
+    /// A whole-file copy of `ino` (`file_len` bytes, as `stamp` describes it) on a cache
+    /// disk, for the kernel to read directly (FUSE passthrough). An existing copy is checked
+    /// against the stamp and its checksum; a file up to [`WHOLE_SYNC_MAX`] whose blocks are
+    /// all on the cache disk is copied now from those blocks. None otherwise: the caller
+    /// reads through the data path as usual.
+    pub fn whole_copy(&self, ino: Ino, stamp: &[u8], file_len: u64) -> Option<std::fs::File> {
+        if file_len == 0 || self.cache.tiers().len() < 2 {
+            return None;
+        }
+        let key = format!("files/{ino}");
+        if let Some(f) = self.cache.whole_open(&key, stamp) {
+            return Some(f);
+        }
+        if file_len > WHOLE_SYNC_MAX {
+            return None;
+        }
+        let c = self
+            .cache_range(ino, CacheOp::Check, 0, file_len, file_len)
+            .ok()?;
+        if c.cached < c.total {
+            return None;
+        }
+        let mut fill = |w: &mut dyn std::io::Write| -> std::io::Result<()> {
+            let mut buf = vec![0u8; (file_len.min(CHUNK_SIZE)) as usize];
+            let mut pos = 0u64;
+            while pos < file_len {
+                let idx = (pos / CHUNK_SIZE) as u32;
+                let n = (file_len - pos).min(CHUNK_SIZE) as usize;
+                self.read_chunk(ino, idx, 0, &mut buf[..n], false)
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                w.write_all(&buf[..n])?;
+                pos += n as u64;
+            }
+            Ok(())
+        };
+        if !self.cache.whole_put(&key, stamp, file_len, &mut fill) {
+            return None;
+        }
+        self.cache.whole_open(&key, stamp)
     }
 
     /// Warm, check or evict the cached blocks under `[off, off+len)` of a file whose

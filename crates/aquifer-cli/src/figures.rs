@@ -26,6 +26,10 @@ pub struct Figures {
     pub fuse_ops: BTreeMap<String, u64>,
     pub read_bytes: u64,
     pub write_bytes: u64,
+    /// Opens handed to the kernel with a backing file (FUSE passthrough): their reads
+    /// are the kernel's and are not counted in `read_bytes` or `fuse_ops.read`.
+    #[serde(default)]
+    pub passthrough_opens: u64,
     pub tiers: Vec<TierFigures>,
     pub store: StoreFig,
     /// Write data buffered in memory (tails, uploads in flight).
@@ -102,6 +106,7 @@ impl Sources {
             fuse_ops: self.fuse.ops().map(|(n, c)| (n.to_string(), c)).collect(),
             read_bytes: l(&self.fuse.read_bytes),
             write_bytes: l(&self.fuse.write_bytes),
+            passthrough_opens: l(&self.fuse.passthrough_opens),
             tiers,
             store: StoreFig {
                 gets: l(&s.gets),
@@ -170,6 +175,12 @@ pub fn prometheus_text(f: &Figures) -> String {
             (label("direction", "read"), f.read_bytes),
             (label("direction", "write"), f.write_bytes),
         ],
+    );
+    counter_family(
+        &mut reg,
+        "fuse_passthrough_opens",
+        "Opens served by the kernel from a whole-file copy (FUSE passthrough)",
+        [(vec![], f.passthrough_opens)],
     );
     let tier = |t: &TierFigures| label("tier", &t.tier);
     counter_family(

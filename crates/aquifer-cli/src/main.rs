@@ -220,6 +220,17 @@ struct MountArgs {
     /// uploaded at the next mount first. Other mounts see a block once it is uploaded.
     #[arg(long)]
     writeback: bool,
+    /// FUSE passthrough: a file opened read-only whose blocks are all on the cache disk is
+    /// read by the kernel from a whole-file copy there, at local-disk speed (Linux 6.9+ and
+    /// CAP_SYS_ADMIN; without them the daemon serves reads as usual). On by default with
+    /// --read-only. On a writable mount, opening a file for writing while it is open in
+    /// passthrough fails with ETXTBSY (the kernel allows no other kind of open then), so
+    /// it is for read-mostly datasets.
+    #[arg(long, conflicts_with = "no_passthrough")]
+    passthrough: bool,
+    /// No FUSE passthrough, even with --read-only.
+    #[arg(long)]
+    no_passthrough: bool,
     /// Seconds before a cache disk taken out of use after a failure is tried again.
     #[arg(long, default_value_t = 30.0, value_parser = parse_seconds, hide = true)]
     cache_retry: f64,
@@ -784,6 +795,7 @@ fn mount(a: MountArgs) -> Result<()> {
         entry_ttl: Duration::from_secs_f64(a.entry_cache),
         counters: fuse_counters,
         figures: Some(figures_fn),
+        passthrough: (a.passthrough || a.read_only) && !a.no_passthrough,
     };
     // Held until the process exits, after the metadata engine is closed: `aquifer umount`
     // returns only then.

@@ -5,16 +5,17 @@
 use aquifer_meta::{Attr, Context, Errno, FileType, SetAttr, SetTime, Time};
 use aquifer_vfs::Vfs;
 use fuser::{
-    AccessFlags, Config, FileAttr, FileHandle, Filesystem, FopenFlags, Generation, INodeNo,
-    KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    AccessFlags, BackingId, Config, FileAttr, FileHandle, Filesystem, FopenFlags, Generation,
+    INodeNo, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
     ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
     ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
 };
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use fuser::{Session, SessionUnmounter};
@@ -72,6 +73,8 @@ pub struct FuseCounters {
     ops: Vec<AtomicU64>,
     pub read_bytes: AtomicU64,
     pub write_bytes: AtomicU64,
+    /// Opens answered with a backing file: their reads never reach the adapter.
+    pub passthrough_opens: AtomicU64,
 }
 
 impl Default for FuseCounters {
@@ -80,6 +83,7 @@ impl Default for FuseCounters {
             ops: OP_NAMES.iter().map(|_| AtomicU64::new(0)).collect(),
             read_bytes: AtomicU64::new(0),
             write_bytes: AtomicU64::new(0),
+            passthrough_opens: AtomicU64::new(0),
         }
     }
 }
@@ -119,6 +123,8 @@ pub struct MountOptions {
     pub counters: Arc<FuseCounters>,
     /// Answers [`control::STATS`].
     pub figures: Option<FiguresFn>,
+    /// Ask the kernel for FUSE passthrough and hand it whole-file copies of cached files.
+    pub passthrough: bool,
 }
 
 pub struct AquiferFs {
@@ -127,6 +133,17 @@ pub struct AquiferFs {
     entry_ttl: Duration,
     counters: Arc<FuseCounters>,
     figures: Option<FiguresFn>,
+    /// Passthrough asked for, and not yet found impossible (kernel, privileges).
+    passthrough: AtomicBool,
+    backings: Mutex<Backings>,
+}
+
+/// The kernel wants one backing file per inode while any handle of it is open in
+/// passthrough: each handle holds its inode's id, the table only finds it again.
+#[derive(Default)]
+struct Backings {
+    by_ino: HashMap<u64, (Weak<BackingId>, Vec<u8>)>,
+    by_fh: HashMap<u64, Arc<BackingId>>,
 }
 
 fn ctx(req: &Request) -> Context {
@@ -217,6 +234,61 @@ impl AquiferFs {
             entry_ttl: opts.entry_ttl,
             counters: opts.counters.clone(),
             figures: opts.figures.clone(),
+            passthrough: AtomicBool::new(opts.passthrough),
+            backings: Mutex::new(Backings::default()),
+        }
+    }
+
+    /// The backing id for a handle of `ino` opened on `file` (copy version `stamp`): the
+    /// live one of the inode if it is of the same version, else a new one. None when the
+    /// kernel refuses (no CAP_SYS_ADMIN, no passthrough), which turns passthrough off, or
+    /// when the inode is still open on a copy of another version.
+    fn backing_for(
+        &self,
+        reply: &ReplyOpen,
+        ino: u64,
+        file: &std::fs::File,
+        stamp: &[u8],
+    ) -> Option<Arc<BackingId>> {
+        let mut b = self.backings.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((w, st)) = b.by_ino.get(&ino) {
+            if let Some(id) = w.upgrade() {
+                if st.as_slice() != stamp {
+                    // Changed elsewhere while handles here still read the old copy: the
+                    // kernel takes one backing file per inode, so this open fails until
+                    // they close (documented in docs/semantics.md).
+                    tracing::warn!(ino, "file changed while open in passthrough; new opens fail until the old ones close");
+                }
+                return (st.as_slice() == stamp).then_some(id);
+            }
+        }
+        match reply.open_backing(file) {
+            Ok(id) => {
+                let id = Arc::new(id);
+                b.by_ino.insert(ino, (Arc::downgrade(&id), stamp.to_vec()));
+                Some(id)
+            }
+            Err(e) => {
+                if self.passthrough.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(error = %e, "FUSE passthrough refused by the kernel (it needs CAP_SYS_ADMIN and Linux 6.9); reads are served by the daemon");
+                    self.vfs.set_passthrough(false);
+                }
+                None
+            }
+        }
+    }
+
+    fn in_passthrough(&self, ino: u64) -> bool {
+        let b = self.backings.lock().unwrap_or_else(|e| e.into_inner());
+        b.by_ino
+            .get(&ino)
+            .is_some_and(|(w, _)| w.strong_count() > 0)
+    }
+
+    fn drop_backing(&self, fh: u64) {
+        let mut b = self.backings.lock().unwrap_or_else(|e| e.into_inner());
+        if b.by_fh.remove(&fh).is_some() {
+            b.by_ino.retain(|_, (w, _)| w.strong_count() > 0);
         }
     }
 
@@ -264,6 +336,21 @@ impl Filesystem for AquiferFs {
         let _ = config.add_capabilities(
             fuser::InitFlags::FUSE_DO_READDIRPLUS | fuser::InitFlags::FUSE_READDIRPLUS_AUTO,
         );
+        if self.passthrough.load(Ordering::Relaxed) {
+            // Backing files live on a plain local file system (depth 1 would let this mount
+            // itself sit under an overlay, as in a container's root).
+            let ok = config
+                .add_capabilities(fuser::InitFlags::FUSE_PASSTHROUGH)
+                .is_ok()
+                && config.set_max_stack_depth(1).is_ok();
+            if !ok {
+                tracing::info!(
+                    "the kernel has no FUSE passthrough; reads are served by the daemon"
+                );
+            }
+            self.passthrough.store(ok, Ordering::Relaxed);
+            self.vfs.set_passthrough(ok);
+        }
         Ok(())
     }
 
@@ -427,8 +514,29 @@ impl Filesystem for AquiferFs {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         self.counters.tick(Op::open);
+        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY && self.in_passthrough(ino.0) {
+            // The kernel would fail any open of an inode other handles read in
+            // passthrough; say why instead of its EIO.
+            return reply.error(fuser::Errno::from_i32(libc::ETXTBSY));
+        }
         match self.vfs.open_file(&ctx(req), ino.0, flags.0) {
             Ok(o) => {
+                if let Some(file) = &o.backing {
+                    if let Some(id) = self.backing_for(&reply, ino.0, file, &o.backing_stamp) {
+                        self.counters
+                            .passthrough_opens
+                            .fetch_add(1, Ordering::Relaxed);
+                        // The kernel reads the copy's own page cache: KEEP_CACHE has no
+                        // meaning here, and FLUSH none for a read-only handle.
+                        reply.opened_passthrough(FileHandle(o.fh), FopenFlags::FOPEN_NOFLUSH, &id);
+                        self.backings
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .by_fh
+                            .insert(o.fh, id);
+                        return;
+                    }
+                }
                 let mut f = if o.keep_cache {
                     FopenFlags::FOPEN_KEEP_CACHE
                 } else {
@@ -517,6 +625,7 @@ impl Filesystem for AquiferFs {
         reply: ReplyEmpty,
     ) {
         self.counters.tick(Op::release);
+        self.drop_backing(fh.0);
         Self::empty(reply, self.vfs.release(fh.0));
     }
 

@@ -70,6 +70,8 @@ pub struct Vfs {
     /// at its next open keeps the kernel's page cache (close-to-open: what another mount
     /// changed and closed shows in the attributes read at open).
     opened: Mutex<HashMap<Ino, Stamp>>,
+    /// Offer whole-file copies for read-only opens ([`Opened::backing`]).
+    passthrough: AtomicBool,
 }
 
 type Stamp = (u64, aquifer_meta::Time, aquifer_meta::Time);
@@ -78,12 +80,32 @@ type Stamp = (u64, aquifer_meta::Time, aquifer_meta::Time);
 const OPENED_MAX: usize = 1 << 18;
 
 /// An open file handle and how the kernel may cache its pages.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Opened {
     pub fh: u64,
     /// The file is unchanged since its last open here: the kernel may keep its cached
     /// pages (FOPEN_KEEP_CACHE) instead of dropping them.
     pub keep_cache: bool,
+    /// A checked whole-file copy on a cache disk the kernel may read instead of asking
+    /// (FUSE passthrough), when asked for ([`Vfs::set_passthrough`]) and the file is opened
+    /// read-only, has no writer here and is wholly cached. `backing_stamp` names the
+    /// version copied: handles of one inode may share a backing file only if it matches.
+    pub backing: Option<std::fs::File>,
+    pub backing_stamp: Vec<u8>,
+}
+
+/// What a whole-file copy was made of: any write, truncate or attribute change through
+/// any mount moves ctime (and length or mtime with it), so a copy under another stamp is
+/// never served.
+fn whole_stamp(ino: Ino, a: &Attr) -> Vec<u8> {
+    let mut v = Vec::with_capacity(40);
+    v.extend_from_slice(&ino.to_le_bytes());
+    v.extend_from_slice(&a.length.to_le_bytes());
+    for t in [a.mtime, a.ctime] {
+        v.extend_from_slice(&t.sec.to_le_bytes());
+        v.extend_from_slice(&t.nsec.to_le_bytes());
+    }
+    v
 }
 
 fn is_write(flags: i32) -> bool {
@@ -113,6 +135,7 @@ impl Vfs {
             heartbeat: Mutex::new(None),
             closed: Mutex::new(false),
             opened: Mutex::new(HashMap::new()),
+            passthrough: AtomicBool::new(false),
         }))
     }
 
@@ -404,12 +427,33 @@ impl Vfs {
                 m.insert(ino, stamp) == Some(stamp)
             }
         };
+        let mut backing_stamp = Vec::new();
+        let backing = if self.passthrough.load(Ordering::Relaxed)
+            && a.typ == FileType::File
+            && writer.is_none()
+            && !self.writers.lock().contains_key(&ino)
+        {
+            backing_stamp = whole_stamp(ino, &a);
+            self.cs.whole_copy(ino, &backing_stamp, a.length)
+        } else {
+            None
+        };
         let fh = self.add_handle(Handle::File(FileHandle {
             ino,
             writer,
             seen_errors,
         }));
-        Ok(Opened { fh, keep_cache })
+        Ok(Opened {
+            fh,
+            keep_cache,
+            backing,
+            backing_stamp,
+        })
+    }
+
+    /// Offer whole-file copies to read-only opens (the adapter can pass them to the kernel).
+    pub fn set_passthrough(&self, on: bool) {
+        self.passthrough.store(on, Ordering::Relaxed);
     }
 
     /// Warm, check or evict the cached blocks of `[off, off+len)` of a regular file.

@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# FUSE passthrough: a file opened read-only whose blocks are all on the cache disk is read
+# by the kernel from a whole-file copy, with no READ request reaching the daemon; a file
+# changed since its copy was made is never served from the old copy; without
+# CAP_SYS_ADMIN the daemon serves reads as before.
+source "$(dirname "$0")/lib.sh"
+
+new_volume pt
+MP=$WORK/mnt
+CACHE=$WORK/cache
+mount_volume "$MP" --cache-dir "$CACHE" --cache-size 512M --passthrough
+
+# stat_field NAME: a number from the mount's figures.
+stat_field() { "$AQUIFER" stats "$MP" --json | python3 -c "import json,sys; f=json.load(sys.stdin); print($1)"; }
+reads() { stat_field "f['fuse_ops'].get('read',0)"; }
+pt_opens() { stat_field "f.get('passthrough_opens',0)"; }
+
+mkdir "$MP/d"
+for i in $(seq 1 20); do
+  head -c $((i * 37000 + 1)) /dev/urandom >"$WORK/src$i"
+  cp "$WORK/src$i" "$MP/d/f$i"
+done
+head -c $((9 << 20)) /dev/urandom >"$WORK/big"
+cp "$WORK/big" "$MP/d/big"
+# Blocks are written through to the disk tier in the background.
+sync
+sleep 1
+
+check_all() {
+  local i
+  for i in $(seq 1 20); do
+    cmp "$WORK/src$i" "$MP/d/f$i" || fail "f$i differs ($1)"
+  done
+  cmp "$WORK/big" "$MP/d/big" || fail "big differs ($1)"
+}
+
+# Drop the kernel's page cache of the mount, so reads that reach the daemon are counted.
+drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+
+check_all "first read"
+drop_caches
+r0=$(reads); p0=$(pt_opens)
+check_all "warm read"
+drop_caches
+r1=$(reads); p1=$(pt_opens)
+note "warm pass: $((r1 - r0)) READs, $((p1 - p0)) passthrough opens"
+[ "$((p1 - p0))" -ge 21 ] || fail "warm files were not opened in passthrough ($((p1 - p0)) of 21)"
+[ "$((r1 - r0))" -eq 0 ] || fail "$((r1 - r0)) READ requests reached the daemon for wholly cached files"
+[ -n "$(find "$CACHE" -path '*/files/*' -type f | head -1)" ] || fail "no whole-file copies in the cache dir"
+
+# A rewrite (same length, new bytes) through the mount: the next open must see new bytes.
+head -c $((3 * 37000 + 1)) /dev/urandom >"$WORK/src3"
+cp "$WORK/src3" "$MP/d/f3"
+cmp "$WORK/src3" "$MP/d/f3" || fail "rewritten file served stale"
+# An append while a passthrough reader holds the old version open.
+exec 7<"$MP/d/f5"
+printf 'tail' >>"$WORK/src5" 2>/dev/null || true
+if cat "$WORK/src5" >"$MP/d/f5.new" && mv "$MP/d/f5.new" "$MP/d/f5"; then
+  cmp "$WORK/src5" "$MP/d/f5" || fail "replaced file served stale"
+fi
+# Opening it for writing meanwhile is refused with ETXTBSY (not the kernel's EIO).
+python3 - "$MP/d/f7" <<'PY' || fail "write open during a passthrough read was not ETXTBSY"
+import errno, os, sys
+r = os.open(sys.argv[1], os.O_RDONLY)
+try:
+    os.open(sys.argv[1], os.O_WRONLY)
+    sys.exit("write open succeeded")
+except OSError as e:
+    sys.exit(0 if e.errno == errno.ETXTBSY else f"errno {e.errno}")
+finally:
+    os.close(r)
+PY
+exec 7<&-
+sync; sleep 1
+check_all "after rewrites"
+
+# A copy damaged on the cache disk is never served: it is checked at each open.
+copy=$(find "$CACHE" -path '*/files/*' -type f -size +100k | head -1)
+[ -n "$copy" ] || fail "no copy to damage"
+printf 'XXXX' | dd of="$copy" bs=1 seek=1000 conv=notrunc status=none
+drop_caches
+check_all "after damaging a copy"
+
+# Without CAP_SYS_ADMIN the kernel refuses backing files: reads go through the daemon.
+# The daemon runs as nobody (fusermount3 mounts for it) and so do the readers, since a
+# FUSE mount without allow_other admits only its owner.
+umount_volume "$MP"
+chmod 755 "$WORK"
+chown -R 65534:65534 "$WORK/pt" "$CACHE" "$MP" "$WORK/data" 2>/dev/null || chown -R 65534:65534 "$WORK/pt" "$CACHE" "$MP"
+# fusermount3 opens /dev/fuse as the user (Debian makes it 0666; some images do not).
+fuse_mode=$(stat -c %a /dev/fuse)
+chmod 666 /dev/fuse
+CLEANUPS+=("chmod $fuse_mode /dev/fuse")
+as_nobody() { setpriv --reuid=65534 --regid=65534 --clear-groups "$@"; }
+as_nobody "$AQUIFER" mount -d "$META" "$MP" --cache-dir "$CACHE" --cache-size 512M --passthrough \
+  --log "$WORK/pt/unpriv.log" >/dev/null || fail "mount as an unprivileged user failed"
+MOUNTS+=("$MP")
+chmod 644 "$WORK"/src* "$WORK/big"
+stats_nobody() { as_nobody "$AQUIFER" stats "$MP" --json | python3 -c "import json,sys; f=json.load(sys.stdin); print($1)"; }
+r0=$(stats_nobody "f['fuse_ops'].get('read',0)")
+for i in $(seq 1 20); do
+  as_nobody cmp "$WORK/src$i" "$MP/d/f$i" || fail "f$i differs without CAP_SYS_ADMIN"
+done
+as_nobody cmp "$WORK/big" "$MP/d/big" || fail "big differs without CAP_SYS_ADMIN"
+r1=$(stats_nobody "f['fuse_ops'].get('read',0)")
+p1=$(stats_nobody "f.get('passthrough_opens',0)")
+[ "$p1" -eq 0 ] || fail "passthrough used without CAP_SYS_ADMIN"
+[ "$((r1 - r0))" -gt 0 ] || fail "no READs counted without passthrough"
+note "without CAP_SYS_ADMIN: $((r1 - r0)) READs, no passthrough"
+as_nobody "$AQUIFER" umount "$MP"
+echo "t_passthrough: ok"
