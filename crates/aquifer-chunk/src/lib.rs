@@ -374,12 +374,15 @@ impl ChunkStore {
             return None;
         }
         let mut fill = |w: &mut dyn std::io::Write| -> std::io::Result<()> {
-            let mut buf = vec![0u8; (file_len.min(CHUNK_SIZE)) as usize];
+            // One block at a time: memory stays bounded however many opens copy at once.
+            let piece = self.cfg.block_size as u64;
+            let mut buf = vec![0u8; file_len.min(piece) as usize];
             let mut pos = 0u64;
             while pos < file_len {
                 let idx = (pos / CHUNK_SIZE) as u32;
-                let n = (file_len - pos).min(CHUNK_SIZE) as usize;
-                self.read_chunk(ino, idx, 0, &mut buf[..n], false)
+                let cpos = pos % CHUNK_SIZE;
+                let n = (file_len - pos).min(piece).min(CHUNK_SIZE - cpos) as usize;
+                self.read_chunk(ino, idx, cpos as u32, &mut buf[..n], false)
                     .map_err(|e| std::io::Error::other(e.to_string()))?;
                 w.write_all(&buf[..n])?;
                 pos += n as u64;
