@@ -17,6 +17,7 @@ const ENGINE: &str = "rocksdb";
 pub struct RocksKv {
     db: DB,
     commit: Mutex<()>,
+    counters: Mutex<()>,
 }
 
 fn err(e: rocksdb::Error) -> MetaError {
@@ -56,6 +57,7 @@ impl RocksKv {
         Ok(RocksKv {
             db,
             commit: Mutex::new(()),
+            counters: Mutex::new(()),
         })
     }
 }
@@ -79,6 +81,7 @@ impl RocksKv {
         Ok(RocksKv {
             db,
             commit: Mutex::new(()),
+            counters: Mutex::new(()),
         })
     }
 }
@@ -125,6 +128,7 @@ impl KvEngine for RocksKv {
         if writes.is_empty() {
             return Ok(());
         }
+        let writes = writes.folded(self)?;
         let mut batch = WriteBatch::default();
         for (k, v) in writes {
             match v {
@@ -144,6 +148,19 @@ impl KvEngine for RocksKv {
     fn exclusive(&self) -> bool {
         true
     }
+
+    fn incr_by(&self, key: &[u8], delta: i64) -> Result<i64> {
+        // Its own lock, not the commit lock: called from inside transactions. Transactions
+        // never write the counters that ids come from (only `format` does).
+        let _serial = self
+            .counters
+            .lock()
+            .map_err(|_| MetaError::engine(ENGINE, "counter lock poisoned"))?;
+        let cur = self.db.get(key).map_err(err)?;
+        let new = aquifer_meta::counter_value(cur.as_deref()).wrapping_add(delta);
+        self.db.put(key, new.to_be_bytes()).map_err(err)?;
+        Ok(new)
+    }
 }
 
 #[cfg(test)]
@@ -158,6 +175,7 @@ mod conformance {
     }
 
     aquifer_meta::meta_conformance!(fresh());
+    aquifer_meta::meta_conformance_exclusive!(fresh());
 
     #[test]
     fn second_open_is_refused_with_a_clear_error() {

@@ -692,7 +692,7 @@ macro_rules! meta_conformance {
             format_and_load, create_lookup_readdir, readdir_in_pages, unlink_and_rmdir, hard_links,
             open_unlinked_kept_until_close, rename_cases, symlinks, xattrs,
             slices_and_truncate, chunk_and_trash_paging, setattr_rules, permissions,
-            sessions_clean_up_after_dead_clients, statfs_counts, posix_and_bsd_locks, object_journal);
+            statfs_counts, posix_and_bsd_locks, object_journal);
     };
     (@cases $make:expr; $($case:ident),*) => {
         $(
@@ -705,7 +705,299 @@ macro_rules! meta_conformance {
     };
 }
 
+/// The cases of engines only one process can open: a new session knows every older one is
+/// dead.
+#[macro_export]
+macro_rules! meta_conformance_exclusive {
+    ($make:expr) => {
+        $crate::meta_conformance!(@cases $make; sessions_clean_up_after_dead_clients);
+    };
+}
+
+/// The cases of engines many clients share: `$make` gives `(a, b, guard)`, two clients of
+/// one fresh volume whose sessions time out after [`SHARED_SESSION_TIMEOUT`].
+#[macro_export]
+macro_rules! meta_conformance_shared {
+    ($make:expr) => {
+        $crate::meta_conformance_shared!(@cases $make;
+            two_clients_one_tree, unlink_elsewhere_keeps_open_file, locks_across_clients,
+            dead_session_is_cleaned_up, concurrent_creates_and_counters,
+            rename_races_keep_tree_consistent);
+    };
+    (@cases $make:expr; $($case:ident),*) => {
+        $(
+            #[test]
+            fn $case() {
+                let (a, b, _guard) = $make;
+                $crate::conformance::$case(&a, &b);
+            }
+        )*
+    };
+}
+
+/// The session timeout the shared cases expect their clients to have.
+pub const SHARED_SESSION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Format the volume through `a` and open a session on each client.
+fn ready2(a: &dyn Meta, b: &dyn Meta) -> Context {
+    a.format(&fmt(), false).unwrap();
+    a.new_session(test_session("a")).unwrap();
+    b.new_session(test_session("b")).unwrap();
+    Context::root()
+}
+
+fn data_slice(m: &dyn Meta, len: u32) -> Slice {
+    Slice {
+        pos: 0,
+        id: m.new_slice_id().unwrap(),
+        size: len,
+        off: 0,
+        len,
+    }
+}
+
+pub fn two_clients_one_tree(a: &dyn Meta, b: &dyn Meta) {
+    let ctx = ready2(a, b);
+    assert_eq!(b.load_format().unwrap().name, fmt().name);
+    let d = mkdir(a, &ctx, ROOT_INO, "d");
+    let f = mkfile(a, &ctx, d, "f");
+    assert_eq!(b.lookup(&ctx, d, b"f").unwrap().0, f);
+    a.write_slice(f, 0, data_slice(a, 100)).unwrap();
+    // What one client committed, the other reads at once (no cache in this layer).
+    assert_eq!(b.getattr(f).unwrap().length, 100);
+    assert_eq!(b.read_chunk(f, 0).unwrap().len(), 1);
+    b.rename(&ctx, d, b"f", ROOT_INO, b"g", 0).unwrap();
+    assert_eq!(errno(a.lookup(&ctx, d, b"f")), Errno::ENOENT);
+    assert_eq!(a.lookup(&ctx, ROOT_INO, b"g").unwrap().0, f);
+    b.setxattr(&ctx, f, b"user.k", b"v", 0).unwrap();
+    assert_eq!(a.getxattr(f, b"user.k").unwrap(), b"v".to_vec());
+    assert_eq!(names(a, &ctx, ROOT_INO), ["d", "g"]);
+    assert_eq!(
+        errno(b.mknod(&ctx, ROOT_INO, b"g", FileType::File, 0o644, 0, 0)),
+        Errno::EEXIST
+    );
+    let sessions = a.list_sessions().unwrap();
+    assert_eq!(sessions.len(), 2, "{sessions:?}");
+}
+
+pub fn unlink_elsewhere_keeps_open_file(a: &dyn Meta, b: &dyn Meta) {
+    let ctx = ready2(a, b);
+    let f = mkfile(a, &ctx, ROOT_INO, "f");
+    let s = data_slice(a, 10);
+    a.write_slice(f, 0, s).unwrap();
+    b.open(&ctx, f, libc::O_RDONLY).unwrap();
+    a.unlink(&ctx, ROOT_INO, b"f").unwrap();
+    // B still reads it; nothing went to the trash.
+    assert_eq!(b.getattr(f).unwrap().nlink, 0);
+    assert_eq!(b.read_chunk(f, 0).unwrap(), vec![s]);
+    assert!(a.trash_batch(0, 10).unwrap().is_empty());
+    // Opened on A too, closed on B first: A's open keeps it.
+    a.open(&ctx, f, libc::O_RDONLY).unwrap();
+    b.close(f).unwrap();
+    assert_eq!(a.read_chunk(f, 0).unwrap(), vec![s]);
+    a.close(f).unwrap();
+    assert_eq!(errno(b.getattr(f)), Errno::ENOENT);
+    let trash = b.trash_batch(0, 10).unwrap();
+    assert_eq!(trash.len(), 1);
+    assert_eq!(trash[0].1, vec![s]);
+    // An inode count and the space went with it.
+    assert_eq!(a.usage().unwrap(), (0, 1));
+}
+
+pub fn locks_across_clients(a: &dyn Meta, b: &dyn Meta) {
+    let ctx = ready2(a, b);
+    let f = mkfile(a, &ctx, ROOT_INO, "f");
+    let lk = |typ, start, end| PLock {
+        typ,
+        start,
+        end,
+        pid: 7,
+    };
+    // The same owner number on two clients is two owners.
+    a.setlk(f, 1, &lk(F_WRLCK, 0, 9)).unwrap();
+    assert_eq!(errno(b.setlk(f, 1, &lk(F_WRLCK, 5, 5))), Errno::EAGAIN);
+    assert_eq!(
+        b.getlk(f, 1, &lk(F_RDLCK, 0, 0)).unwrap(),
+        Some(lk(F_WRLCK, 0, 9))
+    );
+    b.setlk(f, 1, &lk(F_WRLCK, 10, 19)).unwrap();
+    a.release_locks(f, 1).unwrap();
+    b.setlk(f, 1, &lk(F_WRLCK, 0, 9)).unwrap();
+    a.flock(f, 3, F_WRLCK).unwrap();
+    assert_eq!(errno(b.flock(f, 3, F_RDLCK)), Errno::EAGAIN);
+    a.flock(f, 3, F_UNLCK).unwrap();
+    b.flock(f, 3, F_RDLCK).unwrap();
+    a.flock(f, 4, F_RDLCK).unwrap();
+    assert_eq!(errno(a.flock(f, 4, F_WRLCK)), Errno::EAGAIN);
+    // A closed session's locks are gone.
+    b.close_session().unwrap();
+    a.flock(f, 4, F_WRLCK).unwrap();
+    a.setlk(f, 2, &lk(F_WRLCK, 0, u64::MAX)).unwrap();
+}
+
+pub fn dead_session_is_cleaned_up(a: &dyn Meta, b: &dyn Meta) {
+    let ctx = ready2(a, b);
+    let f = mkfile(a, &ctx, ROOT_INO, "f");
+    let s = data_slice(a, 10);
+    a.write_slice(f, 0, s).unwrap();
+    a.open(&ctx, f, libc::O_RDWR).unwrap();
+    a.setlk(
+        f,
+        1,
+        &PLock {
+            typ: F_WRLCK,
+            start: 0,
+            end: u64::MAX,
+            pid: 1,
+        },
+    )
+    .unwrap();
+    a.flock(f, 1, F_WRLCK).unwrap();
+    b.unlink(&ctx, ROOT_INO, b"f").unwrap();
+    assert_eq!(errno(b.flock(f, 2, F_RDLCK)), Errno::EAGAIN);
+    // B keeps heartbeating, A stops (as after kill -9).
+    b.heartbeat().unwrap();
+    assert!(b.getattr(f).is_ok(), "a live session's open file is kept");
+    let wait = SHARED_SESSION_TIMEOUT + std::time::Duration::from_millis(1500);
+    std::thread::sleep(wait);
+    b.heartbeat().unwrap();
+    let left: Vec<String> = b
+        .list_sessions()
+        .unwrap()
+        .into_iter()
+        .map(|s| s.hostname)
+        .collect();
+    assert_eq!(left, ["b"], "the dead session's record is removed");
+    assert_eq!(
+        errno(b.getattr(f)),
+        Errno::ENOENT,
+        "its open unlinked file is freed"
+    );
+    assert_eq!(b.trash_batch(0, 10).unwrap()[0].1, vec![s]);
+    let g = mkfile(b, &ctx, ROOT_INO, "g");
+    b.flock(g, 2, F_WRLCK).unwrap();
+    assert_eq!(a.usage().unwrap().1, 2);
+}
+
+pub fn concurrent_creates_and_counters(a: &dyn Meta, b: &dyn Meta) {
+    let ctx = ready2(a, b);
+    let per = 60;
+    let inos = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|sc| {
+        for (i, m) in [a, b, a, b].into_iter().enumerate() {
+            let ctx = &ctx;
+            let inos = &inos;
+            sc.spawn(move || {
+                for j in 0..per {
+                    let name = format!("f{i}-{j}");
+                    let (ino, _) = m
+                        .mknod(ctx, ROOT_INO, name.as_bytes(), FileType::File, 0o644, 0, 0)
+                        .unwrap();
+                    m.write_slice(ino, 0, data_slice(m, 4096)).unwrap();
+                    inos.lock().unwrap().push(ino);
+                }
+            });
+        }
+    });
+    let mut inos = inos.into_inner().unwrap();
+    inos.sort();
+    inos.dedup();
+    assert_eq!(
+        inos.len(),
+        4 * per,
+        "inode numbers are unique across clients"
+    );
+    assert_eq!(a.readdir(&ctx, ROOT_INO, false).unwrap().len(), 4 * per);
+    assert_eq!(
+        b.usage().unwrap(),
+        (4 * per as u64 * 4096, 4 * per as u64 + 1),
+        "no addition to the shared counters was lost"
+    );
+    let mut ids: Vec<u64> = inos
+        .iter()
+        .map(|&i| a.read_chunk(i, 0).unwrap()[0].id)
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 4 * per, "slice ids are unique across clients");
+}
+
+/// Renames racing from two clients between two directories: every file ends up in exactly
+/// one place, and the directories' link counts are right.
+pub fn rename_races_keep_tree_consistent(a: &dyn Meta, b: &dyn Meta) {
+    let ctx = ready2(a, b);
+    let d1 = mkdir(a, &ctx, ROOT_INO, "d1");
+    let d2 = mkdir(a, &ctx, ROOT_INO, "d2");
+    let n = 20;
+    for i in 0..n {
+        mkfile(a, &ctx, d1, &format!("f{i}"));
+        mkdir(a, &ctx, d1, &format!("s{i}"));
+    }
+    std::thread::scope(|sc| {
+        for (m, from, to) in [(a, d1, d2), (b, d1, d2), (b, d2, d1)] {
+            let ctx = &ctx;
+            sc.spawn(move || {
+                for round in 0..2 {
+                    for i in 0..n {
+                        for kind in ["f", "s"] {
+                            let name = format!("{kind}{i}");
+                            let to_name = format!("{kind}{}", (i + round) % n);
+                            // Losing a race is ENOENT or, for directories, ENOTEMPTY/EEXIST.
+                            let _ = m.rename(ctx, from, name.as_bytes(), to, to_name.as_bytes(), 0);
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let mut all = names(a, &ctx, d1);
+    all.extend(names(b, &ctx, d2));
+    let dirs = |m: &dyn Meta, d| {
+        m.readdir(&ctx, d, false)
+            .unwrap()
+            .iter()
+            .filter(|e| e.typ == FileType::Directory)
+            .count() as u32
+    };
+    for d in [d1, d2] {
+        assert_eq!(
+            a.getattr(d).unwrap().nlink,
+            2 + dirs(a, d),
+            "nlink of a directory"
+        );
+        for e in a.readdir(&ctx, d, true).unwrap() {
+            let at = e.attr.unwrap();
+            if at.is_dir() {
+                assert_eq!(at.parent, d, "a directory's parent is where its entry is");
+            }
+        }
+    }
+    // Renames over existing files free them: what is left plus what was freed is all.
+    let (_, inodes) = b.usage().unwrap();
+    assert_eq!(
+        inodes as usize,
+        3 + all.len(),
+        "inode count matches the tree: {all:?}"
+    );
+}
+
 #[cfg(test)]
 mod memory {
     crate::meta_conformance!((crate::KvMeta::new(crate::MemKv::new()), ()));
+    crate::meta_conformance_exclusive!((crate::KvMeta::new(crate::MemKv::new()), ()));
+
+    fn pair() -> (
+        crate::KvMeta<std::sync::Arc<crate::MemKv>>,
+        crate::KvMeta<std::sync::Arc<crate::MemKv>>,
+        (),
+    ) {
+        let kv = std::sync::Arc::new(crate::MemKv::shared());
+        let t = super::SHARED_SESSION_TIMEOUT;
+        (
+            crate::KvMeta::new(kv.clone()).with_session_timeout(t),
+            crate::KvMeta::new(kv).with_session_timeout(t),
+            (),
+        )
+    }
+    crate::meta_conformance_shared!(pair());
 }

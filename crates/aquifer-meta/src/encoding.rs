@@ -11,10 +11,15 @@
 //! | `X` ino name                | xattr value                   |
 //! | `T` seq                     | slice records to delete       |
 //! | `S` sid                     | session info as JSON          |
-//! | `O` sid ino                 | open-but-unlinked inode       |
+//! | `O` sid ino                 | an inode session sid has open |
+//! | `o` ino sid                 | the same, found from the inode |
 //! | `F` ino                     | BSD locks (sid, owner, type)  |
 //! | `P` ino                     | POSIX locks with ranges       |
+//! | `K` sid ino                 | session sid holds locks on ino |
 //! | `J` object key              | object bytes until the store has them durably |
+//!
+//! Engines that keep related keys together (Redis: one hash per group) use [`group_len`] and
+//! [`LISTED`]; the others store the keys as they are.
 //!
 //! [`Format`]: crate::Format
 
@@ -92,6 +97,53 @@ pub fn sustained(sid: u64, ino: Ino) -> Vec<u8> {
     let mut k = with_ino(b'O', sid);
     k.extend_from_slice(&ino.to_be_bytes());
     k
+}
+
+pub fn holder(ino: Ino, sid: u64) -> Vec<u8> {
+    let mut k = with_ino(b'o', ino);
+    k.extend_from_slice(&sid.to_be_bytes());
+    k
+}
+
+pub fn holder_prefix(ino: Ino) -> Vec<u8> {
+    with_ino(b'o', ino)
+}
+
+pub fn sustained_prefix(sid: u64) -> Vec<u8> {
+    with_ino(b'O', sid)
+}
+
+pub fn lock_index(sid: u64, ino: Ino) -> Vec<u8> {
+    let mut k = with_ino(b'K', sid);
+    k.extend_from_slice(&ino.to_be_bytes());
+    k
+}
+
+pub fn lock_index_prefix(sid: u64) -> Vec<u8> {
+    with_ino(b'K', sid)
+}
+
+/// Tags whose keys are grouped by their first 9 bytes (tag and an id): a directory's entries,
+/// a file's chunks, an inode's xattrs, a session's open inodes and locks, an inode's holders.
+/// Every scan inside a transaction stays within one group.
+pub const GROUPED: &[u8] = b"ECXOoK";
+
+/// Tags whose keys are listed across groups or ids (sessions, chunks for gc, trash, journal,
+/// locks): engines without ordered keys keep an index of them. No other tag is ever scanned
+/// beyond one group.
+pub const LISTED: &[u8] = b"SCTJFPO";
+
+/// The length of the group prefix of `key`, for a key in a group.
+pub fn group_len(key: &[u8]) -> Option<usize> {
+    match key.first() {
+        Some(t) if GROUPED.contains(t) && key.len() > 9 => Some(9),
+        _ => None,
+    }
+}
+
+/// Counters (`N` keys) hold a big-endian i64.
+pub fn is_counter(key: &[u8]) -> bool {
+    key.first() == Some(&b'N')
 }
 
 pub fn flocks(ino: Ino) -> Vec<u8> {

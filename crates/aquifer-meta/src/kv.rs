@@ -4,6 +4,11 @@
 //! (RocksDB here, Redis later) only has to offer serialisable transactions over ordered keys.
 //! Engines that cannot run a closure inside the server use [`BufferedTxn`]: reads go to the
 //! engine's committed state, writes collect in a buffer and are committed as one atomic batch.
+//!
+//! Two operations exist so that shared engines (Redis) need not make every change depend on
+//! keys every change touches: [`KvTxn::add`] adds to a counter at commit without reading it
+//! (used space and inode counts change in every create and write; as reads they would make
+//! all clients conflict), and [`KvEngine::incr_by`] allocates ids outside any transaction.
 
 use crate::error::Result;
 use std::collections::BTreeMap;
@@ -25,6 +30,10 @@ pub trait KvTxn {
     fn scan(&mut self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<KvPair>>;
     fn set(&mut self, key: &[u8], value: Vec<u8>);
     fn delete(&mut self, key: &[u8]);
+    /// Add `delta` to the counter at `key` (an i64, big-endian, absent = 0) when the
+    /// transaction commits. The transaction does not depend on the counter's value: two
+    /// transactions adding to one counter never conflict.
+    fn add(&mut self, key: &[u8], delta: i64);
 }
 
 /// A transactional, ordered key-value engine.
@@ -38,12 +47,78 @@ pub trait KvEngine: KvRead + Send + Sync + 'static {
     /// True when no other process can use the same store at the same time (an embedded
     /// engine that locks its files): sessions other than ours are then known to be dead.
     fn exclusive(&self) -> bool;
+    /// Add `delta` to the counter at `key` at once, outside any transaction, and return the
+    /// new value: for id allocation. May be called from inside a transaction's closure; the
+    /// increment stands even if that transaction fails or runs again.
+    fn incr_by(&self, key: &[u8], delta: i64) -> Result<i64>;
+}
+
+/// The i64 a counter key holds (big-endian; absent or malformed = 0).
+pub fn counter_value(v: Option<&[u8]>) -> i64 {
+    v.and_then(|v| v.try_into().ok())
+        .map(i64::from_be_bytes)
+        .unwrap_or(0)
+}
+
+impl<E: KvEngine> KvRead for std::sync::Arc<E> {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        (**self).get(key)
+    }
+    fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<KvPair>> {
+        (**self).scan(start, end, limit)
+    }
+}
+
+/// One engine shared by several metadata clients (tests of many mounts on one volume).
+impl<E: KvEngine> KvEngine for std::sync::Arc<E> {
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+    fn txn(&self, f: &mut dyn FnMut(&mut dyn KvTxn) -> Result<()>) -> Result<()> {
+        (**self).txn(f)
+    }
+    fn sync(&self) -> Result<()> {
+        (**self).sync()
+    }
+    fn exclusive(&self) -> bool {
+        (**self).exclusive()
+    }
+    fn incr_by(&self, key: &[u8], delta: i64) -> Result<i64> {
+        (**self).incr_by(key, delta)
+    }
+}
+
+/// What a [`BufferedTxn`] leaves to commit.
+#[derive(Default)]
+pub struct TxnWrites {
+    /// Values to store; `None` is a delete.
+    pub writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Blind counter additions ([`KvTxn::add`]).
+    pub adds: BTreeMap<Vec<u8>, i64>,
+}
+
+impl TxnWrites {
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty() && self.adds.is_empty()
+    }
+
+    /// For engines whose commits are serialised: the writes with the additions folded in,
+    /// reading the counters' committed values from `base` (under the engine's commit lock).
+    pub fn folded(mut self, base: &dyn KvRead) -> Result<BTreeMap<Vec<u8>, Option<Vec<u8>>>> {
+        for (k, d) in std::mem::take(&mut self.adds) {
+            let cur = counter_value(base.get(&k)?.as_deref());
+            self.writes
+                .insert(k, Some(cur.wrapping_add(d).to_be_bytes().to_vec()));
+        }
+        Ok(self.writes)
+    }
 }
 
 /// A transaction that buffers writes over a committed view.
 pub struct BufferedTxn<'a> {
     base: &'a dyn KvRead,
     writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    adds: BTreeMap<Vec<u8>, i64>,
 }
 
 impl<'a> BufferedTxn<'a> {
@@ -51,12 +126,16 @@ impl<'a> BufferedTxn<'a> {
         BufferedTxn {
             base,
             writes: BTreeMap::new(),
+            adds: BTreeMap::new(),
         }
     }
 
-    /// The buffered writes: `None` is a delete.
-    pub fn into_writes(self) -> BTreeMap<Vec<u8>, Option<Vec<u8>>> {
-        self.writes
+    /// The buffered writes and counter additions.
+    pub fn into_writes(self) -> TxnWrites {
+        TxnWrites {
+            writes: self.writes,
+            adds: self.adds,
+        }
     }
 }
 
@@ -96,6 +175,17 @@ impl KvTxn for BufferedTxn<'_> {
     fn delete(&mut self, key: &[u8]) {
         self.writes.insert(key.to_vec(), None);
     }
+
+    fn add(&mut self, key: &[u8], delta: i64) {
+        match self.writes.get_mut(key) {
+            // A counter written in this transaction: add to the written value.
+            Some(Some(v)) => {
+                let cur = counter_value(Some(v));
+                *v = cur.wrapping_add(delta).to_be_bytes().to_vec();
+            }
+            _ => *self.adds.entry(key.to_vec()).or_insert(0) += delta,
+        }
+    }
 }
 
 /// In-memory engine for tests: a BTreeMap, transactions serialised by one lock.
@@ -103,11 +193,22 @@ impl KvTxn for BufferedTxn<'_> {
 pub struct MemKv {
     map: RwLock<BTreeMap<Vec<u8>, Vec<u8>>>,
     commit: Mutex<()>,
+    shared: bool,
 }
 
 impl MemKv {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An engine that says it may be shared ([`KvEngine::exclusive`] false): put in an `Arc`
+    /// and given to several [`crate::KvMeta`] clients, it stands for one volume mounted many
+    /// times, so the many-clients conformance cases run without a server.
+    pub fn shared() -> Self {
+        MemKv {
+            shared: true,
+            ..Self::default()
+        }
     }
 }
 
@@ -149,7 +250,7 @@ impl KvEngine for MemKv {
         let view = MemView(&self.map);
         let mut txn = BufferedTxn::new(&view);
         f(&mut txn)?;
-        let writes = txn.into_writes();
+        let writes = txn.into_writes().folded(&view)?;
         let mut map = self.map.write().unwrap();
         for (k, v) in writes {
             match v {
@@ -165,7 +266,14 @@ impl KvEngine for MemKv {
     }
 
     fn exclusive(&self) -> bool {
-        true
+        !self.shared
+    }
+
+    fn incr_by(&self, key: &[u8], delta: i64) -> Result<i64> {
+        let mut map = self.map.write().unwrap();
+        let new = counter_value(map.get(key).map(|v| v.as_slice())).wrapping_add(delta);
+        map.insert(key.to_vec(), new.to_be_bytes().to_vec());
+        Ok(new)
     }
 }
 

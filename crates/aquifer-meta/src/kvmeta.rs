@@ -9,10 +9,17 @@ use crate::{Meta, MODE_R, MODE_W, MODE_X};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::time::Duration;
 
 const MAX_LINKS: u32 = 65000;
 const INO_BATCH: u64 = 256;
 const SLICE_BATCH: u64 = 1024;
+const TRASH_BATCH: u64 = 256;
+/// Shards of the open-file table: first opens and last closes of inodes in different shards
+/// register with the engine in parallel.
+const OPEN_SHARDS: usize = 64;
+/// A session whose heartbeat is older than this is dead, unless told otherwise.
+pub const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(60);
 /// Free space reported when the volume has no capacity limit (1 PiB).
 const UNLIMITED_SPACE: u64 = 1 << 50;
 const UNLIMITED_INODES: u64 = 10 << 20;
@@ -25,14 +32,26 @@ const C_USED_SPACE: &str = "usedSpace";
 const C_USED_INODES: &str = "totalInodes";
 
 /// Metadata over any transactional key-value engine.
+///
+/// Open files are recorded in the engine (`O` sid ino and `o` ino sid) at an inode's first
+/// open by this client and removed at its last close, so an unlink by any client of the
+/// volume keeps a file some session still has open; the last of them to close it frees it.
 pub struct KvMeta<E: KvEngine> {
     kv: E,
     sid: AtomicU64,
-    /// Open counts per inode; held during unlink so a concurrent last close sees its result.
-    open: Mutex<HashMap<Ino, u32>>,
+    /// This client's open counts per inode. A shard is held while its first open or last
+    /// close registers with the engine, so the two cannot cross.
+    open: Vec<Mutex<HashMap<Ino, u32>>>,
     inos: Mutex<(u64, u64)>,
     slices: Mutex<(u64, u64)>,
+    trash_ids: Mutex<(u64, u64)>,
     limits: Mutex<Option<(u64, u64)>>,
+    session_timeout: Duration,
+    session: Mutex<Option<SessionInfo>>,
+    /// Inodes this client holds locks on: a close elsewhere costs no engine round trip.
+    locked: Mutex<std::collections::HashSet<Ino>>,
+    /// Unix time of the last look for dead sessions.
+    last_reap: AtomicU64,
 }
 
 fn now() -> Time {
@@ -72,21 +91,11 @@ fn get_dentry(t: &mut dyn KvTxn, parent: Ino, name: &[u8]) -> Result<Option<(Fil
     }
 }
 
-fn incr(t: &mut dyn KvTxn, name: &str, delta: i64) -> Result<i64> {
-    let k = key::counter(name);
-    let cur = match t.get(&k)? {
-        Some(v) if v.len() == 8 => i64::from_be_bytes(v[..8].try_into().unwrap()),
-        Some(_) => {
-            return Err(MetaError::Corrupt {
-                key: name.into(),
-                msg: "counter is not 8 bytes".into(),
-            })
-        }
-        None => 0,
-    };
-    let new = cur + delta;
-    t.set(&k, new.to_be_bytes().to_vec());
-    Ok(new)
+/// Change a usage counter when the transaction commits (never a conflict).
+fn add(t: &mut dyn KvTxn, name: &str, delta: i64) {
+    if delta != 0 {
+        t.add(&key::counter(name), delta);
+    }
 }
 
 /// POSIX permission check of `mask` (MODE_R|W|X) on `attr` for `ctx`.
@@ -139,11 +148,39 @@ impl<E: KvEngine> KvMeta<E> {
         KvMeta {
             kv,
             sid: AtomicU64::new(0),
-            open: Mutex::new(HashMap::new()),
+            open: (0..OPEN_SHARDS)
+                .map(|_| Mutex::new(HashMap::new()))
+                .collect(),
             inos: Mutex::new((0, 0)),
             slices: Mutex::new((0, 0)),
+            trash_ids: Mutex::new((0, 0)),
             limits: Mutex::new(None),
+            session_timeout: DEFAULT_SESSION_TIMEOUT,
+            session: Mutex::new(None),
+            locked: Mutex::new(Default::default()),
+            last_reap: AtomicU64::new(0),
         }
+    }
+
+    /// How long a session may go without a heartbeat before other clients clean up after
+    /// it (its locks released, its open-but-unlinked files freed).
+    pub fn with_session_timeout(mut self, timeout: Duration) -> Self {
+        self.session_timeout = timeout.max(Duration::from_secs(1));
+        self
+    }
+
+    fn sid(&self) -> u64 {
+        self.sid.load(Ordering::Relaxed)
+    }
+
+    fn open_shard(&self, ino: Ino) -> std::sync::MutexGuard<'_, HashMap<Ino, u32>> {
+        self.open[(ino as usize) % OPEN_SHARDS].lock().unwrap()
+    }
+
+    fn counter(&self, name: &str) -> Result<i64> {
+        Ok(crate::kv::counter_value(
+            self.kv.get(&key::counter(name))?.as_deref(),
+        ))
     }
 
     pub fn engine_ref(&self) -> &E {
@@ -168,14 +205,14 @@ impl<E: KvEngine> KvMeta<E> {
     ) -> Result<u64> {
         let mut s = slot.lock().unwrap();
         if s.0 >= s.1 {
-            let end = self.txn(|t| {
-                let cur = incr(t, counter, 0)?;
-                let start = (cur as u64).max(first);
-                let end = start + batch;
-                t.set(&key::counter(counter), (end as i64).to_be_bytes().to_vec());
-                Ok((start, end))
-            })?;
-            *s = end;
+            let end = self.kv.incr_by(&key::counter(counter), batch as i64)? as u64;
+            *s = (end.saturating_sub(batch).max(first), end);
+            if s.0 >= s.1 {
+                return Err(MetaError::Corrupt {
+                    key: counter.into(),
+                    msg: "id counter went backwards".into(),
+                });
+            }
         }
         let id = s.0;
         s.0 += 1;
@@ -196,12 +233,8 @@ impl<E: KvEngine> KvMeta<E> {
         l.unwrap_or((0, 0))
     }
 
-    fn is_open(open: &HashMap<Ino, u32>, ino: Ino) -> bool {
-        open.get(&ino).copied().unwrap_or(0) > 0
-    }
-
     /// Remove an inode whose last link is gone: its data goes to the trash in this transaction.
-    fn destroy_inode(t: &mut dyn KvTxn, ino: Ino, attr: &Attr) -> Result<()> {
+    fn destroy_inode(&self, t: &mut dyn KvTxn, ino: Ino, attr: &Attr) -> Result<()> {
         if attr.typ == FileType::File {
             let prefix = key::chunk_prefix(ino);
             let chunks = t.scan(&prefix, &key::prefix_end(&prefix), usize::MAX)?;
@@ -214,8 +247,8 @@ impl<E: KvEngine> KvMeta<E> {
                 dead.extend(slices.into_iter().filter(|s| s.id != 0));
                 t.delete(&k);
             }
-            Self::trash_slices(t, &dead)?;
-            incr(t, C_USED_SPACE, -(align4k(attr.length) as i64))?;
+            self.trash_slices(t, &dead)?;
+            add(t, C_USED_SPACE, -(align4k(attr.length) as i64));
         }
         if attr.typ == FileType::Symlink {
             t.delete(&key::symlink(ino));
@@ -227,41 +260,36 @@ impl<E: KvEngine> KvMeta<E> {
         t.delete(&key::attr(ino));
         t.delete(&key::flocks(ino));
         t.delete(&key::plocks(ino));
-        incr(t, C_USED_INODES, -1)?;
+        add(t, C_USED_INODES, -1);
         Ok(())
     }
 
-    fn trash_slices(t: &mut dyn KvTxn, slices: &[Slice]) -> Result<()> {
+    fn trash_slices(&self, t: &mut dyn KvTxn, slices: &[Slice]) -> Result<()> {
         if slices.is_empty() {
             return Ok(());
         }
-        let seq = incr(t, C_NEXT_TRASH, 1)? as u64;
+        // Ids come from a batch outside the transaction: a shared counter read and written
+        // in every delete would make concurrent deletes of all clients conflict.
+        let seq = self.alloc(&self.trash_ids, C_NEXT_TRASH, TRASH_BATCH, 1)?;
         t.set(&key::trash(seq), Slice::encode_list(slices));
         Ok(())
     }
 
+    /// True when some session (this one included) has `ino` open.
+    fn has_holders(t: &mut dyn KvTxn, ino: Ino) -> Result<bool> {
+        let p = key::holder_prefix(ino);
+        Ok(!t.scan(&p, &key::prefix_end(&p), 1)?.is_empty())
+    }
+
     /// Drop one link of `ino` (its dentry is already removed). Deletes the inode at zero links
-    /// unless it is open, in which case it is kept for the last close.
-    fn drop_link(
-        &self,
-        t: &mut dyn KvTxn,
-        open: &HashMap<Ino, u32>,
-        ino: Ino,
-        mut a: Attr,
-        ts: Time,
-    ) -> Result<()> {
+    /// unless a session has it open, in which case the last close frees it.
+    fn drop_link(&self, t: &mut dyn KvTxn, ino: Ino, mut a: Attr, ts: Time) -> Result<()> {
         a.nlink = a.nlink.saturating_sub(1);
         a.ctime = ts;
-        if a.nlink > 0 {
+        if a.nlink > 0 || Self::has_holders(t, ino)? {
             put_attr(t, ino, &a);
-        } else if Self::is_open(open, ino) {
-            put_attr(t, ino, &a);
-            t.set(
-                &key::sustained(self.sid.load(Ordering::Relaxed), ino),
-                Vec::new(),
-            );
         } else {
-            Self::destroy_inode(t, ino, &a)?;
+            self.destroy_inode(t, ino, &a)?;
         }
         Ok(())
     }
@@ -284,7 +312,7 @@ impl<E: KvEngine> KvMeta<E> {
         Ok(())
     }
 
-    fn set_length(t: &mut dyn KvTxn, ino: Ino, a: &mut Attr, length: u64) -> Result<()> {
+    fn set_length(&self, t: &mut dyn KvTxn, ino: Ino, a: &mut Attr, length: u64) -> Result<()> {
         if length < a.length {
             // Chunks wholly past the new end go to the trash.
             let first_gone = length.div_ceil(CHUNK_SIZE) as u32;
@@ -297,7 +325,7 @@ impl<E: KvEngine> KvMeta<E> {
                 }
                 t.delete(&k);
             }
-            Self::trash_slices(t, &dead)?;
+            self.trash_slices(t, &dead)?;
             if !length.is_multiple_of(CHUNK_SIZE) {
                 // Clamp the chunk that holds the new end, so bytes past it read as zeros
                 // when the file grows again.
@@ -321,7 +349,7 @@ impl<E: KvEngine> KvMeta<E> {
                         s.len = s.len.min(cut - s.pos);
                         kept.push(s);
                     }
-                    Self::trash_slices(t, &dead)?;
+                    self.trash_slices(t, &dead)?;
                     if kept.is_empty() {
                         t.delete(&k);
                     } else {
@@ -331,40 +359,172 @@ impl<E: KvEngine> KvMeta<E> {
             }
         }
         let delta = align4k(length) as i64 - align4k(a.length) as i64;
-        incr(t, C_USED_SPACE, delta)?;
+        add(t, C_USED_SPACE, delta);
         a.length = length;
         Ok(())
     }
 
-    fn check_space(&self, t: &mut dyn KvTxn, grow: u64) -> Result<()> {
+    /// The capacity check. Reads the committed counter outside the transaction: a limit
+    /// shared by many clients is checked, not made a point of conflict (it may be overshot
+    /// by what clients add at the same moment).
+    fn check_space(&self, grow: u64) -> Result<()> {
         let (cap, _) = self.limits();
-        if cap > 0 && grow > 0 && incr(t, C_USED_SPACE, 0)? as u64 + grow > cap {
+        if cap > 0 && grow > 0 && self.counter(C_USED_SPACE)?.max(0) as u64 + grow > cap {
             return Err(Errno::ENOSPC.into());
         }
         Ok(())
     }
 
-    fn remove_sustained(&self, t: &mut dyn KvTxn, sid: u64, ino: Ino) -> Result<()> {
+    /// Session `sid` no longer has `ino` open; free the inode if it was the last holder of a
+    /// file without links.
+    fn release_holder(&self, t: &mut dyn KvTxn, sid: u64, ino: Ino) -> Result<()> {
         t.delete(&key::sustained(sid, ino));
+        t.delete(&key::holder(ino, sid));
         if let Ok(a) = get_attr(t, ino) {
-            if a.nlink == 0 {
-                Self::destroy_inode(t, ino, &a)?;
+            if a.nlink == 0 && !Self::has_holders(t, ino)? {
+                self.destroy_inode(t, ino, &a)?;
             }
         }
         Ok(())
     }
 
+    /// Drop every lock record of `sid` on `ino`.
+    fn drop_session_locks(t: &mut dyn KvTxn, sid: u64, ino: Ino) -> Result<()> {
+        let (fk, pk) = (key::flocks(ino), key::plocks(ino));
+        if let Some(v) = t.get(&fk)? {
+            let keep: Vec<_> = locks::decode_flocks(&v)
+                .into_iter()
+                .filter(|r| r.0 != sid)
+                .collect();
+            Self::put_flocks(t, ino, &keep);
+        }
+        if let Some(v) = t.get(&pk)? {
+            let keep: Vec<_> = locks::decode_plocks(&v)
+                .into_iter()
+                .filter(|r| r.sid != sid)
+                .collect();
+            Self::put_plocks(t, ino, &keep);
+        }
+        t.delete(&key::lock_index(sid, ino));
+        Ok(())
+    }
+
+    fn put_flocks(t: &mut dyn KvTxn, ino: Ino, recs: &[(u64, u64, i32)]) {
+        if recs.is_empty() {
+            t.delete(&key::flocks(ino));
+        } else {
+            t.set(&key::flocks(ino), locks::encode_flocks(recs));
+        }
+    }
+
+    fn put_plocks(t: &mut dyn KvTxn, ino: Ino, recs: &[locks::PRecord]) {
+        if recs.is_empty() {
+            t.delete(&key::plocks(ino));
+        } else {
+            t.set(&key::plocks(ino), locks::encode_plocks(recs));
+        }
+    }
+
+    /// Change the lock tables of `ino` in one transaction, keeping the session's lock index
+    /// and this client's set of locked inodes true. `taking`: the change may add a lock (the
+    /// inode must exist).
+    fn lock_txn(
+        &self,
+        ino: Ino,
+        taking: bool,
+        mut f: impl FnMut(&mut Vec<(u64, u64, i32)>, &mut Vec<locks::PRecord>) -> Result<()>,
+    ) -> Result<()> {
+        let sid = self.sid();
+        let mut locked = self.locked.lock().unwrap();
+        let holds = self.txn(|t| {
+            if taking {
+                get_attr(t, ino)?;
+            }
+            let mut fl = locks::decode_flocks(&t.get(&key::flocks(ino))?.unwrap_or_default());
+            let mut pl = locks::decode_plocks(&t.get(&key::plocks(ino))?.unwrap_or_default());
+            f(&mut fl, &mut pl)?;
+            Self::put_flocks(t, ino, &fl);
+            Self::put_plocks(t, ino, &pl);
+            Self::index_locks(t, sid, ino, &fl, &pl);
+            Ok(fl.iter().any(|r| r.0 == sid) || pl.iter().any(|r| r.sid == sid))
+        })?;
+        if holds {
+            locked.insert(ino);
+        } else {
+            locked.remove(&ino);
+        }
+        Ok(())
+    }
+
+    /// Keep the per-session lock index true: `K sid ino` exists while `sid` holds a lock on
+    /// `ino`, so a dead session's locks are found without scanning every lock.
+    fn index_locks(
+        t: &mut dyn KvTxn,
+        sid: u64,
+        ino: Ino,
+        flocks: &[(u64, u64, i32)],
+        plocks: &[locks::PRecord],
+    ) {
+        if flocks.iter().any(|r| r.0 == sid) || plocks.iter().any(|r| r.sid == sid) {
+            t.set(&key::lock_index(sid, ino), Vec::new());
+        } else {
+            t.delete(&key::lock_index(sid, ino));
+        }
+    }
+
+    /// What a session leaves behind, removed: its open files (freed when unlinked and no
+    /// other session has them open), its locks, its record.
     fn clean_session(&self, sid: u64) -> Result<()> {
-        let p = key::sustained(sid, 0)[..9].to_vec();
-        let open = self.kv.scan(&p, &key::prefix_end(&p), usize::MAX)?;
-        for (k, _) in open {
-            let ino = key::u64_at(&k, 9);
-            self.txn(|t| self.remove_sustained(t, sid, ino))?;
+        for (prefix, locks) in [
+            (key::sustained_prefix(sid), false),
+            (key::lock_index_prefix(sid), true),
+        ] {
+            loop {
+                let page = self.kv.scan(&prefix, &key::prefix_end(&prefix), 256)?;
+                if page.is_empty() {
+                    break;
+                }
+                for (k, _) in page {
+                    let ino = key::u64_at(&k, 9);
+                    if locks {
+                        self.txn(|t| Self::drop_session_locks(t, sid, ino))?;
+                    } else {
+                        self.txn(|t| self.release_holder(t, sid, ino))?;
+                    }
+                }
+            }
         }
         self.txn(|t| {
             t.delete(&key::session(sid));
             Ok(())
         })
+    }
+
+    /// On engines other clients share: clean up after sessions whose heartbeat stopped.
+    fn reap_dead_sessions(&self) -> Result<usize> {
+        let now = unix_now();
+        let timeout = self.session_timeout.as_secs() as i64;
+        let mut reaped = 0;
+        for s in self.list_sessions()? {
+            if s.sid != self.sid() && now - s.heartbeat > timeout {
+                tracing::warn!(
+                    sid = s.sid,
+                    host = %s.hostname,
+                    mount_point = %s.mount_point,
+                    last_heartbeat = s.heartbeat,
+                    "cleaning up after a session that stopped heartbeating"
+                );
+                self.clean_session(s.sid)?;
+                reaped += 1;
+            }
+        }
+        Ok(reaped)
+    }
+
+    /// Look for dead sessions now, whatever the time since the last look (tests, `status`).
+    pub fn reap_now(&self) -> Result<usize> {
+        self.last_reap.store(unix_now() as u64, Ordering::Relaxed);
+        self.reap_dead_sessions()
     }
 }
 
@@ -448,10 +608,10 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             let p = [b'O'];
             for (k, _) in self.kv.scan(&p, &key::prefix_end(&p), usize::MAX)? {
                 let (sid, ino) = (key::u64_at(&k, 1), key::u64_at(&k, 9));
-                self.txn(|t| self.remove_sustained(t, sid, ino))?;
+                self.txn(|t| self.release_holder(t, sid, ino))?;
             }
         }
-        let sid = self.txn(|t| Ok(incr(t, C_NEXT_SESSION, 1)? as u64))?;
+        let sid = self.kv.incr_by(&key::counter(C_NEXT_SESSION), 1)? as u64;
         info.sid = sid;
         info.started = unix_now();
         info.heartbeat = info.started;
@@ -461,26 +621,48 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             Ok(())
         })?;
         self.sid.store(sid, Ordering::Relaxed);
+        *self.session.lock().unwrap() = Some(info);
+        if !self.kv.exclusive() {
+            self.reap_now()?;
+        }
         Ok(sid)
     }
 
     fn heartbeat(&self) -> Result<()> {
-        let sid = self.sid.load(Ordering::Relaxed);
-        self.txn(|t| {
-            if let Some(v) = t.get(&key::session(sid))? {
-                if let Ok(mut info) = serde_json::from_slice::<SessionInfo>(&v) {
-                    info.heartbeat = unix_now();
-                    if let Ok(j) = serde_json::to_vec(&info) {
-                        t.set(&key::session(sid), j);
-                    }
-                }
-            }
-            Ok(())
-        })
+        let Some(mut info) = self.session.lock().unwrap().clone() else {
+            return Ok(());
+        };
+        info.heartbeat = unix_now();
+        let json = serde_json::to_vec(&info).map_err(|e| MetaError::Config(e.to_string()))?;
+        let sid = info.sid;
+        let lost = self.txn(|t| {
+            let lost = t.get(&key::session(sid))?.is_none();
+            t.set(&key::session(sid), json.clone());
+            Ok(lost)
+        })?;
+        if lost {
+            // Another client took this session for dead (no heartbeat within the timeout):
+            // its locks and open-file records are gone. Carry on under the same id.
+            tracing::error!(
+                sid,
+                "this session was cleaned up by another client after missing heartbeats; \
+                 locks it held are lost"
+            );
+        }
+        self.session.lock().unwrap().replace(info);
+        let last = self.last_reap.load(Ordering::Relaxed) as i64;
+        if !self.kv.exclusive() && unix_now() - last >= self.session_timeout.as_secs() as i64 / 2 {
+            self.reap_now()?;
+        }
+        Ok(())
+    }
+
+    fn heartbeat_interval(&self) -> Duration {
+        (self.session_timeout / 6).clamp(Duration::from_millis(200), Duration::from_secs(10))
     }
 
     fn close_session(&self) -> Result<()> {
-        let sid = self.sid.load(Ordering::Relaxed);
+        let sid = self.sid();
         if sid != 0 {
             self.clean_session(sid)?;
         }
@@ -656,9 +838,9 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             }
             access_ok(ctx, &a, MODE_W)?;
             if length > a.length {
-                self.check_space(t, align4k(length) - align4k(a.length))?;
+                self.check_space(align4k(length) - align4k(a.length))?;
             }
-            Self::set_length(t, ino, &mut a, length)?;
+            self.set_length(t, ino, &mut a, length)?;
             let ts = now();
             a.mtime = ts;
             a.ctime = ts;
@@ -701,8 +883,8 @@ impl<E: KvEngine> Meta for KvMeta<E> {
                 }
             }
             if mode & FALLOC_FL_KEEP_SIZE == 0 && end > a.length {
-                self.check_space(t, align4k(end) - align4k(a.length))?;
-                Self::set_length(t, ino, &mut a, end)?;
+                self.check_space(align4k(end) - align4k(a.length))?;
+                self.set_length(t, ino, &mut a, end)?;
             }
             let ts = now();
             if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) != 0 {
@@ -799,7 +981,6 @@ impl<E: KvEngine> Meta for KvMeta<E> {
         if name.len() > MAX_NAME {
             return Err(Errno::ENAMETOOLONG.into());
         }
-        let open = self.open.lock().unwrap();
         self.txn(|t| {
             let mut p = get_attr(t, parent)?;
             if !p.is_dir() {
@@ -816,7 +997,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             t.delete(&key::dentry(parent, name));
             touch_dir(&mut p, ts);
             put_attr(t, parent, &p);
-            self.drop_link(t, &open, ino, a, ts)
+            self.drop_link(t, ino, a, ts)
         })
     }
 
@@ -850,7 +1031,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             p.nlink = p.nlink.saturating_sub(1);
             touch_dir(&mut p, ts);
             put_attr(t, parent, &p);
-            Self::destroy_inode(t, ino, &a)
+            self.destroy_inode(t, ino, &a)
         })
     }
 
@@ -876,7 +1057,6 @@ impl<E: KvEngine> Meta for KvMeta<E> {
         if matches!(name, b"." | b"..") {
             return Err(Errno::EINVAL.into());
         }
-        let open = self.open.lock().unwrap();
         self.txn(|t| {
             let mut sp = get_attr(t, parent)?;
             if !sp.is_dir() {
@@ -988,9 +1168,9 @@ impl<E: KvEngine> Meta for KvMeta<E> {
                     }
                     if dtyp == FileType::Directory {
                         dp.nlink = dp.nlink.saturating_sub(1);
-                        Self::destroy_inode(t, dino, &da)?;
+                        self.destroy_inode(t, dino, &da)?;
                     } else {
-                        self.drop_link(t, &open, dino, da, ts)?;
+                        self.drop_link(t, dino, da, ts)?;
                     }
                 }
                 t.delete(&key::dentry(parent, name));
@@ -1084,30 +1264,41 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             0
         };
         access_ok(ctx, &a, mask)?;
-        *self.open.lock().unwrap().entry(ino).or_insert(0) += 1;
+        let mut open = self.open_shard(ino);
+        let n = open.get(&ino).copied().unwrap_or(0);
+        let a = if n == 0 {
+            // First open here: record it in the engine, so that an unlink by any client
+            // keeps the file until this session closes it.
+            let sid = self.sid();
+            self.txn(|t| {
+                let a = get_attr(t, ino)?;
+                t.set(&key::holder(ino, sid), Vec::new());
+                t.set(&key::sustained(sid, ino), Vec::new());
+                Ok(a)
+            })?
+        } else {
+            a
+        };
+        open.insert(ino, n + 1);
         Ok(a)
     }
 
     fn close(&self, ino: Ino) -> Result<()> {
-        let mut open = self.open.lock().unwrap();
-        let last = match open.get_mut(&ino) {
+        let mut open = self.open_shard(ino);
+        match open.get_mut(&ino) {
             Some(n) if *n > 1 => {
                 *n -= 1;
-                false
+                Ok(())
             }
             Some(_) => {
+                let sid = self.sid();
+                // Forgotten here even if the engine fails: a later cleanup of this session
+                // (restart, or another client after the timeout) removes the record.
                 open.remove(&ino);
-                true
+                self.txn(|t| self.release_holder(t, sid, ino))
             }
-            None => false,
-        };
-        if last {
-            let sid = self.sid.load(Ordering::Relaxed);
-            if self.kv.get(&key::sustained(sid, ino))?.is_some() {
-                self.txn(|t| self.remove_sustained(t, sid, ino))?;
-            }
+            None => Ok(()),
         }
-        Ok(())
     }
 
     fn new_slice_id(&self) -> Result<u64> {
@@ -1138,8 +1329,8 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             let end = idx as u64 * CHUNK_SIZE + slice.end() as u64;
             if end > a.length {
                 let grow = align4k(end) - align4k(a.length);
-                self.check_space(t, grow)?;
-                incr(t, C_USED_SPACE, grow as i64)?;
+                self.check_space(grow)?;
+                add(t, C_USED_SPACE, grow as i64);
                 a.length = end;
             }
             let ts = now();
@@ -1168,7 +1359,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
                 t.set(&k, Slice::encode_list(&list));
             }
             let dead: Vec<Slice> = replaced.iter().copied().filter(|s| s.id != 0).collect();
-            Self::trash_slices(t, &dead)?;
+            self.trash_slices(t, &dead)?;
             Ok(true)
         })
     }
@@ -1310,77 +1501,41 @@ impl<E: KvEngine> Meta for KvMeta<E> {
     }
 
     fn flock(&self, ino: Ino, owner: u64, typ: i32) -> Result<()> {
-        let sid = self.sid.load(Ordering::Relaxed);
-        self.txn(|t| {
-            get_attr(t, ino)?;
-            let k = key::flocks(ino);
-            let recs = locks::decode_flocks(&t.get(&k)?.unwrap_or_default());
-            let new = locks::flock_apply(recs, sid, owner, typ)?;
-            if new.is_empty() {
-                t.delete(&k);
-            } else {
-                t.set(&k, locks::encode_flocks(&new));
-            }
+        let sid = self.sid();
+        self.lock_txn(ino, typ != F_UNLCK, |fl, _| {
+            *fl = locks::flock_apply(std::mem::take(fl), sid, owner, typ)?;
             Ok(())
         })
     }
 
     fn getlk(&self, ino: Ino, owner: u64, lock: &PLock) -> Result<Option<PLock>> {
         locks::check_range(lock)?;
-        let sid = self.sid.load(Ordering::Relaxed);
+        let sid = self.sid();
         let recs = locks::decode_plocks(&self.kv.get(&key::plocks(ino))?.unwrap_or_default());
         Ok(locks::conflict(&recs, sid, owner, lock))
     }
 
     fn setlk(&self, ino: Ino, owner: u64, lock: &PLock) -> Result<()> {
         locks::check_range(lock)?;
-        let sid = self.sid.load(Ordering::Relaxed);
-        self.txn(|t| {
-            get_attr(t, ino)?;
-            let k = key::plocks(ino);
-            let recs = locks::decode_plocks(&t.get(&k)?.unwrap_or_default());
-            if lock.typ != F_UNLCK && locks::conflict(&recs, sid, owner, lock).is_some() {
+        let sid = self.sid();
+        self.lock_txn(ino, lock.typ != F_UNLCK, |_, pl| {
+            if lock.typ != F_UNLCK && locks::conflict(pl, sid, owner, lock).is_some() {
                 return Err(Errno::EAGAIN.into());
             }
-            let new = locks::apply(recs, sid, owner, *lock);
-            if new.is_empty() {
-                t.delete(&k);
-            } else {
-                t.set(&k, locks::encode_plocks(&new));
-            }
+            *pl = locks::apply(std::mem::take(pl), sid, owner, *lock);
             Ok(())
         })
     }
 
     fn release_locks(&self, ino: Ino, owner: u64) -> Result<()> {
-        let sid = self.sid.load(Ordering::Relaxed);
-        let (fk, pk) = (key::flocks(ino), key::plocks(ino));
-        if self.kv.get(&fk)?.is_none() && self.kv.get(&pk)?.is_none() {
+        if !self.locked.lock().unwrap().contains(&ino) {
+            // No lock of this session on the inode: nothing to ask the engine.
             return Ok(());
         }
-        self.txn(|t| {
-            if let Some(v) = t.get(&fk)? {
-                let keep: Vec<_> = locks::decode_flocks(&v)
-                    .into_iter()
-                    .filter(|r| (r.0, r.1) != (sid, owner))
-                    .collect();
-                if keep.is_empty() {
-                    t.delete(&fk)
-                } else {
-                    t.set(&fk, locks::encode_flocks(&keep))
-                }
-            }
-            if let Some(v) = t.get(&pk)? {
-                let keep: Vec<_> = locks::decode_plocks(&v)
-                    .into_iter()
-                    .filter(|r| (r.sid, r.owner) != (sid, owner))
-                    .collect();
-                if keep.is_empty() {
-                    t.delete(&pk)
-                } else {
-                    t.set(&pk, locks::encode_plocks(&keep))
-                }
-            }
+        let sid = self.sid();
+        self.lock_txn(ino, false, |fl, pl| {
+            fl.retain(|r| (r.0, r.1) != (sid, owner));
+            pl.retain(|r| (r.sid, r.owner) != (sid, owner));
             Ok(())
         })
     }
@@ -1487,10 +1642,10 @@ impl<E: KvEngine> KvMeta<E> {
             if typ == FileType::Directory && p.nlink >= MAX_LINKS {
                 return Err(Errno::EMLINK.into());
             }
-            let used = incr(t, C_USED_INODES, 1)?;
-            if max_inodes > 0 && used as u64 > max_inodes {
+            if max_inodes > 0 && self.counter(C_USED_INODES)?.max(0) as u64 >= max_inodes {
                 return Err(Errno::ENOSPC.into());
             }
+            add(t, C_USED_INODES, 1);
             let mut a = Attr::new(typ, mode as u16, ctx.uid, ctx.gid);
             if p.mode & libc::S_ISGID as u16 != 0 {
                 // BSD group semantics in a set-group-ID directory.

@@ -4,7 +4,7 @@
 //! [`KvEngine`] transaction model, so each engine crate (RocksDB, later Redis) only provides an
 //! ordered, transactional key-value store. Every namespace change is one transaction.
 
-mod encoding;
+pub mod encoding;
 mod error;
 mod kv;
 mod kvmeta;
@@ -15,8 +15,8 @@ pub mod conformance;
 pub mod url;
 
 pub use error::{Errno, MetaError, Result};
-pub use kv::{BufferedTxn, KvEngine, KvPair, KvRead, KvTxn, MemKv};
-pub use kvmeta::KvMeta;
+pub use kv::{counter_value, BufferedTxn, KvEngine, KvPair, KvRead, KvTxn, MemKv, TxnWrites};
+pub use kvmeta::{KvMeta, DEFAULT_SESSION_TIMEOUT};
 pub use locks::{PLock, F_RDLCK, F_UNLCK, F_WRLCK};
 pub use types::*;
 
@@ -42,7 +42,13 @@ pub trait Meta: Send + Sync {
 
     /// Register this client; cleans up what dead sessions left behind. Returns the session id.
     fn new_session(&self, info: SessionInfo) -> Result<u64>;
+    /// Refresh this session's heartbeat; on engines other clients share, also clean up
+    /// after sessions whose heartbeat stopped.
     fn heartbeat(&self) -> Result<()>;
+    /// How often [`Meta::heartbeat`] should be called.
+    fn heartbeat_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(10)
+    }
     fn close_session(&self) -> Result<()>;
     fn list_sessions(&self) -> Result<Vec<SessionInfo>>;
 
