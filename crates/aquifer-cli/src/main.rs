@@ -262,6 +262,22 @@ struct MountArgs {
     /// Data directory of the embedded default volume.
     #[arg(long, env = "AQUIFER_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// Seconds without a heartbeat after which other mounts of a shared volume (Redis) take
+    /// this mount for dead and clean up after it: its locks are released and the files it
+    /// had open but were unlinked are freed. Heartbeats go every sixth of it (at most 10 s).
+    #[arg(long, default_value_t = 60.0, value_parser = parse_session_timeout)]
+    session_timeout: f64,
+}
+
+fn parse_session_timeout(v: &str) -> std::result::Result<f64, String> {
+    let s: f64 = v
+        .trim()
+        .parse()
+        .map_err(|_| format!("{v:?} is not a number of seconds"))?;
+    if !(1.0..=86400.0).contains(&s) {
+        return Err(format!("{s} is not between 1 and 86400 seconds"));
+    }
+    Ok(s)
 }
 
 #[derive(Args)]
@@ -439,6 +455,20 @@ fn meta_err(e: MetaError) -> anyhow::Error {
 
 /// Open the metadata engine behind `url`.
 fn open_meta(url: &str, create: bool, read_only: bool) -> Result<Arc<dyn Meta>> {
+    open_meta_with(
+        url,
+        create,
+        read_only,
+        aquifer_meta::DEFAULT_SESSION_TIMEOUT,
+    )
+}
+
+fn open_meta_with(
+    url: &str,
+    create: bool,
+    read_only: bool,
+    session_timeout: Duration,
+) -> Result<Arc<dyn Meta>> {
     match MetaUrl::parse(url).map_err(meta_err)? {
         MetaUrl::RocksDb { path } => {
             let kv = if read_only {
@@ -450,6 +480,12 @@ fn open_meta(url: &str, create: bool, read_only: bool) -> Result<Arc<dyn Meta>> 
             Ok(Arc::new(KvMeta::new(kv)))
         }
         MetaUrl::Memory => Ok(Arc::new(KvMeta::new(MemKv::new()))),
+        MetaUrl::Redis(r) => {
+            let kv = aquifer_meta_redis::RedisKv::open(&r).map_err(meta_err)?;
+            Ok(Arc::new(
+                KvMeta::new(kv).with_session_timeout(session_timeout),
+            ))
+        }
     }
 }
 
@@ -682,7 +718,12 @@ fn mount(a: MountArgs) -> Result<()> {
             (format!("rocksdb://{}", vol.join("meta").display()), true)
         }
     };
-    let meta = open_meta(&url, embedded, false)?;
+    let meta = open_meta_with(
+        &url,
+        embedded,
+        false,
+        Duration::from_secs_f64(a.session_timeout),
+    )?;
     if embedded && matches!(meta.load_format(), Err(MetaError::NotFormatted)) {
         let blocks = data_dir.join("default").join("blocks");
         let f = new_format("default", "file", &blocks.display().to_string(), 4096, 0, 0)?;
@@ -972,7 +1013,20 @@ fn objbench(a: ObjbenchArgs) -> Result<()> {
 fn status(a: StatusArgs) -> Result<()> {
     let meta = open_meta(&a.meta_url, false, true)?;
     let f = meta.load_format().map_err(meta_err)?;
-    let sessions = meta.list_sessions().map_err(meta_err)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let sessions: Vec<serde_json::Value> = meta
+        .list_sessions()
+        .map_err(meta_err)?
+        .into_iter()
+        .map(|s| {
+            let mut v = serde_json::to_value(&s).unwrap_or_default();
+            v["heartbeat_age_secs"] = (now - s.heartbeat).into();
+            v
+        })
+        .collect();
     let (used, inodes) = meta.usage().map_err(meta_err)?;
     let out = serde_json::json!({
         "setting": f.redacted(),

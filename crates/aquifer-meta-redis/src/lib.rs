@@ -1,0 +1,831 @@
+//! Redis engine for aquifer metadata: `redis://`, `rediss://`, Sentinel and Cluster URLs.
+//!
+//! The namespace logic is [`aquifer_meta::KvMeta`]'s; this crate maps its keys onto Redis and
+//! runs its transactions optimistically:
+//!
+//! - **Layout.** Every key of a volume starts with the hash tag `{DB}`, so in a cluster the
+//!   whole volume lives in one slot and a transaction never crosses nodes. A key in a group
+//!   (a directory's entries, a file's chunks, an inode's xattrs, a session's open files and
+//!   locks: [`aquifer_meta::encoding::GROUPED`]) is a field of one hash per group; any other
+//!   key is a string. Counters are decimal strings so that `INCRBY` works on them. Tags that
+//!   are listed across groups ([`aquifer_meta::encoding::LISTED`]: sessions, chunks for gc,
+//!   trash, journal, locks) have a sorted set `{DB}#TAG` of their ids, scanned with
+//!   `ZRANGEBYLEX`.
+//! - **Transactions.** Each read inside a transaction `WATCH`es exactly the key it reads (a
+//!   scan within a group watches the group's hash) in the same round trip as the read; the
+//!   writes go as one `MULTI`/`EXEC`. `EXEC` fails when a watched key changed, and the closure
+//!   runs again on fresh state: serialisable across clients. Counter additions are `INCRBY`s
+//!   inside the `MULTI`, never watched, so clients do not conflict on the usage counters.
+//! - **Failures.** A lost connection, a server restarting (`LOADING`), a failover
+//!   (`READONLY`, `MASTERDOWN`) or a moved slot (`MOVED`) makes the operation run again on a
+//!   new connection to the current master, with backoff, until a deadline; then it fails
+//!   with the engine's error (EIO above). A transaction is all or nothing, so nothing is
+//!   half-applied; one whose `EXEC` reply was lost may run twice (its closure re-reads the
+//!   state, so it either finds its change done or makes it).
+
+use aquifer_meta::encoding::{group_len, is_counter, GROUPED, LISTED};
+use aquifer_meta::url::{RedisTopology, RedisUrl};
+use aquifer_meta::{BufferedTxn, KvEngine, KvPair, KvRead, KvTxn, MetaError, Result};
+use redis::{Client, Connection, ErrorKind, RedisError, ServerErrorKind, Value};
+use std::cell::RefCell;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+const ENGINE: &str = "redis";
+/// Idle connections kept for reuse.
+const POOL_MAX: usize = 32;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an operation keeps retrying through outages before it fails.
+pub const DEFAULT_RETRY_DEADLINE: Duration = Duration::from_secs(30);
+/// Ids read per page when scanning a listed tag's index.
+const INDEX_PAGE: usize = 256;
+
+/// Drop a listed group's id from its index when the group's hash is gone: run inside the
+/// `MULTI`, after the deletes that may have emptied it.
+const UNINDEX_IF_EMPTY: &str =
+    "if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('ZREM', KEYS[2], ARGV[1]) end return 0";
+
+pub struct RedisKv {
+    url: RedisUrl,
+    prefix: Vec<u8>,
+    /// The client for the current master; `None` until resolved (again, after a failover or
+    /// a moved slot).
+    master: Mutex<Option<Client>>,
+    pool: Mutex<Vec<Connection>>,
+    deadline: Duration,
+}
+
+fn engine_err(e: impl std::fmt::Display) -> MetaError {
+    MetaError::engine(ENGINE, e)
+}
+
+/// Errors after which the same operation may succeed on a new connection or a new master.
+fn retryable(e: &RedisError) -> bool {
+    if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout() {
+        return true;
+    }
+    matches!(
+        e.kind(),
+        ErrorKind::Server(
+            ServerErrorKind::BusyLoading
+                | ServerErrorKind::Moved
+                | ServerErrorKind::Ask
+                | ServerErrorKind::TryAgain
+                | ServerErrorKind::ClusterDown
+                | ServerErrorKind::MasterDown
+                | ServerErrorKind::ReadOnly
+        ) | ErrorKind::MasterNameNotFoundBySentinel
+            | ErrorKind::EmptySentinelList
+    )
+}
+
+/// Errors that mean the master we talk to is no longer the right one.
+fn wrong_master(e: &RedisError) -> bool {
+    !matches!(
+        e.kind(),
+        ErrorKind::Server(ServerErrorKind::BusyLoading | ServerErrorKind::TryAgain)
+    )
+}
+
+fn conn_info(
+    url: &RedisUrl,
+    host: &str,
+    port: u16,
+    db: i64,
+    password: Option<&str>,
+    username: Option<&str>,
+) -> redis::RedisResult<Client> {
+    let addr = if url.tls {
+        redis::ConnectionAddr::TcpTls {
+            host: host.to_string(),
+            port,
+            insecure: url.insecure,
+            tls_params: None,
+        }
+    } else {
+        redis::ConnectionAddr::Tcp(host.to_string(), port)
+    };
+    let mut settings = redis::RedisConnectionInfo::default().set_db(db);
+    if let Some(u) = username {
+        settings = settings.set_username(u);
+    }
+    if let Some(p) = password {
+        settings = settings.set_password(p);
+    }
+    let info = redis::IntoConnectionInfo::into_connection_info(addr)?.set_redis_settings(settings);
+    if url.tls && (url.ca_cert_file.is_some() || url.cert_file.is_some()) {
+        let read = |f: &str| {
+            std::fs::read(f).map_err(|e| {
+                RedisError::from((
+                    ErrorKind::InvalidClientConfig,
+                    "cannot read a TLS file",
+                    format!("{f}: {e}"),
+                ))
+            })
+        };
+        let client_tls = match (&url.cert_file, &url.key_file) {
+            (Some(c), Some(k)) => Some(redis::ClientTlsConfig {
+                client_cert: read(c)?,
+                client_key: read(k)?,
+            }),
+            _ => None,
+        };
+        let root_cert = url.ca_cert_file.as_deref().map(read).transpose()?;
+        Client::build_with_tls(
+            info,
+            redis::TlsCertificates {
+                client_tls,
+                root_cert,
+            },
+        )
+    } else {
+        Client::open(info)
+    }
+}
+
+fn connect(client: &Client) -> redis::RedisResult<Connection> {
+    let c = client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
+    c.set_read_timeout(Some(IO_TIMEOUT))?;
+    c.set_write_timeout(Some(IO_TIMEOUT))?;
+    Ok(c)
+}
+
+impl RedisKv {
+    /// Connect to the volume at `url` (checking that a server answers).
+    pub fn open(url: &RedisUrl) -> Result<RedisKv> {
+        let kv = Self::open_unchecked(url);
+        // One quick attempt: a wrong address or password is reported at once, not after
+        // the retry deadline.
+        let mut c = kv.new_connection().map_err(|e| {
+            MetaError::Config(format!(
+                "cannot connect to the metadata engine at {}: {e}",
+                url.display()
+            ))
+        })?;
+        redis::cmd("PING")
+            .query::<()>(&mut c)
+            .map_err(|e| MetaError::Config(format!("{}: {e}", url.display())))?;
+        kv.pool.lock().unwrap().push(c);
+        Ok(kv)
+    }
+
+    /// The engine for `url`, connecting at its first operation.
+    pub fn open_unchecked(url: &RedisUrl) -> RedisKv {
+        RedisKv {
+            url: url.clone(),
+            prefix: format!("{{{}}}", url.db).into_bytes(),
+            master: Mutex::new(None),
+            pool: Mutex::new(Vec::new()),
+            deadline: DEFAULT_RETRY_DEADLINE,
+        }
+    }
+
+    /// Keep this volume's keys under the hash tag `{tag}` instead of `{DB}` (tests put many
+    /// volumes in one database).
+    pub fn with_volume_tag(mut self, tag: &str) -> Self {
+        self.prefix = format!("{{{tag}}}").into_bytes();
+        self
+    }
+
+    /// How long an operation keeps retrying through an outage before it fails.
+    pub fn with_retry_deadline(mut self, d: Duration) -> Self {
+        self.deadline = d;
+        self
+    }
+
+    /// Resolve the master for this volume's keys: the one server, the master the sentinels
+    /// name, or the cluster node serving the volume's hash slot.
+    fn resolve(&self) -> redis::RedisResult<Client> {
+        let u = &self.url;
+        let pw = u.password.as_ref().map(|s| s.0.as_str());
+        let user = u.username.as_deref();
+        match &u.topology {
+            RedisTopology::Single { host, port } => {
+                conn_info(u, host, *port, u.db as i64, pw, user)
+            }
+            RedisTopology::Sentinel { master, sentinels } => {
+                let spw = u.sentinel_password.as_ref().map(|s| s.0.as_str()).or(pw);
+                let mut last = RedisError::from((ErrorKind::EmptySentinelList, "no sentinel"));
+                for (h, p) in sentinels {
+                    let addr = conn_info(u, h, *p, 0, spw, None)
+                        .and_then(|c| connect(&c))
+                        .and_then(|mut c| {
+                            redis::cmd("SENTINEL")
+                                .arg("get-master-addr-by-name")
+                                .arg(master)
+                                .query::<Option<(String, u16)>>(&mut c)
+                        });
+                    match addr {
+                        Ok(Some((mh, mp))) => {
+                            let client = conn_info(u, &mh, mp, u.db as i64, pw, user)?;
+                            // A just-demoted master may still be named: check its role.
+                            let mut c = connect(&client)?;
+                            let role: Vec<Value> = redis::cmd("ROLE").query(&mut c)?;
+                            match role.first() {
+                                Some(Value::BulkString(r)) if r == b"master" => return Ok(client),
+                                _ => {
+                                    last = RedisError::from((
+                                        ErrorKind::Server(ServerErrorKind::ReadOnly),
+                                        "the master named by the sentinels is not a master yet",
+                                    ))
+                                }
+                            }
+                        }
+                        Ok(None) => {
+                            last = RedisError::from((
+                                ErrorKind::MasterNameNotFoundBySentinel,
+                                "sentinel does not know the master",
+                                master.clone(),
+                            ))
+                        }
+                        Err(e) => last = e,
+                    }
+                }
+                Err(last)
+            }
+            RedisTopology::Cluster { nodes } => {
+                let mut last = RedisError::from((ErrorKind::Io, "no cluster node answered"));
+                for (h, p) in nodes {
+                    let r = conn_info(u, h, *p, 0, pw, user)
+                        .and_then(|c| connect(&c))
+                        .and_then(|mut c| {
+                            let slot: i64 = redis::cmd("CLUSTER")
+                                .arg("KEYSLOT")
+                                .arg(&self.prefix[..])
+                                .query(&mut c)?;
+                            let slots: Vec<Value> =
+                                redis::cmd("CLUSTER").arg("SLOTS").query(&mut c)?;
+                            Ok((slot, slots))
+                        });
+                    let (slot, slots) = match r {
+                        Ok(v) => v,
+                        Err(e) => {
+                            last = e;
+                            continue;
+                        }
+                    };
+                    if let Some((mh, mp)) = slot_master(&slots, slot, h) {
+                        return conn_info(u, &mh, mp, 0, pw, user);
+                    }
+                    last = RedisError::from((
+                        ErrorKind::Server(ServerErrorKind::ClusterDown),
+                        "no node serves the volume's slot",
+                    ));
+                }
+                Err(last)
+            }
+        }
+    }
+
+    fn new_connection(&self) -> redis::RedisResult<Connection> {
+        let client = {
+            let mut m = self.master.lock().unwrap();
+            match &*m {
+                Some(c) => c.clone(),
+                None => {
+                    let c = self.resolve()?;
+                    *m = Some(c.clone());
+                    c
+                }
+            }
+        };
+        connect(&client)
+    }
+
+    fn take_connection(&self) -> redis::RedisResult<Connection> {
+        if let Some(c) = self.pool.lock().unwrap().pop() {
+            return Ok(c);
+        }
+        self.new_connection()
+    }
+
+    fn put_connection(&self, c: Connection) {
+        let mut p = self.pool.lock().unwrap();
+        if p.len() < POOL_MAX {
+            p.push(c);
+        }
+    }
+
+    /// After an error that a retry may fix: forget every connection (they all go to the old
+    /// server) and, when the master may have moved, the master too.
+    fn reset(&self, e: &RedisError) {
+        self.pool.lock().unwrap().clear();
+        if wrong_master(e) {
+            *self.master.lock().unwrap() = None;
+        }
+    }
+
+    /// Run `op` on a connection, again on a new one after a retryable error, with backoff,
+    /// until the deadline.
+    fn run<T>(&self, mut op: impl FnMut(&mut Connection) -> redis::RedisResult<T>) -> Result<T> {
+        let start = Instant::now();
+        let mut backoff = Duration::from_millis(20);
+        let mut warned = false;
+        loop {
+            let r = self.take_connection().and_then(|mut c| {
+                let r = op(&mut c);
+                if r.is_ok() {
+                    self.put_connection(c);
+                }
+                r
+            });
+            match r {
+                Ok(v) => {
+                    if warned {
+                        tracing::info!("metadata engine reachable again");
+                    }
+                    return Ok(v);
+                }
+                Err(e) if retryable(&e) && start.elapsed() < self.deadline => {
+                    if !warned {
+                        tracing::warn!(error = %e, "metadata engine unavailable; retrying");
+                        warned = true;
+                    }
+                    self.reset(&e);
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+                Err(e) => return Err(engine_err(e)),
+            }
+        }
+    }
+
+    /// The Redis key of a metadata key, and the hash field when it is in a group.
+    fn locate(&self, key: &[u8]) -> (Vec<u8>, Option<Vec<u8>>) {
+        let mut rk = self.prefix.clone();
+        match group_len(key) {
+            Some(n) => {
+                rk.extend_from_slice(&key[..n]);
+                (rk, Some(key[n..].to_vec()))
+            }
+            None => {
+                rk.extend_from_slice(key);
+                (rk, None)
+            }
+        }
+    }
+
+    fn index_key(&self, tag: u8) -> Vec<u8> {
+        let mut k = self.prefix.clone();
+        k.push(b'#');
+        k.push(tag);
+        k
+    }
+
+    /// Get one key; with `watch`, WATCH it in the same round trip.
+    fn get_on(
+        &self,
+        c: &mut Connection,
+        key: &[u8],
+        watch: bool,
+    ) -> redis::RedisResult<Option<Vec<u8>>> {
+        let (rk, field) = self.locate(key);
+        let mut p = redis::pipe();
+        if watch {
+            p.cmd("WATCH").arg(&rk).ignore();
+        }
+        match &field {
+            Some(f) => p.cmd("HGET").arg(&rk).arg(f),
+            None => p.cmd("GET").arg(&rk),
+        };
+        let (v,): (Option<Vec<u8>>,) = p.query(c)?;
+        Ok(match v {
+            Some(v) if is_counter(key) => {
+                let n: i64 = std::str::from_utf8(&v)
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0);
+                Some(n.to_be_bytes().to_vec())
+            }
+            v => v,
+        })
+    }
+
+    /// The keys of one group in `[start, end)`, sorted.
+    fn group_rows(
+        &self,
+        c: &mut Connection,
+        group: &[u8],
+        start: &[u8],
+        end: &[u8],
+        watch: bool,
+    ) -> redis::RedisResult<Vec<KvPair>> {
+        let mut rk = self.prefix.clone();
+        rk.extend_from_slice(group);
+        let mut p = redis::pipe();
+        if watch {
+            p.cmd("WATCH").arg(&rk).ignore();
+        }
+        p.cmd("HGETALL").arg(&rk);
+        let (flat,): (Vec<Vec<u8>>,) = p.query(c)?;
+        let mut rows: Vec<KvPair> = Vec::with_capacity(flat.len() / 2);
+        let mut it = flat.into_iter();
+        while let (Some(f), Some(v)) = (it.next(), it.next()) {
+            let mut k = group.to_vec();
+            k.extend_from_slice(&f);
+            if k.as_slice() >= start && k.as_slice() < end {
+                rows.push((k, v));
+            }
+        }
+        rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        Ok(rows)
+    }
+
+    fn scan_on(
+        &self,
+        c: &mut Connection,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+        watch: bool,
+    ) -> redis::RedisResult<Vec<KvPair>> {
+        if start >= end || limit == 0 {
+            return Ok(Vec::new());
+        }
+        let tag = start[0];
+        // Within one group: one hash.
+        if GROUPED.contains(&tag) && start.len() >= 9 {
+            let group = &start[..9];
+            let group_end = aquifer_meta::encoding::prefix_end(group);
+            if end <= group_end.as_slice() {
+                let mut rows = self.group_rows(c, group, start, end, watch)?;
+                rows.truncate(limit);
+                return Ok(rows);
+            }
+        }
+        if !LISTED.contains(&tag) || end.first().is_some_and(|&e| e < tag) {
+            return Err(unsupported(start, end));
+        }
+        // Across the ids of a listed tag, through its index.
+        let idx = self.index_key(tag);
+        if watch {
+            redis::cmd("WATCH").arg(&idx).query::<()>(c)?;
+        }
+        let grouped = GROUPED.contains(&tag);
+        let id_len = |k: &[u8]| if grouped { k.len().min(9) } else { k.len() };
+        let mut min = b"[".to_vec();
+        min.extend_from_slice(&start[1..id_len(start)]);
+        let max = if end[0] == tag {
+            let mut m = b"(".to_vec();
+            m.extend_from_slice(&end[1..]);
+            m
+        } else {
+            b"+".to_vec()
+        };
+        let mut out = Vec::new();
+        loop {
+            let ids: Vec<Vec<u8>> = redis::cmd("ZRANGEBYLEX")
+                .arg(&idx)
+                .arg(&min)
+                .arg(&max)
+                .arg("LIMIT")
+                .arg(0)
+                .arg(INDEX_PAGE)
+                .query(c)?;
+            let last_page = ids.len() < INDEX_PAGE;
+            if grouped {
+                for id in &ids {
+                    let mut group = vec![tag];
+                    group.extend_from_slice(id);
+                    for row in self.group_rows(c, &group, start, end, false)? {
+                        out.push(row);
+                        if out.len() >= limit {
+                            return Ok(out);
+                        }
+                    }
+                }
+            } else if !ids.is_empty() {
+                let keys: Vec<Vec<u8>> = ids
+                    .iter()
+                    .map(|id| {
+                        let mut k = self.prefix.clone();
+                        k.push(tag);
+                        k.extend_from_slice(id);
+                        k
+                    })
+                    .collect();
+                let vals: Vec<Option<Vec<u8>>> = redis::cmd("MGET").arg(&keys).query(c)?;
+                for (id, v) in ids.iter().zip(vals) {
+                    let mut k = vec![tag];
+                    k.extend_from_slice(id);
+                    if let Some(v) = v {
+                        if k.as_slice() >= start && k.as_slice() < end {
+                            out.push((k, v));
+                            if out.len() >= limit {
+                                return Ok(out);
+                            }
+                        }
+                    }
+                }
+            }
+            match ids.last() {
+                Some(l) if !last_page => {
+                    min = b"(".to_vec();
+                    min.extend_from_slice(l);
+                }
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    /// Queue the commands of one committed write set.
+    fn queue_writes(&self, p: &mut redis::Pipeline, w: aquifer_meta::TxnWrites) {
+        let mut emptied: Vec<(Vec<u8>, u8, Vec<u8>)> = Vec::new();
+        for (k, v) in w.writes {
+            let (rk, field) = self.locate(&k);
+            let tag = k[0];
+            let listed = LISTED.contains(&tag);
+            match (v, field) {
+                (Some(v), None) => {
+                    if is_counter(&k) {
+                        let n = aquifer_meta::counter_value(Some(&v));
+                        p.cmd("SET").arg(&rk).arg(n).ignore();
+                    } else {
+                        p.cmd("SET").arg(&rk).arg(v).ignore();
+                    }
+                    if listed {
+                        p.cmd("ZADD")
+                            .arg(self.index_key(tag))
+                            .arg(0)
+                            .arg(&k[1..])
+                            .ignore();
+                    }
+                }
+                (None, None) => {
+                    p.cmd("DEL").arg(&rk).ignore();
+                    if listed {
+                        p.cmd("ZREM").arg(self.index_key(tag)).arg(&k[1..]).ignore();
+                    }
+                }
+                (Some(v), Some(f)) => {
+                    p.cmd("HSET").arg(&rk).arg(f).arg(v).ignore();
+                    if listed {
+                        p.cmd("ZADD")
+                            .arg(self.index_key(tag))
+                            .arg(0)
+                            .arg(&k[1..9])
+                            .ignore();
+                    }
+                }
+                (None, Some(f)) => {
+                    p.cmd("HDEL").arg(&rk).arg(f).ignore();
+                    if listed && !emptied.iter().any(|e| e.0 == rk) {
+                        emptied.push((rk, tag, k[1..9].to_vec()));
+                    }
+                }
+            }
+        }
+        for (k, d) in w.adds {
+            let (rk, _) = self.locate(&k);
+            p.cmd("INCRBY").arg(&rk).arg(d).ignore();
+        }
+        for (rk, tag, id) in emptied {
+            p.cmd("EVAL")
+                .arg(UNINDEX_IF_EMPTY)
+                .arg(2)
+                .arg(rk)
+                .arg(self.index_key(tag))
+                .arg(id)
+                .ignore();
+        }
+    }
+
+    /// Delete every key of this volume (tests; `aquifer load` into a used database is
+    /// refused instead).
+    pub fn destroy_volume(&self) -> Result<u64> {
+        let mut pattern = self.prefix.clone();
+        // `{` `}` are glob-safe; escape nothing else: the prefix is `{DB}`.
+        pattern.extend_from_slice(b"*");
+        let mut pat = Vec::new();
+        for &b in &pattern {
+            if b == b'[' || b == b']' || b == b'?' || b == b'\\' {
+                pat.push(b'\\');
+            }
+            pat.push(b);
+        }
+        self.run(|c| {
+            let mut cursor: u64 = 0;
+            let mut n = 0u64;
+            loop {
+                let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pat)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query(c)?;
+                if !keys.is_empty() {
+                    n += redis::cmd("DEL").arg(&keys).query::<u64>(c)?;
+                }
+                if next == 0 {
+                    return Ok(n);
+                }
+                cursor = next;
+            }
+        })
+    }
+}
+
+fn unsupported(start: &[u8], end: &[u8]) -> RedisError {
+    RedisError::from((
+        ErrorKind::Client,
+        "scan across groups of an unlisted tag",
+        format!(
+            "{}..{}",
+            String::from_utf8_lossy(start),
+            String::from_utf8_lossy(end)
+        ),
+    ))
+}
+
+/// The master of `slot` in a `CLUSTER SLOTS` reply. A node that reports an empty host means
+/// "the address you reached me at".
+fn slot_master(slots: &[Value], slot: i64, asked: &str) -> Option<(String, u16)> {
+    let int = |v: &Value| match v {
+        Value::Int(i) => Some(*i),
+        _ => None,
+    };
+    for range in slots {
+        let Value::Array(r) = range else { continue };
+        let (Some(lo), Some(hi)) = (r.first().and_then(int), r.get(1).and_then(int)) else {
+            continue;
+        };
+        if slot < lo || slot > hi {
+            continue;
+        }
+        let Some(Value::Array(node)) = r.get(2) else {
+            continue;
+        };
+        let host = match node.first() {
+            Some(Value::BulkString(h)) => String::from_utf8_lossy(h).into_owned(),
+            Some(Value::SimpleString(h)) => h.clone(),
+            _ => continue,
+        };
+        let host = if host.is_empty() || host == "?" {
+            asked.to_string()
+        } else {
+            host
+        };
+        let port = node.get(1).and_then(int)?;
+        return Some((host, port as u16));
+    }
+    None
+}
+
+impl KvRead for RedisKv {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.run(|c| self.get_on(c, key, false))
+    }
+
+    fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<KvPair>> {
+        self.run(|c| self.scan_on(c, start, end, limit, false))
+    }
+}
+
+/// The reads of one transaction: each WATCHes what it reads, on the transaction's
+/// connection. The first Redis error is kept to decide whether to retry.
+struct Watching<'a> {
+    kv: &'a RedisKv,
+    conn: RefCell<&'a mut Connection>,
+    failed: RefCell<Option<RedisError>>,
+}
+
+impl Watching<'_> {
+    fn note<T>(&self, r: redis::RedisResult<T>) -> Result<T> {
+        r.map_err(|e| {
+            let m = engine_err(&e);
+            self.failed.borrow_mut().get_or_insert(e);
+            m
+        })
+    }
+}
+
+impl KvRead for Watching<'_> {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let r = self.kv.get_on(&mut self.conn.borrow_mut(), key, true);
+        self.note(r)
+    }
+
+    fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<KvPair>> {
+        let r = self
+            .kv
+            .scan_on(&mut self.conn.borrow_mut(), start, end, limit, true);
+        self.note(r)
+    }
+}
+
+enum Attempt {
+    Done,
+    Conflict,
+    Failed(RedisError),
+    Refused(MetaError),
+}
+
+impl RedisKv {
+    fn attempt(
+        &self,
+        c: &mut Connection,
+        f: &mut dyn FnMut(&mut dyn KvTxn) -> Result<()>,
+    ) -> Attempt {
+        let view = Watching {
+            kv: self,
+            conn: RefCell::new(c),
+            failed: RefCell::new(None),
+        };
+        let mut txn = BufferedTxn::new(&view);
+        let r = f(&mut txn);
+        let writes = txn.into_writes();
+        let failed = view.failed.borrow_mut().take();
+        let c = view.conn.into_inner();
+        if let Some(e) = failed {
+            // A read failed: the closure saw an error that is the engine's, not its own.
+            return Attempt::Failed(e);
+        }
+        if let Err(e) = r {
+            let _ = redis::cmd("UNWATCH").query::<()>(c);
+            return Attempt::Refused(e);
+        }
+        if writes.is_empty() {
+            return match redis::cmd("UNWATCH").query::<()>(c) {
+                Ok(()) => Attempt::Done,
+                Err(e) => Attempt::Failed(e),
+            };
+        }
+        let mut p = redis::pipe();
+        p.atomic();
+        self.queue_writes(&mut p, writes);
+        match p.query::<Option<Value>>(c) {
+            Ok(Some(_)) => Attempt::Done,
+            Ok(None) => Attempt::Conflict,
+            Err(e) => Attempt::Failed(e),
+        }
+    }
+}
+
+impl KvEngine for RedisKv {
+    fn name(&self) -> &'static str {
+        ENGINE
+    }
+
+    fn txn(&self, f: &mut dyn FnMut(&mut dyn KvTxn) -> Result<()>) -> Result<()> {
+        let start = Instant::now();
+        let mut backoff = Duration::from_millis(20);
+        let mut conflicts = 0u32;
+        loop {
+            let attempt = self
+                .take_connection()
+                .map(|mut c| {
+                    let a = self.attempt(&mut c, f);
+                    if !matches!(a, Attempt::Failed(_)) {
+                        self.put_connection(c);
+                    }
+                    a
+                })
+                .unwrap_or_else(Attempt::Failed);
+            match attempt {
+                Attempt::Done => return Ok(()),
+                Attempt::Refused(e) => return Err(e),
+                Attempt::Conflict => {
+                    conflicts += 1;
+                    if conflicts > 3 {
+                        // Many clients on one key: spread the retries out.
+                        let jitter = (start.elapsed().subsec_nanos() % 5000) as u64;
+                        std::thread::sleep(Duration::from_micros(
+                            jitter * conflicts.min(20) as u64 / 4,
+                        ));
+                    }
+                    if start.elapsed() > self.deadline {
+                        return Err(engine_err(format!(
+                            "transaction still conflicting after {conflicts} tries"
+                        )));
+                    }
+                }
+                Attempt::Failed(e) if retryable(&e) && start.elapsed() < self.deadline => {
+                    tracing::debug!(error = %e, "metadata transaction failed; retrying");
+                    self.reset(&e);
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+                Attempt::Failed(e) => return Err(engine_err(e)),
+            }
+        }
+    }
+
+    fn sync(&self) -> Result<()> {
+        // Durability is the server's (appendonly/appendfsync); see docs/semantics.md.
+        Ok(())
+    }
+
+    fn exclusive(&self) -> bool {
+        false
+    }
+
+    fn incr_by(&self, key: &[u8], delta: i64) -> Result<i64> {
+        let (rk, _) = self.locate(key);
+        self.run(|c| redis::cmd("INCRBY").arg(&rk).arg(delta).query(c))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,303 @@
+//! The metadata conformance suite on a real `redis-server` (started here on 127.0.0.1, or the
+//! one `AQUIFER_TEST_REDIS` names), and what only this engine does: outages, indexes.
+
+use super::*;
+use aquifer_meta::conformance::SHARED_SESSION_TIMEOUT;
+use aquifer_meta::url::MetaUrl;
+use aquifer_meta::{KvMeta, Meta};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Start `redis-server` on `port` in `dir`. The child gets SIGKILL when the thread that
+/// started it ends, so it is started from a thread that lives as long as the process.
+pub(crate) fn start_server(port: u16, dir: &std::path::Path) -> Child {
+    let dir = dir.to_path_buf();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut cmd = Command::new("redis-server");
+        cmd.args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ])
+        .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+        // SAFETY: prctl in the child before exec touches no memory of the parent.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .expect("redis-server is needed by these tests: run scripts/install-deps.sh --test");
+        tx.send(child).unwrap();
+        loop {
+            std::thread::park();
+        }
+    });
+    let child = rx.recv().unwrap();
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "redis-server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+fn server() -> &'static String {
+    static URL: OnceLock<String> = OnceLock::new();
+    URL.get_or_init(|| {
+        if let Ok(u) = std::env::var("AQUIFER_TEST_REDIS") {
+            return u;
+        }
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("aquifer-redis-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::mem::forget(start_server(port, &dir));
+        format!("redis://127.0.0.1:{port}/0")
+    })
+}
+
+fn parse(url: &str) -> RedisUrl {
+    match MetaUrl::parse(url).unwrap() {
+        MetaUrl::Redis(r) => r,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A volume tag no other case in this process uses.
+fn fresh_tag() -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "t{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn open(tag: &str) -> RedisKv {
+    RedisKv::open(&parse(server()))
+        .unwrap()
+        .with_volume_tag(tag)
+}
+
+/// Deletes the case's keys when it ends.
+pub(crate) struct Cleanup(String);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = open(&self.0).destroy_volume();
+    }
+}
+
+fn fresh() -> (KvMeta<RedisKv>, Cleanup) {
+    let tag = fresh_tag();
+    (KvMeta::new(open(&tag)), Cleanup(tag))
+}
+
+fn pair() -> (KvMeta<RedisKv>, KvMeta<RedisKv>, Cleanup) {
+    let tag = fresh_tag();
+    // Two clients with their own connections, as two mounts would have.
+    (
+        KvMeta::new(open(&tag)).with_session_timeout(SHARED_SESSION_TIMEOUT),
+        KvMeta::new(open(&tag)).with_session_timeout(SHARED_SESSION_TIMEOUT),
+        Cleanup(tag),
+    )
+}
+
+mod conformance {
+    use super::*;
+    aquifer_meta::meta_conformance!(fresh());
+    aquifer_meta::meta_conformance_shared!(pair());
+}
+
+#[test]
+fn keys_are_grouped_and_tagged() {
+    let (m, _c) = fresh();
+    let ctx = aquifer_meta::Context::root();
+    m.format(&aquifer_meta::conformance::test_format(4 << 20), false)
+        .unwrap();
+    m.new_session(aquifer_meta::conformance::test_session("h"))
+        .unwrap();
+    let d = m
+        .mknod(
+            &ctx,
+            1,
+            b"d",
+            aquifer_meta::FileType::Directory,
+            0o755,
+            0,
+            0,
+        )
+        .unwrap()
+        .0;
+    for i in 0..5 {
+        m.mknod(
+            &ctx,
+            d,
+            format!("f{i}").as_bytes(),
+            aquifer_meta::FileType::File,
+            0o644,
+            0,
+            0,
+        )
+        .unwrap();
+    }
+    let kv = m.engine_ref();
+    let mut c = kv.take_connection().unwrap();
+    let mut dir_key = kv.prefix.clone();
+    dir_key.push(b'E');
+    dir_key.extend_from_slice(&d.to_be_bytes());
+    let typ: String = redis::cmd("TYPE").arg(&dir_key).query(&mut c).unwrap();
+    assert_eq!(typ, "hash", "a directory is one hash");
+    let n: usize = redis::cmd("HLEN").arg(&dir_key).query(&mut c).unwrap();
+    assert_eq!(n, 5);
+    let mut used = kv.prefix.clone();
+    used.extend_from_slice(b"NtotalInodes");
+    let v: String = redis::cmd("GET").arg(&used).query(&mut c).unwrap();
+    assert_eq!(v, "7", "counters are decimal for INCRBY");
+    // Deleting a session's last open file drops its group from the index.
+    let f = m.lookup(&ctx, d, b"f0").unwrap().0;
+    m.open(&ctx, f, libc::O_RDONLY).unwrap();
+    let idx = kv.index_key(b'O');
+    let members: usize = redis::cmd("ZCARD").arg(&idx).query(&mut c).unwrap();
+    assert_eq!(members, 1);
+    m.close(f).unwrap();
+    let members: usize = redis::cmd("ZCARD").arg(&idx).query(&mut c).unwrap();
+    assert_eq!(members, 0, "an emptied group leaves the index");
+}
+
+#[test]
+fn unreachable_server_is_one_clear_error() {
+    let port = free_port();
+    let t = Instant::now();
+    let e = RedisKv::open(&parse(&format!("redis://:hunter2@127.0.0.1:{port}/0")))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("cannot connect"), "{e}");
+    assert!(!e.contains("hunter2"), "the password is never printed: {e}");
+    assert!(t.elapsed() < Duration::from_secs(5), "no retrying at open");
+}
+
+#[test]
+fn wrong_password_is_refused() {
+    let port = free_port();
+    let dir = tempdir("auth");
+    let mut child = start_server(port, &dir);
+    let mut c = Client::open(format!("redis://127.0.0.1:{port}/"))
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg("right")
+        .query::<()>(&mut c)
+        .unwrap();
+    let e = RedisKv::open(&parse(&format!("redis://:wrong@127.0.0.1:{port}/0")))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(!e.contains("wrong@"), "{e}");
+    RedisKv::open(&parse(&format!("redis://:right@127.0.0.1:{port}/0"))).unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+fn tempdir(what: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("aquifer-redis-{what}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A server restarted under a running workload: operations wait and then succeed; past the
+/// deadline they fail with an engine error (EIO), and nothing is half-applied.
+#[test]
+fn operations_survive_a_restart_and_fail_after_the_deadline() {
+    let port = free_port();
+    let dir = tempdir("restart");
+    let mut child = start_server(port, &dir);
+    let url = parse(&format!("redis://127.0.0.1:{port}/0"));
+    let m = KvMeta::new(
+        RedisKv::open(&url)
+            .unwrap()
+            .with_retry_deadline(Duration::from_secs(20)),
+    );
+    let ctx = aquifer_meta::Context::root();
+    m.format(&aquifer_meta::conformance::test_format(4 << 20), false)
+        .unwrap();
+    m.new_session(aquifer_meta::conformance::test_session("h"))
+        .unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let made = std::thread::scope(|s| {
+        let w = s.spawn(|| {
+            let mut made = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let name = format!("f{made}");
+                match m.mknod(
+                    &ctx,
+                    1,
+                    name.as_bytes(),
+                    aquifer_meta::FileType::File,
+                    0o644,
+                    0,
+                    0,
+                ) {
+                    Ok(_) => {}
+                    // Its EXEC applied but the reply was lost with the server: the retry
+                    // found the file made.
+                    Err(e) if e.errno() == aquifer_meta::Errno::EEXIST => {}
+                    Err(e) => panic!("a create through a restart waits, then succeeds: {e}"),
+                }
+                made += 1;
+            }
+            made
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        std::thread::sleep(Duration::from_millis(700));
+        child = start_server(port, &dir);
+        std::thread::sleep(Duration::from_millis(500));
+        stop.store(true, Ordering::Relaxed);
+        w.join().unwrap()
+    });
+    assert!(made > 0);
+    // Every create acknowledged is there (appendfsync always), and the counters match.
+    let names = m.readdir(&ctx, 1, false).unwrap().len() as u64;
+    assert_eq!(names, made);
+    assert_eq!(m.usage().unwrap().1, names + 1, "counters match the tree");
+    // A server gone for good: EIO after the deadline, not a hang.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let short = KvMeta::new(RedisKv {
+        deadline: Duration::from_secs(1),
+        ..RedisKv::open_unchecked(&url)
+    });
+    let t = Instant::now();
+    let e = short.getattr(1).unwrap_err();
+    assert_eq!(e.errno(), aquifer_meta::Errno::EIO);
+    assert!(t.elapsed() < Duration::from_secs(8));
+}
