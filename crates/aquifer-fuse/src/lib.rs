@@ -2,13 +2,13 @@
 //! semantics live here. Permission checks are the kernel's (`default_permissions`), which
 //! knows the caller's supplementary groups.
 
-use aquifer_meta::{Attr, Context, Errno, FileType, SetAttr, SetTime, Time};
+use aquifer_meta::{Attr, Context, Errno, FileType, PLock, SetAttr, SetTime, Time};
 use aquifer_vfs::Vfs;
 use fuser::{
     AccessFlags, BackingId, Config, FileAttr, FileHandle, Filesystem, FopenFlags, Generation,
     INodeNo, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
-    ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
 };
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -154,6 +154,23 @@ fn ctx(req: &Request) -> Context {
         pid: req.pid(),
         check_permission: false,
     }
+}
+
+/// True when thread `tid` has a signal pending that it does not block (or is gone): a lock
+/// wait on its behalf should end with EINTR, as it would on a local file system.
+fn signal_pending(tid: u32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{tid}/status")) else {
+        return true;
+    };
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .unwrap_or(0)
+    };
+    let pending = field("SigPnd:") | field("ShdPnd:");
+    pending & !field("SigBlk:") != 0
 }
 
 fn err(e: Errno) -> fuser::Errno {
@@ -327,6 +344,11 @@ impl Filesystem for AquiferFs {
         let _ = config.set_max_readahead(MAX_IO);
         let _ = config.set_max_background(64);
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_PARALLEL_DIROPS);
+        // Locks are the metadata engine's, so that they hold across mounts: without these
+        // the kernel would keep fcntl and flock locks to this node.
+        let _ = config.add_capabilities(
+            fuser::InitFlags::FUSE_POSIX_LOCKS | fuser::InitFlags::FUSE_FLOCK_LOCKS,
+        );
         // File handles (name_to_handle_at/open_by_handle_at, NFS re-export): the kernel
         // looks up "." of a node id it has forgotten, which the vfs answers.
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_EXPORT_SUPPORT);
@@ -605,28 +627,99 @@ impl Filesystem for AquiferFs {
     fn flush(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
-        _lock_owner: LockOwner,
+        lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
         self.counters.tick(Op::flush);
-        Self::empty(reply, self.vfs.flush(fh.0));
+        let flushed = self.vfs.flush(fh.0);
+        // close(2) of any descriptor drops the POSIX locks its process holds on the file.
+        let unlocked = self.vfs.release_locks(ino.0, lock_owner.0);
+        Self::empty(reply, flushed.and(unlocked));
     }
 
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
+        lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
         self.counters.tick(Op::release);
         self.drop_backing(fh.0);
-        Self::empty(reply, self.vfs.release(fh.0));
+        // The last close of a file flock()ed through it: the kernel names the lock owner.
+        let unlocked = match lock_owner {
+            Some(o) => self.vfs.release_locks(ino.0, o.0),
+            None => Ok(()),
+        };
+        Self::empty(reply, self.vfs.release(fh.0).and(unlocked));
+    }
+
+    fn getlk(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        reply: ReplyLock,
+    ) {
+        let lock = PLock {
+            typ,
+            start,
+            end,
+            pid,
+        };
+        match self.vfs.getlk(ino.0, lock_owner.0, &lock) {
+            Ok(Some(l)) => reply.locked(l.start, l.end, l.typ, l.pid),
+            Ok(None) => reply.locked(start, end, libc::F_UNLCK, 0),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn setlk(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        let lock = PLock {
+            typ,
+            start,
+            end,
+            pid,
+        };
+        let (ino, owner) = (ino.0, lock_owner.0);
+        if !sleep || typ == libc::F_UNLCK {
+            return Self::empty(reply, self.vfs.setlk(ino, owner, &lock, false, &|| false));
+        }
+        // F_SETLKW: wait on a thread of its own, not a FUSE worker. fuser does not pass
+        // FUSE_INTERRUPT on, so the waiter itself looks for a signal pending on the caller.
+        let vfs = self.vfs.clone();
+        let tid = req.pid();
+        let spawned = std::thread::Builder::new()
+            .name("lock-wait".into())
+            .spawn(move || {
+                let r = vfs.setlk(ino, owner, &lock, true, &|| signal_pending(tid));
+                Self::empty(reply, r);
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start a lock waiter");
+        }
     }
 
     fn fsync(

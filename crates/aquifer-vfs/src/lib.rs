@@ -147,11 +147,12 @@ impl Vfs {
         let hb = std::thread::Builder::new()
             .name("heartbeat".into())
             .spawn(move || {
-                let mut ticks = 0u32;
+                let every = meta.heartbeat_interval();
+                let mut last = std::time::Instant::now();
                 while !stop.load(Ordering::SeqCst) {
-                    std::thread::sleep(Duration::from_millis(200));
-                    ticks += 1;
-                    if ticks.is_multiple_of(50) {
+                    std::thread::sleep(Duration::from_millis(100).min(every));
+                    if last.elapsed() >= every {
+                        last = std::time::Instant::now();
                         if let Err(e) = meta.heartbeat() {
                             tracing::warn!(error = %e, "session heartbeat failed");
                         }
@@ -517,6 +518,43 @@ impl Vfs {
         }
         w.write(off, data)?;
         Ok(data.len() as u32)
+    }
+
+    /// F_GETLK: the first lock of another owner (on any mount) that conflicts with `lock`.
+    pub fn getlk(&self, ino: Ino, owner: u64, lock: &PLock) -> Result<Option<PLock>> {
+        Ok(self.meta.getlk(ino, owner, lock)?)
+    }
+
+    /// F_SETLK, or F_SETLKW with `wait`: the lock is arbitrated by the metadata engine, so
+    /// it holds across mounts. A waiter asks again after a short sleep that grows to 50 ms,
+    /// and gives up with EINTR once `interrupted` says the caller has a signal to handle.
+    pub fn setlk(
+        &self,
+        ino: Ino,
+        owner: u64,
+        lock: &PLock,
+        wait: bool,
+        interrupted: &dyn Fn() -> bool,
+    ) -> Result<()> {
+        let mut pause = Duration::from_millis(1);
+        loop {
+            match self.meta.setlk(ino, owner, lock) {
+                Err(e) if wait && e.errno() == Errno::EAGAIN => {
+                    if interrupted() || self.stop.load(Ordering::Relaxed) {
+                        return Err(Errno(libc::EINTR));
+                    }
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(50));
+                }
+                r => return Ok(r?),
+            }
+        }
+    }
+
+    /// Drop the locks `owner` holds on `ino` (close of its descriptor: POSIX locks at
+    /// flush, flock locks at release).
+    pub fn release_locks(&self, ino: Ino, owner: u64) -> Result<()> {
+        Ok(self.meta.release_locks(ino, owner)?)
     }
 
     /// close(2) of one descriptor: commit what was written to the file, and report a
