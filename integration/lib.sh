@@ -34,9 +34,14 @@ note() { echo "  $*"; }
 # new_volume NAME [FORMAT FLAGS...]: format a volume; sets META and BLOCKS (the directory
 # holding its block objects). With AQUIFER_TEST_STORAGE=s3 the blocks go to the S3 test
 # server (scripts/s3-server.sh), whose objects are files under $AQUIFER_S3_DIR/data.
+# With AQUIFER_TEST_META=redis the metadata goes to a redis-server of the test.
 new_volume() {
   local name=$1; shift
-  META="rocksdb://$WORK/$name/meta"
+  case "${AQUIFER_TEST_META:-rocksdb}" in
+    rocksdb) META="rocksdb://$WORK/$name/meta" ;;
+    redis) redis_meta ;;
+    *) fail "unknown AQUIFER_TEST_META=$AQUIFER_TEST_META" ;;
+  esac
   case "${AQUIFER_TEST_STORAGE:-file}" in
     file)
       BLOCKS="$WORK/$name/blocks"
@@ -86,4 +91,40 @@ umount_volume() {
     sleep 0.1
   done
   fail "daemon $DAEMON_PID did not exit after unmount"
+}
+
+# start_redis: a redis-server of this test on a free 127.0.0.1 port, data in WORK, stopped at
+# exit; sets REDIS_PORT and REDIS_DIR. restart_redis kills it (-9) and starts it again on the
+# same port and data (append-only file, fsync always: nothing acknowledged is lost).
+start_redis() {
+  REDIS_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  REDIS_DIR=$WORK/redis
+  mkdir -p "$REDIS_DIR"
+  CLEANUPS+=("kill -9 \$(cat $REDIS_DIR/pid) 2>/dev/null")
+  _run_redis
+}
+_run_redis() {
+  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$REDIS_DIR" --save "" \
+    --appendonly yes --appendfsync always --databases 1024 --daemonize yes \
+    --pidfile "$REDIS_DIR/pid" --logfile "$REDIS_DIR/log" >/dev/null
+  local i
+  for i in $(seq 1 100); do
+    redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  fail "redis-server did not start: $(tail -3 "$REDIS_DIR/log")"
+}
+restart_redis() {
+  kill -9 "$(cat "$REDIS_DIR/pid")"
+  sleep "${1:-0.5}"
+  _run_redis
+}
+
+# redis_meta: set META to a fresh Redis database (starting the server if needed).
+REDIS_DBS=0
+redis_meta() {
+  [ -n "${REDIS_PORT:-}" ] || start_redis
+  REDIS_DBS=$((REDIS_DBS + 1))
+  redis-cli -p "$REDIS_PORT" -n "$REDIS_DBS" flushdb >/dev/null
+  META="redis://127.0.0.1:$REDIS_PORT/$REDIS_DBS"
 }

@@ -62,6 +62,13 @@ for t in "${tests[@]}"; do
   [[ " ${s3_tests[*]} " == *" $name "* ]] && run_test "$t" "$name[s3]" AQUIFER_TEST_STORAGE=s3
 done
 
+# And on a volume whose metadata is in Redis (a redis-server each test starts itself).
+redis_tests=(t_pjdfstest t_fsx t_programs)
+for t in "${tests[@]}"; do
+  name=$(basename "$t" .sh)
+  [[ " ${redis_tests[*]} " == *" $name "* ]] && run_test "$t" "$name[redis]" AQUIFER_TEST_META=redis
+done
+
 [ ${#failed_steps[@]} -gt 0 ] && echo "failed steps: ${failed_steps[*]}"
 [ ${#failed_tests[@]} -gt 0 ] && echo "failed integration tests: ${failed_tests[*]}"
 echo "integration: $pass passed, $fail failed"

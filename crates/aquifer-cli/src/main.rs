@@ -851,7 +851,7 @@ fn mount(a: MountArgs) -> Result<()> {
         }
     };
     trim_malloc_periodically();
-    tracing::info!(mountpoint = %mp.display(), volume = %format.name, meta = %url, "mounted");
+    tracing::info!(mountpoint = %mp.display(), volume = %format.name, meta = %aquifer_meta::url::redact(&url), "mounted");
     mountpoint::handle_signals(signals, session.unmount_callable(), vfs.clone(), mp.clone());
     let r = session.run();
     vfs.shutdown();

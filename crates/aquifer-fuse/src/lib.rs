@@ -136,6 +136,11 @@ pub struct AquiferFs {
     /// Passthrough asked for, and not yet found impossible (kernel, privileges).
     passthrough: AtomicBool,
     backings: Mutex<Backings>,
+    /// Lock owners that took POSIX locks through each handle: read-only handles carry
+    /// FOPEN_NOFLUSH, so their locks are dropped at release instead of at flush.
+    lock_owners: Mutex<HashMap<u64, Vec<u64>>>,
+    /// Set once the session exists: tells the kernel to drop attributes it cached.
+    notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
 }
 
 /// The kernel wants one backing file per inode while any handle of it is open in
@@ -253,6 +258,8 @@ impl AquiferFs {
             figures: opts.figures.clone(),
             passthrough: AtomicBool::new(opts.passthrough),
             backings: Mutex::new(Backings::default()),
+            lock_owners: Mutex::new(HashMap::new()),
+            notifier: Arc::new(std::sync::OnceLock::new()),
         }
     }
 
@@ -543,6 +550,14 @@ impl Filesystem for AquiferFs {
         }
         match self.vfs.open_file(&ctx(req), ino.0, flags.0) {
             Ok(o) => {
+                if !o.keep_cache {
+                    // Close-to-open: the file is new to this mount or changed since it was
+                    // last opened here (maybe by another mount), so attributes the kernel
+                    // cached from an earlier lookup or stat (its size above all) are stale.
+                    if let Some(n) = self.notifier.get() {
+                        let _ = n.inval_inode(ino, -1, 0);
+                    }
+                }
                 if let Some(file) = &o.backing {
                     if let Some(id) = self.backing_for(&reply, ino.0, file, &o.backing_stamp) {
                         self.counters
@@ -565,9 +580,8 @@ impl Filesystem for AquiferFs {
                     FopenFlags::empty()
                 };
                 // A read-only descriptor has nothing to commit at close: no FLUSH round
-                // trip per file closed (a training epoch opens every file once). Locks are
-                // the kernel's own today; cross-mount POSIX locks, released at flush, will
-                // need it back for descriptors that took one.
+                // trip per file closed (a training epoch opens every file once). POSIX
+                // locks taken through it are dropped at its release instead.
                 if flags.0 & libc::O_ACCMODE == libc::O_RDONLY {
                     f |= FopenFlags::FOPEN_NOFLUSH;
                 }
@@ -652,10 +666,17 @@ impl Filesystem for AquiferFs {
         self.counters.tick(Op::release);
         self.drop_backing(fh.0);
         // The last close of a file flock()ed through it: the kernel names the lock owner.
-        let unlocked = match lock_owner {
-            Some(o) => self.vfs.release_locks(ino.0, o.0),
-            None => Ok(()),
-        };
+        let mut owners = self
+            .lock_owners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&fh.0)
+            .unwrap_or_default();
+        owners.extend(lock_owner.map(|o| o.0));
+        let mut unlocked = Ok(());
+        for o in owners {
+            unlocked = unlocked.and(self.vfs.release_locks(ino.0, o));
+        }
         Self::empty(reply, self.vfs.release(fh.0).and(unlocked));
     }
 
@@ -671,6 +692,7 @@ impl Filesystem for AquiferFs {
         pid: u32,
         reply: ReplyLock,
     ) {
+        let typ = typ & !fuser::LOCK_FLOCK;
         let lock = PLock {
             typ,
             start,
@@ -688,7 +710,7 @@ impl Filesystem for AquiferFs {
         &self,
         req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         lock_owner: LockOwner,
         start: u64,
         end: u64,
@@ -697,6 +719,9 @@ impl Filesystem for AquiferFs {
         sleep: bool,
         reply: ReplyEmpty,
     ) {
+        // flock(2) locks are kept apart from fcntl locks, as Linux keeps them.
+        let flock = typ & fuser::LOCK_FLOCK != 0;
+        let typ = typ & !fuser::LOCK_FLOCK;
         let lock = PLock {
             typ,
             start,
@@ -704,8 +729,16 @@ impl Filesystem for AquiferFs {
             pid,
         };
         let (ino, owner) = (ino.0, lock_owner.0);
+        if typ != libc::F_UNLCK && !flock {
+            let mut m = self.lock_owners.lock().unwrap_or_else(|e| e.into_inner());
+            let v = m.entry(fh.0).or_default();
+            if !v.contains(&owner) {
+                v.push(owner);
+            }
+        }
         if !sleep || typ == libc::F_UNLCK {
-            return Self::empty(reply, self.vfs.setlk(ino, owner, &lock, false, &|| false));
+            let r = self.vfs.setlk(ino, owner, &lock, flock, false, &|| false);
+            return Self::empty(reply, r);
         }
         // F_SETLKW: wait on a thread of its own, not a FUSE worker. fuser does not pass
         // FUSE_INTERRUPT on, so the waiter itself looks for a signal pending on the caller.
@@ -714,7 +747,7 @@ impl Filesystem for AquiferFs {
         let spawned = std::thread::Builder::new()
             .name("lock-wait".into())
             .spawn(move || {
-                let r = vfs.setlk(ino, owner, &lock, true, &|| signal_pending(tid));
+                let r = vfs.setlk(ino, owner, &lock, flock, true, &|| signal_pending(tid));
                 Self::empty(reply, r);
             });
         if let Err(e) = spawned {
@@ -1016,5 +1049,9 @@ pub fn mount(
     };
     config.n_threads = Some(opts.threads.max(1));
     config.clone_fd = true;
-    Session::new(AquiferFs::new(vfs, opts), mountpoint, &config)
+    let fs = AquiferFs::new(vfs, opts);
+    let slot = fs.notifier.clone();
+    let session = Session::new(fs, mountpoint, &config)?;
+    let _ = slot.set(session.notifier());
+    Ok(session)
 }

@@ -525,20 +525,27 @@ impl Vfs {
         Ok(self.meta.getlk(ino, owner, lock)?)
     }
 
-    /// F_SETLK, or F_SETLKW with `wait`: the lock is arbitrated by the metadata engine, so
-    /// it holds across mounts. A waiter asks again after a short sleep that grows to 50 ms,
-    /// and gives up with EINTR once `interrupted` says the caller has a signal to handle.
+    /// F_SETLK, or F_SETLKW with `wait` (a whole-file flock(2) lock with `flock`): the lock
+    /// is arbitrated by the metadata engine, so it holds across mounts. A waiter asks again
+    /// after a short sleep that grows to 50 ms, and gives up with EINTR once `interrupted`
+    /// says the caller has a signal to handle.
     pub fn setlk(
         &self,
         ino: Ino,
         owner: u64,
         lock: &PLock,
+        flock: bool,
         wait: bool,
         interrupted: &dyn Fn() -> bool,
     ) -> Result<()> {
         let mut pause = Duration::from_millis(1);
         loop {
-            match self.meta.setlk(ino, owner, lock) {
+            let r = if flock {
+                self.meta.flock(ino, owner, lock.typ)
+            } else {
+                self.meta.setlk(ino, owner, lock)
+            };
+            match r {
                 Err(e) if wait && e.errno() == Errno::EAGAIN => {
                     if interrupted() || self.stop.load(Ordering::Relaxed) {
                         return Err(Errno(libc::EINTR));
