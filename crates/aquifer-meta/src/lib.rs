@@ -12,6 +12,7 @@ mod locks;
 mod types;
 
 pub mod conformance;
+pub mod dump;
 pub mod url;
 
 pub use error::{Errno, MetaError, Result};
@@ -171,4 +172,28 @@ pub trait Meta: Send + Sync {
     fn journal_list(&self) -> Result<Vec<(String, Vec<u8>)>>;
     /// Forget journaled objects (the store holds them durably now); missing keys are ignored.
     fn journal_remove(&self, keys: &[String]) -> Result<()>;
+
+    /// `aquifer load`: store one inode as it was dumped (attributes, symlink target, xattrs,
+    /// chunks), replacing any record of that number. Only for filling a volume that was
+    /// formatted for the load and is not mounted.
+    fn load_inode(&self, ino: Ino, inode: &LoadInode) -> Result<()>;
+    /// `aquifer load`: store directory entries as they were dumped.
+    fn load_entries(&self, parent: Ino, entries: &[(Vec<u8>, Ino, FileType)]) -> Result<()>;
+    /// `aquifer load`, last: set the id counters past every id loaded, and the usage.
+    fn load_finish(
+        &self,
+        next_inode: Ino,
+        next_slice: u64,
+        used_space: u64,
+        inodes: u64,
+    ) -> Result<()>;
+}
+
+/// One inode as `aquifer dump` writes it and `aquifer load` reads it.
+#[derive(Clone, Debug, Default)]
+pub struct LoadInode {
+    pub attr: Option<Attr>,
+    pub symlink: Option<Vec<u8>>,
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    pub chunks: Vec<(u32, Vec<Slice>)>,
 }
