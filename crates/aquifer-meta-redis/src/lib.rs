@@ -54,7 +54,21 @@ pub struct RedisKv {
     master: Mutex<Option<Client>>,
     pool: Mutex<Vec<Connection>>,
     deadline: Duration,
+    /// Directories being listed a page at a time: the sorted entries fetched for the first
+    /// page serve the next pages for a moment, so listing a directory of n entries costs one
+    /// HGETALL, not one per page (a hash has no order to page by).
+    listings: Mutex<Vec<Listing>>,
 }
+
+struct Listing {
+    group: Vec<u8>,
+    at: Instant,
+    rows: std::sync::Arc<Vec<KvPair>>,
+}
+
+/// How long a listing's first page serves the later ones, and how many listings are kept.
+const LISTING_TTL: Duration = Duration::from_secs(2);
+const LISTINGS_MAX: usize = 4;
 
 fn engine_err(e: impl std::fmt::Display) -> MetaError {
     MetaError::engine(ENGINE, e)
@@ -178,6 +192,7 @@ impl RedisKv {
             master: Mutex::new(None),
             pool: Mutex::new(Vec::new()),
             deadline: DEFAULT_RETRY_DEADLINE,
+            listings: Mutex::new(Vec::new()),
         }
     }
 
@@ -432,6 +447,58 @@ impl RedisKv {
         Ok(rows)
     }
 
+    /// A page of a directory listing (not in a transaction): the first page fetches the
+    /// whole directory and keeps it for the pages after it (see [`RedisKv::listings`]).
+    fn listing_page(
+        &self,
+        c: &mut Connection,
+        group: &[u8],
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> redis::RedisResult<Vec<KvPair>> {
+        let page = |rows: &[KvPair]| -> Vec<KvPair> {
+            let from = rows.partition_point(|r| r.0.as_slice() < start);
+            rows[from..]
+                .iter()
+                .take_while(|r| r.0.as_slice() < end)
+                .take(limit)
+                .cloned()
+                .collect()
+        };
+        let first = start == group;
+        if !first {
+            let l = self.listings.lock().unwrap();
+            if let Some(hit) = l
+                .iter()
+                .find(|x| x.group == group && x.at.elapsed() < LISTING_TTL)
+            {
+                return Ok(page(&hit.rows));
+            }
+        }
+        let rows = self.group_rows(
+            c,
+            group,
+            group,
+            &aquifer_meta::encoding::prefix_end(group),
+            false,
+        )?;
+        let out = page(&rows);
+        if rows.len() > out.len() {
+            let mut l = self.listings.lock().unwrap();
+            l.retain(|x| x.group != group && x.at.elapsed() < LISTING_TTL);
+            if l.len() >= LISTINGS_MAX {
+                l.remove(0);
+            }
+            l.push(Listing {
+                group: group.to_vec(),
+                at: Instant::now(),
+                rows: std::sync::Arc::new(rows),
+            });
+        }
+        Ok(out)
+    }
+
     fn scan_on(
         &self,
         c: &mut Connection,
@@ -449,6 +516,9 @@ impl RedisKv {
             let group = &start[..9];
             let group_end = aquifer_meta::encoding::prefix_end(group);
             if end <= group_end.as_slice() {
+                if !watch && tag == b'E' {
+                    return self.listing_page(c, group, start, end, limit);
+                }
                 let mut rows = self.group_rows(c, group, start, end, watch)?;
                 rows.truncate(limit);
                 return Ok(rows);
