@@ -395,17 +395,44 @@ impl RedisKv {
         key: &[u8],
         watch: bool,
     ) -> redis::RedisResult<Option<Vec<u8>>> {
-        let (rk, field) = self.locate(key);
+        Ok(self.get_many_on(c, &[key], watch)?.pop().flatten())
+    }
+
+    /// Get several keys in one round trip; with `watch`, WATCH them in it too.
+    fn get_many_on(
+        &self,
+        c: &mut Connection,
+        keys: &[&[u8]],
+        watch: bool,
+    ) -> redis::RedisResult<Vec<Option<Vec<u8>>>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let located: Vec<_> = keys.iter().map(|k| self.locate(k)).collect();
         let mut p = redis::pipe();
         if watch {
-            p.cmd("WATCH").arg(&rk).ignore();
+            let mut w = redis::cmd("WATCH");
+            for (rk, _) in &located {
+                w.arg(rk);
+            }
+            p.add_command(w).ignore();
         }
-        match &field {
-            Some(f) => p.cmd("HGET").arg(&rk).arg(f),
-            None => p.cmd("GET").arg(&rk),
-        };
-        let (v,): (Option<Vec<u8>>,) = p.query(c)?;
-        Ok(match v {
+        for (rk, field) in &located {
+            match field {
+                Some(f) => p.cmd("HGET").arg(rk).arg(f),
+                None => p.cmd("GET").arg(rk),
+            };
+        }
+        let vals: Vec<Option<Vec<u8>>> = p.query(c)?;
+        Ok(keys
+            .iter()
+            .zip(vals)
+            .map(|(k, v)| Self::decode_value(k, v))
+            .collect())
+    }
+
+    fn decode_value(key: &[u8], v: Option<Vec<u8>>) -> Option<Vec<u8>> {
+        match v {
             Some(v) if is_counter(key) => {
                 let n: i64 = std::str::from_utf8(&v)
                     .ok()
@@ -414,7 +441,7 @@ impl RedisKv {
                 Some(n.to_be_bytes().to_vec())
             }
             v => v,
-        })
+        }
     }
 
     /// The keys of one group in `[start, end)`, sorted.
@@ -748,6 +775,10 @@ impl KvRead for RedisKv {
         self.run(|c| self.get_on(c, key, false))
     }
 
+    fn get_many(&self, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>> {
+        self.run(|c| self.get_many_on(c, keys, false))
+    }
+
     fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<KvPair>> {
         self.run(|c| self.scan_on(c, start, end, limit, false))
     }
@@ -774,6 +805,11 @@ impl Watching<'_> {
 impl KvRead for Watching<'_> {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
         let r = self.kv.get_on(&mut self.conn.borrow_mut(), key, true);
+        self.note(r)
+    }
+
+    fn get_many(&self, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>> {
+        let r = self.kv.get_many_on(&mut self.conn.borrow_mut(), keys, true);
         self.note(r)
     }
 

@@ -20,6 +20,10 @@ pub type KvPair = (Vec<u8>, Vec<u8>);
 /// Reads of committed state.
 pub trait KvRead {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>>;
+    /// Several independent reads; an engine over a network does them in one round trip.
+    fn get_many(&self, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>> {
+        keys.iter().map(|k| self.get(k)).collect()
+    }
     /// Keys in `[start, end)`, in order, at most `limit` of them.
     fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<KvPair>>;
 }
@@ -27,6 +31,10 @@ pub trait KvRead {
 /// Operations inside one transaction. Writes are visible to later reads of the same transaction.
 pub trait KvTxn {
     fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>>;
+    /// Several independent reads at once (one round trip on Redis).
+    fn get_many(&mut self, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>> {
+        keys.iter().map(|k| self.get(k)).collect()
+    }
     fn scan(&mut self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<KvPair>>;
     fn set(&mut self, key: &[u8], value: Vec<u8>);
     fn delete(&mut self, key: &[u8]);
@@ -63,6 +71,9 @@ pub fn counter_value(v: Option<&[u8]>) -> i64 {
 impl<E: KvEngine> KvRead for std::sync::Arc<E> {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
         (**self).get(key)
+    }
+    fn get_many(&self, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>> {
+        (**self).get_many(keys)
     }
     fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<KvPair>> {
         (**self).scan(start, end, limit)
@@ -145,6 +156,21 @@ impl KvTxn for BufferedTxn<'_> {
             Some(v) => Ok(v.clone()),
             None => self.base.get(key),
         }
+    }
+
+    fn get_many(&mut self, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>> {
+        let missing: Vec<&[u8]> = keys
+            .iter()
+            .copied()
+            .filter(|k| !self.writes.contains_key(*k))
+            .collect();
+        let mut fetched = self.base.get_many(&missing)?.into_iter();
+        keys.iter()
+            .map(|k| match self.writes.get(*k) {
+                Some(v) => Ok(v.clone()),
+                None => Ok(fetched.next().flatten()),
+            })
+            .collect()
     }
 
     fn scan(&mut self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<KvPair>> {
