@@ -128,3 +128,25 @@ redis_meta() {
   redis-cli -p "$REDIS_PORT" -n "$REDIS_DBS" flushdb >/dev/null
   META="redis://127.0.0.1:$REDIS_PORT/$REDIS_DBS"
 }
+
+# start_creates DIR: create DIR/f1, DIR/f2, ... (file fN holds N) in the background until
+# stop_creates; WL_DONE names the last create that succeeded, WL_ERR collects failures.
+# stop_creates: stop, wait, and set CREATED to the count.
+start_creates() {
+  WL_DONE=$WORK/creates.done; WL_ERR=$WORK/creates.err
+  rm -f "$WORK/creates.stop"; : >"$WL_ERR"; echo 0 >"$WL_DONE"
+  mkdir -p "$1"
+  (
+    i=0
+    while [ ! -e "$WORK/creates.stop" ]; do
+      i=$((i + 1))
+      if echo "$i" >"$1/f$i" 2>>"$WL_ERR"; then echo "$i" >"$WL_DONE"; fi
+    done
+  ) &
+  WL_PID=$!
+}
+stop_creates() {
+  touch "$WORK/creates.stop"
+  wait "$WL_PID"
+  CREATED=$(cat "$WL_DONE")
+}

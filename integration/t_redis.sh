@@ -117,25 +117,17 @@ done
 [ $((before - after)) -ge 3 ] || fail "the open unlinked file's blocks were not freed ($before -> $after objects)"
 
 note "Redis restarted under a metadata workload"
-mkdir "$mb/w"
-(
-  i=0
-  while [ ! -e "$WORK/w.stop" ]; do
-    i=$((i + 1))
-    # Operations wait through the restart (the retry deadline is 30 s): none may fail.
-    if echo "$i" >"$mb/w/f$i" 2>>"$WORK/w.err"; then echo "$i" >"$WORK/w.count"; fi
-  done
-) & wl=$!
+# Operations wait through the restart (the retry deadline is 30 s): none may fail.
+start_creates "$mb/w"
 sleep 0.5
-before=$(cat "$WORK/w.count")
+before=$(cat "$WL_DONE")
 restart_redis 1
 sleep 1
-touch "$WORK/w.stop"
-wait $wl
-n=$(cat "$WORK/w.count")
+stop_creates
+n=$CREATED
 note "$before files before the restart, $n in all"
 [ "$n" -gt "$before" ] || fail "the workload made no progress after the restart"
-[ ! -s "$WORK/w.err" ] || fail "the workload failed through a restart: $(head -3 "$WORK/w.err")"
+[ ! -s "$WL_ERR" ] || fail "the workload failed through a restart: $(head -3 "$WL_ERR")"
 sleep 1.2
 for i in $(seq 1 "$n"); do
   [ "$(cat "$mb/w/f$i")" = "$i" ] || fail "w/f$i lost or wrong after the restart"

@@ -84,14 +84,7 @@ done
 META="redis://vol,127.0.0.1:$ps/3"
 "$AQUIFER" format "$META" sentinelled --storage file --bucket "$WORK/sblocks" >/dev/null || fail "format through the sentinel"
 mount_volume "$WORK/sm"
-mkdir "$WORK/sm/w"
-(
-  i=0
-  while [ ! -e "$WORK/w.stop" ]; do
-    i=$((i + 1))
-    if echo "$i" >"$WORK/sm/w/f$i" 2>>"$WORK/w.err"; then echo "$i" >"$WORK/w.count"; fi
-  done
-) & wl=$!
+start_creates "$WORK/sm/w"
 sleep 1
 kill -9 "$(cat "$WORK/master/pid")"
 for i in $(seq 1 200); do
@@ -99,14 +92,13 @@ for i in $(seq 1 200); do
   sleep 0.1
 done
 redis-cli -p "$ps" sentinel get-master-addr-by-name vol | grep -q "$pr" || fail "the sentinel did not fail over"
-at=$(cat "$WORK/w.count")
+at=$(cat "$WL_DONE")
 sleep 3
-touch "$WORK/w.stop"
-wait $wl
-n=$(cat "$WORK/w.count")
+stop_creates
+n=$CREATED
 note "$at files at the failover, $n in all"
 [ "$n" -gt "$at" ] || fail "no progress after the failover"
-[ ! -s "$WORK/w.err" ] || fail "operations failed through the failover: $(head -3 "$WORK/w.err")"
+[ ! -s "$WL_ERR" ] || fail "operations failed through the failover: $(head -3 "$WL_ERR")"
 sleep 1.2
 # Replication is asynchronous: the last creates the old master acknowledged may not have
 # reached the replica. What is there must be whole and right.

@@ -778,6 +778,14 @@ pub fn two_clients_one_tree(a: &dyn Meta, b: &dyn Meta) {
     );
     let sessions = a.list_sessions().unwrap();
     assert_eq!(sessions.len(), 2, "{sessions:?}");
+    // A directory's times may lag a change in it by 0.1 s on a shared engine, no more.
+    let before = a.getattr(d).unwrap().mtime;
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    mkfile(b, &ctx, d, "later");
+    assert!(
+        a.getattr(d).unwrap().mtime > before,
+        "a create moves the directory's mtime"
+    );
 }
 
 pub fn unlink_elsewhere_keeps_open_file(a: &dyn Meta, b: &dyn Meta) {

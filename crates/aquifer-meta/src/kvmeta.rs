@@ -138,12 +138,34 @@ fn sticky_ok(ctx: &Context, dir: &Attr, victim: &Attr) -> Result<()> {
     Ok(())
 }
 
+/// On a shared engine a directory's times are not rewritten by a change of an entry made
+/// within this long of the last rewrite: every create, unlink and rename in a directory
+/// would otherwise write the directory's attributes, and concurrent changes in one
+/// directory from many clients would all conflict on that one key (JuiceFS does the same).
+const DIR_TIME_SLACK_NS: i128 = 100_000_000;
+
+fn ns(t: Time) -> i128 {
+    t.sec as i128 * 1_000_000_000 + t.nsec as i128
+}
+
 fn touch_dir(a: &mut Attr, t: Time) {
     a.mtime = t;
     a.ctime = t;
 }
 
 impl<E: KvEngine> KvMeta<E> {
+    /// Set a directory's mtime and ctime to `ts` for a change of its entries alone, and
+    /// write its attributes — unless, on a shared engine, its times are less than
+    /// [`DIR_TIME_SLACK_NS`] old (see there).
+    fn touch_parent(&self, t: &mut dyn KvTxn, ino: Ino, p: &mut Attr, ts: Time) {
+        let age = ns(ts) - ns(p.mtime).max(ns(p.ctime));
+        if !self.kv.exclusive() && (0..DIR_TIME_SLACK_NS).contains(&age) {
+            return;
+        }
+        touch_dir(p, ts);
+        put_attr(t, ino, p);
+    }
+
     pub fn new(kv: E) -> Self {
         KvMeta {
             kv,
@@ -1021,8 +1043,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             sticky_ok(ctx, &p, &a)?;
             let ts = now();
             t.delete(&key::dentry(parent, name));
-            touch_dir(&mut p, ts);
-            put_attr(t, parent, &p);
+            self.touch_parent(t, parent, &mut p, ts);
             self.drop_link(t, ino, a, ts)
         })
     }
@@ -1101,6 +1122,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             if dp.nlink == 0 {
                 return Err(Errno::ENOENT.into());
             }
+            let dp_links = dp.nlink;
             access_ok(ctx, &sp, MODE_W | MODE_X)?;
             access_ok(ctx, &dp, MODE_W | MODE_X)?;
             sticky_ok(ctx, &sp, &sa)?;
@@ -1215,12 +1237,16 @@ impl<E: KvEngine> Meta for KvMeta<E> {
                 }
                 sa.ctime = ts;
             }
-            touch_dir(&mut sp, ts);
-            touch_dir(&mut dp, ts);
-            if parent == new_parent {
+            if parent == new_parent && dp.nlink == dp_links {
+                // A rename within one directory changes only its times.
+                self.touch_parent(t, parent, &mut dp, ts);
+            } else if parent == new_parent {
                 // One directory: nlink changed only through `dp` (a replaced subdirectory).
+                touch_dir(&mut dp, ts);
                 put_attr(t, parent, &dp);
             } else {
+                touch_dir(&mut sp, ts);
+                touch_dir(&mut dp, ts);
                 put_attr(t, parent, &sp);
                 put_attr(t, new_parent, &dp);
             }
@@ -1256,20 +1282,32 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             k
         };
         let rows = self.kv.scan(&start, &key::prefix_end(&p), limit)?;
-        let mut out = Vec::with_capacity(rows.len());
-        for (k, v) in rows {
-            let (typ, child) = key::decode_dentry(&k, &v)?;
+        let mut entries = Vec::with_capacity(rows.len());
+        for (k, v) in &rows {
+            let (typ, child) = key::decode_dentry(k, v)?;
+            entries.push((k[p.len()..].to_vec(), typ, child));
+        }
+        // The attributes of a page in one read (one round trip on Redis), not one each.
+        let attrs = if plus {
+            let keys: Vec<Vec<u8>> = entries.iter().map(|e| key::attr(e.2)).collect();
+            let refs: Vec<&[u8]> = keys.iter().map(|k| k.as_slice()).collect();
+            self.kv.get_many(&refs)?
+        } else {
+            Vec::new()
+        };
+        let mut out = Vec::with_capacity(entries.len());
+        for (i, (name, typ, child)) in entries.into_iter().enumerate() {
             let attr = if plus {
-                match self.getattr(child) {
-                    Ok(a) => Some(a),
-                    Err(MetaError::Sys(_)) => continue,
-                    Err(e) => return Err(e),
+                match &attrs[i] {
+                    Some(v) => Some(key::decode_attr(child, v)?),
+                    // Removed since the entry was read.
+                    None => continue,
                 }
             } else {
                 None
             };
             out.push(DirEntry {
-                name: k[p.len()..].to_vec(),
+                name,
                 ino: child,
                 typ,
                 attr,
@@ -1763,9 +1801,11 @@ impl<E: KvEngine> KvMeta<E> {
             t.set(&key::dentry(parent, name), key::encode_dentry(typ, ino));
             if typ == FileType::Directory {
                 p.nlink += 1;
+                touch_dir(&mut p, a.ctime);
+                put_attr(t, parent, &p);
+            } else {
+                self.touch_parent(t, parent, &mut p, a.ctime);
             }
-            touch_dir(&mut p, a.ctime);
-            put_attr(t, parent, &p);
             Ok((ino, a))
         })
     }
