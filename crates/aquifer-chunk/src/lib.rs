@@ -526,10 +526,14 @@ impl ChunkStore {
     fn read_chunk(&self, ino: Ino, idx: u32, cpos: u32, dst: &mut [u8], seq: bool) -> Result<()> {
         let mut attempt = 0;
         loop {
-            let slices = self.meta.read_chunk(ino, idx)?;
+            let slices = if attempt == 0 {
+                self.meta.read_chunk(ino, idx)?
+            } else {
+                self.meta.read_chunk_fresh(ino, idx)?
+            };
             match self.read_slices(&slices, cpos, dst, seq) {
-                // A compaction may have freed the blocks we were about to read: the slice list
-                // has changed, so read it again.
+                // A compaction (here or on another mount) may have freed the blocks we were
+                // about to read: the slice list has changed, so read it again, fresh.
                 Err(DataError::Object(e)) if e.is_not_found() && attempt < 3 => attempt += 1,
                 r => return r,
             }

@@ -722,7 +722,7 @@ macro_rules! meta_conformance_shared {
         $crate::meta_conformance_shared!(@cases $make;
             two_clients_one_tree, unlink_elsewhere_keeps_open_file, locks_across_clients,
             dead_session_is_cleaned_up, concurrent_creates_and_counters,
-            rename_races_keep_tree_consistent);
+            rename_races_keep_tree_consistent, slice_lists_fresh_at_open);
     };
     (@cases $make:expr; $($case:ident),*) => {
         $(
@@ -928,6 +928,34 @@ pub fn concurrent_creates_and_counters(a: &dyn Meta, b: &dyn Meta) {
     ids.sort();
     ids.dedup();
     assert_eq!(ids.len(), 4 * per, "slice ids are unique across clients");
+}
+
+/// A client may keep slice lists it read, but an open sees what was committed before it
+/// (close-to-open), and so does a fresh read.
+pub fn slice_lists_fresh_at_open(a: &dyn Meta, b: &dyn Meta) {
+    let ctx = ready2(a, b);
+    let f = mkfile(a, &ctx, ROOT_INO, "f");
+    let s1 = data_slice(a, 100);
+    a.write_slice(f, 0, s1).unwrap();
+    b.open(&ctx, f, libc::O_RDONLY).unwrap();
+    assert_eq!(b.read_chunk(f, 0).unwrap(), vec![s1]);
+    let s2 = data_slice(a, 50);
+    a.write_slice(f, 0, s2).unwrap();
+    assert_eq!(b.read_chunk_fresh(f, 0).unwrap(), vec![s1, s2]);
+    let s3 = data_slice(a, 10);
+    a.write_slice(f, 0, s3).unwrap();
+    b.open(&ctx, f, libc::O_RDONLY).unwrap();
+    assert_eq!(
+        b.read_chunk(f, 0).unwrap(),
+        vec![s1, s2, s3],
+        "an open sees the last commit"
+    );
+    // A change made by the reading client itself shows at once.
+    let s4 = data_slice(b, 5);
+    b.write_slice(f, 0, s4).unwrap();
+    assert_eq!(b.read_chunk(f, 0).unwrap().len(), 4);
+    b.close(f).unwrap();
+    b.close(f).unwrap();
 }
 
 /// Renames racing from two clients between two directories: every file ends up in exactly

@@ -18,6 +18,8 @@ const TRASH_BATCH: u64 = 256;
 /// Shards of the open-file table: first opens and last closes of inodes in different shards
 /// register with the engine in parallel.
 const OPEN_SHARDS: usize = 64;
+/// Inodes whose slice lists are cached at most (then the cache starts over).
+const CHUNK_CACHE_INODES: usize = 16384;
 /// A session whose heartbeat is older than this is dead, unless told otherwise.
 pub const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(60);
 /// Free space reported when the volume has no capacity limit (1 PiB).
@@ -48,6 +50,12 @@ pub struct KvMeta<E: KvEngine> {
     limits: Mutex<Option<(u64, u64)>>,
     session_timeout: Duration,
     session: Mutex<Option<SessionInfo>>,
+    /// Slice lists read on a shared engine, so a read of an open file costs no round trip:
+    /// dropped for an inode at each open of it (close-to-open) and at each change of its
+    /// chunks made here; a change by another client shows at the next open here.
+    chunks: Mutex<HashMap<Ino, HashMap<u32, Vec<Slice>>>>,
+    /// Bumped by every drop, so a read that raced with a change does not cache.
+    chunk_gen: AtomicU64,
     /// Inodes this client holds locks on: a close elsewhere costs no engine round trip.
     locked: Mutex<std::collections::HashSet<Ino>>,
     /// Unix time of the last look for dead sessions.
@@ -179,6 +187,8 @@ impl<E: KvEngine> KvMeta<E> {
             limits: Mutex::new(None),
             session_timeout: DEFAULT_SESSION_TIMEOUT,
             session: Mutex::new(None),
+            chunks: Mutex::new(HashMap::new()),
+            chunk_gen: AtomicU64::new(0),
             locked: Mutex::new(Default::default()),
             last_reap: AtomicU64::new(0),
         }
@@ -193,6 +203,15 @@ impl<E: KvEngine> KvMeta<E> {
 
     fn sid(&self) -> u64 {
         self.sid.load(Ordering::Relaxed)
+    }
+
+    fn forget_chunks(&self, ino: Ino) {
+        if self.kv.exclusive() {
+            return;
+        }
+        let mut c = self.chunks.lock().unwrap();
+        self.chunk_gen.fetch_add(1, Ordering::AcqRel);
+        c.remove(&ino);
     }
 
     fn open_shard(&self, ino: Ino) -> std::sync::MutexGuard<'_, HashMap<Ino, u32>> {
@@ -869,6 +888,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
         if length > MAX_FILE_SIZE {
             return Err(Errno::EFBIG.into());
         }
+        let _forget = ForgetChunks(self, ino);
         self.txn(|t| {
             let mut a = get_attr(t, ino)?;
             match a.typ {
@@ -904,6 +924,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
         if end > MAX_FILE_SIZE {
             return Err(Errno::EFBIG.into());
         }
+        let _forget = ForgetChunks(self, ino);
         self.txn(|t| {
             let mut a = get_attr(t, ino)?;
             match a.typ {
@@ -1326,6 +1347,8 @@ impl<E: KvEngine> Meta for KvMeta<E> {
         } else {
             0
         };
+        // Close-to-open: what another client committed before this open is read fresh.
+        self.forget_chunks(ino);
         let mut open = self.open_shard(ino);
         let n = open.get(&ino).copied().unwrap_or(0);
         let a = if n == 0 {
@@ -1371,16 +1394,41 @@ impl<E: KvEngine> Meta for KvMeta<E> {
     }
 
     fn read_chunk(&self, ino: Ino, idx: u32) -> Result<Vec<Slice>> {
-        match self.kv.get(&key::chunk(ino, idx))? {
+        let cached = !self.kv.exclusive();
+        let generation = self.chunk_gen.load(Ordering::Acquire);
+        if cached {
+            let c = self.chunks.lock().unwrap();
+            if let Some(list) = c.get(&ino).and_then(|m| m.get(&idx)) {
+                return Ok(list.clone());
+            }
+        }
+        let list = match self.kv.get(&key::chunk(ino, idx))? {
             Some(v) => Slice::decode_list(&v).ok_or_else(|| MetaError::Corrupt {
                 key: format!("C{ino}/{idx}"),
                 msg: "slice list length is not a multiple of 24".into(),
-            }),
-            None => Ok(Vec::new()),
+            })?,
+            None => Vec::new(),
+        };
+        if cached {
+            let mut c = self.chunks.lock().unwrap();
+            // Not if a change of any chunk committed here meanwhile: it may be this one.
+            if self.chunk_gen.load(Ordering::Acquire) == generation {
+                if c.len() >= CHUNK_CACHE_INODES {
+                    c.clear();
+                }
+                c.entry(ino).or_default().insert(idx, list.clone());
+            }
         }
+        Ok(list)
+    }
+
+    fn read_chunk_fresh(&self, ino: Ino, idx: u32) -> Result<Vec<Slice>> {
+        self.forget_chunks(ino);
+        self.read_chunk(ino, idx)
     }
 
     fn write_slice(&self, ino: Ino, idx: u32, slice: Slice) -> Result<(Attr, usize)> {
+        let _forget = ForgetChunks(self, ino);
         self.txn(|t| {
             let mut a = get_attr(t, ino)?;
             if a.typ != FileType::File {
@@ -1407,6 +1455,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
     }
 
     fn compact_chunk(&self, ino: Ino, idx: u32, replaced: &[Slice], new: &[Slice]) -> Result<bool> {
+        let _forget = ForgetChunks(self, ino);
         self.txn(|t| {
             let k = key::chunk(ino, idx);
             let Some(v) = t.get(&k)? else {
@@ -1644,6 +1693,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
     }
 
     fn load_inode(&self, ino: Ino, inode: &crate::LoadInode) -> Result<()> {
+        let _forget = ForgetChunks(self, ino);
         self.load_inode_impl(ino, inode)
     }
 
@@ -1694,6 +1744,16 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             })?;
         }
         Ok(())
+    }
+}
+
+/// Drops an inode's cached slice lists when a change of them ends, committed or not (drop
+/// runs after the transaction).
+struct ForgetChunks<'a, E: KvEngine>(&'a KvMeta<E>, Ino);
+
+impl<E: KvEngine> Drop for ForgetChunks<'_, E> {
+    fn drop(&mut self) {
+        self.0.forget_chunks(self.1);
     }
 }
 

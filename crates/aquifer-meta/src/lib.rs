@@ -117,8 +117,14 @@ pub trait Meta: Send + Sync {
 
     /// Allocate a never-reused slice id.
     fn new_slice_id(&self) -> Result<u64>;
-    /// The slice list of one chunk, oldest first.
+    /// The slice list of one chunk, oldest first. May come from a cache that another
+    /// client's change reaches at this client's next open of the file.
     fn read_chunk(&self, ino: Ino, idx: u32) -> Result<Vec<Slice>>;
+    /// The slice list as the engine has it now (after a block of a cached list was gone:
+    /// another client compacted the chunk).
+    fn read_chunk_fresh(&self, ino: Ino, idx: u32) -> Result<Vec<Slice>> {
+        self.read_chunk(ino, idx)
+    }
     /// Append a written slice to a chunk, growing the file when it ends past the length.
     /// Returns the new attributes and the number of slices in the chunk.
     fn write_slice(&self, ino: Ino, idx: u32, slice: Slice) -> Result<(Attr, usize)>;
