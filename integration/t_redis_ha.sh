@@ -4,7 +4,10 @@
 #   all of its keys live on the one node that owns its hash slot;
 # - one master, one replica and a sentinel: a mount on the Sentinel URL keeps working
 #   through a failover (kill -9 of the master), with no operation failing, and the tree is
-#   consistent afterwards.
+#   consistent afterwards;
+# - TLS (rediss:// with the test CA, and a client certificate the server demands): a mount
+#   works; a server certificate from an unknown CA is one clear error;
+# - a password from META_PASSWORD: the mount works, the password is never printed.
 source "$(dirname "$0")/lib.sh"
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
@@ -15,6 +18,7 @@ redis_node() {
   redis-server --port "$port" --bind 127.0.0.1 --dir "$WORK/$name" --save "" --appendonly yes \
     --daemonize yes --pidfile "$WORK/$name/pid" --logfile "$WORK/$name/log" "$@" >/dev/null
   CLEANUPS+=("kill -9 \$(cat $WORK/$name/pid)")
+  [ "$port" = 0 ] && return 0  # TLS only: the caller waits for its port
   local i
   for i in $(seq 1 100); do
     redis-cli -p "$port" ping >/dev/null 2>&1 && return 0
@@ -112,4 +116,49 @@ note "$present of $n files present after the failover"
 [ "$present" -ge "$at" ] || note "lost $((at - present)) acknowledged creates to asynchronous replication"
 umount_volume "$WORK/sm"
 "$AQUIFER" fsck "$META" >"$WORK/fsck" 2>&1 || fail "fsck after the failover: $(tail -3 "$WORK/fsck")"
+note "TLS"
+t=$WORK/tls; mkdir -p "$t"
+openssl req -x509 -newkey rsa:2048 -nodes -keyout "$t/ca.key" -out "$t/ca.pem" -days 2 \
+  -subj "/CN=aquifer test CA" 2>/dev/null
+for who in server client; do
+  openssl req -newkey rsa:2048 -nodes -keyout "$t/$who.key" -out "$t/$who.csr" -subj "/CN=127.0.0.1" 2>/dev/null
+  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' >"$t/ext"
+  openssl x509 -req -in "$t/$who.csr" -CA "$t/ca.pem" -CAkey "$t/ca.key" -CAcreateserial \
+    -out "$t/$who.pem" -days 2 -extfile "$t/ext" 2>/dev/null
+done
+pt=$(free_port)
+redis_node tlsnode 0 --tls-port "$pt" --tls-cert-file "$t/server.pem" --tls-key-file "$t/server.key" \
+  --tls-ca-cert-file "$t/ca.pem" --tls-auth-clients yes
+for i in $(seq 1 50); do (echo >/dev/tcp/127.0.0.1/"$pt") 2>/dev/null && break; sleep 0.1; done
+opts="tls-ca-cert-file=$t/ca.pem&tls-cert-file=$t/client.pem&tls-key-file=$t/client.key"
+META="rediss://127.0.0.1:$pt/2?$opts"
+"$AQUIFER" format "$META" tlsvol --storage file --bucket "$WORK/tblocks" >/dev/null || fail "format over TLS"
+mount_volume "$WORK/tm"
+echo hello >"$WORK/tm/f"
+umount_volume "$WORK/tm"
+mount_volume "$WORK/tm"
+[ "$(cat "$WORK/tm/f")" = hello ] || fail "a file over TLS"
+umount_volume "$WORK/tm"
+if "$AQUIFER" status "rediss://127.0.0.1:$pt/2" 2>"$WORK/err" >/dev/null; then
+  fail "trusted a certificate from an unknown CA"
+fi
+[ "$(wc -l <"$WORK/err")" = 1 ] && grep -qi "certificate" "$WORK/err" || fail "unclear TLS error: $(cat "$WORK/err")"
+
+note "META_PASSWORD"
+pp=$(free_port)
+redis_node pwnode "$pp" --requirepass 's3cr3t-pw'
+META="redis://127.0.0.1:$pp/1"
+if "$AQUIFER" format "$META" pw --storage file --bucket "$WORK/pblocks" 2>"$WORK/err" >/dev/null; then
+  fail "formatted without the password"
+fi
+[ "$(wc -l <"$WORK/err")" = 1 ] || fail "not one error line: $(cat "$WORK/err")"
+export META_PASSWORD=s3cr3t-pw
+"$AQUIFER" format "$META" pw --storage file --bucket "$WORK/pblocks" >"$WORK/out" || fail "format with META_PASSWORD"
+mount_volume "$WORK/pm"
+echo hi >"$WORK/pm/f"
+"$AQUIFER" status "$META" >>"$WORK/out"
+umount_volume "$WORK/pm"
+unset META_PASSWORD
+"$AQUIFER" format "redis://:s3cr3t-pw@127.0.0.1:$pp/3" pw3 --storage file --bucket "$WORK/p3" >>"$WORK/out" 2>&1
+! grep -rq "s3cr3t-pw" "$WORK/out" "$WORK"/*.log || fail "the password was printed"
 note "ok"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what aquifer needs on a Debian/Ubuntu machine. Idempotent.
 #   scripts/install-deps.sh          runtime + build: fuse3, clang/libclang (for rocksdb)
-#   scripts/install-deps.sh --test   also the test tools: redis-server, sqlite3, git, fio,
+#   scripts/install-deps.sh --test   also the test tools: redis-server, openssl, sqlite3, git, fio,
 #                                    e2fsprogs and util-linux (the power-cut test's loop device),
 #                                    pjdfstest, fsx, the S3 test server s3s-fs, and the
 #                                    users pjdfstest switches to
@@ -14,7 +14,7 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 pkgs=(fuse3 clang libclang-dev pkg-config)
 if [ $want_test = 1 ]; then
-  pkgs+=(redis-server sqlite3 git fio rsync attr xz-utils e2fsprogs util-linux)
+  pkgs+=(redis-server sqlite3 git fio rsync attr xz-utils e2fsprogs util-linux openssl)
 fi
 missing=()
 for p in "${pkgs[@]}"; do

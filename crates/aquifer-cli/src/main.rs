@@ -638,7 +638,7 @@ fn format(mut a: FormatArgs) -> Result<()> {
         "formatted volume {} (uuid {}) at {}, blocks in {} under {}",
         f.name,
         f.uuid,
-        a.meta_url,
+        aquifer_meta::url::redact(&a.meta_url),
         f.bucket,
         store_spec(&f).prefix
     );
@@ -1058,8 +1058,17 @@ fn status(a: StatusArgs) -> Result<()> {
         "sessions": sessions,
         "usage": { "used_bytes": used, "inodes": inodes },
     });
-    println!("{}", serde_json::to_string_pretty(&out)?);
-    Ok(())
+    print_out(&format!("{}\n", serde_json::to_string_pretty(&out)?))
+}
+
+/// Write to stdout; a reader that went away (`| head`, `| grep -q`) is not an error.
+fn print_out(text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => Ok(r?),
+    }
 }
 
 fn dump(a: DumpArgs) -> Result<()> {

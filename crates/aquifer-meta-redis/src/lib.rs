@@ -25,7 +25,7 @@
 
 use aquifer_meta::encoding::{group_len, is_counter, GROUPED, LISTED};
 use aquifer_meta::url::{RedisTopology, RedisUrl};
-use aquifer_meta::{BufferedTxn, KvEngine, KvPair, KvRead, KvTxn, MetaError, Result};
+use aquifer_meta::{BufferedTxn, EntryAttr, KvEngine, KvPair, KvRead, KvTxn, MetaError, Result};
 use redis::{Client, Connection, ErrorKind, RedisError, ServerErrorKind, Value};
 use std::cell::RefCell;
 use std::sync::Mutex;
@@ -58,7 +58,17 @@ pub struct RedisKv {
     /// page serve the next pages for a moment, so listing a directory of n entries costs one
     /// HGETALL, not one per page (a hash has no order to page by).
     listings: Mutex<Vec<Listing>>,
+    /// A lookup in one round trip: the entry, then the attributes of the inode it names
+    /// (same hash slot: `{DB}`), read by the server.
+    entry_attr: redis::Script,
 }
+
+const ENTRY_ATTR: &str = r"
+local d = redis.call('HGET', KEYS[1], ARGV[1])
+if not d then return {false, false} end
+if string.len(d) ~= 9 then return {d, false} end
+return {d, redis.call('GET', ARGV[2] .. string.sub(d, 2, 9))}
+";
 
 struct Listing {
     group: Vec<u8>,
@@ -193,6 +203,7 @@ impl RedisKv {
             pool: Mutex::new(Vec::new()),
             deadline: DEFAULT_RETRY_DEADLINE,
             listings: Mutex::new(Vec::new()),
+            entry_attr: redis::Script::new(ENTRY_ATTR),
         }
     }
 
@@ -773,6 +784,25 @@ fn slot_master(slots: &[Value], slot: i64, asked: &str) -> Option<(String, u16)>
 impl KvRead for RedisKv {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
         self.run(|c| self.get_on(c, key, false))
+    }
+
+    fn get_entry_attr(&self, entry_key: &[u8]) -> Result<EntryAttr> {
+        let (rk, field) = self.locate(entry_key);
+        let Some(field) = field else {
+            return Ok((self.get(entry_key)?, None));
+        };
+        let mut attr_prefix = self.prefix.clone();
+        attr_prefix.push(b'I');
+        self.run(|c| {
+            let r: Vec<Option<Vec<u8>>> = self
+                .entry_attr
+                .key(&rk)
+                .arg(&field)
+                .arg(&attr_prefix)
+                .invoke(c)?;
+            let mut it = r.into_iter();
+            Ok((it.next().flatten(), it.next().flatten()))
+        })
     }
 
     fn get_many(&self, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>> {

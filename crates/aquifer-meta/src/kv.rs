@@ -16,6 +16,8 @@ use std::ops::Bound;
 use std::sync::{Mutex, RwLock};
 
 pub type KvPair = (Vec<u8>, Vec<u8>);
+/// A directory entry's value and the attributes of the inode it names, each if found.
+pub type EntryAttr = (Option<Vec<u8>>, Option<Vec<u8>>);
 
 /// Reads of committed state.
 pub trait KvRead {
@@ -23,6 +25,21 @@ pub trait KvRead {
     /// Several independent reads; an engine over a network does them in one round trip.
     fn get_many(&self, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>> {
         keys.iter().map(|k| self.get(k)).collect()
+    }
+    /// A directory entry and the attributes of the inode it names, read together: one
+    /// round trip on an engine that can follow the entry itself (a lookup).
+    fn get_entry_attr(&self, entry_key: &[u8]) -> Result<EntryAttr> {
+        let Some(d) = self.get(entry_key)? else {
+            return Ok((None, None));
+        };
+        let attr = match d.get(1..9) {
+            Some(ino) if d.len() == 9 => {
+                let ino = u64::from_be_bytes(ino.try_into().unwrap_or_default());
+                self.get(&crate::encoding::attr(ino))?
+            }
+            _ => None,
+        };
+        Ok((Some(d), attr))
     }
     /// Keys in `[start, end)`, in order, at most `limit` of them.
     fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<KvPair>>;
@@ -74,6 +91,9 @@ impl<E: KvEngine> KvRead for std::sync::Arc<E> {
     }
     fn get_many(&self, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>> {
         (**self).get_many(keys)
+    }
+    fn get_entry_attr(&self, entry_key: &[u8]) -> Result<EntryAttr> {
+        (**self).get_entry_attr(entry_key)
     }
     fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<KvPair>> {
         (**self).scan(start, end, limit)

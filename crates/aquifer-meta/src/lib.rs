@@ -16,7 +16,9 @@ pub mod dump;
 pub mod url;
 
 pub use error::{Errno, MetaError, Result};
-pub use kv::{counter_value, BufferedTxn, KvEngine, KvPair, KvRead, KvTxn, MemKv, TxnWrites};
+pub use kv::{
+    counter_value, BufferedTxn, EntryAttr, KvEngine, KvPair, KvRead, KvTxn, MemKv, TxnWrites,
+};
 pub use kvmeta::{KvMeta, DEFAULT_SESSION_TIMEOUT};
 pub use locks::{PLock, F_RDLCK, F_UNLCK, F_WRLCK};
 pub use types::*;
@@ -76,6 +78,24 @@ pub trait Meta: Send + Sync {
         umask: u32,
         rdev: u32,
     ) -> Result<(Ino, Attr)>;
+    /// Create a regular file and count an open of it ([`Meta::open`]), in one transaction
+    /// where the engine can. The caller closes it with [`Meta::close`].
+    fn create_open(
+        &self,
+        ctx: &Context,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        umask: u32,
+    ) -> Result<(Ino, Attr)> {
+        let (ino, _) = self.mknod(ctx, parent, name, FileType::File, mode, umask, 0)?;
+        let opener = Context {
+            check_permission: false,
+            ..ctx.clone()
+        };
+        let a = self.open(&opener, ino, libc::O_RDWR)?;
+        Ok((ino, a))
+    }
     fn symlink(
         &self,
         ctx: &Context,

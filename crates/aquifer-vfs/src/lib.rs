@@ -362,27 +362,31 @@ impl Vfs {
         umask: u32,
         flags: i32,
     ) -> Result<(Ino, Attr, u64)> {
-        let (ino, attr) = match self
-            .meta
-            .mknod(ctx, parent, name, FileType::File, mode, umask, 0)
-        {
-            Ok(r) => r,
+        match self.meta.create_open(ctx, parent, name, mode, umask) {
+            // Created and counted open in one go.
+            Ok((ino, attr)) => {
+                let opener = Context {
+                    check_permission: false,
+                    ..ctx.clone()
+                };
+                let fh = self.opened_file(&opener, ino, flags, attr.clone())?.fh;
+                Ok((ino, attr, fh))
+            }
             // Without O_EXCL an existing file is simply opened.
             Err(MetaError::Sys(e)) if e == Errno::EEXIST && flags & libc::O_EXCL == 0 => {
                 let (ino, a) = self.meta.lookup(ctx, parent, name)?;
                 if a.is_dir() {
                     return Err(Errno::EISDIR);
                 }
-                (ino, a)
+                let opened = Context {
+                    check_permission: false,
+                    ..ctx.clone()
+                };
+                let fh = self.open(&opened, ino, flags)?;
+                Ok((ino, a, fh))
             }
-            Err(e) => return Err(e.into()),
-        };
-        let opened = Context {
-            check_permission: false,
-            ..ctx.clone()
-        };
-        let fh = self.open(&opened, ino, flags)?;
-        Ok((ino, attr, fh))
+            Err(e) => Err(e.into()),
+        }
     }
 
     pub fn open(&self, ctx: &Context, ino: Ino, flags: i32) -> Result<u64> {
@@ -392,6 +396,11 @@ impl Vfs {
     /// Open, and say whether the kernel may keep the file's cached pages.
     pub fn open_file(&self, ctx: &Context, ino: Ino, flags: i32) -> Result<Opened> {
         let a = self.meta.open(ctx, ino, flags)?;
+        self.opened_file(ctx, ino, flags, a)
+    }
+
+    /// The handle of a file the metadata engine has counted open (`a`: its attributes).
+    fn opened_file(&self, ctx: &Context, ino: Ino, flags: i32, a: Attr) -> Result<Opened> {
         if a.is_dir() && is_write(flags) {
             self.meta.close(ino)?;
             return Err(Errno::EISDIR);
