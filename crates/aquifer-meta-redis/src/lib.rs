@@ -644,42 +644,45 @@ impl RedisKv {
             let (rk, field) = self.locate(&k);
             let tag = k[0];
             let listed = LISTED.contains(&tag);
-            match (v, field) {
-                (Some(v), None) => {
-                    if is_counter(&k) {
-                        let n = aquifer_meta::counter_value(Some(&v));
-                        p.cmd("SET").arg(&rk).arg(n).ignore();
-                    } else {
-                        p.cmd("SET").arg(&rk).arg(v).ignore();
-                    }
-                    if listed {
-                        p.cmd("ZADD")
-                            .arg(self.index_key(tag))
-                            .arg(0)
-                            .arg(&k[1..])
-                            .ignore();
-                    }
+            // Index member: the id of a plain key, the group id of a grouped one.
+            let member = if field.is_some() { &k[1..9] } else { &k[1..] };
+            let written = v.is_some();
+            match (v, &field) {
+                (Some(v), None) if is_counter(&k) => {
+                    let n = aquifer_meta::counter_value(Some(&v));
+                    p.cmd("SET").arg(&rk).arg(n).ignore();
                 }
-                (None, None) => {
-                    p.cmd("DEL").arg(&rk).ignore();
-                    if listed {
-                        p.cmd("ZREM").arg(self.index_key(tag)).arg(&k[1..]).ignore();
-                    }
+                (Some(v), None) => {
+                    p.cmd("SET").arg(&rk).arg(v).ignore();
                 }
                 (Some(v), Some(f)) => {
                     p.cmd("HSET").arg(&rk).arg(f).arg(v).ignore();
-                    if listed {
-                        p.cmd("ZADD")
-                            .arg(self.index_key(tag))
-                            .arg(0)
-                            .arg(&k[1..9])
-                            .ignore();
-                    }
+                }
+                (None, None) => {
+                    p.cmd("DEL").arg(&rk).ignore();
                 }
                 (None, Some(f)) => {
                     p.cmd("HDEL").arg(&rk).arg(f).ignore();
-                    if listed && !emptied.iter().any(|e| e.0 == rk) {
-                        emptied.push((rk, tag, k[1..9].to_vec()));
+                }
+            }
+            if !listed {
+                continue;
+            }
+            match (written, field.is_some()) {
+                (true, _) => {
+                    p.cmd("ZADD")
+                        .arg(self.index_key(tag))
+                        .arg(0)
+                        .arg(member)
+                        .ignore();
+                }
+                (false, false) => {
+                    p.cmd("ZREM").arg(self.index_key(tag)).arg(member).ignore();
+                }
+                // A group leaves the index once its hash is empty (checked at the end).
+                (false, true) => {
+                    if !emptied.iter().any(|e| e.0 == rk) {
+                        emptied.push((rk, tag, member.to_vec()));
                     }
                 }
             }

@@ -431,25 +431,28 @@ impl<E: KvEngine> KvMeta<E> {
         Ok(())
     }
 
+    /// Change the lock tables of `ino` within a transaction (both read in one round trip),
+    /// keeping session `sid`'s lock index true. Returns whether `sid` still holds a lock.
+    fn edit_locks(t: &mut dyn KvTxn, ino: Ino, sid: u64, f: &mut LockEdit<'_>) -> Result<bool> {
+        let (fk, pk) = (key::flocks(ino), key::plocks(ino));
+        let got = t.get_many(&[&fk, &pk])?;
+        let mut fl = locks::decode_flocks(got[0].as_deref().unwrap_or_default());
+        let mut pl = locks::decode_plocks(got[1].as_deref().unwrap_or_default());
+        f(&mut fl, &mut pl)?;
+        Self::put_flocks(t, ino, &fl);
+        Self::put_plocks(t, ino, &pl);
+        Self::index_locks(t, sid, ino, &fl, &pl);
+        Ok(fl.iter().any(|r| r.0 == sid) || pl.iter().any(|r| r.sid == sid))
+    }
+
     /// Drop every lock record of `sid` on `ino`.
     fn drop_session_locks(t: &mut dyn KvTxn, sid: u64, ino: Ino) -> Result<()> {
-        let (fk, pk) = (key::flocks(ino), key::plocks(ino));
-        if let Some(v) = t.get(&fk)? {
-            let keep: Vec<_> = locks::decode_flocks(&v)
-                .into_iter()
-                .filter(|r| r.0 != sid)
-                .collect();
-            Self::put_flocks(t, ino, &keep);
-        }
-        if let Some(v) = t.get(&pk)? {
-            let keep: Vec<_> = locks::decode_plocks(&v)
-                .into_iter()
-                .filter(|r| r.sid != sid)
-                .collect();
-            Self::put_plocks(t, ino, &keep);
-        }
-        t.delete(&key::lock_index(sid, ino));
-        Ok(())
+        Self::edit_locks(t, ino, sid, &mut |fl, pl| {
+            fl.retain(|r| r.0 != sid);
+            pl.retain(|r| r.sid != sid);
+            Ok(())
+        })
+        .map(|_| ())
     }
 
     fn put_flocks(t: &mut dyn KvTxn, ino: Ino, recs: &[(u64, u64, i32)]) {
@@ -483,13 +486,7 @@ impl<E: KvEngine> KvMeta<E> {
             if taking {
                 get_attr(t, ino)?;
             }
-            let mut fl = locks::decode_flocks(&t.get(&key::flocks(ino))?.unwrap_or_default());
-            let mut pl = locks::decode_plocks(&t.get(&key::plocks(ino))?.unwrap_or_default());
-            f(&mut fl, &mut pl)?;
-            Self::put_flocks(t, ino, &fl);
-            Self::put_plocks(t, ino, &pl);
-            Self::index_locks(t, sid, ino, &fl, &pl);
-            Ok(fl.iter().any(|r| r.0 == sid) || pl.iter().any(|r| r.sid == sid))
+            Self::edit_locks(t, ino, sid, &mut f)
         })?;
         if holds {
             locked.insert(ino);
@@ -1780,6 +1777,10 @@ impl<E: KvEngine> Meta for KvMeta<E> {
         Ok(())
     }
 }
+
+/// A change of an inode's flock and fcntl lock tables.
+type LockEdit<'a> =
+    dyn FnMut(&mut Vec<(u64, u64, i32)>, &mut Vec<locks::PRecord>) -> Result<()> + 'a;
 
 /// Drops an inode's cached slice lists when a change of them ends, committed or not (drop
 /// runs after the transaction).
