@@ -161,6 +161,18 @@ fn ctx(req: &Request) -> Context {
     }
 }
 
+/// A lock request as the kernel sends it: whether it is a flock(2) lock (kept apart from
+/// fcntl locks, as Linux keeps them; the patched fuser marks it in the type), and the lock.
+fn lock_request(typ: i32, start: u64, end: u64, pid: u32) -> (bool, PLock) {
+    let lock = PLock {
+        typ: typ & !fuser::LOCK_FLOCK,
+        start,
+        end,
+        pid,
+    };
+    (typ & fuser::LOCK_FLOCK != 0, lock)
+}
+
 /// True when thread `tid` has a signal pending that it does not block (or is gone): a lock
 /// wait on its behalf should end with EINTR, as it would on a local file system.
 fn signal_pending(tid: u32) -> bool {
@@ -692,13 +704,7 @@ impl Filesystem for AquiferFs {
         pid: u32,
         reply: ReplyLock,
     ) {
-        let typ = typ & !fuser::LOCK_FLOCK;
-        let lock = PLock {
-            typ,
-            start,
-            end,
-            pid,
-        };
+        let (_, lock) = lock_request(typ, start, end, pid);
         match self.vfs.getlk(ino.0, lock_owner.0, &lock) {
             Ok(Some(l)) => reply.locked(l.start, l.end, l.typ, l.pid),
             Ok(None) => reply.locked(start, end, libc::F_UNLCK, 0),
@@ -719,15 +725,8 @@ impl Filesystem for AquiferFs {
         sleep: bool,
         reply: ReplyEmpty,
     ) {
-        // flock(2) locks are kept apart from fcntl locks, as Linux keeps them.
-        let flock = typ & fuser::LOCK_FLOCK != 0;
-        let typ = typ & !fuser::LOCK_FLOCK;
-        let lock = PLock {
-            typ,
-            start,
-            end,
-            pid,
-        };
+        let (flock, lock) = lock_request(typ, start, end, pid);
+        let typ = lock.typ;
         let (ino, owner) = (ino.0, lock_owner.0);
         if typ != libc::F_UNLCK && !flock {
             let mut m = self.lock_owners.lock().unwrap_or_else(|e| e.into_inner());

@@ -362,13 +362,14 @@ impl Vfs {
         umask: u32,
         flags: i32,
     ) -> Result<(Ino, Attr, u64)> {
+        // The creator may open what it creates, whatever the new file's mode.
+        let opener = Context {
+            check_permission: false,
+            ..ctx.clone()
+        };
         match self.meta.create_open(ctx, parent, name, mode, umask) {
             // Created and counted open in one go.
             Ok((ino, attr)) => {
-                let opener = Context {
-                    check_permission: false,
-                    ..ctx.clone()
-                };
                 let fh = self.opened_file(&opener, ino, flags, attr.clone())?.fh;
                 Ok((ino, attr, fh))
             }
@@ -378,11 +379,7 @@ impl Vfs {
                 if a.is_dir() {
                     return Err(Errno::EISDIR);
                 }
-                let opened = Context {
-                    check_permission: false,
-                    ..ctx.clone()
-                };
-                let fh = self.open(&opened, ino, flags)?;
+                let fh = self.open(&opener, ino, flags)?;
                 Ok((ino, a, fh))
             }
             Err(e) => Err(e.into()),
