@@ -30,7 +30,17 @@ redis_node() {
 note "cluster"
 ports=()
 for i in 1 2 3; do
-  p=$(free_port); ports+=("$p")
+  # A cluster node's bus port (port + 10000) must exist and be free too.
+  p=$(python3 -c 'import random, socket
+while True:
+    p = random.randint(20000, 55000)
+    try:
+        for q in (p, p + 10000):
+            s = socket.socket(); s.bind(("127.0.0.1", q)); s.close()
+        print(p); break
+    except OSError:
+        pass')
+  ports+=("$p")
   redis_node "c$i" "$p" --cluster-enabled yes --cluster-config-file nodes.conf --cluster-node-timeout 2000
 done
 redis-cli --cluster create "127.0.0.1:${ports[0]}" "127.0.0.1:${ports[1]}" "127.0.0.1:${ports[2]}" \
