@@ -27,7 +27,7 @@ use aquifer_meta::encoding::{group_len, is_counter, GROUPED, LISTED};
 use aquifer_meta::url::{RedisTopology, RedisUrl};
 use aquifer_meta::{BufferedTxn, EntryAttr, KvEngine, KvPair, KvRead, KvTxn, MetaError, Result};
 use redis::{Client, Connection, ErrorKind, RedisError, ServerErrorKind, Value};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -41,10 +41,43 @@ pub const DEFAULT_RETRY_DEADLINE: Duration = Duration::from_secs(30);
 /// Ids read per page when scanning a listed tag's index.
 const INDEX_PAGE: usize = 256;
 
-/// Drop a listed group's id from its index when the group's hash is gone: run inside the
-/// `MULTI`, after the deletes that may have emptied it.
-const UNINDEX_IF_EMPTY: &str =
-    "if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('ZREM', KEYS[2], ARGV[1]) end return 0";
+/// A transaction's commit, run by the server: check that every value the transaction read
+/// (or guessed) is still what it saw, then apply its writes — or apply nothing and answer 0.
+///
+/// `ARGV[1]` is the number of checks; each check is five arguments: `s` (string) or `h`
+/// (hash field), the key, the field (empty for a string), `1` and the value it must hold, or
+/// `0` and anything when it must be absent. The writes follow, each an op code and its
+/// arguments: `S key value`, `D key`, `H key field value`, `X key field` (HDEL), `A key n`
+/// (INCRBY), `Z index id` (ZADD), `R index id` (ZREM), and `U key index id` (drop a group's id
+/// from its index once the group's hash is gone).
+const COMMIT: &str = r"
+local i = 2
+for _ = 1, tonumber(ARGV[1]) do
+  local cur
+  if ARGV[i] == 'h' then cur = redis.call('HGET', ARGV[i+1], ARGV[i+2])
+  else cur = redis.call('GET', ARGV[i+1]) end
+  if ARGV[i+3] == '1' then
+    if cur ~= ARGV[i+4] then return 0 end
+  elseif cur then return 0 end
+  i = i + 5
+end
+local n = #ARGV
+while i <= n do
+  local op = ARGV[i]
+  if op == 'H' then redis.call('HSET', ARGV[i+1], ARGV[i+2], ARGV[i+3]) i = i + 4
+  elseif op == 'X' then redis.call('HDEL', ARGV[i+1], ARGV[i+2]) i = i + 3
+  elseif op == 'S' then redis.call('SET', ARGV[i+1], ARGV[i+2]) i = i + 3
+  elseif op == 'D' then redis.call('DEL', ARGV[i+1]) i = i + 2
+  elseif op == 'A' then redis.call('INCRBY', ARGV[i+1], ARGV[i+2]) i = i + 3
+  elseif op == 'Z' then redis.call('ZADD', ARGV[i+1], 0, ARGV[i+2]) i = i + 3
+  elseif op == 'R' then redis.call('ZREM', ARGV[i+1], ARGV[i+2]) i = i + 3
+  elseif op == 'U' then
+    if redis.call('EXISTS', ARGV[i+1]) == 0 then redis.call('ZREM', ARGV[i+2], ARGV[i+3]) end
+    i = i + 4
+  else return redis.error_reply('aquifer commit: unknown op') end
+end
+return 1
+";
 
 pub struct RedisKv {
     url: RedisUrl,
@@ -61,14 +94,31 @@ pub struct RedisKv {
     /// A lookup in one round trip: the entry, then the attributes of the inode it names
     /// (same hash slot: `{DB}`), read by the server.
     entry_attr: redis::Script,
+    commit: redis::Script,
 }
 
 const ENTRY_ATTR: &str = r"
 local d = redis.call('HGET', KEYS[1], ARGV[1])
 if not d then return {false, false} end
 if string.len(d) ~= 9 then return {d, false} end
-return {d, redis.call('GET', ARGV[2] .. string.sub(d, 2, 9))}
+local low = string.byte(d, 9)
+return {d, redis.call('HGET', ARGV[2] .. string.sub(d, 2, 8) .. string.char(math.floor(low / 64)),
+  string.char(low % 64))}
 ";
+
+/// Inodes whose attributes share one hash (`{DB}I` + ino / 64, field ino % 64). A hash this
+/// small with values this short (~25 bytes, [`aquifer_meta::encoding::encode_attr`]) stays a
+/// listpack (`hash-max-listpack-entries` 128, `-value` 64 by default): about 30 bytes an
+/// inode, where a key of its own costs ~100 bytes of Redis bookkeeping. Transactions check
+/// the fields they read, not the whole hash, so inodes in one bucket do not conflict.
+const ATTR_BUCKET: u8 = 64;
+
+/// A value as stored: its Redis key, hash field (for a key in a group) and raw value.
+struct Stored {
+    rk: Vec<u8>,
+    field: Option<Vec<u8>>,
+    raw: Option<Vec<u8>>,
+}
 
 struct Listing {
     group: Vec<u8>,
@@ -204,6 +254,7 @@ impl RedisKv {
             deadline: DEFAULT_RETRY_DEADLINE,
             listings: Mutex::new(Vec::new()),
             entry_attr: redis::Script::new(ENTRY_ATTR),
+            commit: redis::Script::new(COMMIT),
         }
     }
 
@@ -380,6 +431,13 @@ impl RedisKv {
     /// The Redis key of a metadata key, and the hash field when it is in a group.
     fn locate(&self, key: &[u8]) -> (Vec<u8>, Option<Vec<u8>>) {
         let mut rk = self.prefix.clone();
+        if key.len() == 9 && key[0] == b'I' {
+            // Attributes: 64 inodes per hash (see ATTR_BUCKET).
+            let low = key[8];
+            rk.extend_from_slice(&key[..8]);
+            rk.push(low / ATTR_BUCKET);
+            return (rk, Some(vec![low % ATTR_BUCKET]));
+        }
         match group_len(key) {
             Some(n) => {
                 rk.extend_from_slice(&key[..n]);
@@ -399,35 +457,14 @@ impl RedisKv {
         k
     }
 
-    /// Get one key; with `watch`, WATCH it in the same round trip.
-    fn get_on(
-        &self,
-        c: &mut Connection,
-        key: &[u8],
-        watch: bool,
-    ) -> redis::RedisResult<Option<Vec<u8>>> {
-        Ok(self.get_many_on(c, &[key], watch)?.pop().flatten())
-    }
-
-    /// Get several keys in one round trip; with `watch`, WATCH them in it too.
-    fn get_many_on(
-        &self,
-        c: &mut Connection,
-        keys: &[&[u8]],
-        watch: bool,
-    ) -> redis::RedisResult<Vec<Option<Vec<u8>>>> {
+    /// Get several keys in one round trip: where each lives in Redis and its stored value
+    /// (counters still decimal).
+    fn get_raw_on(&self, c: &mut Connection, keys: &[&[u8]]) -> redis::RedisResult<Vec<Stored>> {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
         let located: Vec<_> = keys.iter().map(|k| self.locate(k)).collect();
         let mut p = redis::pipe();
-        if watch {
-            let mut w = redis::cmd("WATCH");
-            for (rk, _) in &located {
-                w.arg(rk);
-            }
-            p.add_command(w).ignore();
-        }
         for (rk, field) in &located {
             match field {
                 Some(f) => p.cmd("HGET").arg(rk).arg(f),
@@ -435,10 +472,23 @@ impl RedisKv {
             };
         }
         let vals: Vec<Option<Vec<u8>>> = p.query(c)?;
+        Ok(located
+            .into_iter()
+            .zip(vals)
+            .map(|((rk, field), raw)| Stored { rk, field, raw })
+            .collect())
+    }
+
+    /// Get several keys in one round trip.
+    fn get_many_on(
+        &self,
+        c: &mut Connection,
+        keys: &[&[u8]],
+    ) -> redis::RedisResult<Vec<Option<Vec<u8>>>> {
         Ok(keys
             .iter()
-            .zip(vals)
-            .map(|(k, v)| Self::decode_value(k, v))
+            .zip(self.get_raw_on(c, keys)?)
+            .map(|(k, s)| Self::decode_value(k, s.raw))
             .collect())
     }
 
@@ -637,48 +687,64 @@ impl RedisKv {
         }
     }
 
-    /// Queue the commands of one committed write set.
-    fn queue_writes(&self, p: &mut redis::Pipeline, w: aquifer_meta::TxnWrites) {
+    /// The arguments of [`COMMIT`] for a transaction that read `reads` and leaves `w`.
+    fn commit_args(&self, reads: Vec<Stored>, w: aquifer_meta::TxnWrites) -> Vec<Vec<u8>> {
+        let mut checks: Vec<Stored> = reads;
+        for (k, v) in w.guesses {
+            let (rk, field) = self.locate(&k);
+            let raw = match v {
+                Some(v) if is_counter(&k) => Some(
+                    aquifer_meta::counter_value(Some(&v))
+                        .to_string()
+                        .into_bytes(),
+                ),
+                v => v,
+            };
+            checks.push(Stored { rk, field, raw });
+        }
+        let mut args: Vec<Vec<u8>> = vec![checks.len().to_string().into_bytes()];
+        for c in checks {
+            args.push(if c.field.is_some() { b"h" } else { b"s" }.to_vec());
+            args.push(c.rk);
+            args.push(c.field.unwrap_or_default());
+            match c.raw {
+                Some(v) => {
+                    args.push(b"1".to_vec());
+                    args.push(v);
+                }
+                None => {
+                    args.push(b"0".to_vec());
+                    args.push(Vec::new());
+                }
+            }
+        }
+        let op = |args: &mut Vec<Vec<u8>>, parts: &[&[u8]]| {
+            args.extend(parts.iter().map(|p| p.to_vec()));
+        };
         let mut emptied: Vec<(Vec<u8>, u8, Vec<u8>)> = Vec::new();
         for (k, v) in w.writes {
             let (rk, field) = self.locate(&k);
             let tag = k[0];
-            let listed = LISTED.contains(&tag);
             // Index member: the id of a plain key, the group id of a grouped one.
             let member = if field.is_some() { &k[1..9] } else { &k[1..] };
             let written = v.is_some();
             match (v, &field) {
                 (Some(v), None) if is_counter(&k) => {
-                    let n = aquifer_meta::counter_value(Some(&v));
-                    p.cmd("SET").arg(&rk).arg(n).ignore();
+                    let n = aquifer_meta::counter_value(Some(&v)).to_string();
+                    op(&mut args, &[b"S", &rk, n.as_bytes()]);
                 }
-                (Some(v), None) => {
-                    p.cmd("SET").arg(&rk).arg(v).ignore();
-                }
-                (Some(v), Some(f)) => {
-                    p.cmd("HSET").arg(&rk).arg(f).arg(v).ignore();
-                }
-                (None, None) => {
-                    p.cmd("DEL").arg(&rk).ignore();
-                }
-                (None, Some(f)) => {
-                    p.cmd("HDEL").arg(&rk).arg(f).ignore();
-                }
+                (Some(v), None) => op(&mut args, &[b"S", &rk, &v]),
+                (Some(v), Some(f)) => op(&mut args, &[b"H", &rk, f, &v]),
+                (None, None) => op(&mut args, &[b"D", &rk]),
+                (None, Some(f)) => op(&mut args, &[b"X", &rk, f]),
             }
-            if !listed {
+            if !LISTED.contains(&tag) {
                 continue;
             }
+            let idx = self.index_key(tag);
             match (written, field.is_some()) {
-                (true, _) => {
-                    p.cmd("ZADD")
-                        .arg(self.index_key(tag))
-                        .arg(0)
-                        .arg(member)
-                        .ignore();
-                }
-                (false, false) => {
-                    p.cmd("ZREM").arg(self.index_key(tag)).arg(member).ignore();
-                }
+                (true, _) => op(&mut args, &[b"Z", &idx, member]),
+                (false, false) => op(&mut args, &[b"R", &idx, member]),
                 // A group leaves the index once its hash is empty (checked at the end).
                 (false, true) => {
                     if !emptied.iter().any(|e| e.0 == rk) {
@@ -689,17 +755,12 @@ impl RedisKv {
         }
         for (k, d) in w.adds {
             let (rk, _) = self.locate(&k);
-            p.cmd("INCRBY").arg(&rk).arg(d).ignore();
+            op(&mut args, &[b"A", &rk, d.to_string().as_bytes()]);
         }
         for (rk, tag, id) in emptied {
-            p.cmd("EVAL")
-                .arg(UNINDEX_IF_EMPTY)
-                .arg(2)
-                .arg(rk)
-                .arg(self.index_key(tag))
-                .arg(id)
-                .ignore();
+            op(&mut args, &[b"U", &rk, &self.index_key(tag), &id]);
         }
+        args
     }
 
     /// Delete every key of this volume (tests; `aquifer load` into a used database is
@@ -786,7 +847,7 @@ fn slot_master(slots: &[Value], slot: i64, asked: &str) -> Option<(String, u16)>
 
 impl KvRead for RedisKv {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        self.run(|c| self.get_on(c, key, false))
+        self.run(|c| Ok(self.get_many_on(c, &[key])?.pop().flatten()))
     }
 
     fn get_entry_attr(&self, entry_key: &[u8]) -> Result<EntryAttr> {
@@ -809,7 +870,7 @@ impl KvRead for RedisKv {
     }
 
     fn get_many(&self, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>> {
-        self.run(|c| self.get_many_on(c, keys, false))
+        self.run(|c| self.get_many_on(c, keys))
     }
 
     fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<KvPair>> {
@@ -817,15 +878,19 @@ impl KvRead for RedisKv {
     }
 }
 
-/// The reads of one transaction: each WATCHes what it reads, on the transaction's
-/// connection. The first Redis error is kept to decide whether to retry.
-struct Watching<'a> {
+/// The reads of one transaction, on the transaction's connection. Point reads are
+/// remembered with the values seen, and [`COMMIT`] checks them again; a scan `WATCH`es the
+/// hash or index it read (a hash has no cheap "unchanged since" check). The first Redis error
+/// is kept to decide whether to retry.
+struct Reading<'a> {
     kv: &'a RedisKv,
     conn: RefCell<&'a mut Connection>,
     failed: RefCell<Option<RedisError>>,
+    reads: RefCell<Vec<Stored>>,
+    watched: Cell<bool>,
 }
 
-impl Watching<'_> {
+impl Reading<'_> {
     fn note<T>(&self, r: redis::RedisResult<T>) -> Result<T> {
         r.map_err(|e| {
             let m = engine_err(&e);
@@ -835,18 +900,28 @@ impl Watching<'_> {
     }
 }
 
-impl KvRead for Watching<'_> {
+impl KvRead for Reading<'_> {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        let r = self.kv.get_on(&mut self.conn.borrow_mut(), key, true);
-        self.note(r)
+        Ok(self.get_many(&[key])?.pop().flatten())
     }
 
     fn get_many(&self, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>> {
-        let r = self.kv.get_many_on(&mut self.conn.borrow_mut(), keys, true);
-        self.note(r)
+        let r = self.kv.get_raw_on(&mut self.conn.borrow_mut(), keys);
+        let stored = self.note(r)?;
+        let mut reads = self.reads.borrow_mut();
+        Ok(keys
+            .iter()
+            .zip(stored)
+            .map(|(k, s)| {
+                let v = RedisKv::decode_value(k, s.raw.clone());
+                reads.push(s);
+                v
+            })
+            .collect())
     }
 
     fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<KvPair>> {
+        self.watched.set(true);
         let r = self
             .kv
             .scan_on(&mut self.conn.borrow_mut(), start, end, limit, true);
@@ -856,7 +931,10 @@ impl KvRead for Watching<'_> {
 
 enum Attempt {
     Done,
+    /// Something the transaction read changed before it committed.
     Conflict,
+    /// A guess was wrong (or the transaction failed on one): run again without guesses.
+    Misguessed,
     Failed(RedisError),
     Refused(MetaError),
 }
@@ -866,37 +944,66 @@ impl RedisKv {
         &self,
         c: &mut Connection,
         f: &mut dyn FnMut(&mut dyn KvTxn) -> Result<()>,
+        guessing: bool,
     ) -> Attempt {
-        let view = Watching {
+        let view = Reading {
             kv: self,
             conn: RefCell::new(c),
             failed: RefCell::new(None),
+            reads: RefCell::new(Vec::new()),
+            watched: Cell::new(false),
         };
-        let mut txn = BufferedTxn::new(&view);
+        let mut txn = if guessing {
+            BufferedTxn::with_guesses(&view)
+        } else {
+            BufferedTxn::new(&view)
+        };
         let r = f(&mut txn);
         let writes = txn.into_writes();
         let failed = view.failed.borrow_mut().take();
+        let watched = view.watched.get();
+        let reads = view.reads.into_inner();
         let c = view.conn.into_inner();
+        let unwatch = |c: &mut Connection| -> Option<RedisError> {
+            if !watched {
+                return None;
+            }
+            redis::cmd("UNWATCH").query::<()>(c).err()
+        };
         if let Some(e) = failed {
             // A read failed: the closure saw an error that is the engine's, not its own.
             return Attempt::Failed(e);
         }
-        if let Err(e) = r {
-            let _ = redis::cmd("UNWATCH").query::<()>(c);
-            return Attempt::Refused(e);
-        }
-        if writes.is_empty() {
-            return match redis::cmd("UNWATCH").query::<()>(c) {
+        let guessed = !writes.guesses.is_empty();
+        if r.is_err() || writes.is_empty() {
+            if let Some(e) = unwatch(c) {
+                return Attempt::Failed(e);
+            }
+            return match r {
+                // The answer may rest on a wrong guess: find out with real reads.
+                _ if guessed => Attempt::Misguessed,
+                Err(e) => Attempt::Refused(e),
                 Ok(()) => Attempt::Done,
-                Err(e) => Attempt::Failed(e),
             };
         }
-        let mut p = redis::pipe();
-        p.atomic();
-        self.queue_writes(&mut p, writes);
-        match p.query::<Option<Value>>(c) {
-            Ok(Some(_)) => Attempt::Done,
-            Ok(None) => Attempt::Conflict,
+        let args = self.commit_args(reads, writes);
+        let applied: redis::RedisResult<Option<i64>> = if watched {
+            // WATCH stands for the scans; MULTI/EXEC makes it apply to the script.
+            let mut p = redis::pipe();
+            p.atomic();
+            p.cmd("EVAL").arg(COMMIT).arg(0).arg(&args);
+            p.query::<Option<(i64,)>>(c).map(|r| r.map(|(n,)| n))
+        } else {
+            let mut inv = self.commit.prepare_invoke();
+            for a in &args {
+                inv.arg(a);
+            }
+            inv.invoke::<i64>(c).map(Some)
+        };
+        match applied {
+            Ok(Some(1)) => Attempt::Done,
+            Ok(_) if guessed => Attempt::Misguessed,
+            Ok(_) => Attempt::Conflict,
             Err(e) => Attempt::Failed(e),
         }
     }
@@ -911,11 +1018,12 @@ impl KvEngine for RedisKv {
         let start = Instant::now();
         let mut backoff = Duration::from_millis(20);
         let mut conflicts = 0u32;
+        let mut guessing = true;
         loop {
             let attempt = self
                 .take_connection()
                 .map(|mut c| {
-                    let a = self.attempt(&mut c, f);
+                    let a = self.attempt(&mut c, f, guessing);
                     if !matches!(a, Attempt::Failed(_)) {
                         self.put_connection(c);
                     }
@@ -925,6 +1033,7 @@ impl KvEngine for RedisKv {
             match attempt {
                 Attempt::Done => return Ok(()),
                 Attempt::Refused(e) => return Err(e),
+                Attempt::Misguessed => guessing = false,
                 Attempt::Conflict => {
                     conflicts += 1;
                     if conflicts > 3 {

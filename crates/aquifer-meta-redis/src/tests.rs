@@ -176,6 +176,33 @@ fn keys_are_grouped_and_tagged() {
     used.extend_from_slice(b"NtotalInodes");
     let v: String = redis::cmd("GET").arg(&used).query(&mut c).unwrap();
     assert_eq!(v, "7", "counters are decimal for INCRBY");
+    // Attributes: 64 inodes to a hash, kept compact (a listpack), one field per inode.
+    let f0 = m.lookup(&ctx, d, b"f0").unwrap().0;
+    let mut bucket = kv.prefix.clone();
+    bucket.push(b'I');
+    bucket.extend_from_slice(&(f0 / 64).to_be_bytes());
+    let typ: String = redis::cmd("TYPE").arg(&bucket).query(&mut c).unwrap();
+    assert_eq!(typ, "hash");
+    let enc: String = redis::cmd("OBJECT")
+        .arg("ENCODING")
+        .arg(&bucket)
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(
+        enc, "listpack",
+        "attributes stay in Redis's compact encoding"
+    );
+    let attr: Vec<u8> = redis::cmd("HGET")
+        .arg(&bucket)
+        .arg(&[(f0 % 64) as u8][..])
+        .query(&mut c)
+        .unwrap();
+    assert!(attr.len() < 40, "attributes are {} bytes", attr.len());
+    let mut plain = kv.prefix.clone();
+    plain.push(b'I');
+    plain.extend_from_slice(&f0.to_be_bytes());
+    let n: usize = redis::cmd("EXISTS").arg(&plain).query(&mut c).unwrap();
+    assert_eq!(n, 0, "no key per inode");
     // Deleting a session's last open file drops its group from the index.
     let f = m.lookup(&ctx, d, b"f0").unwrap().0;
     m.open(&ctx, f, libc::O_RDONLY).unwrap();

@@ -736,7 +736,8 @@ macro_rules! meta_conformance_shared {
         $crate::meta_conformance_shared!(@cases $make;
             two_clients_one_tree, unlink_elsewhere_keeps_open_file, locks_across_clients,
             dead_session_is_cleaned_up, concurrent_creates_and_counters,
-            rename_races_keep_tree_consistent, slice_lists_fresh_at_open);
+            rename_races_keep_tree_consistent, slice_lists_fresh_at_open,
+            stale_guesses_are_caught);
     };
     (@cases $make:expr; $($case:ident),*) => {
         $(
@@ -970,6 +971,93 @@ pub fn slice_lists_fresh_at_open(a: &dyn Meta, b: &dyn Meta) {
     assert_eq!(b.read_chunk(f, 0).unwrap().len(), 4);
     b.close(f).unwrap();
     b.close(f).unwrap();
+}
+
+/// A client remembers what it last read or wrote and may commit on it without reading again
+/// (`KvTxn::guess`); whatever another client changed meanwhile must still decide the result.
+pub fn stale_guesses_are_caught(a: &dyn Meta, b: &dyn Meta) {
+    let ctx = ready2(a, b);
+    let user = Context {
+        uid: 7,
+        gid: 7,
+        check_permission: true,
+        ..Default::default()
+    };
+    let d = mkdir(a, &ctx, ROOT_INO, "d");
+    a.setattr(
+        &ctx,
+        d,
+        &SetAttr {
+            mode: Some(0o777),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    // B learns d, creates and writes f: it now remembers d, f and f's first chunk.
+    assert_eq!(b.lookup(&ctx, ROOT_INO, b"d").unwrap().0, d);
+    let (f, _) = b.create_open(&user, d, b"f", 0o644, 0).unwrap();
+    let s1 = data_slice(b, 100);
+    b.write_slice(f, 0, s1).unwrap();
+    // A appends further out, then B writes again on its memory of f.
+    let s2 = Slice {
+        pos: 1000,
+        ..data_slice(a, 50)
+    };
+    a.write_slice(f, 0, s2).unwrap();
+    let s3 = data_slice(b, 10);
+    let (attr, _) = b.write_slice(f, 0, s3).unwrap();
+    assert_eq!(attr.length, 1050, "B's write kept A's length");
+    assert_eq!(a.read_chunk(f, 0).unwrap(), vec![s1, s2, s3]);
+    b.close(f).unwrap();
+    // A takes write permission away: B's create must be refused, whatever B remembers.
+    a.setattr(
+        &ctx,
+        d,
+        &SetAttr {
+            mode: Some(0o555),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        errno(b.create_open(&user, d, b"g", 0o644, 0)),
+        Errno::EACCES
+    );
+    assert_eq!(
+        errno(b.mknod(&user, d, b"g", FileType::File, 0o644, 0, 0)),
+        Errno::EACCES
+    );
+    a.setattr(
+        &ctx,
+        d,
+        &SetAttr {
+            mode: Some(0o777),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    // A name A created since is taken.
+    mkfile(a, &ctx, d, "h");
+    assert_eq!(
+        errno(b.create_open(&user, d, b"h", 0o644, 0)),
+        Errno::EEXIST
+    );
+    // A file A removed cannot be opened by B, though B remembers it.
+    b.open(&ctx, f, libc::O_RDONLY).unwrap();
+    b.close(f).unwrap();
+    a.unlink(&ctx, d, b"f").unwrap();
+    assert_eq!(errno(b.open(&ctx, f, libc::O_RDONLY)), Errno::ENOENT);
+    // And the last close of a file A unlinked while B had it open frees it.
+    let (k, _) = b.create_open(&ctx, d, b"k", 0o644, 0).unwrap();
+    let sk = data_slice(b, 10);
+    b.write_slice(k, 0, sk).unwrap();
+    a.unlink(&ctx, d, b"k").unwrap();
+    b.close(k).unwrap();
+    assert_eq!(
+        errno(a.getattr(k)),
+        Errno::ENOENT,
+        "freed at the last close"
+    );
 }
 
 /// Renames racing from two clients between two directories: every file ends up in exactly

@@ -59,6 +59,14 @@ pub trait KvTxn {
     /// transaction commits. The transaction does not depend on the counter's value: two
     /// transactions adding to one counter never conflict.
     fn add(&mut self, key: &[u8], delta: i64);
+    /// Say what `key` probably holds (`None`: absent), from what this client saw or wrote
+    /// last, before reading it. An engine that checks its reads at commit may take the guess
+    /// as the read, saving a round trip, and runs the transaction again with real reads when
+    /// the guess turns out wrong (so a wrong guess costs time, never correctness); other
+    /// engines ignore it. Returns whether later reads of `key` see the guess.
+    fn guess(&mut self, _key: &[u8], _value: Option<Vec<u8>>) -> bool {
+        false
+    }
 }
 
 /// A transactional, ordered key-value engine.
@@ -126,11 +134,26 @@ pub struct TxnWrites {
     pub writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     /// Blind counter additions ([`KvTxn::add`]).
     pub adds: BTreeMap<Vec<u8>, i64>,
+    /// Values the transaction took on trust ([`KvTxn::guess`]): the engine must check them at
+    /// commit, and run the transaction again without guesses if one is wrong.
+    pub guesses: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
 }
 
 impl TxnWrites {
+    /// No writes and no additions (guesses do not count: a transaction that only read has
+    /// nothing to commit).
     pub fn is_empty(&self) -> bool {
         self.writes.is_empty() && self.adds.is_empty()
+    }
+
+    /// True when every guess matches the committed state in `base`.
+    pub fn guesses_hold(&self, base: &dyn KvRead) -> Result<bool> {
+        for (k, v) in &self.guesses {
+            if base.get(k)? != *v {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// For engines whose commits are serialised: the writes with the additions folded in,
@@ -150,6 +173,8 @@ pub struct BufferedTxn<'a> {
     base: &'a dyn KvRead,
     writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     adds: BTreeMap<Vec<u8>, i64>,
+    /// `Some` when the engine takes guesses (it checks them at commit).
+    guesses: Option<BTreeMap<Vec<u8>, Option<Vec<u8>>>>,
 }
 
 impl<'a> BufferedTxn<'a> {
@@ -158,21 +183,39 @@ impl<'a> BufferedTxn<'a> {
             base,
             writes: BTreeMap::new(),
             adds: BTreeMap::new(),
+            guesses: None,
         }
     }
 
-    /// The buffered writes and counter additions.
+    /// A transaction that takes [`KvTxn::guess`]es; the engine checks them at commit
+    /// ([`TxnWrites::guesses`]).
+    pub fn with_guesses(base: &'a dyn KvRead) -> Self {
+        BufferedTxn {
+            guesses: Some(BTreeMap::new()),
+            ..Self::new(base)
+        }
+    }
+
+    /// The buffered writes, counter additions and the guesses taken.
     pub fn into_writes(self) -> TxnWrites {
         TxnWrites {
             writes: self.writes,
             adds: self.adds,
+            guesses: self.guesses.unwrap_or_default(),
         }
+    }
+
+    /// What this transaction wrote or guessed for `key`, if either.
+    fn known(&self, key: &[u8]) -> Option<&Option<Vec<u8>>> {
+        self.writes
+            .get(key)
+            .or_else(|| self.guesses.as_ref().and_then(|g| g.get(key)))
     }
 }
 
 impl KvTxn for BufferedTxn<'_> {
     fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        match self.writes.get(key) {
+        match self.known(key) {
             Some(v) => Ok(v.clone()),
             None => self.base.get(key),
         }
@@ -182,11 +225,11 @@ impl KvTxn for BufferedTxn<'_> {
         let missing: Vec<&[u8]> = keys
             .iter()
             .copied()
-            .filter(|k| !self.writes.contains_key(*k))
+            .filter(|k| self.known(k).is_none())
             .collect();
         let mut fetched = self.base.get_many(&missing)?.into_iter();
         keys.iter()
-            .map(|k| match self.writes.get(*k) {
+            .map(|k| match self.known(k) {
                 Some(v) => Ok(v.clone()),
                 None => Ok(fetched.next().flatten()),
             })
@@ -230,6 +273,19 @@ impl KvTxn for BufferedTxn<'_> {
                 *v = cur.wrapping_add(delta).to_be_bytes().to_vec();
             }
             _ => *self.adds.entry(key.to_vec()).or_insert(0) += delta,
+        }
+    }
+
+    fn guess(&mut self, key: &[u8], value: Option<Vec<u8>>) -> bool {
+        if self.writes.contains_key(key) {
+            return false;
+        }
+        match &mut self.guesses {
+            Some(g) => {
+                g.entry(key.to_vec()).or_insert(value);
+                true
+            }
+            None => false,
         }
     }
 }
@@ -294,9 +350,26 @@ impl KvEngine for MemKv {
     fn txn(&self, f: &mut dyn FnMut(&mut dyn KvTxn) -> Result<()>) -> Result<()> {
         let _serial = self.commit.lock().unwrap();
         let view = MemView(&self.map);
-        let mut txn = BufferedTxn::new(&view);
-        f(&mut txn)?;
-        let writes = txn.into_writes().folded(&view)?;
+        // A shared engine takes guesses as a networked one does, so that the conformance
+        // cases see wrong guesses (stale caches of other clients' changes) being caught.
+        let mut guessing = self.shared;
+        let writes = loop {
+            let mut txn = if guessing {
+                BufferedTxn::with_guesses(&view)
+            } else {
+                BufferedTxn::new(&view)
+            };
+            let r = f(&mut txn);
+            let w = txn.into_writes();
+            // A result (or an error) built on a wrong guess is not the transaction's.
+            if !w.guesses_hold(&view)? {
+                guessing = false;
+                continue;
+            }
+            r?;
+            break w;
+        };
+        let writes = writes.folded(&view)?;
         let mut map = self.map.write().unwrap();
         for (k, v) in writes {
             match v {

@@ -20,6 +20,8 @@ const TRASH_BATCH: u64 = 256;
 const OPEN_SHARDS: usize = 64;
 /// Inodes whose slice lists are cached at most (then the cache starts over).
 const CHUNK_CACHE_INODES: usize = 16384;
+/// Values remembered as guesses for transactions, at most (then the memory starts over).
+const HINTS_MAX: usize = 65536;
 /// A session whose heartbeat is older than this is dead, unless told otherwise.
 pub const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(60);
 /// Free space reported when the volume has no capacity limit (1 PiB).
@@ -60,6 +62,13 @@ pub struct KvMeta<E: KvEngine> {
     locked: Mutex<std::collections::HashSet<Ino>>,
     /// Unix time of the last look for dead sessions.
     last_reap: AtomicU64,
+    /// On a shared engine, the last value this client read or committed for some keys (an
+    /// inode's attributes, a chunk's slice list), given to transactions as guesses
+    /// ([`KvTxn::guess`]): an engine that checks reads at commit then skips the read — a
+    /// create, a first open, a last close or a write becomes one round trip on Redis. Never
+    /// answers a caller by itself: a guess is checked at commit, and a wrong one only costs
+    /// the transaction a second run with real reads.
+    hints: Mutex<HashMap<Vec<u8>, Option<Vec<u8>>>>,
 }
 
 fn now() -> Time {
@@ -193,6 +202,38 @@ impl<E: KvEngine> KvMeta<E> {
             chunk_gen: AtomicU64::new(0),
             locked: Mutex::new(Default::default()),
             last_reap: AtomicU64::new(0),
+            hints: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Remember `value` as what `key` holds now (see [`KvMeta::hints`]).
+    fn hint(&self, key: Vec<u8>, value: Option<Vec<u8>>) {
+        if self.kv.exclusive() {
+            return;
+        }
+        let mut h = self.hints.lock().unwrap();
+        if h.len() >= HINTS_MAX && !h.contains_key(&key) {
+            h.clear();
+        }
+        h.insert(key, value);
+    }
+
+    fn unhint(&self, key: &[u8]) {
+        if !self.kv.exclusive() {
+            self.hints.lock().unwrap().remove(key);
+        }
+    }
+
+    /// Give the transaction our guesses for `keys` (those we have one for).
+    fn guess(&self, t: &mut dyn KvTxn, keys: &[&[u8]]) {
+        if self.kv.exclusive() {
+            return;
+        }
+        let h = self.hints.lock().unwrap();
+        for k in keys {
+            if let Some(v) = h.get(*k) {
+                t.guess(k, v.clone());
+            }
         }
     }
 
@@ -773,7 +814,10 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             return match self.kv.get_entry_attr(&k)? {
                 (Some(d), Some(a)) => {
                     let ino = key::decode_dentry(&k, &d)?.1;
-                    Ok((ino, key::decode_attr(ino, &a)?))
+                    let attr = key::decode_attr(ino, &a)?;
+                    self.hint(key::attr(ino), Some(a));
+                    self.hint(k, Some(d));
+                    Ok((ino, attr))
                 }
                 // Unlinked between the two reads.
                 (Some(_), None) => Err(Errno::ENOENT.into()),
@@ -813,8 +857,13 @@ impl<E: KvEngine> Meta for KvMeta<E> {
     }
 
     fn getattr(&self, ino: Ino) -> Result<Attr> {
-        match self.kv.get(&key::attr(ino))? {
-            Some(v) => key::decode_attr(ino, &v),
+        let k = key::attr(ino);
+        match self.kv.get(&k)? {
+            Some(v) => {
+                let a = key::decode_attr(ino, &v)?;
+                self.hint(k, Some(v));
+                Ok(a)
+            }
             None => Err(Errno::ENOENT.into()),
         }
     }
@@ -884,6 +933,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             put_attr(t, ino, &a);
             Ok(a)
         })
+        .inspect(|a| self.hint(key::attr(ino), Some(key::encode_attr(a))))
     }
 
     fn truncate(&self, ctx: &Context, ino: Ino, length: u64) -> Result<Attr> {
@@ -909,6 +959,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             put_attr(t, ino, &a);
             Ok(a)
         })
+        .inspect(|a| self.hint(key::attr(ino), Some(key::encode_attr(a))))
     }
 
     fn fallocate(&self, ctx: &Context, ino: Ino, mode: i32, off: u64, len: u64) -> Result<Attr> {
@@ -957,6 +1008,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             put_attr(t, ino, &a);
             Ok(a)
         })
+        .inspect(|a| self.hint(key::attr(ino), Some(key::encode_attr(a))))
     }
 
     fn mknod(
@@ -1067,6 +1119,10 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             put_attr(t, ino, &a);
             Ok(a)
         })
+        .inspect(|a| {
+            self.hint(key::attr(ino), Some(key::encode_attr(a)));
+            self.unhint(&key::attr(parent));
+        })
     }
 
     fn unlink(&self, ctx: &Context, parent: Ino, name: &[u8]) -> Result<()> {
@@ -1074,7 +1130,9 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             return Err(Errno::ENAMETOOLONG.into());
         }
         let (pk, dk) = (key::attr(parent), key::dentry(parent, name));
+        let mut victim = None;
         self.txn(|t| {
+            self.guess(t, &[&pk, &dk]);
             let got = t.get_many(&[&pk, &dk])?;
             let mut p = match &got[0] {
                 Some(v) => key::decode_attr(parent, v)?,
@@ -1091,12 +1149,21 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             if typ == FileType::Directory {
                 return Err(Errno::EISDIR.into());
             }
+            victim = Some(ino);
+            self.guess(t, &[&key::attr(ino)]);
             let a = get_attr(t, ino)?;
             sticky_ok(ctx, &p, &a)?;
             let ts = now();
             t.delete(&key::dentry(parent, name));
             self.touch_parent(t, parent, &mut p, ts);
             self.drop_link(t, ino, a, ts)
+        })
+        .inspect(|_| {
+            self.unhint(&pk);
+            self.unhint(&dk);
+            if let Some(ino) = victim {
+                self.unhint(&key::attr(ino));
+            }
         })
     }
 
@@ -1132,6 +1199,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             put_attr(t, parent, &p);
             self.destroy_inode(t, ino, &a)
         })
+        .inspect(|_| self.unhint(&key::attr(parent)))
     }
 
     fn rename(
@@ -1305,6 +1373,13 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             put_attr(t, sino, &sa);
             Ok(())
         })
+        .inspect(|_| {
+            // Both directories' times (and a replaced file) changed: guess them no more.
+            self.unhint(&key::attr(parent));
+            self.unhint(&key::attr(new_parent));
+            self.unhint(&key::dentry(parent, name));
+            self.unhint(&key::dentry(new_parent, new_name));
+        })
     }
 
     fn readdir(&self, ctx: &Context, ino: Ino, plus: bool) -> Result<Vec<DirEntry>> {
@@ -1386,13 +1461,16 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             // First open here: record it in the engine, so that an unlink by any client
             // keeps the file until this session closes it.
             let sid = self.sid();
+            let ak = key::attr(ino);
             self.txn(|t| {
+                self.guess(t, &[&ak]);
                 let a = get_attr(t, ino)?;
                 access_ok(ctx, &a, mask)?;
                 t.set(&key::holder(ino, sid), Vec::new());
                 t.set(&key::sustained(sid, ino), Vec::new());
                 Ok(a)
-            })?
+            })
+            .inspect(|a| self.hint(ak.clone(), Some(key::encode_attr(a))))?
         } else {
             let a = self.getattr(ino)?;
             access_ok(ctx, &a, mask)?;
@@ -1414,7 +1492,11 @@ impl<E: KvEngine> Meta for KvMeta<E> {
                 // Forgotten here even if the engine fails: a later cleanup of this session
                 // (restart, or another client after the timeout) removes the record.
                 open.remove(&ino);
-                self.txn(|t| self.release_holder(t, sid, ino))
+                let ak = key::attr(ino);
+                self.txn(|t| {
+                    self.guess(t, &[&ak]);
+                    self.release_holder(t, sid, ino)
+                })
             }
             None => Ok(()),
         }
@@ -1460,14 +1542,21 @@ impl<E: KvEngine> Meta for KvMeta<E> {
 
     fn write_slice(&self, ino: Ino, idx: u32, slice: Slice) -> Result<(Attr, usize)> {
         let _forget = ForgetChunks(self, ino);
+        let (ak, k) = (key::attr(ino), key::chunk(ino, idx));
+        let mut written = Vec::new();
         self.txn(|t| {
-            let mut a = get_attr(t, ino)?;
+            self.guess(t, &[&ak, &k]);
+            let got = t.get_many(&[&ak, &k])?;
+            let mut a = match &got[0] {
+                Some(v) => key::decode_attr(ino, v)?,
+                None => return Err(Errno::ENOENT.into()),
+            };
             if a.typ != FileType::File {
                 return Err(Errno::EBADF.into());
             }
-            let k = key::chunk(ino, idx);
-            let mut v = t.get(&k)?.unwrap_or_default();
+            let mut v = got[1].clone().unwrap_or_default();
             slice.encode(&mut v);
+            written.clone_from(&v);
             let count = v.len() / Slice::ENCODED_LEN;
             t.set(&k, v);
             let end = idx as u64 * CHUNK_SIZE + slice.end() as u64;
@@ -1482,6 +1571,10 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             a.ctime = ts;
             put_attr(t, ino, &a);
             Ok((a, count))
+        })
+        .inspect(|(a, _)| {
+            self.hint(ak.clone(), Some(key::encode_attr(a)));
+            self.hint(k.clone(), Some(std::mem::take(&mut written)));
         })
     }
 
@@ -1857,7 +1950,11 @@ impl<E: KvEngine> KvMeta<E> {
         let mut opened = open.then(|| self.open_shard(ino));
         let (_, max_inodes) = self.limits();
         let (pk, dk) = (key::attr(parent), key::dentry(parent, name));
+        let mut parent_now = None;
         self.txn(|t| {
+            // The kernel looked the name up before asking to create it.
+            t.guess(&dk, None);
+            self.guess(t, &[&pk]);
             // The parent and the name in one read (one round trip on Redis).
             let got = t.get_many(&[&pk, &dk])?;
             let mut p = match &got[0] {
@@ -1899,6 +1996,7 @@ impl<E: KvEngine> KvMeta<E> {
             }
             put_attr(t, ino, &a);
             t.set(&key::dentry(parent, name), key::encode_dentry(typ, ino));
+            let before = p.clone();
             if typ == FileType::Directory {
                 p.nlink += 1;
                 touch_dir(&mut p, a.ctime);
@@ -1906,15 +2004,27 @@ impl<E: KvEngine> KvMeta<E> {
             } else {
                 self.touch_parent(t, parent, &mut p, a.ctime);
             }
+            parent_now = if p == before {
+                got[0].clone()
+            } else {
+                Some(key::encode_attr(&p))
+            };
             if open {
                 t.set(&key::holder(ino, sid), Vec::new());
                 t.set(&key::sustained(sid, ino), Vec::new());
             }
             Ok((ino, a))
         })
-        .inspect(|_| {
+        .inspect(|(_, a)| {
             if let Some(o) = opened.as_mut() {
                 *o.entry(ino).or_insert(0) += 1;
+            }
+            self.hint(key::attr(ino), Some(key::encode_attr(a)));
+            if let Some(v) = parent_now.take() {
+                self.hint(pk.clone(), Some(v));
+            }
+            if typ == FileType::File {
+                self.hint(key::chunk(ino, 0), None);
             }
         })
     }
