@@ -11,11 +11,15 @@
 //!   are listed across groups ([`aquifer_meta::encoding::LISTED`]: sessions, chunks for gc,
 //!   trash, journal, locks) have a sorted set `{DB}#TAG` of their ids, scanned with
 //!   `ZRANGEBYLEX`.
-//! - **Transactions.** Each read inside a transaction `WATCH`es exactly the key it reads (a
-//!   scan within a group watches the group's hash) in the same round trip as the read; the
-//!   writes go as one `MULTI`/`EXEC`. `EXEC` fails when a watched key changed, and the closure
-//!   runs again on fresh state: serialisable across clients. Counter additions are `INCRBY`s
-//!   inside the `MULTI`, never watched, so clients do not conflict on the usage counters.
+//! - **Transactions.** Reads are plain `GET`/`HGET`s, remembered with the values seen; the
+//!   commit is one Lua script (`COMMIT`) that checks every such field still holds what was
+//!   read (and every [`KvTxn::guess`] taken in place of a read) and then applies the writes,
+//!   or applies nothing, and the closure runs again on fresh state: serialisable across
+//!   clients, with conflicts per field rather than per key (two creates in one directory do
+//!   not conflict). A scan within a group `WATCH`es the group's hash, and the script then
+//!   runs inside `MULTI`/`EXEC`. Counter additions are `INCRBY`s in the script, never
+//!   checked, so clients do not conflict on the usage counters. Attributes live 64 inodes to
+//!   a hash (`ATTR_BUCKET`).
 //! - **Failures.** A lost connection, a server restarting (`LOADING`), a failover
 //!   (`READONLY`, `MASTERDOWN`) or a moved slot (`MOVED`) makes the operation run again on a
 //!   new connection to the current master, with backoff, until a deadline; then it fails
@@ -240,6 +244,22 @@ impl RedisKv {
         redis::cmd("PING")
             .query::<()>(&mut c)
             .map_err(|e| MetaError::Config(format!("{}: {e}", url.display())))?;
+        // Before attributes shared hashes, the root's were a string key of their own: such a
+        // volume would look empty here, so it is refused with what to do instead.
+        let mut old_root = kv.prefix.clone();
+        old_root.push(b'I');
+        old_root.extend_from_slice(&1u64.to_be_bytes());
+        let old: bool = redis::cmd("EXISTS")
+            .arg(&old_root)
+            .query(&mut c)
+            .map_err(|e| MetaError::Config(format!("{}: {e}", url.display())))?;
+        if old {
+            return Err(MetaError::Config(format!(
+                "{}: this volume was formatted by an older aquifer (one Redis key per inode); \
+                 move it with that version's `aquifer dump` and this version's `aquifer load`",
+                url.display()
+            )));
+        }
         kv.pool.lock().unwrap().push(c);
         Ok(kv)
     }

@@ -252,6 +252,30 @@ fn wrong_password_is_refused() {
     child.wait().unwrap();
 }
 
+#[test]
+fn volume_of_the_old_layout_is_refused() {
+    // Database 15 of the shared server: no other case uses it.
+    let url = server().replace("/0", "/15");
+    let mut c = Client::open(url.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let old_root = b"{15}I\0\0\0\0\0\0\0\x01".to_vec();
+    redis::cmd("SET")
+        .arg(&old_root)
+        .arg("x")
+        .query::<()>(&mut c)
+        .unwrap();
+    let e = RedisKv::open(&parse(&url)).err().map(|e| e.to_string());
+    redis::cmd("DEL")
+        .arg(&old_root)
+        .query::<()>(&mut c)
+        .unwrap();
+    let e = e.expect("an old volume is refused");
+    assert!(e.contains("older aquifer") && e.contains("dump"), "{e}");
+    RedisKv::open(&parse(&url)).unwrap();
+}
+
 fn tempdir(what: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("aquifer-redis-{what}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
