@@ -244,16 +244,17 @@ impl RedisKv {
         redis::cmd("PING")
             .query::<()>(&mut c)
             .map_err(|e| MetaError::Config(format!("{}: {e}", url.display())))?;
-        // Before attributes shared hashes, the root's were a string key of their own: such a
-        // volume would look empty here, so it is refused with what to do instead.
+        // Before attributes shared hashes, the root's were a string key of their own (the
+        // name is now that of the hash of inodes 64-127): such a volume would look empty here,
+        // so it is refused with what to do instead.
         let mut old_root = kv.prefix.clone();
         old_root.push(b'I');
         old_root.extend_from_slice(&1u64.to_be_bytes());
-        let old: bool = redis::cmd("EXISTS")
+        let typ: String = redis::cmd("TYPE")
             .arg(&old_root)
             .query(&mut c)
             .map_err(|e| MetaError::Config(format!("{}: {e}", url.display())))?;
-        if old {
+        if typ == "string" {
             return Err(MetaError::Config(format!(
                 "{}: this volume was formatted by an older aquifer (one Redis key per inode); \
                  move it with that version's `aquifer dump` and this version's `aquifer load`",

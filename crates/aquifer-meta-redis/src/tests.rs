@@ -274,6 +274,19 @@ fn volume_of_the_old_layout_is_refused() {
     let e = e.expect("an old volume is refused");
     assert!(e.contains("older aquifer") && e.contains("dump"), "{e}");
     RedisKv::open(&parse(&url)).unwrap();
+    // The same name is now the hash of inodes 64-127: a volume that has them opens.
+    redis::cmd("HSET")
+        .arg(&old_root)
+        .arg(&[1u8][..])
+        .arg("x")
+        .query::<()>(&mut c)
+        .unwrap();
+    let r = RedisKv::open(&parse(&url)).map(|_| ());
+    redis::cmd("DEL")
+        .arg(&old_root)
+        .query::<()>(&mut c)
+        .unwrap();
+    r.unwrap();
 }
 
 fn tempdir(what: &str) -> std::path::PathBuf {
