@@ -3,8 +3,8 @@
 #   scripts/install-deps.sh          runtime + build: fuse3, clang/libclang (for rocksdb)
 #   scripts/install-deps.sh --test   also the test tools: redis-server, openssl, sqlite3, git, fio,
 #                                    e2fsprogs and util-linux (the power-cut test's loop device),
-#                                    pjdfstest, fsx, the S3 test server s3s-fs, and the
-#                                    users pjdfstest switches to
+#                                    pjdfstest, fsx, the S3 test server s3s-fs, grpcio for the
+#                                    CSI test's client, and the users pjdfstest switches to
 set -euo pipefail
 
 want_test=0
@@ -32,6 +32,10 @@ if [ $want_test = 1 ]; then
   command -v fsx >/dev/null || cargo install --locked --quiet fsx@0.3.2
   # The S3 test server; 0.14.1 is the newest that builds on this toolchain.
   command -v s3s-fs >/dev/null || cargo install --locked --quiet s3s-fs@0.14.1 --features binary
+  # The CSI test's gRPC client (integration/csi_client.py): grpcio, and grpcio-tools to make
+  # its stubs from the driver's proto.
+  python3 -c 'import grpc, grpc_tools' 2>/dev/null ||
+    python3 -m pip install -q 'grpcio>=1.60,<2' 'grpcio-tools>=1.60,<2'
   # pjdfstest switches to these users.
   getent group tests >/dev/null || as_root groupadd tests
   id tests >/dev/null 2>&1 || as_root useradd -M -g tests -s /usr/sbin/nologin tests

@@ -57,6 +57,24 @@ enum Cmd {
     /// Show a live mount's figures every second: FUSE ops, bytes, cache hits per tier,
     /// object-store requests, writeback backlog, evictions.
     Stats(warmup::StatsArgs),
+    /// Serve the CSI driver (Kubernetes PersistentVolumes) on a unix socket.
+    Csi(CsiArgs),
+}
+
+#[derive(Args)]
+struct CsiArgs {
+    /// Where to serve: unix:///PATH/csi.sock.
+    #[arg(long)]
+    endpoint: String,
+    /// This node's name (NodeGetInfo), usually the Kubernetes node name.
+    #[arg(long)]
+    node_id: String,
+    /// Which services to serve: controller, node or all.
+    #[arg(long, default_value = "all")]
+    mode: aquifer_csi::Mode,
+    /// Where filesystems are mounted on the node and their daemons log.
+    #[arg(long, default_value = "/var/lib/aquifer-csi")]
+    state_dir: PathBuf,
 }
 
 #[derive(Args)]
@@ -169,6 +187,10 @@ struct FormatArgs {
     /// Update the settings of an existing volume.
     #[arg(long)]
     force: bool,
+    /// Succeed without changing anything when a volume is already formatted here (for
+    /// provisioners that format on first use, such as `aquifer csi`).
+    #[arg(long, conflicts_with = "force")]
+    if_not_formatted: bool,
 }
 
 #[derive(Args)]
@@ -429,6 +451,7 @@ fn main() -> ExitCode {
             Err(e) => Err(e),
         },
         Cmd::Stats(a) => warmup::stats(a),
+        Cmd::Csi(a) => csi(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -437,6 +460,29 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn csi(a: CsiArgs) -> Result<()> {
+    init_logging();
+    if a.node_id.is_empty() {
+        bail!("--node-id must not be empty");
+    }
+    let cfg = aquifer_csi::Config {
+        endpoint: a.endpoint,
+        node_id: a.node_id,
+        mode: a.mode,
+        aquifer: std::env::current_exe().context("cannot find the aquifer binary")?,
+        state_dir: a.state_dir,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    // Fail on a bad endpoint before starting anything.
+    aquifer_csi::socket_path(&cfg.endpoint).map_err(|e| anyhow!(e))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    rt.block_on(aquifer_csi::serve(cfg)).map_err(|e| anyhow!(e))
 }
 
 fn init_logging() {
@@ -617,6 +663,13 @@ fn format(mut a: FormatArgs) -> Result<()> {
             }
             f.uuid = old.uuid;
             f.prefix = old.prefix;
+        }
+        Ok(old) if a.if_not_formatted => {
+            println!(
+                "volume {} (uuid {}) is already formatted",
+                old.name, old.uuid
+            );
+            return Ok(());
         }
         Ok(old) => bail!(
             "volume {:?} is already formatted here (uuid {}); pass --force to update its settings",

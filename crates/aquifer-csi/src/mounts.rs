@@ -1,0 +1,177 @@
+//! The kernel side of publishing: what is mounted where (from `/proc/self/mountinfo`, so
+//! nothing is remembered in this process), bind mounts, unmounts, usage.
+
+use std::ffi::CString;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+/// What is at a path a mount should be at.
+#[derive(Debug, PartialEq, Eq)]
+pub enum State {
+    /// A mount point that answers.
+    Mounted,
+    /// A mount point whose filesystem daemon is gone ("Transport endpoint is not connected").
+    Stale,
+    /// No mount here (the path may not exist).
+    Absent,
+}
+
+pub fn state(p: &Path) -> State {
+    // statfs, not stat: the kernel answers a stat from attributes it cached even when the
+    // daemon is gone, while every statfs goes to the daemon.
+    match usage(p) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => State::Stale,
+        Err(_) => {
+            // A stale FUSE mount may also fail with EIO or ECONNABORTED; if the table says a
+            // mount is here, it is one that does not answer.
+            if is_mountpoint(p) {
+                State::Stale
+            } else {
+                State::Absent
+            }
+        }
+        Ok(_) if is_mountpoint(p) => State::Mounted,
+        Ok(_) => State::Absent,
+    }
+}
+
+/// `\040`-style escapes of `/proc/self/mountinfo` undone.
+fn unescape(s: &str) -> PathBuf {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    PathBuf::from(std::ffi::OsStr::from_bytes(&out))
+}
+
+/// Mount points listed in `mountinfo` text.
+fn mount_points(mountinfo: &str) -> impl Iterator<Item = PathBuf> + '_ {
+    mountinfo
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(unescape))
+}
+
+/// True when the kernel lists `p` as a mount point (the path is made absolute without
+/// touching it, so a dead FUSE mount does not hang or fail the check).
+pub fn is_mountpoint(p: &Path) -> bool {
+    let Ok(abs) = std::path::absolute(p) else {
+        return false;
+    };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let found = mount_points(&info).any(|m| m == abs);
+    found
+}
+
+fn cpath(p: &Path) -> io::Result<CString> {
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+}
+
+fn check(r: libc::c_int) -> io::Result<()> {
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Bind `src` onto `dst`, then make the bind read-only when asked (a bind mount takes the
+/// read-only flag only through a remount).
+pub fn bind(src: &Path, dst: &Path, readonly: bool) -> io::Result<()> {
+    let (s, d) = (cpath(src)?, cpath(dst)?);
+    // SAFETY: valid NUL-terminated paths; no data argument.
+    check(unsafe {
+        libc::mount(
+            s.as_ptr(),
+            d.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        )
+    })?;
+    if readonly {
+        // SAFETY: as above.
+        let r = check(unsafe {
+            libc::mount(
+                std::ptr::null(),
+                d.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+                std::ptr::null(),
+            )
+        });
+        if let Err(e) = r {
+            let _ = unmount(dst, true);
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Unmount `p`; `detach` unmounts lazily (a busy or dead mount goes once unused).
+pub fn unmount(p: &Path, detach: bool) -> io::Result<()> {
+    let c = cpath(p)?;
+    let flags = if detach { libc::MNT_DETACH } else { 0 };
+    // SAFETY: valid path.
+    check(unsafe { libc::umount2(c.as_ptr(), flags) })
+}
+
+/// Space and inodes at `p`: (total, available, used) bytes and (total, free, used) inodes.
+pub fn usage(p: &Path) -> io::Result<([u64; 3], [u64; 3])> {
+    let c = cpath(p)?;
+    // SAFETY: statvfs fills the struct it is given.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    check(unsafe { libc::statvfs(c.as_ptr(), &mut s) })?;
+    let f = s.f_frsize as u64;
+    let bytes = [
+        s.f_blocks as u64 * f,
+        s.f_bavail as u64 * f,
+        (s.f_blocks as u64).saturating_sub(s.f_bfree as u64) * f,
+    ];
+    let inodes = [
+        s.f_files as u64,
+        s.f_ffree as u64,
+        (s.f_files as u64).saturating_sub(s.f_ffree as u64),
+    ];
+    Ok((bytes, inodes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_paths_are_unescaped() {
+        let info = "36 35 98:0 / /mnt/with\\040space rw,noatime master:1 - ext3 /dev/root rw\n\
+                    37 35 0:31 / / rw - tmpfs tmpfs rw\n";
+        let m: Vec<PathBuf> = mount_points(info).collect();
+        assert_eq!(
+            m,
+            vec![PathBuf::from("/mnt/with space"), PathBuf::from("/")]
+        );
+    }
+
+    #[test]
+    fn root_is_a_mount_point_and_a_fresh_dir_is_not() {
+        assert!(is_mountpoint(Path::new("/")));
+        let d = std::env::temp_dir().join(format!("aquifer-csi-mp-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        assert_eq!(state(&d), State::Absent);
+        std::fs::remove_dir(&d).unwrap();
+        assert_eq!(state(&d), State::Absent);
+    }
+}

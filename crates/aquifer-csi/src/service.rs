@@ -1,0 +1,452 @@
+//! The Identity, Controller and Node services. Every call is idempotent: its effect is
+//! checked against the filesystem and the kernel's mount table before it is made.
+
+use crate::mounts::{self, State};
+use crate::pb::{self, controller_server, identity_server, node_server};
+use crate::volume::{dir_name, volume_dir, Filesystem, Mounter};
+use crate::{Config, Mode, DRIVER_NAME};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+/// The extended attribute that records a volume's capacity on its directory.
+const CAPACITY_XATTR: &str = "user.aquifer.csi.capacity";
+
+pub struct Driver {
+    node_id: String,
+    version: String,
+    mounter: Mounter,
+}
+
+type Reply<T> = Result<Response<T>, Status>;
+
+fn io_status(what: &Path, e: std::io::Error) -> Status {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => Status::not_found(format!("{}: {e}", what.display())),
+        _ => Status::internal(format!("{}: {e}", what.display())),
+    }
+}
+
+/// Check the capabilities a volume is asked to have: files (not blocks), any access mode
+/// (one filesystem, shared by every node).
+fn check_capabilities(caps: &[pb::VolumeCapability]) -> Result<(), Status> {
+    use pb::volume_capability::{access_mode::Mode as M, AccessType};
+    if caps.is_empty() {
+        return Err(Status::invalid_argument("volume_capabilities is required"));
+    }
+    for c in caps {
+        match c.access_type {
+            Some(AccessType::Mount(_)) => {}
+            Some(AccessType::Block(_)) => {
+                return Err(Status::invalid_argument(
+                    "aquifer volumes are filesystems: block access is not supported",
+                ))
+            }
+            None => {
+                return Err(Status::invalid_argument(
+                    "a volume capability has no access type",
+                ))
+            }
+        }
+        let mode = c
+            .access_mode
+            .as_ref()
+            .and_then(|m| M::try_from(m.mode).ok())
+            .unwrap_or(M::Unknown);
+        if mode == M::Unknown {
+            return Err(Status::invalid_argument(
+                "a volume capability has no access mode",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn get_capacity(dir: &Path) -> Option<i64> {
+    let mut buf = [0u8; 32];
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
+    let name = std::ffi::CString::new(CAPACITY_XATTR).ok()?;
+    // SAFETY: the buffer is as long as said.
+    let n = unsafe {
+        libc::getxattr(
+            c.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if n < 0 {
+        return None;
+    }
+    std::str::from_utf8(&buf[..n as usize]).ok()?.parse().ok()
+}
+
+fn set_capacity(dir: &Path, bytes: i64) -> Result<(), Status> {
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        .map_err(|_| Status::invalid_argument("bad path"))?;
+    let name = std::ffi::CString::new(CAPACITY_XATTR).unwrap_or_default();
+    let v = bytes.to_string();
+    // SAFETY: valid path, name and value buffer.
+    let r = unsafe { libc::setxattr(c.as_ptr(), name.as_ptr(), v.as_ptr().cast(), v.len(), 0) };
+    if r != 0 {
+        return Err(io_status(dir, std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+impl Driver {
+    pub fn new(cfg: &Config) -> Driver {
+        Driver {
+            node_id: cfg.node_id.clone(),
+            version: cfg.version.clone(),
+            mounter: Mounter::new(cfg.aquifer.clone(), cfg.state_dir.clone()),
+        }
+    }
+
+    /// The directory of `volume_id` in the filesystem `secrets` name, mounted here.
+    async fn locate(
+        &self,
+        secrets: &HashMap<String, String>,
+        volume_id: &str,
+        options: &[String],
+    ) -> Result<PathBuf, Status> {
+        let fs = Filesystem::from_secrets(secrets)?;
+        let mp = self.mounter.ensure(&fs, options).await?;
+        Ok(mp.join(volume_dir(volume_id)?))
+    }
+}
+
+#[tonic::async_trait]
+impl identity_server::Identity for Arc<Driver> {
+    async fn get_plugin_info(
+        &self,
+        _: Request<pb::GetPluginInfoRequest>,
+    ) -> Reply<pb::GetPluginInfoResponse> {
+        Ok(Response::new(pb::GetPluginInfoResponse {
+            name: DRIVER_NAME.into(),
+            vendor_version: self.version.clone(),
+            manifest: HashMap::new(),
+        }))
+    }
+
+    async fn get_plugin_capabilities(
+        &self,
+        _: Request<pb::GetPluginCapabilitiesRequest>,
+    ) -> Reply<pb::GetPluginCapabilitiesResponse> {
+        use pb::plugin_capability::{service::Type, Service, Type as Cap};
+        Ok(Response::new(pb::GetPluginCapabilitiesResponse {
+            capabilities: vec![pb::PluginCapability {
+                r#type: Some(Cap::Service(Service {
+                    r#type: Type::ControllerService as i32,
+                })),
+            }],
+        }))
+    }
+
+    async fn probe(&self, _: Request<pb::ProbeRequest>) -> Reply<pb::ProbeResponse> {
+        Ok(Response::new(pb::ProbeResponse {
+            ready: Some(pb::BoolValue { value: true }),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl controller_server::Controller for Arc<Driver> {
+    async fn create_volume(
+        &self,
+        req: Request<pb::CreateVolumeRequest>,
+    ) -> Reply<pb::CreateVolumeResponse> {
+        let r = req.into_inner();
+        if r.name.is_empty() {
+            return Err(Status::invalid_argument("name is required"));
+        }
+        check_capabilities(&r.volume_capabilities)?;
+        let capacity = r
+            .capacity_range
+            .map(|c| {
+                if c.required_bytes > 0 {
+                    c.required_bytes
+                } else {
+                    c.limit_bytes
+                }
+            })
+            .unwrap_or(0)
+            .max(0);
+        let name = dir_name(&r.name, &r.parameters)?;
+        let dir = self.locate(&r.secrets, &name, &[]).await?;
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {
+                // Pods of any user share a ReadWriteMany volume (a pod narrows it with its
+                // own securityContext); the driver's umask must not decide.
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777))
+                    .map_err(|e| io_status(&dir, e))?;
+                set_capacity(&dir, capacity)?
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                // The same request again is fine; the same name with another size is not.
+                let had = get_capacity(&dir).unwrap_or(0);
+                if had != capacity {
+                    return Err(Status::already_exists(format!(
+                        "volume {name} exists with capacity {had}, asked for {capacity}"
+                    )));
+                }
+            }
+            Err(e) => return Err(io_status(&dir, e)),
+        }
+        tracing::info!(volume = %name, capacity, "volume created");
+        Ok(Response::new(pb::CreateVolumeResponse {
+            volume: Some(pb::Volume {
+                capacity_bytes: capacity,
+                volume_id: name.clone(),
+                volume_context: HashMap::from([("path".to_string(), format!("/{name}"))]),
+            }),
+        }))
+    }
+
+    async fn delete_volume(
+        &self,
+        req: Request<pb::DeleteVolumeRequest>,
+    ) -> Reply<pb::DeleteVolumeResponse> {
+        let r = req.into_inner();
+        if r.volume_id.is_empty() {
+            return Err(Status::invalid_argument("volume_id is required"));
+        }
+        if volume_dir(&r.volume_id)?.as_os_str().is_empty() {
+            return Err(Status::invalid_argument(
+                "the volume is the whole filesystem; it is not deleted",
+            ));
+        }
+        let dir = self.locate(&r.secrets, &r.volume_id, &[]).await?;
+        let d = dir.clone();
+        match tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&d))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+        {
+            Ok(()) => tracing::info!(volume = %r.volume_id, "volume deleted"),
+            // Deleted before: done.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_status(&dir, e)),
+        }
+        Ok(Response::new(pb::DeleteVolumeResponse {}))
+    }
+
+    async fn validate_volume_capabilities(
+        &self,
+        req: Request<pb::ValidateVolumeCapabilitiesRequest>,
+    ) -> Reply<pb::ValidateVolumeCapabilitiesResponse> {
+        let r = req.into_inner();
+        if r.volume_id.is_empty() {
+            return Err(Status::invalid_argument("volume_id is required"));
+        }
+        check_capabilities(&r.volume_capabilities)?;
+        if !r.secrets.is_empty() {
+            let dir = self.locate(&r.secrets, &r.volume_id, &[]).await?;
+            if !dir.is_dir() {
+                return Err(Status::not_found(format!(
+                    "volume {} does not exist",
+                    r.volume_id
+                )));
+            }
+        }
+        Ok(Response::new(pb::ValidateVolumeCapabilitiesResponse {
+            confirmed: Some(pb::validate_volume_capabilities_response::Confirmed {
+                volume_context: r.volume_context,
+                volume_capabilities: r.volume_capabilities,
+                parameters: r.parameters,
+            }),
+            message: String::new(),
+        }))
+    }
+
+    async fn controller_get_capabilities(
+        &self,
+        _: Request<pb::ControllerGetCapabilitiesRequest>,
+    ) -> Reply<pb::ControllerGetCapabilitiesResponse> {
+        use pb::controller_service_capability::{rpc::Type, Rpc, Type as Cap};
+        Ok(Response::new(pb::ControllerGetCapabilitiesResponse {
+            capabilities: vec![pb::ControllerServiceCapability {
+                r#type: Some(Cap::Rpc(Rpc {
+                    r#type: Type::CreateDeleteVolume as i32,
+                })),
+            }],
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl node_server::Node for Arc<Driver> {
+    async fn node_publish_volume(
+        &self,
+        req: Request<pb::NodePublishVolumeRequest>,
+    ) -> Reply<pb::NodePublishVolumeResponse> {
+        use pb::volume_capability::AccessType;
+        let r = req.into_inner();
+        if r.volume_id.is_empty() {
+            return Err(Status::invalid_argument("volume_id is required"));
+        }
+        if r.target_path.is_empty() {
+            return Err(Status::invalid_argument("target_path is required"));
+        }
+        let cap = r
+            .volume_capability
+            .ok_or_else(|| Status::invalid_argument("volume_capability is required"))?;
+        check_capabilities(std::slice::from_ref(&cap))?;
+        let options = match &cap.access_type {
+            Some(AccessType::Mount(m)) => m.mount_flags.clone(),
+            _ => Vec::new(),
+        };
+        // A dynamic volume says its path in its context; a static PV may name any path of
+        // the filesystem there, else its id is the path.
+        let path = r
+            .volume_context
+            .get("path")
+            .cloned()
+            .unwrap_or_else(|| r.volume_id.clone());
+        let target = PathBuf::from(&r.target_path);
+        match mounts::state(&target) {
+            State::Mounted => return Ok(Response::new(pb::NodePublishVolumeResponse {})),
+            State::Stale => {
+                tracing::warn!(target = %target.display(), "repairing a target whose filesystem daemon died");
+                mounts::unmount(&target, true).map_err(|e| io_status(&target, e))?;
+            }
+            State::Absent => {}
+        }
+        let src = self.locate(&r.secrets, &path, &options).await?;
+        if !src.is_dir() {
+            return Err(Status::not_found(format!(
+                "volume {}: {path} does not exist in the filesystem",
+                r.volume_id
+            )));
+        }
+        std::fs::create_dir_all(&target).map_err(|e| io_status(&target, e))?;
+        mounts::bind(&src, &target, r.readonly).map_err(|e| io_status(&target, e))?;
+        tracing::info!(volume = %r.volume_id, target = %target.display(), readonly = r.readonly, "published");
+        Ok(Response::new(pb::NodePublishVolumeResponse {}))
+    }
+
+    async fn node_unpublish_volume(
+        &self,
+        req: Request<pb::NodeUnpublishVolumeRequest>,
+    ) -> Reply<pb::NodeUnpublishVolumeResponse> {
+        let r = req.into_inner();
+        if r.volume_id.is_empty() {
+            return Err(Status::invalid_argument("volume_id is required"));
+        }
+        if r.target_path.is_empty() {
+            return Err(Status::invalid_argument("target_path is required"));
+        }
+        let target = PathBuf::from(&r.target_path);
+        // Every mount stacked here goes (a repaired target may have two).
+        while mounts::state(&target) != State::Absent {
+            if let Err(e) = mounts::unmount(&target, false) {
+                // Busy (a process still in it) or dead: detach, it goes once unused.
+                tracing::warn!(target = %target.display(), error = %e, "detaching");
+                mounts::unmount(&target, true).map_err(|e| io_status(&target, e))?;
+            }
+        }
+        match std::fs::remove_dir(&target) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_status(&target, e)),
+        }
+        Ok(Response::new(pb::NodeUnpublishVolumeResponse {}))
+    }
+
+    async fn node_get_volume_stats(
+        &self,
+        req: Request<pb::NodeGetVolumeStatsRequest>,
+    ) -> Reply<pb::NodeGetVolumeStatsResponse> {
+        use pb::volume_usage::Unit;
+        let r = req.into_inner();
+        if r.volume_id.is_empty() || r.volume_path.is_empty() {
+            return Err(Status::invalid_argument(
+                "volume_id and volume_path are required",
+            ));
+        }
+        let p = PathBuf::from(&r.volume_path);
+        if mounts::state(&p) != State::Mounted {
+            return Err(Status::not_found(format!(
+                "{} is not a published volume",
+                p.display()
+            )));
+        }
+        let (b, i) = mounts::usage(&p).map_err(|e| io_status(&p, e))?;
+        let usage = |unit: Unit, [total, available, used]: [u64; 3]| pb::VolumeUsage {
+            total: total as i64,
+            available: available as i64,
+            used: used as i64,
+            unit: unit as i32,
+        };
+        Ok(Response::new(pb::NodeGetVolumeStatsResponse {
+            usage: vec![usage(Unit::Bytes, b), usage(Unit::Inodes, i)],
+        }))
+    }
+
+    async fn node_get_capabilities(
+        &self,
+        _: Request<pb::NodeGetCapabilitiesRequest>,
+    ) -> Reply<pb::NodeGetCapabilitiesResponse> {
+        use pb::node_service_capability::{rpc::Type, Rpc, Type as Cap};
+        Ok(Response::new(pb::NodeGetCapabilitiesResponse {
+            capabilities: vec![pb::NodeServiceCapability {
+                r#type: Some(Cap::Rpc(Rpc {
+                    r#type: Type::GetVolumeStats as i32,
+                })),
+            }],
+        }))
+    }
+
+    async fn node_get_info(
+        &self,
+        _: Request<pb::NodeGetInfoRequest>,
+    ) -> Reply<pb::NodeGetInfoResponse> {
+        Ok(Response::new(pb::NodeGetInfoResponse {
+            node_id: self.node_id.clone(),
+            max_volumes_per_node: 0,
+        }))
+    }
+}
+
+/// Serve the CSI services of `cfg.mode` on its unix socket until SIGTERM or SIGINT.
+pub async fn serve(cfg: Config) -> Result<(), String> {
+    let path = crate::socket_path(&cfg.endpoint)?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    // A socket left by an earlier run (kill -9, restart) would make bind fail.
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    }
+    let listener = tokio::net::UnixListener::bind(&path)
+        .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+    let driver = Arc::new(Driver::new(&cfg));
+    let controller = matches!(cfg.mode, Mode::Controller | Mode::All)
+        .then(|| controller_server::ControllerServer::new(driver.clone()));
+    let node = matches!(cfg.mode, Mode::Node | Mode::All)
+        .then(|| node_server::NodeServer::new(driver.clone()));
+    tracing::info!(endpoint = %cfg.endpoint, node = %cfg.node_id, mode = ?cfg.mode, "CSI driver serving");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| format!("cannot handle SIGTERM: {e}"))?;
+    let stop = async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    };
+    tonic::transport::Server::builder()
+        .add_service(identity_server::IdentityServer::new(driver.clone()))
+        .add_optional_service(controller)
+        .add_optional_service(node)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::UnixListenerStream::new(listener),
+            stop,
+        )
+        .await
+        .map_err(|e| format!("CSI server: {e}"))?;
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}

@@ -1,0 +1,382 @@
+//! Filesystems named by CSI secrets, the directories that are volumes in them, and the one
+//! mount of each filesystem per node that every volume of it is published from.
+
+use crate::mounts::{self, State};
+use std::collections::HashMap;
+use std::path::{Component, Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+use tonic::Status;
+
+/// An aquifer filesystem as its CSI secret describes it. `Debug` prints no secret.
+#[derive(Clone)]
+pub struct Filesystem {
+    pub name: String,
+    pub metaurl: String,
+    storage: Option<String>,
+    bucket: Option<String>,
+    access_key: Option<String>,
+    secret_key: Option<String>,
+    format_options: Vec<String>,
+}
+
+impl std::fmt::Debug for Filesystem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Filesystem")
+            .field("name", &self.name)
+            .field("metaurl", &split_password(&self.metaurl).0)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `key=value,key2` or `--key=value --key2` as command-line flags.
+fn flags(s: &str) -> Vec<String> {
+    s.split([',', ' ', '\n', '\t'])
+        .map(str::trim)
+        .filter(|x| !x.is_empty())
+        .map(|x| {
+            if x.starts_with("--") {
+                x.to_string()
+            } else {
+                format!("--{x}")
+            }
+        })
+        .collect()
+}
+
+impl Filesystem {
+    /// The filesystem a request's secrets name (the keys of JuiceFS CSI secrets).
+    pub fn from_secrets(s: &HashMap<String, String>) -> Result<Filesystem, Status> {
+        let get = |k: &str| {
+            s.get(k)
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+        };
+        let need = |k: &str| {
+            get(k).ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "the volume's secret has no `{k}` (needed: name, metaurl; for a volume to \
+                     format also storage and bucket)"
+                ))
+            })
+        };
+        Ok(Filesystem {
+            name: need("name")?,
+            metaurl: need("metaurl")?,
+            storage: get("storage"),
+            bucket: get("bucket"),
+            access_key: get("access-key"),
+            secret_key: get("secret-key"),
+            format_options: get("format-options").map(|o| flags(&o)).unwrap_or_default(),
+        })
+    }
+
+    /// A stable name for this filesystem's mount on a node (FNV-1a of URL and name).
+    pub fn key(&self) -> String {
+        let mut h: u64 = 0xcbf29ce484222325;
+        for b in self.metaurl.bytes().chain([0]).chain(self.name.bytes()) {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x100000001b3);
+        }
+        format!("{}-{h:016x}", self.name)
+    }
+}
+
+/// `scheme://user:password@rest` as the URL without the password, and the password: the
+/// password goes to `aquifer` through `META_PASSWORD`, never on a command line (`ps`).
+pub fn split_password(url: &str) -> (String, Option<String>) {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return (url.to_string(), None);
+    };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
+        return (url.to_string(), None);
+    };
+    match userinfo.split_once(':') {
+        Some((user, pw)) => {
+            let at = if user.is_empty() {
+                String::new()
+            } else {
+                format!("{user}@")
+            };
+            (format!("{scheme}://{at}{host}"), Some(pw.to_string()))
+        }
+        None => (url.to_string(), None),
+    }
+}
+
+/// The directory of volume `id` within its filesystem: relative, without `..`.
+pub fn volume_dir(id: &str) -> Result<PathBuf, Status> {
+    let p = Path::new(id.trim_start_matches('/'));
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::CurDir => {}
+            _ => {
+                return Err(Status::invalid_argument(format!(
+                    "volume path {id:?} must stay inside the filesystem"
+                )))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The directory name a CreateVolume makes: the StorageClass's `pathPattern` with
+/// `${pvc.metadata.name}`, `${pvc.metadata.namespace}` and `${pv.metadata.name}` filled in
+/// (the provisioner passes them with `--extra-create-metadata`), else the PV's name.
+pub fn dir_name(pv_name: &str, params: &HashMap<String, String>) -> Result<String, Status> {
+    let Some(pattern) = params.get("pathPattern").filter(|p| !p.is_empty()) else {
+        return Ok(pv_name.to_string());
+    };
+    let mut out = pattern.clone();
+    for (var, key) in [
+        ("${pvc.metadata.name}", "csi.storage.k8s.io/pvc/name"),
+        (
+            "${pvc.metadata.namespace}",
+            "csi.storage.k8s.io/pvc/namespace",
+        ),
+    ] {
+        if out.contains(var) {
+            let v = params.get(key).ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "pathPattern uses {var}, which needs the provisioner's --extra-create-metadata"
+                ))
+            })?;
+            out = out.replace(var, v);
+        }
+    }
+    out = out.replace("${pv.metadata.name}", pv_name);
+    if out.contains("${") {
+        return Err(Status::invalid_argument(format!(
+            "pathPattern {pattern:?}: only ${{pvc.metadata.name}}, ${{pvc.metadata.namespace}} \
+             and ${{pv.metadata.name}} are known"
+        )));
+    }
+    volume_dir(&out)?;
+    Ok(out)
+}
+
+/// Mounts of filesystems on this node, one per filesystem, under `STATE/mnt`.
+pub struct Mounter {
+    aquifer: PathBuf,
+    state_dir: PathBuf,
+    /// Formats and mounts one at a time: two publishes of one filesystem must not both
+    /// start a daemon.
+    lock: tokio::sync::Mutex<()>,
+}
+
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
+
+impl Mounter {
+    pub fn new(aquifer: PathBuf, state_dir: PathBuf) -> Mounter {
+        Mounter {
+            aquifer,
+            state_dir,
+            lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn mount_point(&self, fs: &Filesystem) -> PathBuf {
+        self.state_dir.join("mnt").join(fs.key())
+    }
+
+    /// Run `aquifer ARGS` for `fs` (its passwords in the environment); the last line of its
+    /// error output becomes the status message.
+    async fn aquifer(&self, fs: &Filesystem, args: &[String]) -> Result<(), Status> {
+        let (_, password) = split_password(&fs.metaurl);
+        let mut cmd = tokio::process::Command::new(&self.aquifer);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        if let Some(p) = password {
+            cmd.env("META_PASSWORD", p);
+        }
+        if let Some(k) = &fs.secret_key {
+            cmd.env("AQUIFER_SECRET_KEY", k);
+        }
+        let out = tokio::time::timeout(COMMAND_TIMEOUT, cmd.output())
+            .await
+            .map_err(|_| Status::deadline_exceeded(format!("aquifer {} timed out", args[0])))?
+            .map_err(|e| Status::internal(format!("cannot run {}: {e}", self.aquifer.display())))?;
+        if out.status.success() {
+            return Ok(());
+        }
+        let err = String::from_utf8_lossy(&out.stderr);
+        let line = err
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("failed");
+        Err(Status::internal(format!(
+            "aquifer {}: {}",
+            args[0],
+            line.trim()
+        )))
+    }
+
+    /// Format `fs` unless it is formatted already.
+    async fn format(&self, fs: &Filesystem) -> Result<(), Status> {
+        let url = split_password(&fs.metaurl).0;
+        let mut args = vec![
+            "format".to_string(),
+            "--if-not-formatted".into(),
+            url,
+            fs.name.clone(),
+        ];
+        if let Some(s) = &fs.storage {
+            args.extend(["--storage".into(), s.clone()]);
+        }
+        if let Some(b) = &fs.bucket {
+            args.extend(["--bucket".into(), b.clone()]);
+        }
+        if let Some(a) = &fs.access_key {
+            args.extend(["--access-key".into(), a.clone()]);
+        }
+        args.extend(fs.format_options.iter().cloned());
+        self.aquifer(fs, &args).await
+    }
+
+    /// Make sure `fs` is formatted and mounted on this node, with `options` (mount flags
+    /// from the StorageClass) if it has to be mounted now; returns its mount point. A mount
+    /// whose daemon died is detached and mounted again.
+    pub async fn ensure(&self, fs: &Filesystem, options: &[String]) -> Result<PathBuf, Status> {
+        let _one = self.lock.lock().await;
+        let mp = self.mount_point(fs);
+        match mounts::state(&mp) {
+            State::Mounted => return Ok(mp),
+            State::Stale => {
+                tracing::warn!(mount_point = %mp.display(), "filesystem daemon gone; mounting again");
+                mounts::unmount(&mp, true)
+                    .map_err(|e| Status::internal(format!("detach {}: {e}", mp.display())))?;
+            }
+            State::Absent => {}
+        }
+        std::fs::create_dir_all(&mp)
+            .map_err(|e| Status::internal(format!("{}: {e}", mp.display())))?;
+        let r = self.format_and_mount(fs, &mp, options).await;
+        if r.is_err() {
+            // Leave no empty mount point for a filesystem that could not be mounted.
+            let _ = std::fs::remove_dir(&mp);
+        }
+        r.map(|()| mp)
+    }
+
+    async fn format_and_mount(
+        &self,
+        fs: &Filesystem,
+        mp: &Path,
+        options: &[String],
+    ) -> Result<(), Status> {
+        let logs = self.state_dir.join("log");
+        let _ = std::fs::create_dir_all(&logs);
+        self.format(fs).await?;
+        let mut args = vec![
+            "mount".to_string(),
+            "-d".into(),
+            split_password(&fs.metaurl).0,
+            mp.display().to_string(),
+            "--log".into(),
+            logs.join(format!("{}.log", fs.key())).display().to_string(),
+        ];
+        for o in options {
+            args.extend(flags(o));
+        }
+        self.aquifer(fs, &args).await?;
+        if mounts::state(mp) != State::Mounted {
+            return Err(Status::internal(format!(
+                "aquifer mount returned but {} is not mounted",
+                mp.display()
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secrets(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn secrets_name_a_filesystem_and_are_never_printed() {
+        let fs = Filesystem::from_secrets(&secrets(&[
+            ("name", "data"),
+            ("metaurl", "redis://:hunter2@10.0.0.1:6379/1"),
+            ("secret-key", "s3cr3t"),
+            ("format-options", "block-size=1024,compression=lz4"),
+        ]))
+        .unwrap();
+        let shown = format!("{fs:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("s3cr3t"),
+            "{shown}"
+        );
+        assert_eq!(
+            fs.format_options,
+            vec!["--block-size=1024", "--compression=lz4"]
+        );
+        assert!(fs.key().starts_with("data-"));
+        let e = Filesystem::from_secrets(&secrets(&[("name", "x")])).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains("metaurl"));
+    }
+
+    #[test]
+    fn passwords_leave_the_url() {
+        assert_eq!(
+            split_password("redis://:pw@h:1/2"),
+            ("redis://h:1/2".into(), Some("pw".into()))
+        );
+        assert_eq!(
+            split_password("redis://u:p@w@h:1/2"),
+            ("redis://u@h:1/2".into(), Some("p@w".into()))
+        );
+        assert_eq!(
+            split_password("redis://h:1/2"),
+            ("redis://h:1/2".into(), None)
+        );
+        assert_eq!(
+            split_password("rocksdb:///x"),
+            ("rocksdb:///x".into(), None)
+        );
+    }
+
+    #[test]
+    fn volume_paths_stay_inside() {
+        assert_eq!(volume_dir("pvc-1").unwrap(), PathBuf::from("pvc-1"));
+        assert_eq!(volume_dir("/data/set").unwrap(), PathBuf::from("data/set"));
+        assert_eq!(volume_dir("/").unwrap(), PathBuf::from(""));
+        assert!(volume_dir("../etc").is_err());
+        assert!(volume_dir("a/../../b").is_err());
+    }
+
+    #[test]
+    fn path_patterns() {
+        let p = secrets(&[
+            (
+                "pathPattern",
+                "${pvc.metadata.namespace}-${pvc.metadata.name}",
+            ),
+            ("csi.storage.k8s.io/pvc/name", "ckpt"),
+            ("csi.storage.k8s.io/pvc/namespace", "team-a"),
+        ]);
+        assert_eq!(dir_name("pv-9", &p).unwrap(), "team-a-ckpt");
+        assert_eq!(dir_name("pv-9", &HashMap::new()).unwrap(), "pv-9");
+        let bad = secrets(&[("pathPattern", "${pvc.metadata.labels}")]);
+        assert_eq!(
+            dir_name("pv", &bad).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+        let up = secrets(&[("pathPattern", "../${pv.metadata.name}")]);
+        assert!(dir_name("pv", &up).is_err());
+    }
+}

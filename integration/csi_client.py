@@ -1,0 +1,270 @@
+#!/usr/bin/env python3
+"""A CSI client for t_csi.sh: grpcio with stubs generated at run time from the driver's
+proto (grpc_tools), so the driver is checked by a gRPC implementation other than its own.
+
+    csi_client.py SOCKET WORK METAURL BUCKET NODE_ID PHASE
+
+PHASE: calls (every call, errors, idempotency, publishes), after-restart (the driver was
+killed and started again between the phases), stale (the filesystem daemon was killed),
+cleanup (unpublish and delete).
+"""
+import errno
+import glob
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import grpc
+from grpc_tools import protoc
+
+sock, work, metaurl, bucket, node_id, phase = sys.argv[1:7]
+proto_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "crates", "aquifer-csi", "proto")
+gen = tempfile.mkdtemp(prefix="csi-gen-", dir=work)
+if protoc.main(["protoc", f"-I{proto_dir}", f"--python_out={gen}", f"--grpc_python_out={gen}", "csi.proto"]) != 0:
+    sys.exit("FAIL: cannot generate the Python stubs")
+sys.path.insert(0, gen)
+import csi_pb2 as pb  # noqa: E402
+import csi_pb2_grpc as rpc  # noqa: E402
+
+# As kubelet and every Go client say for a unix socket: grpc C-core would send the escaped
+# socket path, which is not a valid HTTP/2 :authority and is refused by the server's h2.
+channel = grpc.insecure_channel(f"unix://{sock}", options=[("grpc.default_authority", "localhost")])
+identity = rpc.IdentityStub(channel)
+controller = rpc.ControllerStub(channel)
+node = rpc.NodeStub(channel)
+state_file = os.path.join(work, "csi-state.json")
+
+
+def fail(msg):
+    sys.exit(f"FAIL: {msg}")
+
+
+def note(msg):
+    print(f"  {msg}", flush=True)
+
+
+def expect_code(code, call, *args):
+    try:
+        call(*args, timeout=60)
+    except grpc.RpcError as e:
+        if e.code() != code:
+            fail(f"{call._method}: {e.code()} ({e.details()}), expected {code}")
+        return e.details()
+    fail(f"{call._method} succeeded, expected {code}")
+
+
+SECRETS = {"name": "csivol", "metaurl": metaurl, "storage": "file", "bucket": bucket}
+Mode = pb.VolumeCapability.AccessMode
+
+
+def cap(mode=Mode.MULTI_NODE_MULTI_WRITER, block=False, flags=()):
+    c = pb.VolumeCapability(access_mode=Mode(mode=mode))
+    if block:
+        c.block.SetInParent()
+    else:
+        c.mount.mount_flags.extend(flags)
+    return c
+
+
+def create(name, size, secrets=SECRETS, params=None):
+    return controller.CreateVolume(
+        pb.CreateVolumeRequest(
+            name=name,
+            capacity_range=pb.CapacityRange(required_bytes=size),
+            volume_capabilities=[cap()],
+            parameters=params or {},
+            secrets=secrets,
+        ),
+        timeout=120,
+    ).volume
+
+
+def publish(vol_id, target, readonly=False, context=None, flags=()):
+    node.NodePublishVolume(
+        pb.NodePublishVolumeRequest(
+            volume_id=vol_id,
+            target_path=target,
+            volume_capability=cap(flags=flags),
+            readonly=readonly,
+            secrets=SECRETS,
+            volume_context=context or {},
+        ),
+        timeout=120,
+    )
+
+
+def unpublish(vol_id, target):
+    node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id=vol_id, target_path=target), timeout=60)
+
+
+def mounted(p):
+    p = os.path.abspath(p)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split(" ")[4] == p for line in f)
+
+
+def targets():
+    return {k: os.path.join(work, "pods", k, "mount") for k in ["a", "b", "ro", "stale", "static"]}
+
+
+if phase == "calls":
+    info = identity.GetPluginInfo(pb.GetPluginInfoRequest(), timeout=10)
+    if info.name != "csi.aquifer.dev" or not info.vendor_version:
+        fail(f"plugin info {info}")
+    caps = identity.GetPluginCapabilities(pb.GetPluginCapabilitiesRequest(), timeout=10)
+    if pb.PluginCapability.Service.CONTROLLER_SERVICE not in [c.service.type for c in caps.capabilities]:
+        fail(f"no controller service in {caps}")
+    if not identity.Probe(pb.ProbeRequest(), timeout=10).ready.value:
+        fail("probe says not ready")
+    ccaps = controller.ControllerGetCapabilities(pb.ControllerGetCapabilitiesRequest(), timeout=10)
+    if pb.ControllerServiceCapability.RPC.CREATE_DELETE_VOLUME not in [c.rpc.type for c in ccaps.capabilities]:
+        fail(f"controller capabilities {ccaps}")
+    ncaps = node.NodeGetCapabilities(pb.NodeGetCapabilitiesRequest(), timeout=10)
+    if pb.NodeServiceCapability.RPC.GET_VOLUME_STATS not in [c.rpc.type for c in ncaps.capabilities]:
+        fail(f"node capabilities {ncaps}")
+    if node.NodeGetInfo(pb.NodeGetInfoRequest(), timeout=10).node_id != node_id:
+        fail("node id")
+    note("identity, capabilities, node info")
+
+    C = grpc.StatusCode
+    expect_code(C.INVALID_ARGUMENT, controller.CreateVolume,
+                pb.CreateVolumeRequest(name="", volume_capabilities=[cap()], secrets=SECRETS))
+    expect_code(C.INVALID_ARGUMENT, controller.CreateVolume, pb.CreateVolumeRequest(name="x", secrets=SECRETS))
+    expect_code(C.INVALID_ARGUMENT, controller.CreateVolume,
+                pb.CreateVolumeRequest(name="x", volume_capabilities=[cap(block=True)], secrets=SECRETS))
+    d = expect_code(C.INVALID_ARGUMENT, controller.CreateVolume,
+                    pb.CreateVolumeRequest(name="x", volume_capabilities=[cap()], secrets={"name": "csivol"}))
+    if "metaurl" not in d:
+        fail(f"missing metaurl not named: {d}")
+    bad = dict(SECRETS, metaurl="redis://:s3cret-pw@127.0.0.1:1/1")
+    d = expect_code(C.INTERNAL, controller.CreateVolume,
+                    pb.CreateVolumeRequest(name="x", volume_capabilities=[cap()], secrets=bad))
+    if "s3cret-pw" in d:
+        fail(f"a password in an error: {d}")
+    expect_code(C.INVALID_ARGUMENT, controller.DeleteVolume, pb.DeleteVolumeRequest(volume_id="../etc", secrets=SECRETS))
+    expect_code(C.INVALID_ARGUMENT, node.NodePublishVolume,
+                pb.NodePublishVolumeRequest(volume_id="v", volume_capability=cap(), secrets=SECRETS))
+    expect_code(C.INVALID_ARGUMENT, node.NodePublishVolume,
+                pb.NodePublishVolumeRequest(volume_id="v", target_path=os.path.join(work, "t"), secrets=SECRETS))
+    expect_code(C.NOT_FOUND, node.NodeGetVolumeStats,
+                pb.NodeGetVolumeStatsRequest(volume_id="v", volume_path=os.path.join(work, "nowhere")))
+    note("bad requests get INVALID_ARGUMENT / NOT_FOUND, passwords never shown")
+
+    gib = 1 << 30
+    v = create("pvc-a", gib)
+    if v.volume_id != "pvc-a" or v.capacity_bytes != gib or v.volume_context["path"] != "/pvc-a":
+        fail(f"created {v}")
+    v2 = create("pvc-a", gib)
+    if v2 != v:
+        fail("CreateVolume again gave another volume")
+    d = expect_code(C.ALREADY_EXISTS, controller.CreateVolume,
+                    pb.CreateVolumeRequest(name="pvc-a", capacity_range=pb.CapacityRange(required_bytes=2 * gib),
+                                           volume_capabilities=[cap()], secrets=SECRETS))
+    pat = create("pv-7", 0, params={"pathPattern": "${pvc.metadata.namespace}-${pvc.metadata.name}",
+                                    "csi.storage.k8s.io/pvc/name": "ckpt",
+                                    "csi.storage.k8s.io/pvc/namespace": "team"})
+    if pat.volume_id != "team-ckpt":
+        fail(f"pathPattern gave {pat.volume_id}")
+    ok = controller.ValidateVolumeCapabilities(
+        pb.ValidateVolumeCapabilitiesRequest(volume_id="pvc-a", volume_capabilities=[cap()], secrets=SECRETS), timeout=60)
+    if not ok.confirmed.volume_capabilities:
+        fail("capabilities not confirmed")
+    expect_code(C.NOT_FOUND, controller.ValidateVolumeCapabilities,
+                pb.ValidateVolumeCapabilitiesRequest(volume_id="pvc-none", volume_capabilities=[cap()], secrets=SECRETS))
+    note("CreateVolume idempotent, ALREADY_EXISTS for another size, pathPattern, validate")
+
+    t = targets()
+    ctx = dict(v.volume_context)
+    publish("pvc-a", t["a"], context=ctx)
+    if not mounted(t["a"]):
+        fail("target a not mounted")
+    with open(os.path.join(t["a"], "hello"), "w") as f:
+        f.write("from pod a")
+    publish("pvc-a", t["a"], context=ctx)  # the same publish again: fine, nothing stacked
+    publish("pvc-a", t["b"], context=ctx)
+    with open(os.path.join(t["b"], "hello")) as f:
+        if f.read() != "from pod a":
+            fail("pod b does not see pod a's file")
+    publish("pvc-a", t["ro"], readonly=True, context=ctx)
+    try:
+        open(os.path.join(t["ro"], "nope"), "w")
+        fail("a read-only publish took a write")
+    except OSError as e:
+        if e.errno != errno.EROFS:
+            fail(f"read-only write failed with {e}")
+    with open(os.path.join(t["ro"], "hello")) as f:
+        if f.read() != "from pod a":
+            fail("the read-only publish does not read")
+    st = node.NodeGetVolumeStats(pb.NodeGetVolumeStatsRequest(volume_id="pvc-a", volume_path=t["a"]), timeout=10)
+    units = {u.unit: u for u in st.usage}
+    if pb.VolumeUsage.BYTES not in units or units[pb.VolumeUsage.BYTES].total <= 0 or pb.VolumeUsage.INODES not in units:
+        fail(f"volume stats {st}")
+    note("publish: a working mount, shared by a second pod, read-only refuses writes, stats")
+    # A static PV: a path of the filesystem that exists already, named in the PV's context.
+    roots = [m for m in glob.glob(os.path.join(work, "state", "mnt", "csivol-*")) if mounted(m)]
+    if len(roots) != 1:
+        fail(f"filesystem mounts on the node: {roots}")
+    fs_root = roots[0]
+    os.makedirs(os.path.join(fs_root, "datasets", "set1"))
+    with open(os.path.join(fs_root, "datasets", "set1", "part-0"), "w") as f:
+        f.write("dataset bytes")
+    publish("static-1", t["static"], readonly=True, context={"path": "/datasets/set1"})
+    with open(os.path.join(t["static"], "part-0")) as f:
+        if f.read() != "dataset bytes":
+            fail("the static PV shows other bytes")
+    expect_code(C.NOT_FOUND, node.NodePublishVolume,
+                pb.NodePublishVolumeRequest(volume_id="static-2", target_path=os.path.join(work, "pods", "x", "m"),
+                                            volume_capability=cap(), secrets=SECRETS,
+                                            volume_context={"path": "/datasets/none"}))
+    note("a static PV publishes an existing path; a missing one is NOT_FOUND")
+    json.dump({"ctx": ctx}, open(state_file, "w"))
+
+elif phase == "after-restart":
+    t = targets()
+    ctx = json.load(open(state_file))["ctx"]
+    for k in ["a", "b", "ro"]:
+        if not mounted(t[k]):
+            fail(f"target {k} gone after the driver restarted")
+    with open(os.path.join(t["b"], "after"), "w") as f:
+        f.write("still here")
+    with open(os.path.join(t["a"], "after")) as f:
+        if f.read() != "still here":
+            fail("targets do not share data after the restart")
+    publish("pvc-a", t["a"], context=ctx)  # the restarted driver finds the target published
+    note("after kill -9 and restart of the driver: published targets keep working")
+
+elif phase == "stale":
+    t = targets()
+    ctx = json.load(open(state_file))["ctx"]
+    try:
+        os.statvfs(t["a"])  # a stat may be answered from the kernel's attribute cache
+        fail("target a still answers with its daemon killed")
+    except OSError as e:
+        if e.errno not in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO):
+            fail(f"stale target: {e}")
+    publish("pvc-a", t["a"], context=ctx)
+    with open(os.path.join(t["a"], "hello")) as f:
+        if f.read() != "from pod a":
+            fail("the repaired target reads other bytes")
+    publish("pvc-a", t["stale"], context=ctx)
+    if not os.path.exists(os.path.join(t["stale"], "after")):
+        fail("a new publish after the repair misses files")
+    note("a target whose filesystem daemon died is repaired by publishing it again")
+
+elif phase == "cleanup":
+    t = targets()
+    for k, p in t.items():
+        unpublish("pvc-a", p)
+        if mounted(p) or os.path.exists(p):
+            fail(f"target {k} left after unpublish")
+        unpublish("pvc-a", p)  # again: fine
+    controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id="pvc-a", secrets=SECRETS), timeout=60)
+    controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id="pvc-a", secrets=SECRETS), timeout=60)
+    grpc_code = grpc.StatusCode
+    expect_code(grpc_code.NOT_FOUND, controller.ValidateVolumeCapabilities,
+                pb.ValidateVolumeCapabilitiesRequest(volume_id="pvc-a", volume_capabilities=[cap()], secrets=SECRETS))
+    note("unpublish leaves nothing mounted; delete removes the volume; both idempotent")
+else:
+    fail(f"unknown phase {phase}")
