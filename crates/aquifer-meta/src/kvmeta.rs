@@ -22,6 +22,8 @@ const OPEN_SHARDS: usize = 64;
 const CHUNK_CACHE_INODES: usize = 16384;
 /// Values remembered as guesses for transactions, at most (then the memory starts over).
 const HINTS_MAX: usize = 65536;
+/// The longest value remembered as a guess.
+const HINT_VALUE_MAX: usize = 4096;
 /// A session whose heartbeat is older than this is dead, unless told otherwise.
 pub const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(60);
 /// Free space reported when the volume has no capacity limit (1 PiB).
@@ -206,12 +208,17 @@ impl<E: KvEngine> KvMeta<E> {
         }
     }
 
-    /// Remember `value` as what `key` holds now (see [`KvMeta::hints`]).
+    /// Remember `value` as what `key` holds now (see [`KvMeta::hints`]). Long values (a
+    /// chunk of many slices) are not kept: the memory stays within HINTS_MAX × 4 KiB.
     fn hint(&self, key: Vec<u8>, value: Option<Vec<u8>>) {
         if self.kv.exclusive() {
             return;
         }
         let mut h = self.hints.lock().unwrap();
+        if value.as_ref().is_some_and(|v| v.len() > HINT_VALUE_MAX) {
+            h.remove(&key);
+            return;
+        }
         if h.len() >= HINTS_MAX && !h.contains_key(&key) {
             h.clear();
         }
@@ -1600,6 +1607,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             self.trash_slices(t, &dead)?;
             Ok(true)
         })
+        .inspect(|_| self.unhint(&key::chunk(ino, idx)))
     }
 
     fn trash_batch(&self, after: u64, limit: usize) -> Result<Vec<(u64, Vec<Slice>)>> {
