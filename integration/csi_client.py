@@ -162,10 +162,10 @@ if phase == "calls":
     d = expect_code(C.ALREADY_EXISTS, controller.CreateVolume,
                     pb.CreateVolumeRequest(name="pvc-a", capacity_range=pb.CapacityRange(required_bytes=2 * gib),
                                            volume_capabilities=[cap()], secrets=SECRETS))
-    pat = create("pv-7", 0, params={"pathPattern": "${pvc.metadata.namespace}-${pvc.metadata.name}",
+    pat = create("pv-7", 0, params={"pathPattern": "ckpts/${pvc.metadata.namespace}-${pvc.metadata.name}",
                                     "csi.storage.k8s.io/pvc/name": "ckpt",
                                     "csi.storage.k8s.io/pvc/namespace": "team"})
-    if pat.volume_id != "team-ckpt":
+    if pat.volume_id != "ckpts/team-ckpt":
         fail(f"pathPattern gave {pat.volume_id}")
     ok = controller.ValidateVolumeCapabilities(
         pb.ValidateVolumeCapabilitiesRequest(volume_id="pvc-a", volume_capabilities=[cap()], secrets=SECRETS), timeout=60)

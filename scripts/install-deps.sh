@@ -4,7 +4,8 @@
 #   scripts/install-deps.sh --test   also the test tools: redis-server, openssl, sqlite3, git, fio,
 #                                    e2fsprogs and util-linux (the power-cut test's loop device),
 #                                    pjdfstest, fsx, the S3 test server s3s-fs, grpcio for the
-#                                    CSI test's client, and the users pjdfstest switches to
+#                                    CSI test's client, kubernetes-validate for the manifests,
+#                                    and the users pjdfstest switches to
 set -euo pipefail
 
 want_test=0
@@ -36,6 +37,9 @@ if [ $want_test = 1 ]; then
   # its stubs from the driver's proto.
   python3 -c 'import grpc, grpc_tools' 2>/dev/null ||
     python3 -m pip install -q 'grpcio>=1.60,<2' 'grpcio-tools>=1.60,<2'
+  # The Kubernetes API schemas, offline, for the manifests' test (t_k8s).
+  command -v kubernetes-validate >/dev/null ||
+    python3 -m pip install -q 'kubernetes-validate>=1.30,<2'
   # pjdfstest switches to these users.
   getent group tests >/dev/null || as_root groupadd tests
   id tests >/dev/null 2>&1 || as_root useradd -M -g tests -s /usr/sbin/nologin tests

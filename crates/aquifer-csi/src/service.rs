@@ -175,6 +175,10 @@ impl controller_server::Controller for Arc<Driver> {
             .max(0);
         let name = dir_name(&r.name, &r.parameters)?;
         let dir = self.locate(&r.secrets, &name, &[]).await?;
+        // A pathPattern may nest (datasets/NAME): its parents are plain directories.
+        if let Some(parent) = dir.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| io_status(parent, e))?;
+        }
         match std::fs::create_dir(&dir) {
             Ok(()) => {
                 // Pods of any user share a ReadWriteMany volume (a pod narrows it with its

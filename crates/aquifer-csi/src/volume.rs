@@ -71,12 +71,22 @@ impl Filesystem {
         })
     }
 
-    /// A stable name for this filesystem's mount on a node (FNV-1a of URL and name).
-    pub fn key(&self) -> String {
+    /// A stable name for this filesystem's mount on a node with mount `options` (FNV-1a of
+    /// URL, name and the sorted options): StorageClasses with other options on one
+    /// filesystem (a checkpoint class with an upload limit beside a dataset class with a
+    /// large cache) get daemons of their own.
+    pub fn key(&self, options: &[String]) -> String {
+        let mut opts: Vec<String> = options.iter().flat_map(|o| flags(o)).collect();
+        opts.sort();
         let mut h: u64 = 0xcbf29ce484222325;
-        for b in self.metaurl.bytes().chain([0]).chain(self.name.bytes()) {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x100000001b3);
+        let parts = [self.metaurl.as_str(), self.name.as_str()]
+            .into_iter()
+            .chain(opts.iter().map(String::as_str));
+        for part in parts {
+            for b in part.bytes().chain([0]) {
+                h ^= b as u64;
+                h = h.wrapping_mul(0x100000001b3);
+            }
         }
         format!("{}-{h:016x}", self.name)
     }
@@ -177,8 +187,8 @@ impl Mounter {
         }
     }
 
-    pub fn mount_point(&self, fs: &Filesystem) -> PathBuf {
-        self.state_dir.join("mnt").join(fs.key())
+    pub fn mount_point(&self, fs: &Filesystem, options: &[String]) -> PathBuf {
+        self.state_dir.join("mnt").join(fs.key(options))
     }
 
     /// Run `aquifer ARGS` for `fs` (its passwords in the environment); the last line of its
@@ -244,7 +254,7 @@ impl Mounter {
     /// whose daemon died is detached and mounted again.
     pub async fn ensure(&self, fs: &Filesystem, options: &[String]) -> Result<PathBuf, Status> {
         let _one = self.lock.lock().await;
-        let mp = self.mount_point(fs);
+        let mp = self.mount_point(fs, options);
         match mounts::state(&mp) {
             State::Mounted => return Ok(mp),
             State::Stale => {
@@ -279,7 +289,9 @@ impl Mounter {
             split_password(&fs.metaurl).0,
             mp.display().to_string(),
             "--log".into(),
-            logs.join(format!("{}.log", fs.key())).display().to_string(),
+            logs.join(format!("{}.log", fs.key(options)))
+                .display()
+                .to_string(),
         ];
         for o in options {
             args.extend(flags(o));
@@ -324,7 +336,14 @@ mod tests {
             fs.format_options,
             vec!["--block-size=1024", "--compression=lz4"]
         );
-        assert!(fs.key().starts_with("data-"));
+        assert!(fs.key(&[]).starts_with("data-"));
+        let opts = |o: &[&str]| o.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            fs.key(&opts(&["a=1", "b"])),
+            fs.key(&opts(&["b", "a=1"])),
+            "the order of options does not matter"
+        );
+        assert_ne!(fs.key(&[]), fs.key(&opts(&["upload-limit=100"])));
         let e = Filesystem::from_secrets(&secrets(&[("name", "x")])).unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
         assert!(e.message().contains("metaurl"));

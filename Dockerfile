@@ -1,0 +1,17 @@
+# The aquifer image: `aquifer mount`, `aquifer csi` and the other commands, with fuse3.
+#   docker build -t aquifer/aquifer:0.1.0 .
+FROM rust:1.95-bookworm AS build
+RUN apt-get update && apt-get install -y --no-install-recommends clang libclang-dev pkg-config \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked -p aquifer-cli \
+    && strip target/release/aquifer
+
+FROM debian:bookworm-slim
+# fuse3: fusermount3 for unprivileged mounts; util-linux: umount for the CSI node plugin's
+# lazy unmounts; ca-certificates: S3 over TLS.
+RUN apt-get update && apt-get install -y --no-install-recommends fuse3 util-linux ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
+COPY --from=build /src/target/release/aquifer /usr/local/bin/aquifer
+ENTRYPOINT ["/usr/local/bin/aquifer"]
