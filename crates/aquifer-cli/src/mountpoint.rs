@@ -11,43 +11,9 @@ use std::time::{Duration, Instant};
 /// Set in the environment of the background child so it mounts in the foreground.
 pub const DAEMON_ENV: &str = "AQUIFER_BACKGROUND_CHILD";
 
-/// Decode the octal escapes (`\040`) of /proc/self/mountinfo.
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// The filesystem type mounted at `path`, if any (the last mount there wins).
-pub fn mounted_fstype(path: &Path) -> Option<String> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let want = path.to_string_lossy();
-    let mut found = None;
-    for line in info.lines() {
-        let fields: Vec<&str> = line.split(' ').collect();
-        let Some(sep) = fields.iter().position(|f| *f == "-") else {
-            continue;
-        };
-        if fields.len() > 4 && unescape(fields[4]) == want {
-            found = fields.get(sep + 1).map(|s| s.to_string());
-        }
-    }
-    found
-}
+// The mount table (`/proc/self/mountinfo`) is read in one place, beside the CSI driver's
+// other mount helpers.
+use aquifer_csi::mounts::mounted_fstype;
 
 /// Refuse a mount point that is missing, not a directory, already mounted or not empty.
 pub fn check(mp: &Path, nonempty: bool) -> Result<()> {
@@ -371,12 +337,6 @@ pub fn umount(mp: &Path, force: bool) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn unescapes_mountinfo_paths() {
-        assert_eq!(unescape(r"/mnt/a\040b"), "/mnt/a b");
-        assert_eq!(unescape(r"/plain"), "/plain");
-    }
 
     #[test]
     fn rejects_bad_mount_points() {

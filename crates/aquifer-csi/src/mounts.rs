@@ -57,24 +57,30 @@ fn unescape(s: &str) -> PathBuf {
     PathBuf::from(std::ffi::OsStr::from_bytes(&out))
 }
 
-/// Mount points listed in `mountinfo` text.
-fn mount_points(mountinfo: &str) -> impl Iterator<Item = PathBuf> + '_ {
-    mountinfo
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4).map(unescape))
+/// The mounts listed in `mountinfo` text: mount point and filesystem type, in order.
+fn mount_table(mountinfo: &str) -> impl Iterator<Item = (PathBuf, &str)> + '_ {
+    mountinfo.lines().filter_map(|l| {
+        let fields: Vec<&str> = l.split(' ').collect();
+        let sep = fields.iter().position(|f| *f == "-")?;
+        Some((unescape(fields.get(4)?), *fields.get(sep + 1)?))
+    })
+}
+
+/// The type of the filesystem mounted at `path` (absolute), if any; the last mount there
+/// wins, as the kernel's does.
+pub fn mounted_fstype(path: &Path) -> Option<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let found = mount_table(&info)
+        .filter(|(mp, _)| mp == path)
+        .last()
+        .map(|(_, t)| t.to_string());
+    found
 }
 
 /// True when the kernel lists `p` as a mount point (the path is made absolute without
 /// touching it, so a dead FUSE mount does not hang or fail the check).
 pub fn is_mountpoint(p: &Path) -> bool {
-    let Ok(abs) = std::path::absolute(p) else {
-        return false;
-    };
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let found = mount_points(&info).any(|m| m == abs);
-    found
+    std::path::absolute(p).is_ok_and(|abs| mounted_fstype(&abs).is_some())
 }
 
 fn cpath(p: &Path) -> io::Result<CString> {
@@ -158,11 +164,15 @@ mod tests {
     fn mountinfo_paths_are_unescaped() {
         let info = "36 35 98:0 / /mnt/with\\040space rw,noatime master:1 - ext3 /dev/root rw\n\
                     37 35 0:31 / / rw - tmpfs tmpfs rw\n";
-        let m: Vec<PathBuf> = mount_points(info).collect();
+        let m: Vec<(PathBuf, &str)> = mount_table(info).collect();
         assert_eq!(
             m,
-            vec![PathBuf::from("/mnt/with space"), PathBuf::from("/")]
+            vec![
+                (PathBuf::from("/mnt/with space"), "ext3"),
+                (PathBuf::from("/"), "tmpfs")
+            ]
         );
+        assert_eq!(unescape("/plain"), PathBuf::from("/plain"));
     }
 
     #[test]

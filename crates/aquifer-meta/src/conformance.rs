@@ -72,6 +72,18 @@ fn mkdir(m: &dyn Meta, ctx: &Context, parent: Ino, name: &str) -> Ino {
     .0
 }
 
+fn chmod(m: &dyn Meta, ctx: &Context, ino: Ino, mode: u32) {
+    m.setattr(
+        ctx,
+        ino,
+        &SetAttr {
+            mode: Some(mode),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+}
+
 fn names(m: &dyn Meta, ctx: &Context, dir: Ino) -> Vec<String> {
     m.readdir(ctx, dir, false)
         .unwrap()
@@ -561,15 +573,7 @@ pub fn setattr_rules(m: &dyn Meta) {
 pub fn permissions(m: &dyn Meta) {
     let ctx = ready(m);
     let d = mkdir(m, &ctx, ROOT_INO, "d");
-    m.setattr(
-        &ctx,
-        d,
-        &SetAttr {
-            mode: Some(0o1777),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    chmod(m, &ctx, d, 0o1777);
     let alice = Context {
         uid: 100,
         gid: 100,
@@ -984,15 +988,7 @@ pub fn stale_guesses_are_caught(a: &dyn Meta, b: &dyn Meta) {
         ..Default::default()
     };
     let d = mkdir(a, &ctx, ROOT_INO, "d");
-    a.setattr(
-        &ctx,
-        d,
-        &SetAttr {
-            mode: Some(0o777),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    chmod(a, &ctx, d, 0o777);
     // B learns d, creates and writes f: it now remembers d, f and f's first chunk.
     assert_eq!(b.lookup(&ctx, ROOT_INO, b"d").unwrap().0, d);
     let (f, _) = b.create_open(&user, d, b"f", 0o644, 0).unwrap();
@@ -1010,15 +1006,7 @@ pub fn stale_guesses_are_caught(a: &dyn Meta, b: &dyn Meta) {
     assert_eq!(a.read_chunk(f, 0).unwrap(), vec![s1, s2, s3]);
     b.close(f).unwrap();
     // A takes write permission away: B's create must be refused, whatever B remembers.
-    a.setattr(
-        &ctx,
-        d,
-        &SetAttr {
-            mode: Some(0o555),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    chmod(a, &ctx, d, 0o555);
     assert_eq!(
         errno(b.create_open(&user, d, b"g", 0o644, 0)),
         Errno::EACCES
@@ -1027,15 +1015,7 @@ pub fn stale_guesses_are_caught(a: &dyn Meta, b: &dyn Meta) {
         errno(b.mknod(&user, d, b"g", FileType::File, 0o644, 0, 0)),
         Errno::EACCES
     );
-    a.setattr(
-        &ctx,
-        d,
-        &SetAttr {
-            mode: Some(0o777),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    chmod(a, &ctx, d, 0o777);
     // A name A created since is taken.
     mkfile(a, &ctx, d, "h");
     assert_eq!(
