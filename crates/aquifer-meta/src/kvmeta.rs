@@ -70,7 +70,7 @@ pub struct KvMeta<E: KvEngine> {
     /// create, a first open, a last close or a write becomes one round trip on Redis. Never
     /// answers a caller by itself: a guess is checked at commit, and a wrong one only costs
     /// the transaction a second run with real reads.
-    hints: Mutex<HashMap<Vec<u8>, Option<Vec<u8>>>>,
+    hints: Mutex<Hints>,
 }
 
 fn now() -> Time {
@@ -208,39 +208,10 @@ impl<E: KvEngine> KvMeta<E> {
         }
     }
 
-    /// Remember `value` as what `key` holds now (see [`KvMeta::hints`]). Long values (a
-    /// chunk of many slices) are not kept: the memory stays within HINTS_MAX × 4 KiB.
+    /// Remember `value` as what `key` holds now (see [`KvMeta::hints`]).
     fn hint(&self, key: Vec<u8>, value: Option<Vec<u8>>) {
-        if self.kv.exclusive() {
-            return;
-        }
-        let mut h = self.hints.lock().unwrap();
-        if value.as_ref().is_some_and(|v| v.len() > HINT_VALUE_MAX) {
-            h.remove(&key);
-            return;
-        }
-        if h.len() >= HINTS_MAX && !h.contains_key(&key) {
-            h.clear();
-        }
-        h.insert(key, value);
-    }
-
-    fn unhint(&self, key: &[u8]) {
         if !self.kv.exclusive() {
-            self.hints.lock().unwrap().remove(key);
-        }
-    }
-
-    /// Give the transaction our guesses for `keys` (those we have one for).
-    fn guess(&self, t: &mut dyn KvTxn, keys: &[&[u8]]) {
-        if self.kv.exclusive() {
-            return;
-        }
-        let h = self.hints.lock().unwrap();
-        for k in keys {
-            if let Some(v) = h.get(*k) {
-                t.guess(k, v.clone());
-            }
+            remember(&mut self.hints.lock().unwrap(), key, Some(value));
         }
     }
 
@@ -278,12 +249,34 @@ impl<E: KvEngine> KvMeta<E> {
         &self.kv
     }
 
+    /// Run `f` as one transaction. On a shared engine it sees the engine through
+    /// [`Remembering`]: attributes, entries and slice lists are guessed from
+    /// [`KvMeta::hints`] at their first read, and what the committed run read and wrote of
+    /// them is remembered.
     fn txn<T>(&self, mut f: impl FnMut(&mut dyn KvTxn) -> Result<T>) -> Result<T> {
         let mut out = None;
+        let shared = !self.kv.exclusive();
+        let mut seen = Vec::new();
         self.kv.txn(&mut |t| {
-            out = Some(f(t)?);
+            if !shared {
+                out = Some(f(t)?);
+                return Ok(());
+            }
+            let mut r = Remembering {
+                t,
+                hints: &self.hints,
+                seen: Vec::new(),
+            };
+            out = Some(f(&mut r)?);
+            seen = r.seen;
             Ok(())
         })?;
+        if !seen.is_empty() {
+            let mut h = self.hints.lock().unwrap();
+            for (k, v) in seen {
+                remember(&mut h, k, v);
+            }
+        }
         out.ok_or_else(|| MetaError::engine(self.kv.name(), "transaction did not run"))
     }
 
@@ -940,7 +933,6 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             put_attr(t, ino, &a);
             Ok(a)
         })
-        .inspect(|a| self.hint(key::attr(ino), Some(key::encode_attr(a))))
     }
 
     fn truncate(&self, ctx: &Context, ino: Ino, length: u64) -> Result<Attr> {
@@ -966,7 +958,6 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             put_attr(t, ino, &a);
             Ok(a)
         })
-        .inspect(|a| self.hint(key::attr(ino), Some(key::encode_attr(a))))
     }
 
     fn fallocate(&self, ctx: &Context, ino: Ino, mode: i32, off: u64, len: u64) -> Result<Attr> {
@@ -1015,7 +1006,6 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             put_attr(t, ino, &a);
             Ok(a)
         })
-        .inspect(|a| self.hint(key::attr(ino), Some(key::encode_attr(a))))
     }
 
     fn mknod(
@@ -1126,10 +1116,6 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             put_attr(t, ino, &a);
             Ok(a)
         })
-        .inspect(|a| {
-            self.hint(key::attr(ino), Some(key::encode_attr(a)));
-            self.unhint(&key::attr(parent));
-        })
     }
 
     fn unlink(&self, ctx: &Context, parent: Ino, name: &[u8]) -> Result<()> {
@@ -1137,9 +1123,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             return Err(Errno::ENAMETOOLONG.into());
         }
         let (pk, dk) = (key::attr(parent), key::dentry(parent, name));
-        let mut victim = None;
         self.txn(|t| {
-            self.guess(t, &[&pk, &dk]);
             let got = t.get_many(&[&pk, &dk])?;
             let mut p = match &got[0] {
                 Some(v) => key::decode_attr(parent, v)?,
@@ -1156,21 +1140,12 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             if typ == FileType::Directory {
                 return Err(Errno::EISDIR.into());
             }
-            victim = Some(ino);
-            self.guess(t, &[&key::attr(ino)]);
             let a = get_attr(t, ino)?;
             sticky_ok(ctx, &p, &a)?;
             let ts = now();
             t.delete(&key::dentry(parent, name));
             self.touch_parent(t, parent, &mut p, ts);
             self.drop_link(t, ino, a, ts)
-        })
-        .inspect(|_| {
-            self.unhint(&pk);
-            self.unhint(&dk);
-            if let Some(ino) = victim {
-                self.unhint(&key::attr(ino));
-            }
         })
     }
 
@@ -1206,7 +1181,6 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             put_attr(t, parent, &p);
             self.destroy_inode(t, ino, &a)
         })
-        .inspect(|_| self.unhint(&key::attr(parent)))
     }
 
     fn rename(
@@ -1380,13 +1354,6 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             put_attr(t, sino, &sa);
             Ok(())
         })
-        .inspect(|_| {
-            // Both directories' times (and a replaced file) changed: guess them no more.
-            self.unhint(&key::attr(parent));
-            self.unhint(&key::attr(new_parent));
-            self.unhint(&key::dentry(parent, name));
-            self.unhint(&key::dentry(new_parent, new_name));
-        })
     }
 
     fn readdir(&self, ctx: &Context, ino: Ino, plus: bool) -> Result<Vec<DirEntry>> {
@@ -1468,16 +1435,13 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             // First open here: record it in the engine, so that an unlink by any client
             // keeps the file until this session closes it.
             let sid = self.sid();
-            let ak = key::attr(ino);
             self.txn(|t| {
-                self.guess(t, &[&ak]);
                 let a = get_attr(t, ino)?;
                 access_ok(ctx, &a, mask)?;
                 t.set(&key::holder(ino, sid), Vec::new());
                 t.set(&key::sustained(sid, ino), Vec::new());
                 Ok(a)
-            })
-            .inspect(|a| self.hint(ak.clone(), Some(key::encode_attr(a))))?
+            })?
         } else {
             let a = self.getattr(ino)?;
             access_ok(ctx, &a, mask)?;
@@ -1499,11 +1463,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
                 // Forgotten here even if the engine fails: a later cleanup of this session
                 // (restart, or another client after the timeout) removes the record.
                 open.remove(&ino);
-                let ak = key::attr(ino);
-                self.txn(|t| {
-                    self.guess(t, &[&ak]);
-                    self.release_holder(t, sid, ino)
-                })
+                self.txn(|t| self.release_holder(t, sid, ino))
             }
             None => Ok(()),
         }
@@ -1550,9 +1510,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
     fn write_slice(&self, ino: Ino, idx: u32, slice: Slice) -> Result<(Attr, usize)> {
         let _forget = ForgetChunks(self, ino);
         let (ak, k) = (key::attr(ino), key::chunk(ino, idx));
-        let mut written = Vec::new();
         self.txn(|t| {
-            self.guess(t, &[&ak, &k]);
             let got = t.get_many(&[&ak, &k])?;
             let mut a = match &got[0] {
                 Some(v) => key::decode_attr(ino, v)?,
@@ -1563,7 +1521,6 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             }
             let mut v = got[1].clone().unwrap_or_default();
             slice.encode(&mut v);
-            written.clone_from(&v);
             let count = v.len() / Slice::ENCODED_LEN;
             t.set(&k, v);
             let end = idx as u64 * CHUNK_SIZE + slice.end() as u64;
@@ -1578,10 +1535,6 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             a.ctime = ts;
             put_attr(t, ino, &a);
             Ok((a, count))
-        })
-        .inspect(|(a, _)| {
-            self.hint(ak.clone(), Some(key::encode_attr(a)));
-            self.hint(k.clone(), Some(std::mem::take(&mut written)));
         })
     }
 
@@ -1607,7 +1560,6 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             self.trash_slices(t, &dead)?;
             Ok(true)
         })
-        .inspect(|_| self.unhint(&key::chunk(ino, idx)))
     }
 
     fn trash_batch(&self, after: u64, limit: usize) -> Result<Vec<(u64, Vec<Slice>)>> {
@@ -1958,11 +1910,9 @@ impl<E: KvEngine> KvMeta<E> {
         let mut opened = open.then(|| self.open_shard(ino));
         let (_, max_inodes) = self.limits();
         let (pk, dk) = (key::attr(parent), key::dentry(parent, name));
-        let mut parent_now = None;
         self.txn(|t| {
             // The kernel looked the name up before asking to create it.
             t.guess(&dk, None);
-            self.guess(t, &[&pk]);
             // The parent and the name in one read (one round trip on Redis).
             let got = t.get_many(&[&pk, &dk])?;
             let mut p = match &got[0] {
@@ -2004,7 +1954,6 @@ impl<E: KvEngine> KvMeta<E> {
             }
             put_attr(t, ino, &a);
             t.set(&key::dentry(parent, name), key::encode_dentry(typ, ino));
-            let before = p.clone();
             if typ == FileType::Directory {
                 p.nlink += 1;
                 touch_dir(&mut p, a.ctime);
@@ -2012,28 +1961,129 @@ impl<E: KvEngine> KvMeta<E> {
             } else {
                 self.touch_parent(t, parent, &mut p, a.ctime);
             }
-            parent_now = if p == before {
-                got[0].clone()
-            } else {
-                Some(key::encode_attr(&p))
-            };
             if open {
                 t.set(&key::holder(ino, sid), Vec::new());
                 t.set(&key::sustained(sid, ino), Vec::new());
             }
             Ok((ino, a))
         })
-        .inspect(|(_, a)| {
+        .inspect(|_| {
             if let Some(o) = opened.as_mut() {
                 *o.entry(ino).or_insert(0) += 1;
             }
-            self.hint(key::attr(ino), Some(key::encode_attr(a)));
-            if let Some(v) = parent_now.take() {
-                self.hint(pk.clone(), Some(v));
-            }
+            // A new file has no slice list: its first write need not read one.
             if typ == FileType::File {
                 self.hint(key::chunk(ino, 0), None);
             }
         })
+    }
+}
+
+/// Put what `key` holds into the memory of guesses: `Some(value)` (`None`: absent), or
+/// `None` to forget it. Long values (a chunk of many slices) are not kept, and a full
+/// memory starts over, so it stays within HINTS_MAX × HINT_VALUE_MAX.
+fn remember(h: &mut Hints, key: Vec<u8>, value: Option<Option<Vec<u8>>>) {
+    match value {
+        Some(Some(v)) if v.len() > HINT_VALUE_MAX => {
+            h.remove(&key);
+        }
+        Some(v) => {
+            if h.len() >= HINTS_MAX && !h.contains_key(&key) {
+                h.clear();
+            }
+            h.insert(key, v);
+        }
+        None => {
+            h.remove(&key);
+        }
+    }
+}
+
+type Hints = HashMap<Vec<u8>, Option<Vec<u8>>>;
+
+/// A transaction on a shared engine, seen through by [`KvMeta`]: the first read of an
+/// attribute, entry or slice list offers the remembered value as a guess
+/// ([`KvTxn::guess`]), and every value of those read or written is noted, to be remembered
+/// once the transaction commits. One place for what the metadata operations would
+/// otherwise each guess and remember by hand.
+struct Remembering<'a> {
+    t: &'a mut dyn KvTxn,
+    hints: &'a Mutex<Hints>,
+    /// Read or written, in order (the last wins); `None`: forget (a deleted inode's keys).
+    seen: Vec<(Vec<u8>, Option<Option<Vec<u8>>>)>,
+}
+
+/// Keys worth remembering: attributes, directory entries, slice lists.
+fn remembered(key: &[u8]) -> bool {
+    matches!(key.first(), Some(b'I' | b'E' | b'C'))
+}
+
+impl Remembering<'_> {
+    /// Offer guesses for the keys of a read not seen yet in this transaction.
+    fn offer(&mut self, keys: &[&[u8]]) {
+        let fresh: Vec<&[u8]> = keys
+            .iter()
+            .copied()
+            .filter(|k| remembered(k) && !self.seen.iter().any(|(s, _)| s == k))
+            .collect();
+        if fresh.is_empty() {
+            return;
+        }
+        let h = self.hints.lock().unwrap();
+        for k in fresh {
+            if let Some(v) = h.get(k) {
+                self.t.guess(k, v.clone());
+            }
+        }
+    }
+
+    fn note(&mut self, key: &[u8], value: Option<Option<Vec<u8>>>) {
+        if remembered(key) {
+            self.seen.push((key.to_vec(), value));
+        }
+    }
+}
+
+impl KvTxn for Remembering<'_> {
+    fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.offer(&[key]);
+        let v = self.t.get(key)?;
+        self.note(key, Some(v.clone()));
+        Ok(v)
+    }
+
+    fn get_many(&mut self, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>> {
+        self.offer(keys);
+        let vs = self.t.get_many(keys)?;
+        for (k, v) in keys.iter().zip(&vs) {
+            self.note(k, Some(v.clone()));
+        }
+        Ok(vs)
+    }
+
+    fn scan(&mut self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<crate::KvPair>> {
+        self.t.scan(start, end, limit)
+    }
+
+    fn set(&mut self, key: &[u8], value: Vec<u8>) {
+        let noted = (value.len() <= HINT_VALUE_MAX).then(|| value.clone());
+        self.note(key, noted.map(Some));
+        self.t.set(key, value);
+    }
+
+    fn delete(&mut self, key: &[u8]) {
+        // A name that went is worth remembering as absent (a create may follow); a freed
+        // inode's attributes and slice lists are not.
+        let absent = (key.first() == Some(&b'E')).then_some(None);
+        self.note(key, absent);
+        self.t.delete(key);
+    }
+
+    fn add(&mut self, key: &[u8], delta: i64) {
+        self.t.add(key, delta);
+    }
+
+    fn guess(&mut self, key: &[u8], value: Option<Vec<u8>>) -> bool {
+        self.t.guess(key, value)
     }
 }
