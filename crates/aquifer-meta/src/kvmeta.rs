@@ -1982,7 +1982,7 @@ impl<E: KvEngine> KvMeta<E> {
 /// Put what `key` holds into the memory of guesses: `Some(value)` (`None`: absent), or
 /// `None` to forget it. Long values (a chunk of many slices) are not kept, and a full
 /// memory starts over, so it stays within HINTS_MAX × HINT_VALUE_MAX.
-fn remember(h: &mut Hints, key: Vec<u8>, value: Option<Option<Vec<u8>>>) {
+fn remember(h: &mut Hints, key: Vec<u8>, value: Noted) {
     match value {
         Some(Some(v)) if v.len() > HINT_VALUE_MAX => {
             h.remove(&key);
@@ -2000,6 +2000,9 @@ fn remember(h: &mut Hints, key: Vec<u8>, value: Option<Option<Vec<u8>>>) {
 }
 
 type Hints = HashMap<Vec<u8>, Option<Vec<u8>>>;
+/// What a transaction left of a remembered key: `Some(value)` (`None`: absent), or `None`
+/// to forget it.
+type Noted = Option<Option<Vec<u8>>>;
 
 /// A transaction on a shared engine, seen through by [`KvMeta`]: the first read of an
 /// attribute, entry or slice list offers the remembered value as a guess
@@ -2010,7 +2013,7 @@ struct Remembering<'a> {
     t: &'a mut dyn KvTxn,
     hints: &'a Mutex<Hints>,
     /// Read or written, in order (the last wins); `None`: forget (a deleted inode's keys).
-    seen: Vec<(Vec<u8>, Option<Option<Vec<u8>>>)>,
+    seen: Vec<(Vec<u8>, Noted)>,
 }
 
 /// Keys worth remembering: attributes, directory entries, slice lists.
@@ -2037,7 +2040,7 @@ impl Remembering<'_> {
         }
     }
 
-    fn note(&mut self, key: &[u8], value: Option<Option<Vec<u8>>>) {
+    fn note(&mut self, key: &[u8], value: Noted) {
         if remembered(key) {
             self.seen.push((key.to_vec(), value));
         }
