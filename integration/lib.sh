@@ -145,8 +145,15 @@ start_creates() {
   ) &
   WL_PID=$!
 }
+# creates_done: the last create that succeeded so far. The workload rewrites WL_DONE in place,
+# so a read can fall between its truncation and its write: read until there is a number.
+creates_done() {
+  local v
+  while v=$(cat "$WL_DONE"); [ -z "$v" ]; do sleep 0.01; done
+  echo "$v"
+}
 stop_creates() {
   touch "$WORK/creates.stop"
   wait "$WL_PID"
-  CREATED=$(cat "$WL_DONE")
+  CREATED=$(creates_done)
 }

@@ -120,7 +120,7 @@ note "Redis restarted under a metadata workload"
 # Operations wait through the restart (the retry deadline is 30 s): none may fail.
 start_creates "$mb/w"
 sleep 0.5
-before=$(cat "$WL_DONE")
+before=$(creates_done)
 restart_redis 1
 sleep 1
 stop_creates

@@ -106,7 +106,7 @@ for i in $(seq 1 200); do
   sleep 0.1
 done
 redis-cli -p "$ps" sentinel get-master-addr-by-name vol | grep -q "$pr" || fail "the sentinel did not fail over"
-at=$(cat "$WL_DONE")
+at=$(creates_done)
 sleep 3
 stop_creates
 n=$CREATED
