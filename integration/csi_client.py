@@ -6,7 +6,8 @@ proto (grpc_tools), so the driver is checked by a gRPC implementation other than
 
 PHASE: calls (every call, errors, idempotency, publishes), after-restart (the driver was
 killed and started again between the phases), stale (the filesystem daemon was killed),
-cleanup (unpublish and delete).
+cleanup (unpublish and delete); with the node daemon keeping the mounts (--external-mounts):
+ext-publish (targets under WORK/kubelet), ext-unpublish.
 """
 import errno
 import glob
@@ -266,5 +267,41 @@ elif phase == "cleanup":
     expect_code(grpc_code.NOT_FOUND, controller.ValidateVolumeCapabilities,
                 pb.ValidateVolumeCapabilitiesRequest(volume_id="pvc-a", volume_capabilities=[cap()], secrets=SECRETS))
     note("unpublish leaves nothing mounted; delete removes the volume; both idempotent")
+elif phase == "ext-publish":
+    kub = os.path.join(work, "kubelet")
+    publish("set1", os.path.join(kub, "p1", "mount"), context={"path": "/datasets/set1"})
+    publish("set1", os.path.join(kub, "p2", "mount"), readonly=True, context={"path": "/datasets/set1"})
+    with open(os.path.join(kub, "p2", "mount", "part-0")) as f:
+        if f.read() != "dataset bytes":
+            fail("the node daemon's mount shows other bytes")
+    with open(os.path.join(kub, "p1", "mount", "written"), "w") as f:
+        f.write("by p1")
+    try:
+        open(os.path.join(kub, "p2", "mount", "nope"), "w")
+        fail("a read-only publish took a write")
+    except OSError as e:
+        if e.errno != errno.EROFS:
+            fail(f"read-only write failed with {e}")
+    # A filesystem the node daemon cannot mount: its error comes back, not a timeout.
+    bad = dict(SECRETS, name="other", metaurl="redis://127.0.0.1:1/1")
+    try:
+        node.NodePublishVolume(
+            pb.NodePublishVolumeRequest(volume_id="x", target_path=os.path.join(kub, "bad", "mount"),
+                                        volume_capability=cap(), secrets=bad, volume_context={"path": "/"}),
+            timeout=50)
+        fail("a publish of an unmountable filesystem succeeded")
+    except grpc.RpcError as e:
+        if e.code() != grpc.StatusCode.INTERNAL or "node daemon cannot mount" not in e.details():
+            fail(f"unmountable filesystem: {e.code()} {e.details()}")
+    note("publish through the node daemon: rw and ro targets; its mount errors come back")
+
+elif phase == "ext-unpublish":
+    kub = os.path.join(work, "kubelet")
+    for k in ["p1", "p2"]:
+        p = os.path.join(kub, k, "mount")
+        unpublish("set1", p)
+        if mounted(p) or os.path.exists(p):
+            fail(f"target {k} left after unpublish")
+    note("unpublished")
 else:
     fail(f"unknown phase {phase}")

@@ -7,7 +7,14 @@
 # - kill -9 of the driver between publish and unpublish: the targets keep working and the
 #   restarted driver finds them;
 # - kill -9 of the filesystem daemon: publishing the target again repairs it;
-# - unpublish leaves nothing mounted; delete removes the volume.
+# - unpublish leaves nothing mounted; delete removes the volume;
+# - the node daemon (`--mode mounter`) keeping the mounts of a plugin run with
+#   --external-mounts: kill -9 of the plugin leaves targets working; kill -9 of the node
+#   daemon and its filesystem daemons (a container restart) leaves them dead until the
+#   restarted node daemon mounts again and binds the targets anew, which a pod's own mount
+#   namespace (a slave of the host's, as with mountPropagation HostToContainer) sees too;
+#   a warmup labels the node through a stand-in API server; the last unpublish releases
+#   the filesystem's mount.
 source "$(dirname "$0")/lib.sh"
 here=$(cd "$(dirname "$0")" && pwd)
 python3 -c 'import grpc, grpc_tools' 2>/dev/null || fail "grpcio and grpcio-tools are missing (scripts/install-deps.sh --test)"
@@ -21,8 +28,10 @@ mkdir -p "$WORK/pods"
 # then the filesystem mounts (the daemons are killed by lib.sh: they log under WORK).
 CLEANUPS+=("grep -o \" $WORK/[^ ]*\" /proc/self/mounts | sort -r | xargs -r -n1 umount -l")
 driver=""
+# The first part has no keeper loop, so that a dead daemon stays dead until a publish.
+driver_args=(--mode all --state-dir "$state" --keep-interval 0)
 start_driver() {
-  "$AQUIFER" csi --endpoint "unix://$sock" --node-id node-1 --mode all --state-dir "$state" \
+  "$AQUIFER" csi --endpoint "unix://$sock" --node-id node-1 "${driver_args[@]}" \
     >>"$WORK/csi.log" 2>&1 &
   driver=$!
   CLEANUPS+=("kill -9 $driver")
@@ -59,4 +68,109 @@ client cleanup
 kill "$driver"
 wait "$driver" 2>/dev/null || true
 [ ! -S "$sock" ] || fail "the socket is left after SIGTERM"
+
+note "the node daemon keeps the mounts"
+"$AQUIFER" csi --node-id n --mode node 2>"$WORK/err" && fail "a node plugin started without --endpoint"
+grep -q "unix:///PATH" "$WORK/err" || fail "no endpoint error: $(cat "$WORK/err")"
+state2=$WORK/state2
+kub=$WORK/kubelet
+# Like kubelet's directory: shared, so that mounts made on a target reach the pods' copies.
+mkdir -p "$kub"
+mount --bind "$kub" "$kub"
+mount --make-rshared "$kub"
+# A stand-in Kubernetes API server: records each request, answers as the API server does.
+cat >"$WORK/api.py" <<'PY'
+import http.server, json, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_PATCH(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        with open(sys.argv[2], "a") as f:
+            f.write(json.dumps({"path": self.path, "type": self.headers["Content-Type"],
+                                "body": json.loads(body)}) + "\n")
+        out = json.dumps({"kind": "Node", "apiVersion": "v1", "metadata": {"name": "node-1"}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+    def log_message(self, *a):
+        pass
+s = http.server.HTTPServer(("127.0.0.1", 0), H)
+open(sys.argv[1], "w").write(str(s.server_address[1]))
+s.serve_forever()
+PY
+python3 "$WORK/api.py" "$WORK/api.port" "$WORK/api.log" &
+CLEANUPS+=("kill $!")
+for _ in $(seq 1 50); do [ -s "$WORK/api.port" ] && break; sleep 0.1; done
+touch "$WORK/api.log"
+mounter=""
+start_mounter() {
+  "$AQUIFER" csi --mode mounter --node-id node-1 --state-dir "$state2" --keep-interval 0.3 \
+    --release-after 2s --cache-root "$WORK/cache" --label-node "http://127.0.0.1:$(cat "$WORK/api.port")" \
+    >>"$WORK/mounter.log" 2>&1 &
+  mounter=$!
+  CLEANUPS+=("kill -9 $mounter")
+}
+# wait_for SECONDS CMD...: until CMD succeeds.
+wait_for() {
+  local t=$1; shift
+  local i
+  for i in $(seq 1 $((t * 10))); do
+    "$@" >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  return 1
+}
+start_mounter
+driver_args=(--mode node --external-mounts --state-dir "$state2")
+start_driver
+client ext-publish || { tail -20 "$WORK/mounter.log"; exit 1; }
+[ -z "$(find "$state2/specs" -name '*.json' -perm /077)" ] || fail "a spec file others can read"
+# A pod: its own mount namespace, a slave copy of the host's.
+unshare -m --propagation slave sleep 600 &
+pod=$!
+CLEANUPS+=("kill -9 $pod")
+sleep 0.3
+in_pod() { nsenter -t "$pod" -m -- "$@"; }
+[ "$(in_pod cat "$kub/p1/mount/part-0")" = "dataset bytes" ] || fail "the pod does not read the volume"
+
+"$AQUIFER" warmup "$kub/p1/mount" >/dev/null || fail "warmup failed"
+label_set() { grep -q '"warm.aquifer.dev/datasets.set1": "true"' "$WORK/api.log"; }
+wait_for 10 label_set || fail "no label after the warmup: $(cat "$WORK/api.log"); $(tail -5 "$WORK/mounter.log")"
+grep -q '"path": "/api/v1/nodes/node-1", "type": "application/merge-patch+json"' "$WORK/api.log" \
+  || fail "the label patch: $(cat "$WORK/api.log")"
+note "a warmup labels the node warm.aquifer.dev/datasets.set1"
+
+kill -9 "$driver"
+wait "$driver" 2>/dev/null || true
+[ "$(cat "$kub/p1/mount/written")" = "by p1" ] || fail "target gone with the plugin"
+[ "$(in_pod cat "$kub/p2/mount/written")" = "by p1" ] || fail "the pod lost its volume with the plugin"
+note "kill -9 of the plugin: targets keep working"
+
+# A restart of the node daemon's container: it and every filesystem daemon in it die.
+kill -9 "$mounter"
+wait "$mounter" 2>/dev/null || true
+pkill -9 -f -- "--log $state2/log/" || fail "no filesystem daemon of the node daemon"
+sleep 0.3
+if stat -f "$kub/p1/mount" >/dev/null 2>&1; then fail "the target answers with its daemon killed"; fi
+start_mounter
+wait_for 30 stat -f "$kub/p1/mount" || fail "the node daemon did not bring the target back: $(tail -5 "$WORK/mounter.log")"
+[ "$(cat "$kub/p1/mount/written")" = "by p1" ] || fail "the target reads other bytes after the restart"
+wait_for 10 in_pod stat -f "$kub/p2/mount" || fail "the pod's target stays dead"
+[ "$(in_pod cat "$kub/p2/mount/part-0")" = "dataset bytes" ] || fail "the pod reads other bytes"
+in_pod sh -c "echo again > $kub/p1/mount/from-pod" || fail "the pod cannot write after the restart"
+[ "$(cat "$kub/p2/mount/from-pod")" = "again" ] || fail "the pod's write is not seen"
+if touch "$kub/p2/mount/nope" 2>/dev/null; then fail "the read-only target became writable"; fi
+note "node daemon restarted: targets bound again, in the host and in the pod, ro kept"
+
+start_driver
+client ext-unpublish
+released() {
+  ! grep -q " $state2/mnt/" /proc/self/mounts && [ -z "$(ls "$state2/specs"/*.json 2>/dev/null)" ] \
+    && ! pgrep -f -- "--log $state2/log/"
+}
+wait_for 30 released || fail "the mount is not released: $(grep " $state2/" /proc/self/mounts); $(ls "$state2/specs"); $(tail -5 "$WORK/mounter.log")"
+note "the last unpublish releases the filesystem's mount"
+kill "$driver" "$mounter"
+wait "$driver" "$mounter" 2>/dev/null || true
 echo "  ok"

@@ -63,18 +63,39 @@ enum Cmd {
 
 #[derive(Args)]
 struct CsiArgs {
-    /// Where to serve: unix:///PATH/csi.sock.
-    #[arg(long)]
+    /// Where to serve: unix:///PATH/csi.sock (not needed with --mode mounter).
+    #[arg(long, default_value = "")]
     endpoint: String,
-    /// This node's name (NodeGetInfo), usually the Kubernetes node name.
+    /// This node's name (NodeGetInfo, node labels), usually the Kubernetes node name.
     #[arg(long)]
     node_id: String,
-    /// Which services to serve: controller, node or all.
+    /// Which services to serve: controller, node or all; or `mounter`, the node daemon
+    /// that keeps the node's filesystem mounts for a node plugin run with
+    /// --external-mounts.
     #[arg(long, default_value = "all")]
     mode: aquifer_csi::Mode,
-    /// Where filesystems are mounted on the node and their daemons log.
+    /// Where filesystems are mounted on the node, described and logged.
     #[arg(long, default_value = "/var/lib/aquifer-csi")]
     state_dir: PathBuf,
+    /// Node mounts are made by the node daemon (`--mode mounter` on the same --state-dir):
+    /// the plugin only asks and waits, so restarting it touches no mount.
+    #[arg(long)]
+    external_mounts: bool,
+    /// Put the cache of each node mount under this directory (a host directory, so a
+    /// restarted daemon finds its cache), unless its mount options name a cache-dir.
+    #[arg(long)]
+    cache_root: Option<PathBuf>,
+    /// Unmount a filesystem on the node once no volume of it has been published here for
+    /// this long: 10m, 90s, 0 (at once).
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    release_after: Duration,
+    /// Label this node `warm.aquifer.dev/VOLUME=true` once `aquifer warmup` has warmed a
+    /// volume on it: `in-cluster` (the pod's service account) or an API URL.
+    #[arg(long)]
+    label_node: Option<String>,
+    /// Seconds between looks at the mounts (0: never; publishes still repair).
+    #[arg(long, default_value_t = 2.0, value_parser = parse_seconds, hide = true)]
+    keep_interval: f64,
 }
 
 #[derive(Args)]
@@ -467,6 +488,10 @@ fn csi(a: CsiArgs) -> Result<()> {
     if a.node_id.is_empty() {
         bail!("--node-id must not be empty");
     }
+    let mounter = a.mode == aquifer_csi::Mode::Mounter;
+    if mounter && a.keep_interval == 0.0 {
+        bail!("--mode mounter keeps mounts: --keep-interval must be above 0");
+    }
     let cfg = aquifer_csi::Config {
         endpoint: a.endpoint,
         node_id: a.node_id,
@@ -474,9 +499,16 @@ fn csi(a: CsiArgs) -> Result<()> {
         aquifer: std::env::current_exe().context("cannot find the aquifer binary")?,
         state_dir: a.state_dir,
         version: env!("CARGO_PKG_VERSION").to_string(),
+        external_mounts: a.external_mounts,
+        cache_root: a.cache_root,
+        keep_interval: Duration::from_secs_f64(a.keep_interval),
+        release_after: a.release_after,
+        label_node: a.label_node,
     };
     // Fail on a bad endpoint before starting anything.
-    aquifer_csi::socket_path(&cfg.endpoint).map_err(|e| anyhow!(e))?;
+    if !mounter {
+        aquifer_csi::socket_path(&cfg.endpoint).map_err(|e| anyhow!(e))?;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

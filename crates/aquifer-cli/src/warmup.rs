@@ -264,11 +264,11 @@ pub fn warmup(a: WarmupArgs) -> Result<bool> {
             human(cached),
             pct(cached)
         ),
-        WarmOp::Evict => println!(
+        WarmOp::Evict | WarmOp::Unmark => println!(
             "evict: {ok_files} of {nfiles} files, {} evicted in {secs:.1}s",
             human(done)
         ),
-        WarmOp::Warm => println!(
+        WarmOp::Warm | WarmOp::Mark => println!(
             "warmup: {ok_files} of {nfiles} files, {} in blocks: {} fetched, {} cached already; {:.1}% cached now; {secs:.1}s, {}/s",
             human(total),
             human(done),
@@ -276,6 +276,9 @@ pub fn warmup(a: WarmupArgs) -> Result<bool> {
             pct(cached + done),
             human((done as f64 / secs) as u64)
         ),
+    }
+    if errors.is_empty() && op != WarmOp::Check {
+        mark(&paths, op == WarmOp::Warm);
     }
     if !errors.is_empty() {
         eprintln!("warmup: {} paths failed:", errors.len());
@@ -285,6 +288,21 @@ pub fn warmup(a: WarmupArgs) -> Result<bool> {
         return Ok(false);
     }
     Ok(true)
+}
+
+/// Tell the mount that the directories among `paths` are now warm (or evicted): on
+/// Kubernetes the node daemon labels the node after the volumes marked warm on it. A mount
+/// too old to know marks is no error: the warm-up itself succeeded.
+fn mark(paths: &[PathBuf], warm: bool) {
+    let op = if warm { WarmOp::Mark } else { WarmOp::Unmark };
+    for p in paths.iter().filter(|p| p.is_dir()) {
+        let r = File::open(p).and_then(|f| control::warm(&f, WarmRequest { op, off: 0, len: 0 }));
+        if let Err(e) = r {
+            if e.kind() != std::io::ErrorKind::Unsupported {
+                eprintln!("warmup: {}: cannot mark the directory: {e}", p.display());
+            }
+        }
+    }
 }
 
 #[derive(Args)]

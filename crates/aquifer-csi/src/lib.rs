@@ -8,14 +8,22 @@
 //!   formatted at its first CreateVolume, and is mounted under the driver's state directory to
 //!   make, size and remove directories.
 //! - **Node** makes sure the filesystem is mounted on the node (one `aquifer mount` daemon per
-//!   filesystem, in its own session, so it outlives this process), then bind-mounts the
-//!   volume's directory onto the pod's target path, read-only when asked.
+//!   filesystem and set of mount options), then bind-mounts the volume's directory onto the
+//!   pod's target path, read-only when asked. The daemons run apart from the plugin: in
+//!   their own sessions, or with `--external-mounts` in the node daemon's container
+//!   (`--mode mounter`), so that restarting or upgrading the plugin touches no mount.
+//! - **The keeper** ([`keeper`]) mounts a filesystem again when its daemon dies and binds
+//!   the pods' targets to the new mount, releases mounts no pod uses, and labels the node
+//!   after the volumes warmed on it ([`node_labels`]).
 //!
-//! The driver keeps no state of its own: what is mounted is the kernel's mount table, so a
-//! restarted driver finds its mounts and targets again, and a publish repairs a target whose
-//! daemon died ("Transport endpoint is not connected").
+//! What is mounted is the kernel's mount table, and what should be is in the spec files
+//! under the state directory, so a restarted plugin or node daemon finds its mounts and
+//! targets again, and a publish repairs a target whose daemon died ("Transport endpoint is
+//! not connected").
 
+pub mod keeper;
 pub mod mounts;
+pub mod node_labels;
 mod service;
 pub mod volume;
 
@@ -37,6 +45,9 @@ pub enum Mode {
     Controller,
     Node,
     All,
+    /// No CSI service: the node daemon, which keeps the node's filesystem mounts for a node
+    /// plugin run with `--external-mounts`.
+    Mounter,
 }
 
 impl std::str::FromStr for Mode {
@@ -46,7 +57,10 @@ impl std::str::FromStr for Mode {
             "controller" => Ok(Mode::Controller),
             "node" => Ok(Mode::Node),
             "all" => Ok(Mode::All),
-            _ => Err(format!("unknown mode {s:?}: controller, node or all")),
+            "mounter" => Ok(Mode::Mounter),
+            _ => Err(format!(
+                "unknown mode {s:?}: controller, node, all or mounter"
+            )),
         }
     }
 }
@@ -58,9 +72,21 @@ pub struct Config {
     pub mode: Mode,
     /// The `aquifer` binary run for `format` and `mount`.
     pub aquifer: PathBuf,
-    /// Where filesystems are mounted (`mnt/KEY`) and their daemons log.
+    /// Where filesystems are mounted (`mnt/KEY`), described (`specs/KEY.json`) and log.
     pub state_dir: PathBuf,
     pub version: String,
+    /// Node mounts are made by the node daemon (`--mode mounter` on the same state dir).
+    pub external_mounts: bool,
+    /// Cache directories of node mounts go under it (`CACHE_ROOT/KEY`).
+    pub cache_root: Option<PathBuf>,
+    /// How often the keeper looks at the mounts; zero for never (node mounts are then
+    /// repaired only by a publish, and never released).
+    pub keep_interval: std::time::Duration,
+    /// A node mount no target has used this long is unmounted.
+    pub release_after: std::time::Duration,
+    /// Label the node after warm volumes: through this API URL, or the cluster's
+    /// (`in-cluster`).
+    pub label_node: Option<String>,
 }
 
 /// The socket path of a `unix:///PATH` endpoint.
@@ -89,6 +115,7 @@ mod tests {
         assert!(socket_path("tcp://1.2.3.4:5").is_err());
         assert!(socket_path("unix://rel/csi.sock").is_err());
         assert_eq!("node".parse::<Mode>().unwrap(), Mode::Node);
+        assert_eq!("mounter".parse::<Mode>().unwrap(), Mode::Mounter);
         assert!("both".parse::<Mode>().is_err());
     }
 }

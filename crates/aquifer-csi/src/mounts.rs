@@ -57,24 +57,51 @@ fn unescape(s: &str) -> PathBuf {
     PathBuf::from(std::ffi::OsStr::from_bytes(&out))
 }
 
-/// The mounts listed in `mountinfo` text: mount point and filesystem type, in order.
-fn mount_table(mountinfo: &str) -> impl Iterator<Item = (PathBuf, &str)> + '_ {
+/// One line of `/proc/self/mountinfo`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// `major:minor` of the filesystem: every bind of one FUSE mount shares it, and a
+    /// remount gets a new one.
+    pub dev: String,
+    /// The directory of the filesystem shown here (`/sub/dir` for a bind of a subdirectory).
+    pub root: PathBuf,
+    pub point: PathBuf,
+    pub read_only: bool,
+    pub fstype: String,
+}
+
+/// The mounts listed in `mountinfo` text, in order (a later mount at one point covers an
+/// earlier one).
+fn mount_table(mountinfo: &str) -> impl Iterator<Item = Entry> + '_ {
     mountinfo.lines().filter_map(|l| {
         let fields: Vec<&str> = l.split(' ').collect();
         let sep = fields.iter().position(|f| *f == "-")?;
-        Some((unescape(fields.get(4)?), *fields.get(sep + 1)?))
+        Some(Entry {
+            dev: fields.get(2)?.to_string(),
+            root: unescape(fields.get(3)?),
+            point: unescape(fields.get(4)?),
+            read_only: fields.get(5)?.split(',').any(|o| o == "ro"),
+            fstype: fields.get(sep + 1)?.to_string(),
+        })
     })
+}
+
+/// Every mount this process sees (empty if the table cannot be read).
+pub fn table() -> Vec<Entry> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|info| mount_table(&info).collect())
+        .unwrap_or_default()
+}
+
+/// The topmost mount at `path` (absolute), as the kernel resolves it.
+pub fn entry(path: &Path) -> Option<Entry> {
+    table().into_iter().rev().find(|e| e.point == path)
 }
 
 /// The type of the filesystem mounted at `path` (absolute), if any; the last mount there
 /// wins, as the kernel's does.
 pub fn mounted_fstype(path: &Path) -> Option<String> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let found = mount_table(&info)
-        .filter(|(mp, _)| mp == path)
-        .last()
-        .map(|(_, t)| t.to_string());
-    found
+    entry(path).map(|e| e.fstype)
 }
 
 /// True when the kernel lists `p` as a mount point (the path is made absolute without
@@ -164,14 +191,20 @@ mod tests {
     fn mountinfo_paths_are_unescaped() {
         let info = "36 35 98:0 / /mnt/with\\040space rw,noatime master:1 - ext3 /dev/root rw\n\
                     37 35 0:31 / / rw - tmpfs tmpfs rw\n";
-        let m: Vec<(PathBuf, &str)> = mount_table(info).collect();
+        let m: Vec<(PathBuf, String)> = mount_table(info).map(|e| (e.point, e.fstype)).collect();
         assert_eq!(
             m,
             vec![
-                (PathBuf::from("/mnt/with space"), "ext3"),
-                (PathBuf::from("/"), "tmpfs")
+                (PathBuf::from("/mnt/with space"), "ext3".to_string()),
+                (PathBuf::from("/"), "tmpfs".to_string())
             ]
         );
+        let bind = "40 35 0:52 /pvc-1 /var/lib/kubelet/pods/u/mount ro,relatime shared:9 - \
+                    fuse.aquifer vol rw,user_id=0\n";
+        let e = mount_table(bind).next().unwrap();
+        assert_eq!(e.dev, "0:52");
+        assert_eq!(e.root, PathBuf::from("/pvc-1"));
+        assert!(e.read_only);
         assert_eq!(unescape("/plain"), PathBuf::from("/plain"));
     }
 

@@ -1,9 +1,10 @@
 //! The Identity, Controller and Node services. Every call is idempotent: its effect is
 //! checked against the filesystem and the kernel's mount table before it is made.
 
+use crate::keeper::{Keeper, Mounter};
 use crate::mounts::{self, State};
 use crate::pb::{self, controller_server, identity_server, node_server};
-use crate::volume::{dir_name, volume_dir, Filesystem, Mounter};
+use crate::volume::{dir_name, volume_dir, Filesystem};
 use crate::{Config, Mode, DRIVER_NAME};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -16,7 +17,7 @@ const CAPACITY_XATTR: &str = "user.aquifer.csi.capacity";
 pub struct Driver {
     node_id: String,
     version: String,
-    mounter: Mounter,
+    mounter: Arc<Mounter>,
 }
 
 type Reply<T> = Result<Response<T>, Status>;
@@ -100,19 +101,24 @@ impl Driver {
         Driver {
             node_id: cfg.node_id.clone(),
             version: cfg.version.clone(),
-            mounter: Mounter::new(cfg.aquifer.clone(), cfg.state_dir.clone()),
+            mounter: Arc::new(Mounter::new(
+                cfg.aquifer.clone(),
+                cfg.state_dir.clone(),
+                cfg.external_mounts,
+                cfg.cache_root.clone(),
+            )),
         }
     }
 
-    /// The directory of `volume_id` in the filesystem `secrets` name, mounted here.
+    /// The directory of `volume_id` in the filesystem `secrets` name, mounted here for the
+    /// controller.
     async fn locate(
         &self,
         secrets: &HashMap<String, String>,
         volume_id: &str,
-        options: &[String],
     ) -> Result<PathBuf, Status> {
         let fs = Filesystem::from_secrets(secrets)?;
-        let mp = self.mounter.ensure(&fs, options).await?;
+        let mp = self.mounter.ensure(&fs, &[]).await?;
         Ok(mp.join(volume_dir(volume_id)?))
     }
 }
@@ -174,7 +180,7 @@ impl controller_server::Controller for Arc<Driver> {
             .unwrap_or(0)
             .max(0);
         let name = dir_name(&r.name, &r.parameters)?;
-        let dir = self.locate(&r.secrets, &name, &[]).await?;
+        let dir = self.locate(&r.secrets, &name).await?;
         // A pathPattern may nest (datasets/NAME): its parents are plain directories.
         if let Some(parent) = dir.parent() {
             std::fs::create_dir_all(parent).map_err(|e| io_status(parent, e))?;
@@ -222,7 +228,7 @@ impl controller_server::Controller for Arc<Driver> {
                 "the volume is the whole filesystem; it is not deleted",
             ));
         }
-        let dir = self.locate(&r.secrets, &r.volume_id, &[]).await?;
+        let dir = self.locate(&r.secrets, &r.volume_id).await?;
         let d = dir.clone();
         match tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&d))
             .await
@@ -246,7 +252,7 @@ impl controller_server::Controller for Arc<Driver> {
         }
         check_capabilities(&r.volume_capabilities)?;
         if !r.secrets.is_empty() {
-            let dir = self.locate(&r.secrets, &r.volume_id, &[]).await?;
+            let dir = self.locate(&r.secrets, &r.volume_id).await?;
             if !dir.is_dir() {
                 return Err(Status::not_found(format!(
                     "volume {} does not exist",
@@ -317,7 +323,11 @@ impl node_server::Node for Arc<Driver> {
             }
             State::Absent => {}
         }
-        let src = self.locate(&r.secrets, &path, &options).await?;
+        let fs = Filesystem::from_secrets(&r.secrets)?;
+        let sub = volume_dir(&path)?;
+        // Held until the target is bound: the mount is not released under the publish.
+        let (mp, _publishing) = self.mounter.node_mount(&fs, &options).await?;
+        let src = mp.join(sub);
         if !src.is_dir() {
             return Err(Status::not_found(format!(
                 "volume {}: {path} does not exist in the filesystem",
@@ -413,8 +423,62 @@ impl node_server::Node for Arc<Driver> {
     }
 }
 
-/// Serve the CSI services of `cfg.mode` on its unix socket until SIGTERM or SIGINT.
+/// The keeper of this process's node mounts, if it keeps them.
+fn keeper(cfg: &Config, mounter: Arc<Mounter>) -> Result<Option<Keeper>, String> {
+    let keeps = match cfg.mode {
+        Mode::Mounter => true,
+        Mode::Node | Mode::All => !cfg.external_mounts,
+        Mode::Controller => false,
+    };
+    if !keeps || cfg.keep_interval.is_zero() {
+        return Ok(None);
+    }
+    let labels = match cfg.label_node.as_deref() {
+        None => None,
+        Some("in-cluster") => Some(crate::node_labels::NodeLabels::in_cluster(&cfg.node_id)?),
+        Some(api) => Some(crate::node_labels::NodeLabels::new(
+            api,
+            None,
+            None,
+            &cfg.node_id,
+        )?),
+    };
+    Ok(Some(Keeper::new(
+        mounter,
+        cfg.keep_interval,
+        cfg.release_after,
+        labels,
+    )))
+}
+
+async fn until_stopped() -> Result<(), String> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| format!("cannot handle SIGTERM: {e}"))?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    Ok(())
+}
+
+/// Serve the CSI services of `cfg.mode` on its unix socket until SIGTERM or SIGINT; or, as
+/// the node daemon (`Mode::Mounter`), keep the node's mounts until then. Mounts outlive
+/// both.
 pub async fn serve(cfg: Config) -> Result<(), String> {
+    let driver = Arc::new(Driver::new(&cfg));
+    let keeper = keeper(&cfg, driver.mounter.clone())?;
+    if cfg.mode == Mode::Mounter {
+        let keeper = keeper.ok_or("the node daemon needs a --keep-interval above 0")?;
+        tracing::info!(state_dir = %cfg.state_dir.display(), node = %cfg.node_id, "node daemon keeping mounts");
+        tokio::select! {
+            _ = keeper.run() => {}
+            r = until_stopped() => r?,
+        }
+        return Ok(());
+    }
+    if let Some(k) = keeper {
+        tokio::spawn(k.run());
+    }
     let path = crate::socket_path(&cfg.endpoint)?;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -427,18 +491,15 @@ pub async fn serve(cfg: Config) -> Result<(), String> {
     }
     let listener = tokio::net::UnixListener::bind(&path)
         .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
-    let driver = Arc::new(Driver::new(&cfg));
     let controller = matches!(cfg.mode, Mode::Controller | Mode::All)
         .then(|| controller_server::ControllerServer::new(driver.clone()));
     let node = matches!(cfg.mode, Mode::Node | Mode::All)
         .then(|| node_server::NodeServer::new(driver.clone()));
     tracing::info!(endpoint = %cfg.endpoint, node = %cfg.node_id, mode = ?cfg.mode, "CSI driver serving");
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| format!("cannot handle SIGTERM: {e}"))?;
     let stop = async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+        if let Err(e) = until_stopped().await {
+            tracing::error!("{e}");
+            std::future::pending::<()>().await
         }
     };
     tonic::transport::Server::builder()

@@ -1,11 +1,8 @@
 //! Filesystems named by CSI secrets, the directories that are volumes in them, and the one
 //! mount of each filesystem per node that every volume of it is published from.
 
-use crate::mounts::{self, State};
 use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
-use std::process::Stdio;
-use std::time::Duration;
 use tonic::Status;
 
 /// An aquifer filesystem as its CSI secret describes it. `Debug` prints no secret.
@@ -13,11 +10,13 @@ use tonic::Status;
 pub struct Filesystem {
     pub name: String,
     pub metaurl: String,
-    storage: Option<String>,
-    bucket: Option<String>,
-    access_key: Option<String>,
-    secret_key: Option<String>,
-    format_options: Vec<String>,
+    pub(crate) storage: Option<String>,
+    pub(crate) bucket: Option<String>,
+    pub(crate) access_key: Option<String>,
+    pub(crate) secret_key: Option<String>,
+    pub(crate) format_options: Vec<String>,
+    /// As given, for the node daemon that mounts the filesystem (see `keeper`).
+    pub(crate) secrets: HashMap<String, String>,
 }
 
 impl std::fmt::Debug for Filesystem {
@@ -30,7 +29,7 @@ impl std::fmt::Debug for Filesystem {
 }
 
 /// `key=value,key2` or `--key=value --key2` as command-line flags.
-fn flags(s: &str) -> Vec<String> {
+pub(crate) fn flags(s: &str) -> Vec<String> {
     s.split([',', ' ', '\n', '\t'])
         .map(str::trim)
         .filter(|x| !x.is_empty())
@@ -68,6 +67,7 @@ impl Filesystem {
             access_key: get("access-key"),
             secret_key: get("secret-key"),
             format_options: get("format-options").map(|o| flags(&o)).unwrap_or_default(),
+            secrets: s.clone(),
         })
     }
 
@@ -165,146 +165,6 @@ pub fn dir_name(pv_name: &str, params: &HashMap<String, String>) -> Result<Strin
     }
     volume_dir(&out)?;
     Ok(out)
-}
-
-/// Mounts of filesystems on this node, one per filesystem, under `STATE/mnt`.
-pub struct Mounter {
-    aquifer: PathBuf,
-    state_dir: PathBuf,
-    /// Formats and mounts one at a time: two publishes of one filesystem must not both
-    /// start a daemon.
-    lock: tokio::sync::Mutex<()>,
-}
-
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
-
-impl Mounter {
-    pub fn new(aquifer: PathBuf, state_dir: PathBuf) -> Mounter {
-        Mounter {
-            aquifer,
-            state_dir,
-            lock: tokio::sync::Mutex::new(()),
-        }
-    }
-
-    pub fn mount_point(&self, fs: &Filesystem, options: &[String]) -> PathBuf {
-        self.state_dir.join("mnt").join(fs.key(options))
-    }
-
-    /// Run `aquifer ARGS` for `fs` (its passwords in the environment); the last line of its
-    /// error output becomes the status message.
-    async fn aquifer(&self, fs: &Filesystem, args: &[String]) -> Result<(), Status> {
-        let (_, password) = split_password(&fs.metaurl);
-        let mut cmd = tokio::process::Command::new(&self.aquifer);
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        if let Some(p) = password {
-            cmd.env("META_PASSWORD", p);
-        }
-        if let Some(k) = &fs.secret_key {
-            cmd.env("AQUIFER_SECRET_KEY", k);
-        }
-        let out = tokio::time::timeout(COMMAND_TIMEOUT, cmd.output())
-            .await
-            .map_err(|_| Status::deadline_exceeded(format!("aquifer {} timed out", args[0])))?
-            .map_err(|e| Status::internal(format!("cannot run {}: {e}", self.aquifer.display())))?;
-        if out.status.success() {
-            return Ok(());
-        }
-        let err = String::from_utf8_lossy(&out.stderr);
-        let line = err
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("failed");
-        Err(Status::internal(format!(
-            "aquifer {}: {}",
-            args[0],
-            line.trim()
-        )))
-    }
-
-    /// Format `fs` unless it is formatted already.
-    async fn format(&self, fs: &Filesystem) -> Result<(), Status> {
-        let url = split_password(&fs.metaurl).0;
-        let mut args = vec![
-            "format".to_string(),
-            "--if-not-formatted".into(),
-            url,
-            fs.name.clone(),
-        ];
-        if let Some(s) = &fs.storage {
-            args.extend(["--storage".into(), s.clone()]);
-        }
-        if let Some(b) = &fs.bucket {
-            args.extend(["--bucket".into(), b.clone()]);
-        }
-        if let Some(a) = &fs.access_key {
-            args.extend(["--access-key".into(), a.clone()]);
-        }
-        args.extend(fs.format_options.iter().cloned());
-        self.aquifer(fs, &args).await
-    }
-
-    /// Make sure `fs` is formatted and mounted on this node, with `options` (mount flags
-    /// from the StorageClass) if it has to be mounted now; returns its mount point. A mount
-    /// whose daemon died is detached and mounted again.
-    pub async fn ensure(&self, fs: &Filesystem, options: &[String]) -> Result<PathBuf, Status> {
-        let _one = self.lock.lock().await;
-        let mp = self.mount_point(fs, options);
-        match mounts::state(&mp) {
-            State::Mounted => return Ok(mp),
-            State::Stale => {
-                tracing::warn!(mount_point = %mp.display(), "filesystem daemon gone; mounting again");
-                mounts::unmount(&mp, true)
-                    .map_err(|e| Status::internal(format!("detach {}: {e}", mp.display())))?;
-            }
-            State::Absent => {}
-        }
-        std::fs::create_dir_all(&mp)
-            .map_err(|e| Status::internal(format!("{}: {e}", mp.display())))?;
-        let r = self.format_and_mount(fs, &mp, options).await;
-        if r.is_err() {
-            // Leave no empty mount point for a filesystem that could not be mounted.
-            let _ = std::fs::remove_dir(&mp);
-        }
-        r.map(|()| mp)
-    }
-
-    async fn format_and_mount(
-        &self,
-        fs: &Filesystem,
-        mp: &Path,
-        options: &[String],
-    ) -> Result<(), Status> {
-        let logs = self.state_dir.join("log");
-        let _ = std::fs::create_dir_all(&logs);
-        self.format(fs).await?;
-        let mut args = vec![
-            "mount".to_string(),
-            "-d".into(),
-            split_password(&fs.metaurl).0,
-            mp.display().to_string(),
-            "--log".into(),
-            logs.join(format!("{}.log", fs.key(options)))
-                .display()
-                .to_string(),
-        ];
-        for o in options {
-            args.extend(flags(o));
-        }
-        self.aquifer(fs, &args).await?;
-        if mounts::state(mp) != State::Mounted {
-            return Err(Status::internal(format!(
-                "aquifer mount returned but {} is not mounted",
-                mp.display()
-            )));
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]

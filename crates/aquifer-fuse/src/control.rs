@@ -9,7 +9,11 @@
 //! - [`STATS`] on any file or directory: the mount's figures as JSON; the ioctl returns the
 //!   JSON's length.
 //! - [`WARM`] on a regular file: warm, check or evict the cached blocks of a byte range;
-//!   request and reply share one 32-byte buffer ([`WarmRequest`], [`WarmReply`]).
+//!   request and reply share one 32-byte buffer ([`WarmRequest`], [`WarmReply`]). On a
+//!   directory, [`WarmOp::Mark`] and [`WarmOp::Unmark`] say that `aquifer warmup` has warmed
+//!   (or evicted) everything under it.
+//! - [`MARKS`] on any file or directory: the directories marked so far, for the node daemon
+//!   that labels Kubernetes nodes holding warm volumes.
 
 use std::fs::File;
 use std::io;
@@ -28,6 +32,11 @@ pub const STATS_SIZE: usize = 16000;
 pub const STATS: u32 = ioc(READ, 1, STATS_SIZE as u32);
 pub const WARM_SIZE: usize = 32;
 pub const WARM: u32 = ioc(READ | WRITE, 2, WARM_SIZE as u32);
+/// Room for [`MAX_MARKS`] marks of 8 bytes.
+pub const MARKS_SIZE: usize = 4096;
+pub const MARKS: u32 = ioc(READ, 3, MARKS_SIZE as u32);
+/// A mount remembers this many marked directories (the latest of each).
+pub const MAX_MARKS: usize = MARKS_SIZE / 8;
 
 /// What a [`WARM`] request does with the range's blocks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,6 +47,10 @@ pub enum WarmOp {
     Check = 2,
     /// Drop the blocks from every cache tier.
     Evict = 3,
+    /// On a directory: everything under it has been warmed (the range is ignored).
+    Mark = 4,
+    /// On a directory: it has been evicted.
+    Unmark = 5,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,6 +87,8 @@ impl WarmRequest {
             1 => WarmOp::Warm,
             2 => WarmOp::Check,
             3 => WarmOp::Evict,
+            4 => WarmOp::Mark,
+            5 => WarmOp::Unmark,
             _ => return None,
         };
         Some(WarmRequest {
@@ -138,6 +153,37 @@ pub fn warm(f: &File, req: WarmRequest) -> io::Result<WarmReply> {
     Ok(WarmReply::decode(&buf))
 }
 
+/// Marks as [`MARKS`] carries them: the inode number shifted left by one, the low bit set
+/// for warm.
+pub fn encode_marks(marks: &[(u64, bool)]) -> Vec<u8> {
+    marks
+        .iter()
+        .take(MAX_MARKS)
+        .flat_map(|&(ino, warm)| ((ino << 1) | warm as u64).to_le_bytes())
+        .collect()
+}
+
+pub fn decode_marks(b: &[u8]) -> Vec<(u64, bool)> {
+    b.chunks_exact(8)
+        .map(|c| {
+            let v = u64::from_le_bytes(c.try_into().expect("8 bytes"));
+            (v >> 1, v & 1 == 1)
+        })
+        .collect()
+}
+
+/// The directories marked warm (true) or evicted (false) on the mount holding `f`.
+pub fn marks(f: &File) -> io::Result<Vec<(u64, bool)>> {
+    let mut buf = vec![0u8; MARKS_SIZE];
+    // SAFETY: the buffer is MARKS_SIZE bytes, the size the command number encodes.
+    let n = unsafe { libc::ioctl(f.as_raw_fd(), MARKS as _, buf.as_mut_ptr()) };
+    if n < 0 {
+        return Err(not_aquifer(io::Error::last_os_error()));
+    }
+    buf.truncate(n as usize);
+    Ok(decode_marks(&buf))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,6 +194,9 @@ mod tests {
         assert_eq!(STATS >> 30, READ);
         assert_eq!((WARM >> 16) & 0x3fff, WARM_SIZE as u32);
         assert_eq!(WARM >> 30, READ | WRITE);
+        assert_eq!((MARKS >> 16) & 0x3fff, MARKS_SIZE as u32);
+        let m = vec![(1, true), (u64::MAX >> 1, false)];
+        assert_eq!(decode_marks(&encode_marks(&m)), m);
     }
 
     #[test]

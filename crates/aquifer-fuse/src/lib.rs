@@ -133,6 +133,9 @@ pub struct AquiferFs {
     entry_ttl: Duration,
     counters: Arc<FuseCounters>,
     figures: Option<FiguresFn>,
+    /// Directories `aquifer warmup` marked warm (true) or evicted, latest last: the node
+    /// daemon reads them to label Kubernetes nodes holding warm volumes.
+    marks: Mutex<Vec<(u64, bool)>>,
     /// Passthrough asked for, and not yet found impossible (kernel, privileges).
     passthrough: AtomicBool,
     backings: Mutex<Backings>,
@@ -268,6 +271,7 @@ impl AquiferFs {
             entry_ttl: opts.entry_ttl,
             counters: opts.counters.clone(),
             figures: opts.figures.clone(),
+            marks: Mutex::new(Vec::new()),
             passthrough: AtomicBool::new(opts.passthrough),
             backings: Mutex::new(Backings::default()),
             lock_owners: Mutex::new(HashMap::new()),
@@ -1004,6 +1008,15 @@ impl Filesystem for AquiferFs {
                     control::WarmOp::Warm => aquifer_vfs::CacheOp::Warm,
                     control::WarmOp::Check => aquifer_vfs::CacheOp::Check,
                     control::WarmOp::Evict => aquifer_vfs::CacheOp::Evict,
+                    control::WarmOp::Mark | control::WarmOp::Unmark => {
+                        let mut m = self.marks.lock().unwrap_or_else(|e| e.into_inner());
+                        m.retain(|(i, _)| *i != ino.0);
+                        if m.len() >= control::MAX_MARKS {
+                            m.remove(0);
+                        }
+                        m.push((ino.0, r.op == control::WarmOp::Mark));
+                        return reply.ioctl(0, &control::WarmReply::default().encode());
+                    }
                 };
                 let out = match self.vfs.cache_range(ino.0, op, r.off, r.len) {
                     Ok(c) => control::WarmReply {
@@ -1018,6 +1031,11 @@ impl Filesystem for AquiferFs {
                     },
                 };
                 reply.ioctl(0, &out.encode())
+            }
+            control::MARKS => {
+                let b =
+                    control::encode_marks(&self.marks.lock().unwrap_or_else(|e| e.into_inner()));
+                reply.ioctl(b.len() as i32, &b)
             }
             _ => reply.error(fuser::Errno::from_i32(libc::ENOTTY)),
         }
