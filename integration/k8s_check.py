@@ -2,7 +2,9 @@
 """Offline checks of k8s/ for t_k8s.sh beyond the schemas: the kustomization lists every
 manifest, every name a manifest refers to is defined (Secrets, ServiceAccounts, classes,
 claims, the driver), no secret is in clear, and every StorageClass/PV mount option is a
-flag `aquifer mount` takes.
+flag `aquifer mount` takes. Fluid objects (examples/fluid.yaml, no schemas here): the
+runtime names the profile and the Dataset, the DataLoad the Dataset, options are mount flags,
+encrypt options are the ones `aquifer fluid-mount` reads, from a Secret that is defined.
 
     k8s_check.py K8S_DIR AQUIFER_BINARY
 """
@@ -53,6 +55,30 @@ if "upload-limit" not in mount_flags:
     problems.append("cannot read the flags of aquifer mount")
 
 
+def label_key(path):
+    """The node label the node daemon sets for a warm volume (crates/aquifer-csi node_labels)."""
+    return "warm.aquifer.dev/" + path.strip("/").replace("/", ".")
+
+
+def claim_path(ns, claim):
+    """The directory of the filesystem a claim's volume is: its class's pathPattern, or a
+    static PV's path."""
+    pvc = next((d for _, d in objs if d["kind"] == "PersistentVolumeClaim" and d["metadata"]["name"] == claim
+                and d["metadata"].get("namespace", "") == ns), None)
+    if not pvc:
+        return None
+    if pvc["spec"].get("volumeName"):
+        pv = next((d for _, d in objs if d["kind"] == "PersistentVolume"
+                   and d["metadata"]["name"] == pvc["spec"]["volumeName"]), None)
+        return pv and pv["spec"]["csi"].get("volumeAttributes", {}).get("path")
+    sc = next((d for _, d in objs if d["kind"] == "StorageClass"
+               and d["metadata"]["name"] == pvc["spec"].get("storageClassName")), None)
+    pattern = sc and sc.get("parameters", {}).get("pathPattern")
+    if not pattern:
+        return None
+    return pattern.replace("${pvc.metadata.namespace}", ns).replace("${pvc.metadata.name}", claim)
+
+
 def check_options(opts, where):
     for o in opts or []:
         flag = o.split("=", 1)[0].lstrip("-")
@@ -65,11 +91,9 @@ for path, d in objs:
     where = f"{os.path.relpath(path, k8s)} {kind}/{meta['name']}"
     ns = meta.get("namespace", "")
     example = path in examples
-    if kind in ("Secret",) and example:
-        problems.append(f"{where}: examples must not carry Secrets")
     if kind == "Secret":
         values = {**d.get("stringData", {}), **d.get("data", {})}
-        for key in ("secret-key", "access-key"):
+        for key in ("secret-key", "access-key", "meta-password"):
             if key in values and "REPLACE" not in values[key]:
                 problems.append(f"{where}: {key} holds a value, not a placeholder")
         m = re.match(r"^[a-z]+://(?:[^:@/]*:([^@]*)@)?", values.get("metaurl", ""))
@@ -115,10 +139,45 @@ for path, d in objs:
             claim = v.get("persistentVolumeClaim", {}).get("claimName")
             if claim:
                 need("PersistentVolumeClaim", ns, claim, where)
+        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in spec.get("volumes", [])
+                  if "persistentVolumeClaim" in v}
+        for c in spec.get("containers", []):
+            for vm in c.get("volumeMounts", []):
+                if vm["name"] in claims and vm.get("mountPropagation") != "HostToContainer":
+                    problems.append(f"{where}: the volume {vm['name']} does not follow the host's mounts "
+                                    "(mountPropagation: HostToContainer): a node daemon restart would cut it off")
+        warm = {label_key(p) for p in (claim_path(ns, c) for c in claims.values()) if p}
+        aff = spec.get("affinity", {}).get("nodeAffinity", {})
+        for pref in aff.get("preferredDuringSchedulingIgnoredDuringExecution", []):
+            for e in pref["preference"].get("matchExpressions", []):
+                if e["key"].startswith("warm.aquifer.dev/") and e["key"] not in warm:
+                    problems.append(f"{where}: prefers {e['key']}, which no volume it mounts gets (those: {sorted(warm)})")
         for c in spec.get("containers", []):
             for a in c.get("args", []):
                 if a.startswith("--kubelet-registration-path=") and f"/plugins/{driver}/" not in a:
                     problems.append(f"{where}: registration path {a} does not name {driver}")
+    if d.get("apiVersion", "").startswith("data.fluid.io/"):
+        if kind == "ThinRuntime":
+            need("ThinRuntimeProfile", "", d["spec"]["profileName"], where)
+            need("Dataset", ns, meta["name"], where)
+        if kind == "DataLoad":
+            ds = d["spec"]["dataset"]
+            need("Dataset", ds.get("namespace", ns), ds["name"], where)
+            need("ThinRuntime", ds.get("namespace", ns), ds["name"], where)
+        if kind == "Dataset":
+            for m in d["spec"]["mounts"]:
+                if not re.match(r"^(redis|rediss|redis\+sentinel)://", m["mountPoint"]) or "@" in m["mountPoint"]:
+                    problems.append(f"{where}: mountPoint {m['mountPoint']!r} is not a Redis URL without password")
+                check_options([f"{k}={v}" for k, v in (m.get("options") or {}).items()], where)
+                for e in m.get("encryptOptions", []):
+                    if e["name"] not in ("meta-password", "secret-key"):
+                        problems.append(f"{where}: encrypt option {e['name']} is not one aquifer fluid-mount reads")
+                    ref = e["valueFrom"]["secretKeyRef"]
+                    need("Secret", ns, ref["name"], where)
+                    sec = next((s for _, s in objs if s["kind"] == "Secret" and s["metadata"]["name"] == ref["name"]
+                                and s["metadata"].get("namespace", "") == ns), None)
+                    if sec and ref["key"] not in {**sec.get("stringData", {}), **sec.get("data", {})}:
+                        problems.append(f"{where}: Secret {ref['name']} has no key {ref['key']}")
     if kind in ("RoleBinding", "ClusterRoleBinding"):
         for s in d["subjects"]:
             need("ServiceAccount", s["namespace"], s["name"], where)

@@ -173,4 +173,24 @@ wait_for 30 released || fail "the mount is not released: $(grep " $state2/" /pro
 note "the last unpublish releases the filesystem's mount"
 kill "$driver" "$mounter"
 wait "$driver" "$mounter" 2>/dev/null || true
+
+# A Fluid ThinRuntime's FUSE container: the configuration Fluid writes, mounted in the
+# foreground at its targetPath.
+cat >"$WORK/fluid.json" <<EOF
+{"mounts": [{"mountPoint": "$META", "name": "csivol", "options": {"read-only": "true"}}],
+ "targetPath": "$WORK/fluid/thin-fuse"}
+EOF
+"$AQUIFER" fluid-mount --config "$WORK/fluid.json" 2>>"$WORK/fluid.err" &
+fluid=$!
+CLEANUPS+=("kill -9 $fluid")
+wait_for 20 mountpoint -q "$WORK/fluid/thin-fuse" || fail "fluid-mount did not mount: $(tail -3 "$WORK/fluid.err")"
+[ "$(cat "$WORK/fluid/thin-fuse/datasets/set1/part-0")" = "dataset bytes" ] || fail "fluid-mount shows other bytes"
+if touch "$WORK/fluid/thin-fuse/x" 2>/dev/null; then fail "the read-only option was not applied"; fi
+kill "$fluid"
+wait "$fluid" 2>/dev/null || true
+! mountpoint -q "$WORK/fluid/thin-fuse" || fail "fluid-mount left its mount after SIGTERM"
+echo '{"mounts": [], "targetPath": "/x"}' >"$WORK/fluid-bad.json"
+"$AQUIFER" fluid-mount --config "$WORK/fluid-bad.json" 2>"$WORK/err" && fail "a Dataset without mounts was taken"
+grep -q "exactly one mount" "$WORK/err" || fail "bad Fluid configuration error: $(cat "$WORK/err")"
+note "aquifer fluid-mount mounts what a Fluid runtime configuration says"
 echo "  ok"

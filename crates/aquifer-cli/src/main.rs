@@ -1,6 +1,7 @@
 //! `aquifer`: format, mount, umount and inspect volumes.
 
 mod figures;
+mod fluid;
 mod mountpoint;
 mod objbench;
 mod warmup;
@@ -59,6 +60,9 @@ enum Cmd {
     Stats(warmup::StatsArgs),
     /// Serve the CSI driver (Kubernetes PersistentVolumes) on a unix socket.
     Csi(CsiArgs),
+    /// Mount as the FUSE container of a Fluid ThinRuntime, from the configuration Fluid
+    /// writes (k8s/examples/fluid.yaml).
+    FluidMount(fluid::FluidMountArgs),
 }
 
 #[derive(Args)]
@@ -473,6 +477,7 @@ fn main() -> ExitCode {
         },
         Cmd::Stats(a) => warmup::stats(a),
         Cmd::Csi(a) => csi(a),
+        Cmd::FluidMount(a) => fluid::fluid_mount(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
