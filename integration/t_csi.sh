@@ -140,6 +140,13 @@ wait_for 10 label_set || fail "no label after the warmup: $(cat "$WORK/api.log")
 grep -q '"path": "/api/v1/nodes/node-1", "type": "application/merge-patch+json"' "$WORK/api.log" \
   || fail "the label patch: $(cat "$WORK/api.log")"
 note "a warmup labels the node warm.aquifer.dev/datasets.set1"
+"$AQUIFER" warmup --evict "$kub/p2/mount" >/dev/null || fail "evict failed"
+label_gone() { grep -q '"warm.aquifer.dev/datasets.set1": null' "$WORK/api.log"; }
+wait_for 10 label_gone || fail "the label stays after an evict: $(cat "$WORK/api.log")"
+"$AQUIFER" warmup "$kub/p1/mount" >/dev/null || fail "warmup failed"
+wait_for 10 sh -c "[ \$(grep -c 'datasets.set1\": \"true\"' '$WORK/api.log') -ge 2 ]" \
+  || fail "no label after warming again: $(cat "$WORK/api.log")"
+note "an evict removes the label, a warmup sets it again"
 
 kill -9 "$driver"
 wait "$driver" 2>/dev/null || true
