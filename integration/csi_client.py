@@ -82,12 +82,12 @@ def create(name, size, secrets=SECRETS, params=None):
     ).volume
 
 
-def publish(vol_id, target, readonly=False, context=None, flags=()):
+def publish(vol_id, target, readonly=False, context=None, flags=(), mode=Mode.MULTI_NODE_MULTI_WRITER):
     node.NodePublishVolume(
         pb.NodePublishVolumeRequest(
             volume_id=vol_id,
             target_path=target,
-            volume_capability=cap(flags=flags),
+            volume_capability=cap(mode=mode, flags=flags),
             readonly=readonly,
             secrets=SECRETS,
             volume_context=context or {},
@@ -107,7 +107,7 @@ def mounted(p):
 
 
 def targets():
-    return {k: os.path.join(work, "pods", k, "mount") for k in ["a", "b", "ro", "stale", "static"]}
+    return {k: os.path.join(work, "pods", k, "mount") for k in ["a", "b", "ro", "stale", "static", "reader"]}
 
 
 if phase == "calls":
@@ -220,6 +220,25 @@ if phase == "calls":
                                             volume_capability=cap(), secrets=SECRETS,
                                             volume_context={"path": "/datasets/none"}))
     note("a static PV publishes an existing path; a missing one is NOT_FOUND")
+    d = expect_code(C.FAILED_PRECONDITION, node.NodePublishVolume,
+                    pb.NodePublishVolumeRequest(volume_id="static-3", target_path=os.path.join(work, "pods", "y", "m"),
+                                                volume_capability=cap(), secrets=SECRETS,
+                                                volume_context={"path": "/datasets/set1/part-0"}))
+    d = expect_code(C.ALREADY_EXISTS, node.NodePublishVolume,
+                    pb.NodePublishVolumeRequest(volume_id="pvc-a", target_path=t["a"], volume_capability=cap(),
+                                                readonly=True, secrets=SECRETS, volume_context=ctx))
+    d = expect_code(C.ALREADY_EXISTS, node.NodePublishVolume,
+                    pb.NodePublishVolumeRequest(volume_id="static-1", target_path=t["a"], volume_capability=cap(),
+                                                secrets=SECRETS, volume_context={"path": "/datasets/set1"}))
+    publish("pvc-a", t["reader"], context=ctx, mode=Mode.MULTI_NODE_READER_ONLY)
+    try:
+        open(os.path.join(t["reader"], "nope"), "w")
+        fail("a reader-only access mode took a write")
+    except OSError as e:
+        if e.errno != errno.EROFS:
+            fail(f"reader-only write failed with {e}")
+    note("a file is FAILED_PRECONDITION, another volume or mode at a published target ALREADY_EXISTS, "
+         "reader-only modes publish read-only")
     json.dump({"ctx": ctx}, open(state_file, "w"))
 
 elif phase == "after-restart":

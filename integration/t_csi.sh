@@ -160,8 +160,10 @@ wait "$mounter" 2>/dev/null || true
 pkill -9 -f -- "--log $state2/log/" || fail "no filesystem daemon of the node daemon"
 sleep 0.3
 if stat -f "$kub/p1/mount" >/dev/null 2>&1; then fail "the target answers with its daemon killed"; fi
+t0=$(date +%s.%N)
 start_mounter
 wait_for 30 stat -f "$kub/p1/mount" || fail "the node daemon did not bring the target back: $(tail -5 "$WORK/mounter.log")"
+note "targets answer again $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }') s after the node daemon restarted"
 [ "$(cat "$kub/p1/mount/written")" = "by p1" ] || fail "the target reads other bytes after the restart"
 wait_for 10 in_pod stat -f "$kub/p2/mount" || fail "the pod's target stays dead"
 [ "$(in_pod cat "$kub/p2/mount/part-0")" = "dataset bytes" ] || fail "the pod reads other bytes"

@@ -45,19 +45,20 @@ pub struct Mounter {
 }
 
 /// Held from writing a spec until the target is bound, and by the keeper while it releases
-/// a mount: a publish never binds a mount that is being released. An exclusive `flock` on
-/// `STATE/specs/.lock`, so it holds across the plugin and the node daemon.
+/// the mount: a publish never binds a mount that is being released. An exclusive `flock` on
+/// `STATE/specs/KEY.lock`, so it holds across the plugin and the node daemon, and a slow
+/// mount of one filesystem does not hold up publishes of another.
 struct SpecLock {
     _file: std::fs::File,
 }
 
 impl SpecLock {
-    fn open(dir: &Path) -> std::io::Result<std::fs::File> {
+    fn open(dir: &Path, key: &str) -> std::io::Result<std::fs::File> {
         std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
-            .open(dir.join(".lock"))
+            .open(dir.join(format!("{key}.lock")))
     }
 
     fn flock(f: &std::fs::File, wait: bool) -> std::io::Result<()> {
@@ -75,9 +76,9 @@ impl SpecLock {
         }
     }
 
-    async fn take(dir: PathBuf) -> Result<SpecLock, Status> {
+    async fn take(dir: PathBuf, key: String) -> Result<SpecLock, Status> {
         tokio::task::spawn_blocking(move || {
-            let f = Self::open(&dir)?;
+            let f = Self::open(&dir, &key)?;
             Self::flock(&f, true)?;
             Ok(SpecLock { _file: f })
         })
@@ -86,8 +87,8 @@ impl SpecLock {
         .map_err(|e: std::io::Error| Status::internal(format!("spec lock: {e}")))
     }
 
-    fn try_take(dir: &Path) -> Option<SpecLock> {
-        let f = Self::open(dir).ok()?;
+    fn try_take(dir: &Path, key: &str) -> Option<SpecLock> {
+        let f = Self::open(dir, key).ok()?;
         Self::flock(&f, false).ok()?;
         Some(SpecLock { _file: f })
     }
@@ -98,9 +99,15 @@ struct Spec {
     key: String,
     fs: Filesystem,
     options: Vec<String>,
+    /// Directories of the filesystem published from the mount (the latest last), so that
+    /// warm marks, which name inodes, can be told apart after their pods are gone.
+    volumes: Vec<PathBuf>,
     /// Since the spec was last written (by the last publish that needed the mount).
     age: Duration,
 }
+
+/// A spec remembers this many volume directories.
+const MAX_SPEC_VOLUMES: usize = 256;
 
 impl Mounter {
     pub fn new(
@@ -128,6 +135,13 @@ impl Mounter {
 
     pub fn mount_point(&self, fs: &Filesystem, options: &[String]) -> PathBuf {
         self.mnt_dir().join(fs.key(options))
+    }
+
+    /// The controller's own mount of `fs`, to make and remove volume directories: apart
+    /// from the node mounts (`--mode all`), which the keeper may release under it.
+    pub async fn controller_mount(&self, fs: &Filesystem) -> Result<PathBuf, Status> {
+        let mp = self.state_dir.join("controller").join(fs.key(&[]));
+        self.ensure_at(fs, &[], mp).await
     }
 
     /// Run `aquifer ARGS` for `fs` (its passwords in the environment); the last line of its
@@ -188,21 +202,30 @@ impl Mounter {
         self.aquifer(fs, &args).await
     }
 
-    /// The mount a node publish binds from: its spec written (so it is kept and mounted
-    /// again if its daemon dies), mounted here or, with external mounts, by the node daemon.
-    /// The returned lock is to be held until the target is bound.
+    /// The mount a node publish of `volume` (a directory of `fs`) binds from: its spec
+    /// written (so it is kept and mounted again if its daemon dies), mounted here or, with
+    /// external mounts, by the node daemon. The returned lock is to be held until the target
+    /// is bound.
     pub async fn node_mount(
         &self,
         fs: &Filesystem,
         options: &[String],
+        volume: &Path,
     ) -> Result<(PathBuf, impl Sized), Status> {
         let specs = self.specs_dir();
         mkdir_private(&specs).map_err(|e| io_status(&specs, e))?;
-        let guard = SpecLock::take(specs.clone()).await?;
         let key = fs.key(options);
-        let body = serde_json::json!({ "secrets": fs.secrets, "options": options }).to_string();
-        write_private(&specs.join(format!("{key}.json")), body.as_bytes())
-            .map_err(|e| io_status(&specs, e))?;
+        let guard = SpecLock::take(specs.clone(), key.clone()).await?;
+        let path = specs.join(format!("{key}.json"));
+        let mut volumes = read_spec(&path).map(|s| s.2).unwrap_or_default();
+        volumes.retain(|v| v != volume);
+        volumes.push(volume.to_path_buf());
+        let extra = volumes.len().saturating_sub(MAX_SPEC_VOLUMES);
+        volumes.drain(..extra);
+        let body =
+            serde_json::json!({ "secrets": fs.secrets, "options": options, "volumes": volumes })
+                .to_string();
+        write_private(&path, body.as_bytes()).map_err(|e| io_status(&specs, e))?;
         let mp = if self.external {
             self.wait_mounted(fs, options).await?
         } else {
@@ -259,8 +282,17 @@ impl Mounter {
     /// daemon died is detached and mounted again, and the targets bound from it are bound
     /// again from the new mount.
     pub async fn ensure(&self, fs: &Filesystem, options: &[String]) -> Result<PathBuf, Status> {
+        self.ensure_at(fs, options, self.mount_point(fs, options))
+            .await
+    }
+
+    async fn ensure_at(
+        &self,
+        fs: &Filesystem,
+        options: &[String],
+        mp: PathBuf,
+    ) -> Result<PathBuf, Status> {
         let _one = self.lock.lock().await;
-        let mp = self.mount_point(fs, options);
         let mut rebind = Vec::new();
         match mounts::state(&mp) {
             State::Mounted => return Ok(mp),
@@ -319,6 +351,12 @@ impl Mounter {
     ) -> Result<(), Status> {
         let logs = self.state_dir.join("log");
         let _ = std::fs::create_dir_all(&logs);
+        // The controller's mount of a filesystem logs apart from the node's.
+        let log = if mp.starts_with(self.state_dir.join("controller")) {
+            logs.join(format!("controller-{}.log", fs.key(options)))
+        } else {
+            self.log_file(fs, options)
+        };
         self.format(fs).await?;
         let mut args = vec![
             "mount".to_string(),
@@ -326,7 +364,7 @@ impl Mounter {
             split_password(&fs.metaurl).0,
             mp.display().to_string(),
             "--log".into(),
-            self.log_file(fs, options).display().to_string(),
+            log.display().to_string(),
         ];
         let mut has_cache_dir = false;
         for o in options {
@@ -367,22 +405,9 @@ impl Mounter {
             else {
                 continue;
             };
-            let parsed = std::fs::read(&p)
-                .map_err(|e| e.to_string())
-                .and_then(|b| {
-                    serde_json::from_slice::<serde_json::Value>(&b).map_err(|e| e.to_string())
-                })
-                .and_then(|v| {
-                    let secrets: HashMap<String, String> =
-                        serde_json::from_value(v["secrets"].clone()).map_err(|e| e.to_string())?;
-                    let options: Vec<String> =
-                        serde_json::from_value(v["options"].clone()).map_err(|e| e.to_string())?;
-                    let fs =
-                        Filesystem::from_secrets(&secrets).map_err(|e| e.message().to_string())?;
-                    Ok((fs, options))
-                });
+            let parsed = read_spec(&p);
             match parsed {
-                Ok((fs, options)) if fs.key(&options) == key => {
+                Ok((fs, options, volumes)) if fs.key(&options) == key => {
                     let age = e
                         .metadata()
                         .ok()
@@ -393,6 +418,7 @@ impl Mounter {
                         key,
                         fs,
                         options,
+                        volumes,
                         age,
                     })
                 }
@@ -404,6 +430,19 @@ impl Mounter {
         }
         out
     }
+}
+
+/// A spec file: the filesystem, its mount options and the volumes published from it.
+fn read_spec(p: &Path) -> Result<(Filesystem, Vec<String>, Vec<PathBuf>), String> {
+    let b = std::fs::read(p).map_err(|e| e.to_string())?;
+    let v: serde_json::Value = serde_json::from_slice(&b).map_err(|e| e.to_string())?;
+    let secrets: HashMap<String, String> =
+        serde_json::from_value(v["secrets"].clone()).map_err(|e| e.to_string())?;
+    let options: Vec<String> =
+        serde_json::from_value(v["options"].clone()).map_err(|e| e.to_string())?;
+    let volumes: Vec<PathBuf> = serde_json::from_value(v["volumes"].clone()).unwrap_or_default();
+    let fs = Filesystem::from_secrets(&secrets).map_err(|e| e.message().to_string())?;
+    Ok((fs, options, volumes))
 }
 
 fn io_status(p: &Path, e: std::io::Error) -> Status {
@@ -449,6 +488,7 @@ struct Kept {
     failed_at: Option<Instant>,
     /// Volume directories seen bound from this mount, by inode: warm marks name inodes.
     volumes: HashMap<u64, PathBuf>,
+    looked_up: std::collections::HashSet<PathBuf>,
 }
 
 /// The loop that keeps a node's mounts (see the module's doc).
@@ -528,6 +568,36 @@ impl Keeper {
                 }
             };
             let binds = self.mounter.binds_of(&mp);
+            if self.labels.is_some() {
+                // Marks are read even with no pod left: a short warmup may be over before
+                // a look; the spec names the directories published from this mount.
+                // Each directory is looked up once per mount: a look every tick would be a
+                // metadata round trip per volume every interval.
+                let roots = spec.volumes.iter().chain(binds.iter().map(|b| &b.root));
+                for root in roots {
+                    let rel = root.strip_prefix("/").unwrap_or(root);
+                    if k.looked_up.contains(rel) {
+                        continue;
+                    }
+                    if let Ok(m) = std::fs::metadata(mp.join(rel)) {
+                        k.volumes.insert(m.ino(), rel.to_path_buf());
+                        k.looked_up.insert(rel.to_path_buf());
+                    }
+                }
+                let marks = std::fs::File::open(&mp).and_then(|f| aquifer_fuse::control::marks(&f));
+                match marks {
+                    Ok(marks) => {
+                        for (ino, is_warm) in marks {
+                            if let Some(root) = k.volumes.get(&ino) {
+                                warm.insert(label_key(root), is_warm);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(mount_point = %mp.display(), error = %e, "no warm marks")
+                    }
+                }
+            }
             if binds.is_empty() {
                 let idle = *k.idle_since.get_or_insert(now);
                 if now.duration_since(idle) >= self.release_after && spec.age >= self.release_after
@@ -537,26 +607,6 @@ impl Keeper {
                 continue;
             }
             k.idle_since = None;
-            if self.labels.is_none() {
-                continue;
-            }
-            for b in &binds {
-                let dir = mp.join(b.root.strip_prefix("/").unwrap_or(&b.root));
-                if let Ok(m) = std::fs::metadata(&dir) {
-                    k.volumes.insert(m.ino(), b.root.clone());
-                }
-            }
-            let marks = std::fs::File::open(&mp).and_then(|f| aquifer_fuse::control::marks(&f));
-            match marks {
-                Ok(marks) => {
-                    for (ino, is_warm) in marks {
-                        if let Some(root) = k.volumes.get(&ino) {
-                            warm.insert(label_key(root), is_warm);
-                        }
-                    }
-                }
-                Err(e) => tracing::debug!(mount_point = %mp.display(), error = %e, "no warm marks"),
-            }
         }
         let changes: BTreeMap<String, bool> = warm
             .into_iter()
@@ -577,7 +627,7 @@ impl Keeper {
     /// under way.
     async fn release(&mut self, key: &str, mp: &Path) {
         let specs = self.mounter.specs_dir();
-        let Some(_guard) = SpecLock::try_take(&specs) else {
+        let Some(_guard) = SpecLock::try_take(&specs, key) else {
             return;
         };
         let _one = self.mounter.lock.lock().await;
@@ -592,6 +642,7 @@ impl Keeper {
         }
         let _ = std::fs::remove_file(specs.join(format!("{key}.json")));
         let _ = std::fs::remove_file(specs.join(format!("{key}.err")));
+        let _ = std::fs::remove_file(specs.join(format!("{key}.lock")));
         if let Err(e) = mounts::unmount(mp, false) {
             tracing::warn!(mount_point = %mp.display(), error = %e, "busy; detaching");
             let _ = mounts::unmount(mp, true);
@@ -644,10 +695,14 @@ mod tests {
         assert_eq!(got[0].key, fs.key(&opts));
         assert_eq!(got[0].options, opts);
         // Two holders of the spec lock exclude each other, in one process too.
-        let a = SpecLock::try_take(&specs).expect("free");
-        assert!(SpecLock::try_take(&specs).is_none());
+        let a = SpecLock::try_take(&specs, "k").expect("free");
+        assert!(SpecLock::try_take(&specs, "k").is_none());
+        assert!(
+            SpecLock::try_take(&specs, "other").is_some(),
+            "one key holds up no other"
+        );
         drop(a);
-        assert!(SpecLock::try_take(&specs).is_some());
+        assert!(SpecLock::try_take(&specs, "k").is_some());
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -64,6 +64,17 @@ fn check_capabilities(caps: &[pb::VolumeCapability]) -> Result<(), Status> {
     Ok(())
 }
 
+/// True for the access modes that only read.
+fn reader_only(cap: &pb::VolumeCapability) -> bool {
+    use pb::volume_capability::access_mode::Mode as M;
+    let mode = cap
+        .access_mode
+        .as_ref()
+        .and_then(|m| M::try_from(m.mode).ok())
+        .unwrap_or(M::Unknown);
+    matches!(mode, M::SingleNodeReaderOnly | M::MultiNodeReaderOnly)
+}
+
 fn get_capacity(dir: &Path) -> Option<i64> {
     let mut buf = [0u8; 32];
     let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
@@ -118,7 +129,7 @@ impl Driver {
         volume_id: &str,
     ) -> Result<PathBuf, Status> {
         let fs = Filesystem::from_secrets(secrets)?;
-        let mp = self.mounter.ensure(&fs, &[]).await?;
+        let mp = self.mounter.controller_mount(&fs).await?;
         Ok(mp.join(volume_dir(volume_id)?))
     }
 }
@@ -314,29 +325,65 @@ impl node_server::Node for Arc<Driver> {
             .get("path")
             .cloned()
             .unwrap_or_else(|| r.volume_id.clone());
-        let target = PathBuf::from(&r.target_path);
-        match mounts::state(&target) {
-            State::Mounted => return Ok(Response::new(pb::NodePublishVolumeResponse {})),
-            State::Stale => {
-                tracing::warn!(target = %target.display(), "repairing a target whose filesystem daemon died");
-                mounts::unmount(&target, true).map_err(|e| io_status(&target, e))?;
-            }
-            State::Absent => {}
-        }
-        let fs = Filesystem::from_secrets(&r.secrets)?;
         let sub = volume_dir(&path)?;
+        // A reader-only access mode is published read-only whatever the pod asks.
+        let readonly = r.readonly || reader_only(&cap);
+        let target = PathBuf::from(&r.target_path);
+        let stale = match mounts::state(&target) {
+            State::Mounted => {
+                // Published already: fine if it is this volume the same way (a repeated
+                // call), not if the target shows another volume or mode.
+                let abs = std::path::absolute(&target).unwrap_or_else(|_| target.clone());
+                if let Some(e) = mounts::entry(&abs) {
+                    if e.root != Path::new("/").join(&sub) || e.read_only != readonly {
+                        return Err(Status::already_exists(format!(
+                            "{} is published already as {} ({}), asked for /{} ({})",
+                            target.display(),
+                            e.root.display(),
+                            if e.read_only {
+                                "read-only"
+                            } else {
+                                "read-write"
+                            },
+                            sub.display(),
+                            if readonly { "read-only" } else { "read-write" },
+                        )));
+                    }
+                }
+                return Ok(Response::new(pb::NodePublishVolumeResponse {}));
+            }
+            State::Stale => {
+                // Bound over, not replaced: a pod's copy of the target follows mounts made
+                // on top of it (see keeper).
+                tracing::warn!(target = %target.display(), "repairing a target whose filesystem daemon died");
+                true
+            }
+            State::Absent => false,
+        };
+        let fs = Filesystem::from_secrets(&r.secrets)?;
         // Held until the target is bound: the mount is not released under the publish.
-        let (mp, _publishing) = self.mounter.node_mount(&fs, &options).await?;
-        let src = mp.join(sub);
-        if !src.is_dir() {
-            return Err(Status::not_found(format!(
-                "volume {}: {path} does not exist in the filesystem",
-                r.volume_id
-            )));
+        let (mp, _publishing) = self.mounter.node_mount(&fs, &options, &sub).await?;
+        let src = mp.join(&sub);
+        match std::fs::metadata(&src) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(Status::failed_precondition(format!(
+                    "volume {}: {path} is not a directory of the filesystem",
+                    r.volume_id
+                )))
+            }
+            Err(_) => {
+                return Err(Status::not_found(format!(
+                    "volume {}: {path} does not exist in the filesystem",
+                    r.volume_id
+                )))
+            }
         }
-        std::fs::create_dir_all(&target).map_err(|e| io_status(&target, e))?;
-        mounts::bind(&src, &target, r.readonly).map_err(|e| io_status(&target, e))?;
-        tracing::info!(volume = %r.volume_id, target = %target.display(), readonly = r.readonly, "published");
+        if !stale {
+            std::fs::create_dir_all(&target).map_err(|e| io_status(&target, e))?;
+        }
+        mounts::bind(&src, &target, readonly).map_err(|e| io_status(&target, e))?;
+        tracing::info!(volume = %r.volume_id, target = %target.display(), readonly, "published");
         Ok(Response::new(pb::NodePublishVolumeResponse {}))
     }
 
