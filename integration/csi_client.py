@@ -100,6 +100,17 @@ def unpublish(vol_id, target):
     node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id=vol_id, target_path=target), timeout=60)
 
 
+def expect_erofs(directory, what):
+    """A write under `directory` must fail with EROFS."""
+    try:
+        open(os.path.join(directory, "nope"), "w")
+    except OSError as e:
+        if e.errno != errno.EROFS:
+            fail(f"{what}: a write failed with {e}, not EROFS")
+        return
+    fail(f"{what} took a write")
+
+
 def mounted(p):
     p = os.path.abspath(p)
     with open("/proc/self/mountinfo") as f:
@@ -189,12 +200,7 @@ if phase == "calls":
         if f.read() != "from pod a":
             fail("pod b does not see pod a's file")
     publish("pvc-a", t["ro"], readonly=True, context=ctx)
-    try:
-        open(os.path.join(t["ro"], "nope"), "w")
-        fail("a read-only publish took a write")
-    except OSError as e:
-        if e.errno != errno.EROFS:
-            fail(f"read-only write failed with {e}")
+    expect_erofs(t["ro"], "a read-only publish")
     with open(os.path.join(t["ro"], "hello")) as f:
         if f.read() != "from pod a":
             fail("the read-only publish does not read")
@@ -231,12 +237,7 @@ if phase == "calls":
                     pb.NodePublishVolumeRequest(volume_id="static-1", target_path=t["a"], volume_capability=cap(),
                                                 secrets=SECRETS, volume_context={"path": "/datasets/set1"}))
     publish("pvc-a", t["reader"], context=ctx, mode=Mode.MULTI_NODE_READER_ONLY)
-    try:
-        open(os.path.join(t["reader"], "nope"), "w")
-        fail("a reader-only access mode took a write")
-    except OSError as e:
-        if e.errno != errno.EROFS:
-            fail(f"reader-only write failed with {e}")
+    expect_erofs(t["reader"], "a reader-only access mode")
     note("a file is FAILED_PRECONDITION, another volume or mode at a published target ALREADY_EXISTS, "
          "reader-only modes publish read-only")
     json.dump({"ctx": ctx}, open(state_file, "w"))
@@ -295,12 +296,7 @@ elif phase == "ext-publish":
             fail("the node daemon's mount shows other bytes")
     with open(os.path.join(kub, "p1", "mount", "written"), "w") as f:
         f.write("by p1")
-    try:
-        open(os.path.join(kub, "p2", "mount", "nope"), "w")
-        fail("a read-only publish took a write")
-    except OSError as e:
-        if e.errno != errno.EROFS:
-            fail(f"read-only write failed with {e}")
+    expect_erofs(os.path.join(kub, "p2", "mount"), "a read-only publish")
     # A filesystem the node daemon cannot mount: its error comes back, not a timeout.
     bad = dict(SECRETS, name="other", metaurl="redis://127.0.0.1:1/1")
     try:
