@@ -184,6 +184,35 @@ for path, d in objs:
         rk = d["roleRef"]["kind"]
         need(rk, ns if rk == "Role" else "", d["roleRef"]["name"], where)
 
+# The node daemon holds one mount per StorageClass (each its own options): its memory limit
+# must cover every class's buffer-size + mem-cache-size + 64 MiB (aquifer mount's bound,
+# held by t_many_writers and t_read_memory), or it is OOM-killed under load.
+def mib(v):
+    m = re.fullmatch(r"(\d+)([KMGT]?)i?B?", str(v).strip(), re.I)
+    if not m:
+        problems.append(f"cannot read the size {v!r}")
+        return 0
+    n, unit = int(m.group(1)), m.group(2).upper()
+    return {"K": n / 1024, "": n, "M": n, "G": n * 1024, "T": n * 1024 * 1024}[unit]
+
+
+need_mib = 0
+for _, d in objs:
+    if d["kind"] == "StorageClass":
+        opts = dict(o.split("=", 1) if "=" in o else (o, "") for o in d.get("mountOptions", []))
+        buf = mib(opts.get("buffer-size", "128"))
+        need_mib += buf + mib(opts.get("mem-cache-size", f"{buf // 2}")) + 64
+node_daemons = [d for p, d in objs if p in manifests and d["kind"] == "DaemonSet"
+                and any("--mode=mounter" in c.get("args", []) for c in d["spec"]["template"]["spec"]["containers"])]
+if len(node_daemons) != 1:
+    problems.append(f"{len(node_daemons)} node daemon DaemonSets (--mode=mounter), not 1")
+for d in node_daemons:
+    for c in d["spec"]["template"]["spec"]["containers"]:
+        if "--mode=mounter" in c.get("args", []):
+            limit = c.get("resources", {}).get("limits", {}).get("memory")
+            if not limit or mib(limit) < need_mib:
+                problems.append(f"the node daemon's memory limit {limit} is below what its mounts may use: {need_mib} MiB")
+
 for p in problems:
     print(f"FAIL: {p}")
 sys.exit(1 if problems else 0)
