@@ -172,6 +172,23 @@ in_pod sh -c "echo again > $kub/p1/mount/from-pod" || fail "the pod cannot write
 if touch "$kub/p2/mount/nope" 2>/dev/null; then fail "the read-only target became writable"; fi
 note "node daemon restarted: targets bound again, in the host and in the pod, ro kept"
 
+# Again, with the metadata engine away while the node daemon comes back: the dead mount is
+# kept until the filesystem answers, so the targets to bind again are not forgotten, and a
+# mount that pods show is tried until it works.
+kill -9 "$mounter"
+wait "$mounter" 2>/dev/null || true
+pkill -9 -f -- "--log $state2/log/" || fail "no filesystem daemon after the restart"
+restart_redis 3 &
+outage=$!
+sleep 0.2
+start_mounter
+wait "$outage"
+wait_for 30 stat -f "$kub/p1/mount" || fail "targets not back after the outage: $(tail -5 "$WORK/mounter.log")"
+wait_for 10 in_pod stat -f "$kub/p2/mount" || fail "the pod's target stays dead after the outage"
+[ "$(in_pod cat "$kub/p1/mount/from-pod")" = "again" ] || fail "the pod reads other bytes after the outage"
+grep -q "cannot mount filesystem=csivol" "$WORK/mounter.log" || fail "the node daemon never met the outage"
+note "node daemon restarted while Redis was away: targets bound again once it is back"
+
 start_driver
 client ext-unpublish
 released() {

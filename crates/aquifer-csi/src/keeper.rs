@@ -42,6 +42,9 @@ pub struct Mounter {
     /// Formats and mounts one at a time: two publishes of one filesystem must not both
     /// start a daemon.
     lock: tokio::sync::Mutex<()>,
+    /// Targets that showed a dead mount which could not be mounted again yet, by mount
+    /// point: bound again once it is.
+    pending: parking_lot::Mutex<HashMap<PathBuf, Vec<Entry>>>,
 }
 
 /// Held from writing a spec until the target is bound, and by the keeper while it releases
@@ -122,6 +125,7 @@ impl Mounter {
             external,
             cache_root,
             lock: tokio::sync::Mutex::new(()),
+            pending: parking_lot::Mutex::new(HashMap::new()),
         }
     }
 
@@ -293,22 +297,40 @@ impl Mounter {
         mp: PathBuf,
     ) -> Result<PathBuf, Status> {
         let _one = self.lock.lock().await;
-        let mut rebind = Vec::new();
-        match mounts::state(&mp) {
+        let stale = match mounts::state(&mp) {
             State::Mounted => return Ok(mp),
-            State::Stale => {
-                rebind = self.binds_of(&mp);
-                tracing::warn!(mount_point = %mp.display(), targets = rebind.len(), "filesystem daemon gone; mounting again");
-                mounts::unmount(&mp, true)
-                    .map_err(|e| Status::internal(format!("detach {}: {e}", mp.display())))?;
+            State::Stale => true,
+            State::Absent => false,
+        };
+        // The dead mount stays until the filesystem answers (format checks that): it is
+        // what tells which targets showed it.
+        self.format(fs).await?;
+        // Targets to bind again: those showing the dead mount, and those a failed attempt
+        // before this one had found.
+        let mut rebind = self.pending.lock().remove(&mp).unwrap_or_default();
+        if stale {
+            for t in self.binds_of(&mp) {
+                if !rebind.iter().any(|r: &Entry| r.point == t.point) {
+                    rebind.push(t);
+                }
             }
-            State::Absent => {}
+            tracing::warn!(mount_point = %mp.display(), targets = rebind.len(), "filesystem daemon gone; mounting again");
+            if let Err(e) = mounts::unmount(&mp, true) {
+                self.pending.lock().insert(mp.clone(), rebind);
+                return Err(Status::internal(format!("detach {}: {e}", mp.display())));
+            }
         }
-        std::fs::create_dir_all(&mp)
-            .map_err(|e| Status::internal(format!("{}: {e}", mp.display())))?;
-        if let Err(e) = self.format_and_mount(fs, &mp, options).await {
-            // Leave no empty mount point for a filesystem that could not be mounted.
+        let mounted = match std::fs::create_dir_all(&mp) {
+            Ok(()) => self.mount(fs, &mp, options).await,
+            Err(e) => Err(Status::internal(format!("{}: {e}", mp.display()))),
+        };
+        if let Err(e) = mounted {
+            // Leave no empty mount point for a filesystem that could not be mounted, and
+            // remember whom to bind again when it can.
             let _ = std::fs::remove_dir(&mp);
+            if !rebind.is_empty() {
+                self.pending.lock().insert(mp.clone(), rebind);
+            }
             return Err(e);
         }
         for t in rebind {
@@ -343,12 +365,7 @@ impl Mounter {
             .collect()
     }
 
-    async fn format_and_mount(
-        &self,
-        fs: &Filesystem,
-        mp: &Path,
-        options: &[String],
-    ) -> Result<(), Status> {
+    async fn mount(&self, fs: &Filesystem, mp: &Path, options: &[String]) -> Result<(), Status> {
         let logs = self.state_dir.join("log");
         let _ = std::fs::create_dir_all(&logs);
         // The controller's mount of a filesystem logs apart from the node's.
@@ -357,7 +374,6 @@ impl Mounter {
         } else {
             self.log_file(fs, options)
         };
-        self.format(fs).await?;
         let mut args = vec![
             "mount".to_string(),
             "-d".into(),
@@ -549,8 +565,12 @@ impl Keeper {
                 Err(e) => {
                     tracing::warn!(filesystem = %spec.fs.name, error = %e.message(), "cannot mount");
                     let _ = write_private(&err_file, e.message().as_bytes());
-                    if spec.age >= self.release_after {
-                        // Nobody has asked for it lately: give up until a publish does.
+                    let mp = self.mounter.mount_point(&spec.fs, &spec.options);
+                    let in_use = !self.mounter.binds_of(&mp).is_empty()
+                        || self.mounter.pending.lock().contains_key(&mp);
+                    if spec.age >= self.release_after && !in_use {
+                        // Nobody has asked for it lately, and no pod shows it: give up
+                        // until a publish does. (Pods' targets keep it tried for ever.)
                         let _ = std::fs::remove_file(
                             self.mounter.specs_dir().join(format!("{}.json", spec.key)),
                         );
