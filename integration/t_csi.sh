@@ -65,6 +65,10 @@ fi
 client stale || { grep " $WORK/" /proc/self/mountinfo; tail -20 "$WORK/csi.log"; ps -ef | grep -E "aquifer (mount|csi)" | grep -v grep; exit 1; }
 
 client cleanup
+# --release-after 0 (the default): the last unpublish took the filesystem's node mount too.
+if grep -q " $state/mnt/" /proc/self/mounts; then fail "a node mount stays after the last unpublish"; fi
+[ -z "$(ls "$state/specs/"*.json 2>/dev/null)" ] || fail "a spec stays after the last unpublish"
+note "the last unpublish released the node mount"
 kill "$driver"
 wait "$driver" 2>/dev/null || true
 [ ! -S "$sock" ] || fail "the socket is left after SIGTERM"

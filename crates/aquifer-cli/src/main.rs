@@ -90,8 +90,10 @@ struct CsiArgs {
     #[arg(long)]
     cache_root: Option<PathBuf>,
     /// Unmount a filesystem on the node once no volume of it has been published here for
-    /// this long: 10m, 90s, 0 (at once).
-    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    /// this long: 10m, 90s, or 0 for at once (the last unpublish unmounts it, when the
+    /// plugin keeps its own mounts). A delay keeps the daemon and its RAM cache for the
+    /// next pod.
+    #[arg(long, default_value = "0", value_parser = parse_duration)]
     release_after: Duration,
     /// Label this node `warm.aquifer.dev/VOLUME=true` once `aquifer warmup` has warmed a
     /// volume on it: `in-cluster` (the pod's service account) or an API URL.

@@ -405,6 +405,46 @@ impl Mounter {
         Ok(())
     }
 
+    /// Unmount the node mount `key` if no target shows it and no publish wrote its spec in
+    /// the last `min_age`, unless a publish of it is under way; true if released.
+    pub async fn release(&self, key: &str, min_age: Duration) -> bool {
+        let specs = self.specs_dir();
+        let Some(_guard) = SpecLock::try_take(&specs, key) else {
+            return false;
+        };
+        let _one = self.lock.lock().await;
+        let mp = self.mnt_dir().join(key);
+        // A publish may have come between the caller's look and the lock.
+        let fresh = std::fs::metadata(specs.join(format!("{key}.json")))
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age < min_age);
+        if fresh || !self.binds_of(&mp).is_empty() {
+            return false;
+        }
+        for ext in ["json", "err", "lock"] {
+            let _ = std::fs::remove_file(specs.join(format!("{key}.{ext}")));
+        }
+        if let Err(e) = mounts::unmount(&mp, false) {
+            tracing::warn!(mount_point = %mp.display(), error = %e, "busy; detaching");
+            let _ = mounts::unmount(&mp, true);
+        }
+        let _ = std::fs::remove_dir(&mp);
+        tracing::info!(mount_point = %mp.display(), "no volume of this filesystem is published here any more: released");
+        true
+    }
+
+    /// The keys of the node mounts among the filesystems of `devs` (mountinfo devices).
+    pub fn node_mounts_of(&self, devs: &[String]) -> Vec<String> {
+        let mnt = self.mnt_dir();
+        mounts::table()
+            .into_iter()
+            .filter(|e| e.point.parent() == Some(mnt.as_path()) && devs.contains(&e.dev))
+            .filter_map(|e| e.point.file_name()?.to_str().map(str::to_string))
+            .collect()
+    }
+
     /// The node mounts the spec files name.
     fn specs(&self) -> Vec<Spec> {
         let Ok(rd) = std::fs::read_dir(self.specs_dir()) else {
@@ -620,9 +660,11 @@ impl Keeper {
             }
             if binds.is_empty() {
                 let idle = *k.idle_since.get_or_insert(now);
-                if now.duration_since(idle) >= self.release_after && spec.age >= self.release_after
+                if now.duration_since(idle) >= self.release_after
+                    && spec.age >= self.release_after
+                    && self.mounter.release(&spec.key, self.release_after).await
                 {
-                    self.release(&spec.key, &mp).await;
+                    self.kept.remove(&spec.key);
                 }
                 continue;
             }
@@ -641,35 +683,6 @@ impl Keeper {
                 Err(e) => tracing::warn!(error = %e, "cannot label the node; retrying"),
             }
         }
-    }
-
-    /// Unmount a node mount no target has used for `release_after`, unless a publish is
-    /// under way.
-    async fn release(&mut self, key: &str, mp: &Path) {
-        let specs = self.mounter.specs_dir();
-        let Some(_guard) = SpecLock::try_take(&specs, key) else {
-            return;
-        };
-        let _one = self.mounter.lock.lock().await;
-        // A publish may have come between the look and the lock.
-        let fresh = std::fs::metadata(specs.join(format!("{key}.json")))
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.elapsed().ok())
-            .is_some_and(|age| age < self.release_after);
-        if fresh || !self.mounter.binds_of(mp).is_empty() {
-            return;
-        }
-        let _ = std::fs::remove_file(specs.join(format!("{key}.json")));
-        let _ = std::fs::remove_file(specs.join(format!("{key}.err")));
-        let _ = std::fs::remove_file(specs.join(format!("{key}.lock")));
-        if let Err(e) = mounts::unmount(mp, false) {
-            tracing::warn!(mount_point = %mp.display(), error = %e, "busy; detaching");
-            let _ = mounts::unmount(mp, true);
-        }
-        let _ = std::fs::remove_dir(mp);
-        self.kept.remove(key);
-        tracing::info!(mount_point = %mp.display(), "no volume of this filesystem is published here any more: released");
     }
 }
 

@@ -93,6 +93,11 @@ pub fn table() -> Vec<Entry> {
         .unwrap_or_default()
 }
 
+/// Every mount stacked at `path` (absolute), the topmost last.
+pub fn entries_at(path: &Path) -> Vec<Entry> {
+    table().into_iter().filter(|e| e.point == path).collect()
+}
+
 /// The topmost mount at `path` (absolute), as the kernel resolves it.
 pub fn entry(path: &Path) -> Option<Entry> {
     table().into_iter().rev().find(|e| e.point == path)

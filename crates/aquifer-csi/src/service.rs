@@ -18,6 +18,9 @@ pub struct Driver {
     node_id: String,
     version: String,
     mounter: Arc<Mounter>,
+    /// This process keeps its node mounts and releases them at once (`--release-after 0`):
+    /// the last unpublish of a filesystem unmounts it before answering.
+    release_on_unpublish: bool,
 }
 
 type Reply<T> = Result<Response<T>, Status>;
@@ -118,6 +121,7 @@ impl Driver {
                 cfg.external_mounts,
                 cfg.cache_root.clone(),
             )),
+            release_on_unpublish: !cfg.external_mounts && cfg.release_after.is_zero(),
         }
     }
 
@@ -399,6 +403,11 @@ impl node_server::Node for Arc<Driver> {
             return Err(Status::invalid_argument("target_path is required"));
         }
         let target = PathBuf::from(&r.target_path);
+        let abs = std::path::absolute(&target).unwrap_or_else(|_| target.clone());
+        let devs: Vec<String> = mounts::entries_at(&abs)
+            .into_iter()
+            .map(|e| e.dev)
+            .collect();
         // Every mount stacked here goes (a repaired target may have two).
         while mounts::state(&target) != State::Absent {
             if let Err(e) = mounts::unmount(&target, false) {
@@ -411,6 +420,11 @@ impl node_server::Node for Arc<Driver> {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_status(&target, e)),
+        }
+        if self.release_on_unpublish {
+            for key in self.mounter.node_mounts_of(&devs) {
+                self.mounter.release(&key, std::time::Duration::ZERO).await;
+            }
         }
         Ok(Response::new(pb::NodeUnpublishVolumeResponse {}))
     }
