@@ -58,7 +58,8 @@ enum Cmd {
     /// Show a live mount's figures every second: FUSE ops, bytes, cache hits per tier,
     /// object-store requests, writeback backlog, evictions.
     Stats(warmup::StatsArgs),
-    /// Serve the CSI driver (Kubernetes PersistentVolumes) on a unix socket.
+    /// Serve the CSI driver (Kubernetes PersistentVolumes) on a unix socket, or with
+    /// --mode mounter run the node daemon that keeps a node's mounts.
     Csi(CsiArgs),
     /// Mount as the FUSE container of a Fluid ThinRuntime, from the configuration Fluid
     /// writes (k8s/examples/fluid.yaml).
