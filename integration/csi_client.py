@@ -256,6 +256,33 @@ elif phase == "after-restart":
     publish("pvc-a", t["a"], context=ctx)  # the restarted driver finds the target published
     note("after kill -9 and restart of the driver: published targets keep working")
 
+elif phase == "stuck":
+    # The filesystem daemon is stopped (SIGSTOP): alive, answering nothing. Calls that look
+    # at its mounts answer UNAVAILABLE in bounded time, others are not held up, and an
+    # unpublish still unpublishes.
+    import time
+    t = targets()
+    ctx = json.load(open(state_file))["ctx"]
+    C = grpc.StatusCode
+    start = time.monotonic()
+    expect_code(C.UNAVAILABLE, node.NodeGetVolumeStats,
+                pb.NodeGetVolumeStatsRequest(volume_id="pvc-a", volume_path=t["a"]))
+    expect_code(C.UNAVAILABLE, node.NodePublishVolume,
+                pb.NodePublishVolumeRequest(volume_id="pvc-a", target_path=t["a"], volume_capability=cap(),
+                                            secrets=SECRETS, volume_context=ctx))
+    expect_code(C.UNAVAILABLE, node.NodePublishVolume,
+                pb.NodePublishVolumeRequest(volume_id="pvc-a", target_path=os.path.join(work, "pods", "new", "m"),
+                                            volume_capability=cap(), secrets=SECRETS, volume_context=ctx))
+    if not identity.Probe(pb.ProbeRequest(), timeout=5).ready.value:
+        fail("probe says not ready")
+    unpublish("pvc-a", t["reader"])
+    if mounted(t["reader"]):
+        fail("unpublish left the target of a stuck daemon")
+    took = time.monotonic() - start
+    if took > 40:
+        fail(f"calls on a stuck mount took {took:.0f}s")
+    note(f"a stuck daemon: stats and publish answer UNAVAILABLE, probe and unpublish work ({took:.0f}s)")
+
 elif phase == "stale":
     t = targets()
     ctx = json.load(open(state_file))["ctx"]

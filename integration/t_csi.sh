@@ -56,6 +56,12 @@ wait "$driver" 2>/dev/null || true
 start_driver
 client after-restart
 
+note "a stuck filesystem daemon (SIGSTOP)"
+node_daemon="--log $state/log/csivol-"
+pkill -STOP -f -- "$node_daemon" || fail "no node filesystem daemon to stop"
+client stuck || { pkill -CONT -f -- "$node_daemon"; exit 1; }
+pkill -CONT -f -- "$node_daemon"
+
 note "kill -9 of the filesystem daemon"
 pkill -9 -f -- "--log $state/log/" || fail "no filesystem daemon found"
 sleep 0.5

@@ -248,7 +248,7 @@ impl Mounter {
         // times are coarse (a jiffy), hence the margin.
         let since = SystemTime::now() - Duration::from_millis(50);
         loop {
-            if mounts::state(&mp) == State::Mounted {
+            if mounts::state_in_time(&mp).await == Some(State::Mounted) {
                 return Ok(mp);
             }
             if let Ok(m) = std::fs::metadata(&err_file) {
@@ -297,10 +297,18 @@ impl Mounter {
         mp: PathBuf,
     ) -> Result<PathBuf, Status> {
         let _one = self.lock.lock().await;
-        let stale = match mounts::state(&mp) {
-            State::Mounted => return Ok(mp),
-            State::Stale => true,
-            State::Absent => false,
+        let stale = match mounts::state_in_time(&mp).await {
+            Some(State::Mounted) => return Ok(mp),
+            Some(State::Stale) => true,
+            Some(State::Absent) => false,
+            // Alive but stuck: not dead, so not mounted again under its users.
+            None => {
+                return Err(Status::unavailable(format!(
+                    "the mount at {} does not answer in {}s",
+                    mp.display(),
+                    mounts::LOOK_LIMIT.as_secs()
+                )))
+            }
         };
         // The dead mount stays until the filesystem answers (format checks that): it is
         // what tells which targets showed it.
@@ -396,7 +404,7 @@ impl Mounter {
             ));
         }
         self.aquifer(fs, &args).await?;
-        if mounts::state(mp) != State::Mounted {
+        if mounts::state_in_time(mp).await != Some(State::Mounted) {
             return Err(Status::internal(format!(
                 "aquifer mount returned but {} is not mounted",
                 mp.display()

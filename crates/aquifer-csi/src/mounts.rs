@@ -36,6 +36,30 @@ pub fn state(p: &Path) -> State {
     }
 }
 
+/// How long a look at a mount may take: a daemon that is alive but stuck (stopped, or
+/// waiting on its metadata engine) holds every call on its mount, and the caller — a CSI
+/// call, the keeper — must not hang with it.
+pub const LOOK_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// [`state`] on a thread of its own, at most [`LOOK_LIMIT`]; `None` when the mount does not
+/// answer in time (the thread is left to finish when it does).
+pub async fn state_in_time(p: &Path) -> Option<State> {
+    let p = p.to_path_buf();
+    tokio::time::timeout(LOOK_LIMIT, tokio::task::spawn_blocking(move || state(&p)))
+        .await
+        .ok()?
+        .ok()
+}
+
+/// [`usage`] likewise.
+pub async fn usage_in_time(p: &Path) -> Option<io::Result<([u64; 3], [u64; 3])>> {
+    let p = p.to_path_buf();
+    tokio::time::timeout(LOOK_LIMIT, tokio::task::spawn_blocking(move || usage(&p)))
+        .await
+        .ok()?
+        .ok()
+}
+
 /// `\040`-style escapes of `/proc/self/mountinfo` undone.
 fn unescape(s: &str) -> PathBuf {
     let b = s.as_bytes();

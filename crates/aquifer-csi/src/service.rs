@@ -333,7 +333,17 @@ impl node_server::Node for Arc<Driver> {
         // A reader-only access mode is published read-only whatever the pod asks.
         let readonly = r.readonly || reader_only(&cap);
         let target = PathBuf::from(&r.target_path);
-        let stale = match mounts::state(&target) {
+        let not_answering = || {
+            Status::unavailable(format!(
+                "{} does not answer in {}s: its filesystem daemon is stuck",
+                target.display(),
+                mounts::LOOK_LIMIT.as_secs()
+            ))
+        };
+        let stale = match mounts::state_in_time(&target)
+            .await
+            .ok_or_else(not_answering)?
+        {
             State::Mounted => {
                 // Published already: fine if it is this volume the same way (a repeated
                 // call), not if the target shows another volume or mode.
@@ -408,8 +418,9 @@ impl node_server::Node for Arc<Driver> {
             .into_iter()
             .map(|e| e.dev)
             .collect();
-        // Every mount stacked here goes (a repaired target may have two).
-        while mounts::state(&target) != State::Absent {
+        // Every mount stacked here goes (a repaired target may have two). The mount table
+        // says what is here, not the mount: a stuck daemon must not hold the unpublish.
+        while mounts::is_mountpoint(&abs) {
             if let Err(e) = mounts::unmount(&target, false) {
                 // Busy (a process still in it) or dead: detach, it goes once unused.
                 tracing::warn!(target = %target.display(), error = %e, "detaching");
@@ -441,13 +452,23 @@ impl node_server::Node for Arc<Driver> {
             ));
         }
         let p = PathBuf::from(&r.volume_path);
-        if mounts::state(&p) != State::Mounted {
+        let late = || {
+            Status::unavailable(format!(
+                "{} does not answer in {}s",
+                p.display(),
+                mounts::LOOK_LIMIT.as_secs()
+            ))
+        };
+        if mounts::state_in_time(&p).await.ok_or_else(late)? != State::Mounted {
             return Err(Status::not_found(format!(
                 "{} is not a published volume",
                 p.display()
             )));
         }
-        let (b, i) = mounts::usage(&p).map_err(|e| io_status(&p, e))?;
+        let (b, i) = mounts::usage_in_time(&p)
+            .await
+            .ok_or_else(late)?
+            .map_err(|e| io_status(&p, e))?;
         let usage = |unit: Unit, [total, available, used]: [u64; 3]| pb::VolumeUsage {
             total: total as i64,
             available: available as i64,
