@@ -641,28 +641,52 @@ impl Keeper {
                 // a look; the spec names the directories published from this mount.
                 // Each directory is looked up once per mount: a look every tick would be a
                 // metadata round trip per volume every interval.
-                let roots = spec.volumes.iter().chain(binds.iter().map(|b| &b.root));
-                for root in roots {
-                    let rel = root.strip_prefix("/").unwrap_or(root);
-                    if k.looked_up.contains(rel) {
-                        continue;
-                    }
-                    if let Ok(m) = std::fs::metadata(mp.join(rel)) {
-                        k.volumes.insert(m.ino(), rel.to_path_buf());
-                        k.looked_up.insert(rel.to_path_buf());
-                    }
-                }
-                let marks = std::fs::File::open(&mp).and_then(|f| aquifer_fuse::control::marks(&f));
-                match marks {
-                    Ok(marks) => {
-                        for (ino, is_warm) in marks {
-                            if let Some(root) = k.volumes.get(&ino) {
-                                warm.insert(label_key(root), is_warm);
+                let todo: Vec<PathBuf> = spec
+                    .volumes
+                    .iter()
+                    .chain(binds.iter().map(|b| &b.root))
+                    .map(|r| r.strip_prefix("/").unwrap_or(r).to_path_buf())
+                    .filter(|r| !k.looked_up.contains(r))
+                    .collect();
+                // On a thread of its own and in bounded time: a stuck daemon must not stop
+                // the keeper from looking after the other mounts.
+                let at = mp.clone();
+                let looked = tokio::time::timeout(
+                    mounts::LOOK_LIMIT,
+                    tokio::task::spawn_blocking(move || {
+                        let inos: Vec<(PathBuf, u64)> = todo
+                            .into_iter()
+                            .filter_map(|r| {
+                                Some((r.clone(), std::fs::metadata(at.join(&r)).ok()?.ino()))
+                            })
+                            .collect();
+                        let marks =
+                            std::fs::File::open(&at).and_then(|f| aquifer_fuse::control::marks(&f));
+                        (inos, marks)
+                    }),
+                )
+                .await;
+                match looked {
+                    Ok(Ok((inos, marks))) => {
+                        for (rel, ino) in inos {
+                            k.volumes.insert(ino, rel.clone());
+                            k.looked_up.insert(rel);
+                        }
+                        match marks {
+                            Ok(marks) => {
+                                for (ino, is_warm) in marks {
+                                    if let Some(root) = k.volumes.get(&ino) {
+                                        warm.insert(label_key(root), is_warm);
+                                    }
+                                }
+                            }
+                            Err(e) => {
+                                tracing::debug!(mount_point = %mp.display(), error = %e, "no warm marks")
                             }
                         }
                     }
-                    Err(e) => {
-                        tracing::debug!(mount_point = %mp.display(), error = %e, "no warm marks")
+                    _ => {
+                        tracing::warn!(mount_point = %mp.display(), "no answer for the warm marks")
                     }
                 }
             }
