@@ -213,6 +213,41 @@ for d in node_daemons:
             if not limit or mib(limit) < need_mib:
                 problems.append(f"the node daemon's memory limit {limit} is below what its mounts may use: {need_mib} MiB")
 
+# The node plugin and the node daemon meet in two host directories: the state dir (mounts)
+# and the specs dir. Both must name the same paths, backed by the same host paths.
+def container_of(flag):
+    for _, d in objs:
+        if d["kind"] != "DaemonSet":
+            continue
+        spec = d["spec"]["template"]["spec"]
+        for c in spec["containers"]:
+            if flag in c.get("args", []):
+                return spec, c
+    return None, None
+
+
+def host_path(spec, c, path):
+    """The host directory a container sees at `path` (or None)."""
+    for vm in c.get("volumeMounts", []):
+        if path == vm["mountPath"] or path.startswith(vm["mountPath"].rstrip("/") + "/"):
+            v = next(v for v in spec["volumes"] if v["name"] == vm["name"])
+            if "hostPath" in v:
+                return v["hostPath"]["path"] + path[len(vm["mountPath"]):]
+    return None
+
+
+plugin, daemon = container_of("--external-mounts"), container_of("--mode=mounter")
+if plugin[1] and daemon[1]:
+    for flag in ("--state-dir", "--specs-dir"):
+        vals = []
+        for spec, c in (plugin, daemon):
+            v = next((a.split("=", 1)[1] for a in c["args"] if a.startswith(flag + "=")), None)
+            vals.append((v, v and host_path(spec, c, v)))
+        if vals[0] != vals[1] or not vals[0][1]:
+            problems.append(f"the node plugin and the node daemon disagree on {flag}: {vals}")
+else:
+    problems.append("no node plugin with --external-mounts beside a node daemon")
+
 for p in problems:
     print(f"FAIL: {p}")
 sys.exit(1 if problems else 0)

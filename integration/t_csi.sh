@@ -83,6 +83,7 @@ note "the node daemon keeps the mounts"
 "$AQUIFER" csi --node-id n --mode node 2>"$WORK/err" && fail "a node plugin started without --endpoint"
 grep -q "unix:///PATH" "$WORK/err" || fail "no endpoint error: $(cat "$WORK/err")"
 state2=$WORK/state2
+specs2=$WORK/run/specs
 kub=$WORK/kubelet
 # Like kubelet's directory: shared, so that mounts made on a target reach the pods' copies.
 mkdir -p "$kub"
@@ -115,7 +116,7 @@ for _ in $(seq 1 50); do [ -s "$WORK/api.port" ] && break; sleep 0.1; done
 touch "$WORK/api.log"
 mounter=""
 start_mounter() {
-  "$AQUIFER" csi --mode mounter --node-id node-1 --state-dir "$state2" --keep-interval 0.3 \
+  "$AQUIFER" csi --mode mounter --node-id node-1 --state-dir "$state2" --specs-dir "$specs2" --keep-interval 0.3 \
     --release-after 2s --cache-root "$WORK/cache" --label-node "http://127.0.0.1:$(cat "$WORK/api.port")" \
     >>"$WORK/mounter.log" 2>&1 &
   mounter=$!
@@ -132,10 +133,11 @@ wait_for() {
   return 1
 }
 start_mounter
-driver_args=(--mode node --external-mounts --state-dir "$state2")
+driver_args=(--mode node --external-mounts --state-dir "$state2" --specs-dir "$specs2")
 start_driver
 client ext-publish || { tail -20 "$WORK/mounter.log"; exit 1; }
-[ -z "$(find "$state2/specs" -name '*.json' -perm /077)" ] || fail "a spec file others can read"
+[ -n "$(find "$specs2" -name '*.json')" ] || fail "no spec in --specs-dir"
+[ -z "$(find "$specs2" -name '*.json' -perm /077)" ] || fail "a spec file others can read"
 # A pod: its own mount namespace, a slave copy of the host's.
 unshare -m --propagation slave sleep 600 &
 pod=$!
@@ -202,10 +204,10 @@ note "node daemon restarted while Redis was away: targets bound again once it is
 start_driver
 client ext-unpublish
 released() {
-  ! grep -q " $state2/mnt/" /proc/self/mounts && [ -z "$(ls "$state2/specs"/*.json 2>/dev/null)" ] \
+  ! grep -q " $state2/mnt/" /proc/self/mounts && [ -z "$(ls "$specs2"/*.json 2>/dev/null)" ] \
     && ! pgrep -f -- "--log $state2/log/"
 }
-wait_for 30 released || fail "the mount is not released: $(grep " $state2/" /proc/self/mounts); $(ls "$state2/specs"); $(tail -5 "$WORK/mounter.log")"
+wait_for 30 released || fail "the mount is not released: $(grep " $state2/" /proc/self/mounts); $(ls "$specs2"); $(tail -5 "$WORK/mounter.log")"
 note "the last unpublish releases the filesystem's mount"
 kill "$driver" "$mounter"
 wait "$driver" "$mounter" 2>/dev/null || true

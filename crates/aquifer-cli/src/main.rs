@@ -82,6 +82,11 @@ struct CsiArgs {
     /// Where filesystems are mounted on the node, described and logged.
     #[arg(long, default_value = "/var/lib/aquifer-csi")]
     state_dir: PathBuf,
+    /// Where node mounts are described, secrets included (root only): a tmpfs such as
+    /// /run/aquifer-csi/specs keeps them off disks and drops them at a reboot. Default:
+    /// STATE_DIR/specs. The plugin and the node daemon must agree.
+    #[arg(long)]
+    specs_dir: Option<PathBuf>,
     /// Node mounts are made by the node daemon (`--mode mounter` on the same --state-dir):
     /// the plugin only asks and waits, so restarting it touches no mount.
     #[arg(long)]
@@ -507,6 +512,7 @@ fn csi(a: CsiArgs) -> Result<()> {
         aquifer: std::env::current_exe().context("cannot find the aquifer binary")?,
         state_dir: a.state_dir,
         version: env!("CARGO_PKG_VERSION").to_string(),
+        specs_dir: a.specs_dir,
         external_mounts: a.external_mounts,
         cache_root: a.cache_root,
         keep_interval: Duration::from_secs_f64(a.keep_interval),

@@ -2,10 +2,11 @@
 //!
 //! Every volume of a filesystem is published from the one mount of it (per set of mount
 //! options) at `STATE/mnt/KEY`. The publish that needs such a mount writes what it is — the
-//! secrets and options — to `STATE/specs/KEY.json` (root only), so that whoever keeps the
-//! mounts can mount it again with no request to answer: the plugin itself, or, with
-//! `--external-mounts`, the node daemon (`aquifer csi --mode mounter`) in a DaemonSet of its
-//! own, so that the plugin's container restarts and upgrades without touching a mount.
+//! secrets and options — to `SPECS/KEY.json` (root only; `STATE/specs` unless `--specs-dir`
+//! names another), so that whoever keeps the mounts can mount it again with no request to
+//! answer: the plugin itself, or, with `--external-mounts`, the node daemon (`aquifer csi
+//! --mode mounter`) in a DaemonSet of its own, so that the plugin's container restarts and
+//! upgrades without touching a mount.
 //!
 //! The keeper, every interval:
 //! - mounts again a filesystem whose daemon died, then binds the new mount over every pod
@@ -34,6 +35,9 @@ const EXTERNAL_WAIT: Duration = Duration::from_secs(60);
 pub struct Mounter {
     aquifer: PathBuf,
     state_dir: PathBuf,
+    /// Where the specs are: they hold secrets, so a host tmpfs (`/run`) is the place, gone at
+    /// a reboot with the mounts they describe.
+    specs_dir: PathBuf,
     /// Node mounts are made by the node daemon; a publish only asks and waits.
     external: bool,
     /// Cache directories go under `CACHE_ROOT/KEY` unless the options name one (a host
@@ -116,11 +120,13 @@ impl Mounter {
     pub fn new(
         aquifer: PathBuf,
         state_dir: PathBuf,
+        specs_dir: Option<PathBuf>,
         external: bool,
         cache_root: Option<PathBuf>,
     ) -> Mounter {
         Mounter {
             aquifer,
+            specs_dir: specs_dir.unwrap_or_else(|| state_dir.join("specs")),
             state_dir,
             external,
             cache_root,
@@ -134,7 +140,7 @@ impl Mounter {
     }
 
     fn specs_dir(&self) -> PathBuf {
-        self.state_dir.join("specs")
+        self.specs_dir.clone()
     }
 
     pub fn mount_point(&self, fs: &Filesystem, options: &[String]) -> PathBuf {
@@ -740,7 +746,7 @@ mod tests {
             0o700
         );
         assert!(!p.with_extension("tmp").exists());
-        let m = Mounter::new("aquifer".into(), d.clone(), false, None);
+        let m = Mounter::new("aquifer".into(), d.clone(), None, false, None);
         // The spec of another key, and an unreadable one, are skipped.
         assert!(m.specs().is_empty());
         let secrets: HashMap<String, String> = [("name", "v"), ("metaurl", "redis://h/1")]

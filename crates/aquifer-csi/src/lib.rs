@@ -75,6 +75,8 @@ pub struct Config {
     /// Where filesystems are mounted (`mnt/KEY`), described (`specs/KEY.json`) and log.
     pub state_dir: PathBuf,
     pub version: String,
+    /// Where node mounts are described (`KEY.json`); `STATE/specs` when `None`.
+    pub specs_dir: Option<PathBuf>,
     /// Node mounts are made by the node daemon (`--mode mounter` on the same state dir).
     pub external_mounts: bool,
     /// Cache directories of node mounts go under it (`CACHE_ROOT/KEY`).

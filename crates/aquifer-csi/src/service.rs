@@ -118,6 +118,7 @@ impl Driver {
             mounter: Arc::new(Mounter::new(
                 cfg.aquifer.clone(),
                 cfg.state_dir.clone(),
+                cfg.specs_dir.clone(),
                 cfg.external_mounts,
                 cfg.cache_root.clone(),
             )),
