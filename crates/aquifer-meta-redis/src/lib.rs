@@ -974,11 +974,7 @@ impl RedisKv {
             reads: RefCell::new(Vec::new()),
             watched: Cell::new(false),
         };
-        let mut txn = if guessing {
-            BufferedTxn::with_guesses(&view)
-        } else {
-            BufferedTxn::new(&view)
-        };
+        let mut txn = BufferedTxn::with_guesses(&view, guessing);
         let r = f(&mut txn);
         let writes = txn.into_writes();
         let failed = view.failed.borrow_mut().take();

@@ -187,11 +187,12 @@ impl<'a> BufferedTxn<'a> {
         }
     }
 
-    /// A transaction that takes [`KvTxn::guess`]es; the engine checks them at commit
-    /// ([`TxnWrites::guesses`]).
-    pub fn with_guesses(base: &'a dyn KvRead) -> Self {
+    /// A transaction that, when `guessing`, takes [`KvTxn::guess`]es; the engine checks
+    /// them at commit ([`TxnWrites::guesses`]). Engines run a transaction again without
+    /// guesses when one was wrong.
+    pub fn with_guesses(base: &'a dyn KvRead, guessing: bool) -> Self {
         BufferedTxn {
-            guesses: Some(BTreeMap::new()),
+            guesses: guessing.then(BTreeMap::new),
             ..Self::new(base)
         }
     }
@@ -354,11 +355,7 @@ impl KvEngine for MemKv {
         // cases see wrong guesses (stale caches of other clients' changes) being caught.
         let mut guessing = self.shared;
         let writes = loop {
-            let mut txn = if guessing {
-                BufferedTxn::with_guesses(&view)
-            } else {
-                BufferedTxn::new(&view)
-            };
+            let mut txn = BufferedTxn::with_guesses(&view, guessing);
             let r = f(&mut txn);
             let w = txn.into_writes();
             // A result (or an error) built on a wrong guess is not the transaction's.
