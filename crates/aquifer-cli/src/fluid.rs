@@ -20,11 +20,12 @@ pub struct FluidMountArgs {
     config: PathBuf,
 }
 
-/// What to run: `aquifer mount` arguments and environment.
+/// What to run: `aquifer mount` arguments and environment, and the mount point.
 #[derive(Debug, PartialEq)]
 pub struct Plan {
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
+    pub target: String,
 }
 
 /// The mount a Fluid runtime configuration asks for; `read` reads the files encrypt options
@@ -68,7 +69,11 @@ pub fn plan(config: &serde_json::Value, read: impl Fn(&str) -> Result<String>) -
             }
         }
     }
-    Ok(Plan { args, env })
+    Ok(Plan {
+        args,
+        env,
+        target: target.to_string(),
+    })
 }
 
 pub fn fluid_mount(a: FluidMountArgs) -> Result<()> {
@@ -78,9 +83,7 @@ pub fn fluid_mount(a: FluidMountArgs) -> Result<()> {
     let p = plan(&config, |path| {
         std::fs::read_to_string(path).with_context(|| path.to_string())
     })?;
-    if let Some(t) = p.args.get(2) {
-        std::fs::create_dir_all(t).with_context(|| t.clone())?;
-    }
+    std::fs::create_dir_all(&p.target).with_context(|| p.target.clone())?;
     let exe = std::env::current_exe().context("cannot find the aquifer binary")?;
     use std::os::unix::process::CommandExt;
     // The mount in the foreground, as this process: Fluid watches the container.

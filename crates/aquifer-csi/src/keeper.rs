@@ -19,6 +19,7 @@
 use crate::mounts::{self, Entry, State};
 use crate::node_labels::{label_key, NodeLabels};
 use crate::volume::{flags, split_password, Filesystem};
+use crate::{io_status, not_answering};
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -53,7 +54,7 @@ pub struct Mounter {
 
 /// Held from writing a spec until the target is bound, and by the keeper while it releases
 /// the mount: a publish never binds a mount that is being released. An exclusive `flock` on
-/// `STATE/specs/KEY.lock`, so it holds across the plugin and the node daemon, and a slow
+/// `SPECS/KEY.lock`, so it holds across the plugin and the node daemon, and a slow
 /// mount of one filesystem does not hold up publishes of another.
 struct SpecLock {
     _file: std::fs::File,
@@ -139,8 +140,21 @@ impl Mounter {
         self.state_dir.join("mnt")
     }
 
-    fn specs_dir(&self) -> PathBuf {
-        self.specs_dir.clone()
+    /// `SPECS/KEY.EXT`: the spec (`json`), the keeper's last error (`err`), the lock.
+    fn spec_file(&self, key: &str, ext: &str) -> PathBuf {
+        self.specs_dir.join(format!("{key}.{ext}"))
+    }
+
+    /// Drop the spec of `key` and its files: the mount is no longer kept.
+    fn forget(&self, key: &str) {
+        for ext in ["json", "err", "lock"] {
+            let _ = std::fs::remove_file(self.spec_file(key, ext));
+        }
+    }
+
+    /// True while a target shows the mount at `mp`, or waits to be bound to it again.
+    fn in_use(&self, mp: &Path) -> bool {
+        !self.binds_of(mp).is_empty() || self.pending.lock().contains_key(mp)
     }
 
     pub fn mount_point(&self, fs: &Filesystem, options: &[String]) -> PathBuf {
@@ -222,11 +236,11 @@ impl Mounter {
         options: &[String],
         volume: &Path,
     ) -> Result<(PathBuf, impl Sized), Status> {
-        let specs = self.specs_dir();
-        mkdir_private(&specs).map_err(|e| io_status(&specs, e))?;
+        let specs = &self.specs_dir;
+        mkdir_private(specs).map_err(|e| io_status(specs, e))?;
         let key = fs.key(options);
         let guard = SpecLock::take(specs.clone(), key.clone()).await?;
-        let path = specs.join(format!("{key}.json"));
+        let path = self.spec_file(&key, "json");
         let mut volumes = read_spec(&path).map(|s| s.2).unwrap_or_default();
         volumes.retain(|v| v != volume);
         volumes.push(volume.to_path_buf());
@@ -235,7 +249,7 @@ impl Mounter {
         let body =
             serde_json::json!({ "secrets": fs.secrets, "options": options, "volumes": volumes })
                 .to_string();
-        write_private(&path, body.as_bytes()).map_err(|e| io_status(&specs, e))?;
+        write_private(&path, body.as_bytes()).map_err(|e| io_status(specs, e))?;
         let mp = if self.external {
             self.wait_mounted(fs, options).await?
         } else {
@@ -248,7 +262,7 @@ impl Mounter {
     /// wait began, is the answer.
     async fn wait_mounted(&self, fs: &Filesystem, options: &[String]) -> Result<PathBuf, Status> {
         let mp = self.mount_point(fs, options);
-        let err_file = self.specs_dir().join(format!("{}.err", fs.key(options)));
+        let err_file = self.spec_file(&fs.key(options), "err");
         let start = Instant::now();
         // The keeper tries again at once for a spec written after its last failure; file
         // times are coarse (a jiffy), hence the margin.
@@ -308,13 +322,7 @@ impl Mounter {
             Some(State::Stale) => true,
             Some(State::Absent) => false,
             // Alive but stuck: not dead, so not mounted again under its users.
-            None => {
-                return Err(Status::unavailable(format!(
-                    "the mount at {} does not answer in {}s",
-                    mp.display(),
-                    mounts::LOOK_LIMIT.as_secs()
-                )))
-            }
+            None => return Err(not_answering(&mp)),
         };
         // The dead mount stays until the filesystem answers (format checks that): it is
         // what tells which targets showed it.
@@ -422,24 +430,17 @@ impl Mounter {
     /// Unmount the node mount `key` if no target shows it and no publish wrote its spec in
     /// the last `min_age`, unless a publish of it is under way; true if released.
     pub async fn release(&self, key: &str, min_age: Duration) -> bool {
-        let specs = self.specs_dir();
-        let Some(_guard) = SpecLock::try_take(&specs, key) else {
+        let Some(_guard) = SpecLock::try_take(&self.specs_dir, key) else {
             return false;
         };
         let _one = self.lock.lock().await;
         let mp = self.mnt_dir().join(key);
         // A publish may have come between the caller's look and the lock.
-        let fresh = std::fs::metadata(specs.join(format!("{key}.json")))
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.elapsed().ok())
-            .is_some_and(|age| age < min_age);
+        let fresh = age(&self.spec_file(key, "json")).is_some_and(|a| a < min_age);
         if fresh || !self.binds_of(&mp).is_empty() {
             return false;
         }
-        for ext in ["json", "err", "lock"] {
-            let _ = std::fs::remove_file(specs.join(format!("{key}.{ext}")));
-        }
+        self.forget(key);
         if let Err(e) = mounts::unmount(&mp, false) {
             tracing::warn!(mount_point = %mp.display(), error = %e, "busy; detaching");
             let _ = mounts::unmount(&mp, true);
@@ -461,7 +462,7 @@ impl Mounter {
 
     /// The node mounts the spec files name.
     fn specs(&self) -> Vec<Spec> {
-        let Ok(rd) = std::fs::read_dir(self.specs_dir()) else {
+        let Ok(rd) = std::fs::read_dir(&self.specs_dir) else {
             return Vec::new();
         };
         let mut out = Vec::new();
@@ -477,21 +478,13 @@ impl Mounter {
             };
             let parsed = read_spec(&p);
             match parsed {
-                Ok((fs, options, volumes)) if fs.key(&options) == key => {
-                    let age = e
-                        .metadata()
-                        .ok()
-                        .and_then(|m| m.modified().ok())
-                        .and_then(|t| t.elapsed().ok())
-                        .unwrap_or_default();
-                    out.push(Spec {
-                        key,
-                        fs,
-                        options,
-                        volumes,
-                        age,
-                    })
-                }
+                Ok((fs, options, volumes)) if fs.key(&options) == key => out.push(Spec {
+                    key,
+                    fs,
+                    options,
+                    volumes,
+                    age: age(&p).unwrap_or_default(),
+                }),
                 Ok(_) => tracing::warn!(spec = %p.display(), "spec of another mount; ignored"),
                 Err(e) => {
                     tracing::warn!(spec = %p.display(), error = %e, "unreadable spec; ignored")
@@ -500,6 +493,11 @@ impl Mounter {
         }
         out
     }
+}
+
+/// Since `p` was last written.
+fn age(p: &Path) -> Option<Duration> {
+    std::fs::metadata(p).ok()?.modified().ok()?.elapsed().ok()
 }
 
 /// A spec file: the filesystem, its mount options and the volumes published from it.
@@ -513,10 +511,6 @@ fn read_spec(p: &Path) -> Result<(Filesystem, Vec<String>, Vec<PathBuf>), String
     let volumes: Vec<PathBuf> = serde_json::from_value(v["volumes"].clone()).unwrap_or_default();
     let fs = Filesystem::from_secrets(&secrets).map_err(|e| e.message().to_string())?;
     Ok((fs, options, volumes))
-}
-
-fn io_status(p: &Path, e: std::io::Error) -> Status {
-    Status::internal(format!("{}: {e}", p.display()))
 }
 
 fn mkdir_private(d: &Path) -> std::io::Result<()> {
@@ -559,6 +553,51 @@ struct Kept {
     /// Volume directories seen bound from this mount, by inode: warm marks name inodes.
     volumes: HashMap<u64, PathBuf>,
     looked_up: std::collections::HashSet<PathBuf>,
+}
+
+/// The volumes of the mount at `mp` that `aquifer warmup` marked warm (true) or evicted.
+///
+/// Marks are read even with no pod left (a short warmup may be over before a look), and name
+/// inodes: the spec and the targets name the directories published from this mount, each
+/// looked up once per mount, not every tick (a metadata round trip per volume). On a thread
+/// of its own and in bounded time: a stuck daemon must not stop the keeper from looking
+/// after the other mounts.
+async fn warm_marks(k: &mut Kept, spec: &Spec, binds: &[Entry], mp: &Path) -> Vec<(String, bool)> {
+    let todo: Vec<PathBuf> = spec
+        .volumes
+        .iter()
+        .chain(binds.iter().map(|b| &b.root))
+        .map(|r| r.strip_prefix("/").unwrap_or(r).to_path_buf())
+        .filter(|r| !k.looked_up.contains(r))
+        .collect();
+    let at = mp.to_path_buf();
+    let looked = mounts::in_time(move || {
+        let inos: Vec<(PathBuf, u64)> = todo
+            .into_iter()
+            .filter_map(|r| Some((r.clone(), std::fs::metadata(at.join(&r)).ok()?.ino())))
+            .collect();
+        let marks = std::fs::File::open(&at).and_then(|f| aquifer_fuse::control::marks(&f));
+        (inos, marks)
+    })
+    .await;
+    let Some((inos, marks)) = looked else {
+        tracing::warn!(mount_point = %mp.display(), "no answer for the warm marks");
+        return Vec::new();
+    };
+    for (rel, ino) in inos {
+        k.volumes.insert(ino, rel.clone());
+        k.looked_up.insert(rel);
+    }
+    match marks {
+        Ok(marks) => marks
+            .into_iter()
+            .filter_map(|(ino, is_warm)| Some((label_key(k.volumes.get(&ino)?), is_warm)))
+            .collect(),
+        Err(e) => {
+            tracing::debug!(mount_point = %mp.display(), error = %e, "no warm marks");
+            Vec::new()
+        }
+    }
 }
 
 /// The loop that keeps a node's mounts (see the module's doc).
@@ -607,7 +646,7 @@ impl Keeper {
             if k.next_try.is_some_and(|t| now < t) && !rewritten {
                 continue;
             }
-            let err_file = self.mounter.specs_dir().join(format!("{}.err", spec.key));
+            let err_file = self.mounter.spec_file(&spec.key, "err");
             let mp = match self.mounter.ensure(&spec.fs, &spec.options).await {
                 Ok(mp) => {
                     k.failures = 0;
@@ -620,14 +659,11 @@ impl Keeper {
                     tracing::warn!(filesystem = %spec.fs.name, error = %e.message(), "cannot mount");
                     let _ = write_private(&err_file, e.message().as_bytes());
                     let mp = self.mounter.mount_point(&spec.fs, &spec.options);
-                    let in_use = !self.mounter.binds_of(&mp).is_empty()
-                        || self.mounter.pending.lock().contains_key(&mp);
-                    if spec.age >= self.release_after && !in_use {
+                    if spec.age >= self.release_after && !self.mounter.in_use(&mp) {
                         // Nobody has asked for it lately, and no pod shows it: give up
                         // until a publish does. (Pods' targets keep it tried for ever.)
-                        let _ = std::fs::remove_file(
-                            self.mounter.specs_dir().join(format!("{}.json", spec.key)),
-                        );
+                        // (Its error stays, for a publish waiting on it.)
+                        let _ = std::fs::remove_file(self.mounter.spec_file(&spec.key, "json"));
                         self.kept.remove(&spec.key);
                         continue;
                     }
@@ -643,58 +679,7 @@ impl Keeper {
             };
             let binds = self.mounter.binds_of(&mp);
             if self.labels.is_some() {
-                // Marks are read even with no pod left: a short warmup may be over before
-                // a look; the spec names the directories published from this mount.
-                // Each directory is looked up once per mount: a look every tick would be a
-                // metadata round trip per volume every interval.
-                let todo: Vec<PathBuf> = spec
-                    .volumes
-                    .iter()
-                    .chain(binds.iter().map(|b| &b.root))
-                    .map(|r| r.strip_prefix("/").unwrap_or(r).to_path_buf())
-                    .filter(|r| !k.looked_up.contains(r))
-                    .collect();
-                // On a thread of its own and in bounded time: a stuck daemon must not stop
-                // the keeper from looking after the other mounts.
-                let at = mp.clone();
-                let looked = tokio::time::timeout(
-                    mounts::LOOK_LIMIT,
-                    tokio::task::spawn_blocking(move || {
-                        let inos: Vec<(PathBuf, u64)> = todo
-                            .into_iter()
-                            .filter_map(|r| {
-                                Some((r.clone(), std::fs::metadata(at.join(&r)).ok()?.ino()))
-                            })
-                            .collect();
-                        let marks =
-                            std::fs::File::open(&at).and_then(|f| aquifer_fuse::control::marks(&f));
-                        (inos, marks)
-                    }),
-                )
-                .await;
-                match looked {
-                    Ok(Ok((inos, marks))) => {
-                        for (rel, ino) in inos {
-                            k.volumes.insert(ino, rel.clone());
-                            k.looked_up.insert(rel);
-                        }
-                        match marks {
-                            Ok(marks) => {
-                                for (ino, is_warm) in marks {
-                                    if let Some(root) = k.volumes.get(&ino) {
-                                        warm.insert(label_key(root), is_warm);
-                                    }
-                                }
-                            }
-                            Err(e) => {
-                                tracing::debug!(mount_point = %mp.display(), error = %e, "no warm marks")
-                            }
-                        }
-                    }
-                    _ => {
-                        tracing::warn!(mount_point = %mp.display(), "no answer for the warm marks")
-                    }
-                }
+                warm.extend(warm_marks(k, &spec, &binds, &mp).await);
             }
             if binds.is_empty() {
                 let idle = *k.idle_since.get_or_insert(now);

@@ -32,9 +32,37 @@ pub mod pb {
     tonic::include_proto!("csi.v1");
 }
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 pub use service::serve;
+
+/// FNV-1a of `bytes`: short stable names (mount keys, long label names) that must come out
+/// the same in every process and release.
+pub(crate) fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    bytes.into_iter().fold(0xcbf29ce484222325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    })
+}
+
+/// A mount at `p` that did not answer a look in [`mounts::LOOK_LIMIT`]: its daemon is alive
+/// but stuck (stopped, or waiting on its metadata engine). The caller may retry.
+pub(crate) fn not_answering(p: &Path) -> tonic::Status {
+    tonic::Status::unavailable(format!(
+        "{} does not answer in {}s: its filesystem daemon is stuck",
+        p.display(),
+        mounts::LOOK_LIMIT.as_secs()
+    ))
+}
+
+/// An I/O error on `what` as a gRPC status: NOT_FOUND when it is missing, else INTERNAL.
+pub(crate) fn io_status(what: &Path, e: std::io::Error) -> tonic::Status {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => {
+            tonic::Status::not_found(format!("{}: {e}", what.display()))
+        }
+        _ => tonic::Status::internal(format!("{}: {e}", what.display())),
+    }
+}
 
 /// The plugin name Kubernetes objects refer to (CSIDriver, StorageClass `provisioner`).
 pub const DRIVER_NAME: &str = "csi.aquifer.dev";

@@ -41,23 +41,25 @@ pub fn state(p: &Path) -> State {
 /// call, the keeper — must not hang with it.
 pub const LOOK_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// [`state`] on a thread of its own, at most [`LOOK_LIMIT`]; `None` when the mount does not
-/// answer in time (the thread is left to finish when it does).
-pub async fn state_in_time(p: &Path) -> Option<State> {
-    let p = p.to_path_buf();
-    tokio::time::timeout(LOOK_LIMIT, tokio::task::spawn_blocking(move || state(&p)))
+/// `look` (calls into a mount) on a thread of its own, for at most [`LOOK_LIMIT`]; `None`
+/// when the mount does not answer in time (the thread is left to finish when it does).
+pub async fn in_time<T: Send + 'static>(look: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    tokio::time::timeout(LOOK_LIMIT, tokio::task::spawn_blocking(look))
         .await
         .ok()?
         .ok()
 }
 
-/// [`usage`] likewise.
+/// [`state`] in time.
+pub async fn state_in_time(p: &Path) -> Option<State> {
+    let p = p.to_path_buf();
+    in_time(move || state(&p)).await
+}
+
+/// [`usage`] in time.
 pub async fn usage_in_time(p: &Path) -> Option<io::Result<([u64; 3], [u64; 3])>> {
     let p = p.to_path_buf();
-    tokio::time::timeout(LOOK_LIMIT, tokio::task::spawn_blocking(move || usage(&p)))
-        .await
-        .ok()?
-        .ok()
+    in_time(move || usage(&p)).await
 }
 
 /// `\040`-style escapes of `/proc/self/mountinfo` undone.
@@ -124,7 +126,7 @@ pub fn entries_at(path: &Path) -> Vec<Entry> {
 
 /// The topmost mount at `path` (absolute), as the kernel resolves it.
 pub fn entry(path: &Path) -> Option<Entry> {
-    table().into_iter().rev().find(|e| e.point == path)
+    entries_at(path).pop()
 }
 
 /// The type of the filesystem mounted at `path` (absolute), if any; the last mount there

@@ -35,12 +35,7 @@ pub fn label_key(path: &Path) -> String {
         })
         .collect();
     if name.len() > 63 {
-        let mut h: u64 = 0xcbf29ce484222325;
-        for b in s.bytes() {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x100000001b3);
-        }
-        name = format!("{}-{h:016x}", &name[..46]);
+        name = format!("{}-{:016x}", &name[..46], crate::fnv1a(s.bytes()));
     }
     let name = name.trim_matches(|c: char| !c.is_ascii_alphanumeric());
     let name = if name.is_empty() { "root" } else { name };
@@ -214,6 +209,7 @@ mod tests {
             );
         }
         assert_ne!(label_key(Path::new(&long)), label_key(Path::new(&other)));
+        assert!(label_key(Path::new(&long)).ends_with("-f807b5c82c98ca8d"));
     }
 
     /// One recorded exchange (`tests/data/node-label-exchange.json`): the request the

@@ -5,7 +5,7 @@ use crate::keeper::{Keeper, Mounter};
 use crate::mounts::{self, State};
 use crate::pb::{self, controller_server, identity_server, node_server};
 use crate::volume::{dir_name, volume_dir, Filesystem};
-use crate::{Config, Mode, DRIVER_NAME};
+use crate::{io_status, not_answering, Config, Mode, DRIVER_NAME};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -24,13 +24,6 @@ pub struct Driver {
 }
 
 type Reply<T> = Result<Response<T>, Status>;
-
-fn io_status(what: &Path, e: std::io::Error) -> Status {
-    match e.kind() {
-        std::io::ErrorKind::NotFound => Status::not_found(format!("{}: {e}", what.display())),
-        _ => Status::internal(format!("{}: {e}", what.display())),
-    }
-}
 
 /// Check the capabilities a volume is asked to have: files (not blocks), any access mode
 /// (one filesystem, shared by every node).
@@ -334,16 +327,9 @@ impl node_server::Node for Arc<Driver> {
         // A reader-only access mode is published read-only whatever the pod asks.
         let readonly = r.readonly || reader_only(&cap);
         let target = PathBuf::from(&r.target_path);
-        let not_answering = || {
-            Status::unavailable(format!(
-                "{} does not answer in {}s: its filesystem daemon is stuck",
-                target.display(),
-                mounts::LOOK_LIMIT.as_secs()
-            ))
-        };
         let stale = match mounts::state_in_time(&target)
             .await
-            .ok_or_else(not_answering)?
+            .ok_or_else(|| not_answering(&target))?
         {
             State::Mounted => {
                 // Published already: fine if it is this volume the same way (a repeated
@@ -453,14 +439,11 @@ impl node_server::Node for Arc<Driver> {
             ));
         }
         let p = PathBuf::from(&r.volume_path);
-        let late = || {
-            Status::unavailable(format!(
-                "{} does not answer in {}s",
-                p.display(),
-                mounts::LOOK_LIMIT.as_secs()
-            ))
-        };
-        if mounts::state_in_time(&p).await.ok_or_else(late)? != State::Mounted {
+        if mounts::state_in_time(&p)
+            .await
+            .ok_or_else(|| not_answering(&p))?
+            != State::Mounted
+        {
             return Err(Status::not_found(format!(
                 "{} is not a published volume",
                 p.display()
@@ -468,7 +451,7 @@ impl node_server::Node for Arc<Driver> {
         }
         let (b, i) = mounts::usage_in_time(&p)
             .await
-            .ok_or_else(late)?
+            .ok_or_else(|| not_answering(&p))?
             .map_err(|e| io_status(&p, e))?;
         let usage = |unit: Unit, [total, available, used]: [u64; 3]| pb::VolumeUsage {
             total: total as i64,

@@ -78,16 +78,10 @@ impl Filesystem {
     pub fn key(&self, options: &[String]) -> String {
         let mut opts: Vec<String> = options.iter().flat_map(|o| flags(o)).collect();
         opts.sort();
-        let mut h: u64 = 0xcbf29ce484222325;
         let parts = [self.metaurl.as_str(), self.name.as_str()]
             .into_iter()
             .chain(opts.iter().map(String::as_str));
-        for part in parts {
-            for b in part.bytes().chain([0]) {
-                h ^= b as u64;
-                h = h.wrapping_mul(0x100000001b3);
-            }
-        }
+        let h = crate::fnv1a(parts.flat_map(|p| p.bytes().chain([0])));
         format!("{}-{h:016x}", self.name)
     }
 }
@@ -196,14 +190,18 @@ mod tests {
             fs.format_options,
             vec!["--block-size=1024", "--compression=lz4"]
         );
-        assert!(fs.key(&[]).starts_with("data-"));
+        // Keys name mount points and cache dirs on nodes: they must not change.
+        assert_eq!(fs.key(&[]), "data-72150cfec5d707a7");
         let opts = |o: &[&str]| o.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         assert_eq!(
             fs.key(&opts(&["a=1", "b"])),
             fs.key(&opts(&["b", "a=1"])),
             "the order of options does not matter"
         );
-        assert_ne!(fs.key(&[]), fs.key(&opts(&["upload-limit=100"])));
+        assert_eq!(
+            fs.key(&opts(&["upload-limit=100"])),
+            "data-0fdebe487215085c"
+        );
         let e = Filesystem::from_secrets(&secrets(&[("name", "x")])).unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
         assert!(e.message().contains("metaurl"));
