@@ -1090,6 +1090,15 @@ impl KvEngine for RedisKv {
         let (rk, _) = self.locate(key);
         self.run(|c| redis::cmd("INCRBY").arg(&rk).arg(delta).query(c))
     }
+
+    fn clock(&self) -> Result<aquifer_meta::Time> {
+        // TIME answers seconds and microseconds as two strings.
+        let (sec, usec): (i64, u32) = self.run(|c| redis::cmd("TIME").query(c))?;
+        Ok(aquifer_meta::Time {
+            sec,
+            nsec: usec.saturating_mul(1000),
+        })
+    }
 }
 
 #[cfg(test)]

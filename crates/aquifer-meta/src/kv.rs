@@ -84,6 +84,12 @@ pub trait KvEngine: KvRead + Send + Sync + 'static {
     /// new value: for id allocation. May be called from inside a transaction's closure; the
     /// increment stands even if that transaction fails or runs again.
     fn incr_by(&self, key: &[u8], delta: i64) -> Result<i64>;
+    /// The engine's clock. On an engine other clients share it is the server's, so that
+    /// times compared across clients (heartbeats, the age of freed blocks) do not depend on
+    /// each client's own clock, which may be minutes off.
+    fn clock(&self) -> Result<crate::Time> {
+        Ok(crate::Time::now())
+    }
 }
 
 /// The i64 a counter key holds (big-endian; absent or malformed = 0).
@@ -124,6 +130,9 @@ impl<E: KvEngine> KvEngine for std::sync::Arc<E> {
     }
     fn incr_by(&self, key: &[u8], delta: i64) -> Result<i64> {
         (**self).incr_by(key, delta)
+    }
+    fn clock(&self) -> Result<crate::Time> {
+        (**self).clock()
     }
 }
 
