@@ -738,8 +738,16 @@ impl ChunkStore {
             Ok(r) => r,
             // The file is gone.
             Err(e) if e.errno() == Errno::ENOENT => false,
-            Err(e) => {
+            // The engine refused the change: the new blocks are nobody's.
+            Err(e @ MetaError::Sys(_)) => {
                 new.iter().for_each(|s| self.delete_slice(s));
+                return Err(e.into());
+            }
+            // The change may have been applied (an answer lost past the retry deadline):
+            // the new blocks may be the chunk's now, so they stay; if they are not, gc
+            // finds them.
+            Err(e) => {
+                tracing::warn!(ino, idx, error = %e, "compaction's outcome is unknown; its new blocks are kept");
                 return Err(e.into());
             }
         };

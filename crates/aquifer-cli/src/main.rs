@@ -328,6 +328,13 @@ struct MountArgs {
     /// had open but were unlinked are freed. Heartbeats go every sixth of it (at most 10 s).
     #[arg(long, default_value_t = 60.0, value_parser = parse_session_timeout)]
     session_timeout: f64,
+    /// What fsync and close wait for on a Redis volume: `aof` (the server's AOF on disk:
+    /// WAITAOF on Redis 7.2+, or a server with appendfsync always), `replicas:N` (N replicas
+    /// have it: WAIT), `aof+replicas:N`, or `none`. A server that cannot give the chosen
+    /// setting is refused. Default: `aof` where the server keeps an AOF, with a warning
+    /// where it cannot.
+    #[arg(long, value_parser = aquifer_meta_redis::Durability::parse)]
+    meta_durability: Option<aquifer_meta_redis::Durability>,
 }
 
 fn parse_session_timeout(v: &str) -> std::result::Result<f64, String> {
@@ -577,14 +584,19 @@ fn open_meta(url: &str, create: bool, read_only: bool) -> Result<Arc<dyn Meta>> 
         create,
         read_only,
         aquifer_meta::DEFAULT_SESSION_TIMEOUT,
+        None,
     )
 }
 
+/// Open the engine behind `url`. With `check` (format, mount), a server's settings are
+/// checked first: a memory policy that may evict metadata, and the durability fsync and
+/// close are to wait for.
 fn open_meta_with(
     url: &str,
     create: bool,
     read_only: bool,
     session_timeout: Duration,
+    check: Option<aquifer_meta_redis::Durability>,
 ) -> Result<Arc<dyn Meta>> {
     match MetaUrl::parse(url).map_err(meta_err)? {
         MetaUrl::RocksDb { path } => {
@@ -598,7 +610,11 @@ fn open_meta_with(
         }
         MetaUrl::Memory => Ok(Arc::new(KvMeta::new(MemKv::new()))),
         MetaUrl::Redis(r) => {
-            let kv = aquifer_meta_redis::RedisKv::open(&r).map_err(meta_err)?;
+            let mut kv = aquifer_meta_redis::RedisKv::open(&r).map_err(meta_err)?;
+            if let Some(d) = check {
+                kv = kv.with_durability(d);
+                kv.check_server().map_err(meta_err)?;
+            }
             Ok(Arc::new(
                 KvMeta::new(kv).with_session_timeout(session_timeout),
             ))
@@ -695,7 +711,13 @@ fn format(mut a: FormatArgs) -> Result<()> {
     )?;
     f.compression = a.compression.clone();
     a.s3.apply(&mut f);
-    let meta = open_meta(&a.meta_url, true, false)?;
+    let meta = open_meta_with(
+        &a.meta_url,
+        true,
+        false,
+        aquifer_meta::DEFAULT_SESSION_TIMEOUT,
+        Some(aquifer_meta_redis::Durability::DEFAULT),
+    )?;
     match meta.load_format() {
         Ok(old) if a.force => {
             // The same volume: its uuid (and so its marker) stays, and so do its blocks.
@@ -847,6 +869,10 @@ fn mount(a: MountArgs) -> Result<()> {
         embedded,
         false,
         Duration::from_secs_f64(a.session_timeout),
+        Some(
+            a.meta_durability
+                .unwrap_or(aquifer_meta_redis::Durability::DEFAULT),
+        ),
     )?;
     if embedded && matches!(meta.load_format(), Err(MetaError::NotFormatted)) {
         let blocks = data_dir.join("default").join("blocks");
@@ -924,6 +950,7 @@ fn mount(a: MountArgs) -> Result<()> {
         version: env!("CARGO_PKG_VERSION").to_string(),
         started: 0,
         heartbeat: 0,
+        client: 0,
     })
     .map_err(|e| anyhow!("cannot start a session: {e}"))?;
     let fuse_counters = Arc::new(aquifer_fuse::FuseCounters::default());

@@ -24,8 +24,12 @@
 //!   (`READONLY`, `MASTERDOWN`) or a moved slot (`MOVED`) makes the operation run again on a
 //!   new connection to the current master, with backoff, until a deadline; then it fails
 //!   with the engine's error (EIO above). A transaction is all or nothing, so nothing is
-//!   half-applied; one whose `EXEC` reply was lost may run twice (its closure re-reads the
-//!   state, so it either finds its change done or makes it).
+//!   half-applied. A commit sent without an answer coming back (a timeout, a reset
+//!   connection) is never run again here: it is answered [`MetaError::Ambiguous`], and
+//!   [`aquifer_meta::KvMeta`] learns from the transaction's lane whether it was applied.
+
+mod durability;
+pub use durability::{Durability, Server};
 
 use aquifer_meta::encoding::{group_len, is_counter, GROUPED, LISTED};
 use aquifer_meta::url::{RedisTopology, RedisUrl};
@@ -99,6 +103,10 @@ pub struct RedisKv {
     /// (same hash slot: `{DB}`), read by the server.
     entry_attr: redis::Script,
     commit: redis::Script,
+    /// What a sync waits for, and how this master gives it (`None`: not learnt yet, or
+    /// the master changed).
+    durability: Durability,
+    plan: Mutex<Option<durability::Plan>>,
 }
 
 const ENTRY_ATTR: &str = r"
@@ -276,7 +284,46 @@ impl RedisKv {
             listings: Mutex::new(Vec::new()),
             entry_attr: redis::Script::new(ENTRY_ATTR),
             commit: redis::Script::new(COMMIT),
+            durability: Durability::DEFAULT,
+            plan: Mutex::new(None),
         }
+    }
+
+    /// What fsync and close wait for (`--meta-durability`).
+    pub fn with_durability(mut self, d: Durability) -> Self {
+        self.durability = d;
+        self
+    }
+
+    /// Read the server's settings; refuse a memory policy that may evict metadata, and a
+    /// server that cannot give the durability the operator chose (the default only warns).
+    /// For `format` and `mount`.
+    pub fn check_server(&self) -> Result<Server> {
+        let server = self.run(Server::read)?;
+        server.check_eviction().map_err(MetaError::Config)?;
+        self.learn_plan(&server)?;
+        Ok(server)
+    }
+
+    fn learn_plan(&self, server: &Server) -> Result<durability::Plan> {
+        let plan = match server.plan(&self.durability) {
+            Ok(p) => p,
+            Err(msg) if self.durability.strict => {
+                return Err(MetaError::Config(format!(
+                    "--meta-durability {}: {msg}",
+                    self.durability
+                )))
+            }
+            Err(msg) => {
+                tracing::warn!("metadata durability: {msg}");
+                durability::Plan {
+                    waitaof: false,
+                    replicas: self.durability.replicas,
+                }
+            }
+        };
+        *self.plan.lock().unwrap() = Some(plan);
+        Ok(plan)
     }
 
     /// Keep this volume's keys under the hash tag `{tag}` instead of `{DB}` (tests put many
@@ -411,6 +458,8 @@ impl RedisKv {
         self.pool.lock().unwrap().clear();
         if wrong_master(e) {
             *self.master.lock().unwrap() = None;
+            // A new master may be configured otherwise.
+            *self.plan.lock().unwrap() = None;
         }
     }
 
@@ -957,6 +1006,8 @@ enum Attempt {
     /// A guess was wrong (or the transaction failed on one): run again without guesses.
     Misguessed,
     Failed(RedisError),
+    /// The commit was sent and no answer came back: it may have been applied.
+    Unknown(RedisError),
     Refused(MetaError),
 }
 
@@ -1021,6 +1072,11 @@ impl RedisKv {
             Ok(Some(1)) => Attempt::Done,
             Ok(_) if guessed => Attempt::Misguessed,
             Ok(_) => Attempt::Conflict,
+            // The commit may have reached the server and run: only the caller can find out.
+            Err(e) if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() => {
+                Attempt::Unknown(e)
+            }
+            // An error reply (READONLY, LOADING, ...): the server did not run it.
             Err(e) => Attempt::Failed(e),
         }
     }
@@ -1041,7 +1097,7 @@ impl KvEngine for RedisKv {
                 .take_connection()
                 .map(|mut c| {
                     let a = self.attempt(&mut c, f, guessing);
-                    if !matches!(a, Attempt::Failed(_)) {
+                    if !matches!(a, Attempt::Failed(_) | Attempt::Unknown(_)) {
                         self.put_connection(c);
                     }
                     a
@@ -1066,6 +1122,12 @@ impl KvEngine for RedisKv {
                         )));
                     }
                 }
+                // Running it again could apply it twice: the caller (KvMeta's lanes) learns
+                // what happened first.
+                Attempt::Unknown(e) => {
+                    self.reset(&e);
+                    return Err(MetaError::ambiguous(ENGINE, e));
+                }
                 Attempt::Failed(e) if retryable(&e) && start.elapsed() < self.deadline => {
                     tracing::debug!(error = %e, "metadata transaction failed; retrying");
                     self.reset(&e);
@@ -1077,13 +1139,36 @@ impl KvEngine for RedisKv {
         }
     }
 
+    /// Wait until every change acknowledged so far is as durable as `--meta-durability`
+    /// asks: on the master's disk, on N replicas (docs/semantics.md).
     fn sync(&self) -> Result<()> {
-        // Durability is the server's (appendonly/appendfsync); see docs/semantics.md.
-        Ok(())
+        if !self.durability.waits() {
+            return Ok(());
+        }
+        let known = *self.plan.lock().unwrap();
+        let plan = match known {
+            Some(p) => p,
+            None => {
+                let server = self.run(Server::read)?;
+                self.learn_plan(&server)?
+            }
+        };
+        let mut marker = self.prefix.clone();
+        marker.extend_from_slice(b"durable");
+        self.run(|c| plan.wait(c, &marker))?
+            .map_err(|msg| engine_err(format!("sync: {msg}")))
+    }
+
+    fn sync_on_close(&self) -> Result<()> {
+        self.sync()
     }
 
     fn exclusive(&self) -> bool {
         false
+    }
+
+    fn may_lose_replies(&self) -> bool {
+        true
     }
 
     fn incr_by(&self, key: &[u8], delta: i64) -> Result<i64> {

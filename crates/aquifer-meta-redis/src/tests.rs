@@ -131,6 +131,37 @@ mod conformance {
     aquifer_meta::meta_conformance_shared!(pair());
 }
 
+/// Every case again with one commit in three losing its answer.
+mod lossy {
+    use super::*;
+    use aquifer_meta::fault::LossyKv;
+
+    fn fresh_every(every: u64) -> (KvMeta<LossyKv<RedisKv>>, Cleanup) {
+        let tag = fresh_tag();
+        let seed = aquifer_meta::conformance::fault_seed();
+        (
+            KvMeta::new(LossyKv::new(open(&tag), seed, every)),
+            Cleanup(tag),
+        )
+    }
+
+    type Lossy = KvMeta<LossyKv<RedisKv>>;
+    fn pair() -> (Lossy, Lossy, Cleanup) {
+        let tag = fresh_tag();
+        let seed = aquifer_meta::conformance::fault_seed();
+        let t = SHARED_SESSION_TIMEOUT;
+        (
+            KvMeta::new(LossyKv::new(open(&tag), seed, 3)).with_session_timeout(t),
+            KvMeta::new(LossyKv::new(open(&tag), seed + 1, 3)).with_session_timeout(t),
+            Cleanup(tag),
+        )
+    }
+
+    aquifer_meta::meta_conformance!(fresh_every(3));
+    aquifer_meta::meta_conformance_shared!(pair());
+    aquifer_meta::meta_conformance_lossy!(fresh_every(0));
+}
+
 #[test]
 fn keys_are_grouped_and_tagged() {
     let (m, _c) = fresh();

@@ -177,6 +177,23 @@ mod conformance {
     aquifer_meta::meta_conformance!(fresh());
     aquifer_meta::meta_conformance_exclusive!(fresh());
 
+    /// Every case again with one commit in three losing its answer.
+    mod lossy {
+        use super::RocksKv;
+        use aquifer_meta::fault::LossyKv;
+        use aquifer_meta::KvMeta;
+
+        fn fresh_every(every: u64) -> (KvMeta<LossyKv<RocksKv>>, tempfile::TempDir) {
+            let dir = tempfile::tempdir().unwrap();
+            let kv = RocksKv::open(dir.path().join("meta"), true).unwrap();
+            let seed = aquifer_meta::conformance::fault_seed();
+            (KvMeta::new(LossyKv::new(kv, seed, every)), dir)
+        }
+        aquifer_meta::meta_conformance!(fresh_every(3));
+        aquifer_meta::meta_conformance_exclusive!(fresh_every(3));
+        aquifer_meta::meta_conformance_lossy!(fresh_every(0));
+    }
+
     #[test]
     fn second_open_is_refused_with_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();

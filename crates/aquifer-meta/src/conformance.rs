@@ -35,6 +35,7 @@ pub fn test_session(hostname: &str) -> SessionInfo {
         version: "t".into(),
         started: 0,
         heartbeat: 0,
+        client: 0,
     }
 }
 
@@ -701,6 +702,98 @@ pub fn posix_and_bsd_locks(m: &dyn Meta) {
     m.flock(f, 3, F_WRLCK).unwrap();
 }
 
+/// Commits whose answers are lost (`crate::fault`): each operation reports what its one
+/// application did — never ENOENT or EEXIST for its own change, never a change made twice
+/// (an exchange swapped back, a slice appended twice, a compaction taken for a lost race).
+pub fn lost_answers<E: KvEngine>(m: &KvMeta<crate::fault::LossyKv<E>>) {
+    use crate::fault::Fault::{AppliedLost, Late, NotApplied};
+    let lossy = m.engine_ref();
+    let ctx = ready(m);
+    let a = mkdir(m, &ctx, ROOT_INO, "a");
+    let f = mkfile(m, &ctx, ROOT_INO, "f");
+    let g = mkfile(m, &ctx, a, "g");
+    for fault in [AppliedLost, NotApplied] {
+        let before = lossy.injected();
+        // An exchange applied once, answered once.
+        lossy.force(&[fault]);
+        m.rename(&ctx, ROOT_INO, b"f", a, b"g", RENAME_EXCHANGE)
+            .unwrap();
+        assert_eq!(lossy.injected(), before + 1, "{fault:?} was injected");
+        assert_eq!(m.lookup(&ctx, ROOT_INO, b"f").unwrap().0, g, "{fault:?}");
+        assert_eq!(m.lookup(&ctx, a, b"g").unwrap().0, f, "{fault:?}");
+        // Swap back to where the next round starts.
+        m.rename(&ctx, ROOT_INO, b"f", a, b"g", RENAME_EXCHANGE)
+            .unwrap();
+        // Link, rename, unlink: each reports success for its own change.
+        lossy.force(&[fault]);
+        m.link(&ctx, f, ROOT_INO, b"f2").unwrap();
+        assert_eq!(m.getattr(f).unwrap().nlink, 2, "{fault:?}");
+        lossy.force(&[fault]);
+        m.rename(&ctx, ROOT_INO, b"f2", a, b"f3", 0).unwrap();
+        lossy.force(&[fault]);
+        m.unlink(&ctx, a, b"f3").unwrap();
+        assert_eq!(m.getattr(f).unwrap().nlink, 1, "{fault:?}");
+        assert_eq!(errno(m.lookup(&ctx, a, b"f3")), Errno::ENOENT);
+        // A create is made once.
+        lossy.force(&[fault]);
+        let d = mkdir(m, &ctx, ROOT_INO, &format!("d{}", fault as u8));
+        assert_eq!(m.getattr(d).unwrap().typ, FileType::Directory);
+        lossy.force(&[fault]);
+        m.rmdir(&ctx, ROOT_INO, format!("d{}", fault as u8).as_bytes())
+            .unwrap();
+        // A slice is appended once, and the length and usage grow once.
+        let (used, _) = m.usage().unwrap();
+        let s1 = Slice {
+            pos: 0,
+            id: m.new_slice_id().unwrap(),
+            size: 4096,
+            off: 0,
+            len: 4096,
+        };
+        lossy.force(&[fault]);
+        let (attr, n) = m.write_slice(f, 1, s1).unwrap();
+        assert_eq!(n, 1, "{fault:?}: one slice");
+        assert_eq!(attr.length, CHUNK_SIZE + 4096);
+        assert_eq!(m.read_chunk_fresh(f, 1).unwrap(), vec![s1]);
+        let s2 = Slice {
+            id: m.new_slice_id().unwrap(),
+            ..s1
+        };
+        m.write_slice(f, 1, s2).unwrap();
+        // A compaction applied once says so: the caller keeps its new slice.
+        let new = Slice {
+            id: m.new_slice_id().unwrap(),
+            ..s1
+        };
+        let trash_before = m.trash_batch(0, 1000).unwrap().len();
+        lossy.force(&[fault]);
+        assert!(
+            m.compact_chunk(f, 1, &[s1, s2], &[new]).unwrap(),
+            "{fault:?}"
+        );
+        assert_eq!(m.read_chunk_fresh(f, 1).unwrap(), vec![new]);
+        let trash = m.trash_batch(0, 1000).unwrap();
+        assert_eq!(
+            trash.len(),
+            trash_before + 1,
+            "{fault:?}: the old slices trashed once"
+        );
+        // Truncate back: usage is as before.
+        lossy.force(&[fault]);
+        m.truncate(&ctx, f, 0).unwrap();
+        assert_eq!(m.usage().unwrap().0, used, "{fault:?}");
+    }
+    // A commit that arrives after its client gave up on it applies nothing.
+    lossy.force(&[Late]);
+    let l = mkdir(m, &ctx, ROOT_INO, "late");
+    assert!(
+        !lossy.deliver_late().unwrap(),
+        "a fenced commit must not apply"
+    );
+    assert_eq!(m.lookup(&ctx, ROOT_INO, b"late").unwrap().0, l);
+    assert_eq!(names(m, &ctx, ROOT_INO), ["a", "f", "late"]);
+}
+
 /// Expand to one `#[test]` per conformance case, each on a fresh engine from `$make`, an
 /// expression giving `(meta, guard)`; the guard (a temp dir, a server) lives for the case.
 #[macro_export]
@@ -721,6 +814,27 @@ macro_rules! meta_conformance {
             }
         )*
     };
+}
+
+/// The case of [`lost_answers`]: `$make` gives `(meta, guard)` where `meta` is a
+/// [`KvMeta`] over a [`crate::fault::LossyKv`].
+#[macro_export]
+macro_rules! meta_conformance_lossy {
+    ($make:expr) => {
+        #[test]
+        fn lost_answers() {
+            let (m, _guard) = $make;
+            $crate::conformance::lost_answers(&m);
+        }
+    };
+}
+
+/// The seed of the fault schedule of the suite's lossy runs: `AQUIFER_FAULT_SEED`, or 1.
+pub fn fault_seed() -> u64 {
+    std::env::var("AQUIFER_FAULT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1)
 }
 
 /// The cases of engines only one process can open: a new session knows every older one is
@@ -1118,4 +1232,32 @@ mod memory {
         )
     }
     crate::meta_conformance_shared!(pair());
+
+    /// Every case again with one commit in three losing its answer.
+    mod lossy {
+        use crate::fault::LossyKv;
+        use crate::{KvMeta, MemKv};
+        use std::sync::Arc;
+
+        fn fresh() -> (KvMeta<LossyKv<MemKv>>, ()) {
+            let seed = crate::conformance::fault_seed();
+            (KvMeta::new(LossyKv::new(MemKv::new(), seed, 3)), ())
+        }
+        crate::meta_conformance!(fresh());
+        crate::meta_conformance_exclusive!(fresh());
+        crate::meta_conformance_lossy!((KvMeta::new(LossyKv::new(MemKv::new(), 0, 0)), ()));
+
+        type Lossy = KvMeta<LossyKv<Arc<MemKv>>>;
+        fn pair() -> (Lossy, Lossy, ()) {
+            let kv = Arc::new(MemKv::shared());
+            let t = crate::conformance::SHARED_SESSION_TIMEOUT;
+            let seed = crate::conformance::fault_seed();
+            (
+                KvMeta::new(LossyKv::new(kv.clone(), seed, 3)).with_session_timeout(t),
+                KvMeta::new(LossyKv::new(kv, seed + 1, 3)).with_session_timeout(t),
+                (),
+            )
+        }
+        crate::meta_conformance_shared!(pair());
+    }
 }

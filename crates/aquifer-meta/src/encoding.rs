@@ -17,6 +17,7 @@
 //! | `P` ino                     | POSIX locks with ranges       |
 //! | `K` sid ino                 | session sid holds locks on ino |
 //! | `J` object key              | object bytes until the store has them durably |
+//! | `W` client lane(u32)        | the lane's last commit: seq (8) + applied (1) (`lanes.rs`) |
 //!
 //! Engines that keep related keys together (Redis: one hash per group) use [`group_len`] and
 //! [`LISTED`]; the others store the keys as they are.
@@ -123,10 +124,20 @@ pub fn lock_index_prefix(sid: u64) -> Vec<u8> {
     with_ino(b'K', sid)
 }
 
+pub fn lane(client: u64, lane: u32) -> Vec<u8> {
+    let mut k = with_ino(b'W', client);
+    k.extend_from_slice(&lane.to_be_bytes());
+    k
+}
+
+pub fn lane_prefix(client: u64) -> Vec<u8> {
+    with_ino(b'W', client)
+}
+
 /// Tags whose keys are grouped by their first 9 bytes (tag and an id): a directory's entries,
-/// a file's chunks, an inode's xattrs, a session's open inodes and locks, an inode's holders.
-/// Every scan inside a transaction stays within one group.
-pub const GROUPED: &[u8] = b"ECXOoK";
+/// a file's chunks, an inode's xattrs, a session's open inodes and locks, an inode's holders,
+/// a client's transaction lanes. Every scan inside a transaction stays within one group.
+pub const GROUPED: &[u8] = b"ECXOoKW";
 
 /// Tags whose keys are listed across groups or ids (sessions, chunks for gc, trash, journal,
 /// locks): engines without ordered keys keep an index of them. No other tag is ever scanned

@@ -66,6 +66,13 @@ pub enum MetaError {
     /// A bad metadata URL or setting.
     #[error("{0}")]
     Config(String),
+    /// A change was sent to the engine and no answer came back (a timeout, a reset
+    /// connection, a failover): it may or may not have been applied. Callers must not undo
+    /// anything (delete blocks, say) on this outcome; [`crate::KvMeta`] resolves it itself
+    /// whenever the engine answers again, so it reaches callers only after an outage
+    /// outlasted the retry deadline.
+    #[error("metadata engine {engine}: outcome unknown: {msg}")]
+    Ambiguous { engine: &'static str, msg: String },
 }
 
 impl MetaError {
@@ -74,6 +81,19 @@ impl MetaError {
         match self {
             MetaError::Sys(e) => *e,
             _ => Errno::EIO,
+        }
+    }
+
+    /// True when the change may have been applied although it failed (see
+    /// [`MetaError::Ambiguous`]).
+    pub fn is_ambiguous(&self) -> bool {
+        matches!(self, MetaError::Ambiguous { .. })
+    }
+
+    pub fn ambiguous(engine: &'static str, msg: impl fmt::Display) -> Self {
+        MetaError::Ambiguous {
+            engine,
+            msg: msg.to_string(),
         }
     }
 

@@ -77,6 +77,12 @@ pub trait KvEngine: KvRead + Send + Sync + 'static {
     fn txn(&self, f: &mut dyn FnMut(&mut dyn KvTxn) -> Result<()>) -> Result<()>;
     /// Make every committed transaction durable on the engine's storage.
     fn sync(&self) -> Result<()>;
+    /// What close(2) of a written file waits for once its changes are committed. An
+    /// embedded engine's commit survives the daemon's death already (power cuts are
+    /// fsync's business); a server's may not survive the server's crash or a failover.
+    fn sync_on_close(&self) -> Result<()> {
+        Ok(())
+    }
     /// True when no other process can use the same store at the same time (an embedded
     /// engine that locks its files): sessions other than ours are then known to be dead.
     fn exclusive(&self) -> bool;
@@ -89,6 +95,14 @@ pub trait KvEngine: KvRead + Send + Sync + 'static {
     /// each client's own clock, which may be minutes off.
     fn clock(&self) -> Result<crate::Time> {
         Ok(crate::Time::now())
+    }
+    /// True when a commit's answer can be lost after the engine applied it (an engine over
+    /// a network: a timeout, a reset connection, a failover). Such an engine answers
+    /// [`crate::MetaError::Ambiguous`] for a commit it sent but heard nothing back of, and
+    /// never runs the transaction again by itself then; [`crate::KvMeta`] finds out what
+    /// happened (a lane key each commit writes) before it runs it again.
+    fn may_lose_replies(&self) -> bool {
+        false
     }
 }
 
@@ -125,6 +139,9 @@ impl<E: KvEngine> KvEngine for std::sync::Arc<E> {
     fn sync(&self) -> Result<()> {
         (**self).sync()
     }
+    fn sync_on_close(&self) -> Result<()> {
+        (**self).sync_on_close()
+    }
     fn exclusive(&self) -> bool {
         (**self).exclusive()
     }
@@ -133,6 +150,9 @@ impl<E: KvEngine> KvEngine for std::sync::Arc<E> {
     }
     fn clock(&self) -> Result<crate::Time> {
         (**self).clock()
+    }
+    fn may_lose_replies(&self) -> bool {
+        (**self).may_lose_replies()
     }
 }
 

@@ -3,6 +3,7 @@
 use crate::encoding as key;
 use crate::error::{Errno, MetaError, Result};
 use crate::kv::{KvEngine, KvTxn};
+use crate::lanes;
 use crate::locks::{self, PLock, F_UNLCK};
 use crate::types::*;
 use crate::{Meta, MODE_R, MODE_W, MODE_X};
@@ -71,6 +72,8 @@ pub struct KvMeta<E: KvEngine> {
     /// answers a caller by itself: a guess is checked at commit, and a wrong one only costs
     /// the transaction a second run with real reads.
     hints: Mutex<Hints>,
+    /// Lanes that let a commit whose answer was lost be recognised (`lanes.rs`).
+    lanes: lanes::Lanes,
 }
 
 fn now() -> Time {
@@ -205,6 +208,7 @@ impl<E: KvEngine> KvMeta<E> {
             locked: Mutex::new(Default::default()),
             last_reap: AtomicU64::new(0),
             hints: Mutex::new(HashMap::new()),
+            lanes: lanes::Lanes::new(),
         }
     }
 
@@ -253,31 +257,110 @@ impl<E: KvEngine> KvMeta<E> {
     /// [`Remembering`]: attributes, entries and slice lists are guessed from
     /// [`KvMeta::hints`] at their first read, and what the committed run read and wrote of
     /// them is remembered.
+    ///
+    /// On an engine that can lose a commit's answer, a writing transaction also moves one
+    /// of this client's lanes (`lanes.rs`): when the outcome of its commit is unknown, a
+    /// fence finds out whether it was applied — then the result of the run that committed
+    /// is the answer — or makes sure it never is, and only then is `f` run again. So a
+    /// change is applied once, and its caller hears what that one application did.
     fn txn<T>(&self, mut f: impl FnMut(&mut dyn KvTxn) -> Result<T>) -> Result<T> {
+        let did_not_run = || MetaError::engine(self.kv.name(), "transaction did not run");
+        if !self.kv.may_lose_replies() {
+            let (r, out, _) = self.txn_once(&mut f, None);
+            r?;
+            return out.ok_or_else(did_not_run);
+        }
+        // Each round is a full run with fresh reads. A round ends in a known outcome unless
+        // the engine stays away past its own retry deadline during the fence.
+        let mut last = None;
+        for _ in 0..8 {
+            let mut lane = self.lanes.take();
+            let (r, out, wrote) = self.txn_once(&mut f, Some(&lane));
+            match r {
+                Ok(()) => {
+                    if wrote {
+                        lane.advance();
+                    }
+                    self.lanes.give_back(lane);
+                    return out.ok_or_else(did_not_run);
+                }
+                Err(e) if e.is_ambiguous() => match self.lanes.fence(&self.kv, &mut lane) {
+                    Ok(true) => {
+                        self.lanes.give_back(lane);
+                        // The run that reached the commit is the one that was applied.
+                        return out.ok_or(e);
+                    }
+                    Ok(false) => {
+                        self.lanes.give_back(lane);
+                        tracing::debug!(error = %e, "a commit whose answer was lost was not applied; running it again");
+                        last = Some(e);
+                    }
+                    // What the lane holds is unknown: it is not used again.
+                    Err(fe) => {
+                        tracing::warn!(error = %e, fence = %fe, "could not learn whether a metadata change was applied");
+                        return Err(e);
+                    }
+                },
+                Err(e) => {
+                    // Not applied (the engine knows): the lane did not move.
+                    self.lanes.give_back(lane);
+                    return Err(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(did_not_run))
+    }
+
+    /// One run of [`KvMeta::txn`]'s transaction through the engine. With a lane, a run that
+    /// writes also moves the lane. Returns the engine's answer, the value of the last run
+    /// of `f` (the one that reached the commit), and whether that run wrote anything.
+    fn txn_once<T>(
+        &self,
+        f: &mut impl FnMut(&mut dyn KvTxn) -> Result<T>,
+        lane: Option<&lanes::Lane>,
+    ) -> (Result<()>, Option<T>, bool) {
         let mut out = None;
+        let mut wrote = false;
         let shared = !self.kv.exclusive();
         let mut seen = Vec::new();
-        self.kv.txn(&mut |t| {
-            if !shared {
-                out = Some(f(t)?);
-                return Ok(());
-            }
-            let mut r = Remembering {
-                t,
-                hints: &self.hints,
-                seen: Vec::new(),
+        let r = self.kv.txn(&mut |t| {
+            out = None;
+            let mut w = Tracking { t, wrote: false };
+            let v = if !shared {
+                f(&mut w)?
+            } else {
+                let mut r = Remembering {
+                    t: &mut w,
+                    hints: &self.hints,
+                    seen: Vec::new(),
+                };
+                let v = f(&mut r)?;
+                seen = r.seen;
+                v
             };
-            out = Some(f(&mut r)?);
-            seen = r.seen;
+            wrote = w.wrote;
+            if let (Some(lane), true) = (lane, w.wrote) {
+                let k = self.lanes.key(lane);
+                let expected = lane.expected();
+                // Taken on trust where the engine checks guesses at commit (no round trip).
+                if !w.t.guess(&k, expected.clone()) && w.t.get(&k)? != expected {
+                    return Err(MetaError::engine(
+                        self.kv.name(),
+                        "a transaction's lane moved under it",
+                    ));
+                }
+                w.t.set(&k, lane.next());
+            }
+            out = Some(v);
             Ok(())
-        })?;
-        if !seen.is_empty() {
+        });
+        if r.is_ok() && !seen.is_empty() {
             let mut h = self.hints.lock().unwrap();
             for (k, v) in seen {
                 remember(&mut h, k, v);
             }
         }
-        out.ok_or_else(|| MetaError::engine(self.kv.name(), "transaction did not run"))
+        (r, out, wrote)
     }
 
     fn alloc(
@@ -575,10 +658,41 @@ impl<E: KvEngine> KvMeta<E> {
                 }
             }
         }
+        let client = self
+            .kv
+            .get(&key::session(sid))?
+            .and_then(|v| serde_json::from_slice::<SessionInfo>(&v).ok())
+            .map_or(0, |s| s.client);
         self.txn(|t| {
             t.delete(&key::session(sid));
             Ok(())
-        })
+        })?;
+        // The session's transaction lanes: nothing of it commits any more (this client's
+        // own go when it closes its session: it may have had an older one).
+        if client != 0 && client != self.lanes.client() {
+            self.delete_lanes(client)?;
+        }
+        Ok(())
+    }
+
+    /// Delete the lanes of `client`, outside any lane: a delete run twice does no harm.
+    fn delete_lanes(&self, client: u64) -> Result<()> {
+        let p = key::lane_prefix(client);
+        for (k, _) in self.kv.scan(&p, &key::prefix_end(&p), usize::MAX)? {
+            let del = || {
+                self.kv.txn(&mut |t| {
+                    t.delete(&k);
+                    Ok(())
+                })
+            };
+            if let Err(e) = del() {
+                if !e.is_ambiguous() {
+                    return Err(e);
+                }
+                del()?;
+            }
+        }
+        Ok(())
     }
 
     /// On engines other clients share: clean up after sessions whose heartbeat stopped.
@@ -694,6 +808,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
         }
         let sid = self.kv.incr_by(&key::counter(C_NEXT_SESSION), 1)? as u64;
         info.sid = sid;
+        info.client = self.lanes.client();
         info.started = unix_now();
         info.heartbeat = info.started;
         let json = serde_json::to_vec(&info).map_err(|e| MetaError::Config(e.to_string()))?;
@@ -746,6 +861,10 @@ impl<E: KvEngine> Meta for KvMeta<E> {
         let sid = self.sid();
         if sid != 0 {
             self.clean_session(sid)?;
+            if self.kv.may_lose_replies() {
+                self.delete_lanes(self.lanes.client())?;
+                self.lanes.forget();
+            }
         }
         self.kv.sync()
     }
@@ -1742,6 +1861,10 @@ impl<E: KvEngine> Meta for KvMeta<E> {
         self.kv.sync()
     }
 
+    fn sync_on_close(&self) -> Result<()> {
+        self.kv.sync_on_close()
+    }
+
     fn journal_put(&self, records: &[(&str, &[u8])]) -> Result<()> {
         if records.is_empty() {
             return Ok(());
@@ -2009,6 +2132,39 @@ type Noted = Option<Option<Vec<u8>>>;
 /// ([`KvTxn::guess`]), and every value of those read or written is noted, to be remembered
 /// once the transaction commits. One place for what the metadata operations would
 /// otherwise each guess and remember by hand.
+/// A transaction that notes whether it wrote anything (then its commit moves a lane).
+struct Tracking<'a> {
+    t: &'a mut dyn KvTxn,
+    wrote: bool,
+}
+
+impl KvTxn for Tracking<'_> {
+    fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.t.get(key)
+    }
+    fn get_many(&mut self, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>> {
+        self.t.get_many(keys)
+    }
+    fn scan(&mut self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<crate::KvPair>> {
+        self.t.scan(start, end, limit)
+    }
+    fn set(&mut self, key: &[u8], value: Vec<u8>) {
+        self.wrote = true;
+        self.t.set(key, value);
+    }
+    fn delete(&mut self, key: &[u8]) {
+        self.wrote = true;
+        self.t.delete(key);
+    }
+    fn add(&mut self, key: &[u8], delta: i64) {
+        self.wrote = true;
+        self.t.add(key, delta);
+    }
+    fn guess(&mut self, key: &[u8], value: Option<Vec<u8>>) -> bool {
+        self.t.guess(key, value)
+    }
+}
+
 struct Remembering<'a> {
     t: &'a mut dyn KvTxn,
     hints: &'a Mutex<Hints>,

@@ -8,11 +8,13 @@ pub mod encoding;
 mod error;
 mod kv;
 mod kvmeta;
+mod lanes;
 mod locks;
 mod types;
 
 pub mod conformance;
 pub mod dump;
+pub mod fault;
 pub mod url;
 
 pub use error::{Errno, MetaError, Result};
@@ -188,6 +190,12 @@ pub trait Meta: Send + Sync {
 
     /// Make all committed changes durable (fsync).
     fn sync(&self) -> Result<()>;
+    /// What close(2) of a written file waits for after committing it: on a shared engine
+    /// the durability the operator chose for it (Redis: `--meta-durability`); nothing on an
+    /// embedded one, whose commits already survive the daemon's death.
+    fn sync_on_close(&self) -> Result<()> {
+        Ok(())
+    }
 
     /// Keep copies of small objects in the metadata log until the object store has them on
     /// disk: an fsync of a few KiB then costs one log flush instead of a flush per block file

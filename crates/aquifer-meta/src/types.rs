@@ -347,6 +347,9 @@ pub struct SessionInfo {
     pub version: String,
     pub started: i64,
     pub heartbeat: i64,
+    /// The client's lane id (`lanes.rs`), so that its lanes go with the session.
+    #[serde(default)]
+    pub client: u64,
 }
 
 /// Flags of rename(2).

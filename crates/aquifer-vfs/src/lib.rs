@@ -575,7 +575,15 @@ impl Vfs {
     pub fn flush(&self, fh: u64) -> Result<()> {
         let h = self.handle(fh)?;
         match &*h {
-            Handle::File(f) => Self::flush_file(f),
+            Handle::File(f) => {
+                Self::flush_file(f)?;
+                // What it committed is as durable as a close promises on this engine
+                // (Redis: --meta-durability; nothing more on an embedded one).
+                if f.writer.is_some() {
+                    self.meta.sync_on_close()?;
+                }
+                Ok(())
+            }
             Handle::Dir(_) => Ok(()),
         }
     }

@@ -483,3 +483,71 @@ fn the_page_cache_is_kept_only_across_opens_of_an_unchanged_file() {
     assert!(!keep(libc::O_WRONLY | libc::O_TRUNC));
     assert!(!keep(libc::O_RDONLY), "emptied by the O_TRUNC open");
 }
+
+/// Commits whose answers are lost on the data path (`aquifer_meta::fault`): appends,
+/// compaction, truncate, unlink and the trash come out as if every answer had arrived —
+/// the file reads back exactly, and only the blocks of what was freed are deleted.
+#[test]
+fn lost_answers_on_the_data_path() {
+    use aquifer_meta::fault::LossyKv;
+    let seed = aquifer_meta::conformance::fault_seed();
+    let lossy = Arc::new(LossyKv::new(MemKv::new(), seed, 2));
+    let meta: Arc<dyn Meta> = Arc::new(KvMeta::new(lossy.clone()));
+    meta.format(&test_format(1 << 16), false).unwrap();
+    let store = Arc::new(MemStore::new());
+    let v = Vfs::new(meta.clone(), store.clone(), DataConfig::default()).unwrap();
+    v.start_session(test_session("h")).unwrap();
+    let cs = v.chunk_store().clone();
+    let (ino, _, fh) = v
+        .create(&root(), ROOT_INO, b"f", 0o644, 0, libc::O_RDWR)
+        .unwrap();
+    // Many small committed appends: a chunk of many slices to compact.
+    let mut model = Vec::new();
+    for i in 0..40u32 {
+        let piece: Vec<u8> = (0..10_000u32).map(|j| (i * 31 + j) as u8).collect();
+        v.write(fh, model.len() as u64, &piece).unwrap();
+        model.extend_from_slice(&piece);
+        v.flush(fh).unwrap();
+    }
+    // (The background compactor may have run meanwhile.)
+    while cs.compact(ino, 0).unwrap() {}
+    assert_eq!(meta.read_chunk_fresh(ino, 0).unwrap().len(), 1);
+    // Truncate, then overwrite the middle and compact again.
+    v.setattr(&root(), ino, &SetAttr::default(), Some(300_000))
+        .unwrap();
+    model.truncate(300_000);
+    v.write(fh, 1000, &[7u8; 5000]).unwrap();
+    model[1000..6000].fill(7);
+    v.flush(fh).unwrap();
+    cs.compact(ino, 0).unwrap();
+    // Another file, unlinked: its blocks go with the trash.
+    let (_, _, gh) = v
+        .create(&root(), ROOT_INO, b"g", 0o644, 0, libc::O_RDWR)
+        .unwrap();
+    v.write(gh, 0, &[9u8; 200_000]).unwrap();
+    v.release(gh).unwrap();
+    v.unlink(&root(), ROOT_INO, b"g").unwrap();
+    while cs.empty_trash().unwrap() > 0 {}
+    assert!(
+        lossy.injected() > 10,
+        "faults were injected: {}",
+        lossy.injected()
+    );
+    // What is left in the store is exactly the blocks of f.
+    let referenced: usize = meta
+        .read_chunk_fresh(ino, 0)
+        .unwrap()
+        .iter()
+        .filter(|s| s.id != 0)
+        .map(|s| s.size.div_ceil(1 << 16) as usize)
+        .sum();
+    assert_eq!(
+        store.len(),
+        referenced,
+        "no block of f lost, none freed kept"
+    );
+    v.release(fh).unwrap();
+    let fh = v.open(&root(), ino, libc::O_RDONLY).unwrap();
+    assert_eq!(v.read(fh, 0, model.len() as u32 + 10).unwrap(), model);
+    v.release(fh).unwrap();
+}

@@ -1,0 +1,190 @@
+//! Knowing whether a commit whose answer was lost was applied.
+//!
+//! On an engine over a network ([`KvEngine::may_lose_replies`]) a commit can be applied
+//! while its answer never arrives (a timeout after the server ran it, a reset connection, a
+//! failover). Running the transaction again would then see its own result and take it for
+//! someone else's: a rename reports ENOENT, `RENAME_EXCHANGE` swaps back, a compaction
+//! deletes the slices it has just committed. So every writing transaction of such an engine
+//! also moves a *lane*: a key of this client (`W` client lane) that it expects to hold the
+//! lane's last value and sets to the next one, in the same commit. A lane serves one
+//! transaction at a time, so its expected value is always known here.
+//!
+//! When a commit's outcome is unknown, a *fence* reads the lane: the transaction's value
+//! means it was applied; the lane's old value means it was not, and the fence moves the
+//! lane to an "aborted" value in its own commit — so that commit, should it still reach the
+//! server late (a queued request, a paused server), finds the lane moved and applies
+//! nothing. Either way the outcome is then known, and the transaction runs again only when
+//! it was not applied.
+//!
+//! Lanes cost one key per concurrent transaction of a client (a hash field on Redis),
+//! written with each commit; embedded engines, whose answers cannot be lost, use none.
+
+use crate::encoding as key;
+use crate::error::{MetaError, Result};
+use crate::kv::KvEngine;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
+
+const APPLIED: u8 = 1;
+/// How long a fence keeps trying once it has tried three times.
+const FENCE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
+const ABORTED: u8 = 0;
+
+/// One lane: its id and the value its key holds now (`None`: never written).
+pub(crate) struct Lane {
+    id: u32,
+    cur: Option<Vec<u8>>,
+    seq: u64,
+}
+
+impl Lane {
+    fn value(seq: u64, status: u8) -> Vec<u8> {
+        let mut v = seq.to_be_bytes().to_vec();
+        v.push(status);
+        v
+    }
+
+    /// What the lane holds now, which a commit moving it must still find.
+    pub(crate) fn expected(&self) -> Option<Vec<u8>> {
+        self.cur.clone()
+    }
+
+    /// The value a commit of the lane's next transaction writes.
+    pub(crate) fn next(&self) -> Vec<u8> {
+        Self::value(self.seq + 1, APPLIED)
+    }
+
+    fn aborted(&self) -> Vec<u8> {
+        Self::value(self.seq + 1, ABORTED)
+    }
+
+    /// The lane's transaction committed (or was found applied).
+    pub(crate) fn advance(&mut self) {
+        self.cur = Some(self.next());
+        self.seq += 1;
+    }
+
+    /// The lane's transaction was fenced off: it never applies.
+    fn abort(&mut self) {
+        self.cur = Some(self.aborted());
+        self.seq += 1;
+    }
+}
+
+/// The lanes of one client.
+pub(crate) struct Lanes {
+    /// Random: names this client's lanes, unique among the volume's clients.
+    client: u64,
+    free: Mutex<Vec<Lane>>,
+    next_id: AtomicU32,
+}
+
+impl Lanes {
+    pub(crate) fn new() -> Self {
+        // RandomState is seeded from the OS once per process and varied per instance; the
+        // time and pid make clients of different processes and hosts differ too.
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or_default(),
+        );
+        h.write_u32(std::process::id());
+        Lanes {
+            client: h.finish() | 1,
+            free: Mutex::new(Vec::new()),
+            next_id: AtomicU32::new(0),
+        }
+    }
+
+    pub(crate) fn client(&self) -> u64 {
+        self.client
+    }
+
+    /// A lane no other transaction of this client uses until it is given back.
+    pub(crate) fn take(&self) -> Lane {
+        if let Some(l) = self.free.lock().unwrap().pop() {
+            return l;
+        }
+        Lane {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            cur: None,
+            seq: 0,
+        }
+    }
+
+    /// Give a lane back whose value is known. (A lane whose fence failed is dropped
+    /// instead: what it holds is unknown, and a later commit expecting a wrong value would
+    /// never apply.)
+    pub(crate) fn give_back(&self, lane: Lane) {
+        self.free.lock().unwrap().push(lane);
+    }
+
+    /// The lanes' keys were deleted (the session closed): start again from none.
+    pub(crate) fn forget(&self) {
+        self.free.lock().unwrap().clear();
+        self.next_id.store(0, Ordering::Relaxed);
+    }
+
+    pub(crate) fn key(&self, lane: &Lane) -> Vec<u8> {
+        key::lane(self.client, lane.id)
+    }
+
+    /// Find out whether the commit of `lane`'s transaction was applied, and make sure that
+    /// it never is when it was not. `Ok(true)`: applied (the lane advanced); `Ok(false)`:
+    /// not applied and never will be (the lane moved past it). An error leaves the outcome
+    /// unknown.
+    pub(crate) fn fence<E: KvEngine>(&self, kv: &E, lane: &mut Lane) -> Result<bool> {
+        let k = self.key(lane);
+        let (cur, next, aborted) = (lane.expected(), lane.next(), lane.aborted());
+        let mut found = None;
+        let mut last = None;
+        // A fence whose own answer is lost is run again: it reads what it did. Each try
+        // waits out the engine's own retry deadline; after a minute the outcome stays
+        // unknown.
+        let start = std::time::Instant::now();
+        let mut backoff = std::time::Duration::from_millis(10);
+        for tries in 0.. {
+            if tries >= 3 && start.elapsed() > FENCE_DEADLINE {
+                break;
+            }
+            if tries > 0 {
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
+            }
+            let r = kv.txn(&mut |t| {
+                let v = t.get(&k)?;
+                found = if v.as_ref() == Some(&next) {
+                    Some(true)
+                } else if v.as_ref() == Some(&aborted) {
+                    Some(false)
+                } else if v == cur {
+                    t.set(&k, aborted.clone());
+                    Some(false)
+                } else {
+                    return Err(MetaError::Corrupt {
+                        key: format!("lane {:x}/{}", self.client, lane.id),
+                        msg: "holds a value no transaction of this client wrote".into(),
+                    });
+                };
+                Ok(())
+            });
+            match r {
+                Ok(()) => {
+                    let applied = found.unwrap_or(false);
+                    if applied {
+                        lane.advance();
+                    } else {
+                        lane.abort();
+                    }
+                    return Ok(applied);
+                }
+                Err(e @ MetaError::Corrupt { .. }) => return Err(e),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| MetaError::ambiguous(kv.name(), "fence did not run")))
+    }
+}
