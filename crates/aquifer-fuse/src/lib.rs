@@ -139,8 +139,9 @@ pub struct AquiferFs {
     /// Passthrough asked for, and not yet found impossible (kernel, privileges).
     passthrough: AtomicBool,
     backings: Mutex<Backings>,
-    /// Lock owners that took POSIX locks through each handle: read-only handles carry
-    /// FOPEN_NOFLUSH, so their locks are dropped at release instead of at flush.
+    /// Lock owners that took POSIX locks through each handle: read-only handles opened
+    /// before the mount's first POSIX lock carry FOPEN_NOFLUSH, so locks taken through them
+    /// are dropped at release instead of at flush.
     lock_owners: Mutex<HashMap<u64, Vec<u64>>>,
     /// Set once the session exists: tells the kernel to drop attributes it cached.
     notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
