@@ -2,6 +2,7 @@
 
 A helper process holds locks through mount A on command; this process tries through mount
 B (locks of one process never conflict with each other, so the two sides are processes).
+Other lock tests import the helpers (`Holder`, `getlk`, `check`).
 """
 import fcntl
 import os
@@ -11,7 +12,6 @@ import sys
 import time
 from multiprocessing import Process, Queue
 
-A, B = sys.argv[1], sys.argv[2]
 # struct flock on x86_64: l_type, l_whence (short), l_start, l_len (off_t), l_pid (pid_t)
 FLOCK = "hhqqi4x"
 
@@ -22,8 +22,8 @@ def getlk(fd, typ, start, length):
     return t, s, l, pid
 
 
-def holder(q_cmd, q_out):
-    fd = os.open(A, os.O_RDWR)
+def holder(path, q_cmd, q_out):
+    fd = os.open(path, os.O_RDWR)
     while True:
         op, *args = q_cmd.get()
         if op == "exit":
@@ -44,14 +44,28 @@ def check(cond, what):
         sys.exit(1)
 
 
-def main():
-    q_cmd, q_out = Queue(), Queue()
-    p = Process(target=holder, args=(q_cmd, q_out))
-    p.start()
+class Holder:
+    """A process of its own holding locks on `path` on command: h("lock", fcntl.LOCK_EX,
+    0, 0) or h("flock", fcntl.LOCK_UN) answers ("ok", its pid) or ("err", errno)."""
 
-    def a(*cmd):
-        q_cmd.put(cmd)
-        return q_out.get(timeout=30)
+    def __init__(self, path):
+        self.q_cmd, self.q_out = Queue(), Queue()
+        # A daemon process: a failed check exits without waiting for it.
+        self.p = Process(target=holder, args=(path, self.q_cmd, self.q_out), daemon=True)
+        self.p.start()
+
+    def __call__(self, *cmd):
+        self.q_cmd.put(cmd)
+        return self.q_out.get(timeout=30)
+
+    def exit(self):
+        self.q_cmd.put(("exit",))
+        self.p.join()
+
+
+def main():
+    A, B = sys.argv[1], sys.argv[2]
+    a = Holder(A)
 
     fd = os.open(B, os.O_RDWR)
     # Byte ranges: A holds [0, 10); [10, 20) is free; [5, 15) conflicts.
@@ -133,8 +147,8 @@ def main():
     os.close(fd)
     st, _ = a("lock", fcntl.LOCK_EX | fcntl.LOCK_NB, 0, 0)
     check(st == "ok", "A locks after B closed its descriptor")
-    q_cmd.put(("exit",))
-    p.join()
+    a.exit()
 
 
-main()
+if __name__ == "__main__":
+    main()

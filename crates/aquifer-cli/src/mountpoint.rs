@@ -171,6 +171,9 @@ pub fn handle_signals(
                 tracing::warn!(error = %e, "unmount failed; detaching lazily");
                 lazy_unmount(&mp);
             }
+            // Lock waiters hold their files open: end their waits (ENOLCK) so that they
+            // can close them and let the detached mount go.
+            vfs.end_lock_waits();
             // Open files keep a lazily detached mount alive: do not wait for them forever.
             std::thread::sleep(Duration::from_secs(10));
             vfs.shutdown();

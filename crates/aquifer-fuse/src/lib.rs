@@ -8,7 +8,7 @@ use fuser::{
     AccessFlags, BackingId, Config, FileAttr, FileHandle, Filesystem, FopenFlags, Generation,
     INodeNo, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
     ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs,
-    ReplyWrite, ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
+    ReplyWrite, ReplyXattr, Request, RequestId, SessionACL, TimeOrNow, WriteFlags,
 };
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -139,8 +139,9 @@ pub struct AquiferFs {
     /// Passthrough asked for, and not yet found impossible (kernel, privileges).
     passthrough: AtomicBool,
     backings: Mutex<Backings>,
-    /// Lock owners that took POSIX locks through each handle: read-only handles carry
-    /// FOPEN_NOFLUSH, so their locks are dropped at release instead of at flush.
+    /// Lock owners that took POSIX locks through each handle: read-only handles opened
+    /// before the mount's first POSIX lock carry FOPEN_NOFLUSH, so locks taken through them
+    /// are dropped at release instead of at flush.
     lock_owners: Mutex<HashMap<u64, Vec<u64>>>,
     /// Set once the session exists: tells the kernel to drop attributes it cached.
     notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
@@ -174,23 +175,6 @@ fn lock_request(typ: i32, start: u64, end: u64, pid: u32) -> (bool, PLock) {
         pid,
     };
     (typ & fuser::LOCK_FLOCK != 0, lock)
-}
-
-/// True when thread `tid` has a signal pending that it does not block (or is gone): a lock
-/// wait on its behalf should end with EINTR, as it would on a local file system.
-fn signal_pending(tid: u32) -> bool {
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{tid}/status")) else {
-        return true;
-    };
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-            .unwrap_or(0)
-    };
-    let pending = field("SigPnd:") | field("ShdPnd:");
-    pending & !field("SigBlk:") != 0
 }
 
 fn err(e: Errno) -> fuser::Errno {
@@ -580,8 +564,13 @@ impl Filesystem for AquiferFs {
                             .passthrough_opens
                             .fetch_add(1, Ordering::Relaxed);
                         // The kernel reads the copy's own page cache: KEEP_CACHE has no
-                        // meaning here, and FLUSH none for a read-only handle.
-                        reply.opened_passthrough(FileHandle(o.fh), FopenFlags::FOPEN_NOFLUSH, &id);
+                        // meaning here.
+                        let f = if o.flush_at_close {
+                            FopenFlags::empty()
+                        } else {
+                            FopenFlags::FOPEN_NOFLUSH
+                        };
+                        reply.opened_passthrough(FileHandle(o.fh), f, &id);
                         self.backings
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
@@ -595,10 +584,10 @@ impl Filesystem for AquiferFs {
                 } else {
                     FopenFlags::empty()
                 };
-                // A read-only descriptor has nothing to commit at close: no FLUSH round
-                // trip per file closed (a training epoch opens every file once). POSIX
-                // locks taken through it are dropped at its release instead.
-                if flags.0 & libc::O_ACCMODE == libc::O_RDONLY {
+                // A read-only descriptor on a mount without POSIX locks has nothing to do
+                // at close: no FLUSH round trip per file closed (a training epoch opens
+                // every file once). POSIX locks taken through it are dropped at its release.
+                if !o.flush_at_close {
                     f |= FopenFlags::FOPEN_NOFLUSH;
                 }
                 reply.opened(FileHandle(o.fh), f)
@@ -740,22 +729,31 @@ impl Filesystem for AquiferFs {
             }
         }
         if !sleep || typ == libc::F_UNLCK {
-            let r = self.vfs.setlk(ino, owner, &lock, flock, false, &|| false);
-            return Self::empty(reply, r);
+            return Self::empty(reply, self.vfs.setlk(ino, owner, &lock, flock));
         }
-        // F_SETLKW: wait on a thread of its own, not a FUSE worker. fuser does not pass
-        // FUSE_INTERRUPT on, so the waiter itself looks for a signal pending on the caller.
+        // F_SETLKW: wait on a thread of its own, not a FUSE worker, until granted or
+        // interrupted (FUSE_INTERRUPT naming this request, see `interrupt`).
+        let wait = match self.vfs.begin_lock_wait(req.unique().0) {
+            Ok(w) => w,
+            Err(e) => return reply.error(err(e)),
+        };
         let vfs = self.vfs.clone();
-        let tid = req.pid();
         let spawned = std::thread::Builder::new()
             .name("lock-wait".into())
             .spawn(move || {
-                let r = vfs.setlk(ino, owner, &lock, flock, true, &|| signal_pending(tid));
-                Self::empty(reply, r);
+                Self::empty(reply, vfs.setlkw(wait, ino, owner, &lock, flock));
             });
         if let Err(e) = spawned {
+            // The reply, dropped with the closure, answers EIO.
             tracing::error!(error = %e, "cannot start a lock waiter");
         }
+    }
+
+    fn interrupt(&self, _req: &Request, unique: RequestId) -> Result<(), fuser::Errno> {
+        // The kernel sends this when the task waiting for request `unique` gets a signal;
+        // only lock waits end early (with EINTR). No reply: an error would stop interrupts.
+        self.vfs.interrupt(unique.0);
+        Ok(())
     }
 
     fn fsync(

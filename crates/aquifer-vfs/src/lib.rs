@@ -14,6 +14,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+pub mod lockwait;
+pub use lockwait::LockWait;
+use lockwait::{LockWaits, Woken};
+
 pub type Result<T> = std::result::Result<T, Errno>;
 
 /// Entries of a directory read from the metadata at a time: an open directory holds one
@@ -72,9 +76,18 @@ pub struct Vfs {
     opened: Mutex<HashMap<Ino, Stamp>>,
     /// Offer whole-file copies for read-only opens ([`Opened::backing`]).
     passthrough: AtomicBool,
+    /// Blocking lock requests waiting for their lock.
+    lock_waits: Arc<LockWaits>,
+    /// A POSIX lock was asked for through this mount: from then on every descriptor's
+    /// close is flushed ([`Opened::flush_at_close`]).
+    posix_locks_taken: AtomicBool,
 }
 
 type Stamp = (u64, aquifer_meta::Time, aquifer_meta::Time);
+
+/// Blocking lock requests that may wait at once (each holds a thread of the FUSE adapter);
+/// past this a blocking request fails with ENOLCK.
+pub const LOCK_WAITERS_MAX: usize = 1024;
 
 /// Files whose stamps are kept; past this the table starts over (a cache miss, no more).
 const OPENED_MAX: usize = 1 << 18;
@@ -92,6 +105,11 @@ pub struct Opened {
     /// version copied: handles of one inode may share a backing file only if it matches.
     pub backing: Option<std::fs::File>,
     pub backing_stamp: Vec<u8>,
+    /// close(2) of this descriptor must reach [`Vfs::flush`]: it has writes to commit, or
+    /// may have to drop POSIX locks (close of *any* descriptor of a file drops the locks
+    /// its process holds on it). A read-only open on a mount that never took a POSIX lock
+    /// needs neither, and saves the round trip (FOPEN_NOFLUSH).
+    pub flush_at_close: bool,
 }
 
 /// What a whole-file copy was made of: any write, truncate or attribute change through
@@ -136,6 +154,8 @@ impl Vfs {
             closed: Mutex::new(false),
             opened: Mutex::new(HashMap::new()),
             passthrough: AtomicBool::new(false),
+            lock_waits: LockWaits::new(LOCK_WAITERS_MAX),
+            posix_locks_taken: AtomicBool::new(false),
         }))
     }
 
@@ -203,6 +223,7 @@ impl Vfs {
             return;
         }
         *closed = true;
+        self.end_lock_waits();
         self.flush_all();
         self.stop.store(true, Ordering::SeqCst);
         if let Some(h) = self.heartbeat.lock().take() {
@@ -455,6 +476,7 @@ impl Vfs {
             keep_cache,
             backing,
             backing_stamp,
+            flush_at_close: is_write(flags) || self.posix_locks_taken.load(Ordering::SeqCst),
         })
     }
 
@@ -531,43 +553,79 @@ impl Vfs {
         Ok(self.meta.getlk(ino, owner, lock)?)
     }
 
-    /// F_SETLK, or F_SETLKW with `wait` (a whole-file flock(2) lock with `flock`): the lock
-    /// is arbitrated by the metadata engine, so it holds across mounts. A waiter asks again
-    /// after a short sleep that grows to 50 ms, and gives up with EINTR once `interrupted`
-    /// says the caller has a signal to handle.
-    pub fn setlk(
+    /// F_SETLK (a whole-file flock(2) lock with `flock`): the lock is arbitrated by the
+    /// metadata engine, so it holds across mounts. A conflict is EAGAIN.
+    pub fn setlk(&self, ino: Ino, owner: u64, lock: &PLock, flock: bool) -> Result<()> {
+        if !flock && lock.typ != libc::F_UNLCK {
+            // Before the lock is taken: a descriptor opened once it may be held is flushed
+            // at close, so its close can drop the lock.
+            self.posix_locks_taken.store(true, Ordering::SeqCst);
+        }
+        let r = if flock {
+            self.meta.flock(ino, owner, lock.typ)
+        } else {
+            self.meta.setlk(ino, owner, lock)
+        };
+        if r.is_ok() && lock.typ == libc::F_UNLCK {
+            self.lock_waits.released();
+        }
+        Ok(r?)
+    }
+
+    /// Register FUSE request `request` as a blocking lock request about to wait (see
+    /// [`lockwait`]): ENOLCK when too many wait already or the mount is going away.
+    pub fn begin_lock_wait(&self, request: u64) -> Result<LockWait> {
+        self.lock_waits.begin(request)
+    }
+
+    /// F_SETLKW: [`Vfs::setlk`] until the lock is granted. The waiter asks again after a
+    /// pause that grows to 50 ms (at once when a lock on this mount is released), and ends
+    /// with EINTR when [`Vfs::interrupt`] names its request, with ENOLCK at shutdown.
+    pub fn setlkw(
         &self,
+        wait: LockWait,
         ino: Ino,
         owner: u64,
         lock: &PLock,
         flock: bool,
-        wait: bool,
-        interrupted: &dyn Fn() -> bool,
     ) -> Result<()> {
         let mut pause = Duration::from_millis(1);
         loop {
-            let r = if flock {
-                self.meta.flock(ino, owner, lock.typ)
-            } else {
-                self.meta.setlk(ino, owner, lock)
-            };
-            match r {
-                Err(e) if wait && e.errno() == Errno::EAGAIN => {
-                    if interrupted() || self.stop.load(Ordering::Relaxed) {
-                        return Err(Errno(libc::EINTR));
-                    }
-                    std::thread::sleep(pause);
-                    pause = (pause * 2).min(Duration::from_millis(50));
-                }
-                r => return Ok(r?),
+            match wait.check() {
+                Woken::Interrupted => return Err(Errno(libc::EINTR)),
+                Woken::Stopped => return Err(Errno(libc::ENOLCK)),
+                Woken::Retry => {}
+            }
+            match self.setlk(ino, owner, lock, flock) {
+                Err(e) if e == Errno::EAGAIN => {}
+                r => return r,
+            }
+            match wait.pause(pause) {
+                Woken::Interrupted => return Err(Errno(libc::EINTR)),
+                Woken::Stopped => return Err(Errno(libc::ENOLCK)),
+                Woken::Retry => pause = (pause * 2).min(Duration::from_millis(50)),
             }
         }
+    }
+
+    /// End every lock wait, now and to come, with ENOLCK: the mount is going away (a
+    /// waiter holds its file open, so it would keep a lazily detached mount alive).
+    pub fn end_lock_waits(&self) {
+        self.lock_waits.stop();
+    }
+
+    /// FUSE_INTERRUPT: the task waiting for request `request` got a signal. Only lock
+    /// waits are cut short; other requests finish as they would.
+    pub fn interrupt(&self, request: u64) {
+        self.lock_waits.interrupt(request);
     }
 
     /// Drop the locks `owner` holds on `ino` (close of its descriptor: POSIX locks at
     /// flush, flock locks at release).
     pub fn release_locks(&self, ino: Ino, owner: u64) -> Result<()> {
-        Ok(self.meta.release_locks(ino, owner)?)
+        self.meta.release_locks(ino, owner)?;
+        self.lock_waits.released();
+        Ok(())
     }
 
     /// close(2) of one descriptor: commit what was written to the file, and report a

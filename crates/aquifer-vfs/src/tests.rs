@@ -549,5 +549,137 @@ fn lost_answers_on_the_data_path() {
     v.release(fh).unwrap();
     let fh = v.open(&root(), ino, libc::O_RDONLY).unwrap();
     assert_eq!(v.read(fh, 0, model.len() as u32 + 10).unwrap(), model);
+
+fn whole(typ: i32) -> PLock {
+    PLock {
+        typ,
+        start: 0,
+        end: u64::MAX,
+        pid: 0,
+    }
+}
+
+/// A blocking lock waits on a thread of its own: the waiter's result, once it returns.
+fn setlkw_on_thread(
+    v: &Arc<Vfs>,
+    request: u64,
+    ino: Ino,
+    owner: u64,
+    flock: bool,
+) -> std::thread::JoinHandle<Result<()>> {
+    let wait = v.begin_lock_wait(request).unwrap();
+    let v = v.clone();
+    std::thread::spawn(move || v.setlkw(wait, ino, owner, &whole(libc::F_WRLCK), flock))
+}
+
+#[test]
+fn a_blocking_lock_waits_until_granted_whatever_the_caller_pid() {
+    let (v, _) = vfs();
+    let (ino, _, _) = v
+        .create(&root(), ROOT_INO, b"l", 0o644, 0, libc::O_RDWR)
+        .unwrap();
+    for flock in [false, true] {
+        v.setlk(ino, 1, &whole(libc::F_WRLCK), flock).unwrap();
+        // Request pid 0 (a caller the daemon cannot see) is all the lock carries.
+        let w = setlkw_on_thread(&v, 10, ino, 2, flock);
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(
+            !w.is_finished(),
+            "a wait ended without an interrupt: {:?}",
+            w.join()
+        );
+        v.setlk(ino, 1, &whole(libc::F_UNLCK), flock).unwrap();
+        assert_eq!(w.join().unwrap(), Ok(()));
+        assert_eq!(
+            v.setlk(ino, 3, &whole(libc::F_WRLCK), flock),
+            Err(Errno::EAGAIN),
+            "granted to the waiter"
+        );
+        v.setlk(ino, 2, &whole(libc::F_UNLCK), flock).unwrap();
+        assert_eq!(v.lock_waits.waiting(), 0);
+    }
+}
+
+#[test]
+fn an_interrupt_ends_only_its_wait_and_takes_no_lock() {
+    let (v, _) = vfs();
+    let (ino, _, _) = v
+        .create(&root(), ROOT_INO, b"l", 0o644, 0, libc::O_RDWR)
+        .unwrap();
+    v.setlk(ino, 1, &whole(libc::F_WRLCK), false).unwrap();
+    let a = setlkw_on_thread(&v, 20, ino, 2, false);
+    let b = setlkw_on_thread(&v, 22, ino, 3, false);
+    v.interrupt(20);
+    assert_eq!(a.join().unwrap(), Err(Errno(libc::EINTR)));
+    assert!(!b.is_finished());
+    v.setlk(ino, 1, &whole(libc::F_UNLCK), false).unwrap();
+    assert_eq!(b.join().unwrap(), Ok(()));
+    // Owner 2 holds nothing: only owner 3's lock is there.
+    let l = v.getlk(ino, 4, &whole(libc::F_RDLCK)).unwrap();
+    assert!(l.is_some());
+    v.release_locks(ino, 3).unwrap();
+    assert_eq!(v.getlk(ino, 4, &whole(libc::F_WRLCK)).unwrap(), None);
+}
+
+#[test]
+fn an_interrupt_read_before_its_request_still_ends_the_wait() {
+    let (v, _) = vfs();
+    let (ino, _, _) = v
+        .create(&root(), ROOT_INO, b"l", 0o644, 0, libc::O_RDWR)
+        .unwrap();
+    v.setlk(ino, 1, &whole(libc::F_WRLCK), true).unwrap();
+    v.interrupt(30);
+    let w = setlkw_on_thread(&v, 30, ino, 2, true);
+    assert_eq!(w.join().unwrap(), Err(Errno(libc::EINTR)));
+}
+
+#[test]
+fn shutdown_ends_lock_waits_and_refuses_new_ones() {
+    let (v, _) = vfs();
+    let (ino, _, _) = v
+        .create(&root(), ROOT_INO, b"l", 0o644, 0, libc::O_RDWR)
+        .unwrap();
+    v.setlk(ino, 1, &whole(libc::F_WRLCK), false).unwrap();
+    let w = setlkw_on_thread(&v, 40, ino, 2, false);
+    v.shutdown();
+    assert_eq!(w.join().unwrap(), Err(Errno(libc::ENOLCK)));
+    assert_eq!(v.begin_lock_wait(42).err(), Some(Errno(libc::ENOLCK)));
+}
+
+#[test]
+fn blocking_lock_requests_are_bounded() {
+    let (v, _) = vfs();
+    let waits: Vec<_> = (0..LOCK_WAITERS_MAX as u64)
+        .map(|r| v.begin_lock_wait(r).unwrap())
+        .collect();
+    assert_eq!(
+        v.begin_lock_wait(LOCK_WAITERS_MAX as u64).err(),
+        Some(Errno(libc::ENOLCK))
+    );
+    drop(waits);
+    assert!(v.begin_lock_wait(0).is_ok());
+}
+
+#[test]
+fn closes_are_flushed_once_the_mount_took_a_posix_lock() {
+    let (v, _) = vfs();
+    let (ino, _, fh) = v
+        .create(&root(), ROOT_INO, b"l", 0o644, 0, libc::O_RDWR)
+        .unwrap();
+    let flushed = |flags| {
+        let o = v.open_file(&root(), ino, flags).unwrap();
+        v.release(o.fh).unwrap();
+        o.flush_at_close
+    };
+    assert!(
+        !flushed(libc::O_RDONLY),
+        "nothing to do at a read-only close"
+    );
+    assert!(flushed(libc::O_RDWR));
+    v.setlk(ino, 1, &whole(libc::F_WRLCK), true).unwrap();
+    assert!(!flushed(libc::O_RDONLY), "flock locks go at the last close");
+    v.setlk(ino, 1, &whole(libc::F_RDLCK), false).unwrap();
+    // Any close by the owner must drop its POSIX locks: read-only ones too.
+    assert!(flushed(libc::O_RDONLY));
     v.release(fh).unwrap();
 }

@@ -412,6 +412,15 @@ pub trait Filesystem: Send + Sync + 'static {
     /// Called on filesystem exit.
     fn destroy(&mut self) {}
 
+    /// aquifer patch: the kernel asks to interrupt request `unique` (FUSE_INTERRUPT), sent
+    /// when the task waiting for that request's reply gets a signal. The interrupted
+    /// request still needs its own reply (EINTR if it was cut short); an interrupt may
+    /// arrive before the request it names has reached the filesystem. `Ok` sends no reply;
+    /// the default, ENOSYS, tells the kernel not to send interrupts any more.
+    fn interrupt(&self, _req: &Request, _unique: RequestId) -> Result<(), Errno> {
+        Err(Errno::ENOSYS)
+    }
+
     /// Look up a directory entry by name and get its attributes.
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         warn!("[Not Implemented] lookup(parent: {parent:#x?}, name {name:?})");

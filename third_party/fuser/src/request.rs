@@ -90,6 +90,8 @@ impl<'a> RequestWithSender<'a> {
                     | ll::Operation::Release(_)
                     | ll::Operation::ReleaseDir(_) => {}
                     ll::Operation::ReadDirPlus(_) => {}
+                    // aquifer patch: the kernel sends interrupts with uid 0.
+                    ll::Operation::Interrupt(_) => {}
                     _ => {
                         return Err(Errno::EACCES);
                     }
@@ -114,9 +116,11 @@ impl<'a> RequestWithSender<'a> {
                 return Err(Errno::EIO);
             }
 
-            ll::Operation::Interrupt(_) => {
-                // TODO: handle FUSE_INTERRUPT
-                return Err(Errno::ENOSYS);
+            ll::Operation::Interrupt(x) => {
+                // aquifer patch: passed on to the filesystem. An interrupt gets no reply
+                // unless the filesystem answers with an error (ENOSYS: the kernel sends no
+                // more interrupts; EAGAIN: the kernel sends this one again).
+                filesystem.interrupt(self.request_header(), x.unique())?;
             }
 
             ll::Operation::Lookup(x) => {
