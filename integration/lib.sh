@@ -24,7 +24,7 @@ cleanup() {
   for ((i = ${#CLEANUPS[@]} - 1; i >= 0; i--)); do
     eval "${CLEANUPS[$i]}" >/dev/null 2>&1 || true
   done
-  rm -rf "$WORK"
+  [ -n "${KEEP_WORK:-}" ] || rm -rf "$WORK"
 }
 trap cleanup EXIT
 

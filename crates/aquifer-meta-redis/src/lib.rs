@@ -107,6 +107,8 @@ pub struct RedisKv {
     /// the master changed).
     durability: Durability,
     plan: Mutex<Option<durability::Plan>>,
+    /// Bumped whenever the master may have changed ([`KvEngine::epoch`]).
+    epoch: std::sync::atomic::AtomicU64,
 }
 
 const ENTRY_ATTR: &str = r"
@@ -149,6 +151,11 @@ fn engine_err(e: impl std::fmt::Display) -> MetaError {
 /// Errors after which the same operation may succeed on a new connection or a new master.
 fn retryable(e: &RedisError) -> bool {
     if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout() {
+        return true;
+    }
+    // A WAIT cut short because the master became a replica (a failover); inside a
+    // pipeline the code is only in the message.
+    if e.code() == Some("UNBLOCKED") || e.to_string().contains("UNBLOCKED") {
         return true;
     }
     matches!(
@@ -286,6 +293,7 @@ impl RedisKv {
             commit: redis::Script::new(COMMIT),
             durability: Durability::DEFAULT,
             plan: Mutex::new(None),
+            epoch: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -457,6 +465,8 @@ impl RedisKv {
     fn reset(&self, e: &RedisError) {
         self.pool.lock().unwrap().clear();
         if wrong_master(e) {
+            self.epoch
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             *self.master.lock().unwrap() = None;
             // A new master may be configured otherwise.
             *self.plan.lock().unwrap() = None;
@@ -1169,6 +1179,10 @@ impl KvEngine for RedisKv {
 
     fn may_lose_replies(&self) -> bool {
         true
+    }
+
+    fn epoch(&self) -> u64 {
+        self.epoch.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn incr_by(&self, key: &[u8], delta: i64) -> Result<i64> {

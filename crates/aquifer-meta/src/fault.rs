@@ -200,4 +200,8 @@ impl<E: KvEngine> KvEngine for LossyKv<E> {
     fn may_lose_replies(&self) -> bool {
         true
     }
+
+    fn epoch(&self) -> u64 {
+        self.inner.epoch()
+    }
 }

@@ -104,6 +104,11 @@ pub trait KvEngine: KvRead + Send + Sync + 'static {
     fn may_lose_replies(&self) -> bool {
         false
     }
+    /// A number that changes whenever the engine may have moved to another server (a
+    /// failover): changes acknowledged before it may be gone, and a sync after it checks.
+    fn epoch(&self) -> u64 {
+        0
+    }
 }
 
 /// The i64 a counter key holds (big-endian; absent or malformed = 0).
@@ -153,6 +158,9 @@ impl<E: KvEngine> KvEngine for std::sync::Arc<E> {
     }
     fn may_lose_replies(&self) -> bool {
         (**self).may_lose_replies()
+    }
+    fn epoch(&self) -> u64 {
+        (**self).epoch()
     }
 }
 

@@ -74,6 +74,12 @@ pub struct KvMeta<E: KvEngine> {
     hints: Mutex<Hints>,
     /// Lanes that let a commit whose answer was lost be recognised (`lanes.rs`).
     lanes: lanes::Lanes,
+    /// The engine's epoch ([`KvEngine::epoch`]) when this client last found its lanes on
+    /// the server as it left them.
+    lanes_checked: AtomicU64,
+    /// The server lost changes it had acknowledged to this client (a failover to a
+    /// replica that lacked them): fsync and close can no longer vouch for anything.
+    diverged: std::sync::atomic::AtomicBool,
 }
 
 fn now() -> Time {
@@ -209,6 +215,8 @@ impl<E: KvEngine> KvMeta<E> {
             last_reap: AtomicU64::new(0),
             hints: Mutex::new(HashMap::new()),
             lanes: lanes::Lanes::new(),
+            lanes_checked: AtomicU64::new(0),
+            diverged: Default::default(),
         }
     }
 
@@ -266,16 +274,24 @@ impl<E: KvEngine> KvMeta<E> {
     fn txn<T>(&self, mut f: impl FnMut(&mut dyn KvTxn) -> Result<T>) -> Result<T> {
         let did_not_run = || MetaError::engine(self.kv.name(), "transaction did not run");
         if !self.kv.may_lose_replies() {
-            let (r, out, _) = self.txn_once(&mut f, None);
+            let (r, out, ..) = self.txn_once(&mut f, None);
             r?;
             return out.ok_or_else(did_not_run);
         }
         // Each round is a full run with fresh reads. A round ends in a known outcome unless
         // the engine stays away past its own retry deadline during the fence.
         let mut last = None;
-        for _ in 0..8 {
+        let start = std::time::Instant::now();
+        for round in 0.. {
+            if round >= 8 && start.elapsed() > Duration::from_secs(60) {
+                break;
+            }
             let mut lane = self.lanes.take();
-            let (r, out, wrote) = self.txn_once(&mut f, Some(&lane));
+            let (r, out, wrote, found) = self.txn_once(&mut f, Some(&lane));
+            if let Some(v) = found {
+                self.lost_changes("a transaction found its lane behind");
+                lane.found(v);
+            }
             match r {
                 Ok(()) => {
                     if wrote {
@@ -311,16 +327,60 @@ impl<E: KvEngine> KvMeta<E> {
         Err(last.unwrap_or_else(did_not_run))
     }
 
+    /// Note that the server lost changes it had acknowledged to this client.
+    fn lost_changes(&self, how: &str) {
+        if !self.diverged.swap(true, Ordering::SeqCst) {
+            tracing::error!(
+                how,
+                "the metadata server lost changes it had acknowledged to this mount (a failover \
+                 to a replica that lacked them): from now on fsync and close fail with EIO, as \
+                 data they would vouch for may be gone; unmount and mount again"
+            );
+        }
+    }
+
+    /// After a sync: when the engine may have moved to another server since the last look,
+    /// check that this client's last commits are there (each idle lane holds what this
+    /// client left in it). A sync that cannot vouch for them fails.
+    fn check_lanes(&self) -> Result<()> {
+        if !self.kv.may_lose_replies() {
+            return Ok(());
+        }
+        let epoch = self.kv.epoch();
+        if !self.diverged.load(Ordering::SeqCst)
+            && self.lanes_checked.load(Ordering::SeqCst) != epoch
+        {
+            let idle = self.lanes.idle();
+            let keys: Vec<&[u8]> = idle.iter().map(|(k, _)| k.as_slice()).collect();
+            let now = self.kv.get_many(&keys)?;
+            if idle.iter().zip(&now).any(|((_, want), got)| want != got) {
+                self.lost_changes("a sync after a failover found lanes behind");
+            } else {
+                self.lanes_checked.store(epoch, Ordering::SeqCst);
+            }
+        }
+        if self.diverged.load(Ordering::SeqCst) {
+            return Err(MetaError::engine(
+                self.kv.name(),
+                "the server lost changes it had acknowledged to this mount (a failover); remount",
+            ));
+        }
+        Ok(())
+    }
+
     /// One run of [`KvMeta::txn`]'s transaction through the engine. With a lane, a run that
     /// writes also moves the lane. Returns the engine's answer, the value of the last run
-    /// of `f` (the one that reached the commit), and whether that run wrote anything.
+    /// of `f` (the one that reached the commit), whether that run wrote anything, and what
+    /// it found the lane holding when that was not what this client had left there.
+    #[allow(clippy::type_complexity)]
     fn txn_once<T>(
         &self,
         f: &mut impl FnMut(&mut dyn KvTxn) -> Result<T>,
         lane: Option<&lanes::Lane>,
-    ) -> (Result<()>, Option<T>, bool) {
+    ) -> (Result<()>, Option<T>, bool, Option<Option<Vec<u8>>>) {
         let mut out = None;
         let mut wrote = false;
+        let mut found = None;
         let shared = !self.kv.exclusive();
         let mut seen = Vec::new();
         let r = self.kv.txn(&mut |t| {
@@ -339,15 +399,19 @@ impl<E: KvEngine> KvMeta<E> {
                 v
             };
             wrote = w.wrote;
+            found = None;
             if let (Some(lane), true) = (lane, w.wrote) {
                 let k = self.lanes.key(lane);
                 let expected = lane.expected();
                 // Taken on trust where the engine checks guesses at commit (no round trip).
-                if !w.t.guess(&k, expected.clone()) && w.t.get(&k)? != expected {
-                    return Err(MetaError::engine(
-                        self.kv.name(),
-                        "a transaction's lane moved under it",
-                    ));
+                // A real read that finds something else (a failover lost the lane's last
+                // moves) is what this commit then expects: it writes a value the lane never
+                // held, so a fence still tells whether it applied.
+                if !w.t.guess(&k, expected.clone()) {
+                    let v = w.t.get(&k)?;
+                    if v != expected {
+                        found = Some(v);
+                    }
                 }
                 w.t.set(&k, lane.next());
             }
@@ -360,7 +424,7 @@ impl<E: KvEngine> KvMeta<E> {
                 remember(&mut h, k, v);
             }
         }
-        (r, out, wrote)
+        (r, out, wrote, found)
     }
 
     fn alloc(
@@ -1858,11 +1922,13 @@ impl<E: KvEngine> Meta for KvMeta<E> {
     }
 
     fn sync(&self) -> Result<()> {
-        self.kv.sync()
+        self.kv.sync()?;
+        self.check_lanes()
     }
 
     fn sync_on_close(&self) -> Result<()> {
-        self.kv.sync_on_close()
+        self.kv.sync_on_close()?;
+        self.check_lanes()
     }
 
     fn journal_put(&self, records: &[(&str, &[u8])]) -> Result<()> {

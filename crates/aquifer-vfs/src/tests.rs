@@ -549,6 +549,8 @@ fn lost_answers_on_the_data_path() {
     v.release(fh).unwrap();
     let fh = v.open(&root(), ino, libc::O_RDONLY).unwrap();
     assert_eq!(v.read(fh, 0, model.len() as u32 + 10).unwrap(), model);
+    v.release(fh).unwrap();
+}
 
 fn whole(typ: i32) -> PLock {
     PLock {
