@@ -358,6 +358,9 @@ if phase == "calls":
     e_dir = os.path.join(ctl[0], e.volume_context["path"].lstrip("/"))
     if os.listdir(e_dir):
         fail(f"a new volume holds the deleted one's files: {os.listdir(e_dir)}")
+    # The record is one that only CAP_SYS_ADMIN reads or writes, not a pod.
+    if os.getxattr(e_dir, "trusted.aquifer.csi.owner") != b"pv-te":
+        fail(f"the owner record of pv-te's directory: {os.getxattr(e_dir, 'trusted.aquifer.csi.owner')}")
     with open(os.path.join(e_dir, "new"), "w") as f:
         f.write("e's")
     delete(c.volume_id)

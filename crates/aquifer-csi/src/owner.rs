@@ -20,8 +20,11 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-/// The extended attribute that names the PV owning a volume's directory.
-pub const OWNER_XATTR: &str = "user.aquifer.csi.owner";
+/// The extended attribute that names the PV owning a volume's directory. A `trusted.` one:
+/// only a process with CAP_SYS_ADMIN (the driver) reads or sets it, so a pod cannot
+/// rewrite its volume's record (the directory is mode 0777, and `user.` attributes follow
+/// the mode).
+pub const OWNER_XATTR: &str = "trusted.aquifer.csi.owner";
 /// The extended attribute that records a volume's capacity on its directory.
 pub const CAPACITY_XATTR: &str = "user.aquifer.csi.capacity";
 
