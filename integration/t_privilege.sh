@@ -4,7 +4,8 @@
 # - the user is refused evict, warm and mark (EPERM from the control ioctl, one line and a
 #   non-zero exit from `aquifer warmup`), and the cache stays as it was; `warmup --check`
 #   and `stats` work for it;
-# - root (the owner) may, and so may the user holding CAP_SYS_ADMIN (an ambient capability);
+# - root (the owner) may, and so may the user holding CAP_SYS_ADMIN (an ambient capability),
+#   unless the daemon cannot see the caller's pid (it runs in a PID namespace of its own);
 # - a cache directory owned by another user, or open to others (mode 0777, also as the
 #   --cache-dir it is made in), and a staging directory owned by another user, are refused
 #   at mount with one line; a missing one is made 0700.
@@ -79,6 +80,24 @@ out=$(check "$AQUIFER")
 [[ "$out" == *"(100.0%)"* ]] || fail "the warm-up with CAP_SYS_ADMIN did not warm: $out"
 note "the owner evicts, a user with CAP_SYS_ADMIN warms"
 umount_volume "$mp"
+
+# The daemon in a PID namespace of its own (a node daemon's pod): callers outside it come
+# with pid 0, so their capabilities cannot be looked up and only the uid counts.
+unshare --pid --fork -- "$AQUIFER" mount "$META" "$mp" --cache-dir "$cache" --cache-size 64M \
+  --metrics none --log "$WORK/pidns.log" >/dev/null 2>&1 &
+pidns=$!
+MOUNTS+=("$mp")
+for _ in $(seq 1 100); do grep -q " $mp fuse" /proc/self/mounts && break; sleep 0.1; done
+grep -q " $mp fuse" /proc/self/mounts || fail "the mount in its own PID namespace did not come up: $(tail -3 "$WORK/pidns.log")"
+if setpriv --reuid=tests --regid=tests --clear-groups --inh-caps=+sys_admin --ambient-caps=+sys_admin \
+  "$WORK/aquifer" warmup --evict "$mp/d" >/dev/null 2>"$WORK/err"; then
+  fail "a caller the daemon cannot see was trusted with its capability"
+fi
+grep -q "not permitted" "$WORK/err" || fail "unseen caller with CAP_SYS_ADMIN: $(cat "$WORK/err")"
+"$AQUIFER" warmup --evict "$mp/d" >/dev/null || fail "the owner (uid 0) was refused from another PID namespace"
+note "daemon in its own PID namespace: an unseen caller's capability does not count, its uid does"
+"$AQUIFER" umount "$mp"
+wait "$pidns" 2>/dev/null || true
 
 # Cache and staging directories that are not the mount's own.
 refused() { # refused WHAT PATTERN FLAGS...: the mount fails with one line matching PATTERN
