@@ -129,7 +129,8 @@ fn is_exists(e: &io::Error) -> bool {
 /// Make directory `rel` under `root` (the filesystem's mount) for PV `pv`, or find it
 /// made for `pv` before. Blocking.
 pub fn claim(root: &Path, rel: &Path, pv: &str, bytes: i64) -> io::Result<Claim> {
-    // Not inside another volume: that volume's PV would see and delete this one.
+    // Not inside another volume (at any depth): that volume's PV would see and delete this
+    // one.
     for a in rel
         .ancestors()
         .skip(1)
@@ -138,7 +139,7 @@ pub fn claim(root: &Path, rel: &Path, pv: &str, bytes: i64) -> io::Result<Claim>
         match owner(&root.join(a)) {
             Ok(Some(_)) => return Ok(Claim::Taken),
             Ok(None) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => break,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
     }
@@ -276,6 +277,12 @@ mod tests {
             Claim::Taken,
             "inside another volume"
         );
+        assert_eq!(
+            claim(&t, &rel.join("x/y"), "pv-3", 5).unwrap(),
+            Claim::Taken,
+            "deeper inside another volume"
+        );
+        assert!(!t.join(rel).join("x").exists());
         // A directory of no PV (a static PV's path) is nobody's to take or delete.
         std::fs::create_dir_all(t.join("static")).unwrap();
         assert_eq!(
