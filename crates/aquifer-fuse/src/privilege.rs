@@ -9,9 +9,10 @@
 //! The uid is the request's, which the kernel fills in. CAP_SYS_ADMIN is read from
 //! `/proc/PID/status` of the request's pid, and only trusted when that process is plainly
 //! the caller: a pid of 0 (a caller in a PID namespace the daemon cannot see, as every
-//! application pod is from a node daemon's pod), a process gone, one whose filesystem uid is
-//! not the request's (a pid reused meanwhile), or one in another user namespace (whose
-//! capabilities say nothing over this one) is unprivileged. So `/proc` can only ever
+//! application pod is from a node daemon's pod), a `/proc` of another PID namespace than
+//! the daemon's, a process gone, one whose filesystem uid is not the request's (a pid
+//! reused meanwhile), or one in another user namespace (whose capabilities say nothing over
+//! this one) is unprivileged. So `/proc` can only ever
 //! confirm a capability, never stand in for a uid.
 
 use crate::control::WarmOp;
@@ -36,6 +37,12 @@ const CAP_SYS_ADMIN: u32 = 21;
 /// process's user namespace (see the module doc for what counts as unprivileged).
 pub fn caller_has_cap_sys_admin(pid: u32, uid: u32) -> bool {
     if pid == 0 {
+        return false;
+    }
+    // A /proc of another PID namespace (not mounted again after an unshare) numbers
+    // processes otherwise: PID would be someone else there.
+    let own = std::fs::read_link("/proc/self").ok();
+    if own.as_deref().and_then(|p| p.to_str()) != Some(std::process::id().to_string().as_str()) {
         return false;
     }
     let proc = format!("/proc/{pid}");
