@@ -13,6 +13,7 @@ import errno
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -177,8 +178,8 @@ if phase == "calls":
     pat = create("pv-7", 0, params={"pathPattern": "ckpts/${pvc.metadata.namespace}-${pvc.metadata.name}",
                                     "csi.storage.k8s.io/pvc/name": "ckpt",
                                     "csi.storage.k8s.io/pvc/namespace": "team"})
-    if pat.volume_id != "ckpts/team-ckpt":
-        fail(f"pathPattern gave {pat.volume_id}")
+    if pat.volume_id != "pv-7:ckpts/team-ckpt" or pat.volume_context["path"] != "/ckpts/team-ckpt":
+        fail(f"pathPattern gave {pat.volume_id} at {pat.volume_context['path']}")
     ok = controller.ValidateVolumeCapabilities(
         pb.ValidateVolumeCapabilitiesRequest(volume_id="pvc-a", volume_capabilities=[cap()], secrets=SECRETS), timeout=60)
     if not ok.confirmed.volume_capabilities:
@@ -221,6 +222,17 @@ if phase == "calls":
     with open(os.path.join(t["static"], "part-0")) as f:
         if f.read() != "dataset bytes":
             fail("the static PV shows other bytes")
+    # A directory no PV made is no dynamic volume's: CreateVolume refuses it, DeleteVolume
+    # (of any id naming it) leaves it.
+    d = expect_code(C.ALREADY_EXISTS, controller.CreateVolume,
+                    pb.CreateVolumeRequest(name="pv-s", volume_capabilities=[cap()], secrets=SECRETS,
+                                           parameters={"pathPattern": "datasets/${pvc.metadata.name}",
+                                                       "csi.storage.k8s.io/pvc/name": "set1"}))
+    for vid in ["datasets/set1", "static-1:datasets/set1", "pv-s:datasets/set1"]:
+        controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vid, secrets=SECRETS), timeout=60)
+    with open(os.path.join(t["static"], "part-0")) as f:
+        if f.read() != "dataset bytes":
+            fail("DeleteVolume removed a static PV's directory")
     expect_code(C.NOT_FOUND, node.NodePublishVolume,
                 pb.NodePublishVolumeRequest(volume_id="static-2", target_path=os.path.join(work, "pods", "x", "m"),
                                             volume_capability=cap(), secrets=SECRETS,
@@ -240,6 +252,123 @@ if phase == "calls":
     expect_erofs(t["reader"], "a reader-only access mode")
     note("a file is FAILED_PRECONDITION, another volume or mode at a published target ALREADY_EXISTS, "
          "reader-only modes publish read-only")
+    # Tenants (the node mount is held by the targets above, so each pod's publish is quick).
+    # The shipped pattern keeps team/a-ckpt and team-a/ckpt apart.
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "k8s", "storageclasses.yaml")) as f:
+        patterns = re.findall(r"pathPattern:\s*(\S+)", f.read())
+    if not patterns:
+        fail("no pathPattern in k8s/storageclasses.yaml")
+    dash = "ckpts/${pvc.metadata.namespace}-${pvc.metadata.name}"
+
+    def claim_req(pv, ns, claim, pattern, size):
+        return pb.CreateVolumeRequest(
+            name=pv, capacity_range=pb.CapacityRange(required_bytes=size), volume_capabilities=[cap()],
+            secrets=SECRETS, parameters={"pathPattern": pattern, "csi.storage.k8s.io/pvc/name": claim,
+                                         "csi.storage.k8s.io/pvc/namespace": ns})
+
+    def claim(pv, ns, name, pattern, size=gib):
+        return controller.CreateVolume(claim_req(pv, ns, name, pattern, size), timeout=120).volume
+
+    def exists(vol):
+        try:
+            controller.ValidateVolumeCapabilities(
+                pb.ValidateVolumeCapabilitiesRequest(volume_id=vol.volume_id, volume_capabilities=[cap()],
+                                                     secrets=SECRETS), timeout=60)
+            return True
+        except grpc.RpcError as e:
+            if e.code() != C.NOT_FOUND:
+                raise
+            return False
+
+    def delete(vol_id):
+        controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol_id, secrets=SECRETS), timeout=60)
+
+    def pod_writes(vol, name, text):
+        target = os.path.join(work, "pods", "tenant", "mount")
+        publish(vol.volume_id, target, context=dict(vol.volume_context))
+        with open(os.path.join(target, name), "w") as f:
+            f.write(text)
+        unpublish(vol.volume_id, target)
+
+    def pod_reads(vol, name):
+        target = os.path.join(work, "pods", "tenant", "mount")
+        publish(vol.volume_id, target, context=dict(vol.volume_context))
+        try:
+            with open(os.path.join(target, name)) as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+        finally:
+            unpublish(vol.volume_id, target)
+
+    def reveals(detail, *secrets):
+        return [x for x in secrets if x in detail]
+
+    for i, shipped in enumerate(patterns):
+        a = claim(f"pv-ta{i}", "team", "a-ckpt", shipped)
+        try:
+            b = claim(f"pv-tb{i}", "team-a", "ckpt", shipped)
+        except grpc.RpcError as e:
+            fail(f"the shipped pattern {shipped}: team-a/ckpt after team/a-ckpt: {e.code()} {e.details()}")
+        if a.volume_context["path"] == b.volume_context["path"]:
+            fail(f"the shipped pattern {shipped}: team/a-ckpt and team-a/ckpt share {a.volume_context['path']}")
+        if i < len(patterns) - 1:
+            delete(a.volume_id)
+            delete(b.volume_id)
+    if claim(f"pv-ta{i}", "team", "a-ckpt", shipped) != a:
+        fail("CreateVolume retried for the same PV gave another volume")
+    pod_writes(a, "ckpt-0", "team's")
+    pod_writes(b, "ckpt-0", "team-a's")
+    if pod_reads(b, "ckpt-0") != "team-a's":
+        fail("team-a reads another tenant's checkpoint")
+    delete(a.volume_id)
+    if exists(a) or not exists(b) or pod_reads(b, "ckpt-0") != "team-a's":
+        fail("deleting team/a-ckpt touched team-a/ckpt")
+    d = expect_code(C.ALREADY_EXISTS, controller.CreateVolume,
+                    claim_req("pv-tx", "x", "inner", b.volume_context["path"].lstrip("/") + "/${pvc.metadata.name}", gib))
+    if reveals(d, b.volume_id.split(":")[0], str(gib)):
+        fail(f"a volume inside another: the refusal tells {reveals(d, b.volume_id.split(':')[0], str(gib))}: {d}")
+    delete(b.volume_id)
+    if exists(b):
+        fail("DeleteVolume left team-a/ckpt")
+    note(f"tenants: {a.volume_context['path']} and {b.volume_context['path']}, retried CreateVolume "
+         "idempotent, DeleteVolume of one leaves the other, no volume inside another")
+
+    # A pattern that does collide: the second PV is refused, and told nothing of the first.
+    big = 7 * gib
+    c = claim("pv-tc", "team", "a-ckpt", dash, big)
+    pod_writes(c, "secret", "team's")
+    for size in (big, 2 * gib):
+        d = expect_code(C.ALREADY_EXISTS, controller.CreateVolume, claim_req("pv-td", "team-a", "ckpt", dash, size))
+        if reveals(d, "pv-tc", str(big), "7.0", "secret"):
+            fail(f"the refusal tells {reveals(d, 'pv-tc', str(big), '7.0', 'secret')}: {d}")
+    if claim("pv-tc", "team", "a-ckpt", dash, big) != c:
+        fail("the owner's retry after a refused collision gave another volume")
+    delete("pv-td:" + c.volume_context["path"].lstrip("/"))
+    if pod_reads(c, "secret") != "team's":
+        fail("DeleteVolume of a PV that does not own the directory removed it")
+    delete(c.volume_id)
+    # The claim made again is a new PV; a late retry of the first PV's delete leaves it.
+    e = claim("pv-te", "team", "a-ckpt", dash, big)
+    if e.volume_context != c.volume_context or e.volume_id == c.volume_id:
+        fail(f"the directory freed was not taken anew: {e}")
+    # Looked at through the controller's mount, which made it: another mount may know the
+    # removed directory's name for up to --entry-cache (docs/semantics.md).
+    ctl = [m for m in glob.glob(os.path.join(work, "state", "controller", "csivol-*")) if mounted(m)]
+    e_dir = os.path.join(ctl[0], e.volume_context["path"].lstrip("/"))
+    if os.listdir(e_dir):
+        fail(f"a new volume holds the deleted one's files: {os.listdir(e_dir)}")
+    # The record is one that only CAP_SYS_ADMIN reads or writes, not a pod.
+    if os.getxattr(e_dir, "trusted.aquifer.csi.owner") != b"pv-te":
+        fail(f"the owner record of pv-te's directory: {os.getxattr(e_dir, 'trusted.aquifer.csi.owner')}")
+    with open(os.path.join(e_dir, "new"), "w") as f:
+        f.write("e's")
+    delete(c.volume_id)
+    if not os.path.exists(os.path.join(e_dir, "new")):
+        fail("a late DeleteVolume of the directory's former PV removed the new PV's volume")
+    delete(e.volume_id)
+    note(f"a colliding pattern: ALREADY_EXISTS telling nothing ({d!r}); "
+         "DeleteVolume removes only its PV's directory")
     json.dump({"ctx": ctx}, open(state_file, "w"))
 
 elif phase == "after-restart":

@@ -106,6 +106,13 @@ for path, d in objs:
         if d["provisioner"] != driver:
             problems.append(f"{where}: provisioner {d['provisioner']} is not the driver {driver}")
         params = d.get("parameters", {})
+        # Two variables side by side need a separator no Kubernetes name holds (`_`, `/`):
+        # with `-` or `.`, team/a-ckpt and team-a/ckpt share one directory.
+        pattern = params.get("pathPattern", "")
+        for sep in re.findall(r"\}([^$]*)\$\{", pattern):
+            if not re.search(r"[_/]", sep):
+                problems.append(f"{where}: pathPattern {pattern} joins names with {sep!r}: two claims can "
+                                "share a directory (join with _ or /)")
         for role in ("provisioner", "node-publish"):
             name = params.get(f"csi.storage.k8s.io/{role}-secret-name")
             sns = params.get(f"csi.storage.k8s.io/{role}-secret-namespace")

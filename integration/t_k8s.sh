@@ -30,15 +30,15 @@ note "kustomization complete, references defined, no secret in clear, mount opti
 # The checks see a secret in clear, an unknown mount option and a missing reference.
 cp -r "$k8s" "$WORK/k8s-bad"
 sed -i 's/secret-key: REPLACE_WITH_SECRET_KEY/secret-key: wJalrXUtnFEMI/' "$WORK/k8s-bad/secret.yaml"
-sed -i 's/- upload-limit=800/- upload-limit-mbps=800/' "$WORK/k8s-bad/storageclasses.yaml"
+sed -i 's/- upload-limit=800/- upload-limit-mbps=800/; s/namespace}_\${pvc/namespace}-${pvc/' "$WORK/k8s-bad/storageclasses.yaml"
 sed -i 's/claimName: checkpoints/claimName: checkpoint/' "$WORK/k8s-bad/examples/training.yaml"
 sed -i 's/profileName: aquifer/profileName: aquifer-fuse/; s/cache-size: 200G/cache-quota: 200G/' "$WORK/k8s-bad/examples/fluid.yaml"
 sed -i 's/limits: {memory: 2304Mi}/limits: {memory: 1280Mi}/; s|--specs-dir=/run/aquifer-csi/specs|--specs-dir=/run/aquifer/specs|' "$WORK/k8s-bad/mounter.yaml"
-sed -i 's/key: warm.aquifer.dev\/datasets.default-imagenet/key: warm.aquifer.dev\/imagenet/; 0,/mountPropagation: HostToContainer/{/mountPropagation: HostToContainer/d}' "$WORK/k8s-bad/examples/training.yaml"
+sed -i 's/key: warm.aquifer.dev\/datasets.default_imagenet/key: warm.aquifer.dev\/imagenet/; 0,/mountPropagation: HostToContainer/{/mountPropagation: HostToContainer/d}' "$WORK/k8s-bad/examples/training.yaml"
 out=$(python3 "$here/k8s_check.py" "$WORK/k8s-bad" "$AQUIFER") && fail "a broken copy passed the checks"
 for what in "secret-key holds a value" "upload-limit-mbps" "PersistentVolumeClaim default/checkpoint" \
   "ThinRuntimeProfile aquifer-fuse" "cache-quota" "prefers warm.aquifer.dev/imagenet" "does not follow the host" \
-  "memory limit 1280Mi is below" "disagree on --specs-dir"; do
+  "memory limit 1280Mi is below" "disagree on --specs-dir" "two claims can share a directory"; do
   grep -q "$what" <<<"$out" || fail "the checks missed: $what"
 done
 echo "  ok"

@@ -15,7 +15,7 @@ mod mem;
 mod policy;
 mod spread;
 
-pub use disk::{DiskConfig, DiskTier};
+pub use disk::{private_dir, DiskConfig, DiskTier};
 pub use mem::MemTier;
 pub use spread::Spread;
 

@@ -85,6 +85,9 @@ impl Staging {
         limit: u64,
         pinned: Arc<AtomicU64>,
     ) -> io::Result<Arc<Staging>> {
+        // Staged blocks are uploaded as they are found: another user's directory could hand
+        // us theirs.
+        aquifer_cache::private_dir(dir)?;
         fs::create_dir_all(dir.join("tmp"))?;
         for e in fs::read_dir(dir.join("tmp"))?.flatten() {
             let _ = fs::remove_file(e.path());

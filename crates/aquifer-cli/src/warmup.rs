@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{BufRead, IsTerminal};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// Each request covers at most this much of a file: big files are warmed by many threads,
@@ -184,6 +184,8 @@ pub fn warmup(a: WarmupArgs) -> Result<bool> {
     let queue = Mutex::new(queue);
     let errors: Mutex<Vec<(PathBuf, String)>> = Mutex::new(Vec::new());
     let bad_file: Vec<AtomicU64> = files.iter().map(|_| AtomicU64::new(0)).collect();
+    // The mount refused the change (EPERM): the whole command is, once.
+    let refused = AtomicBool::new(false);
     let start = Instant::now();
     pb.set_message(format!("0/{nfiles} files"));
     std::thread::scope(|s| {
@@ -192,6 +194,9 @@ pub fn warmup(a: WarmupArgs) -> Result<bool> {
                 let Some(it) = queue.lock().pop_front() else {
                     return;
                 };
+                if refused.load(Ordering::Relaxed) {
+                    return;
+                }
                 if bad_file[it.file].load(Ordering::Relaxed) == 0 {
                     let r = File::open(&it.path)
                         .map_err(|e| e.to_string())
@@ -204,7 +209,12 @@ pub fn warmup(a: WarmupArgs) -> Result<bool> {
                                     len: it.len,
                                 },
                             )
-                            .map_err(|e| e.to_string())
+                            .map_err(|e| {
+                                if e.raw_os_error() == Some(libc::EPERM) {
+                                    refused.store(true, Ordering::Relaxed);
+                                }
+                                e.to_string()
+                            })
                         })
                         .and_then(|r| {
                             if r.errno != 0 {
@@ -219,6 +229,7 @@ pub fn warmup(a: WarmupArgs) -> Result<bool> {
                             totals.cached.fetch_add(r.cached, Ordering::Relaxed);
                             totals.done.fetch_add(r.done, Ordering::Relaxed);
                         }
+                        Err(_) if refused.load(Ordering::Relaxed) => return,
                         Err(e) => {
                             // One line per file, not per range.
                             if bad_file[it.file].fetch_add(1, Ordering::Relaxed) == 0 {
@@ -237,6 +248,9 @@ pub fn warmup(a: WarmupArgs) -> Result<bool> {
         }
     });
     pb.finish_and_clear();
+    if refused.into_inner() {
+        bail!("{}", refusal(op));
+    }
     for (p, e) in &failed {
         eprintln!("warmup: {}: {e}", p.display());
     }
@@ -278,7 +292,7 @@ pub fn warmup(a: WarmupArgs) -> Result<bool> {
         ),
     }
     if errors.is_empty() && op != WarmOp::Check {
-        mark(&paths, op == WarmOp::Warm);
+        mark(&paths, op == WarmOp::Warm)?;
     }
     if !errors.is_empty() {
         eprintln!("warmup: {} paths failed:", errors.len());
@@ -293,16 +307,32 @@ pub fn warmup(a: WarmupArgs) -> Result<bool> {
 /// Tell the mount that the directories among `paths` are now warm (or evicted): on
 /// Kubernetes the node daemon labels the node after the volumes marked warm on it. A mount
 /// too old to know marks is no error: the warm-up itself succeeded.
-fn mark(paths: &[PathBuf], warm: bool) {
+fn mark(paths: &[PathBuf], warm: bool) -> Result<()> {
     let op = if warm { WarmOp::Mark } else { WarmOp::Unmark };
     for p in paths.iter().filter(|p| p.is_dir()) {
         let r = File::open(p).and_then(|f| control::warm(&f, WarmRequest { op, off: 0, len: 0 }));
         if let Err(e) = r {
+            if e.raw_os_error() == Some(libc::EPERM) {
+                bail!("{}", refusal(op));
+            }
             if e.kind() != std::io::ErrorKind::Unsupported {
                 eprintln!("warmup: {}: cannot mark the directory: {e}", p.display());
             }
         }
     }
+    Ok(())
+}
+
+/// The one line for a change the mount refused (EPERM, see `aquifer_fuse::privilege`).
+fn refusal(op: WarmOp) -> String {
+    let what = match op {
+        WarmOp::Evict | WarmOp::Unmark => "evicting the node's cache",
+        _ => "warming the node's cache",
+    };
+    format!(
+        "not permitted: {what} needs the user that runs the mount (or CAP_SYS_ADMIN); \
+         `aquifer warmup --check` and `aquifer stats` are open to all"
+    )
 }
 
 #[derive(Args)]

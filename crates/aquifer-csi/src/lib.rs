@@ -24,6 +24,7 @@
 pub mod keeper;
 pub mod mounts;
 pub mod node_labels;
+pub mod owner;
 mod service;
 pub mod volume;
 

@@ -3,6 +3,7 @@
 
 use crate::keeper::{Keeper, Mounter};
 use crate::mounts::{self, State};
+use crate::owner::{self, Claim, Release};
 use crate::pb::{self, controller_server, identity_server, node_server};
 use crate::volume::{dir_name, volume_dir, Filesystem};
 use crate::{io_status, not_answering, Config, Mode, DRIVER_NAME};
@@ -10,9 +11,6 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
-
-/// The extended attribute that records a volume's capacity on its directory.
-const CAPACITY_XATTR: &str = "user.aquifer.csi.capacity";
 
 pub struct Driver {
     node_id: String,
@@ -69,38 +67,6 @@ fn reader_only(cap: &pb::VolumeCapability) -> bool {
         .and_then(|m| M::try_from(m.mode).ok())
         .unwrap_or(M::Unknown);
     matches!(mode, M::SingleNodeReaderOnly | M::MultiNodeReaderOnly)
-}
-
-fn get_capacity(dir: &Path) -> Option<i64> {
-    let mut buf = [0u8; 32];
-    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
-    let name = std::ffi::CString::new(CAPACITY_XATTR).ok()?;
-    // SAFETY: the buffer is as long as said.
-    let n = unsafe {
-        libc::getxattr(
-            c.as_ptr(),
-            name.as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
-    if n < 0 {
-        return None;
-    }
-    std::str::from_utf8(&buf[..n as usize]).ok()?.parse().ok()
-}
-
-fn set_capacity(dir: &Path, bytes: i64) -> Result<(), Status> {
-    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
-        .map_err(|_| Status::invalid_argument("bad path"))?;
-    let name = std::ffi::CString::new(CAPACITY_XATTR).unwrap_or_default();
-    let v = bytes.to_string();
-    // SAFETY: valid path, name and value buffer.
-    let r = unsafe { libc::setxattr(c.as_ptr(), name.as_ptr(), v.as_ptr().cast(), v.len(), 0) };
-    if r != 0 {
-        return Err(io_status(dir, std::io::Error::last_os_error()));
-    }
-    Ok(())
 }
 
 impl Driver {
@@ -188,37 +154,50 @@ impl controller_server::Controller for Arc<Driver> {
             })
             .unwrap_or(0)
             .max(0);
+        // The PV's name is the owner a volume id carries ahead of a `:` (see owner).
+        if r.name.contains(':') {
+            return Err(Status::invalid_argument(
+                "a volume name must not contain ':'",
+            ));
+        }
         let name = dir_name(&r.name, &r.parameters)?;
-        let dir = self.locate(&r.secrets, &name).await?;
-        // A pathPattern may nest (datasets/NAME): its parents are plain directories.
-        if let Some(parent) = dir.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| io_status(parent, e))?;
+        let rel = volume_dir(&name)?;
+        if rel.as_os_str().is_empty() {
+            return Err(Status::invalid_argument(
+                "the volume would be the whole filesystem: give a pathPattern below it",
+            ));
         }
-        match std::fs::create_dir(&dir) {
-            Ok(()) => {
-                // Pods of any user share a ReadWriteMany volume (a pod narrows it with its
-                // own securityContext); the driver's umask must not decide.
-                use std::os::unix::fs::PermissionsExt;
-                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777))
-                    .map_err(|e| io_status(&dir, e))?;
-                set_capacity(&dir, capacity)?
+        let fs = Filesystem::from_secrets(&r.secrets)?;
+        let mp = self.mounter.controller_mount(&fs).await?;
+        let (root, rel2, pv) = (mp.clone(), rel.clone(), r.name.clone());
+        let claimed =
+            tokio::task::spawn_blocking(move || owner::claim(&root, &rel2, &pv, capacity))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|e| io_status(&mp.join(&rel), e))?;
+        match claimed {
+            Claim::Created | Claim::Again => {}
+            // The caller's own volume: its size is its own to know, not another's.
+            Claim::OtherCapacity => {
+                return Err(Status::already_exists(format!(
+                    "volume {} exists with another capacity than {capacity}",
+                    r.name
+                )))
             }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                // The same request again is fine; the same name with another size is not.
-                let had = get_capacity(&dir).unwrap_or(0);
-                if had != capacity {
-                    return Err(Status::already_exists(format!(
-                        "volume {name} exists with capacity {had}, asked for {capacity}"
-                    )));
-                }
+            // Another PV's directory (or no PV's, or inside another volume): say nothing of it.
+            Claim::Taken => {
+                return Err(Status::already_exists(format!(
+                    "volume {}: its directory belongs to another volume; use another claim \
+                     name or pathPattern",
+                    r.name
+                )))
             }
-            Err(e) => return Err(io_status(&dir, e)),
         }
-        tracing::info!(volume = %name, capacity, "volume created");
+        tracing::info!(volume = %r.name, path = %name, capacity, ?claimed, "volume created");
         Ok(Response::new(pb::CreateVolumeResponse {
             volume: Some(pb::Volume {
                 capacity_bytes: capacity,
-                volume_id: name.clone(),
+                volume_id: owner::volume_id(&r.name, &name),
                 volume_context: HashMap::from([("path".to_string(), format!("/{name}"))]),
             }),
         }))
@@ -232,20 +211,27 @@ impl controller_server::Controller for Arc<Driver> {
         if r.volume_id.is_empty() {
             return Err(Status::invalid_argument("volume_id is required"));
         }
-        if volume_dir(&r.volume_id)?.as_os_str().is_empty() {
+        let (pv, path) = owner::parse_volume_id(&r.volume_id);
+        if volume_dir(path)?.as_os_str().is_empty() {
             return Err(Status::invalid_argument(
                 "the volume is the whole filesystem; it is not deleted",
             ));
         }
-        let dir = self.locate(&r.secrets, &r.volume_id).await?;
-        let d = dir.clone();
-        match tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&d))
+        let dir = self.locate(&r.secrets, path).await?;
+        let (d, p) = (dir.clone(), pv.to_string());
+        match tokio::task::spawn_blocking(move || owner::release(&d, &p))
             .await
             .map_err(|e| Status::internal(e.to_string()))?
         {
-            Ok(()) => tracing::info!(volume = %r.volume_id, "volume deleted"),
+            Ok(Release::Removed) => tracing::info!(volume = %r.volume_id, "volume deleted"),
             // Deleted before: done.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Ok(Release::Gone) => {}
+            // Not this PV's directory (another PV's, a static PV's path, a volume made
+            // before owners were recorded): the PV goes, the directory stays.
+            Ok(Release::NotOwned) => tracing::warn!(
+                volume = %r.volume_id,
+                "the directory is not this volume's own: left in place"
+            ),
             Err(e) => return Err(io_status(&dir, e)),
         }
         Ok(Response::new(pb::DeleteVolumeResponse {}))
@@ -261,7 +247,12 @@ impl controller_server::Controller for Arc<Driver> {
         }
         check_capabilities(&r.volume_capabilities)?;
         if !r.secrets.is_empty() {
-            let dir = self.locate(&r.secrets, &r.volume_id).await?;
+            // As a publish finds it: the volume's context, else its id.
+            let path = match r.volume_context.get("path") {
+                Some(p) => PathBuf::from(p),
+                None => owner::id_dir(&r.volume_id),
+            };
+            let dir = self.locate(&r.secrets, &path.to_string_lossy()).await?;
             if !dir.is_dir() {
                 return Err(Status::not_found(format!(
                     "volume {} does not exist",

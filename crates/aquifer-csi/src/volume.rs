@@ -129,6 +129,11 @@ pub fn volume_dir(id: &str) -> Result<PathBuf, Status> {
 /// The directory name a CreateVolume makes: the StorageClass's `pathPattern` with
 /// `${pvc.metadata.name}`, `${pvc.metadata.namespace}` and `${pv.metadata.name}` filled in
 /// (the provisioner passes them with `--extra-create-metadata`), else the PV's name.
+///
+/// A pattern should map distinct claims to distinct directories: join namespace and name
+/// with `_` or `/`, which Kubernetes names never contain (`${ns}-${name}` maps `team/a-ckpt`
+/// and `team-a/ckpt` to one directory). Where a pattern does collide, the second claim is
+/// refused, not given the first one's directory (see `owner`).
 pub fn dir_name(pv_name: &str, params: &HashMap<String, String>) -> Result<String, Status> {
     let Some(pattern) = params.get("pathPattern").filter(|p| !p.is_empty()) else {
         return Ok(pv_name.to_string());
@@ -147,6 +152,13 @@ pub fn dir_name(pv_name: &str, params: &HashMap<String, String>) -> Result<Strin
                     "pathPattern uses {var}, which needs the provisioner's --extra-create-metadata"
                 ))
             })?;
+            // A value is one name: with a `/` or as `..` it would reach another claim's
+            // directory. Kubernetes names never are (DNS-1123).
+            if v.is_empty() || v.contains('/') || v == "." || v == ".." {
+                return Err(Status::invalid_argument(format!(
+                    "{key} {v:?} is not a Kubernetes object name"
+                )));
+            }
             out = out.replace(var, v);
         }
     }
@@ -247,6 +259,19 @@ mod tests {
             ("csi.storage.k8s.io/pvc/namespace", "team-a"),
         ]);
         assert_eq!(dir_name("pv-9", &p).unwrap(), "team-a-ckpt");
+        let p = secrets(&[
+            (
+                "pathPattern",
+                "c/${pvc.metadata.namespace}_${pvc.metadata.name}",
+            ),
+            ("csi.storage.k8s.io/pvc/name", "../x"),
+            ("csi.storage.k8s.io/pvc/namespace", "team"),
+        ]);
+        assert_eq!(
+            dir_name("pv", &p).unwrap_err().code(),
+            tonic::Code::InvalidArgument,
+            "a name with a / reaches another directory"
+        );
         assert_eq!(dir_name("pv-9", &HashMap::new()).unwrap(), "pv-9");
         let bad = secrets(&[("pathPattern", "${pvc.metadata.labels}")]);
         assert_eq!(

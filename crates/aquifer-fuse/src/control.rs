@@ -14,6 +14,10 @@
 //!   (or evicted) everything under it.
 //! - [`MARKS`] on any file or directory: the directories marked so far, for the node daemon
 //!   that labels Kubernetes nodes holding warm volumes.
+//!
+//! Figures, marks and [`WarmOp::Check`] are open to every caller; warm, evict, mark and
+//! unmark change what every pod on the node shares and fail with EPERM unless the caller is
+//! the mount's owner or holds CAP_SYS_ADMIN ([`crate::privilege`]).
 
 use std::fs::File;
 use std::io;

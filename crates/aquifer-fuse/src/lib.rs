@@ -21,6 +21,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub use fuser::{Session, SessionUnmounter};
 
 pub mod control;
+pub mod privilege;
 
 macro_rules! ops {
     ($($name:ident),* $(,)?) => {
@@ -136,6 +137,8 @@ pub struct AquiferFs {
     /// Directories `aquifer warmup` marked warm (true) or evicted, latest last: the node
     /// daemon reads them to label Kubernetes nodes holding warm volumes.
     marks: Mutex<Vec<(u64, bool)>>,
+    /// The user that runs the daemon: it (or CAP_SYS_ADMIN) may warm, evict and mark.
+    owner_uid: u32,
     /// Passthrough asked for, and not yet found impossible (kernel, privileges).
     passthrough: AtomicBool,
     backings: Mutex<Backings>,
@@ -256,6 +259,8 @@ impl AquiferFs {
             counters: opts.counters.clone(),
             figures: opts.figures.clone(),
             marks: Mutex::new(Vec::new()),
+            // SAFETY: geteuid has no preconditions.
+            owner_uid: unsafe { libc::geteuid() },
             passthrough: AtomicBool::new(opts.passthrough),
             backings: Mutex::new(Backings::default()),
             lock_owners: Mutex::new(HashMap::new()),
@@ -979,7 +984,7 @@ impl Filesystem for AquiferFs {
 
     fn ioctl(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         _flags: fuser::IoctlFlags,
@@ -1002,6 +1007,11 @@ impl Filesystem for AquiferFs {
                 let Some(r) = control::WarmRequest::decode(in_data) else {
                     return reply.error(fuser::Errno::from_i32(libc::EINVAL));
                 };
+                if !privilege::allowed(r.op, req.uid(), self.owner_uid, || {
+                    privilege::caller_has_cap_sys_admin(req.pid(), req.uid())
+                }) {
+                    return reply.error(fuser::Errno::from_i32(libc::EPERM));
+                }
                 let op = match r.op {
                     control::WarmOp::Warm => aquifer_vfs::CacheOp::Warm,
                     control::WarmOp::Check => aquifer_vfs::CacheOp::Check,
