@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Listings survive concurrent change, on two mounts of one Redis volume:
 # - a listing with an lstat per entry on mount A (os.scandir + lstat, as `ls -l` does) of a
-#   directory of 3,000 files, while mount B removes 300 of them and creates 100, in two
+#   directory of 2,500 files, while mount B removes 250 of them and creates 100, in two
 #   waves in the middle of the listing: every name never removed is listed, once;
-# - `rm -rf` of a directory of 2,000 files on A while B unlinks in it (and another process on
+# - `rm -rf` of a directory of 1,500 files on A while B unlinks in it (and another process on
 #   A stats files in it) succeeds.
 source "$(dirname "$0")/lib.sh"
 
 start_redis
 redis_meta
-# Durability is not under test here: no fsync per write keeps 5,000 creates to seconds.
+# Durability is not under test here: no fsync per write keeps 4,000 creates to seconds.
 redis-cli -p "$REDIS_PORT" config set appendfsync no >/dev/null
 "$AQUIFER" format "$META" listings --storage file --bucket "$WORK/blocks" >/dev/null
 ma=$WORK/ma; mb=$WORK/mb
@@ -28,15 +28,15 @@ EOF
 }
 
 note "a listing with a stat per entry on A while B removes and creates"
-make_files "$ma/d" 3000
+make_files "$ma/d" 2500
 python3 - "$ma/d" "$mb/d" <<'EOF' || fail "the listing on A missed entries"
 import os, sys, threading
 on_a, on_b = sys.argv[1:]
-n = 3000
+n = 2500
 # Two waves of changes on B, each while A's listing is held at a point of its own.
 waves = [
     (100, [i for i in range(n) if i % 20 == 0], "a"),
-    (1500, [i for i in range(n) if i % 20 == 10], "m"),
+    (1200, [i for i in range(n) if i % 20 == 10], "m"),
 ]
 reached = [threading.Event() for _ in waves]
 changed = [threading.Event() for _ in waves]
@@ -88,12 +88,12 @@ EOF
 
 note "rm -rf on A while B unlinks in it and another process on A stats in it"
 # Made on B: A has none of the names cached, so its lookups reach the daemon.
-make_files "$mb/r" 2000
+make_files "$mb/r" 1500
 python3 - "$mb/r" "$WORK/unlinking" <<'EOF' &
 import os, sys
 d, flag = sys.argv[1:]
 # From the end backwards, so that A's listing meets entries removed ahead of it.
-for k, i in enumerate(range(1999, -1, -3)):
+for k, i in enumerate(range(1499, -1, -3)):
     try:
         os.unlink(f"{d}/f{i:05}")
     except FileNotFoundError:
@@ -110,7 +110,7 @@ d, flag, stop = sys.argv[1:]
 i = 0
 while not os.path.exists(stop):
     try:
-        os.lstat(f"{d}/f{i % 2000:05}")
+        os.lstat(f"{d}/f{i % 1500:05}")
     except FileNotFoundError:
         pass
     i += 7

@@ -219,15 +219,13 @@ mod tests {
                         std::ops::Bound::Unbounded,
                     ))),
                 };
-            let mut n = 0;
             let mut end = true;
-            for (k, &has) in it {
+            for (n, (k, &has)) in it.enumerate() {
                 if n == self.limit {
                     end = false;
                     break;
                 }
                 entries.push(entry(k, has));
-                n += 1;
             }
             Ok(DirPage { entries, end })
         }
