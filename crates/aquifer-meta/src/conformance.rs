@@ -171,17 +171,136 @@ pub fn readdir_in_pages(m: &dyn Meta) {
     let mut after = Vec::new();
     loop {
         let page = m.readdir_page(&ctx, d, &after, 64, true).unwrap();
-        assert!(page.len() <= 64);
-        let Some(last) = page.last() else { break };
-        after = last.name.clone();
-        assert!(page.iter().all(|e| e.attr.is_some()));
-        got.extend(page.into_iter().map(|e| String::from_utf8(e.name).unwrap()));
+        assert!(page.entries.len() <= 64);
+        assert!(page.entries.iter().all(|e| e.attr.is_some()));
+        if let Some(last) = page.entries.last() {
+            after = last.name.clone();
+        }
+        got.extend(
+            page.entries
+                .into_iter()
+                .map(|e| String::from_utf8(e.name).unwrap()),
+        );
+        if page.end {
+            break;
+        }
     }
     assert_eq!(got, want);
-    assert_eq!(
-        m.readdir_page(&ctx, ROOT_INO, b"", 10, false).unwrap()[0].name,
-        b"big"
-    );
+    let root = m.readdir_page(&ctx, ROOT_INO, b"", 10, false).unwrap();
+    assert_eq!(root.entries[0].name, b"big");
+    assert!(root.end);
+    // A directory of exactly one page says so on that page.
+    let exact = m.readdir_page(&ctx, d, b"", 250, false).unwrap();
+    assert_eq!((exact.entries.len(), exact.end), (250, true));
+    let more = m.readdir_page(&ctx, d, b"", 249, false).unwrap();
+    assert_eq!((more.entries.len(), more.end), (249, false));
+}
+
+/// A listing read page by page while entries are removed and created between its pages,
+/// on this client (whose engine may serve later pages from what it read for the first):
+/// every entry that exists for the whole listing is returned exactly once, in name order,
+/// and the listing ends only where the engine says it does. Entries removed meanwhile may
+/// be returned (with `plus`, without attributes once their inode is gone); never twice.
+pub fn readdir_pages_under_concurrent_change(m: &dyn Meta) {
+    let ctx = ready(m);
+    let d = mkdir(m, &ctx, ROOT_INO, "busy");
+    let name = |i: usize| format!("e{i:04}");
+    let n = 600;
+    for i in 0..n {
+        mkfile(m, &ctx, d, &name(i));
+    }
+    for plus in [true, false] {
+        let mut present: std::collections::BTreeSet<String> = (0..n).map(name).collect();
+        let mut created: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+        let mut removed: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+        let mut got: Vec<String> = Vec::new();
+        let mut after: Vec<u8> = Vec::new();
+        for round in 0.. {
+            assert!(round < 100, "the listing never ended");
+            let page = m.readdir_page(&ctx, d, &after, 64, plus).unwrap();
+            assert!(page.entries.len() <= 64);
+            for e in &page.entries {
+                let s = String::from_utf8(e.name.clone()).unwrap();
+                if plus && e.attr.is_none() {
+                    // Only an entry removed meanwhile may lack its attributes.
+                    assert!(removed.contains(&s), "{s} has no attributes");
+                }
+                got.push(s);
+            }
+            if let Some(last) = page.entries.last() {
+                after = last.name.clone();
+            }
+            if page.end {
+                break;
+            }
+            // Between pages: remove the whole next page and more (ahead of the cursor),
+            // some behind it, and create names ahead of and behind it.
+            let ahead: Vec<String> = present
+                .range(String::from_utf8(after.clone()).unwrap()..)
+                .filter(|s| s.as_bytes() > after.as_slice())
+                .take(70)
+                .cloned()
+                .collect();
+            let behind: Vec<String> = present
+                .range(..String::from_utf8(after.clone()).unwrap())
+                .rev()
+                .step_by(5)
+                .take(6)
+                .cloned()
+                .collect();
+            for s in ahead
+                .iter()
+                .step_by(if round % 2 == 0 { 1 } else { 3 })
+                .chain(&behind)
+            {
+                m.unlink(&ctx, d, s.as_bytes()).unwrap();
+                present.remove(s);
+                removed.insert(s.clone());
+            }
+            for s in [
+                format!("e{:04}-new-{plus}", round * 37 % n),
+                format!("{}-new-{plus}", String::from_utf8(after.clone()).unwrap()),
+                format!("a-new-{round}-{plus}"),
+                format!("z-new-{round}-{plus}"),
+            ] {
+                if present.insert(s.clone()) {
+                    mkfile(m, &ctx, d, &s);
+                    created.insert(s);
+                }
+            }
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for s in &got {
+            assert!(seen.insert(s.clone()), "{s} listed twice (plus: {plus})");
+        }
+        assert!(
+            got.windows(2).all(|w| w[0] < w[1]),
+            "names in order (plus: {plus})"
+        );
+        for s in &present {
+            if !created.contains(s) {
+                assert!(
+                    seen.contains(s),
+                    "{s} existed all along but was never listed (plus: {plus}): {} of {} listed",
+                    got.len(),
+                    present.len()
+                );
+            }
+        }
+        for s in &got {
+            assert!(
+                present.contains(s) || removed.contains(s),
+                "{s} was never in the directory"
+            );
+        }
+        // Start the next pass from a settled directory: everything left, nothing new.
+        for s in present.intersection(&created) {
+            m.unlink(&ctx, d, s.as_bytes()).unwrap();
+        }
+        for s in removed.difference(&created) {
+            mkfile(m, &ctx, d, s);
+        }
+    }
 }
 
 pub fn unlink_and_rmdir(m: &dyn Meta) {
@@ -800,7 +919,8 @@ pub fn lost_answers<E: KvEngine>(m: &KvMeta<crate::fault::LossyKv<E>>) {
 macro_rules! meta_conformance {
     ($make:expr) => {
         $crate::meta_conformance!(@cases $make;
-            format_and_load, create_lookup_readdir, readdir_in_pages, unlink_and_rmdir, hard_links,
+            format_and_load, create_lookup_readdir, readdir_in_pages,
+            readdir_pages_under_concurrent_change, unlink_and_rmdir, hard_links,
             open_unlinked_kept_until_close, rename_cases, symlinks, xattrs,
             slices_and_truncate, chunk_and_trash_paging, setattr_rules, permissions,
             statfs_counts, posix_and_bsd_locks, object_journal, create_open_counts_an_open);

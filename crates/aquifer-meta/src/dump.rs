@@ -266,15 +266,21 @@ impl Dumper<'_> {
         let mut after: Vec<u8> = Vec::new();
         loop {
             let page = self.meta.readdir_page(&ctx, dir, &after, PAGE, false)?;
-            let Some(last) = page.last() else { break };
+            let Some(last) = page.entries.last() else {
+                break;
+            };
             after = last.name.clone();
             self.record(&EntriesJson {
                 dir,
                 entries: page
+                    .entries
                     .iter()
                     .map(|e| (Bytes::of(&e.name), e.ino, type_name(e.typ).to_string()))
                     .collect(),
             })?;
+            if page.end {
+                break;
+            }
         }
         Ok(())
     }
@@ -312,7 +318,7 @@ pub fn dump(meta: &dyn Meta, out: &mut dyn Write, keep_secrets: bool) -> Result<
     let mut stack: Vec<(Ino, Vec<u8>)> = vec![(ROOT_INO, Vec::new())];
     while let Some((dir, after)) = stack.last().cloned() {
         let page = match meta.readdir_page(&ctx, dir, &after, 256, false) {
-            Ok(p) => p,
+            Ok(p) => p.entries,
             Err(MetaError::Sys(_)) => Vec::new(),
             Err(e) => return Err(e),
         };

@@ -41,7 +41,8 @@ pub trait KvRead {
         };
         Ok((Some(d), attr))
     }
-    /// Keys in `[start, end)`, in order, at most `limit` of them.
+    /// Keys in `[start, end)`, in order, at most `limit` of them; fewer only when there are
+    /// no more (directory listings rely on it to know their last page).
     fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<KvPair>>;
 }
 

@@ -1540,7 +1540,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
     }
 
     fn readdir(&self, ctx: &Context, ino: Ino, plus: bool) -> Result<Vec<DirEntry>> {
-        self.readdir_page(ctx, ino, b"", usize::MAX, plus)
+        Ok(self.readdir_page(ctx, ino, b"", usize::MAX, plus)?.entries)
     }
 
     fn readdir_page(
@@ -1550,22 +1550,32 @@ impl<E: KvEngine> Meta for KvMeta<E> {
         after: &[u8],
         limit: usize,
         plus: bool,
-    ) -> Result<Vec<DirEntry>> {
+    ) -> Result<DirPage> {
         let a = self.getattr(ino)?;
         if !a.is_dir() {
             return Err(Errno::ENOTDIR.into());
         }
         access_ok(ctx, &a, MODE_R)?;
+        if limit == 0 {
+            return Ok(DirPage::default());
+        }
         let p = key::dentry_prefix(ino);
         let start = if after.is_empty() {
             p.clone()
         } else {
-            // The first key after `after` itself.
+            // The first key after `after` itself: the cursor is a name, not a count, so
+            // entries removed or created before it do not shift the rest.
             let mut k = key::dentry(ino, after);
             k.push(0);
             k
         };
-        let rows = self.kv.scan(&start, &key::prefix_end(&p), limit)?;
+        // One row more than the page tells whether this page is the last one, without
+        // trusting the page's length (and without a round trip for an empty last page).
+        let mut rows = self
+            .kv
+            .scan(&start, &key::prefix_end(&p), limit.saturating_add(1))?;
+        let end = rows.len() <= limit;
+        rows.truncate(limit);
         let mut entries = Vec::with_capacity(rows.len());
         for (k, v) in &rows {
             let (typ, child) = key::decode_dentry(k, v)?;
@@ -1581,14 +1591,12 @@ impl<E: KvEngine> Meta for KvMeta<E> {
         };
         let mut out = Vec::with_capacity(entries.len());
         for (i, (name, typ, child)) in entries.into_iter().enumerate() {
-            let attr = if plus {
-                match &attrs[i] {
-                    Some(v) => Some(key::decode_attr(child, v)?),
-                    // Removed since the entry was read.
-                    None => continue,
-                }
-            } else {
-                None
+            // `None`: removed since the entry was read. It stays in the page (without
+            // attributes) so that the page still ends at the last name scanned: the caller
+            // continues from there and decides what to show of it.
+            let attr = match attrs.get(i) {
+                Some(Some(v)) => Some(key::decode_attr(child, v)?),
+                _ => None,
             };
             out.push(DirEntry {
                 name,
@@ -1597,7 +1605,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
                 attr,
             });
         }
-        Ok(out)
+        Ok(DirPage { entries: out, end })
     }
 
     fn open(&self, ctx: &Context, ino: Ino, flags: i32) -> Result<Attr> {

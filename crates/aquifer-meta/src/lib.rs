@@ -119,11 +119,19 @@ pub trait Meta: Send + Sync {
         flags: u32,
     ) -> Result<()>;
     /// All entries of a directory, without "." and "..", sorted by name; with attributes
-    /// when `plus`.
+    /// when `plus` (see [`DirEntry::attr`]).
     fn readdir(&self, ctx: &Context, ino: Ino, plus: bool) -> Result<Vec<DirEntry>>;
     /// Up to `limit` entries of a directory whose names sort after `after` (all from the
     /// first when empty), sorted by name: a directory of millions of entries is listed a
     /// page at a time in bounded memory.
+    ///
+    /// Listing page after page, each from the last name of the one before, returns every
+    /// entry that exists for the whole listing exactly once, whatever is created or removed
+    /// meanwhile, by this client or any other (an entry created or removed during the
+    /// listing may or may not be returned). With `plus`, an entry whose inode is removed
+    /// while the page is read is returned with `attr: None`, never left out, so that the
+    /// page's last name is always a valid cursor. [`DirPage::end`], not the page's length,
+    /// says whether the listing is complete.
     fn readdir_page(
         &self,
         ctx: &Context,
@@ -131,7 +139,7 @@ pub trait Meta: Send + Sync {
         after: &[u8],
         limit: usize,
         plus: bool,
-    ) -> Result<Vec<DirEntry>>;
+    ) -> Result<DirPage>;
 
     /// Count an open of `ino` (an open file is kept after its last unlink until closed).
     fn open(&self, ctx: &Context, ino: Ino, flags: i32) -> Result<Attr>;

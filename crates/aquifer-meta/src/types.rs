@@ -254,7 +254,19 @@ pub struct DirEntry {
     pub name: Vec<u8>,
     pub ino: Ino,
     pub typ: FileType,
+    /// With `plus`: the inode's attributes, or `None` when the inode was removed between
+    /// reading the entry and reading its attributes (the entry is being removed now).
     pub attr: Option<Attr>,
+}
+
+/// One page of a directory listing ([`crate::Meta::readdir_page`]).
+#[derive(Clone, Debug, Default)]
+pub struct DirPage {
+    /// Entries in name order. The next page continues after the last one's name.
+    pub entries: Vec<DirEntry>,
+    /// Whether the directory has no entries after this page. A page may be shorter than
+    /// asked for without being the last: only this says the listing is complete.
+    pub end: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -20,28 +20,13 @@ use lockwait::{LockWaits, Woken};
 
 pub type Result<T> = std::result::Result<T, Errno>;
 
-/// Entries of a directory read from the metadata at a time: an open directory holds one
-/// page, whatever the directory's size.
-const DIR_PAGE: usize = 1024;
+mod dir;
+use dir::{Cursor, Listing, DIR_PAGE};
 
-/// One open directory, listed a page at a time. Entry `i` of the listing ("." and ".."
-/// first, then names in order) has offset `i + 1`; the handle keeps the page being read,
-/// and the next page continues after its last name, so offsets stay valid while the
-/// directory changes (entries added or removed meanwhile may or may not appear, as POSIX
-/// allows). Seeking back to an earlier page lists again from the start.
+/// One open directory, listed a page at a time from a cursor ([`dir`]).
 struct DirHandle {
     ino: Ino,
-    page: Mutex<DirPage>,
-}
-
-#[derive(Default)]
-struct DirPage {
-    /// Index in the listing of `entries[0]`.
-    base: u64,
-    entries: Vec<DirEntry>,
-    /// Whether the metadata has no entries after this page.
-    last: bool,
-    started: bool,
+    listing: Mutex<Listing>,
 }
 
 struct FileHandle {
@@ -725,12 +710,13 @@ impl Vfs {
         }
         Ok(self.add_handle(Handle::Dir(DirHandle {
             ino,
-            page: Mutex::new(DirPage::default()),
+            listing: Mutex::new(Listing::default()),
         })))
     }
 
     /// Entries from `offset` on; each entry's offset is the one to resume after it.
-    /// "." and ".." come first.
+    /// "." and ".." come first. Empty only at the end of the directory; with `plus`, every
+    /// entry has its attributes (see [`dir`] for what a listing guarantees).
     pub fn readdir(
         &self,
         ctx: &Context,
@@ -742,36 +728,11 @@ impl Vfs {
         let Handle::Dir(d) = &*h else {
             return Err(Errno::ENOTDIR);
         };
-        let mut page = d.page.lock();
-        if offset == 0 || !page.started || offset < page.base {
-            *page = self.first_dir_page(ctx, d.ino, plus)?;
-        }
-        // Forward to the page holding `offset` (normally the next one).
-        while offset >= page.base + page.entries.len() as u64 && !page.last {
-            let base = page.base + page.entries.len() as u64;
-            let after = page
-                .entries
-                .last()
-                .map(|e| e.name.clone())
-                .unwrap_or_default();
-            let entries = self.dir_page(ctx, d.ino, &after, plus)?;
-            *page = DirPage {
-                base,
-                last: entries.len() < DIR_PAGE,
-                entries,
-                started: true,
-            };
-        }
-        let skip = offset.saturating_sub(page.base) as usize;
-        // More than a kernel readdir buffer ever takes; the rest is asked for again.
-        Ok(page
-            .entries
-            .iter()
-            .enumerate()
-            .skip(skip)
-            .take(512)
-            .map(|(i, e)| (page.base + i as u64 + 1, e.clone()))
-            .collect())
+        let mut listing = d.listing.lock();
+        listing.read(offset, plus, |from, plus| match from {
+            Cursor::Start => self.first_dir_page(ctx, d.ino, plus),
+            Cursor::After(name) => self.dir_page(ctx, d.ino, name, plus),
+        })
     }
 
     /// "." and "..", then the first page of names.
@@ -798,20 +759,17 @@ impl Vfs {
             },
         ];
         let names = self.dir_page(ctx, ino, b"", plus)?;
-        let last = names.len() < DIR_PAGE;
-        entries.extend(names);
+        entries.extend(names.entries);
         Ok(DirPage {
-            base: 0,
             entries,
-            last,
-            started: true,
+            end: names.end,
         })
     }
 
-    fn dir_page(&self, ctx: &Context, ino: Ino, after: &[u8], plus: bool) -> Result<Vec<DirEntry>> {
+    fn dir_page(&self, ctx: &Context, ino: Ino, after: &[u8], plus: bool) -> Result<DirPage> {
         let mut page = self.meta.readdir_page(ctx, ino, after, DIR_PAGE, plus)?;
         if plus {
-            for e in page.iter_mut() {
+            for e in page.entries.iter_mut() {
                 if let Some(a) = e.attr.take() {
                     // May under-report a file growing right now; the next getattr corrects it.
                     e.attr = Some(Self::view(a, self.pending_end(e.ino)));
