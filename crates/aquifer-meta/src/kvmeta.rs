@@ -62,6 +62,10 @@ pub struct KvMeta<E: KvEngine> {
     /// Another client took this session for dead and released what it held: every
     /// operation fails with EIO until a new session starts (see `kvmeta/sessions.rs`).
     lost: AtomicBool,
+    /// When this client last knew its session alive (its last heartbeat that reached the
+    /// engine), in milliseconds since `born`: past the timeout, operations check first.
+    beat_ms: AtomicU64,
+    born: std::time::Instant,
     /// Slice lists read on a shared engine, so a read of an open file costs no round trip:
     /// dropped for an inode at each open of it (close-to-open) and at each change of its
     /// chunks made here; a change by another client shows at the next open here.
@@ -206,6 +210,8 @@ impl<E: KvEngine> KvMeta<E> {
             session: Mutex::new(None),
             session_record: Mutex::new(None),
             lost: AtomicBool::new(false),
+            beat_ms: AtomicU64::new(0),
+            born: std::time::Instant::now(),
             chunks: Mutex::new(HashMap::new()),
             chunk_gen: AtomicU64::new(0),
             locked: Mutex::new(Default::default()),
@@ -729,6 +735,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
         *self.session.lock().unwrap() = Some(info);
         *self.session_record.lock().unwrap() = Some(json);
         self.lost.store(false, Ordering::Release);
+        self.beat_seen();
         if !self.kv.exclusive() {
             self.reap_now()?;
         }
@@ -764,6 +771,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
         }
         self.session.lock().unwrap().replace(info);
         *self.session_record.lock().unwrap() = Some(json);
+        self.beat_seen();
         let last = self.last_reap.load(Ordering::Relaxed) as i64;
         if !self.kv.exclusive() && now - last >= self.session_timeout.as_secs() as i64 / 2 {
             self.last_reap.store(now as u64, Ordering::Relaxed);

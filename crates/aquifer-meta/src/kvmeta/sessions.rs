@@ -27,12 +27,34 @@ use crate::types::SessionInfo;
 use std::sync::atomic::Ordering;
 
 impl<E: KvEngine> KvMeta<E> {
-    /// EIO once this session is lost.
+    /// EIO once this session is lost. When no heartbeat of this client has reached the
+    /// engine for longer than the timeout (the mount was stopped, or cut off), another
+    /// client may have reaped it meanwhile: the session's record is looked at first, so a
+    /// mount that resumes does not act on what it held before its heartbeat thread runs.
     pub(super) fn alive(&self) -> Result<()> {
         if self.lost.load(Ordering::Acquire) {
             return Err(MetaError::Sys(Errno::EIO));
         }
-        Ok(())
+        let sid = self.sid();
+        if sid == 0 || self.kv.exclusive() {
+            return Ok(());
+        }
+        let since = (self.born.elapsed().as_millis() as u64)
+            .saturating_sub(self.beat_ms.load(Ordering::Acquire));
+        if since <= self.session_timeout.as_millis() as u64 {
+            return Ok(());
+        }
+        if Self::record_alive(self.kv.get(&key::session(sid))?.as_deref()) {
+            return Ok(());
+        }
+        self.mark_lost(sid);
+        Err(MetaError::Sys(Errno::EIO))
+    }
+
+    /// A heartbeat (or the session's start) reached the engine now.
+    pub(super) fn beat_seen(&self) {
+        let ms = self.born.elapsed().as_millis() as u64;
+        self.beat_ms.store(ms, Ordering::Release);
     }
 
     /// Take this session as lost; said once, in the log.

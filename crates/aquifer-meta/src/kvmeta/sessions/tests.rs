@@ -230,3 +230,30 @@ fn a_heartbeat_racing_the_reaper_wins() {
     a.flock(f, 1, F_UNLCK).unwrap();
     a.close(f).unwrap();
 }
+
+/// A client that was stopped for longer than its timeout (SIGSTOP, a long pause) and
+/// resumes does not act before its heartbeat thread runs: its first operation finds the
+/// session reaped.
+#[test]
+fn a_resumed_client_looks_before_it_acts() {
+    let kv = Arc::new(MemKv::shared());
+    let now = Arc::new(AtomicI64::new(Time::now().sec));
+    let a = client(&kv, &now, 1);
+    let b = client(&kv, &now, 1);
+    a.format(&test_format(4 << 20), false).unwrap();
+    a.new_session(test_session("a")).unwrap();
+    b.new_session(test_session("b")).unwrap();
+    let ctx = Context::root();
+    let (l, _) = a.create_open(&ctx, ROOT_INO, b"l", 0o644, 0).unwrap();
+    a.flock(l, 1, F_WRLCK).unwrap();
+    // A is stopped: no heartbeat of it for longer than the timeout, B reaps it.
+    std::thread::sleep(Duration::from_millis(1100));
+    now.fetch_add(3, Ordering::SeqCst);
+    b.heartbeat().unwrap();
+    b.reap_now().unwrap();
+    assert_eq!(hosts(&b), ["b"]);
+    b.flock(l, 2, F_WRLCK).unwrap();
+    // A resumes; before any heartbeat of it, what it does fails.
+    assert_eq!(errno(a.getattr(l)), Errno::EIO);
+    assert_eq!(errno(a.lookup(&ctx, ROOT_INO, b"l")), Errno::EIO);
+}
