@@ -15,7 +15,7 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 pkgs=(fuse3 clang libclang-dev pkg-config)
 if [ $want_test = 1 ]; then
-  pkgs+=(redis-server sqlite3 git fio rsync attr xz-utils e2fsprogs util-linux openssl)
+  pkgs+=(redis-server sqlite3 git fio rsync attr xz-utils e2fsprogs util-linux openssl faketime)
 fi
 missing=()
 for p in "${pkgs[@]}"; do

@@ -948,9 +948,7 @@ fn mount(a: MountArgs) -> Result<()> {
         mount_point: mp.display().to_string(),
         pid: std::process::id(),
         version: env!("CARGO_PKG_VERSION").to_string(),
-        started: 0,
-        heartbeat: 0,
-        client: 0,
+        ..Default::default()
     })
     .map_err(|e| anyhow!("cannot start a session: {e}"))?;
     let fuse_counters = Arc::new(aquifer_fuse::FuseCounters::default());
@@ -1164,10 +1162,8 @@ fn objbench(a: ObjbenchArgs) -> Result<()> {
 fn status(a: StatusArgs) -> Result<()> {
     let meta = open_meta(&a.meta_url, false, true)?;
     let f = meta.load_format().map_err(meta_err)?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    // Heartbeats are stamped with the metadata server's clock; so is their age.
+    let now = meta.clock().map_err(meta_err)?.sec;
     let sessions: Vec<serde_json::Value> = meta
         .list_sessions()
         .map_err(meta_err)?

@@ -33,9 +33,7 @@ pub fn test_session(hostname: &str) -> SessionInfo {
         mount_point: "/m".into(),
         pid: 1,
         version: "t".into(),
-        started: 0,
-        heartbeat: 0,
-        client: 0,
+        ..Default::default()
     }
 }
 
@@ -1138,6 +1136,30 @@ pub fn dead_session_is_cleaned_up(a: &dyn Meta, b: &dyn Meta) {
     let g = mkfile(b, &ctx, ROOT_INO, "g");
     b.flock(g, 2, F_WRLCK).unwrap();
     assert_eq!(a.usage().unwrap().1, 2);
+    // A comes back (it was stopped, not dead): it finds itself reaped and fails with EIO
+    // rather than act on locks and open files it no longer holds.
+    a.heartbeat().unwrap();
+    assert_eq!(errno(a.flock(f, 1, F_UNLCK)), Errno::EIO);
+    assert_eq!(
+        errno(a.setlk(
+            g,
+            1,
+            &PLock {
+                typ: F_WRLCK,
+                start: 0,
+                end: 0,
+                pid: 1
+            }
+        )),
+        Errno::EIO
+    );
+    assert_eq!(errno(a.getattr(g)), Errno::EIO);
+    assert_eq!(errno(a.open(&ctx, g, libc::O_RDONLY)), Errno::EIO);
+    assert_eq!(
+        b.list_sessions().unwrap().len(),
+        1,
+        "and does not come back to life"
+    );
 }
 
 pub fn concurrent_creates_and_counters(a: &dyn Meta, b: &dyn Meta) {

@@ -8,9 +8,11 @@ use crate::locks::{self, PLock, F_UNLCK};
 use crate::types::*;
 use crate::{Meta, MODE_R, MODE_W, MODE_X};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
+
+mod sessions;
 
 const MAX_LINKS: u32 = 65000;
 const INO_BATCH: u64 = 256;
@@ -55,6 +57,16 @@ pub struct KvMeta<E: KvEngine> {
     limits: Mutex<Option<(u64, u64)>>,
     session_timeout: Duration,
     session: Mutex<Option<SessionInfo>>,
+    /// The session's record as last written here: the guess for the liveness check of
+    /// the transactions that record something for the session ([`KvMeta::check_session`]).
+    session_record: Mutex<Option<Vec<u8>>>,
+    /// Another client took this session for dead and released what it held: every
+    /// operation fails with EIO until a new session starts (see `kvmeta/sessions.rs`).
+    lost: AtomicBool,
+    /// When this client last knew its session alive (its last heartbeat that reached the
+    /// engine), in milliseconds since `born`: past the timeout, operations check first.
+    beat_ms: AtomicU64,
+    born: std::time::Instant,
     /// Slice lists read on a shared engine, so a read of an open file costs no round trip:
     /// dropped for an inode at each open of it (close-to-open) and at each change of its
     /// chunks made here; a change by another client shows at the next open here.
@@ -63,7 +75,7 @@ pub struct KvMeta<E: KvEngine> {
     chunk_gen: AtomicU64,
     /// Inodes this client holds locks on: a close elsewhere costs no engine round trip.
     locked: Mutex<std::collections::HashSet<Ino>>,
-    /// Unix time of the last look for dead sessions.
+    /// Unix time of the last look for dead sessions, on the engine's clock.
     last_reap: AtomicU64,
     /// On a shared engine, the last value this client read or committed for some keys (an
     /// inode's attributes, a chunk's slice list), given to transactions as guesses
@@ -84,10 +96,6 @@ pub struct KvMeta<E: KvEngine> {
 
 fn now() -> Time {
     Time::now()
-}
-
-fn unix_now() -> i64 {
-    now().sec
 }
 
 fn check_name(name: &[u8]) -> Result<()> {
@@ -209,6 +217,10 @@ impl<E: KvEngine> KvMeta<E> {
             limits: Mutex::new(None),
             session_timeout: DEFAULT_SESSION_TIMEOUT,
             session: Mutex::new(None),
+            session_record: Mutex::new(None),
+            lost: AtomicBool::new(false),
+            beat_ms: AtomicU64::new(0),
+            born: std::time::Instant::now(),
             chunks: Mutex::new(HashMap::new()),
             chunk_gen: AtomicU64::new(0),
             locked: Mutex::new(Default::default()),
@@ -674,6 +686,8 @@ impl<E: KvEngine> KvMeta<E> {
             if taking {
                 get_attr(t, ino)?;
             }
+            // A lock recorded for a session another client reaped would never be released.
+            self.check_session(t)?;
             Self::edit_locks(t, ino, sid, &mut f)
         })?;
         if holds {
@@ -760,30 +774,44 @@ impl<E: KvEngine> KvMeta<E> {
     }
 
     /// On engines other clients share: clean up after sessions whose heartbeat stopped.
-    fn reap_dead_sessions(&self) -> Result<usize> {
-        let now = unix_now();
-        let timeout = self.session_timeout.as_secs() as i64;
+    /// Times are the engine's (the server's clock, [`KvEngine::clock`]), never this
+    /// client's: a mount whose clock is minutes off is judged by when its heartbeats
+    /// reached the server. A session is only cleaned up after it was marked reaped in a
+    /// transaction that found its heartbeat unchanged (see [`KvMeta::mark_reaped`]).
+    fn reap_dead_sessions(&self, now: i64) -> Result<usize> {
+        let mine = self.session_timeout.as_secs() as i64;
         let mut reaped = 0;
         for s in self.list_sessions()? {
-            if s.sid != self.sid() && now - s.heartbeat > timeout {
-                tracing::warn!(
-                    sid = s.sid,
-                    host = %s.hostname,
-                    mount_point = %s.mount_point,
-                    last_heartbeat = s.heartbeat,
-                    "cleaning up after a session that stopped heartbeating"
-                );
-                self.clean_session(s.sid)?;
-                reaped += 1;
+            if s.sid == self.sid() {
+                continue;
             }
+            // A session that runs with a longer timeout than ours gets its own.
+            let timeout = mine.max(s.timeout.min(i64::MAX as u64) as i64);
+            if s.reaped.is_none() && now - s.heartbeat <= timeout {
+                continue;
+            }
+            if !self.mark_reaped(&s, now, timeout)? {
+                continue;
+            }
+            tracing::warn!(
+                sid = s.sid,
+                host = %s.hostname,
+                mount_point = %s.mount_point,
+                last_heartbeat = s.heartbeat,
+                server_time = now,
+                "cleaning up after a session that stopped heartbeating"
+            );
+            self.clean_session(s.sid)?;
+            reaped += 1;
         }
         Ok(reaped)
     }
 
     /// Look for dead sessions now, whatever the time since the last look (tests, `status`).
     pub fn reap_now(&self) -> Result<usize> {
-        self.last_reap.store(unix_now() as u64, Ordering::Relaxed);
-        self.reap_dead_sessions()
+        let now = self.kv.clock()?.sec;
+        self.last_reap.store(now as u64, Ordering::Relaxed);
+        self.reap_dead_sessions(now)
     }
 }
 
@@ -873,8 +901,10 @@ impl<E: KvEngine> Meta for KvMeta<E> {
         let sid = self.kv.incr_by(&key::counter(C_NEXT_SESSION), 1)? as u64;
         info.sid = sid;
         info.client = self.lanes.client();
-        info.started = unix_now();
+        info.started = self.kv.clock()?.sec;
         info.heartbeat = info.started;
+        info.timeout = self.session_timeout.as_secs();
+        info.reaped = None;
         let json = serde_json::to_vec(&info).map_err(|e| MetaError::Config(e.to_string()))?;
         self.txn(|t| {
             t.set(&key::session(sid), json.clone());
@@ -882,6 +912,9 @@ impl<E: KvEngine> Meta for KvMeta<E> {
         })?;
         self.sid.store(sid, Ordering::Relaxed);
         *self.session.lock().unwrap() = Some(info);
+        *self.session_record.lock().unwrap() = Some(json);
+        self.lost.store(false, Ordering::Release);
+        self.beat_seen();
         if !self.kv.exclusive() {
             self.reap_now()?;
         }
@@ -892,27 +925,36 @@ impl<E: KvEngine> Meta for KvMeta<E> {
         let Some(mut info) = self.session.lock().unwrap().clone() else {
             return Ok(());
         };
-        info.heartbeat = unix_now();
+        if self.lost.load(Ordering::Acquire) {
+            // Said once when found; nothing is kept alive any more.
+            return Ok(());
+        }
+        // The server's time, read before the transaction: a reaper compares it with its
+        // own reading of the same clock.
+        let now = self.kv.clock()?.sec;
+        info.heartbeat = now;
         let json = serde_json::to_vec(&info).map_err(|e| MetaError::Config(e.to_string()))?;
         let sid = info.sid;
-        let lost = self.txn(|t| {
-            let lost = t.get(&key::session(sid))?.is_none();
+        let alive = self.txn(|t| {
+            // A record gone or marked reaped stays so: a heartbeat never brings back a
+            // session whose locks and open files another client already released.
+            if !Self::record_alive(t.get(&key::session(sid))?.as_deref()) {
+                return Ok(false);
+            }
             t.set(&key::session(sid), json.clone());
-            Ok(lost)
+            Ok(true)
         })?;
-        if lost {
-            // Another client took this session for dead (no heartbeat within the timeout):
-            // its locks and open-file records are gone. Carry on under the same id.
-            tracing::error!(
-                sid,
-                "this session was cleaned up by another client after missing heartbeats; \
-                 locks it held are lost"
-            );
+        if !alive {
+            self.mark_lost(sid);
+            return Ok(());
         }
         self.session.lock().unwrap().replace(info);
+        *self.session_record.lock().unwrap() = Some(json);
+        self.beat_seen();
         let last = self.last_reap.load(Ordering::Relaxed) as i64;
-        if !self.kv.exclusive() && unix_now() - last >= self.session_timeout.as_secs() as i64 / 2 {
-            self.reap_now()?;
+        if !self.kv.exclusive() && now - last >= self.session_timeout.as_secs() as i64 / 2 {
+            self.last_reap.store(now as u64, Ordering::Relaxed);
+            self.reap_dead_sessions(now)?;
         }
         Ok(())
     }
@@ -933,6 +975,10 @@ impl<E: KvEngine> Meta for KvMeta<E> {
         self.kv.sync()
     }
 
+    fn clock(&self) -> Result<Time> {
+        self.kv.clock()
+    }
+
     fn list_sessions(&self) -> Result<Vec<SessionInfo>> {
         let p = [b'S'];
         let mut out = Vec::new();
@@ -945,6 +991,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
     }
 
     fn statfs(&self) -> Result<StatFs> {
+        self.alive()?;
         let (used, inodes) = self.usage()?;
         let (cap, max_inodes) = self.limits();
         let total = if cap > 0 {
@@ -978,6 +1025,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
     }
 
     fn access(&self, ctx: &Context, ino: Ino, mask: u32) -> Result<()> {
+        self.alive()?;
         let a = self.getattr(ino)?;
         let ctx = Context {
             check_permission: true,
@@ -987,6 +1035,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
     }
 
     fn lookup(&self, ctx: &Context, parent: Ino, name: &[u8]) -> Result<(Ino, Attr)> {
+        self.alive()?;
         if name.len() > MAX_NAME {
             return Err(Errno::ENAMETOOLONG.into());
         }
@@ -1040,6 +1089,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
     }
 
     fn getattr(&self, ino: Ino) -> Result<Attr> {
+        self.alive()?;
         let k = key::attr(ino);
         match self.kv.get(&k)? {
             Some(v) => {
@@ -1052,6 +1102,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
     }
 
     fn setattr(&self, ctx: &Context, ino: Ino, set: &SetAttr) -> Result<Attr> {
+        self.alive()?;
         self.txn(|t| {
             let mut a = get_attr(t, ino)?;
             let ts = now();
@@ -1119,6 +1170,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
     }
 
     fn truncate(&self, ctx: &Context, ino: Ino, length: u64) -> Result<Attr> {
+        self.alive()?;
         if length > MAX_FILE_SIZE {
             return Err(Errno::EFBIG.into());
         }
@@ -1144,6 +1196,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
     }
 
     fn fallocate(&self, ctx: &Context, ino: Ino, mode: i32, off: u64, len: u64) -> Result<Attr> {
+        self.alive()?;
         let known = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE;
         if mode & !known != 0 {
             return Err(Errno::EOPNOTSUPP.into());
@@ -1201,6 +1254,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
         umask: u32,
         rdev: u32,
     ) -> Result<(Ino, Attr)> {
+        self.alive()?;
         self.create_node(ctx, parent, name, typ, mode & !umask, rdev, None, false)
     }
 
@@ -1212,6 +1266,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
         mode: u32,
         umask: u32,
     ) -> Result<(Ino, Attr)> {
+        self.alive()?;
         self.create_node(
             ctx,
             parent,
@@ -1231,6 +1286,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
         name: &[u8],
         target: &[u8],
     ) -> Result<(Ino, Attr)> {
+        self.alive()?;
         if target.is_empty() {
             return Err(Errno::ENOENT.into());
         }
@@ -1250,6 +1306,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
     }
 
     fn readlink(&self, ino: Ino) -> Result<Vec<u8>> {
+        self.alive()?;
         match self.kv.get(&key::symlink(ino))? {
             Some(v) => Ok(v),
             None => {
@@ -1266,6 +1323,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
     }
 
     fn link(&self, ctx: &Context, ino: Ino, parent: Ino, name: &[u8]) -> Result<Attr> {
+        self.alive()?;
         check_name(name)?;
         self.txn(|t| {
             let mut a = get_attr(t, ino)?;
@@ -1302,6 +1360,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
     }
 
     fn unlink(&self, ctx: &Context, parent: Ino, name: &[u8]) -> Result<()> {
+        self.alive()?;
         if name.len() > MAX_NAME {
             return Err(Errno::ENAMETOOLONG.into());
         }
@@ -1333,6 +1392,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
     }
 
     fn rmdir(&self, ctx: &Context, parent: Ino, name: &[u8]) -> Result<()> {
+        self.alive()?;
         match name {
             b"." => return Err(Errno::EINVAL.into()),
             b".." => return Err(Errno::ENOTEMPTY.into()),
@@ -1375,6 +1435,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
         new_name: &[u8],
         flags: u32,
     ) -> Result<()> {
+        self.alive()?;
         if flags & RENAME_WHITEOUT != 0 || flags & !(RENAME_NOREPLACE | RENAME_EXCHANGE) != 0 {
             return Err(Errno::EINVAL.into());
         }
@@ -1540,6 +1601,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
     }
 
     fn readdir(&self, ctx: &Context, ino: Ino, plus: bool) -> Result<Vec<DirEntry>> {
+        self.alive()?;
         Ok(self.readdir_page(ctx, ino, b"", usize::MAX, plus)?.entries)
     }
 
@@ -1551,6 +1613,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
         limit: usize,
         plus: bool,
     ) -> Result<DirPage> {
+        self.alive()?;
         let a = self.getattr(ino)?;
         if !a.is_dir() {
             return Err(Errno::ENOTDIR.into());
@@ -1609,6 +1672,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
     }
 
     fn open(&self, ctx: &Context, ino: Ino, flags: i32) -> Result<Attr> {
+        self.alive()?;
         let mask = match flags & libc::O_ACCMODE {
             libc::O_RDONLY => MODE_R,
             libc::O_WRONLY => MODE_W,
@@ -1629,6 +1693,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             self.txn(|t| {
                 let a = get_attr(t, ino)?;
                 access_ok(ctx, &a, mask)?;
+                self.check_session(t)?;
                 t.set(&key::holder(ino, sid), Vec::new());
                 t.set(&key::sustained(sid, ino), Vec::new());
                 Ok(a)
@@ -1654,6 +1719,9 @@ impl<E: KvEngine> Meta for KvMeta<E> {
                 // Forgotten here even if the engine fails: a later cleanup of this session
                 // (restart, or another client after the timeout) removes the record.
                 open.remove(&ino);
+                // A lost session holds nothing any more: the client that reaped it released
+                // its open files.
+                self.alive()?;
                 self.txn(|t| self.release_holder(t, sid, ino))
             }
             None => Ok(()),
@@ -1665,6 +1733,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
     }
 
     fn read_chunk(&self, ino: Ino, idx: u32) -> Result<Vec<Slice>> {
+        self.alive()?;
         let cached = !self.kv.exclusive();
         let generation = self.chunk_gen.load(Ordering::Acquire);
         if cached {
@@ -1694,11 +1763,13 @@ impl<E: KvEngine> Meta for KvMeta<E> {
     }
 
     fn read_chunk_fresh(&self, ino: Ino, idx: u32) -> Result<Vec<Slice>> {
+        self.alive()?;
         self.forget_chunks(ino);
         self.read_chunk(ino, idx)
     }
 
     fn write_slice(&self, ino: Ino, idx: u32, slice: Slice) -> Result<(Attr, usize)> {
+        self.alive()?;
         let _forget = ForgetChunks(self, ino);
         let (ak, k) = (key::attr(ino), key::chunk(ino, idx));
         self.txn(|t| {
@@ -1813,6 +1884,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
     }
 
     fn getxattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
+        self.alive()?;
         check_xattr_name(name)?;
         match self.kv.get(&key::xattr(ino, name))? {
             Some(v) => Ok(v),
@@ -1831,6 +1903,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
         value: &[u8],
         flags: i32,
     ) -> Result<()> {
+        self.alive()?;
         check_xattr_name(name)?;
         if value.len() > MAX_XATTR_VALUE {
             return Err(Errno::E2BIG.into());
@@ -1861,6 +1934,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
     }
 
     fn listxattr(&self, ino: Ino) -> Result<Vec<u8>> {
+        self.alive()?;
         self.getattr(ino)?;
         let p = key::xattr_prefix(ino);
         let mut out = Vec::new();
@@ -1872,6 +1946,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
     }
 
     fn removexattr(&self, ctx: &Context, ino: Ino, name: &[u8]) -> Result<()> {
+        self.alive()?;
         check_xattr_name(name)?;
         self.txn(|t| {
             let mut a = get_attr(t, ino)?;
@@ -1890,6 +1965,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
     }
 
     fn flock(&self, ino: Ino, owner: u64, typ: i32) -> Result<()> {
+        self.alive()?;
         let sid = self.sid();
         self.lock_txn(ino, typ != F_UNLCK, |fl, _| {
             *fl = locks::flock_apply(std::mem::take(fl), sid, owner, typ)?;
@@ -1898,6 +1974,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
     }
 
     fn getlk(&self, ino: Ino, owner: u64, lock: &PLock) -> Result<Option<PLock>> {
+        self.alive()?;
         locks::check_range(lock)?;
         let sid = self.sid();
         let recs = locks::decode_plocks(&self.kv.get(&key::plocks(ino))?.unwrap_or_default());
@@ -1905,6 +1982,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
     }
 
     fn setlk(&self, ino: Ino, owner: u64, lock: &PLock) -> Result<()> {
+        self.alive()?;
         locks::check_range(lock)?;
         let sid = self.sid();
         self.lock_txn(ino, lock.typ != F_UNLCK, |_, pl| {
@@ -1921,6 +1999,8 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             // No lock of this session on the inode: nothing to ask the engine.
             return Ok(());
         }
+        // A lost session's locks were released by the client that reaped it.
+        self.alive()?;
         let sid = self.sid();
         self.lock_txn(ino, false, |fl, pl| {
             fl.retain(|r| (r.0, r.1) != (sid, owner));
@@ -2159,6 +2239,7 @@ impl<E: KvEngine> KvMeta<E> {
                 self.touch_parent(t, parent, &mut p, a.ctime);
             }
             if open {
+                self.check_session(t)?;
                 t.set(&key::holder(ino, sid), Vec::new());
                 t.set(&key::sustained(sid, ino), Vec::new());
             }

@@ -48,14 +48,22 @@ pub trait Meta: Send + Sync {
     /// Register this client; cleans up what dead sessions left behind. Returns the session id.
     fn new_session(&self, info: SessionInfo) -> Result<u64>;
     /// Refresh this session's heartbeat; on engines other clients share, also clean up
-    /// after sessions whose heartbeat stopped.
+    /// after sessions whose heartbeat stopped. When another client has taken this session
+    /// for dead (and released what it held), the session is lost: this and every later
+    /// operation on the volume fails with EIO until a new session is started (remount).
     fn heartbeat(&self) -> Result<()>;
     /// How often [`Meta::heartbeat`] should be called.
     fn heartbeat_interval(&self) -> std::time::Duration {
         std::time::Duration::from_secs(10)
     }
     fn close_session(&self) -> Result<()>;
+    /// Every session's record, sessions being cleaned up after (`reaped`) included.
     fn list_sessions(&self) -> Result<Vec<SessionInfo>>;
+    /// The clock session times are stamped with ([`KvEngine::clock`]: the metadata
+    /// server's on a shared engine), for the age of a heartbeat.
+    fn clock(&self) -> Result<Time> {
+        Ok(Time::now())
+    }
 
     fn statfs(&self) -> Result<StatFs>;
     /// Space and inodes in use (from counters).

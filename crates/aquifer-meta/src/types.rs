@@ -350,18 +350,29 @@ impl std::fmt::Debug for Secret {
 }
 
 /// One mounted client of a volume.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SessionInfo {
     pub sid: u64,
     pub hostname: String,
     pub mount_point: String,
     pub pid: u32,
     pub version: String,
+    /// Unix seconds on the engine's clock ([`crate::KvEngine::clock`]: the metadata
+    /// server's on a shared engine), as are `heartbeat` and `reaped`: the mount's own clock
+    /// may be minutes off, and these are compared across mounts.
     pub started: i64,
     pub heartbeat: i64,
     /// The client's lane id (`lanes.rs`), so that its lanes go with the session.
     #[serde(default)]
     pub client: u64,
+    /// The session timeout this mount runs with, in seconds (0: not recorded): other
+    /// clients wait at least this long without a heartbeat before taking it for dead.
+    #[serde(default)]
+    pub timeout: u64,
+    /// Set when another client took the session for dead and began cleaning up after it;
+    /// the record goes when the clean-up is done. The session never heartbeats again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reaped: Option<i64>,
 }
 
 /// Flags of rename(2).
