@@ -17,8 +17,8 @@ redis_meta
 BLOCKS=$WORK/blocks
 "$AQUIFER" format "$META" shared --storage file --bucket "$BLOCKS" >/dev/null
 ma=$WORK/ma; mb=$WORK/mb
-mount_volume "$ma" --session-timeout 3 --cache-dir "$WORK/cache-a"; pa=$DAEMON_PID
-mount_volume "$mb" --session-timeout 3 --cache-dir "$WORK/cache-b"; pb=$DAEMON_PID
+mount_volume "$ma" --session-timeout 3 --free-grace 0 --cache-dir "$WORK/cache-a"; pa=$DAEMON_PID
+mount_volume "$mb" --session-timeout 3 --free-grace 0 --cache-dir "$WORK/cache-b"; pb=$DAEMON_PID
 sessions=$("$AQUIFER" status "$META" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["sessions"]))')
 [ "$sessions" = 2 ] || fail "status lists $sessions sessions, not 2"
 

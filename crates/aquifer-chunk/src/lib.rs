@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{mpsc, Arc, Weak};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub use pool::{Budget, BufferPool, Completion, Held, UploadPool};
 
@@ -98,6 +98,10 @@ pub struct DataConfig {
     pub compression: codec::Compression,
     /// The cache tiers below RAM (local disks), built by the caller.
     pub lower_tiers: Tiers,
+    /// How long freed blocks stay after the change that freed them, on the metadata
+    /// engine's clock: long enough that a failover of a shared engine to a replica that
+    /// missed the change does not bring back metadata pointing at deleted blocks.
+    pub free_grace: Duration,
 }
 
 /// What [`ChunkStore::cache_range`] does.
@@ -145,6 +149,7 @@ impl Default for DataConfig {
             prefetch_threads: 2,
             compression: codec::Compression::None,
             lower_tiers: Tiers::default(),
+            free_grace: Duration::ZERO,
         }
     }
 }
@@ -784,14 +789,20 @@ impl ChunkStore {
         })
     }
 
-    /// Delete the objects of every slice in the trash. Returns how many slices were freed.
+    /// Delete the objects of every slice in the trash that was freed at least the free
+    /// grace period ago. Returns how many slices were freed.
     pub fn empty_trash(&self) -> Result<usize> {
+        Ok(self.empty_trash_due()?.freed)
+    }
+
+    fn empty_trash_due(&self) -> Result<TrashRound> {
         // An fsync's worth of durability, journal included: forcing a checkpoint here would
         // sync the whole store every time compaction frees a slice.
         free_trash(
             &*self.meta,
             &*self.store,
             self.cfg.block_size,
+            self.cfg.free_grace,
             &|| self.journal.sync_committed(),
             // A deleted block's cache files would only wait for eviction.
             &|key| self.cache.remove(key),
@@ -812,39 +823,78 @@ fn delete_blocks(
     Ok(())
 }
 
-/// Delete the objects of every slice in the trash. Returns how many slices were freed.
+/// What one pass over the trash did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TrashRound {
+    /// Slices whose blocks were deleted.
+    pub freed: usize,
+    /// Until the first record left for being younger than the grace period is due (the
+    /// grace itself when none was left: a record made later is due later still).
+    pub next_due: Duration,
+}
+
+/// Delete the objects of every slice in the trash whose record is at least `grace` old on
+/// the metadata engine's clock ([`Meta::clock`]; a record with no time, an older client's,
+/// counts as old).
 ///
 /// The change that freed them is made durable first by `durable` (blocks, then metadata, as
 /// [`ChunkStore::sync`]): otherwise a power cut could bring back metadata that points at
-/// blocks already deleted. A record whose deletes failed stays in the trash and is tried
-/// again on the next round (and by `aquifer gc --delete`). Each deleted block is passed to
-/// `forget` (to drop it from a cache).
+/// blocks already deleted. The grace covers what durability on one server does not: a
+/// failover to a replica that had not received the change. A record whose deletes failed
+/// stays in the trash and is tried again on the next round (and by `aquifer gc --delete`).
+/// Each deleted block is passed to `forget` (to drop it from a cache).
 pub fn free_trash(
     meta: &dyn Meta,
     store: &dyn ObjectStore,
     block_size: u32,
+    grace: Duration,
     durable: &dyn Fn() -> Result<()>,
     forget: &dyn Fn(&str),
-) -> Result<usize> {
-    let mut freed = 0;
+) -> Result<TrashRound> {
+    let mut round = TrashRound {
+        freed: 0,
+        next_due: grace,
+    };
     let mut synced = false;
     let mut after = 0;
+    let now = if grace.is_zero() {
+        None
+    } else {
+        Some(meta.clock()?)
+    };
     loop {
         let batch = meta.trash_batch(after, 64)?;
-        if batch.is_empty() {
-            return Ok(freed);
+        let Some(last) = batch.last() else {
+            return Ok(round);
+        };
+        after = last.0;
+        let due: Vec<_> = batch
+            .into_iter()
+            .filter(|(_, _, at)| {
+                let (Some(now), Some(at)) = (now, *at) else {
+                    return true;
+                };
+                let age = time_diff(now, at);
+                if age >= grace {
+                    return true;
+                }
+                round.next_due = round.next_due.min(grace - age);
+                false
+            })
+            .collect();
+        if due.is_empty() {
+            continue;
         }
         if !synced {
             durable()?;
             synced = true;
         }
-        for (id, slices) in batch {
-            after = id;
+        for (id, slices, _) in due {
             let mut seen = HashSet::new();
             let mut failed = None;
             for s in slices.iter().filter(|s| s.id != 0 && seen.insert(s.id)) {
                 match delete_blocks(store, s, block_size, forget) {
-                    Ok(()) => freed += 1,
+                    Ok(()) => round.freed += 1,
                     Err(e) => {
                         failed.get_or_insert(e);
                     }
@@ -853,10 +903,22 @@ pub fn free_trash(
             match failed {
                 None => meta.trash_done(id)?,
                 Some(e) => {
+                    round.next_due = Duration::ZERO;
                     tracing::warn!(trash = id, error = %e, "freeing blocks failed; will retry")
                 }
             }
         }
+    }
+}
+
+/// How long after `then` `now` is (zero when it is not after).
+fn time_diff(now: aquifer_meta::Time, then: aquifer_meta::Time) -> Duration {
+    let ns = |t: aquifer_meta::Time| t.sec as i128 * 1_000_000_000 + t.nsec as i128;
+    let d = ns(now) - ns(then);
+    if d <= 0 {
+        Duration::ZERO
+    } else {
+        Duration::from_nanos(d.min(u64::MAX as i128) as u64)
     }
 }
 
@@ -919,6 +981,9 @@ fn compact_loop(cs: Weak<ChunkStore>, rx: Receiver<(Ino, u32)>) {
 
 fn trash_loop(cs: Weak<ChunkStore>, stop: Arc<AtomicBool>) {
     let (_keep, idle) = mpsc::channel::<()>();
+    // Nothing in the trash can be due before this: every record is at least as young as
+    // the grace period was at the last pass, so the trash is not scanned every tick.
+    let mut due = Instant::now();
     while !stop.load(Ordering::SeqCst) {
         match idle.recv_timeout(Duration::from_millis(500)) {
             Err(RecvTimeoutError::Timeout) | Ok(()) => {}
@@ -928,8 +993,11 @@ fn trash_loop(cs: Weak<ChunkStore>, stop: Arc<AtomicBool>) {
         if let Err(e) = cs.journal.checkpoint_if_due() {
             tracing::warn!(error = %e, "checkpoint of the object journal failed; will retry");
         }
-        match catch_unwind(AssertUnwindSafe(|| cs.empty_trash())) {
-            Ok(Ok(_)) => {}
+        if Instant::now() < due {
+            continue;
+        }
+        match catch_unwind(AssertUnwindSafe(|| cs.empty_trash_due())) {
+            Ok(Ok(r)) => due = Instant::now() + r.next_due,
             Ok(Err(e)) => tracing::warn!(error = %e, "emptying the trash failed; will retry"),
             Err(_) => tracing::error!("emptying the trash panicked; will retry"),
         }

@@ -7,8 +7,18 @@
 //! that metadata references (every chunk's slice list, and trash records still waiting).
 //! An object is leaked when no slice owns it: uploads of writers killed before their commit,
 //! compaction output whose swap lost, blocks of trash records whose delete failed, temporary
-//! files of interrupted puts. Objects younger than `min_age` are never deleted: they may be
-//! a live mount's uploads that are not committed yet.
+//! files of interrupted puts.
+//!
+//! gc is safe on a live volume. A writer uploads blocks before it commits their slice, and
+//! a slow appender keeps a slice uncommitted for hours, so age says nothing about whether
+//! an unreferenced object is leaked. Instead every session records the slice ids it may
+//! still commit ([`Meta::live_slice_ranges`]), before it uploads anything under them. gc
+//! reads the slice id counter before it lists objects (a higher id is newer than the
+//! listing), reads the live sessions' records after the listing (so every id whose object it
+//! listed was recorded by then, unless already committed or given up), and the references
+//! after that (so a slice committed meanwhile is seen). Objects of ids a live session may
+//! still commit are spared whatever their age; `min_age` applies only to the rest, the
+//! leftovers of sessions that are gone.
 //!
 //! **fsck** walks the namespace and checks that every block of every file's slices exists
 //! with the size its slice implies (`deep`: reads it and verifies its checksums), naming each
@@ -36,6 +46,13 @@ pub fn parse_block_key(key: &str) -> Option<(u64, u32, u32)> {
     Some((id, idx, len))
 }
 
+/// The slice id an object under `chunks/` belongs to: a block's, or that of a temporary
+/// file of a put in progress (`<id>_<idx>_<len>.tmp-…`).
+fn slice_id_of(key: &str) -> Option<u64> {
+    let name = key.strip_prefix(CHUNKS_PREFIX)?.rsplit('/').next()?;
+    name.split(['_', '.']).next()?.parse().ok()
+}
+
 /// Every slice id that metadata references, with its size (chunks and pending trash).
 pub fn referenced_slices(meta: &dyn Meta) -> Result<HashMap<u64, u32>> {
     let mut refs = HashMap::new();
@@ -55,7 +72,7 @@ pub fn referenced_slices(meta: &dyn Meta) -> Result<HashMap<u64, u32>> {
         let page = meta.trash_batch(after, 1024)?;
         let Some(last) = page.last() else { break };
         after = last.0;
-        for (_, slices) in &page {
+        for (_, slices, _) in &page {
             for s in slices.iter().filter(|s| s.id != 0) {
                 refs.insert(s.id, s.size);
             }
@@ -134,8 +151,11 @@ pub fn claim_volume(
 #[derive(Clone, Debug)]
 pub struct GcOptions {
     pub delete: bool,
+    /// Spare leftovers of dead sessions younger than this.
     pub min_age: Duration,
     pub threads: usize,
+    /// Free trash records only this long after the change that freed them (as mounts do).
+    pub free_grace: Duration,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -148,6 +168,9 @@ pub struct GcReport {
     pub leaked_bytes: u64,
     /// Leaked objects spared for being younger than `min_age`.
     pub young: u64,
+    /// Unreferenced objects spared because a live session may still commit them (or they
+    /// are newer than the listing).
+    pub live: u64,
     pub deleted: u64,
     /// Trash records whose blocks were freed now (earlier deletes failed or had not run).
     pub trash_freed: usize,
@@ -173,17 +196,32 @@ pub fn gc(
             meta,
             store,
             block_size,
+            opts.free_grace,
             &|| {
                 store.sync()?;
                 meta.sync()?;
                 Ok(())
             },
             &|_| {},
-        )?;
+        )?
+        .freed;
     }
+    // Every id handed out so far is below this: an object of a higher one was written after
+    // this point, and the session records read below may not cover it.
+    let limit = meta.slice_id_limit()?;
+    let owned = |refs: &HashMap<u64, u32>, key: &str| {
+        parse_block_key(key).is_some_and(|(id, idx, len)| {
+            // A block of the slice's layout: within it, and of the length it implies.
+            refs.get(&id).is_some_and(|&size| {
+                let start = idx as u64 * block_size as u64;
+                start < size as u64 && len as u64 == (size as u64 - start).min(block_size as u64)
+            })
+        })
+    };
+    // What was referenced before the listing: objects it owns are kept without more ado,
+    // so only the unreferenced ones are held in memory until the second look below.
     let refs = referenced_slices(meta)?;
-    let now = SystemTime::now();
-    let mut doomed: Vec<ObjectInfo> = Vec::new();
+    let mut unowned: Vec<ObjectInfo> = Vec::new();
     let mut start_after = String::new();
     loop {
         let page = store.list(CHUNKS_PREFIX, &start_after, 1000)?;
@@ -193,28 +231,38 @@ pub fn gc(
             report.objects += 1;
             report.bytes += o.size;
             progress(1);
-            let owned = parse_block_key(&o.key).is_some_and(|(id, idx, len)| {
-                // A block of the slice's layout: within it, and of the length it implies.
-                refs.get(&id).is_some_and(|&size| {
-                    let start = idx as u64 * block_size as u64;
-                    start < size as u64
-                        && len as u64 == (size as u64 - start).min(block_size as u64)
-                })
-            });
-            if owned {
-                continue;
+            if !owned(&refs, &o.key) {
+                unowned.push(o);
             }
-            report.leaked += 1;
-            report.leaked_bytes += o.size;
-            let age = o
-                .modified
-                .and_then(|m| now.duration_since(m).ok())
-                .unwrap_or(Duration::ZERO);
-            if age < opts.min_age {
-                report.young += 1;
-            } else if opts.delete {
-                doomed.push(o);
-            }
+        }
+    }
+    drop(refs);
+    // After the listing: a session records ids before it uploads under them, so every id of
+    // a listed object that is still uncommitted is in these ranges (or its session is dead).
+    let live = meta.live_slice_ranges()?;
+    // And after that: an id that left a session's record was committed (seen here) or
+    // given up.
+    let refs = referenced_slices(meta)?;
+    let now = SystemTime::now();
+    let mut doomed: Vec<ObjectInfo> = Vec::new();
+    for o in unowned {
+        if owned(&refs, &o.key) {
+            continue;
+        }
+        report.leaked += 1;
+        report.leaked_bytes += o.size;
+        let spared = slice_id_of(&o.key)
+            .is_some_and(|id| id >= limit || live.iter().any(|r| r.contains(&id)));
+        let age = o
+            .modified
+            .and_then(|m| now.duration_since(m).ok())
+            .unwrap_or(Duration::ZERO);
+        if spared {
+            report.live += 1;
+        } else if age < opts.min_age {
+            report.young += 1;
+        } else if opts.delete {
+            doomed.push(o);
         }
     }
     if !doomed.is_empty() {
@@ -442,6 +490,7 @@ mod tests {
             delete: false,
             min_age: Duration::ZERO,
             threads: 2,
+            free_grace: Duration::ZERO,
         };
         let r = gc(cs.meta().as_ref(), store.as_ref(), 1024, &opts, &|_| {}).unwrap();
         assert_eq!((r.leaked, r.deleted), (3, 0));
@@ -468,6 +517,79 @@ mod tests {
         assert_eq!(r.deleted, 3);
         assert_eq!(store.len(), keep, "exactly the orphans went");
         assert_eq!(cs.read(2, 0, 3000, 3000).unwrap(), vec![1; 3000]);
+    }
+
+    #[test]
+    fn gc_spares_what_a_live_writer_has_not_committed() {
+        let (cs, store) = volume();
+        cs.meta()
+            .new_session(aquifer_meta::conformance::test_session("h"))
+            .unwrap();
+        let ctx = Context::root();
+        let ino = cs
+            .meta()
+            .mknod(&ctx, ROOT_INO, b"slow", FileType::File, 0o644, 0, 0)
+            .unwrap()
+            .0;
+        // A slow appender: two full blocks uploaded, nothing committed yet.
+        let data: Vec<u8> = (0..2500u32).map(|i| (i % 251) as u8).collect();
+        let w = FileWriter::new(cs.clone(), ino);
+        w.write(0, &data).unwrap();
+        while store.len() < 2 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let opts = GcOptions {
+            delete: true,
+            min_age: Duration::ZERO,
+            threads: 2,
+            free_grace: Duration::ZERO,
+        };
+        let r = gc(cs.meta().as_ref(), store.as_ref(), 1024, &opts, &|_| {}).unwrap();
+        assert_eq!((r.leaked, r.live, r.deleted), (2, 2, 0), "{r:?}");
+        w.flush().unwrap();
+        assert_eq!(cs.read(ino, 0, 2500, 2500).unwrap(), data);
+        // Once the session is gone, what it left uncommitted is an ordinary leftover.
+        let orphan = block_key(cs.meta().new_slice_id().unwrap(), 0, 100);
+        store.put(&orphan, Bytes::from_static(b"x")).unwrap();
+        let r = gc(cs.meta().as_ref(), store.as_ref(), 1024, &opts, &|_| {}).unwrap();
+        assert_eq!(r.deleted, 0, "still live: {r:?}");
+        cs.meta().close_session().unwrap();
+        let r = gc(cs.meta().as_ref(), store.as_ref(), 1024, &opts, &|_| {}).unwrap();
+        assert_eq!(r.deleted, 1, "{r:?}");
+        assert_eq!(cs.read(ino, 0, 2500, 2500).unwrap(), data);
+    }
+
+    #[test]
+    fn freed_blocks_outlive_the_grace_period() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let (cs, store) = volume();
+        let meta = cs.meta().as_ref();
+        file(&cs, "a", &[1; 3000]);
+        let before = store.len();
+        meta.unlink(&Context::root(), ROOT_INO, b"a").unwrap();
+        let synced = AtomicUsize::new(0);
+        let durable = || -> Result<()> {
+            synced.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        };
+        let forget = |_: &str| assert_eq!(synced.load(Ordering::SeqCst), 1, "synced first");
+        let hour = Duration::from_secs(3600);
+        let r = free_trash(meta, store.as_ref(), 1024, hour, &durable, &forget).unwrap();
+        assert_eq!(r.freed, 0, "younger than the grace");
+        assert!(r.next_due <= hour && r.next_due > hour / 2, "{r:?}");
+        assert_eq!(store.len(), before);
+        assert_eq!(
+            synced.load(Ordering::SeqCst),
+            0,
+            "nothing to make durable yet"
+        );
+        // Older than the grace (on the engine's clock): freed, after a sync.
+        let grace = Duration::from_millis(200);
+        std::thread::sleep(grace * 2);
+        let r = free_trash(meta, store.as_ref(), 1024, grace, &durable, &forget).unwrap();
+        assert_eq!(r.freed, 1);
+        assert_eq!(store.len(), before - 3);
+        assert!(meta.trash_batch(0, 10).unwrap().is_empty());
     }
 
     #[test]

@@ -429,11 +429,18 @@ impl FileWriter {
         }
         let r = truncate()?;
         let keep = len.div_ceil(CHUNK_SIZE) as u32;
-        st.chunks.retain(|&idx, _| idx < keep);
         // The chunk holding the new end (none when it falls on a chunk boundary).
         let last = (len / CHUNK_SIZE) as u32;
+        let mut dropped: Vec<u64> = st
+            .chunks
+            .iter()
+            .filter(|(&idx, _)| idx >= keep)
+            .flat_map(|(_, l)| l.iter().map(|s| s.id))
+            .collect();
+        st.chunks.retain(|&idx, _| idx < keep);
         if let Some(list) = st.chunks.get_mut(&last) {
             let cut = (len % CHUNK_SIZE) as u32;
+            dropped.extend(list.iter().filter(|s| s.pos >= cut).map(|s| s.id));
             list.retain(|s| s.pos < cut);
             for s in list.iter_mut().filter(|s| s.end() > cut) {
                 s.len = cut - s.pos;
@@ -443,6 +450,8 @@ impl FileWriter {
                 st.chunks.remove(&last);
             }
         }
+        // Never committed now: gc need not spare their ids.
+        self.cs.meta().abandon_slice_ids(&dropped);
         st.end = st.end.min(len);
         self.pending.store(st.end, Ordering::SeqCst);
         self.generation.fetch_add(1, Ordering::SeqCst);
@@ -454,6 +463,8 @@ impl FileWriter {
     /// after a failure).
     pub fn discard(&self) {
         let mut st = self.state.lock();
+        let ids: Vec<u64> = st.chunks.values().flatten().map(|s| s.id).collect();
+        self.cs.meta().abandon_slice_ids(&ids);
         st.chunks.clear();
         self.generation.fetch_add(1, Ordering::SeqCst);
         self.settled(&mut st);

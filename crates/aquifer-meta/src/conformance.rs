@@ -360,6 +360,59 @@ pub fn open_unlinked_kept_until_close(m: &dyn Meta) {
     assert!(m.trash_batch(0, 10).unwrap().is_empty());
 }
 
+fn spared(m: &dyn Meta, id: u64) -> bool {
+    m.live_slice_ranges()
+        .unwrap()
+        .iter()
+        .any(|r| r.contains(&id))
+}
+
+/// gc's view of a session's slice ids: an id is spared from its allocation until it is
+/// committed or abandoned, and every allocated id is below the limit.
+pub fn slice_ids_spared_until_committed(m: &dyn Meta) {
+    let ctx = ready(m);
+    let f = mkfile(m, &ctx, ROOT_INO, "f");
+    let s = data_slice(m, 10);
+    let dropped = m.new_slice_id().unwrap();
+    let kept = m.new_slice_id().unwrap();
+    assert!(m.slice_id_limit().unwrap() > kept);
+    for id in [s.id, kept, dropped] {
+        assert!(spared(m, id), "{id} is spared before its commit");
+    }
+    m.write_slice(f, 0, s).unwrap();
+    m.abandon_slice_ids(&[dropped]);
+    // The record follows at the next heartbeat; until then it only spares more.
+    m.heartbeat().unwrap();
+    assert!(!spared(m, s.id), "a committed id is not spared");
+    assert!(!spared(m, dropped), "an abandoned id is not spared");
+    assert!(spared(m, kept), "an id still open is spared");
+    let later = m.new_slice_id().unwrap();
+    assert!(spared(m, later));
+    m.close_session().unwrap();
+    assert!(
+        m.live_slice_ranges().unwrap().is_empty(),
+        "a closed session spares nothing"
+    );
+}
+
+/// Trash records carry the engine's time, so their age is measured on one clock.
+pub fn trash_records_carry_engine_time(m: &dyn Meta) {
+    let ctx = ready(m);
+    let f = mkfile(m, &ctx, ROOT_INO, "f");
+    let before = m.clock().unwrap();
+    m.write_slice(f, 0, data_slice(m, 10)).unwrap();
+    m.unlink(&ctx, ROOT_INO, b"f").unwrap();
+    let after = m.clock().unwrap();
+    let trash = m.trash_batch(0, 10).unwrap();
+    let at = trash[0].2.expect("a new trash record has a time");
+    // Stored in milliseconds.
+    let ms = |t: Time| t.sec as i128 * 1000 + t.nsec as i128 / 1_000_000;
+    assert!(
+        ms(before) <= ms(at) && ms(at) <= ms(after),
+        "{before:?} <= {at:?} <= {after:?}"
+    );
+}
+
 pub fn create_open_counts_an_open(m: &dyn Meta) {
     let ctx = ready(m);
     let (f, a) = m.create_open(&ctx, ROOT_INO, b"c", 0o640, 0o022).unwrap();
@@ -921,7 +974,8 @@ macro_rules! meta_conformance {
             readdir_pages_under_concurrent_change, unlink_and_rmdir, hard_links,
             open_unlinked_kept_until_close, rename_cases, symlinks, xattrs,
             slices_and_truncate, chunk_and_trash_paging, setattr_rules, permissions,
-            statfs_counts, posix_and_bsd_locks, object_journal, create_open_counts_an_open);
+            statfs_counts, posix_and_bsd_locks, object_journal, create_open_counts_an_open,
+            slice_ids_spared_until_committed, trash_records_carry_engine_time);
     };
     (@cases $make:expr; $($case:ident),*) => {
         $(
@@ -973,7 +1027,7 @@ macro_rules! meta_conformance_shared {
             two_clients_one_tree, unlink_elsewhere_keeps_open_file, locks_across_clients,
             dead_session_is_cleaned_up, concurrent_creates_and_counters,
             rename_races_keep_tree_consistent, slice_lists_fresh_at_open,
-            stale_guesses_are_caught);
+            stale_guesses_are_caught, live_sessions_slice_ids_seen_by_all);
     };
     (@cases $make:expr; $($case:ident),*) => {
         $(
@@ -1092,6 +1146,16 @@ pub fn locks_across_clients(a: &dyn Meta, b: &dyn Meta) {
     b.close_session().unwrap();
     a.flock(f, 4, F_WRLCK).unwrap();
     a.setlk(f, 2, &lk(F_WRLCK, 0, u64::MAX)).unwrap();
+}
+
+/// What one client may still commit, another's gc spares; not after the session ends.
+pub fn live_sessions_slice_ids_seen_by_all(a: &dyn Meta, b: &dyn Meta) {
+    ready2(a, b);
+    let id = a.new_slice_id().unwrap();
+    assert!(b.slice_id_limit().unwrap() > id);
+    assert!(spared(b, id), "another client's open id is spared");
+    a.close_session().unwrap();
+    assert!(!spared(b, id), "a session that ended spares nothing");
 }
 
 pub fn dead_session_is_cleaned_up(a: &dyn Meta, b: &dyn Meta) {

@@ -18,6 +18,7 @@
 //! | `K` sid ino                 | session sid holds locks on ino |
 //! | `J` object key              | object bytes until the store has them durably |
 //! | `W` client lane(u32)        | the lane's last commit: seq (8) + applied (1) (`lanes.rs`) |
+//! | `R` sid                     | slice id ranges session sid may still commit (gc spares them) |
 //!
 //! Engines that keep related keys together (Redis: one hash per group) use [`group_len`] and
 //! [`LISTED`]; the others store the keys as they are.
@@ -94,6 +95,59 @@ pub fn session(sid: u64) -> Vec<u8> {
     with_ino(b'S', sid)
 }
 
+/// The slice ids session `sid` has reserved and may still commit (see
+/// [`crate::Meta::live_slice_ranges`]).
+pub fn reserved_slices(sid: u64) -> Vec<u8> {
+    with_ino(b'R', sid)
+}
+
+/// Ranges `[start, end)` of slice ids as stored under [`reserved_slices`]: pairs of u64.
+pub fn encode_ranges(ranges: &[std::ops::Range<u64>]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(ranges.len() * 16);
+    for r in ranges {
+        out.extend_from_slice(&r.start.to_be_bytes());
+        out.extend_from_slice(&r.end.to_be_bytes());
+    }
+    out
+}
+
+/// The ranges [`encode_ranges`] stored; `None` when the value is not a list of pairs.
+pub fn decode_ranges(b: &[u8]) -> Option<Vec<std::ops::Range<u64>>> {
+    if !b.len().is_multiple_of(16) {
+        return None;
+    }
+    Some(
+        b.chunks_exact(16)
+            .map(|p| u64_at(p, 0)..u64_at(p, 8))
+            .collect(),
+    )
+}
+
+/// A trash record: the slices to delete, then (since the free grace period) the engine
+/// time it was made, as 8 bytes of milliseconds since the epoch. A record of 24-byte slices
+/// only (an older client's) has no time and counts as old.
+pub fn encode_trash(slices: &[crate::Slice], at: Time) -> Vec<u8> {
+    let mut v = crate::Slice::encode_list(slices);
+    let ms = at.sec.saturating_mul(1000) + (at.nsec / 1_000_000) as i64;
+    v.extend_from_slice(&ms.to_be_bytes());
+    v
+}
+
+/// The slices and the time of a trash record ([`encode_trash`]).
+pub fn decode_trash(v: &[u8]) -> Option<(Vec<crate::Slice>, Option<Time>)> {
+    let n = crate::Slice::ENCODED_LEN;
+    if v.len() % n == 8 {
+        let (list, at) = v.split_at(v.len() - 8);
+        let ms = i64::from_be_bytes(at.try_into().ok()?);
+        let t = Time {
+            sec: ms.div_euclid(1000),
+            nsec: (ms.rem_euclid(1000) * 1_000_000) as u32,
+        };
+        return Some((crate::Slice::decode_list(list)?, Some(t)));
+    }
+    Some((crate::Slice::decode_list(v)?, None))
+}
+
 pub fn sustained(sid: u64, ino: Ino) -> Vec<u8> {
     let mut k = with_ino(b'O', sid);
     k.extend_from_slice(&ino.to_be_bytes());
@@ -142,7 +196,7 @@ pub const GROUPED: &[u8] = b"ECXOoKW";
 /// Tags whose keys are listed across groups or ids (sessions, chunks for gc, trash, journal,
 /// locks): engines without ordered keys keep an index of them. No other tag is ever scanned
 /// beyond one group.
-pub const LISTED: &[u8] = b"SCTJFPO";
+pub const LISTED: &[u8] = b"SCTJFPOR";
 
 /// The length of the group prefix of `key`, for a key in a group.
 pub fn group_len(key: &[u8]) -> Option<usize> {

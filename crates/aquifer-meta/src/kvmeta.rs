@@ -10,7 +10,7 @@ use crate::{Meta, MODE_R, MODE_W, MODE_X};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 mod sessions;
 
@@ -29,6 +29,9 @@ const HINTS_MAX: usize = 65536;
 const HINT_VALUE_MAX: usize = 4096;
 /// A session whose heartbeat is older than this is dead, unless told otherwise.
 pub const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a reading of a shared engine's clock is extrapolated with this host's
+/// monotonic clock before it is read again.
+const CLOCK_RESAMPLE: Duration = Duration::from_secs(60);
 /// Free space reported when the volume has no capacity limit (1 PiB).
 const UNLIMITED_SPACE: u64 = 1 << 50;
 const UNLIMITED_INODES: u64 = 10 << 20;
@@ -52,7 +55,7 @@ pub struct KvMeta<E: KvEngine> {
     /// close registers with the engine, so the two cannot cross.
     open: Vec<Mutex<HashMap<Ino, u32>>>,
     inos: Mutex<(u64, u64)>,
-    slices: Mutex<(u64, u64)>,
+    slices: Mutex<SliceIds>,
     trash_ids: Mutex<(u64, u64)>,
     limits: Mutex<Option<(u64, u64)>>,
     session_timeout: Duration,
@@ -92,6 +95,66 @@ pub struct KvMeta<E: KvEngine> {
     /// The server lost changes it had acknowledged to this client (a failover to a
     /// replica that lacked them): fsync and close can no longer vouch for anything.
     diverged: std::sync::atomic::AtomicBool,
+    /// The engine's clock as last read, and when on this host's monotonic clock.
+    clock_base: Mutex<Option<(Time, Instant)>>,
+}
+
+/// Slice ids of this client: the batch being handed out, and what the session may still
+/// commit.
+///
+/// gc must never delete an object a live writer may still commit, however old (a slow
+/// appender keeps a slice open for hours). So before any id of a new batch is used, the
+/// session records (`R` sid) the ranges of ids it may still commit: the rest of the current
+/// batch and, of older batches, the span of ids handed out and neither committed nor
+/// abandoned. Commits and abandons only shrink the set; the record follows at the next
+/// heartbeat (a stale record only makes gc spare more).
+#[derive(Default)]
+struct SliceIds {
+    next: u64,
+    end: u64,
+    /// The session the current batch was recorded under (0: none, nothing recorded).
+    sid: u64,
+    /// Ids handed out under a session and neither committed nor abandoned yet.
+    open: std::collections::BTreeSet<u64>,
+    /// Batches `[start, end)` handed out under a session that may hold open ids.
+    batches: Vec<(u64, u64)>,
+    /// What the engine holds for the session.
+    recorded: Vec<std::ops::Range<u64>>,
+}
+
+impl SliceIds {
+    /// The ranges of ids the session may still commit; drops batches that have none.
+    fn ranges(&mut self) -> Vec<std::ops::Range<u64>> {
+        let (next, end, open) = (self.next, self.end, &self.open);
+        let mut out = Vec::new();
+        self.batches.retain(|&(s, e)| {
+            let mut ids = open.range(s..e);
+            let lo = ids.next().copied();
+            let r = if e == end {
+                // The current batch: its ids not handed out yet are still to come.
+                lo.unwrap_or(next).min(next)..e
+            } else {
+                match lo {
+                    Some(lo) => lo..ids.next_back().map_or(lo, |&hi| hi) + 1,
+                    None => return false,
+                }
+            };
+            if r.is_empty() {
+                return false;
+            }
+            out.push(r);
+            true
+        });
+        out
+    }
+}
+
+fn later(t: Time, d: Duration) -> Time {
+    let ns = t.nsec as u128 + d.subsec_nanos() as u128;
+    Time {
+        sec: t.sec + d.as_secs() as i64 + (ns / 1_000_000_000) as i64,
+        nsec: (ns % 1_000_000_000) as u32,
+    }
 }
 
 fn now() -> Time {
@@ -212,7 +275,7 @@ impl<E: KvEngine> KvMeta<E> {
                 .map(|_| Mutex::new(HashMap::new()))
                 .collect(),
             inos: Mutex::new((0, 0)),
-            slices: Mutex::new((0, 0)),
+            slices: Mutex::new(SliceIds::default()),
             trash_ids: Mutex::new((0, 0)),
             limits: Mutex::new(None),
             session_timeout: DEFAULT_SESSION_TIMEOUT,
@@ -229,6 +292,54 @@ impl<E: KvEngine> KvMeta<E> {
             lanes: lanes::Lanes::new(),
             lanes_checked: AtomicU64::new(0),
             diverged: Default::default(),
+            clock_base: Mutex::new(None),
+        }
+    }
+
+    /// The engine's clock without a round trip each time: a shared engine's is read once a
+    /// minute and extrapolated with this host's monotonic clock in between (off by half a
+    /// round trip, whatever this host's wall clock says).
+    fn engine_now(&self) -> Result<Time> {
+        if self.kv.exclusive() {
+            return self.kv.clock();
+        }
+        let mut base = self.clock_base.lock().unwrap();
+        if let Some((t, at)) = *base {
+            let age = at.elapsed();
+            if age < CLOCK_RESAMPLE {
+                return Ok(later(t, age));
+            }
+        }
+        let t = self.kv.clock()?;
+        *base = Some((t, Instant::now()));
+        Ok(t)
+    }
+
+    /// Write the session's record of slice ids it may still commit, when it changed (or
+    /// always, with `force`: the record was removed by a client that took us for dead).
+    fn record_slice_ids(&self, s: &mut SliceIds, force: bool) -> Result<()> {
+        let sid = self.sid();
+        if sid == 0 || s.sid != sid {
+            return Ok(());
+        }
+        let ranges = s.ranges();
+        if ranges == s.recorded && !force {
+            return Ok(());
+        }
+        let v = key::encode_ranges(&ranges);
+        self.txn(|t| {
+            t.set(&key::reserved_slices(sid), v.clone());
+            Ok(())
+        })?;
+        s.recorded = ranges;
+        Ok(())
+    }
+
+    /// Ids committed or given up: no longer to be spared by gc (recorded lazily).
+    fn settle_slice_ids(&self, ids: impl IntoIterator<Item = u64>) {
+        let mut s = self.slices.lock().unwrap();
+        for id in ids {
+            s.open.remove(&id);
         }
     }
 
@@ -514,7 +625,12 @@ impl<E: KvEngine> KvMeta<E> {
         // Ids come from a batch outside the transaction: a shared counter read and written
         // in every delete would make concurrent deletes of all clients conflict.
         let seq = self.alloc(&self.trash_ids, C_NEXT_TRASH, TRASH_BATCH, 1)?;
-        t.set(&key::trash(seq), Slice::encode_list(slices));
+        // Stamped with the engine's time: the grace before the blocks go is measured on one
+        // clock, whichever client frees them.
+        t.set(
+            &key::trash(seq),
+            key::encode_trash(slices, self.engine_now()?),
+        );
         Ok(())
     }
 
@@ -743,6 +859,7 @@ impl<E: KvEngine> KvMeta<E> {
             .map_or(0, |s| s.client);
         self.txn(|t| {
             t.delete(&key::session(sid));
+            t.delete(&key::reserved_slices(sid));
             Ok(())
         })?;
         // The session's transaction lanes: nothing of it commits any more (this client's
@@ -951,6 +1068,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
         self.session.lock().unwrap().replace(info);
         *self.session_record.lock().unwrap() = Some(json);
         self.beat_seen();
+        self.record_slice_ids(&mut self.slices.lock().unwrap(), false)?;
         let last = self.last_reap.load(Ordering::Relaxed) as i64;
         if !self.kv.exclusive() && now - last >= self.session_timeout.as_secs() as i64 / 2 {
             self.last_reap.store(now as u64, Ordering::Relaxed);
@@ -973,10 +1091,6 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             }
         }
         self.kv.sync()
-    }
-
-    fn clock(&self) -> Result<Time> {
-        self.kv.clock()
     }
 
     fn list_sessions(&self) -> Result<Vec<SessionInfo>> {
@@ -1729,7 +1843,78 @@ impl<E: KvEngine> Meta for KvMeta<E> {
     }
 
     fn new_slice_id(&self) -> Result<u64> {
-        self.alloc(&self.slices, C_NEXT_SLICE, SLICE_BATCH, 1)
+        let sid = self.sid();
+        let mut s = self.slices.lock().unwrap();
+        if s.next >= s.end || s.sid != sid {
+            let end = self
+                .kv
+                .incr_by(&key::counter(C_NEXT_SLICE), SLICE_BATCH as i64)?
+                as u64;
+            let start = end.saturating_sub(SLICE_BATCH).max(1);
+            if start >= end {
+                return Err(MetaError::Corrupt {
+                    key: C_NEXT_SLICE.into(),
+                    msg: "id counter went backwards".into(),
+                });
+            }
+            (s.next, s.end, s.sid) = (start, start, sid);
+            if sid != 0 {
+                // Recorded before any id of the batch is used (gc reads the records after
+                // listing objects, so it sees every batch whose objects it listed).
+                s.batches.push((start, end));
+                s.end = end;
+                if let Err(e) = self.record_slice_ids(&mut s, false) {
+                    s.end = start;
+                    return Err(e);
+                }
+            }
+            s.end = end;
+        }
+        let id = s.next;
+        s.next += 1;
+        if sid != 0 {
+            s.open.insert(id);
+        }
+        Ok(id)
+    }
+
+    fn abandon_slice_ids(&self, ids: &[u64]) {
+        self.settle_slice_ids(ids.iter().copied());
+    }
+
+    fn slice_id_limit(&self) -> Result<u64> {
+        Ok(self.counter(C_NEXT_SLICE)?.max(0) as u64)
+    }
+
+    fn live_slice_ranges(&self) -> Result<Vec<std::ops::Range<u64>>> {
+        let p = [b'R'];
+        let records = self.kv.scan(&p, &key::prefix_end(&p), usize::MAX)?;
+        let live: std::collections::HashSet<u64> = if self.kv.exclusive() {
+            // Nobody else can have this store open: only this client's session is alive.
+            [self.sid()].into_iter().filter(|&s| s != 0).collect()
+        } else {
+            // A session that was cleaned up is dead, whatever record is left of it.
+            let p = [b'S'];
+            self.kv
+                .scan(&p, &key::prefix_end(&p), usize::MAX)?
+                .iter()
+                .map(|(k, _)| key::u64_at(k, 1))
+                .collect()
+        };
+        let mut out = Vec::new();
+        for (k, v) in records {
+            if live.contains(&key::u64_at(&k, 1)) {
+                out.extend(key::decode_ranges(&v).ok_or_else(|| MetaError::Corrupt {
+                    key: format!("R{}", key::u64_at(&k, 1)),
+                    msg: "reserved slice ranges are not pairs of u64".into(),
+                })?);
+            }
+        }
+        Ok(out)
+    }
+
+    fn clock(&self) -> Result<Time> {
+        self.engine_now()
     }
 
     fn read_chunk(&self, ino: Ino, idx: u32) -> Result<Vec<Slice>> {
@@ -1798,6 +1983,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             put_attr(t, ino, &a);
             Ok((a, count))
         })
+        .inspect(|_| self.settle_slice_ids([slice.id]))
     }
 
     fn compact_chunk(&self, ino: Ino, idx: u32, replaced: &[Slice], new: &[Slice]) -> Result<bool> {
@@ -1822,9 +2008,11 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             self.trash_slices(t, &dead)?;
             Ok(true)
         })
+        // Committed, or certainly not (the caller frees them): gc need not spare them.
+        .inspect(|_| self.settle_slice_ids(new.iter().map(|s| s.id)))
     }
 
-    fn trash_batch(&self, after: u64, limit: usize) -> Result<Vec<(u64, Vec<Slice>)>> {
+    fn trash_batch(&self, after: u64, limit: usize) -> Result<Vec<crate::TrashRecord>> {
         let p = [b'T'];
         Ok(self
             .kv
@@ -1835,10 +2023,8 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             )?
             .into_iter()
             .map(|(k, v)| {
-                (
-                    key::u64_at(&k, 1),
-                    Slice::decode_list(&v).unwrap_or_default(),
-                )
+                let (slices, at) = key::decode_trash(&v).unwrap_or_default();
+                (key::u64_at(&k, 1), slices, at)
             })
             .collect())
     }
@@ -2091,7 +2277,9 @@ impl<E: KvEngine> Meta for KvMeta<E> {
         })?;
         // Ids handed out before the load came from the old counters.
         *self.inos.lock().unwrap() = (0, 0);
-        *self.slices.lock().unwrap() = (0, 0);
+        let mut s = self.slices.lock().unwrap();
+        (s.next, s.end) = (0, 0);
+        drop(s);
         self.kv.sync()
     }
 

@@ -59,8 +59,9 @@ pub trait Meta: Send + Sync {
     fn close_session(&self) -> Result<()>;
     /// Every session's record, sessions being cleaned up after (`reaped`) included.
     fn list_sessions(&self) -> Result<Vec<SessionInfo>>;
-    /// The clock session times are stamped with ([`KvEngine::clock`]: the metadata
-    /// server's on a shared engine), for the age of a heartbeat.
+    /// The engine's clock ([`KvEngine::clock`]: the metadata server's on a shared engine):
+    /// what session times and the age of freed blocks are measured on, so that ages
+    /// compared across clients do not depend on any client's own clock.
     fn clock(&self) -> Result<Time> {
         Ok(Time::now())
     }
@@ -153,8 +154,26 @@ pub trait Meta: Send + Sync {
     fn open(&self, ctx: &Context, ino: Ino, flags: i32) -> Result<Attr>;
     fn close(&self, ino: Ino) -> Result<()>;
 
-    /// Allocate a never-reused slice id.
+    /// Allocate a never-reused slice id. Until it is committed ([`Meta::write_slice`],
+    /// [`Meta::compact_chunk`]) or given up ([`Meta::abandon_slice_ids`]), the id stays in
+    /// this session's record of ids it may still commit, which gc spares.
     fn new_slice_id(&self) -> Result<u64>;
+    /// The writer will never commit these ids (its data was discarded): gc need not spare
+    /// their objects any more. Forgetting to call this only makes gc spare more.
+    fn abandon_slice_ids(&self, _ids: &[u64]) {}
+    /// Every slice id allocated so far, by any client, is below this. gc reads it before it
+    /// lists objects: an object of a higher id is newer than the listing's view.
+    fn slice_id_limit(&self) -> Result<u64> {
+        Ok(0)
+    }
+    /// Slice ids that live sessions may still commit (allocated, neither committed nor
+    /// abandoned): gc must not delete their objects whatever their age. A session that
+    /// stopped heartbeating counts until it is cleaned up (reaped). Read after the objects
+    /// are listed: a session records ids before it uploads anything under them.
+    fn live_slice_ranges(&self) -> Result<Vec<std::ops::Range<u64>>> {
+        // Everything: an engine that keeps no records cannot tell what is safe to delete.
+        Ok(std::iter::once(0..u64::MAX).collect())
+    }
     /// The slice list of one chunk, oldest first. May come from a cache that another
     /// client's change reaches at this client's next open of the file.
     fn read_chunk(&self, ino: Ino, idx: u32) -> Result<Vec<Slice>>;
@@ -170,9 +189,10 @@ pub trait Meta: Send + Sync {
     /// `replaced`, by `new` (any number, none for a chunk of holes); the replaced slices go
     /// to the trash. Returns false when the chunk changed meanwhile (the caller frees `new`).
     fn compact_chunk(&self, ino: Ino, idx: u32, replaced: &[Slice], new: &[Slice]) -> Result<bool>;
-    /// Slices waiting to have their objects deleted, as (trash id, slices), for ids after
-    /// `after`, in order.
-    fn trash_batch(&self, after: u64, limit: usize) -> Result<Vec<(u64, Vec<Slice>)>>;
+    /// Slices waiting to have their objects deleted, as (trash id, slices, when they were
+    /// freed on the engine's clock — `None` for a record an older client made, which counts
+    /// as old), for ids after `after`, in order.
+    fn trash_batch(&self, after: u64, limit: usize) -> Result<Vec<TrashRecord>>;
     fn trash_done(&self, id: u64) -> Result<()>;
     /// Every chunk's slice list, a page at a time: up to `limit` chunks after `after`
     /// (`None`: from the first), in (inode, index) order. For gc and fsck.
@@ -238,6 +258,10 @@ pub trait Meta: Send + Sync {
         inodes: u64,
     ) -> Result<()>;
 }
+
+/// A trash record: its id, the slices whose objects are to be deleted, and when they were
+/// freed on the engine's clock (`None`: an older client's record, counted as old).
+pub type TrashRecord = (u64, Vec<Slice>, Option<Time>);
 
 /// One inode as `aquifer dump` writes it and `aquifer load` reads it.
 #[derive(Clone, Debug, Default)]
