@@ -882,7 +882,7 @@ pub fn lost_answers<E: KvEngine>(m: &KvMeta<crate::fault::LossyKv<E>>) {
     let a = mkdir(m, &ctx, ROOT_INO, "a");
     let f = mkfile(m, &ctx, ROOT_INO, "f");
     let g = mkfile(m, &ctx, a, "g");
-    for fault in [AppliedLost, NotApplied] {
+    for (round, fault) in [AppliedLost, NotApplied].into_iter().enumerate() {
         let before = lossy.injected();
         // An exchange applied once, answered once.
         lossy.force(&[fault]);
@@ -906,10 +906,10 @@ pub fn lost_answers<E: KvEngine>(m: &KvMeta<crate::fault::LossyKv<E>>) {
         assert_eq!(errno(m.lookup(&ctx, a, b"f3")), Errno::ENOENT);
         // A create is made once.
         lossy.force(&[fault]);
-        let d = mkdir(m, &ctx, ROOT_INO, &format!("d{}", fault as u8));
+        let d = mkdir(m, &ctx, ROOT_INO, &format!("d{round}"));
         assert_eq!(m.getattr(d).unwrap().typ, FileType::Directory);
         lossy.force(&[fault]);
-        m.rmdir(&ctx, ROOT_INO, format!("d{}", fault as u8).as_bytes())
+        m.rmdir(&ctx, ROOT_INO, format!("d{round}").as_bytes())
             .unwrap();
         // A slice is appended once, and the length and usage grow once.
         let (used, _) = m.usage().unwrap();
@@ -962,6 +962,41 @@ pub fn lost_answers<E: KvEngine>(m: &KvMeta<crate::fault::LossyKv<E>>) {
     );
     assert_eq!(m.lookup(&ctx, ROOT_INO, b"late").unwrap().0, l);
     assert_eq!(names(m, &ctx, ROOT_INO), ["a", "f", "late"]);
+    m.sync().unwrap();
+    // A failover to a replica that never got the last commit: the next sync cannot vouch
+    // for it and fails, and so does every fsync and close after it (until a remount).
+    lossy.keep_undo();
+    mkdir(m, &ctx, ROOT_INO, "lost");
+    lossy.fail_over(1).unwrap();
+    assert_eq!(errno(m.lookup(&ctx, ROOT_INO, b"lost")), Errno::ENOENT);
+    assert_eq!(
+        errno(m.sync()),
+        Errno::EIO,
+        "a sync after a failover that lost a change"
+    );
+    assert_eq!(errno(m.sync_on_close()), Errno::EIO);
+    mkdir(m, &ctx, ROOT_INO, "after");
+    assert_eq!(
+        errno(m.sync()),
+        Errno::EIO,
+        "still: the mount vouches for nothing"
+    );
+}
+
+/// A failover that lost a commit whose answer was lost too: the fence finds the lane
+/// behind, so whether the change applied cannot be known. The operation fails (it is not
+/// run again on a history it cannot see) and the mount's fsyncs fail from then on.
+pub fn lost_answer_across_a_failover<E: KvEngine>(m: &KvMeta<crate::fault::LossyKv<E>>) {
+    use crate::fault::Fault::LostInFailover;
+    let lossy = m.engine_ref();
+    let ctx = ready(m);
+    lossy.keep_undo();
+    mkdir(m, &ctx, ROOT_INO, "a");
+    // "b" is applied, its answer lost, then the failover loses it and "a".
+    lossy.force(&[LostInFailover(1)]);
+    let r = m.mknod(&ctx, ROOT_INO, b"b", FileType::Directory, 0o755, 0, 0);
+    assert_eq!(errno(r), Errno::EIO, "an outcome that cannot be known");
+    assert_eq!(errno(m.sync()), Errno::EIO);
 }
 
 /// Expand to one `#[test]` per conformance case, each on a fresh engine from `$make`, an
@@ -997,6 +1032,12 @@ macro_rules! meta_conformance_lossy {
         fn lost_answers() {
             let (m, _guard) = $make;
             $crate::conformance::lost_answers(&m);
+        }
+
+        #[test]
+        fn lost_answer_across_a_failover() {
+            let (m, _guard) = $make;
+            $crate::conformance::lost_answer_across_a_failover(&m);
         }
     };
 }

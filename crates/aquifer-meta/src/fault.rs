@@ -25,6 +25,9 @@ pub enum Fault {
     /// Not applied yet, no answer; the commit is held and can be delivered later with
     /// [`LossyKv::deliver_late`] (a request queued in a paused server).
     Late,
+    /// Applied, the answer lost, then a failover to a replica that lacks this commit and
+    /// the given number of commits before it (needs [`LossyKv::keep_undo`]).
+    LostInFailover(usize),
 }
 
 /// An engine whose commits lose their answers now and then.
@@ -38,6 +41,57 @@ pub struct LossyKv<E> {
     /// Writes of the commit held by [`Fault::Late`].
     held: Mutex<Option<TxnWrites>>,
     injected: AtomicU64,
+    /// Added to the inner engine's epoch by [`LossyKv::fail_over`].
+    epoch: AtomicU64,
+    /// For each commit since [`LossyKv::keep_undo`], what the keys it wrote held before.
+    undo: Mutex<Option<Vec<Undo>>>,
+}
+
+type Undo = Vec<(Vec<u8>, Option<Vec<u8>>)>;
+
+/// A transaction that notes what each key it writes held before.
+struct Undoing<'a> {
+    t: &'a mut dyn KvTxn,
+    before: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    failed: Option<MetaError>,
+}
+
+impl Undoing<'_> {
+    fn note(&mut self, key: &[u8]) {
+        if self.before.iter().any(|(k, _)| k == key) {
+            return;
+        }
+        match self.t.get(key) {
+            Ok(v) => self.before.push((key.to_vec(), v)),
+            Err(e) => self.failed = Some(e),
+        }
+    }
+}
+
+impl KvTxn for Undoing<'_> {
+    fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.t.get(key)
+    }
+    fn get_many(&mut self, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>> {
+        self.t.get_many(keys)
+    }
+    fn scan(&mut self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<KvPair>> {
+        self.t.scan(start, end, limit)
+    }
+    fn set(&mut self, key: &[u8], value: Vec<u8>) {
+        self.note(key);
+        self.t.set(key, value)
+    }
+    fn delete(&mut self, key: &[u8]) {
+        self.note(key);
+        self.t.delete(key)
+    }
+    fn add(&mut self, key: &[u8], delta: i64) {
+        self.t.add(key, delta)
+    }
+    fn guess(&mut self, key: &[u8], value: Option<Vec<u8>>) -> bool {
+        self.t.guess(key, value)
+    }
 }
 
 impl<E: KvEngine> LossyKv<E> {
@@ -51,13 +105,70 @@ impl<E: KvEngine> LossyKv<E> {
             forced: Mutex::new(Vec::new()),
             held: Mutex::new(None),
             injected: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
+            undo: Mutex::new(None),
         }
+    }
+
+    /// From now on remember what each commit overwrote, for [`LossyKv::fail_over`].
+    pub fn keep_undo(&self) {
+        self.undo.lock().unwrap().get_or_insert_with(Vec::new);
+    }
+
+    /// A failover to a replica that never received the last `n` commits: they are undone
+    /// (counter additions excepted) and the engine's epoch moves.
+    pub fn fail_over(&self, n: usize) -> Result<()> {
+        let undone: Vec<Undo> = {
+            let mut u = self.undo.lock().unwrap();
+            let stack = u.get_or_insert_with(Vec::new);
+            let keep = stack.len().saturating_sub(n);
+            stack.split_off(keep)
+        };
+        self.inner.txn(&mut |t| {
+            for before in undone.iter().rev() {
+                for (k, v) in before {
+                    match v {
+                        Some(v) => t.set(k, v.clone()),
+                        None => t.delete(k),
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        Ok(())
     }
 
     /// The next commits get these faults, in order (then the schedule goes on).
     pub fn force(&self, faults: &[Fault]) {
         let mut f = self.forced.lock().unwrap();
         f.extend(faults.iter().rev());
+    }
+
+    /// Run `f` on the inner engine, noting what its writes overwrite.
+    fn txn_undoable(&self, f: &mut dyn FnMut(&mut dyn KvTxn) -> Result<()>) -> Result<()> {
+        let mut before = Vec::new();
+        self.inner.txn(&mut |t| {
+            let mut u = Undoing {
+                t,
+                before: Vec::new(),
+                failed: None,
+            };
+            let r = f(&mut u);
+            if let Some(e) = u.failed.take() {
+                return Err(e);
+            }
+            before = std::mem::take(&mut u.before);
+            r
+        })?;
+        if !before.is_empty() {
+            self.undo
+                .lock()
+                .unwrap()
+                .get_or_insert_with(Vec::new)
+                .push(before);
+        }
+        Ok(())
     }
 
     /// Faults injected so far.
@@ -148,6 +259,13 @@ impl<E: KvEngine> KvEngine for LossyKv<E> {
         let lost =
             |what: &str| MetaError::ambiguous(self.inner.name(), format!("injected: {what}"));
         match fault {
+            Fault::LostInFailover(n) => {
+                self.txn_undoable(f)?;
+                self.fail_over(n + 1)?;
+                self.injected.fetch_add(1, Ordering::Relaxed);
+                Err(lost("applied, answer lost, lost again in a failover"))
+            }
+            Fault::None if self.undo.lock().unwrap().is_some() => self.txn_undoable(f),
             Fault::None => self.inner.txn(f),
             Fault::AppliedLost => {
                 self.inner.txn(f)?;
@@ -202,6 +320,6 @@ impl<E: KvEngine> KvEngine for LossyKv<E> {
     }
 
     fn epoch(&self) -> u64 {
-        self.inner.epoch()
+        self.inner.epoch() + self.epoch.load(Ordering::SeqCst)
     }
 }

@@ -95,6 +95,8 @@ pub struct KvMeta<E: KvEngine> {
     /// The server lost changes it had acknowledged to this client (a failover to a
     /// replica that lacked them): fsync and close can no longer vouch for anything.
     diverged: std::sync::atomic::AtomicBool,
+    /// The engine's epoch as last seen by the reaper, and when it changed.
+    epoch_seen: Mutex<(u64, Option<std::time::Instant>)>,
     /// The engine's clock as last read, and when on this host's monotonic clock.
     clock_base: Mutex<Option<(Time, Instant)>>,
 }
@@ -292,6 +294,7 @@ impl<E: KvEngine> KvMeta<E> {
             lanes: lanes::Lanes::new(),
             lanes_checked: AtomicU64::new(0),
             diverged: Default::default(),
+            epoch_seen: Mutex::new((0, None)),
             clock_base: Mutex::new(None),
         }
     }
@@ -424,19 +427,27 @@ impl<E: KvEngine> KvMeta<E> {
                     return out.ok_or_else(did_not_run);
                 }
                 Err(e) if e.is_ambiguous() => match self.lanes.fence(&self.kv, &mut lane) {
-                    Ok(true) => {
+                    Ok(lanes::Fenced::Applied) => {
                         self.lanes.give_back(lane);
                         // The run that reached the commit is the one that was applied.
                         return out.ok_or(e);
                     }
-                    Ok(false) => {
+                    Ok(lanes::Fenced::NotApplied) => {
                         self.lanes.give_back(lane);
                         tracing::debug!(error = %e, "a commit whose answer was lost was not applied; running it again");
                         last = Some(e);
                     }
+                    // Whether it applied cannot be known (the lane lost its history): it is
+                    // not run again, and the mount vouches for nothing any more.
+                    Ok(lanes::Fenced::Behind) => {
+                        self.lanes.give_back(lane);
+                        self.lost_changes("a fence found its lane behind");
+                        return Err(e);
+                    }
                     // What the lane holds is unknown: it is not used again.
                     Err(fe) => {
                         tracing::warn!(error = %e, fence = %fe, "could not learn whether a metadata change was applied");
+                        self.lanes.drop_lane(lane);
                         return Err(e);
                     }
                 },
@@ -463,8 +474,9 @@ impl<E: KvEngine> KvMeta<E> {
     }
 
     /// After a sync: when the engine may have moved to another server since the last look,
-    /// check that this client's last commits are there (each idle lane holds what this
-    /// client left in it). A sync that cannot vouch for them fails.
+    /// check that this client's last commits are there (each lane holds what this client
+    /// left in it, or what a transaction running now writes). A sync that cannot vouch for
+    /// them fails.
     fn check_lanes(&self) -> Result<()> {
         if !self.kv.may_lose_replies() {
             return Ok(());
@@ -473,13 +485,10 @@ impl<E: KvEngine> KvMeta<E> {
         if !self.diverged.load(Ordering::SeqCst)
             && self.lanes_checked.load(Ordering::SeqCst) != epoch
         {
-            let idle = self.lanes.idle();
-            let keys: Vec<&[u8]> = idle.iter().map(|(k, _)| k.as_slice()).collect();
-            let now = self.kv.get_many(&keys)?;
-            if idle.iter().zip(&now).any(|((_, want), got)| want != got) {
-                self.lost_changes("a sync after a failover found lanes behind");
-            } else {
+            if self.lanes.check(&self.kv)? {
                 self.lanes_checked.store(epoch, Ordering::SeqCst);
+            } else {
+                self.lost_changes("a sync after a failover found lanes behind");
             }
         }
         if self.diverged.load(Ordering::SeqCst) {
@@ -896,6 +905,19 @@ impl<E: KvEngine> KvMeta<E> {
     /// reached the server. A session is only cleaned up after it was marked reaped in a
     /// transaction that found its heartbeat unchanged (see [`KvMeta::mark_reaped`]).
     fn reap_dead_sessions(&self, now: i64) -> Result<usize> {
+        // Heartbeats were stamped by the server of the time; after a failover the new
+        // master's clock may differ from the old one's. Wait one timeout after the engine
+        // moved, so every live session has stamped a heartbeat on the new clock.
+        {
+            let epoch = self.kv.epoch();
+            let mut seen = self.epoch_seen.lock().unwrap();
+            if seen.0 != epoch {
+                *seen = (epoch, Some(std::time::Instant::now()));
+            }
+            if seen.1.is_some_and(|t| t.elapsed() < self.session_timeout) {
+                return Ok(0);
+            }
+        }
         let mine = self.session_timeout.as_secs() as i64;
         let mut reaped = 0;
         for s in self.list_sessions()? {

@@ -84,7 +84,29 @@ pub(crate) struct Lanes {
     /// Random: names this client's lanes, unique among the volume's clients.
     client: u64,
     free: Mutex<Vec<Lane>>,
+    /// Every lane's value as this client knows it, and, while a transaction holds it, the
+    /// values that transaction may leave there: a check of the server against them stays
+    /// true whatever transactions run meanwhile.
+    known: Mutex<std::collections::HashMap<u32, Known>>,
     next_id: AtomicU32,
+}
+
+struct Known {
+    cur: Option<Vec<u8>>,
+    /// While in use: what its transaction writes, or its fence.
+    pending: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+/// What a fence learnt.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Fenced {
+    Applied,
+    NotApplied,
+    /// The lane held neither what this client left there nor what the transaction wrote:
+    /// the server lost changes it had acknowledged (a failover) or the lane was removed (the
+    /// session was taken for dead). Whether the transaction applied is unknowable; it was
+    /// fenced off all the same.
+    Behind,
 }
 
 impl Lanes {
@@ -111,14 +133,30 @@ impl Lanes {
         Lanes {
             client: h.finish() | 1,
             free: Mutex::new(Vec::new()),
+            known: Mutex::new(std::collections::HashMap::new()),
             next_id: AtomicU32::new(0),
         }
     }
 
-    /// The lanes not in use, with what each should hold now.
-    pub(crate) fn idle(&self) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+    /// Whether the server holds what this client knows of its lanes: each lane idle holds
+    /// its last value; one in use holds that or what its transaction (or fence) writes.
+    /// Lanes are not handed out while the server is read, so the answer is not disturbed
+    /// by transactions running meanwhile.
+    pub(crate) fn check<E: KvEngine>(&self, kv: &E) -> Result<bool> {
         let free = self.free.lock().unwrap();
-        free.iter().map(|l| (self.key(l), l.cur.clone())).collect()
+        let known = self.known.lock().unwrap();
+        let ids: Vec<u32> = known.keys().copied().collect();
+        let keys: Vec<Vec<u8>> = ids.iter().map(|&id| key::lane(self.client, id)).collect();
+        let refs: Vec<&[u8]> = keys.iter().map(|k| k.as_slice()).collect();
+        let got = kv.get_many(&refs)?;
+        drop(free);
+        Ok(ids.iter().zip(got).all(|(id, v)| {
+            let k = &known[id];
+            v == k.cur
+                || k.pending
+                    .as_ref()
+                    .is_some_and(|(n, a)| v.as_ref() == Some(n) || v.as_ref() == Some(a))
+        }))
     }
 
     pub(crate) fn client(&self) -> u64 {
@@ -127,26 +165,46 @@ impl Lanes {
 
     /// A lane no other transaction of this client uses until it is given back.
     pub(crate) fn take(&self) -> Lane {
-        if let Some(l) = self.free.lock().unwrap().pop() {
-            return l;
-        }
-        Lane {
+        let mut free = self.free.lock().unwrap();
+        let lane = free.pop().unwrap_or_else(|| Lane {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             cur: None,
             seq: 0,
-        }
+        });
+        self.known.lock().unwrap().insert(
+            lane.id,
+            Known {
+                cur: lane.cur.clone(),
+                pending: Some((lane.next(), lane.aborted())),
+            },
+        );
+        lane
     }
 
     /// Give a lane back whose value is known. (A lane whose fence failed is dropped
     /// instead: what it holds is unknown, and a later commit expecting a wrong value would
     /// never apply.)
     pub(crate) fn give_back(&self, lane: Lane) {
-        self.free.lock().unwrap().push(lane);
+        let mut free = self.free.lock().unwrap();
+        self.known.lock().unwrap().insert(
+            lane.id,
+            Known {
+                cur: lane.cur.clone(),
+                pending: None,
+            },
+        );
+        free.push(lane);
+    }
+
+    /// A lane whose value is unknown is never used again, nor checked.
+    pub(crate) fn drop_lane(&self, lane: Lane) {
+        self.known.lock().unwrap().remove(&lane.id);
     }
 
     /// The lanes' keys were deleted (the session closed): start again from none.
     pub(crate) fn forget(&self) {
         self.free.lock().unwrap().clear();
+        self.known.lock().unwrap().clear();
         self.next_id.store(0, Ordering::Relaxed);
     }
 
@@ -155,10 +213,8 @@ impl Lanes {
     }
 
     /// Find out whether the commit of `lane`'s transaction was applied, and make sure that
-    /// it never is when it was not. `Ok(true)`: applied (the lane advanced); `Ok(false)`:
-    /// not applied and never will be (the lane moved past it). An error leaves the outcome
-    /// unknown.
-    pub(crate) fn fence<E: KvEngine>(&self, kv: &E, lane: &mut Lane) -> Result<bool> {
+    /// it never is when it was not: [`Fenced`]. An error leaves the outcome unknown.
+    pub(crate) fn fence<E: KvEngine>(&self, kv: &E, lane: &mut Lane) -> Result<Fenced> {
         let k = self.key(lane);
         let (cur, next, aborted) = (lane.expected(), lane.next(), lane.aborted());
         let mut found = None;
@@ -179,35 +235,35 @@ impl Lanes {
             let r = kv.txn(&mut |t| {
                 let v = t.get(&k)?;
                 found = if v.as_ref() == Some(&next) {
-                    Some(true)
+                    Some(Fenced::Applied)
                 } else if v.as_ref() == Some(&aborted) {
-                    Some(false)
+                    // An earlier try of this fence, whose answer was lost.
+                    Some(Fenced::NotApplied)
                 } else {
-                    // The lane holds what it held before (or, after a failover to a server
-                    // that lost recent changes, something older): the commit is not there.
-                    // Moving the lane on makes sure it never applies later.
-                    if v != cur {
+                    t.set(&k, aborted.clone());
+                    Some(if v == cur {
+                        Fenced::NotApplied
+                    } else {
                         tracing::warn!(
                             lane = %format!("{:x}/{}", self.client, lane.id),
                             found = %show(v.as_deref()),
                             left = %show(cur.as_deref()),
-                            "a transaction lane is behind: the metadata server lost changes it had acknowledged (a failover?)"
+                            "a transaction lane is behind: the metadata server lost changes it had acknowledged (a failover?), or the session was taken for dead"
                         );
-                    }
-                    t.set(&k, aborted.clone());
-                    Some(false)
+                        Fenced::Behind
+                    })
                 };
                 Ok(())
             });
             match r {
                 Ok(()) => {
-                    let applied = found.unwrap_or(false);
-                    if applied {
+                    let f = found.take().unwrap_or(Fenced::NotApplied);
+                    if f == Fenced::Applied {
                         lane.advance();
                     } else {
                         lane.abort();
                     }
-                    return Ok(applied);
+                    return Ok(f);
                 }
                 Err(e) => last = Some(e),
             }
