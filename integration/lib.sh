@@ -24,6 +24,7 @@ cleanup() {
   for ((i = ${#CLEANUPS[@]} - 1; i >= 0; i--)); do
     eval "${CLEANUPS[$i]}" >/dev/null 2>&1 || true
   done
+  # KEEP_WORK=1 keeps the test's files and daemon logs for a look after a failure.
   [ -n "${KEEP_WORK:-}" ] || rm -rf "$WORK"
 }
 trap cleanup EXIT
