@@ -133,7 +133,13 @@ out=$("$AQUIFER" warmup --check "$mp/data")
 start_big_read
 sleep 0.1
 logpos=$(wc -l <"$WORK/mnt.log")
-mount -o remount,ro "$cdisk"
+# A remount to read-only fails (busy) while a cache file is open for writing: the reader
+# fills the cache as it goes, so try again until a moment between two block writes.
+for i in $(seq 1 100); do
+  mount -o remount,ro "$cdisk" 2>/dev/null && break
+  [ "$i" = 100 ] && fail "the cache disk could not be made read-only"
+  sleep 0.02
+done
 end_big_read "with its cache disk read-only"
 mount -o remount,rw "$cdisk"
 tail -n +"$((logpos + 1))" "$WORK/mnt.log" | grep -q "cache disk out of use" ||
