@@ -548,6 +548,11 @@ pub fn slices_and_truncate(m: &dyn Meta) {
     };
     let (a, n) = m.write_slice(f, 0, s1).unwrap();
     assert_eq!((a.length, n), (100, 1));
+    // A writer that could not learn whether its commit applied commits the slice again:
+    // it is listed once.
+    let (a, n) = m.write_slice(f, 0, s1).unwrap();
+    assert_eq!((a.length, n), (100, 1));
+    assert_eq!(m.read_chunk(f, 0).unwrap(), vec![s1]);
     let s2 = Slice {
         pos: 0,
         id: m.new_slice_id().unwrap(),

@@ -1989,6 +1989,13 @@ impl<E: KvEngine> Meta for KvMeta<E> {
                 return Err(Errno::EBADF.into());
             }
             let mut v = got[1].clone().unwrap_or_default();
+            // A slice id is used once: finding it listed means this is a writer's retry of
+            // a commit that applied but whose outcome it could not learn (the engine went
+            // away during the fence). Listed twice, the slice would overlay whatever was
+            // written over it since, and its space would be counted twice.
+            if slice.id != 0 && Slice::listed(&v, slice.id) {
+                return Ok((a, v.len() / Slice::ENCODED_LEN));
+            }
             slice.encode(&mut v);
             let count = v.len() / Slice::ENCODED_LEN;
             t.set(&k, v);

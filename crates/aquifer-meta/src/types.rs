@@ -239,6 +239,12 @@ impl Slice {
         )
     }
 
+    /// Whether the encoded list `buf` holds a slice with this id (without decoding it).
+    pub fn listed(buf: &[u8], id: u64) -> bool {
+        buf.chunks_exact(Self::ENCODED_LEN)
+            .any(|b| b[4..12] == id.to_be_bytes())
+    }
+
     pub fn encode_list(slices: &[Slice]) -> Vec<u8> {
         let mut out = Vec::with_capacity(slices.len() * Self::ENCODED_LEN);
         for s in slices {
