@@ -18,7 +18,7 @@
 use std::ffi::CString;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// The extended attribute that names the PV owning a volume's directory. A `trusted.` one:
 /// only a process with CAP_SYS_ADMIN (the driver) reads or sets it, so a pod cannot
@@ -242,9 +242,15 @@ pub fn release(dir: &Path, pv: &str) -> io::Result<Release> {
     }
 }
 
-/// The directory named by a volume id, for calls that get no volume context.
-pub fn id_dir(id: &str) -> PathBuf {
-    PathBuf::from(parse_volume_id(id).1)
+/// The directory a publish (and a validation, which must find what a publish would)
+/// serves for a volume: the `path` of its context, which every volume this driver
+/// creates carries; without one the volume is a static PV whose handle is the path,
+/// whole, `:` and all (only DeleteVolume, which sees dynamic volumes alone, splits ids).
+pub fn published_dir(id: &str, context: &std::collections::HashMap<String, String>) -> String {
+    context
+        .get("path")
+        .cloned()
+        .unwrap_or_else(|| id.to_string())
 }
 
 #[cfg(test)]
@@ -259,6 +265,11 @@ mod tests {
         assert_eq!(id, "pvc-1:checkpoints/team_a-ckpt");
         assert_eq!(parse_volume_id(&id), ("pvc-1", "checkpoints/team_a-ckpt"));
         assert_eq!(parse_volume_id("a/b:c"), ("a/b:c", "a/b:c"));
+        // A static handle with a `:` is a path, whole, to publish and validate alike.
+        let mut ctx = std::collections::HashMap::new();
+        assert_eq!(published_dir("datasets:v2", &ctx), "datasets:v2");
+        ctx.insert("path".to_string(), "ckpt/team_a".to_string());
+        assert_eq!(published_dir("pvc-1:ckpt/team_a", &ctx), "ckpt/team_a");
     }
 
     #[test]

@@ -247,12 +247,9 @@ impl controller_server::Controller for Arc<Driver> {
         }
         check_capabilities(&r.volume_capabilities)?;
         if !r.secrets.is_empty() {
-            // As a publish finds it: the volume's context, else its id.
-            let path = match r.volume_context.get("path") {
-                Some(p) => PathBuf::from(p),
-                None => owner::id_dir(&r.volume_id),
-            };
-            let dir = self.locate(&r.secrets, &path.to_string_lossy()).await?;
+            // As a publish finds it.
+            let path = owner::published_dir(&r.volume_id, &r.volume_context);
+            let dir = self.locate(&r.secrets, &path).await?;
             if !dir.is_dir() {
                 return Err(Status::not_found(format!(
                     "volume {} does not exist",
@@ -309,11 +306,7 @@ impl node_server::Node for Arc<Driver> {
         };
         // A dynamic volume says its path in its context; a static PV may name any path of
         // the filesystem there, else its id is the path.
-        let path = r
-            .volume_context
-            .get("path")
-            .cloned()
-            .unwrap_or_else(|| r.volume_id.clone());
+        let path = owner::published_dir(&r.volume_id, &r.volume_context);
         let sub = volume_dir(&path)?;
         // A reader-only access mode is published read-only whatever the pod asks.
         let readonly = r.readonly || reader_only(&cap);
