@@ -2,8 +2,8 @@
 # Aquifer and JuiceFS 1.4 on the same S3 server (s3s-fs on 127.0.0.1), each with embedded
 # metadata (RocksDB / SQLite) and default mount settings, in one run: sequential write and
 # cold sequential read of a multi-GiB file, then the small-file job (write, cold read).
-# "Cold": the daemon is remounted, the kernel page cache dropped and JuiceFS's local block
-# cache emptied, so every block comes from the S3 server.
+# "Cold": the daemon is remounted, the kernel page cache dropped and both systems' local
+# block caches emptied, so every block comes from the S3 server.
 # Prints a markdown table: throughput, each daemon's peak RSS and CPU seconds per GiB moved,
 # and the S3 server's CPU seconds per GiB while serving each.
 #   benches/s3.sh [WORKDIR]      (SIZE=2G NRFILES=200 ROUNDS=1 by default; needs root)
@@ -41,7 +41,12 @@ juicefs format --storage minio --bucket "$url/juicefs" --access-key "$AWS_ACCESS
 
 mount_fs() {
   case $1 in
-    aquifer) "$aquifer" mount -d "rocksdb://$work/aq/meta" "$work/aq-mnt" --log "$work/aq.log" >/dev/null ;;
+    aquifer)
+      # Its disk cache emptied like JuiceFS's: the default one (under /var/lib/aquifer)
+      # outlives a remount, and a "cold" read would be served from it.
+      rm -rf "$work/aq-cache"
+      "$aquifer" mount -d "rocksdb://$work/aq/meta" "$work/aq-mnt" --cache-dir "$work/aq-cache" \
+        --log "$work/aq.log" >/dev/null ;;
     juicefs)
       rm -rf "$work/jfs-cache"
       juicefs mount -d "sqlite3://$work/jfs-meta.db" "$work/jfs-mnt" --cache-dir "$work/jfs-cache" \
