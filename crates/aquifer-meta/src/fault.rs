@@ -115,8 +115,9 @@ impl<E: KvEngine> LossyKv<E> {
         self.undo.lock().unwrap().get_or_insert_with(Vec::new);
     }
 
-    /// A failover to a replica that never received the last `n` commits: they are undone
-    /// (counter additions excepted) and the engine's epoch moves.
+    /// A failover to a replica that never received the last `n` commits (a bare
+    /// increment counts as one; additions inside commits are not undone): they are undone
+    /// and the engine's epoch moves.
     pub fn fail_over(&self, n: usize) -> Result<()> {
         let undone: Vec<Undo> = {
             let mut u = self.undo.lock().unwrap();
@@ -308,7 +309,16 @@ impl<E: KvEngine> KvEngine for LossyKv<E> {
     }
 
     fn incr_by(&self, key: &[u8], delta: i64) -> Result<i64> {
-        self.inner.incr_by(key, delta)
+        // An increment is a write a failover can lose like any other.
+        let before = match self.undo.lock().unwrap().is_some() && delta != 0 {
+            true => Some(self.inner.get(key)?),
+            false => None,
+        };
+        let v = self.inner.incr_by(key, delta)?;
+        if let (Some(before), Some(u)) = (before, self.undo.lock().unwrap().as_mut()) {
+            u.push(vec![(key.to_vec(), before)]);
+        }
+        Ok(v)
     }
 
     fn clock(&self) -> Result<crate::Time> {

@@ -12,6 +12,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+#[cfg(test)]
+mod failover_tests;
 mod sessions;
 
 const MAX_LINKS: u32 = 65000;
@@ -54,9 +56,9 @@ pub struct KvMeta<E: KvEngine> {
     /// This client's open counts per inode. A shard is held while its first open or last
     /// close registers with the engine, so the two cannot cross.
     open: Vec<Mutex<HashMap<Ino, u32>>>,
-    inos: Mutex<(u64, u64)>,
+    inos: Mutex<IdBatch>,
     slices: Mutex<SliceIds>,
-    trash_ids: Mutex<(u64, u64)>,
+    trash_ids: Mutex<IdBatch>,
     limits: Mutex<Option<(u64, u64)>>,
     session_timeout: Duration,
     session: Mutex<Option<SessionInfo>>,
@@ -101,6 +103,17 @@ pub struct KvMeta<E: KvEngine> {
     clock_base: Mutex<Option<(Time, Instant)>>,
 }
 
+/// A batch of ids taken from a counter, handed out one by one without a round trip.
+#[derive(Default)]
+struct IdBatch {
+    next: u64,
+    end: u64,
+    /// The engine's epoch when the batch was taken (see [`KvMeta::fresh_batch`]).
+    epoch: u64,
+    /// One past the largest id this client handed out.
+    high: u64,
+}
+
 /// Slice ids of this client: the batch being handed out, and what the session may still
 /// commit.
 ///
@@ -114,6 +127,10 @@ pub struct KvMeta<E: KvEngine> {
 struct SliceIds {
     next: u64,
     end: u64,
+    /// The engine's epoch when the batch was taken, and one past the largest id handed
+    /// out (see [`KvMeta::fresh_batch`]).
+    epoch: u64,
+    high: u64,
     /// The session the current batch was recorded under (0: none, nothing recorded).
     sid: u64,
     /// Ids handed out under a session and neither committed nor abandoned yet.
@@ -276,9 +293,9 @@ impl<E: KvEngine> KvMeta<E> {
             open: (0..OPEN_SHARDS)
                 .map(|_| Mutex::new(HashMap::new()))
                 .collect(),
-            inos: Mutex::new((0, 0)),
+            inos: Mutex::new(IdBatch::default()),
             slices: Mutex::new(SliceIds::default()),
-            trash_ids: Mutex::new((0, 0)),
+            trash_ids: Mutex::new(IdBatch::default()),
             limits: Mutex::new(None),
             session_timeout: DEFAULT_SESSION_TIMEOUT,
             session: Mutex::new(None),
@@ -559,27 +576,58 @@ impl<E: KvEngine> KvMeta<E> {
         (r, out, wrote, found)
     }
 
-    fn alloc(
-        &self,
-        slot: &Mutex<(u64, u64)>,
-        counter: &str,
-        batch: u64,
-        first: u64,
-    ) -> Result<u64> {
+    fn alloc(&self, slot: &Mutex<IdBatch>, counter: &str, batch: u64, first: u64) -> Result<u64> {
         let mut s = slot.lock().unwrap();
-        if s.0 >= s.1 {
+        let s = &mut *s;
+        if self.fresh_batch(counter, &mut s.epoch, s.high)? {
+            s.next = s.end;
+        }
+        if s.next >= s.end {
             let end = self.kv.incr_by(&key::counter(counter), batch as i64)? as u64;
-            *s = (end.saturating_sub(batch).max(first), end);
-            if s.0 >= s.1 {
+            (s.next, s.end) = (end.saturating_sub(batch).max(first), end);
+            if s.next >= s.end {
                 return Err(MetaError::Corrupt {
                     key: counter.into(),
                     msg: "id counter went backwards".into(),
                 });
             }
         }
-        let id = s.0;
-        s.0 += 1;
+        let id = s.next;
+        s.next += 1;
+        s.high = s.high.max(s.next);
         Ok(id)
+    }
+
+    /// Whether the rest of a batch taken at engine epoch `*epoch` must be dropped, and
+    /// the counter moved past `high` (one past the largest id this client handed out)
+    /// first. A batch is taken with a bare increment, which a failover to a replica that
+    /// had not received it undoes: the new server would hand the same ids to another
+    /// client, and two files would share a slice's blocks or an inode number. So once the
+    /// engine may have moved to another server (its epoch changed), the rest of the batch
+    /// is not used, and before taking another the counter is raised past every id handed
+    /// out here, so none is handed out again.
+    fn fresh_batch(&self, counter: &str, epoch: &mut u64, high: u64) -> Result<bool> {
+        let now = self.kv.epoch();
+        if now == *epoch {
+            return Ok(false);
+        }
+        if high > 0 {
+            let k = key::counter(counter);
+            let cur = self.kv.incr_by(&k, 0)?.max(0) as u64;
+            if cur < high {
+                // Others may add meanwhile: the counter only ends further on.
+                tracing::warn!(
+                    counter,
+                    from = cur,
+                    to = high,
+                    "the metadata server's id counter was behind ids this mount handed out \
+                     (a failover lost them): moving it past them"
+                );
+                self.kv.incr_by(&k, (high - cur) as i64)?;
+            }
+        }
+        *epoch = now;
+        Ok(true)
     }
 
     fn alloc_ino(&self) -> Result<Ino> {
@@ -1037,18 +1085,34 @@ impl<E: KvEngine> Meta for KvMeta<E> {
                 self.txn(|t| self.release_holder(t, sid, ino))?;
             }
         }
-        let sid = self.kv.incr_by(&key::counter(C_NEXT_SESSION), 1)? as u64;
-        info.sid = sid;
-        info.client = self.lanes.client();
-        info.started = self.kv.clock()?.sec;
-        info.heartbeat = info.started;
-        info.timeout = self.session_timeout.as_secs();
-        info.reaped = None;
-        let json = serde_json::to_vec(&info).map_err(|e| MetaError::Config(e.to_string()))?;
-        self.txn(|t| {
-            t.set(&key::session(sid), json.clone());
-            Ok(())
-        })?;
+        let (sid, json) = loop {
+            let sid = self.kv.incr_by(&key::counter(C_NEXT_SESSION), 1)? as u64;
+            info.sid = sid;
+            info.client = self.lanes.client();
+            info.started = self.kv.clock()?.sec;
+            info.heartbeat = info.started;
+            info.timeout = self.session_timeout.as_secs();
+            info.reaped = None;
+            let json = serde_json::to_vec(&info).map_err(|e| MetaError::Config(e.to_string()))?;
+            let k = key::session(sid);
+            let fresh = self.txn(|t| {
+                // A failover that lost an earlier increment hands its id out again: an id
+                // with a record is another mount's.
+                t.guess(&k, None);
+                if t.get(&k)?.is_some() {
+                    return Ok(false);
+                }
+                t.set(&k, json.clone());
+                Ok(true)
+            })?;
+            if fresh {
+                break (sid, json);
+            }
+            tracing::warn!(
+                sid,
+                "session id in use (a failover set the counter back): taking another"
+            );
+        };
         self.sid.store(sid, Ordering::Relaxed);
         *self.session.lock().unwrap() = Some(info);
         *self.session_record.lock().unwrap() = Some(json);
@@ -1077,7 +1141,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
         let alive = self.txn(|t| {
             // A record gone or marked reaped stays so: a heartbeat never brings back a
             // session whose locks and open files another client already released.
-            if !Self::record_alive(t.get(&key::session(sid))?.as_deref()) {
+            if !self.record_alive(t.get(&key::session(sid))?.as_deref()) {
                 return Ok(false);
             }
             t.set(&key::session(sid), json.clone());
@@ -1867,6 +1931,12 @@ impl<E: KvEngine> Meta for KvMeta<E> {
     fn new_slice_id(&self) -> Result<u64> {
         let sid = self.sid();
         let mut s = self.slices.lock().unwrap();
+        let st = &mut *s;
+        if self.fresh_batch(C_NEXT_SLICE, &mut st.epoch, st.high)? {
+            // The ids handed out stay open (a writer may still commit them); the rest of
+            // the batch goes unused.
+            st.next = st.end;
+        }
         if s.next >= s.end || s.sid != sid {
             let end = self
                 .kv
@@ -1894,6 +1964,7 @@ impl<E: KvEngine> Meta for KvMeta<E> {
         }
         let id = s.next;
         s.next += 1;
+        s.high = s.high.max(s.next);
         if sid != 0 {
             s.open.insert(id);
         }
@@ -2305,9 +2376,9 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             Ok(())
         })?;
         // Ids handed out before the load came from the old counters.
-        *self.inos.lock().unwrap() = (0, 0);
+        *self.inos.lock().unwrap() = IdBatch::default();
         let mut s = self.slices.lock().unwrap();
-        (s.next, s.end) = (0, 0);
+        (s.next, s.end, s.high) = (0, 0, 0);
         drop(s);
         self.kv.sync()
     }
@@ -2397,18 +2468,69 @@ impl<E: KvEngine> KvMeta<E> {
         open: bool,
     ) -> Result<(Ino, Attr)> {
         check_name(name)?;
-        let ino = self.alloc_ino()?;
+        let shared = !self.kv.exclusive();
+        for _ in 0..8 {
+            let ino = self.alloc_ino()?;
+            let mut taken = false;
+            let r = self.create_node_as(
+                ctx, parent, name, typ, mode, rdev, target, open, ino, &mut taken,
+            );
+            if !(shared && taken) {
+                return r;
+            }
+            // A failover undid the increment that handed `ino` out, and another client
+            // took it again (see `fresh_batch`): move the counter past it and take another.
+            let mut b = self.inos.lock().unwrap();
+            b.high = b.high.max(ino + 1);
+            b.epoch = u64::MAX;
+        }
+        Err(MetaError::engine(
+            self.kv.name(),
+            "the inode counter keeps handing out inodes in use",
+        ))
+    }
+
+    /// [`KvMeta::create_node`] as inode `ino`; sets `taken` (and fails) when a shared
+    /// engine already holds attributes for it.
+    #[allow(clippy::too_many_arguments)]
+    fn create_node_as(
+        &self,
+        ctx: &Context,
+        parent: Ino,
+        name: &[u8],
+        typ: FileType,
+        mode: u32,
+        rdev: u32,
+        target: Option<&[u8]>,
+        open: bool,
+        ino: Ino,
+        taken: &mut bool,
+    ) -> Result<(Ino, Attr)> {
         let sid = self.sid();
+        let shared = !self.kv.exclusive();
         // The new inode is opened in the creating transaction: no other client can know it
         // before, and the open costs no transaction of its own.
         let mut opened = open.then(|| self.open_shard(ino));
         let (_, max_inodes) = self.limits();
-        let (pk, dk) = (key::attr(parent), key::dentry(parent, name));
+        let (pk, dk, ak) = (key::attr(parent), key::dentry(parent, name), key::attr(ino));
         self.txn(|t| {
+            *taken = false;
             // The kernel looked the name up before asking to create it.
             t.guess(&dk, None);
-            // The parent and the name in one read (one round trip on Redis).
-            let got = t.get_many(&[&pk, &dk])?;
+            // The parent and the name in one read (one round trip on Redis). On a shared
+            // engine the new inode's attributes too, guessed absent (no round trip): an
+            // id counter a failover set back may hand out an inode in use.
+            let got = if shared {
+                t.guess(&ak, None);
+                let got = t.get_many(&[&pk, &dk, &ak])?;
+                if got[2].is_some() {
+                    *taken = true;
+                    return Err(Errno::EEXIST.into());
+                }
+                got
+            } else {
+                t.get_many(&[&pk, &dk])?
+            };
             let mut p = match &got[0] {
                 Some(v) => key::decode_attr(parent, v)?,
                 None => return Err(Errno::ENOENT.into()),

@@ -44,7 +44,7 @@ impl<E: KvEngine> KvMeta<E> {
         if since <= self.session_timeout.as_millis() as u64 {
             return Ok(());
         }
-        if Self::record_alive(self.kv.get(&key::session(sid))?.as_deref()) {
+        if self.record_alive(self.kv.get(&key::session(sid))?.as_deref()) {
             return Ok(());
         }
         self.mark_lost(sid);
@@ -70,14 +70,18 @@ impl<E: KvEngine> KvMeta<E> {
         }
     }
 
-    /// True for a session record that exists and is not marked reaped.
-    pub(super) fn record_alive(record: Option<&[u8]>) -> bool {
+    /// True for a session record that exists, is not marked reaped, and is this client's:
+    /// a failover that lost the increment which gave this session its id may give the id
+    /// to another mount, whose record must not keep this session alive (their locks and
+    /// open files would mix).
+    pub(super) fn record_alive(&self, record: Option<&[u8]>) -> bool {
+        let me = self.lanes.client();
         match record {
             None => false,
             // An unreadable record is not ours to judge: only absence or the mark count.
-            Some(v) => {
-                serde_json::from_slice::<SessionInfo>(v).map_or(true, |s| s.reaped.is_none())
-            }
+            Some(v) => serde_json::from_slice::<SessionInfo>(v).map_or(true, |s| {
+                s.reaped.is_none() && (s.client == 0 || me == 0 || s.client == me)
+            }),
         }
     }
 
@@ -98,7 +102,7 @@ impl<E: KvEngine> KvMeta<E> {
         if let Some(v) = self.session_record.lock().unwrap().clone() {
             t.guess(&k, Some(v));
         }
-        if Self::record_alive(t.get(&k)?.as_deref()) {
+        if self.record_alive(t.get(&k)?.as_deref()) {
             return Ok(());
         }
         self.mark_lost(sid);
