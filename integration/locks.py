@@ -147,6 +147,28 @@ def main():
     os.close(fd)
     st, _ = a("lock", fcntl.LOCK_EX | fcntl.LOCK_NB, 0, 0)
     check(st == "ok", "A locks after B closed its descriptor")
+    a("lock", fcntl.LOCK_UN, 0, 0)
+
+    # A lock taken anew through another descriptor outlives the last close of the first
+    # one by a child that inherited it (the handle's release must not drop it again).
+    fd1 = os.open(B, os.O_RDWR)
+    fcntl.lockf(fd1, fcntl.LOCK_EX | fcntl.LOCK_NB, 10, 0)
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.close(w)
+        os.read(r, 1)  # keeps fd1 open until told
+        os._exit(0)
+    os.close(r)
+    os.close(fd1)  # drops this process's lock; the child still has the file open
+    fd2 = os.open(B, os.O_RDWR)
+    fcntl.lockf(fd2, fcntl.LOCK_EX | fcntl.LOCK_NB, 10, 0)
+    os.close(w)  # the child exits: the last close of fd1's file
+    os.waitpid(child, 0)
+    time.sleep(0.5)
+    st, _ = a("lock", fcntl.LOCK_EX | fcntl.LOCK_NB, 10, 0)
+    check(st == "err", "A locked what B holds through its second descriptor")
+    os.close(fd2)
     a.exit()
 
 

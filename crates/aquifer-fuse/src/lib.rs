@@ -660,6 +660,15 @@ impl Filesystem for AquiferFs {
         let flushed = self.vfs.flush(fh.0);
         // close(2) of any descriptor drops the POSIX locks its process holds on the file.
         let unlocked = self.vfs.release_locks(ino.0, lock_owner.0);
+        if unlocked.is_ok() {
+            // Dropped: the handle's last release must not drop them again, by then they
+            // may be locks the owner took anew through another descriptor (a child that
+            // inherited this one exits after its parent closed it and locked again).
+            let mut m = self.lock_owners.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(v) = m.get_mut(&fh.0) {
+                v.retain(|&o| o != lock_owner.0);
+            }
+        }
         Self::empty(reply, flushed.and(unlocked));
     }
 
