@@ -28,6 +28,9 @@ pub const OWNER_XATTR: &str = "trusted.aquifer.csi.owner";
 /// The extended attribute that records a volume's capacity on its directory.
 pub const CAPACITY_XATTR: &str = "user.aquifer.csi.capacity";
 
+/// Held by [`claim`] and [`release`].
+static CLAIMS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// The id of the volume that PV `pv` owns at directory `dir`: `PV:DIR`, or just `PV` when
 /// the directory is named after the PV (no `pathPattern`), as ids were before owners.
 /// CreateVolume refuses PV names with a `:`, so the first `:` splits an id.
@@ -129,6 +132,10 @@ fn is_exists(e: &io::Error) -> bool {
 /// Make directory `rel` under `root` (the filesystem's mount) for PV `pv`, or find it
 /// made for `pv` before. Blocking.
 pub fn claim(root: &Path, rel: &Path, pv: &str, bytes: i64) -> io::Result<Claim> {
+    // The checks below and the rename are not one step: two claims at once (the
+    // provisioner calls CreateVolume concurrently) could each pass the other's check and
+    // nest one volume in the other. One claim or release at a time in this controller.
+    let _one = CLAIMS.lock().unwrap_or_else(|e| e.into_inner());
     // Not inside another volume (at any depth): that volume's PV would see and delete this
     // one.
     for a in rel
@@ -230,6 +237,7 @@ pub enum Release {
 
 /// Remove directory `dir` if PV `pv` owns it. Blocking.
 pub fn release(dir: &Path, pv: &str) -> io::Result<Release> {
+    let _one = CLAIMS.lock().unwrap_or_else(|e| e.into_inner());
     match owner(dir) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Release::Gone),
         Err(e) => Err(e),
