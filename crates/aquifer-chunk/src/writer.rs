@@ -377,6 +377,18 @@ impl FileWriter {
                     self.generation.fetch_add(1, Ordering::SeqCst);
                     self.cs.maybe_compact(self.ino, idx, count);
                 }
+                Err(e) if e.is_ambiguous() => {
+                    // Whether the commit applied cannot be learnt (the engine stayed away,
+                    // or a failover lost its history). Committing the slice again could
+                    // bring it back after a compaction replaced it and freed its blocks
+                    // (old bytes over newer ones, then reads of deleted blocks). So it is
+                    // not retried: if it applied, its bytes are in the file; if not, this
+                    // flush reports the loss. Its id stays open, so gc spares its blocks
+                    // while the commit may still arrive.
+                    list.remove(0);
+                    self.generation.fetch_add(1, Ordering::SeqCst);
+                    return Err(self.failed(e.into()));
+                }
                 Err(e) => return Err(self.failed(e.into())),
             }
         }

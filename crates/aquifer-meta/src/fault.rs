@@ -28,6 +28,9 @@ pub enum Fault {
     /// Applied, the answer lost, then a failover to a replica that lacks this commit and
     /// the given number of commits before it (needs [`LossyKv::keep_undo`]).
     LostInFailover(usize),
+    /// Applied, the answer lost, then the engine answers nothing to the given number of
+    /// calls (reads and commits): the client cannot learn what happened.
+    AppliedThenAway(u64),
 }
 
 /// An engine whose commits lose their answers now and then.
@@ -41,6 +44,8 @@ pub struct LossyKv<E> {
     /// Writes of the commit held by [`Fault::Late`].
     held: Mutex<Option<TxnWrites>>,
     injected: AtomicU64,
+    /// Calls still to fail, after [`Fault::AppliedThenAway`].
+    away: AtomicU64,
     /// Added to the inner engine's epoch by [`LossyKv::fail_over`].
     epoch: AtomicU64,
     /// For each commit since [`LossyKv::keep_undo`], what the keys it wrote held before.
@@ -105,6 +110,7 @@ impl<E: KvEngine> LossyKv<E> {
             forced: Mutex::new(Vec::new()),
             held: Mutex::new(None),
             injected: AtomicU64::new(0),
+            away: AtomicU64::new(0),
             epoch: AtomicU64::new(0),
             undo: Mutex::new(None),
         }
@@ -235,17 +241,35 @@ impl<E: KvEngine> LossyKv<E> {
     }
 }
 
+impl<E: KvEngine> LossyKv<E> {
+    /// Fail this call if the engine is away ([`Fault::AppliedThenAway`]).
+    fn reachable(&self) -> Result<()> {
+        let gone = self
+            .away
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        match gone {
+            true => Err(MetaError::engine(self.inner.name(), "injected: no answer")),
+            false => Ok(()),
+        }
+    }
+}
+
 impl<E: KvEngine> KvRead for LossyKv<E> {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.reachable()?;
         self.inner.get(key)
     }
     fn get_many(&self, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>> {
+        self.reachable()?;
         self.inner.get_many(keys)
     }
     fn get_entry_attr(&self, entry_key: &[u8]) -> Result<EntryAttr> {
+        self.reachable()?;
         self.inner.get_entry_attr(entry_key)
     }
     fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<KvPair>> {
+        self.reachable()?;
         self.inner.scan(start, end, limit)
     }
 }
@@ -256,6 +280,7 @@ impl<E: KvEngine> KvEngine for LossyKv<E> {
     }
 
     fn txn(&self, f: &mut dyn FnMut(&mut dyn KvTxn) -> Result<()>) -> Result<()> {
+        self.reachable()?;
         let fault = self.next_fault();
         let lost =
             |what: &str| MetaError::ambiguous(self.inner.name(), format!("injected: {what}"));
@@ -265,6 +290,12 @@ impl<E: KvEngine> KvEngine for LossyKv<E> {
                 self.fail_over(n + 1)?;
                 self.injected.fetch_add(1, Ordering::Relaxed);
                 Err(lost("applied, answer lost, lost again in a failover"))
+            }
+            Fault::AppliedThenAway(n) => {
+                self.inner.txn(f)?;
+                self.injected.fetch_add(1, Ordering::Relaxed);
+                self.away.store(n, Ordering::SeqCst);
+                Err(lost("applied, answer lost, then no answer at all"))
             }
             Fault::None if self.undo.lock().unwrap().is_some() => self.txn_undoable(f),
             Fault::None => self.inner.txn(f),

@@ -372,6 +372,13 @@ impl<E: KvEngine> KvMeta<E> {
 
     /// How long a session may go without a heartbeat before other clients clean up after
     /// it (its locks released, its open-but-unlinked files freed).
+    /// How long a transaction whose answer was lost keeps trying to learn whether it
+    /// applied (1 min by default), for tests of an engine that stays away.
+    pub fn with_fence_deadline(mut self, deadline: Duration) -> Self {
+        self.lanes.fence_deadline = deadline;
+        self
+    }
+
     pub fn with_session_timeout(mut self, timeout: Duration) -> Self {
         self.session_timeout = timeout.max(Duration::from_secs(1));
         self

@@ -89,6 +89,8 @@ pub(crate) struct Lanes {
     /// true whatever transactions run meanwhile.
     known: Mutex<std::collections::HashMap<u32, Known>>,
     next_id: AtomicU32,
+    /// How long a fence keeps trying before the outcome stays unknown.
+    pub(crate) fence_deadline: std::time::Duration,
 }
 
 struct Known {
@@ -135,6 +137,7 @@ impl Lanes {
             free: Mutex::new(Vec::new()),
             known: Mutex::new(std::collections::HashMap::new()),
             next_id: AtomicU32::new(0),
+            fence_deadline: FENCE_DEADLINE,
         }
     }
 
@@ -225,7 +228,7 @@ impl Lanes {
         let start = std::time::Instant::now();
         let mut backoff = std::time::Duration::from_millis(10);
         for tries in 0.. {
-            if tries >= 3 && start.elapsed() > FENCE_DEADLINE {
+            if tries >= 3 && start.elapsed() > self.fence_deadline {
                 break;
             }
             if tries > 0 {

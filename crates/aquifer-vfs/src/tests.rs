@@ -552,6 +552,47 @@ fn lost_answers_on_the_data_path() {
     v.release(fh).unwrap();
 }
 
+/// A slice commit applied whose outcome the writer cannot learn (the engine stays away
+/// through the fence), then a compaction that replaces the slice and frees its blocks:
+/// the writer must not commit the slice again (it would list blocks already deleted).
+#[test]
+fn a_commit_of_unknown_outcome_is_not_retried() {
+    use aquifer_meta::fault::{Fault, LossyKv};
+    use std::time::Duration;
+    let lossy = Arc::new(LossyKv::new(MemKv::new(), 1, 0));
+    let meta: Arc<dyn Meta> =
+        Arc::new(KvMeta::new(lossy.clone()).with_fence_deadline(Duration::ZERO));
+    meta.format(&test_format(1 << 16), false).unwrap();
+    let v = Vfs::new(
+        meta.clone(),
+        Arc::new(MemStore::new()),
+        DataConfig::default(),
+    )
+    .unwrap();
+    v.start_session(test_session("h")).unwrap();
+    let cs = v.chunk_store().clone();
+    let (ino, _, fh) = v
+        .create(&root(), ROOT_INO, b"f", 0o644, 0, libc::O_RDWR)
+        .unwrap();
+    v.write(fh, 0, &[1u8; 10_000]).unwrap();
+    v.flush(fh).unwrap();
+    v.write(fh, 0, &[2u8; 10_000]).unwrap();
+    // The second slice's commit applies, its answer is lost, and the fence's three tries
+    // get no answer either.
+    lossy.force(&[Fault::AppliedThenAway(3)]);
+    assert_eq!(v.flush(fh).unwrap_err(), Errno::EIO, "an outcome not known");
+    // The engine is back; a compaction merges both slices and frees the old ones.
+    while cs.compact(ino, 0).unwrap() {}
+    while cs.empty_trash().unwrap() > 0 {}
+    let _ = v.flush(fh);
+    let _ = v.release(fh);
+    let chunk = meta.read_chunk_fresh(ino, 0).unwrap();
+    assert_eq!(chunk.len(), 1, "the slice was committed again: {chunk:?}");
+    let fh = v.open(&root(), ino, libc::O_RDONLY).unwrap();
+    assert_eq!(v.read(fh, 0, 20_000).unwrap(), vec![2u8; 10_000]);
+    v.release(fh).unwrap();
+}
+
 fn whole(typ: i32) -> PLock {
     PLock {
         typ,
