@@ -222,6 +222,22 @@ if phase == "calls":
     with open(os.path.join(t["static"], "part-0")) as f:
         if f.read() != "dataset bytes":
             fail("the static PV shows other bytes")
+    # A static handle with a ':' and no context is a path, whole: publish and validate
+    # find the same directory (not "v2", which a dynamic id "datasets:v2" would name).
+    os.makedirs(os.path.join(fs_root, "datasets:v2"))
+    os.makedirs(os.path.join(fs_root, "v2"))
+    with open(os.path.join(fs_root, "datasets:v2", "which"), "w") as f:
+        f.write("the static one")
+    colon = os.path.join(work, "pods", "colon", "m")
+    publish("datasets:v2", colon, readonly=True)
+    with open(os.path.join(colon, "which")) as f:
+        if f.read() != "the static one":
+            fail("a static handle with ':' published another directory")
+    unpublish("datasets:v2", colon)
+    os.rmdir(os.path.join(fs_root, "v2"))
+    controller.ValidateVolumeCapabilities(
+        pb.ValidateVolumeCapabilitiesRequest(volume_id="datasets:v2", volume_capabilities=[cap()],
+                                             secrets=SECRETS), timeout=60)
     # A directory no PV made is no dynamic volume's: CreateVolume refuses it, DeleteVolume
     # (of any id naming it) leaves it.
     d = expect_code(C.ALREADY_EXISTS, controller.CreateVolume,

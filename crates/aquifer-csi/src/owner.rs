@@ -250,10 +250,14 @@ pub fn release(dir: &Path, pv: &str) -> io::Result<Release> {
     }
 }
 
-/// The directory a publish (and a validation, which must find what a publish would)
-/// serves for a volume: the `path` of its context, which every volume this driver
-/// creates carries; without one the volume is a static PV whose handle is the path,
-/// whole, `:` and all (only DeleteVolume, which sees dynamic volumes alone, splits ids).
+/// Whether `dir` carries an owner record naming `pv`.
+pub fn owned_by(dir: &Path, pv: &str) -> bool {
+    matches!(owner(dir), Ok(Some(o)) if o == pv.as_bytes())
+}
+
+/// The directory a publish serves for a volume: the `path` of its context, which every
+/// volume this driver creates carries; without one the volume is a static PV whose handle
+/// is the path, whole, `:` and all.
 pub fn published_dir(id: &str, context: &std::collections::HashMap<String, String>) -> String {
     context
         .get("path")

@@ -247,9 +247,27 @@ impl controller_server::Controller for Arc<Driver> {
         }
         check_capabilities(&r.volume_capabilities)?;
         if !r.secrets.is_empty() {
-            // As a publish finds it.
-            let path = owner::published_dir(&r.volume_id, &r.volume_context);
-            let dir = self.locate(&r.secrets, &path).await?;
+            let dir = match r.volume_context.get("path") {
+                Some(p) => self.locate(&r.secrets, p).await?,
+                None => {
+                    // No context (it is optional here): a dynamic volume's id names its
+                    // owner and directory, and the directory's owner record says so;
+                    // any other id is a static handle, the path whole, as a publish
+                    // without context takes it.
+                    let (pv, d) = owner::parse_volume_id(&r.volume_id);
+                    let dynamic = self.locate(&r.secrets, d).await?;
+                    let pv = pv.to_string();
+                    let probe = dynamic.clone();
+                    let owned = tokio::task::spawn_blocking(move || owner::owned_by(&probe, &pv))
+                        .await
+                        .unwrap_or(false);
+                    if owned {
+                        dynamic
+                    } else {
+                        self.locate(&r.secrets, &r.volume_id).await?
+                    }
+                }
+            };
             if !dir.is_dir() {
                 return Err(Status::not_found(format!(
                     "volume {} does not exist",
