@@ -348,6 +348,8 @@ impl<E: KvEngine> KvMeta<E> {
         }
         let v = key::encode_ranges(&ranges);
         self.txn(|t| {
+            // Not over another mount's record, should a failover have given it this id.
+            self.check_session(t)?;
             t.set(&key::reserved_slices(sid), v.clone());
             Ok(())
         })?;
@@ -370,8 +372,6 @@ impl<E: KvEngine> KvMeta<E> {
         }
     }
 
-    /// How long a session may go without a heartbeat before other clients clean up after
-    /// it (its locks released, its open-but-unlinked files freed).
     /// How long a transaction whose answer was lost keeps trying to learn whether it
     /// applied (1 min by default), for tests of an engine that stays away.
     pub fn with_fence_deadline(mut self, deadline: Duration) -> Self {
@@ -379,6 +379,8 @@ impl<E: KvEngine> KvMeta<E> {
         self
     }
 
+    /// How long a session may go without a heartbeat before other clients clean up after
+    /// it (its locks released, its open-but-unlinked files freed).
     pub fn with_session_timeout(mut self, timeout: Duration) -> Self {
         self.session_timeout = timeout.max(Duration::from_secs(1));
         self
@@ -482,7 +484,15 @@ impl<E: KvEngine> KvMeta<E> {
                 }
             }
         }
-        Err(last.unwrap_or_else(did_not_run))
+        // Every round's fence found its commit not applied: the outcome is known (nothing
+        // applied), so the error is not an ambiguous one (a writer keeps its data to retry).
+        Err(match last {
+            Some(e) => MetaError::engine(
+                self.kv.name(),
+                format!("no answer to any try of a commit (none applied): {e}"),
+            ),
+            None => did_not_run(),
+        })
     }
 
     /// Note that the server lost changes it had acknowledged to this client.
@@ -1176,8 +1186,23 @@ impl<E: KvEngine> Meta for KvMeta<E> {
 
     fn close_session(&self) -> Result<()> {
         let sid = self.sid();
+        // A record that names another client: a failover lost this session's id and
+        // record, and another mount took the id since. What is recorded under the id is
+        // that mount's, not to clean; only this client's lanes go.
+        let theirs = sid != 0
+            && !self.kv.exclusive()
+            && self
+                .kv
+                .get(&key::session(sid))?
+                .and_then(|v| serde_json::from_slice::<SessionInfo>(&v).ok())
+                .is_some_and(|s| s.client != 0 && s.client != self.lanes.client());
+        if theirs {
+            tracing::warn!(sid, "this mount's session id belongs to another mount now (a failover lost it): leaving what is recorded under it");
+        }
         if sid != 0 {
-            self.clean_session(sid)?;
+            if !theirs {
+                self.clean_session(sid)?;
+            }
             if self.kv.may_lose_replies() {
                 self.delete_lanes(self.lanes.client())?;
                 self.lanes.forget();

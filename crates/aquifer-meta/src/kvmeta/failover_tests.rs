@@ -100,7 +100,26 @@ fn a_session_id_handed_out_again_is_not_shared() {
     // D's record must not keep C alive: C's open files and locks would be D's.
     let r = c.create_open(&ctx, ROOT_INO, b"c-file", 0o644, 0);
     assert_eq!(r.expect_err("C's session is gone").errno(), Errno::EIO);
-    d.create_open(&ctx, ROOT_INO, b"d-file", 0o644, 0).unwrap();
+    let (d_ino, _) = d.create_open(&ctx, ROOT_INO, b"d-file", 0o644, 0).unwrap();
+    let lock = |l_type| PLock {
+        typ: l_type,
+        start: 0,
+        end: u64::MAX,
+        pid: 1,
+    };
+    d.setlk(d_ino, 7, &lock(libc::F_WRLCK)).unwrap();
     a.mknod(&ctx, ROOT_INO, b"a-file", FileType::File, 0o644, 0, 0)
         .unwrap();
+    // C unmounts: what is recorded under the id is D's and stays.
+    c.close_session().unwrap();
+    assert!(
+        a.list_sessions().unwrap().iter().any(|s| s.sid == d_sid),
+        "C's unmount removed D's session"
+    );
+    assert_eq!(
+        a.setlk(d_ino, 9, &lock(libc::F_WRLCK)).unwrap_err().errno(),
+        Errno::EAGAIN,
+        "C's unmount released D's lock"
+    );
+    d.getattr(d_ino).unwrap();
 }

@@ -80,7 +80,7 @@ impl<E: KvEngine> KvMeta<E> {
             None => false,
             // An unreadable record is not ours to judge: only absence or the mark count.
             Some(v) => serde_json::from_slice::<SessionInfo>(v).map_or(true, |s| {
-                s.reaped.is_none() && (s.client == 0 || me == 0 || s.client == me)
+                s.reaped.is_none() && (s.client == 0 || s.client == me)
             }),
         }
     }
