@@ -1,9 +1,9 @@
 //! `aquifer warmup` and `aquifer stats`: commands that talk to a live mount through its
-//! control ioctls ([`aquifer_fuse::control`]), so they work wherever the mount is visible.
+//! control ioctls ([`aquifer_control`]), so they work wherever the mount is visible.
 
 use crate::figures::Figures;
 use anyhow::{anyhow, bail, Context as _, Result};
-use aquifer_fuse::control::{self, WarmOp, WarmRequest};
+use aquifer_control::{self as control, WarmOp, WarmRequest};
 use clap::Args;
 use parking_lot::Mutex;
 use std::collections::VecDeque;

@@ -576,7 +576,7 @@ async fn warm_marks(k: &mut Kept, spec: &Spec, binds: &[Entry], mp: &Path) -> Ve
             .into_iter()
             .filter_map(|r| Some((r.clone(), std::fs::metadata(at.join(&r)).ok()?.ino())))
             .collect();
-        let marks = std::fs::File::open(&at).and_then(|f| aquifer_fuse::control::marks(&f));
+        let marks = std::fs::File::open(&at).and_then(|f| aquifer_control::marks(&f));
         (inos, marks)
     })
     .await;

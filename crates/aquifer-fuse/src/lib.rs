@@ -20,7 +20,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use fuser::{Session, SessionUnmounter};
 
-pub mod control;
+use aquifer_control as control;
 pub mod privilege;
 
 macro_rules! ops {
