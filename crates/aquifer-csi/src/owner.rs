@@ -28,8 +28,19 @@ pub const OWNER_XATTR: &str = "trusted.aquifer.csi.owner";
 /// The extended attribute that records a volume's capacity on its directory.
 pub const CAPACITY_XATTR: &str = "user.aquifer.csi.capacity";
 
-/// Held by [`claim`] and [`release`].
-static CLAIMS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+/// One lock per filesystem (its mount point), held by [`claim`]: a filesystem whose
+/// engine hangs holds up only its own claims.
+static CLAIMS: std::sync::Mutex<
+    Option<std::collections::HashMap<std::path::PathBuf, std::sync::Arc<std::sync::Mutex<()>>>>,
+> = std::sync::Mutex::new(None);
+
+fn claims_of(root: &Path) -> std::sync::Arc<std::sync::Mutex<()>> {
+    let mut m = CLAIMS.lock().unwrap_or_else(|e| e.into_inner());
+    m.get_or_insert_with(Default::default)
+        .entry(root.to_path_buf())
+        .or_default()
+        .clone()
+}
 
 /// The id of the volume that PV `pv` owns at directory `dir`: `PV:DIR`, or just `PV` when
 /// the directory is named after the PV (no `pathPattern`), as ids were before owners.
@@ -134,8 +145,9 @@ fn is_exists(e: &io::Error) -> bool {
 pub fn claim(root: &Path, rel: &Path, pv: &str, bytes: i64) -> io::Result<Claim> {
     // The checks below and the rename are not one step: two claims at once (the
     // provisioner calls CreateVolume concurrently) could each pass the other's check and
-    // nest one volume in the other. One claim or release at a time in this controller.
-    let _one = CLAIMS.lock().unwrap_or_else(|e| e.into_inner());
+    // nest one volume in the other. One claim at a time per filesystem in this controller.
+    let lock = claims_of(root);
+    let _one = lock.lock().unwrap_or_else(|e| e.into_inner());
     // Not inside another volume (at any depth): that volume's PV would see and delete this
     // one.
     for a in rel
@@ -237,15 +249,28 @@ pub enum Release {
 
 /// Remove directory `dir` if PV `pv` owns it. Blocking.
 pub fn release(dir: &Path, pv: &str) -> io::Result<Release> {
-    let _one = CLAIMS.lock().unwrap_or_else(|e| e.into_inner());
     match owner(dir) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Release::Gone),
         Err(e) => Err(e),
-        Ok(Some(o)) if o == pv.as_bytes() => match std::fs::remove_dir_all(dir) {
-            Ok(()) => Ok(Release::Removed),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Release::Gone),
-            Err(e) => Err(e),
-        },
+        Ok(Some(o)) if o == pv.as_bytes() => {
+            // Renamed away in one step first: a claim made meanwhile at this path (or
+            // under it) gets a new directory that the removal below never touches.
+            let name = dir.file_name().map(|n| n.to_string_lossy().into_owned());
+            let gone = dir.with_file_name(format!(
+                ".aquifer-deleting-{}-{}",
+                name.unwrap_or_default(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos())
+            ));
+            match std::fs::rename(dir, &gone) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Release::Gone),
+                Err(e) => return Err(e),
+            }
+            std::fs::remove_dir_all(&gone)?;
+            Ok(Release::Removed)
+        }
         Ok(_) => Ok(Release::NotOwned),
     }
 }
