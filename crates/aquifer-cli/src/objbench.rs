@@ -1,9 +1,12 @@
 //! `aquifer objbench`: latency and throughput of an object store alone, so a slow store can
 //! be told from a slow filesystem.
 
-use anyhow::{anyhow, Result};
+use crate::parse::usize_in;
+use crate::volume::{layered_store, new_format, new_uuid, store_spec, S3Args};
+use anyhow::{anyhow, bail, Result};
 use aquifer_object::ObjectStore;
 use bytes::Bytes;
+use clap::Args;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -188,4 +191,54 @@ pub fn run(store: Arc<dyn ObjectStore>, plan: &Plan) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[derive(Args)]
+pub(crate) struct ObjbenchArgs {
+    /// Object storage kind: file or s3.
+    #[arg(long, default_value = "file")]
+    storage: String,
+    /// The bucket to measure: a directory for --storage file,
+    /// http(s)://HOST:PORT/BUCKET or s3://BUCKET for --storage s3.
+    #[arg(long)]
+    bucket: String,
+    #[command(flatten)]
+    s3: S3Args,
+    /// Size of the large objects in KiB (the block size).
+    #[arg(long, default_value_t = 4096, value_parser = usize_in(1, 1 << 20))]
+    block_size: usize,
+    /// Number of large objects.
+    #[arg(long, default_value_t = 64, value_parser = usize_in(0, 1 << 20))]
+    objects: usize,
+    /// Number of 4 KiB objects (per-request latency).
+    #[arg(long, default_value_t = 256, value_parser = usize_in(0, 1 << 20))]
+    small_objects: usize,
+    /// Concurrent requests.
+    #[arg(long, default_value_t = 4, value_parser = usize_in(1, 1024))]
+    threads: usize,
+}
+
+pub(crate) fn objbench(a: ObjbenchArgs) -> Result<()> {
+    if a.block_size == 0 || a.threads == 0 {
+        bail!("--block-size and --threads must be positive");
+    }
+    let mut f = new_format("objbench", &a.storage, "", 4096, 0, 0)?;
+    f.bucket = match a.storage.as_str() {
+        "file" => a.bucket.trim_start_matches("file://").to_string(),
+        _ => a.bucket.clone(),
+    };
+    a.s3.apply(&mut f);
+    let mut spec = store_spec(&f);
+    // Its own prefix in the bucket, removed again by the benchmark.
+    spec.prefix = format!("objbench-{}/", new_uuid());
+    let store = layered_store(&spec, 0, 0)?;
+    run(
+        store,
+        &Plan {
+            objects: a.objects,
+            size: a.block_size * 1024,
+            small_objects: a.small_objects,
+            threads: a.threads,
+        },
+    )
 }

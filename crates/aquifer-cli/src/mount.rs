@@ -1,0 +1,379 @@
+//! `aquifer mount`: the engine, the store and the cache tiers a mount stacks, then the
+//! FUSE session (in the background with `-d`).
+
+use crate::parse::{
+    parse_duration, parse_ratio, parse_seconds, parse_session_timeout, parse_size, usize_in,
+};
+use crate::volume::*;
+use anyhow::{anyhow, bail, Context as _, Result};
+use aquifer_chunk::DataConfig;
+use aquifer_meta::{Format, MetaError, SessionInfo};
+use clap::Args;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Args)]
+pub(crate) struct MountArgs {
+    /// `[META_URL] MOUNTPOINT`: with one argument it is the mount point of the embedded default.
+    #[arg(num_args = 1..=2, required = true, value_names = ["META_URL", "MOUNTPOINT"])]
+    args: Vec<String>,
+    /// Run in the background, logging to --log.
+    #[arg(short = 'd', long = "background")]
+    background: bool,
+    /// Log file for background mounts.
+    #[arg(long)]
+    log: Option<PathBuf>,
+    /// FUSE worker threads.
+    #[arg(long, default_value_t = 16, value_parser = usize_in(1, 1024))]
+    threads: usize,
+    /// Threads uploading blocks to the object store.
+    #[arg(long, default_value_t = 8, value_parser = usize_in(1, 256))]
+    max_uploads: usize,
+    /// Threads fetching blocks ahead of sequential readers, and how many blocks ahead they
+    /// go: on object stores throughput comes from many GETs in flight.
+    #[arg(long, default_value_t = 8, value_parser = usize_in(1, 256))]
+    max_downloads: usize,
+    /// Memory in MiB for data in flight: half for buffered writes (open files' tails and
+    /// blocks queued for upload; writers wait, not fail, when it is full), half for blocks
+    /// read ahead.
+    #[arg(long, default_value_t = 128, value_parser = usize_in(8, 1 << 20))]
+    buffer_size: usize,
+    /// Kernel attribute cache time in seconds (0 to 86400).
+    #[arg(long, default_value_t = 1.0, value_parser = parse_seconds)]
+    attr_cache: f64,
+    /// Kernel cache time of name lookups in seconds (0 to 86400).
+    #[arg(long, default_value_t = 1.0, value_parser = parse_seconds)]
+    entry_cache: f64,
+    /// Block cache directories on local disks, `DIR[:DIR...]`; blocks are spread over them
+    /// by hash. `memory` (or `none`) for RAM only. Default: `DATA_DIR/cache` for object
+    /// stores, none for a local `file` store (its blocks are on a local disk already).
+    #[arg(long)]
+    cache_dir: Option<String>,
+    /// Quota of the disk cache, split across its directories: `512M`, `100G`, `1T`; a bare
+    /// number is MiB. Counted as the disk counts it (allocated blocks).
+    #[arg(long, default_value = "100G", value_parser = parse_size)]
+    cache_size: u64,
+    /// Eviction starts when the disk cache passes this share of --cache-size...
+    #[arg(long, default_value_t = 0.95, value_parser = parse_ratio)]
+    cache_high: f64,
+    /// ...and stops when it is down to this share.
+    #[arg(long, default_value_t = 0.70, value_parser = parse_ratio)]
+    cache_low: f64,
+    /// Keep at least this share of each cache disk free, evicting if others fill it.
+    #[arg(long, default_value_t = 0.1, value_parser = parse_ratio)]
+    free_space_ratio: f64,
+    /// Stage written blocks on the (first) cache disk and upload them in the background:
+    /// fsync returns once they are on the local disk; blocks still staged at a crash are
+    /// uploaded at the next mount first. Other mounts see a block once it is uploaded.
+    #[arg(long)]
+    writeback: bool,
+    /// FUSE passthrough: a file opened read-only whose blocks are all on the cache disk is
+    /// read by the kernel from a whole-file copy there, at local-disk speed (Linux 6.9+ and
+    /// CAP_SYS_ADMIN; without them the daemon serves reads as usual). On by default with
+    /// --read-only. On a writable mount, opening a file for writing while it is open in
+    /// passthrough fails with ETXTBSY (the kernel allows no other kind of open then), so
+    /// it is for read-mostly datasets.
+    #[arg(long, conflicts_with = "no_passthrough")]
+    passthrough: bool,
+    /// No FUSE passthrough, even with --read-only.
+    #[arg(long)]
+    no_passthrough: bool,
+    /// Seconds before a cache disk taken out of use after a failure is tried again.
+    #[arg(long, default_value_t = 30.0, value_parser = parse_seconds, hide = true)]
+    cache_retry: f64,
+    /// RAM for cached blocks (units as --cache-size). Default: half of --buffer-size.
+    #[arg(long, value_parser = parse_size)]
+    mem_cache_size: Option<u64>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (`none` to not); when the port is
+    /// taken by another mount, the next free one of the 9 after it.
+    #[arg(long, default_value = "127.0.0.1:9567")]
+    metrics: String,
+    /// Blocks fetched ahead of each sequential reader (default: --max-downloads, 2 to 32).
+    #[arg(long, value_parser = usize_in(0, 256))]
+    prefetch: Option<usize>,
+    /// Allow other users to access the mount (default when run as root).
+    #[arg(long)]
+    allow_other: bool,
+    /// Mount read-only.
+    #[arg(long)]
+    read_only: bool,
+    /// Upload bandwidth limit in MiB/s (0 = none), so a checkpoint writer keeps to its share.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..1 << 30))]
+    upload_limit: u64,
+    /// Download bandwidth limit in MiB/s (0 = none).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..1 << 30))]
+    download_limit: u64,
+    /// Mount even if the mount point is not empty.
+    #[arg(long)]
+    nonempty: bool,
+    /// Data directory of the embedded default volume.
+    #[arg(long, env = "AQUIFER_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Seconds without a heartbeat after which other mounts of a shared volume (Redis) take
+    /// this mount for dead and clean up after it: its locks are released and the files it
+    /// had open but were unlinked are freed. Heartbeats go every sixth of it (at most 10 s).
+    #[arg(long, default_value_t = 60.0, value_parser = parse_session_timeout)]
+    session_timeout: f64,
+    /// What fsync and close wait for on a Redis volume: `aof` (the server's AOF on disk:
+    /// WAITAOF on Redis 7.2+, or a server with appendfsync always), `replicas:N` (N replicas
+    /// have it: WAIT), `aof+replicas:N`, or `none`. A server that cannot give the chosen
+    /// setting is refused. Default: `aof` where the server keeps an AOF, with a warning
+    /// where it cannot.
+    #[arg(long, value_parser = aquifer_meta_redis::Durability::parse)]
+    meta_durability: Option<aquifer_meta_redis::Durability>,
+    /// How long the blocks of deleted and overwritten data stay after the change that freed
+    /// them, measured on the metadata server's clock: 90s, 10m, 1h or a number of seconds,
+    /// 0 to free at once. Default 10m on Redis (outlasts a failover to a replica that had not
+    /// received the change), 0 on RocksDB (no failover).
+    #[arg(long, value_parser = parse_duration)]
+    free_grace: Option<Duration>,
+}
+
+pub(crate) fn mount(a: MountArgs) -> Result<()> {
+    let (url, mp) = match a.args.as_slice() {
+        [mp] => (None, PathBuf::from(mp)),
+        [url, mp] => (Some(url.clone()), PathBuf::from(mp)),
+        _ => bail!("usage: aquifer mount [META_URL] MOUNTPOINT"),
+    };
+    crate::mountpoint::check(&mp, a.nonempty)?;
+    let mp = std::fs::canonicalize(&mp).with_context(|| format!("mount point {}", mp.display()))?;
+    let data_dir = a.data_dir.clone().unwrap_or_else(default_data_dir);
+    if a.background && std::env::var_os(crate::mountpoint::DAEMON_ENV).is_none() {
+        let log = a
+            .log
+            .clone()
+            .unwrap_or_else(|| data_dir.join("aquifer.log"));
+        return crate::mountpoint::spawn_background(&mp, &log);
+    }
+    crate::init_logging();
+    crate::tune_malloc();
+    // Signals are blocked before any thread starts (RocksDB's and ours) so that only the
+    // signal thread sees them.
+    let signals = crate::mountpoint::block_signals();
+    let (url, embedded) = match url {
+        Some(u) => (u, false),
+        None => {
+            let vol = data_dir.join("default");
+            (format!("rocksdb://{}", vol.join("meta").display()), true)
+        }
+    };
+    let meta = open_meta_with(
+        &url,
+        embedded,
+        false,
+        Duration::from_secs_f64(a.session_timeout),
+        Some(
+            a.meta_durability
+                .unwrap_or(aquifer_meta_redis::Durability::DEFAULT),
+        ),
+    )?;
+    if embedded && matches!(meta.load_format(), Err(MetaError::NotFormatted)) {
+        let blocks = data_dir.join("default").join("blocks");
+        let f = new_format("default", "file", &blocks.display().to_string(), 4096, 0, 0)?;
+        let store = check_store(&f)?;
+        aquifer_chunk::maintenance::claim_volume(&*store, &f.name, &f.uuid)
+            .map_err(|e| anyhow!("{e}"))?;
+        meta.format(&f, false).map_err(meta_err)?;
+        tracing::info!(url, blocks = %blocks.display(), "formatted the embedded default volume");
+    }
+    let format = meta.load_format().map_err(meta_err)?;
+    let compression =
+        aquifer_chunk::codec::Compression::parse(&format.compression).map_err(|e| anyhow!(e))?;
+    let (store, store_counters) =
+        counted_store(&store_spec(&format), a.upload_limit, a.download_limit)?;
+    check_marker(&*store, &format)?;
+    let metrics = match a.metrics.as_str() {
+        "" | "none" | "off" => None,
+        addr => {
+            if addr.parse::<std::net::SocketAddr>().is_err() {
+                bail!("--metrics {addr:?} is not an address like 127.0.0.1:9567 (or none)");
+            }
+            // Figures are not worth failing a mount for.
+            crate::figures::bind(addr)
+                .map_err(|e| tracing::warn!(error = %e, "no Prometheus metrics"))
+                .ok()
+        }
+    };
+    let half = (a.buffer_size << 20) / 2;
+    let (lower_tiers, place) = disk_tiers(&a, &format, &data_dir)?;
+    let staging = match (a.writeback, place) {
+        (false, _) => None,
+        (true, None) => bail!("--writeback stages blocks on a cache disk: give --cache-dir"),
+        (true, Some(p)) => {
+            // Half the disk's quota at most: the rest stays a read cache.
+            let s = aquifer_chunk::staging::Staging::open(
+                &p.dir,
+                store.clone(),
+                a.max_uploads,
+                p.capacity / 2,
+                p.pinned,
+            )
+            .with_context(|| format!("cannot stage blocks in {}", p.dir.display()))?;
+            tracing::info!(dir = %p.dir.display(), "writeback: blocks are staged here and uploaded in the background");
+            Some(s)
+        }
+    };
+    let store: Arc<dyn aquifer_object::ObjectStore> = match &staging {
+        Some(s) => s.clone(),
+        None => store,
+    };
+    let cfg = DataConfig {
+        upload_threads: a.max_uploads,
+        // The write budget bounds memory; the queue only has to keep the uploaders busy.
+        upload_queue: (half / format.block_size as usize).max(1) + a.max_uploads,
+        write_buffer: half,
+        cache_bytes: a
+            .mem_cache_size
+            .map(|b| b.min(usize::MAX as u64) as usize)
+            .unwrap_or(half),
+        prefetch_threads: a.max_downloads.max(1),
+        readahead_blocks: a.prefetch.unwrap_or(a.max_downloads.clamp(2, 32)) as u32,
+        compression,
+        lower_tiers,
+        free_grace: free_grace(a.free_grace, &*meta),
+        ..Default::default()
+    };
+    let vfs = aquifer_vfs::Vfs::new(meta.clone(), store, cfg)
+        .map_err(|e| anyhow!("cannot load volume: {e}"))?;
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    vfs.start_session(SessionInfo {
+        sid: 0,
+        hostname: hostname.trim().to_string(),
+        mount_point: mp.display().to_string(),
+        pid: std::process::id(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        ..Default::default()
+    })
+    .map_err(|e| anyhow!("cannot start a session: {e}"))?;
+    let fuse_counters = Arc::new(aquifer_fuse::FuseCounters::default());
+    let sources = Arc::new(crate::figures::Sources {
+        vfs: vfs.clone(),
+        fuse: fuse_counters.clone(),
+        store: store_counters,
+        metrics: parking_lot::Mutex::new(None),
+        staged: staging
+            .clone()
+            .map(|s| Box::new(move || s.backlog()) as Box<dyn Fn() -> (u64, u64) + Send + Sync>),
+    });
+    if let Some(l) = metrics {
+        let at = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        if !a.metrics.ends_with(&at) {
+            tracing::warn!(asked = %a.metrics, serving = %at, "metrics address taken; using the next free port");
+        }
+        crate::figures::serve(l, sources.clone()).context("cannot start the metrics thread")?;
+        tracing::info!(address = %at, "serving Prometheus metrics at /metrics");
+        *sources.metrics.lock() = Some(at);
+    }
+    let figures_fn: aquifer_fuse::FiguresFn = {
+        let s = sources.clone();
+        Arc::new(move || serde_json::to_vec(&s.snapshot()).unwrap_or_default())
+    };
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let opts = aquifer_fuse::MountOptions {
+        fs_name: format!("aquifer:{}", format.name),
+        threads: a.threads,
+        allow_other: a.allow_other || root,
+        read_only: a.read_only,
+        attr_ttl: Duration::from_secs_f64(a.attr_cache),
+        entry_ttl: Duration::from_secs_f64(a.entry_cache),
+        counters: fuse_counters,
+        figures: Some(figures_fn),
+        passthrough: (a.passthrough || a.read_only) && !a.no_passthrough,
+    };
+    // Held until the process exits, after the metadata engine is closed: `aquifer umount`
+    // returns only then.
+    if let Some(lock) = crate::mountpoint::hold_mount_lock(&mp) {
+        std::mem::forget(lock);
+    }
+    let mut session = match aquifer_fuse::mount(vfs.clone(), &mp, &opts) {
+        Ok(s) => s,
+        Err(e) => {
+            vfs.shutdown();
+            bail!("cannot mount at {}: {e}", mp.display());
+        }
+    };
+    crate::trim_malloc_periodically();
+    tracing::info!(mountpoint = %mp.display(), volume = %format.name, meta = %aquifer_meta::url::redact(&url), "mounted");
+    crate::mountpoint::handle_signals(signals, session.unmount_callable(), vfs.clone(), mp.clone());
+    let r = session.run();
+    vfs.shutdown();
+    if let Some(s) = &staging {
+        s.shutdown(Duration::from_secs(10));
+    }
+    tracing::info!(mountpoint = %mp.display(), "unmounted");
+    r.map_err(|e| anyhow!("FUSE session ended with an error: {e}"))
+}
+
+/// Where --writeback stages blocks: the first cache disk, whose quota counts them.
+pub(crate) struct StagingPlace {
+    dir: PathBuf,
+    pinned: Arc<std::sync::atomic::AtomicU64>,
+    capacity: u64,
+}
+
+/// The disk cache tiers `--cache-dir` asks for, each under a directory named by the volume's
+/// UUID (volumes sharing a disk never mix blocks).
+pub(crate) fn disk_tiers(
+    a: &MountArgs,
+    f: &Format,
+    data_dir: &Path,
+) -> Result<(aquifer_chunk::Tiers, Option<StagingPlace>)> {
+    use aquifer_cache::{DiskConfig, DiskTier, Spread, Tier};
+    if a.cache_low >= a.cache_high {
+        bail!(
+            "--cache-low ({}) must be below --cache-high ({})",
+            a.cache_low,
+            a.cache_high
+        );
+    }
+    let dirs: Vec<PathBuf> = match a.cache_dir.as_deref() {
+        Some("memory") | Some("none") => Vec::new(),
+        Some(list) => {
+            let v: Vec<PathBuf> = list
+                .split(':')
+                .filter(|d| !d.is_empty())
+                .map(PathBuf::from)
+                .collect();
+            if v.is_empty() {
+                bail!("--cache-dir {list:?} names no directory");
+            }
+            v
+        }
+        None if f.storage == "file" => Vec::new(),
+        None => vec![data_dir.join("cache")],
+    };
+    if dirs.is_empty() || a.cache_size == 0 {
+        return Ok((aquifer_chunk::Tiers::default(), None));
+    }
+    let cfg = DiskConfig {
+        capacity: a.cache_size / dirs.len() as u64,
+        high: a.cache_high,
+        low: a.cache_low,
+        free_ratio: a.free_space_ratio,
+        retry: Duration::from_secs_f64(a.cache_retry),
+    };
+    let mut parts: Vec<Arc<dyn Tier>> = Vec::new();
+    let mut staging = None;
+    for d in &dirs {
+        let root = d.join(&f.uuid);
+        let t = DiskTier::open(&root, cfg.clone())
+            .with_context(|| format!("cannot use cache directory {}", root.display()))?;
+        tracing::info!(dir = %root.display(), quota = cfg.capacity, "disk cache");
+        if staging.is_none() {
+            staging = Some(StagingPlace {
+                dir: root.join("staging"),
+                pinned: t.pinned(),
+                capacity: cfg.capacity,
+            });
+        }
+        parts.push(Arc::new(t));
+    }
+    let tier: Arc<dyn Tier> = if parts.len() == 1 {
+        parts.pop().expect("one")
+    } else {
+        Arc::new(Spread::new(parts))
+    };
+    Ok((aquifer_chunk::Tiers(vec![tier]), staging))
+}
