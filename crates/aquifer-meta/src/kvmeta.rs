@@ -2202,13 +2202,97 @@ impl<E: KvEngine> KvMeta<E> {
         open: bool,
     ) -> Result<(Ino, Attr)> {
         check_name(name)?;
+        let sid = self.sid();
         let shared = !self.kv.exclusive();
         for _ in 0..8 {
             let ino = self.alloc_ino()?;
             let mut taken = false;
-            let r = self.create_node_as(
-                ctx, parent, name, typ, mode, rdev, target, open, ino, &mut taken,
-            );
+            // The new inode is opened in the creating transaction: no other client can know it
+            // before, and the open costs no transaction of its own.
+            let mut opened = open.then(|| self.open_shard(ino));
+            let (_, max_inodes) = self.limits();
+            let (pk, dk, ak) = (key::attr(parent), key::dentry(parent, name), key::attr(ino));
+            let r = self
+                .txn(|t| {
+                    taken = false;
+                    // The kernel looked the name up before asking to create it.
+                    t.guess(&dk, None);
+                    // The parent and the name in one read (one round trip on Redis). On a shared
+                    // engine the new inode's attributes too, guessed absent (no round trip): an
+                    // id counter a failover set back may hand out an inode in use.
+                    let got = if shared {
+                        t.guess(&ak, None);
+                        let got = t.get_many(&[&pk, &dk, &ak])?;
+                        if got[2].is_some() {
+                            taken = true;
+                            return Err(Errno::EEXIST.into());
+                        }
+                        got
+                    } else {
+                        t.get_many(&[&pk, &dk])?
+                    };
+                    let mut p = match &got[0] {
+                        Some(v) => key::decode_attr(parent, v)?,
+                        None => return Err(Errno::ENOENT.into()),
+                    };
+                    if !p.is_dir() {
+                        return Err(Errno::ENOTDIR.into());
+                    }
+                    if p.nlink == 0 {
+                        return Err(Errno::ENOENT.into());
+                    }
+                    access_ok(ctx, &p, MODE_W | MODE_X)?;
+                    if got[1].is_some() {
+                        return Err(Errno::EEXIST.into());
+                    }
+                    if typ == FileType::Directory && p.nlink >= MAX_LINKS {
+                        return Err(Errno::EMLINK.into());
+                    }
+                    if max_inodes > 0 && self.counter(C_USED_INODES)?.max(0) as u64 >= max_inodes {
+                        return Err(Errno::ENOSPC.into());
+                    }
+                    add(t, C_USED_INODES, 1);
+                    let mut a = Attr::new(typ, mode as u16, ctx.uid, ctx.gid);
+                    if p.mode & libc::S_ISGID as u16 != 0 {
+                        // BSD group semantics in a set-group-ID directory.
+                        a.gid = p.gid;
+                        if typ == FileType::Directory {
+                            a.mode |= libc::S_ISGID as u16;
+                        }
+                    }
+                    if matches!(typ, FileType::BlockDev | FileType::CharDev) {
+                        a.rdev = rdev;
+                    }
+                    a.parent = parent;
+                    if let Some(target) = target {
+                        a.length = target.len() as u64;
+                        t.set(&key::symlink(ino), target.to_vec());
+                    }
+                    put_attr(t, ino, &a);
+                    t.set(&key::dentry(parent, name), key::encode_dentry(typ, ino));
+                    if typ == FileType::Directory {
+                        p.nlink += 1;
+                        touch_dir(&mut p, a.ctime);
+                        put_attr(t, parent, &p);
+                    } else {
+                        self.touch_parent(t, parent, &mut p, a.ctime);
+                    }
+                    if open {
+                        self.check_session(t)?;
+                        t.set(&key::holder(ino, sid), Vec::new());
+                        t.set(&key::sustained(sid, ino), Vec::new());
+                    }
+                    Ok((ino, a))
+                })
+                .inspect(|_| {
+                    if let Some(o) = opened.as_mut() {
+                        *o.entry(ino).or_insert(0) += 1;
+                    }
+                    // A new file has no slice list: its first write need not read one.
+                    if typ == FileType::File {
+                        self.hint(key::chunk(ino, 0), None);
+                    }
+                });
             if !(shared && taken) {
                 return r;
             }
@@ -2222,110 +2306,5 @@ impl<E: KvEngine> KvMeta<E> {
             self.kv.name(),
             "the inode counter keeps handing out inodes in use",
         ))
-    }
-
-    /// [`KvMeta::create_node`] as inode `ino`; sets `taken` (and fails) when a shared
-    /// engine already holds attributes for it.
-    #[allow(clippy::too_many_arguments)]
-    fn create_node_as(
-        &self,
-        ctx: &Context,
-        parent: Ino,
-        name: &[u8],
-        typ: FileType,
-        mode: u32,
-        rdev: u32,
-        target: Option<&[u8]>,
-        open: bool,
-        ino: Ino,
-        taken: &mut bool,
-    ) -> Result<(Ino, Attr)> {
-        let sid = self.sid();
-        let shared = !self.kv.exclusive();
-        // The new inode is opened in the creating transaction: no other client can know it
-        // before, and the open costs no transaction of its own.
-        let mut opened = open.then(|| self.open_shard(ino));
-        let (_, max_inodes) = self.limits();
-        let (pk, dk, ak) = (key::attr(parent), key::dentry(parent, name), key::attr(ino));
-        self.txn(|t| {
-            *taken = false;
-            // The kernel looked the name up before asking to create it.
-            t.guess(&dk, None);
-            // The parent and the name in one read (one round trip on Redis). On a shared
-            // engine the new inode's attributes too, guessed absent (no round trip): an
-            // id counter a failover set back may hand out an inode in use.
-            let got = if shared {
-                t.guess(&ak, None);
-                let got = t.get_many(&[&pk, &dk, &ak])?;
-                if got[2].is_some() {
-                    *taken = true;
-                    return Err(Errno::EEXIST.into());
-                }
-                got
-            } else {
-                t.get_many(&[&pk, &dk])?
-            };
-            let mut p = match &got[0] {
-                Some(v) => key::decode_attr(parent, v)?,
-                None => return Err(Errno::ENOENT.into()),
-            };
-            if !p.is_dir() {
-                return Err(Errno::ENOTDIR.into());
-            }
-            if p.nlink == 0 {
-                return Err(Errno::ENOENT.into());
-            }
-            access_ok(ctx, &p, MODE_W | MODE_X)?;
-            if got[1].is_some() {
-                return Err(Errno::EEXIST.into());
-            }
-            if typ == FileType::Directory && p.nlink >= MAX_LINKS {
-                return Err(Errno::EMLINK.into());
-            }
-            if max_inodes > 0 && self.counter(C_USED_INODES)?.max(0) as u64 >= max_inodes {
-                return Err(Errno::ENOSPC.into());
-            }
-            add(t, C_USED_INODES, 1);
-            let mut a = Attr::new(typ, mode as u16, ctx.uid, ctx.gid);
-            if p.mode & libc::S_ISGID as u16 != 0 {
-                // BSD group semantics in a set-group-ID directory.
-                a.gid = p.gid;
-                if typ == FileType::Directory {
-                    a.mode |= libc::S_ISGID as u16;
-                }
-            }
-            if matches!(typ, FileType::BlockDev | FileType::CharDev) {
-                a.rdev = rdev;
-            }
-            a.parent = parent;
-            if let Some(target) = target {
-                a.length = target.len() as u64;
-                t.set(&key::symlink(ino), target.to_vec());
-            }
-            put_attr(t, ino, &a);
-            t.set(&key::dentry(parent, name), key::encode_dentry(typ, ino));
-            if typ == FileType::Directory {
-                p.nlink += 1;
-                touch_dir(&mut p, a.ctime);
-                put_attr(t, parent, &p);
-            } else {
-                self.touch_parent(t, parent, &mut p, a.ctime);
-            }
-            if open {
-                self.check_session(t)?;
-                t.set(&key::holder(ino, sid), Vec::new());
-                t.set(&key::sustained(sid, ino), Vec::new());
-            }
-            Ok((ino, a))
-        })
-        .inspect(|_| {
-            if let Some(o) = opened.as_mut() {
-                *o.entry(ino).or_insert(0) += 1;
-            }
-            // A new file has no slice list: its first write need not read one.
-            if typ == FileType::File {
-                self.hint(key::chunk(ino, 0), None);
-            }
-        })
     }
 }
