@@ -323,7 +323,7 @@ fn mark(paths: &[PathBuf], warm: bool) -> Result<()> {
     Ok(())
 }
 
-/// The one line for a change the mount refused (EPERM, see `aquifer_fuse::privilege`).
+/// The one line for a change the mount refused (EPERM, see `aquifer_vfs::privilege`).
 fn refusal(op: WarmOp) -> String {
     let what = match op {
         WarmOp::Evict | WarmOp::Unmark => "evicting the node's cache",

@@ -17,7 +17,7 @@
 //!
 //! Figures, marks and [`WarmOp::Check`] are open to every caller; warm, evict, mark and
 //! unmark change what every pod on the node shares and fail with EPERM unless the caller is
-//! the mount's owner or holds CAP_SYS_ADMIN (`aquifer_fuse::privilege` decides).
+//! the mount's owner or holds CAP_SYS_ADMIN (`aquifer_vfs::privilege` decides).
 
 use std::fs::File;
 use std::io;

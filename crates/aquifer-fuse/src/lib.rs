@@ -2,109 +2,29 @@
 //! semantics live here. Permission checks are the kernel's (`default_permissions`), which
 //! knows the caller's supplementary groups.
 
-use aquifer_meta::{Attr, Context, Errno, FileType, PLock, SetAttr, SetTime, Time};
-use aquifer_vfs::Vfs;
+use aquifer_meta::{Attr, SetAttr};
+use aquifer_vfs::{Backings, Caller, Vfs};
 use fuser::{
-    AccessFlags, BackingId, Config, FileAttr, FileHandle, Filesystem, FopenFlags, Generation,
-    INodeNo, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    AccessFlags, BackingId, Config, FileHandle, Filesystem, FopenFlags, Generation, INodeNo,
+    KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
     ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs,
     ReplyWrite, ReplyXattr, Request, RequestId, SessionACL, TimeOrNow, WriteFlags,
 };
-use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 pub use fuser::{Session, SessionUnmounter};
 
-use aquifer_control as control;
-pub mod privilege;
+mod counters;
+pub use counters::{FuseCounters, Op, OP_NAMES};
+mod convert;
+use convert::*;
 
-macro_rules! ops {
-    ($($name:ident),* $(,)?) => {
-        /// The FUSE operations served, for figures.
-        #[allow(non_camel_case_types)]
-        #[derive(Clone, Copy, Debug)]
-        pub enum Op { $($name),* }
-        /// Their names, in [`Op`] order.
-        pub const OP_NAMES: &[&str] = &[$(stringify!($name)),*];
-    };
-}
-
-ops!(
-    lookup,
-    getattr,
-    setattr,
-    readlink,
-    mknod,
-    mkdir,
-    unlink,
-    rmdir,
-    symlink,
-    rename,
-    link,
-    open,
-    read,
-    write,
-    flush,
-    release,
-    fsync,
-    opendir,
-    readdir,
-    readdirplus,
-    releasedir,
-    fsyncdir,
-    statfs,
-    setxattr,
-    getxattr,
-    listxattr,
-    removexattr,
-    access,
-    create,
-    copy_file_range,
-    fallocate,
-    ioctl
-);
-
-/// Requests served and bytes moved, counted by the adapter.
-pub struct FuseCounters {
-    ops: Vec<AtomicU64>,
-    pub read_bytes: AtomicU64,
-    pub write_bytes: AtomicU64,
-    /// Opens answered with a backing file: their reads never reach the adapter.
-    pub passthrough_opens: AtomicU64,
-}
-
-impl Default for FuseCounters {
-    fn default() -> Self {
-        FuseCounters {
-            ops: OP_NAMES.iter().map(|_| AtomicU64::new(0)).collect(),
-            read_bytes: AtomicU64::new(0),
-            write_bytes: AtomicU64::new(0),
-            passthrough_opens: AtomicU64::new(0),
-        }
-    }
-}
-
-impl FuseCounters {
-    fn tick(&self, op: Op) {
-        self.ops[op as usize].fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Each operation's name and count.
-    pub fn ops(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
-        OP_NAMES
-            .iter()
-            .zip(&self.ops)
-            .map(|(n, c)| (*n, c.load(Ordering::Relaxed)))
-    }
-}
-
-/// The mount's figures as JSON, for [`control::STATS`].
-pub type FiguresFn = Arc<dyn Fn() -> Vec<u8> + Send + Sync>;
+pub use aquifer_vfs::FiguresFn;
 
 /// Largest read and write the kernel sends in one request.
 pub const MAX_IO: u32 = 1 << 20;
@@ -122,7 +42,7 @@ pub struct MountOptions {
     pub entry_ttl: Duration,
     /// Counted into by the adapter; read by whoever reports figures.
     pub counters: Arc<FuseCounters>,
-    /// Answers [`control::STATS`].
+    /// Answers the STATS control ioctl ([`aquifer_vfs::Vfs::control`]).
     pub figures: Option<FiguresFn>,
     /// Ask the kernel for FUSE passthrough and hand it whole-file copies of cached files.
     pub passthrough: bool,
@@ -133,191 +53,26 @@ pub struct AquiferFs {
     ttl: Duration,
     entry_ttl: Duration,
     counters: Arc<FuseCounters>,
-    figures: Option<FiguresFn>,
-    /// Directories `aquifer warmup` marked warm (true) or evicted, latest last: the node
-    /// daemon reads them to label Kubernetes nodes holding warm volumes.
-    marks: Mutex<Vec<(u64, bool)>>,
-    /// The user that runs the daemon: it (or CAP_SYS_ADMIN) may warm, evict and mark.
-    owner_uid: u32,
-    /// Passthrough asked for, and not yet found impossible (kernel, privileges).
-    passthrough: AtomicBool,
-    backings: Mutex<Backings>,
-    /// Lock owners that took POSIX locks through each handle: read-only handles opened
-    /// before the mount's first POSIX lock carry FOPEN_NOFLUSH, so locks taken through them
-    /// are dropped at release instead of at flush.
-    lock_owners: Mutex<HashMap<u64, Vec<u64>>>,
+    /// Passthrough asked for: offered to the kernel at init.
+    passthrough: bool,
+    backings: Backings<BackingId>,
     /// Set once the session exists: tells the kernel to drop attributes it cached.
     notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
 }
 
-/// The kernel wants one backing file per inode while any handle of it is open in
-/// passthrough: each handle holds its inode's id, the table only finds it again.
-#[derive(Default)]
-struct Backings {
-    by_ino: HashMap<u64, (Weak<BackingId>, Vec<u8>)>,
-    by_fh: HashMap<u64, Arc<BackingId>>,
-}
-
-fn ctx(req: &Request) -> Context {
-    Context {
-        uid: req.uid(),
-        gid: req.gid(),
-        gids: Vec::new(),
-        pid: req.pid(),
-        check_permission: false,
-    }
-}
-
-/// A lock request as the kernel sends it: whether it is a flock(2) lock (kept apart from
-/// fcntl locks, as Linux keeps them; the patched fuser marks it in the type), and the lock.
-fn lock_request(typ: i32, start: u64, end: u64, pid: u32) -> (bool, PLock) {
-    let lock = PLock {
-        typ: typ & !fuser::LOCK_FLOCK,
-        start,
-        end,
-        pid,
-    };
-    (typ & fuser::LOCK_FLOCK != 0, lock)
-}
-
-fn err(e: Errno) -> fuser::Errno {
-    fuser::Errno::from_i32(e.0)
-}
-
-fn system_time(t: Time) -> SystemTime {
-    if t.sec >= 0 {
-        UNIX_EPOCH + Duration::new(t.sec as u64, t.nsec)
-    } else {
-        UNIX_EPOCH - Duration::from_secs(t.sec.unsigned_abs()) + Duration::from_nanos(t.nsec as u64)
-    }
-}
-
-fn time_of(t: SystemTime) -> Time {
-    match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => Time {
-            sec: d.as_secs() as i64,
-            nsec: d.subsec_nanos(),
-        },
-        Err(e) => {
-            let d = e.duration();
-            let mut sec = -(d.as_secs() as i64);
-            let mut nsec = d.subsec_nanos();
-            if nsec > 0 {
-                sec -= 1;
-                nsec = 1_000_000_000 - nsec;
-            }
-            Time { sec, nsec }
-        }
-    }
-}
-
-fn kind(t: FileType) -> fuser::FileType {
-    match t {
-        FileType::File => fuser::FileType::RegularFile,
-        FileType::Directory => fuser::FileType::Directory,
-        FileType::Symlink => fuser::FileType::Symlink,
-        FileType::Fifo => fuser::FileType::NamedPipe,
-        FileType::BlockDev => fuser::FileType::BlockDevice,
-        FileType::CharDev => fuser::FileType::CharDevice,
-        FileType::Socket => fuser::FileType::Socket,
-    }
-}
-
-fn file_attr(ino: u64, a: &Attr) -> FileAttr {
-    FileAttr {
-        ino: INodeNo(ino),
-        size: a.length,
-        blocks: a.blocks(),
-        atime: system_time(a.atime),
-        mtime: system_time(a.mtime),
-        ctime: system_time(a.ctime),
-        crtime: system_time(a.ctime),
-        kind: kind(a.typ),
-        perm: a.mode,
-        nlink: a.nlink,
-        uid: a.uid,
-        gid: a.gid,
-        rdev: a.rdev,
-        blksize: 4096,
-        flags: 0,
-    }
-}
-
-fn set_time(t: Option<TimeOrNow>) -> Option<SetTime> {
-    t.map(|t| match t {
-        TimeOrNow::Now => SetTime::Now,
-        TimeOrNow::SpecificTime(st) => SetTime::At(time_of(st)),
-    })
-}
-
 impl AquiferFs {
     pub fn new(vfs: Arc<Vfs>, opts: &MountOptions) -> Self {
+        if let Some(f) = &opts.figures {
+            vfs.set_figures(f.clone());
+        }
         AquiferFs {
             vfs,
             ttl: opts.attr_ttl,
             entry_ttl: opts.entry_ttl,
             counters: opts.counters.clone(),
-            figures: opts.figures.clone(),
-            marks: Mutex::new(Vec::new()),
-            // SAFETY: geteuid has no preconditions.
-            owner_uid: unsafe { libc::geteuid() },
-            passthrough: AtomicBool::new(opts.passthrough),
-            backings: Mutex::new(Backings::default()),
-            lock_owners: Mutex::new(HashMap::new()),
+            passthrough: opts.passthrough,
+            backings: Backings::default(),
             notifier: Arc::new(std::sync::OnceLock::new()),
-        }
-    }
-
-    /// The backing id for a handle of `ino` opened on `file` (copy version `stamp`): the
-    /// live one of the inode if it is of the same version, else a new one. None when the
-    /// kernel refuses (no CAP_SYS_ADMIN, no passthrough), which turns passthrough off, or
-    /// when the inode is still open on a copy of another version.
-    fn backing_for(
-        &self,
-        reply: &ReplyOpen,
-        ino: u64,
-        file: &std::fs::File,
-        stamp: &[u8],
-    ) -> Option<Arc<BackingId>> {
-        let mut b = self.backings.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((w, st)) = b.by_ino.get(&ino) {
-            if let Some(id) = w.upgrade() {
-                if st.as_slice() != stamp {
-                    // Changed elsewhere while handles here still read the old copy: the
-                    // kernel takes one backing file per inode, so this open fails until
-                    // they close (documented in docs/semantics.md).
-                    tracing::warn!(ino, "file changed while open in passthrough; new opens fail until the old ones close");
-                }
-                return (st.as_slice() == stamp).then_some(id);
-            }
-        }
-        match reply.open_backing(file) {
-            Ok(id) => {
-                let id = Arc::new(id);
-                b.by_ino.insert(ino, (Arc::downgrade(&id), stamp.to_vec()));
-                Some(id)
-            }
-            Err(e) => {
-                if self.passthrough.swap(false, Ordering::Relaxed) {
-                    tracing::warn!(error = %e, "FUSE passthrough refused by the kernel (it needs CAP_SYS_ADMIN and Linux 6.9); reads are served by the daemon");
-                    self.vfs.set_passthrough(false);
-                }
-                None
-            }
-        }
-    }
-
-    fn in_passthrough(&self, ino: u64) -> bool {
-        let b = self.backings.lock().unwrap_or_else(|e| e.into_inner());
-        b.by_ino
-            .get(&ino)
-            .is_some_and(|(w, _)| w.strong_count() > 0)
-    }
-
-    fn drop_backing(&self, fh: u64) {
-        let mut b = self.backings.lock().unwrap_or_else(|e| e.into_inner());
-        if b.by_fh.remove(&fh).is_some() {
-            b.by_ino.retain(|_, (w, _)| w.strong_count() > 0);
         }
     }
 
@@ -370,7 +125,7 @@ impl Filesystem for AquiferFs {
         let _ = config.add_capabilities(
             fuser::InitFlags::FUSE_DO_READDIRPLUS | fuser::InitFlags::FUSE_READDIRPLUS_AUTO,
         );
-        if self.passthrough.load(Ordering::Relaxed) {
+        if self.passthrough {
             // Backing files live on a plain local file system (depth 1 would let this mount
             // itself sit under an overlay, as in a container's root).
             let ok = config
@@ -382,7 +137,6 @@ impl Filesystem for AquiferFs {
                     "the kernel has no FUSE passthrough; reads are served by the daemon"
                 );
             }
-            self.passthrough.store(ok, Ordering::Relaxed);
             self.vfs.set_passthrough(ok);
         }
         Ok(())
@@ -548,7 +302,7 @@ impl Filesystem for AquiferFs {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         self.counters.tick(Op::open);
-        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY && self.in_passthrough(ino.0) {
+        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY && self.backings.in_use(ino.0) {
             // The kernel would fail any open of an inode other handles read in
             // passthrough; say why instead of its EIO.
             return reply.error(fuser::Errno::from_i32(libc::ETXTBSY));
@@ -564,7 +318,12 @@ impl Filesystem for AquiferFs {
                     }
                 }
                 if let Some(file) = &o.backing {
-                    if let Some(id) = self.backing_for(&reply, ino.0, file, &o.backing_stamp) {
+                    let id = self
+                        .backings
+                        .backing_for(&self.vfs, ino.0, &o.backing_stamp, || {
+                            reply.open_backing(file)
+                        });
+                    if let Some(id) = id {
                         self.counters
                             .passthrough_opens
                             .fetch_add(1, Ordering::Relaxed);
@@ -576,11 +335,7 @@ impl Filesystem for AquiferFs {
                             FopenFlags::FOPEN_NOFLUSH
                         };
                         reply.opened_passthrough(FileHandle(o.fh), f, &id);
-                        self.backings
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .by_fh
-                            .insert(o.fh, id);
+                        self.backings.keep(o.fh, id);
                         return;
                     }
                 }
@@ -651,31 +406,20 @@ impl Filesystem for AquiferFs {
     fn flush(
         &self,
         _req: &Request,
-        ino: INodeNo,
+        _ino: INodeNo,
         fh: FileHandle,
         lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
         self.counters.tick(Op::flush);
-        let flushed = self.vfs.flush(fh.0);
         // close(2) of any descriptor drops the POSIX locks its process holds on the file.
-        let unlocked = self.vfs.release_locks(ino.0, lock_owner.0);
-        if unlocked.is_ok() {
-            // Dropped: the handle's last release must not drop them again, by then they
-            // may be locks the owner took anew through another descriptor (a child that
-            // inherited this one exits after its parent closed it and locked again).
-            let mut m = self.lock_owners.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(v) = m.get_mut(&fh.0) {
-                v.retain(|&o| o != lock_owner.0);
-            }
-        }
-        Self::empty(reply, flushed.and(unlocked));
+        Self::empty(reply, self.vfs.flush(fh.0, Some(lock_owner.0)));
     }
 
     fn release(
         &self,
         _req: &Request,
-        ino: INodeNo,
+        _ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         lock_owner: Option<LockOwner>,
@@ -683,20 +427,9 @@ impl Filesystem for AquiferFs {
         reply: ReplyEmpty,
     ) {
         self.counters.tick(Op::release);
-        self.drop_backing(fh.0);
+        self.backings.forget(fh.0);
         // The last close of a file flock()ed through it: the kernel names the lock owner.
-        let mut owners = self
-            .lock_owners
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&fh.0)
-            .unwrap_or_default();
-        owners.extend(lock_owner.map(|o| o.0));
-        let mut unlocked = Ok(());
-        for o in owners {
-            unlocked = unlocked.and(self.vfs.release_locks(ino.0, o));
-        }
-        Self::empty(reply, self.vfs.release(fh.0).and(unlocked));
+        Self::empty(reply, self.vfs.release(fh.0, lock_owner.map(|o| o.0)));
     }
 
     fn getlk(
@@ -734,16 +467,9 @@ impl Filesystem for AquiferFs {
     ) {
         let (flock, lock) = lock_request(typ, start, end, pid);
         let typ = lock.typ;
-        let (ino, owner) = (ino.0, lock_owner.0);
-        if typ != libc::F_UNLCK && !flock {
-            let mut m = self.lock_owners.lock().unwrap_or_else(|e| e.into_inner());
-            let v = m.entry(fh.0).or_default();
-            if !v.contains(&owner) {
-                v.push(owner);
-            }
-        }
+        let (fh, ino, owner) = (fh.0, ino.0, lock_owner.0);
         if !sleep || typ == libc::F_UNLCK {
-            return Self::empty(reply, self.vfs.setlk(ino, owner, &lock, flock));
+            return Self::empty(reply, self.vfs.setlk(fh, ino, owner, &lock, flock));
         }
         // F_SETLKW: wait on a thread of its own, not a FUSE worker, until granted or
         // interrupted (FUSE_INTERRUPT naming this request, see `interrupt`).
@@ -755,7 +481,7 @@ impl Filesystem for AquiferFs {
         let spawned = std::thread::Builder::new()
             .name("lock-wait".into())
             .spawn(move || {
-                Self::empty(reply, vfs.setlkw(wait, ino, owner, &lock, flock));
+                Self::empty(reply, vfs.setlkw(wait, fh, ino, owner, &lock, flock));
             });
         if let Err(e) = spawned {
             // The reply, dropped with the closure, answers EIO.
@@ -854,7 +580,7 @@ impl Filesystem for AquiferFs {
         reply: ReplyEmpty,
     ) {
         self.counters.tick(Op::releasedir);
-        Self::empty(reply, self.vfs.release(fh.0));
+        Self::empty(reply, self.vfs.release(fh.0, None));
     }
 
     fn fsyncdir(
@@ -866,7 +592,7 @@ impl Filesystem for AquiferFs {
         reply: ReplyEmpty,
     ) {
         self.counters.tick(Op::fsyncdir);
-        Self::empty(reply, self.vfs.meta().sync().map_err(Errno::from));
+        Self::empty(reply, self.vfs.fsyncdir());
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -1003,58 +729,13 @@ impl Filesystem for AquiferFs {
         reply: fuser::ReplyIoctl,
     ) {
         self.counters.tick(Op::ioctl);
-        match cmd {
-            control::STATS => {
-                let Some(f) = &self.figures else {
-                    return reply.error(fuser::Errno::from_i32(libc::ENOTTY));
-                };
-                let mut json = f();
-                json.truncate((out_size as usize).min(control::STATS_SIZE));
-                reply.ioctl(json.len() as i32, &json)
-            }
-            control::WARM => {
-                let Some(r) = control::WarmRequest::decode(in_data) else {
-                    return reply.error(fuser::Errno::from_i32(libc::EINVAL));
-                };
-                if !privilege::allowed(r.op, req.uid(), self.owner_uid, || {
-                    privilege::caller_has_cap_sys_admin(req.pid(), req.uid())
-                }) {
-                    return reply.error(fuser::Errno::from_i32(libc::EPERM));
-                }
-                let op = match r.op {
-                    control::WarmOp::Warm => aquifer_vfs::CacheOp::Warm,
-                    control::WarmOp::Check => aquifer_vfs::CacheOp::Check,
-                    control::WarmOp::Evict => aquifer_vfs::CacheOp::Evict,
-                    control::WarmOp::Mark | control::WarmOp::Unmark => {
-                        let mut m = self.marks.lock().unwrap_or_else(|e| e.into_inner());
-                        m.retain(|(i, _)| *i != ino.0);
-                        if m.len() >= control::MAX_MARKS {
-                            m.remove(0);
-                        }
-                        m.push((ino.0, r.op == control::WarmOp::Mark));
-                        return reply.ioctl(0, &control::WarmReply::default().encode());
-                    }
-                };
-                let out = match self.vfs.cache_range(ino.0, op, r.off, r.len) {
-                    Ok(c) => control::WarmReply {
-                        errno: 0,
-                        total: c.total,
-                        cached: c.cached,
-                        done: c.done,
-                    },
-                    Err(e) => control::WarmReply {
-                        errno: e.0,
-                        ..Default::default()
-                    },
-                };
-                reply.ioctl(0, &out.encode())
-            }
-            control::MARKS => {
-                let b =
-                    control::encode_marks(&self.marks.lock().unwrap_or_else(|e| e.into_inner()));
-                reply.ioctl(b.len() as i32, &b)
-            }
-            _ => reply.error(fuser::Errno::from_i32(libc::ENOTTY)),
+        let caller = Caller {
+            uid: req.uid(),
+            pid: req.pid(),
+        };
+        match self.vfs.control(caller, ino.0, cmd, in_data, out_size) {
+            Ok((result, out)) => reply.ioctl(result, &out),
+            Err(e) => reply.error(err(e)),
         }
     }
 }

@@ -25,8 +25,9 @@
 //! Memory: one page of entries, plus every name handed out (for `seekdir` back to any of
 //! them), in one buffer: a few tens of bytes an entry.
 
-use crate::Result;
-use aquifer_meta::{DirEntry, DirPage};
+use crate::{Handle, Result, Vfs};
+use aquifer_meta::*;
+use parking_lot::Mutex;
 
 /// Entries of a directory read from the metadata at a time.
 pub(crate) const DIR_PAGE: usize = 1024;
@@ -173,6 +174,99 @@ impl Listing {
     #[cfg(test)]
     pub(crate) fn held(&self) -> usize {
         self.entries.len()
+    }
+}
+
+/// One open directory, listed a page at a time from a cursor ([`dir`]).
+pub(crate) struct DirHandle {
+    pub(crate) ino: Ino,
+    pub(crate) listing: Mutex<Listing>,
+}
+
+impl Vfs {
+    /// fsync(2) of a directory: the names created, removed and renamed in it so far
+    /// survive a power cut (the metadata engine's sync).
+    pub fn fsyncdir(&self) -> Result<()> {
+        Ok(self.meta.sync()?)
+    }
+
+    pub fn opendir(&self, ctx: &Context, ino: Ino) -> Result<u64> {
+        let a = self.meta.getattr(ino)?;
+        if !a.is_dir() {
+            return Err(Errno::ENOTDIR);
+        }
+        if ctx.check_permission {
+            self.meta.access(ctx, ino, MODE_R)?;
+        }
+        Ok(self.add_handle(Handle::Dir(DirHandle {
+            ino,
+            listing: Mutex::new(Listing::default()),
+        })))
+    }
+
+    /// Entries from `offset` on; each entry's offset is the one to resume after it.
+    /// "." and ".." come first. Empty only at the end of the directory; with `plus`, every
+    /// entry has its attributes (see [`dir`] for what a listing guarantees).
+    pub fn readdir(
+        &self,
+        ctx: &Context,
+        fh: u64,
+        offset: u64,
+        plus: bool,
+    ) -> Result<Vec<(u64, DirEntry)>> {
+        let h = self.handle(fh)?;
+        let Handle::Dir(d) = &*h else {
+            return Err(Errno::ENOTDIR);
+        };
+        let mut listing = d.listing.lock();
+        listing.read(offset, plus, |from, plus| match from {
+            Cursor::Start => self.first_dir_page(ctx, d.ino, plus),
+            Cursor::After(name) => self.dir_page(ctx, d.ino, name, plus),
+        })
+    }
+
+    /// "." and "..", then the first page of names.
+    fn first_dir_page(&self, ctx: &Context, ino: Ino, plus: bool) -> Result<DirPage> {
+        let a = self.meta.getattr(ino)?;
+        let parent = if ino == ROOT_INO || a.parent == 0 {
+            ROOT_INO
+        } else {
+            a.parent
+        };
+        let mut entries = vec![
+            DirEntry {
+                name: b".".to_vec(),
+                ino,
+                typ: FileType::Directory,
+                attr: plus.then(|| a.clone()),
+            },
+            DirEntry {
+                name: b"..".to_vec(),
+                ino: parent,
+                typ: FileType::Directory,
+                // The parent may be gone already (a removed directory): show our own.
+                attr: plus.then(|| self.meta.getattr(parent).unwrap_or_else(|_| a.clone())),
+            },
+        ];
+        let names = self.dir_page(ctx, ino, b"", plus)?;
+        entries.extend(names.entries);
+        Ok(DirPage {
+            entries,
+            end: names.end,
+        })
+    }
+
+    fn dir_page(&self, ctx: &Context, ino: Ino, after: &[u8], plus: bool) -> Result<DirPage> {
+        let mut page = self.meta.readdir_page(ctx, ino, after, DIR_PAGE, plus)?;
+        if plus {
+            for e in page.entries.iter_mut() {
+                if let Some(a) = e.attr.take() {
+                    // May under-report a file growing right now; the next getattr corrects it.
+                    e.attr = Some(Self::view(a, self.pending_end(e.ino)));
+                }
+            }
+        }
+        Ok(page)
     }
 }
 

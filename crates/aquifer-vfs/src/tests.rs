@@ -1,4 +1,5 @@
 use super::*;
+use crate::dir::DIR_PAGE;
 use aquifer_meta::conformance::{test_format, test_session};
 use aquifer_object::MemStore;
 
@@ -39,12 +40,12 @@ fn write_read_across_blocks_and_chunks() {
         vec![0; 10],
         "hole reads as zeros"
     );
-    v.flush(fh).unwrap();
-    v.release(fh).unwrap();
+    v.flush(fh, None).unwrap();
+    v.release(fh, None).unwrap();
     let fh = v.open(&root(), ino, libc::O_RDONLY).unwrap();
     assert_eq!(v.read(fh, off + 1000, 10).unwrap(), &data[1000..1010]);
     assert_eq!(v.write(fh, 0, b"x").unwrap_err(), Errno::EBADF);
-    v.release(fh).unwrap();
+    v.release(fh, None).unwrap();
 }
 
 #[test]
@@ -55,7 +56,7 @@ fn large_offsets_past_4gib() {
         .unwrap();
     let off = (5u64 << 30) + 12345;
     v.write(fh, off, b"hello").unwrap();
-    v.release(fh).unwrap();
+    v.release(fh, None).unwrap();
     let fh = v.open(&root(), ino, libc::O_RDONLY).unwrap();
     assert_eq!(v.getattr(ino).unwrap().length, off + 5);
     assert_eq!(v.read(fh, off - 2, 10).unwrap(), b"\0\0hello");
@@ -68,7 +69,7 @@ fn unlinked_open_file_readable_until_close() {
         .create(&root(), ROOT_INO, b"f", 0o644, 0, libc::O_RDWR)
         .unwrap();
     v.write(fh, 0, &[9u8; 200_000]).unwrap();
-    v.flush(fh).unwrap();
+    v.flush(fh, None).unwrap();
     v.unlink(&root(), ROOT_INO, b"f").unwrap();
     assert_eq!(
         v.lookup(&root(), ROOT_INO, b"f").unwrap_err(),
@@ -77,7 +78,7 @@ fn unlinked_open_file_readable_until_close() {
     assert_eq!(v.read(fh, 0, 5).unwrap(), vec![9; 5]);
     v.write(fh, 200_000, b"more").unwrap();
     assert!(!store.is_empty());
-    v.release(fh).unwrap();
+    v.release(fh, None).unwrap();
     assert_eq!(v.getattr(ino).unwrap_err(), Errno::ENOENT);
     v.chunk_store().empty_trash().unwrap();
     assert!(store.is_empty(), "all blocks of the deleted file are freed");
@@ -124,7 +125,7 @@ fn large_directories_are_listed_a_page_at_a_time() {
     // Seeking back to an earlier offset lists from there again.
     let again = v.readdir(&root(), dh, 5, false).unwrap();
     assert_eq!(again[0].1.name, b"e00003");
-    v.release(dh).unwrap();
+    v.release(dh, None).unwrap();
 }
 
 #[test]
@@ -153,7 +154,7 @@ fn readdir_offsets_stable_while_directory_changes() {
     let rest = v.readdir(&root(), dh, resume, false).unwrap();
     assert_eq!(rest[0].1.name, first[21].1.name);
     assert_eq!(rest.len(), 31);
-    v.release(dh).unwrap();
+    v.release(dh, None).unwrap();
 }
 
 #[test]
@@ -182,7 +183,7 @@ fn truncate_discards_and_zero_extends() {
     let got = v.read(fh, 0, 40).unwrap();
     assert_eq!(&got[..10], &[1; 10]);
     assert_eq!(&got[10..30], &[0; 20]);
-    v.release(fh).unwrap();
+    v.release(fh, None).unwrap();
 }
 
 #[test]
@@ -192,7 +193,7 @@ fn open_with_trunc_and_excl() {
         .create(&root(), ROOT_INO, b"f", 0o644, 0, libc::O_RDWR)
         .unwrap();
     v.write(fh, 0, b"abc").unwrap();
-    v.release(fh).unwrap();
+    v.release(fh, None).unwrap();
     assert_eq!(
         v.create(
             &root(),
@@ -209,7 +210,7 @@ fn open_with_trunc_and_excl() {
         .open(&root(), ino, libc::O_WRONLY | libc::O_TRUNC)
         .unwrap();
     assert_eq!(v.getattr(ino).unwrap().length, 0);
-    v.release(fh).unwrap();
+    v.release(fh, None).unwrap();
 }
 
 #[test]
@@ -218,7 +219,7 @@ fn permissions_enforced_for_checked_contexts() {
     let (ino, _, fh) = v
         .create(&root(), ROOT_INO, b"secret", 0o600, 0, libc::O_RDWR)
         .unwrap();
-    v.release(fh).unwrap();
+    v.release(fh, None).unwrap();
     let user = Context {
         uid: 1000,
         gid: 1000,
@@ -260,8 +261,8 @@ fn explicit_mtime_survives_buffered_writes() {
         ..Default::default()
     };
     v.setattr(&root(), ino, &set, None).unwrap();
-    v.flush(fh).unwrap();
-    v.release(fh).unwrap();
+    v.flush(fh, None).unwrap();
+    v.release(fh, None).unwrap();
     assert_eq!(v.getattr(ino).unwrap().mtime, t);
 }
 
@@ -294,12 +295,12 @@ fn store_outage_fails_flush_and_close_never_silently() {
     assert_eq!(v.read(fh, 0, 100).unwrap(), vec![7u8; 100]);
     v.write(fh, 9, b"!").unwrap();
     // This handle has reported the failure once already; the retry now succeeds.
-    v.release(fh).unwrap();
+    v.release(fh, None).unwrap();
     let fh = v.open(&root(), ino, libc::O_RDONLY).unwrap();
     let mut want = vec![7u8; 200_000];
     want[9] = b'!';
     assert_eq!(v.read(fh, 0, 200_000).unwrap(), want);
-    v.release(fh).unwrap();
+    v.release(fh, None).unwrap();
 }
 
 /// A flush that fails on someone else's behalf (another descriptor's close) is still
@@ -318,9 +319,9 @@ fn a_failure_seen_by_another_handle_reaches_the_writer() {
     // A store that refuses writes (not retried): the other descriptor's close triggers the
     // flush and gets the error.
     faults.set_refuse_writes(true);
-    assert_eq!(v.flush(other).unwrap_err(), Errno::EIO);
+    assert_eq!(v.flush(other, None).unwrap_err(), Errno::EIO);
     faults.set_refuse_writes(false);
-    v.release(other).unwrap();
+    v.release(other, None).unwrap();
     // The writer's own fsync must not return 0 as if nothing happened...
     assert_eq!(v.fsync(writer, false).unwrap_err(), Errno::EIO);
     // ...and reports it only once; the data was kept and stored by the retry.
@@ -329,8 +330,8 @@ fn a_failure_seen_by_another_handle_reaches_the_writer() {
     assert_eq!(v.read(writer, 0, data.len() as u32).unwrap(), data);
     // A handle opened after the failure has nothing to report.
     let late = v.open(&root(), ino, libc::O_WRONLY).unwrap();
-    v.release(late).unwrap();
-    v.release(writer).unwrap();
+    v.release(late, None).unwrap();
+    v.release(writer, None).unwrap();
 }
 
 /// The unmount flush (SIGTERM) failing is reported by the writer's close.
@@ -345,7 +346,7 @@ fn a_failed_shutdown_flush_is_reported_by_close() {
     v.write(fh, 0, b"data").unwrap();
     faults.set_refuse_writes(true);
     v.flush_all();
-    assert_eq!(v.release(fh).unwrap_err(), Errno::EIO);
+    assert_eq!(v.release(fh, None).unwrap_err(), Errno::EIO);
 }
 
 /// A reader of a file being written sees the buffered bytes without committing them.
@@ -372,10 +373,10 @@ fn reads_of_buffered_writes_do_not_commit_them() {
         v.meta().read_chunk(ino, 0).unwrap().is_empty(),
         "reads committed nothing"
     );
-    v.flush(fh).unwrap();
+    v.flush(fh, None).unwrap();
     assert_eq!(v.read(reader, 0, 4096).unwrap(), model);
-    v.release(reader).unwrap();
-    v.release(fh).unwrap();
+    v.release(reader, None).unwrap();
+    v.release(fh, None).unwrap();
 }
 
 /// stat of a file whose blocks are uploading answers at once with the buffered size.
@@ -392,7 +393,7 @@ fn getattr_does_not_wait_for_uploads() {
     faults.set_latency(Duration::from_secs(3));
     let flusher = {
         let v = v.clone();
-        std::thread::spawn(move || v.flush(fh))
+        std::thread::spawn(move || v.flush(fh, None))
     };
     std::thread::sleep(Duration::from_millis(100));
     let (tx, rx) = std::sync::mpsc::channel();
@@ -412,7 +413,7 @@ fn getattr_does_not_wait_for_uploads() {
     assert!(!flusher.is_finished());
     flusher.join().unwrap().unwrap();
     faults.set_latency(Duration::ZERO);
-    v.release(fh).unwrap();
+    v.release(fh, None).unwrap();
 }
 
 #[test]
@@ -432,10 +433,10 @@ fn transient_faults_are_retried_transparently() {
     let data: Vec<u8> = (0..300_000u32).map(|i| (i % 241) as u8).collect();
     v.write(fh, 0, &data).unwrap();
     faults.fail_next(3);
-    v.flush(fh).unwrap();
+    v.flush(fh, None).unwrap();
     faults.fail_next(2);
     assert_eq!(v.read(fh, 0, data.len() as u32).unwrap(), data);
-    v.release(fh).unwrap();
+    v.release(fh, None).unwrap();
 }
 
 #[test]
@@ -450,7 +451,7 @@ fn readdir_plus_gives_every_entry_attributes() {
     assert!(all.iter().all(|(_, e)| e.attr.is_some()));
     assert_eq!(all[1].1.ino, ROOT_INO);
     assert_eq!(all[2].1.attr.as_ref().unwrap().mode, 0o600);
-    v.release(dh).unwrap();
+    v.release(dh, None).unwrap();
 }
 
 #[test]
@@ -460,10 +461,10 @@ fn the_page_cache_is_kept_only_across_opens_of_an_unchanged_file() {
         .create(&root(), ROOT_INO, b"kc", 0o644, 0, libc::O_RDWR)
         .unwrap();
     v.write(fh, 0, b"epoch data").unwrap();
-    v.release(fh).unwrap();
+    v.release(fh, None).unwrap();
     let keep = |flags| {
         let o = v.open_file(&root(), ino, flags).unwrap();
-        v.release(o.fh).unwrap();
+        v.release(o.fh, None).unwrap();
         o.keep_cache
     };
     assert!(!keep(libc::O_RDONLY), "written since it was created");
@@ -473,7 +474,7 @@ fn the_page_cache_is_kept_only_across_opens_of_an_unchanged_file() {
     std::thread::sleep(std::time::Duration::from_millis(5));
     let fh = v.open(&root(), ino, libc::O_WRONLY).unwrap();
     v.write(fh, 0, b"EPOCH").unwrap();
-    v.release(fh).unwrap();
+    v.release(fh, None).unwrap();
     assert!(!keep(libc::O_RDONLY), "rewritten");
     assert!(keep(libc::O_RDONLY));
     // Truncated: dropped again; an O_TRUNC open never keeps.
@@ -507,7 +508,7 @@ fn lost_answers_on_the_data_path() {
         let piece: Vec<u8> = (0..10_000u32).map(|j| (i * 31 + j) as u8).collect();
         v.write(fh, model.len() as u64, &piece).unwrap();
         model.extend_from_slice(&piece);
-        v.flush(fh).unwrap();
+        v.flush(fh, None).unwrap();
     }
     // (The background compactor may have run meanwhile.)
     while cs.compact(ino, 0).unwrap() {}
@@ -518,14 +519,14 @@ fn lost_answers_on_the_data_path() {
     model.truncate(300_000);
     v.write(fh, 1000, &[7u8; 5000]).unwrap();
     model[1000..6000].fill(7);
-    v.flush(fh).unwrap();
+    v.flush(fh, None).unwrap();
     cs.compact(ino, 0).unwrap();
     // Another file, unlinked: its blocks go with the trash.
     let (_, _, gh) = v
         .create(&root(), ROOT_INO, b"g", 0o644, 0, libc::O_RDWR)
         .unwrap();
     v.write(gh, 0, &[9u8; 200_000]).unwrap();
-    v.release(gh).unwrap();
+    v.release(gh, None).unwrap();
     v.unlink(&root(), ROOT_INO, b"g").unwrap();
     while cs.empty_trash().unwrap() > 0 {}
     assert!(
@@ -546,10 +547,10 @@ fn lost_answers_on_the_data_path() {
         referenced,
         "no block of f lost, none freed kept"
     );
-    v.release(fh).unwrap();
+    v.release(fh, None).unwrap();
     let fh = v.open(&root(), ino, libc::O_RDONLY).unwrap();
     assert_eq!(v.read(fh, 0, model.len() as u32 + 10).unwrap(), model);
-    v.release(fh).unwrap();
+    v.release(fh, None).unwrap();
 }
 
 /// A slice commit applied whose outcome the writer cannot learn (the engine stays away
@@ -575,22 +576,26 @@ fn a_commit_of_unknown_outcome_is_not_retried() {
         .create(&root(), ROOT_INO, b"f", 0o644, 0, libc::O_RDWR)
         .unwrap();
     v.write(fh, 0, &[1u8; 10_000]).unwrap();
-    v.flush(fh).unwrap();
+    v.flush(fh, None).unwrap();
     v.write(fh, 0, &[2u8; 10_000]).unwrap();
     // The second slice's commit applies, its answer is lost, and the fence's three tries
     // get no answer either.
     lossy.force(&[Fault::AppliedThenAway(3)]);
-    assert_eq!(v.flush(fh).unwrap_err(), Errno::EIO, "an outcome not known");
+    assert_eq!(
+        v.flush(fh, None).unwrap_err(),
+        Errno::EIO,
+        "an outcome not known"
+    );
     // The engine is back; a compaction merges both slices and frees the old ones.
     while cs.compact(ino, 0).unwrap() {}
     while cs.empty_trash().unwrap() > 0 {}
-    let _ = v.flush(fh);
-    let _ = v.release(fh);
+    let _ = v.flush(fh, None);
+    let _ = v.release(fh, None);
     let chunk = meta.read_chunk_fresh(ino, 0).unwrap();
     assert_eq!(chunk.len(), 1, "the slice was committed again: {chunk:?}");
     let fh = v.open(&root(), ino, libc::O_RDONLY).unwrap();
     assert_eq!(v.read(fh, 0, 20_000).unwrap(), vec![2u8; 10_000]);
-    v.release(fh).unwrap();
+    v.release(fh, None).unwrap();
 }
 
 fn whole(typ: i32) -> PLock {
@@ -612,7 +617,7 @@ fn setlkw_on_thread(
 ) -> std::thread::JoinHandle<Result<()>> {
     let wait = v.begin_lock_wait(request).unwrap();
     let v = v.clone();
-    std::thread::spawn(move || v.setlkw(wait, ino, owner, &whole(libc::F_WRLCK), flock))
+    std::thread::spawn(move || v.setlkw(wait, 0, ino, owner, &whole(libc::F_WRLCK), flock))
 }
 
 #[test]
@@ -622,7 +627,7 @@ fn a_blocking_lock_waits_until_granted_whatever_the_caller_pid() {
         .create(&root(), ROOT_INO, b"l", 0o644, 0, libc::O_RDWR)
         .unwrap();
     for flock in [false, true] {
-        v.setlk(ino, 1, &whole(libc::F_WRLCK), flock).unwrap();
+        v.setlk(0, ino, 1, &whole(libc::F_WRLCK), flock).unwrap();
         // Request pid 0 (a caller the daemon cannot see) is all the lock carries.
         let w = setlkw_on_thread(&v, 10, ino, 2, flock);
         std::thread::sleep(Duration::from_millis(20));
@@ -631,14 +636,14 @@ fn a_blocking_lock_waits_until_granted_whatever_the_caller_pid() {
             "a wait ended without an interrupt: {:?}",
             w.join()
         );
-        v.setlk(ino, 1, &whole(libc::F_UNLCK), flock).unwrap();
+        v.setlk(0, ino, 1, &whole(libc::F_UNLCK), flock).unwrap();
         assert_eq!(w.join().unwrap(), Ok(()));
         assert_eq!(
-            v.setlk(ino, 3, &whole(libc::F_WRLCK), flock),
+            v.setlk(0, ino, 3, &whole(libc::F_WRLCK), flock),
             Err(Errno::EAGAIN),
             "granted to the waiter"
         );
-        v.setlk(ino, 2, &whole(libc::F_UNLCK), flock).unwrap();
+        v.setlk(0, ino, 2, &whole(libc::F_UNLCK), flock).unwrap();
         assert_eq!(v.lock_waits.waiting(), 0);
     }
 }
@@ -649,13 +654,13 @@ fn an_interrupt_ends_only_its_wait_and_takes_no_lock() {
     let (ino, _, _) = v
         .create(&root(), ROOT_INO, b"l", 0o644, 0, libc::O_RDWR)
         .unwrap();
-    v.setlk(ino, 1, &whole(libc::F_WRLCK), false).unwrap();
+    v.setlk(0, ino, 1, &whole(libc::F_WRLCK), false).unwrap();
     let a = setlkw_on_thread(&v, 20, ino, 2, false);
     let b = setlkw_on_thread(&v, 22, ino, 3, false);
     v.interrupt(20);
     assert_eq!(a.join().unwrap(), Err(Errno(libc::EINTR)));
     assert!(!b.is_finished());
-    v.setlk(ino, 1, &whole(libc::F_UNLCK), false).unwrap();
+    v.setlk(0, ino, 1, &whole(libc::F_UNLCK), false).unwrap();
     assert_eq!(b.join().unwrap(), Ok(()));
     // Owner 2 holds nothing: only owner 3's lock is there.
     let l = v.getlk(ino, 4, &whole(libc::F_RDLCK)).unwrap();
@@ -670,7 +675,7 @@ fn an_interrupt_read_before_its_request_still_ends_the_wait() {
     let (ino, _, _) = v
         .create(&root(), ROOT_INO, b"l", 0o644, 0, libc::O_RDWR)
         .unwrap();
-    v.setlk(ino, 1, &whole(libc::F_WRLCK), true).unwrap();
+    v.setlk(0, ino, 1, &whole(libc::F_WRLCK), true).unwrap();
     v.interrupt(30);
     let w = setlkw_on_thread(&v, 30, ino, 2, true);
     assert_eq!(w.join().unwrap(), Err(Errno(libc::EINTR)));
@@ -682,7 +687,7 @@ fn shutdown_ends_lock_waits_and_refuses_new_ones() {
     let (ino, _, _) = v
         .create(&root(), ROOT_INO, b"l", 0o644, 0, libc::O_RDWR)
         .unwrap();
-    v.setlk(ino, 1, &whole(libc::F_WRLCK), false).unwrap();
+    v.setlk(0, ino, 1, &whole(libc::F_WRLCK), false).unwrap();
     let w = setlkw_on_thread(&v, 40, ino, 2, false);
     v.shutdown();
     assert_eq!(w.join().unwrap(), Err(Errno(libc::ENOLCK)));
@@ -711,7 +716,7 @@ fn closes_are_flushed_once_the_mount_took_a_posix_lock() {
         .unwrap();
     let flushed = |flags| {
         let o = v.open_file(&root(), ino, flags).unwrap();
-        v.release(o.fh).unwrap();
+        v.release(o.fh, None).unwrap();
         o.flush_at_close
     };
     assert!(
@@ -719,12 +724,51 @@ fn closes_are_flushed_once_the_mount_took_a_posix_lock() {
         "nothing to do at a read-only close"
     );
     assert!(flushed(libc::O_RDWR));
-    v.setlk(ino, 1, &whole(libc::F_WRLCK), true).unwrap();
+    v.setlk(0, ino, 1, &whole(libc::F_WRLCK), true).unwrap();
     assert!(!flushed(libc::O_RDONLY), "flock locks go at the last close");
-    v.setlk(ino, 1, &whole(libc::F_RDLCK), false).unwrap();
+    v.setlk(0, ino, 1, &whole(libc::F_RDLCK), false).unwrap();
     // Any close by the owner must drop its POSIX locks: read-only ones too.
     assert!(flushed(libc::O_RDONLY));
-    v.release(fh).unwrap();
+    v.release(fh, None).unwrap();
+}
+
+#[test]
+fn a_posix_lock_through_an_unflushed_handle_goes_at_its_release() {
+    let (v, _) = vfs();
+    let (ino, _, fh) = v
+        .create(&root(), ROOT_INO, b"l", 0o644, 0, libc::O_RDWR)
+        .unwrap();
+    v.release(fh, None).unwrap();
+    // Opened before the mount's first POSIX lock: its close is not flushed (NOFLUSH).
+    let o = v.open_file(&root(), ino, libc::O_RDONLY).unwrap();
+    assert!(!o.flush_at_close);
+    v.setlk(o.fh, ino, 7, &whole(libc::F_RDLCK), false).unwrap();
+    assert!(v.getlk(ino, 8, &whole(libc::F_WRLCK)).unwrap().is_some());
+    // The kernel names no owner at this release: the handle remembers it.
+    v.release(o.fh, None).unwrap();
+    assert_eq!(v.getlk(ino, 8, &whole(libc::F_WRLCK)).unwrap(), None);
+}
+
+#[test]
+fn a_release_after_a_flush_leaves_locks_taken_anew_elsewhere() {
+    let (v, _) = vfs();
+    let (ino, _, first) = v
+        .create(&root(), ROOT_INO, b"l", 0o644, 0, libc::O_RDWR)
+        .unwrap();
+    v.setlk(first, ino, 7, &whole(libc::F_WRLCK), false)
+        .unwrap();
+    // close(2) by owner 7 drops its locks...
+    v.flush(first, Some(7)).unwrap();
+    assert_eq!(v.getlk(ino, 8, &whole(libc::F_WRLCK)).unwrap(), None);
+    // ...which then locks again through another descriptor, while a child still holds
+    // the first open: the first handle's last release must not drop the new lock.
+    let second = v.open(&root(), ino, libc::O_RDWR).unwrap();
+    v.setlk(second, ino, 7, &whole(libc::F_WRLCK), false)
+        .unwrap();
+    v.release(first, None).unwrap();
+    assert!(v.getlk(ino, 8, &whole(libc::F_WRLCK)).unwrap().is_some());
+    v.release(second, Some(7)).unwrap();
+    assert_eq!(v.getlk(ino, 8, &whole(libc::F_WRLCK)).unwrap(), None);
 }
 
 /// With READDIRPLUS_AUTO the kernel mixes plain and plus calls on one handle: a plus call
@@ -778,5 +822,123 @@ fn mixed_plain_and_plus_reads_list_every_entry() {
     }
     let back = v.readdir(&root(), dh, mark.unwrap(), true).unwrap();
     assert_eq!(back[0].1.name, b"e00101");
-    v.release(dh).unwrap();
+    v.release(dh, None).unwrap();
+}
+
+#[test]
+fn passthrough_backings_are_shared_per_version_and_a_refusal_turns_passthrough_off() {
+    let (v, _) = vfs();
+    v.set_passthrough(true);
+    let b: Backings<u32> = Backings::default();
+    let opened = std::sync::atomic::AtomicU32::new(0);
+    let open =
+        || Ok::<_, std::io::Error>(opened.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1);
+    let first = b.backing_for(&v, 5, b"v1", open).unwrap();
+    b.keep(10, first.clone());
+    // A second handle of the same version shares the kernel's one backing file.
+    let second = b.backing_for(&v, 5, b"v1", open).unwrap();
+    assert!(Arc::ptr_eq(&first, &second));
+    b.keep(11, second);
+    drop(first);
+    assert!(b.in_use(5));
+    // Changed elsewhere while open: no backing for the new version until they close.
+    assert!(b.backing_for(&v, 5, b"v2", open).is_none());
+    b.forget(10);
+    b.forget(11);
+    assert!(!b.in_use(5));
+    assert_eq!(*b.backing_for(&v, 5, b"v2", open).unwrap(), 2);
+    // The kernel refuses (no CAP_SYS_ADMIN): read-only opens stop offering copies.
+    let refused = b.backing_for(&v, 6, b"v1", || {
+        Err(std::io::Error::from_raw_os_error(libc::EPERM))
+    });
+    assert!(refused.is_none());
+    assert!(!v.passthrough.load(std::sync::atomic::Ordering::SeqCst));
+}
+
+#[test]
+fn control_requests_answer_figures_marks_and_refuse_strangers() {
+    use aquifer_control as control;
+    let (v, _) = vfs();
+    let owner = Caller {
+        // SAFETY: geteuid has no preconditions.
+        uid: unsafe { libc::geteuid() },
+        pid: 0,
+    };
+    let stranger = Caller {
+        uid: owner.uid.wrapping_add(4242),
+        pid: 0,
+    };
+    assert_eq!(
+        v.control(owner, ROOT_INO, control::STATS, &[], 100).err(),
+        Some(Errno(libc::ENOTTY)),
+        "no figures to give"
+    );
+    v.set_figures(Arc::new(|| b"{\"figures\":1}".to_vec()));
+    let (n, json) = v
+        .control(stranger, ROOT_INO, control::STATS, &[], 5)
+        .unwrap();
+    assert_eq!(
+        (n, json.as_slice()),
+        (5, &b"{\"fig"[..]),
+        "cut to the room given"
+    );
+    assert_eq!(
+        v.control(owner, ROOT_INO, 0xdead, &[], 0).err(),
+        Some(Errno(libc::ENOTTY))
+    );
+    assert_eq!(
+        v.control(owner, ROOT_INO, control::WARM, &[1, 2, 3], 32)
+            .err(),
+        Some(Errno::EINVAL)
+    );
+    let req = |op| {
+        control::WarmRequest {
+            op,
+            off: 0,
+            len: u64::MAX,
+        }
+        .encode()
+    };
+    // A caller the daemon cannot see (pid 0) with another uid may look, not change.
+    let (ino, _, fh) = v
+        .create(&root(), ROOT_INO, b"f", 0o644, 0, libc::O_RDWR)
+        .unwrap();
+    v.write(fh, 0, &[7u8; 3000]).unwrap();
+    v.release(fh, None).unwrap();
+    for op in [
+        control::WarmOp::Warm,
+        control::WarmOp::Evict,
+        control::WarmOp::Mark,
+    ] {
+        assert_eq!(
+            v.control(stranger, ino, control::WARM, &req(op), 32).err(),
+            Some(Errno::EPERM)
+        );
+    }
+    let (_, out) = v
+        .control(
+            stranger,
+            ino,
+            control::WARM,
+            &req(control::WarmOp::Check),
+            32,
+        )
+        .unwrap();
+    let reply = control::WarmReply::decode(&out.try_into().unwrap());
+    assert_eq!((reply.errno, reply.total), (0, 3000));
+    // The owner marks directories; the node daemon reads them back, latest last.
+    for (dir, op) in [
+        (ROOT_INO, control::WarmOp::Mark),
+        (ino, control::WarmOp::Mark),
+        (ROOT_INO, control::WarmOp::Unmark),
+    ] {
+        v.control(owner, dir, control::WARM, &req(op), 32).unwrap();
+    }
+    let (_, b) = v
+        .control(stranger, ROOT_INO, control::MARKS, &[], 4096)
+        .unwrap();
+    assert_eq!(
+        control::decode_marks(&b),
+        vec![(ino, true), (ROOT_INO, false)]
+    );
 }

@@ -15,7 +15,7 @@
 //! this one) is unprivileged. So `/proc` can only ever
 //! confirm a capability, never stand in for a uid.
 
-use crate::control::WarmOp;
+use aquifer_control::WarmOp;
 
 /// Whether `op` changes shared state (and needs privilege).
 pub fn changes_shared_state(op: WarmOp) -> bool {
