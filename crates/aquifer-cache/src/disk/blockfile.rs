@@ -92,9 +92,7 @@ impl Inner {
             }
             Err(Bad::Corrupt(why)) => {
                 tracing::warn!(path = %path.display(), why, "corrupt cache file removed; the block is fetched again");
-                self.corrupt.fetch_add(1, Ordering::Relaxed);
-                let _ = fs::remove_file(&path);
-                self.st.lock().remove(key);
+                self.drop_corrupt(key, &path);
                 None
             }
             Err(Bad::Io(e)) => {
@@ -102,6 +100,14 @@ impl Inner {
                 None
             }
         }
+    }
+
+    /// A file that failed its checks: counted, removed, and forgotten by the index, so the
+    /// next read of `key` is a miss and the block (or copy) is made again.
+    pub(super) fn drop_corrupt(&self, key: &str, path: &Path) {
+        self.corrupt.fetch_add(1, Ordering::Relaxed);
+        let _ = fs::remove_file(path);
+        self.st.lock().remove(key);
     }
 
     /// Write one block into place, if it still fits.
@@ -114,11 +120,7 @@ impl Inner {
             self.wake();
             return;
         }
-        let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
-        let tmp = self
-            .root
-            .join("tmp")
-            .join(format!("{}.{seq}", std::process::id()));
+        let tmp = self.tmp_path();
         let dst = self.path(key);
         let r = (|| -> io::Result<u64> {
             let mut f = File::create(&tmp)?;

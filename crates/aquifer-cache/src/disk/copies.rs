@@ -54,9 +54,7 @@ impl Inner {
             }
             Err(Bad::Corrupt(why)) => {
                 tracing::warn!(path = %path.display(), why, "corrupt whole-file copy removed");
-                self.corrupt.fetch_add(1, Ordering::Relaxed);
-                let _ = fs::remove_file(&path);
-                self.st.lock().remove(&ik);
+                self.drop_corrupt(&ik, &path);
                 None
             }
             Err(Bad::Io(e)) => {
@@ -79,11 +77,7 @@ impl Inner {
             return false;
         }
         let ik = format!("{WHOLE}{key}");
-        let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
-        let tmp = self
-            .root
-            .join("tmp")
-            .join(format!("{}.{seq}", std::process::id()));
+        let tmp = self.tmp_path();
         let dst = self.path(&ik);
         let r = (|| -> io::Result<u64> {
             let f = File::create(&tmp)?;
@@ -153,40 +147,35 @@ impl<W: Write> Write for CrcWriter<W> {
     }
 }
 
-fn set_xattr(f: &File, v: &[u8]) -> io::Result<()> {
+/// One system call on `f`'s `user.aquifer.whole` attribute, given the descriptor and the
+/// attribute's NUL-terminated name: what it answered, or the error it set when negative.
+fn on_stamp(
+    f: &File,
+    call: impl FnOnce(libc::c_int, *const libc::c_char) -> isize,
+) -> io::Result<usize> {
     use std::os::fd::AsRawFd;
-    // SAFETY: the name is NUL-terminated, `v` is valid for its length, `f` is open.
-    let r = unsafe {
-        libc::fsetxattr(
-            f.as_raw_fd(),
-            WHOLE_XATTR.as_ptr().cast(),
-            v.as_ptr().cast(),
-            v.len(),
-            0,
-        )
-    };
-    if r != 0 {
+    let r = call(f.as_raw_fd(), WHOLE_XATTR.as_ptr().cast());
+    if r < 0 {
         return Err(io::Error::last_os_error());
     }
+    Ok(r as usize)
+}
+
+fn set_xattr(f: &File, v: &[u8]) -> io::Result<()> {
+    on_stamp(f, |fd, name| {
+        // SAFETY: the name is NUL-terminated, `v` is valid for its length, `f` is open.
+        unsafe { libc::fsetxattr(fd, name, v.as_ptr().cast(), v.len(), 0) as isize }
+    })?;
     Ok(())
 }
 
 fn get_xattr(f: &File) -> io::Result<Vec<u8>> {
-    use std::os::fd::AsRawFd;
     let mut v = vec![0u8; 512];
-    // SAFETY: as in `set_xattr`; the kernel writes at most `v.len()` bytes.
-    let r = unsafe {
-        libc::fgetxattr(
-            f.as_raw_fd(),
-            WHOLE_XATTR.as_ptr().cast(),
-            v.as_mut_ptr().cast(),
-            v.len(),
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    v.truncate(r as usize);
+    let n = on_stamp(f, |fd, name| {
+        // SAFETY: as in `set_xattr`; the kernel writes at most `v.len()` bytes.
+        unsafe { libc::fgetxattr(fd, name, v.as_mut_ptr().cast(), v.len()) }
+    })?;
+    v.truncate(n);
     Ok(v)
 }
 

@@ -10,6 +10,7 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 
 pub(super) const FANOUT: u32 = 256;
 /// Index keys of whole-file copies start with this, which no block key does.
@@ -114,6 +115,15 @@ impl Inner {
             self.blocks_dir()
         };
         dir.join(format!("{h:02x}")).join(file::file_name(key))
+    }
+
+    /// A name under `tmp/` no other write uses, for a file being written: it is renamed
+    /// into place once whole.
+    pub(super) fn tmp_path(&self) -> PathBuf {
+        let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+        self.root
+            .join("tmp")
+            .join(format!("{}.{seq}", std::process::id()))
     }
 
     pub(super) fn make_dirs(&self) -> io::Result<()> {

@@ -163,25 +163,17 @@ impl DiskTier {
         // fails later is a disk out of use.
         private_dir(root)?;
         inner.make_dirs()?;
-        let mut threads = Vec::new();
-        let i = inner.clone();
-        threads.push(
+        let spawn = |name: &str, run: fn(&Inner)| {
+            let i = inner.clone();
             std::thread::Builder::new()
-                .name("cache-index".into())
-                .spawn(move || i.rebuild())?,
-        );
-        let i = inner.clone();
-        threads.push(
-            std::thread::Builder::new()
-                .name("cache-write".into())
-                .spawn(move || i.write_loop())?,
-        );
-        let i = inner.clone();
-        threads.push(
-            std::thread::Builder::new()
-                .name("cache-keep".into())
-                .spawn(move || i.housekeep())?,
-        );
+                .name(name.into())
+                .spawn(move || run(&i))
+        };
+        let threads = vec![
+            spawn("cache-index", Inner::rebuild)?,
+            spawn("cache-write", Inner::write_loop)?,
+            spawn("cache-keep", Inner::housekeep)?,
+        ];
         Ok(DiskTier {
             inner,
             threads: Mutex::new(threads),
