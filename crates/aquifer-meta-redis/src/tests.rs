@@ -8,6 +8,7 @@ use aquifer_meta::{KvMeta, Meta};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
+use std::time::Instant;
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
