@@ -6,7 +6,10 @@ use crate::kv::{KvEngine, KvTxn};
 use crate::lanes;
 use crate::locks::{self, PLock, F_UNLCK};
 use crate::types::*;
-use crate::{Meta, MODE_R, MODE_W, MODE_X};
+use crate::{
+    Attrs, Chunks, Files, Load, Locks, Meta, Namespace, ObjectJournal, Sessions, Volume, Xattrs,
+    MODE_R, MODE_W, MODE_X,
+};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -721,7 +724,10 @@ impl<E: KvEngine> KvMeta<E> {
     }
 }
 
-impl<E: KvEngine> Meta for KvMeta<E> {
+/// Every role below: what the filesystem above holds as `dyn Meta`.
+impl<E: KvEngine> Meta for KvMeta<E> {}
+
+impl<E: KvEngine> Volume for KvMeta<E> {
     fn engine(&self) -> &'static str {
         self.kv.name()
     }
@@ -779,6 +785,56 @@ impl<E: KvEngine> Meta for KvMeta<E> {
         }
     }
 
+    fn clock(&self) -> Result<Time> {
+        self.engine_now()
+    }
+
+    fn statfs(&self) -> Result<StatFs> {
+        self.alive()?;
+        let (used, inodes) = self.usage()?;
+        let (cap, max_inodes) = self.limits();
+        let total = if cap > 0 {
+            cap
+        } else {
+            UNLIMITED_SPACE.max(used * 2)
+        };
+        let total_inodes = if max_inodes > 0 {
+            max_inodes
+        } else {
+            (inodes * 2).max(UNLIMITED_INODES)
+        };
+        Ok(StatFs {
+            total_space: total,
+            avail_space: total.saturating_sub(used),
+            used_inodes: inodes,
+            avail_inodes: total_inodes.saturating_sub(inodes),
+        })
+    }
+
+    fn usage(&self) -> Result<(u64, u64)> {
+        let get = |name: &str| -> Result<u64> {
+            Ok(match self.kv.get(&key::counter(name))? {
+                Some(v) if v.len() == 8 => {
+                    i64::from_be_bytes(v[..8].try_into().unwrap()).max(0) as u64
+                }
+                _ => 0,
+            })
+        };
+        Ok((get(C_USED_SPACE)?, get(C_USED_INODES)?))
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.kv.sync()?;
+        self.check_lanes()
+    }
+
+    fn sync_on_close(&self) -> Result<()> {
+        self.kv.sync_on_close()?;
+        self.check_lanes()
+    }
+}
+
+impl<E: KvEngine> Sessions for KvMeta<E> {
     fn new_session(&self, mut info: SessionInfo) -> Result<u64> {
         self.load_format()?;
         if self.kv.exclusive() {
@@ -923,41 +979,9 @@ impl<E: KvEngine> Meta for KvMeta<E> {
         }
         Ok(out)
     }
+}
 
-    fn statfs(&self) -> Result<StatFs> {
-        self.alive()?;
-        let (used, inodes) = self.usage()?;
-        let (cap, max_inodes) = self.limits();
-        let total = if cap > 0 {
-            cap
-        } else {
-            UNLIMITED_SPACE.max(used * 2)
-        };
-        let total_inodes = if max_inodes > 0 {
-            max_inodes
-        } else {
-            (inodes * 2).max(UNLIMITED_INODES)
-        };
-        Ok(StatFs {
-            total_space: total,
-            avail_space: total.saturating_sub(used),
-            used_inodes: inodes,
-            avail_inodes: total_inodes.saturating_sub(inodes),
-        })
-    }
-
-    fn usage(&self) -> Result<(u64, u64)> {
-        let get = |name: &str| -> Result<u64> {
-            Ok(match self.kv.get(&key::counter(name))? {
-                Some(v) if v.len() == 8 => {
-                    i64::from_be_bytes(v[..8].try_into().unwrap()).max(0) as u64
-                }
-                _ => 0,
-            })
-        };
-        Ok((get(C_USED_SPACE)?, get(C_USED_INODES)?))
-    }
-
+impl<E: KvEngine> Attrs for KvMeta<E> {
     fn access(&self, ctx: &Context, ino: Ino, mask: u32) -> Result<()> {
         self.alive()?;
         let a = self.getattr(ino)?;
@@ -966,60 +990,6 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             ..ctx.clone()
         };
         access_ok(&ctx, &a, mask)
-    }
-
-    fn lookup(&self, ctx: &Context, parent: Ino, name: &[u8]) -> Result<(Ino, Attr)> {
-        self.alive()?;
-        if name.len() > MAX_NAME {
-            return Err(Errno::ENAMETOOLONG.into());
-        }
-        if !ctx.check_permission && !matches!(name, b"." | b"..") {
-            // The kernel checked the search permission and only looks up in directories:
-            // the entry and its inode decide, read together (one round trip on Redis).
-            let k = key::dentry(parent, name);
-            return match self.kv.get_entry_attr(&k)? {
-                (Some(d), Some(a)) => {
-                    let ino = key::decode_dentry(&k, &d)?.1;
-                    let attr = key::decode_attr(ino, &a)?;
-                    self.hint(key::attr(ino), Some(a));
-                    self.hint(k, Some(d));
-                    Ok((ino, attr))
-                }
-                // Unlinked between the two reads.
-                (Some(_), None) => Err(Errno::ENOENT.into()),
-                (None, _) => {
-                    // ENOTDIR or ENOENT of the parent, as before.
-                    let pattr = self.getattr(parent)?;
-                    if !pattr.is_dir() {
-                        return Err(Errno::ENOTDIR.into());
-                    }
-                    Err(Errno::ENOENT.into())
-                }
-            };
-        }
-        let pattr = self.getattr(parent)?;
-        if !pattr.is_dir() {
-            return Err(Errno::ENOTDIR.into());
-        }
-        access_ok(ctx, &pattr, MODE_X)?;
-        let ino = match name {
-            b"." => parent,
-            b".." => {
-                if parent == ROOT_INO {
-                    ROOT_INO
-                } else {
-                    pattr.parent
-                }
-            }
-            _ => {
-                let k = key::dentry(parent, name);
-                match self.kv.get(&k)? {
-                    Some(v) => key::decode_dentry(&k, &v)?.1,
-                    None => return Err(Errno::ENOENT.into()),
-                }
-            }
-        };
-        Ok((ino, self.getattr(ino)?))
     }
 
     fn getattr(&self, ino: Ino) -> Result<Attr> {
@@ -1102,80 +1072,61 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             Ok(a)
         })
     }
+}
 
-    fn truncate(&self, ctx: &Context, ino: Ino, length: u64) -> Result<Attr> {
+impl<E: KvEngine> Namespace for KvMeta<E> {
+    fn lookup(&self, ctx: &Context, parent: Ino, name: &[u8]) -> Result<(Ino, Attr)> {
         self.alive()?;
-        if length > MAX_FILE_SIZE {
-            return Err(Errno::EFBIG.into());
+        if name.len() > MAX_NAME {
+            return Err(Errno::ENAMETOOLONG.into());
         }
-        let _forget = ForgetChunks(self, ino);
-        self.txn(|t| {
-            let mut a = get_attr(t, ino)?;
-            match a.typ {
-                FileType::File => {}
-                FileType::Directory => return Err(Errno::EISDIR.into()),
-                _ => return Err(Errno::EINVAL.into()),
-            }
-            access_ok(ctx, &a, MODE_W)?;
-            if length > a.length {
-                self.check_space(align4k(length) - align4k(a.length))?;
-            }
-            self.set_length(t, ino, &mut a, length)?;
-            let ts = now();
-            a.mtime = ts;
-            a.ctime = ts;
-            put_attr(t, ino, &a);
-            Ok(a)
-        })
-    }
-
-    fn fallocate(&self, ctx: &Context, ino: Ino, mode: i32, off: u64, len: u64) -> Result<Attr> {
-        self.alive()?;
-        let known = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE;
-        if mode & !known != 0 {
-            return Err(Errno::EOPNOTSUPP.into());
+        if !ctx.check_permission && !matches!(name, b"." | b"..") {
+            // The kernel checked the search permission and only looks up in directories:
+            // the entry and its inode decide, read together (one round trip on Redis).
+            let k = key::dentry(parent, name);
+            return match self.kv.get_entry_attr(&k)? {
+                (Some(d), Some(a)) => {
+                    let ino = key::decode_dentry(&k, &d)?.1;
+                    let attr = key::decode_attr(ino, &a)?;
+                    self.hint(key::attr(ino), Some(a));
+                    self.hint(k, Some(d));
+                    Ok((ino, attr))
+                }
+                // Unlinked between the two reads.
+                (Some(_), None) => Err(Errno::ENOENT.into()),
+                (None, _) => {
+                    // ENOTDIR or ENOENT of the parent, as before.
+                    let pattr = self.getattr(parent)?;
+                    if !pattr.is_dir() {
+                        return Err(Errno::ENOTDIR.into());
+                    }
+                    Err(Errno::ENOENT.into())
+                }
+            };
         }
-        if mode & FALLOC_FL_PUNCH_HOLE != 0 && mode & FALLOC_FL_KEEP_SIZE == 0 {
-            return Err(Errno::EOPNOTSUPP.into());
+        let pattr = self.getattr(parent)?;
+        if !pattr.is_dir() {
+            return Err(Errno::ENOTDIR.into());
         }
-        if len == 0 {
-            return Err(Errno::EINVAL.into());
-        }
-        let end = off.checked_add(len).ok_or(Errno::EFBIG)?;
-        if end > MAX_FILE_SIZE {
-            return Err(Errno::EFBIG.into());
-        }
-        let _forget = ForgetChunks(self, ino);
-        self.txn(|t| {
-            let mut a = get_attr(t, ino)?;
-            match a.typ {
-                FileType::File => {}
-                FileType::Directory => return Err(Errno::EISDIR.into()),
-                _ => return Err(Errno::ENODEV.into()),
-            }
-            access_ok(ctx, &a, MODE_W)?;
-            if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) != 0 {
-                let zend = if mode & FALLOC_FL_PUNCH_HOLE != 0 {
-                    end.min(a.length)
+        access_ok(ctx, &pattr, MODE_X)?;
+        let ino = match name {
+            b"." => parent,
+            b".." => {
+                if parent == ROOT_INO {
+                    ROOT_INO
                 } else {
-                    end
-                };
-                if zend > off {
-                    Self::zero_range(t, ino, off, zend - off)?;
+                    pattr.parent
                 }
             }
-            if mode & FALLOC_FL_KEEP_SIZE == 0 && end > a.length {
-                self.check_space(align4k(end) - align4k(a.length))?;
-                self.set_length(t, ino, &mut a, end)?;
+            _ => {
+                let k = key::dentry(parent, name);
+                match self.kv.get(&k)? {
+                    Some(v) => key::decode_dentry(&k, &v)?.1,
+                    None => return Err(Errno::ENOENT.into()),
+                }
             }
-            let ts = now();
-            if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) != 0 {
-                a.mtime = ts;
-            }
-            a.ctime = ts;
-            put_attr(t, ino, &a);
-            Ok(a)
-        })
+        };
+        Ok((ino, self.getattr(ino)?))
     }
 
     fn mknod(
@@ -1190,27 +1141,6 @@ impl<E: KvEngine> Meta for KvMeta<E> {
     ) -> Result<(Ino, Attr)> {
         self.alive()?;
         self.create_node(ctx, parent, name, typ, mode & !umask, rdev, None, false)
-    }
-
-    fn create_open(
-        &self,
-        ctx: &Context,
-        parent: Ino,
-        name: &[u8],
-        mode: u32,
-        umask: u32,
-    ) -> Result<(Ino, Attr)> {
-        self.alive()?;
-        self.create_node(
-            ctx,
-            parent,
-            name,
-            FileType::File,
-            mode & !umask,
-            0,
-            None,
-            true,
-        )
     }
 
     fn symlink(
@@ -1604,7 +1534,9 @@ impl<E: KvEngine> Meta for KvMeta<E> {
         }
         Ok(DirPage { entries: out, end })
     }
+}
 
+impl<E: KvEngine> Files for KvMeta<E> {
     fn open(&self, ctx: &Context, ino: Ino, flags: i32) -> Result<Attr> {
         self.alive()?;
         let mask = match flags & libc::O_ACCMODE {
@@ -1641,6 +1573,27 @@ impl<E: KvEngine> Meta for KvMeta<E> {
         Ok(a)
     }
 
+    fn create_open(
+        &self,
+        ctx: &Context,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        umask: u32,
+    ) -> Result<(Ino, Attr)> {
+        self.alive()?;
+        self.create_node(
+            ctx,
+            parent,
+            name,
+            FileType::File,
+            mode & !umask,
+            0,
+            None,
+            true,
+        )
+    }
+
     fn close(&self, ino: Ino) -> Result<()> {
         let mut open = self.open_shard(ino);
         match open.get_mut(&ino) {
@@ -1662,6 +1615,83 @@ impl<E: KvEngine> Meta for KvMeta<E> {
         }
     }
 
+    fn truncate(&self, ctx: &Context, ino: Ino, length: u64) -> Result<Attr> {
+        self.alive()?;
+        if length > MAX_FILE_SIZE {
+            return Err(Errno::EFBIG.into());
+        }
+        let _forget = ForgetChunks(self, ino);
+        self.txn(|t| {
+            let mut a = get_attr(t, ino)?;
+            match a.typ {
+                FileType::File => {}
+                FileType::Directory => return Err(Errno::EISDIR.into()),
+                _ => return Err(Errno::EINVAL.into()),
+            }
+            access_ok(ctx, &a, MODE_W)?;
+            if length > a.length {
+                self.check_space(align4k(length) - align4k(a.length))?;
+            }
+            self.set_length(t, ino, &mut a, length)?;
+            let ts = now();
+            a.mtime = ts;
+            a.ctime = ts;
+            put_attr(t, ino, &a);
+            Ok(a)
+        })
+    }
+
+    fn fallocate(&self, ctx: &Context, ino: Ino, mode: i32, off: u64, len: u64) -> Result<Attr> {
+        self.alive()?;
+        let known = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE;
+        if mode & !known != 0 {
+            return Err(Errno::EOPNOTSUPP.into());
+        }
+        if mode & FALLOC_FL_PUNCH_HOLE != 0 && mode & FALLOC_FL_KEEP_SIZE == 0 {
+            return Err(Errno::EOPNOTSUPP.into());
+        }
+        if len == 0 {
+            return Err(Errno::EINVAL.into());
+        }
+        let end = off.checked_add(len).ok_or(Errno::EFBIG)?;
+        if end > MAX_FILE_SIZE {
+            return Err(Errno::EFBIG.into());
+        }
+        let _forget = ForgetChunks(self, ino);
+        self.txn(|t| {
+            let mut a = get_attr(t, ino)?;
+            match a.typ {
+                FileType::File => {}
+                FileType::Directory => return Err(Errno::EISDIR.into()),
+                _ => return Err(Errno::ENODEV.into()),
+            }
+            access_ok(ctx, &a, MODE_W)?;
+            if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) != 0 {
+                let zend = if mode & FALLOC_FL_PUNCH_HOLE != 0 {
+                    end.min(a.length)
+                } else {
+                    end
+                };
+                if zend > off {
+                    Self::zero_range(t, ino, off, zend - off)?;
+                }
+            }
+            if mode & FALLOC_FL_KEEP_SIZE == 0 && end > a.length {
+                self.check_space(align4k(end) - align4k(a.length))?;
+                self.set_length(t, ino, &mut a, end)?;
+            }
+            let ts = now();
+            if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) != 0 {
+                a.mtime = ts;
+            }
+            a.ctime = ts;
+            put_attr(t, ino, &a);
+            Ok(a)
+        })
+    }
+}
+
+impl<E: KvEngine> Chunks for KvMeta<E> {
     fn new_slice_id(&self) -> Result<u64> {
         let sid = self.sid();
         let mut s = self.slices.lock().unwrap();
@@ -1738,10 +1768,6 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             }
         }
         Ok(out)
-    }
-
-    fn clock(&self) -> Result<Time> {
-        self.engine_now()
     }
 
     fn read_chunk(&self, ino: Ino, idx: u32) -> Result<Vec<Slice>> {
@@ -1863,6 +1889,13 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             .collect())
     }
 
+    fn trash_done(&self, id: u64) -> Result<()> {
+        self.txn(|t| {
+            t.delete(&key::trash(id));
+            Ok(())
+        })
+    }
+
     fn scan_chunks(
         &self,
         after: Option<(Ino, u32)>,
@@ -1895,14 +1928,9 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             })
             .collect()
     }
+}
 
-    fn trash_done(&self, id: u64) -> Result<()> {
-        self.txn(|t| {
-            t.delete(&key::trash(id));
-            Ok(())
-        })
-    }
-
+impl<E: KvEngine> Xattrs for KvMeta<E> {
     fn getxattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
         self.alive()?;
         check_xattr_name(name)?;
@@ -1983,7 +2011,9 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             Ok(())
         })
     }
+}
 
+impl<E: KvEngine> Locks for KvMeta<E> {
     fn flock(&self, ino: Ino, owner: u64, typ: i32) -> Result<()> {
         self.alive()?;
         let sid = self.sid();
@@ -2028,17 +2058,9 @@ impl<E: KvEngine> Meta for KvMeta<E> {
             Ok(())
         })
     }
+}
 
-    fn sync(&self) -> Result<()> {
-        self.kv.sync()?;
-        self.check_lanes()
-    }
-
-    fn sync_on_close(&self) -> Result<()> {
-        self.kv.sync_on_close()?;
-        self.check_lanes()
-    }
-
+impl<E: KvEngine> ObjectJournal for KvMeta<E> {
     fn journal_put(&self, records: &[(&str, &[u8])]) -> Result<()> {
         if records.is_empty() {
             return Ok(());
@@ -2073,6 +2095,20 @@ impl<E: KvEngine> Meta for KvMeta<E> {
         }
     }
 
+    fn journal_remove(&self, keys: &[String]) -> Result<()> {
+        for part in keys.chunks(1024) {
+            self.txn(|t| {
+                for k in part {
+                    t.delete(&key::journal(k));
+                }
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+}
+
+impl<E: KvEngine> Load for KvMeta<E> {
     fn load_inode(&self, ino: Ino, inode: &crate::LoadInode) -> Result<()> {
         let _forget = ForgetChunks(self, ino);
         self.load_inode_impl(ino, inode)
@@ -2116,18 +2152,6 @@ impl<E: KvEngine> Meta for KvMeta<E> {
         drop(s);
         self.kv.sync()
     }
-
-    fn journal_remove(&self, keys: &[String]) -> Result<()> {
-        for part in keys.chunks(1024) {
-            self.txn(|t| {
-                for k in part {
-                    t.delete(&key::journal(k));
-                }
-                Ok(())
-            })?;
-        }
-        Ok(())
-    }
 }
 
 /// A change of an inode's flock and fcntl lock tables.
@@ -2145,7 +2169,7 @@ impl<E: KvEngine> Drop for ForgetChunks<'_, E> {
 }
 
 impl<E: KvEngine> KvMeta<E> {
-    /// The load operations of [`Meta`], written once here for every engine.
+    /// The load operations of [`Load`], written once here for every engine.
     fn load_inode_impl(&self, ino: Ino, inode: &crate::LoadInode) -> Result<()> {
         let attr = inode
             .attr
