@@ -36,13 +36,14 @@ pub const MODE_X: u32 = 1;
 /// when `ctx.check_permission` is set the engine enforces POSIX permissions itself; otherwise
 /// the kernel already did (mounts use `default_permissions`).
 ///
-/// An implementation implements each role trait, then `Meta` with an empty impl
-/// (`impl Meta for KvMeta<E> {}`): [`Volume`] (settings, space, clock, durability),
-/// [`Sessions`], [`Attrs`], [`Namespace`] (names: lookup, create, link, unlink, rename,
-/// readdir), [`Files`] (open, close, length), [`Chunks`] (slice ids, slice lists, trash),
-/// [`Xattrs`], [`Locks`], [`ObjectJournal`] and [`Load`]. Callers hold `dyn Meta` or
-/// `M: Meta` and call every method without naming the role; code holding a concrete engine
-/// (`KvMeta<…>`) imports the roles it calls, or `aquifer_meta::*`.
+/// An implementation (today only [`KvMeta`], one file per role in `kvmeta/`) implements
+/// each role trait, then `Meta` with an empty impl (`impl Meta for KvMeta<E> {}`):
+/// [`Volume`] (settings, space, clock, durability), [`Sessions`], [`Attrs`], [`Namespace`]
+/// (names: lookup, create, link, unlink, rename, readdir), [`Files`] (open, close, length),
+/// [`Chunks`] (slice ids, slice lists, trash), [`Xattrs`], [`Locks`], [`ObjectJournal`] and
+/// [`Load`]. Callers hold `dyn Meta` or `M: Meta` and call every method without naming the
+/// role; code holding a concrete engine (`KvMeta<…>`) imports the roles it calls, or
+/// `aquifer_meta::*`.
 pub trait Meta:
     Send
     + Sync
