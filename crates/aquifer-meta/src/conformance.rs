@@ -117,6 +117,28 @@ fn chmod(m: &dyn Meta, ctx: &Context, ino: Ino, mode: u32) {
     .unwrap();
 }
 
+/// The hostnames of the sessions on record, sorted.
+pub(crate) fn hosts(m: &dyn Meta) -> Vec<String> {
+    let mut h: Vec<String> = m
+        .list_sessions()
+        .unwrap()
+        .into_iter()
+        .map(|s| s.hostname)
+        .collect();
+    h.sort();
+    h
+}
+
+/// A caller of uid and gid `id` whose permissions the engine checks itself.
+fn unprivileged(id: u32) -> Context {
+    Context {
+        uid: id,
+        gid: id,
+        check_permission: true,
+        ..Default::default()
+    }
+}
+
 fn names(m: &dyn Meta, ctx: &Context, dir: Ino) -> Vec<String> {
     m.readdir(ctx, dir, false)
         .unwrap()

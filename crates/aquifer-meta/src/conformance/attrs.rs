@@ -48,12 +48,7 @@ pub fn setattr_rules(m: &dyn Meta) {
         )
         .unwrap();
     assert_eq!(a.mtime, tm);
-    let user = Context {
-        uid: 7,
-        gid: 7,
-        check_permission: true,
-        ..Default::default()
-    };
+    let user = unprivileged(7);
     assert_eq!(
         errno(m.setattr(
             &user,
@@ -74,18 +69,10 @@ pub fn permissions(m: &dyn Meta) {
     let ctx = ready(m);
     let d = mkdir(m, &ctx, ROOT_INO, "d");
     chmod(m, &ctx, d, 0o1777);
-    let alice = Context {
-        uid: 100,
-        gid: 100,
-        check_permission: true,
-        ..Default::default()
-    };
+    let alice = unprivileged(100);
     let bob = Context {
-        uid: 200,
-        gid: 200,
         gids: vec![300],
-        check_permission: true,
-        ..Default::default()
+        ..unprivileged(200)
     };
     let (fa, _) = m
         .mknod(&alice, d, b"a", FileType::File, 0o640, 0, 0)

@@ -14,13 +14,7 @@ fn spared(m: &dyn Meta, id: u64) -> bool {
 pub fn slices_and_truncate(m: &dyn Meta) {
     let ctx = ready(m);
     let f = mkfile(m, &ctx, ROOT_INO, "f");
-    let s1 = Slice {
-        pos: 0,
-        id: m.new_slice_id().unwrap(),
-        size: 100,
-        off: 0,
-        len: 100,
-    };
+    let s1 = data_slice(m, 100);
     let (a, n) = m.write_slice(f, 0, s1).unwrap();
     assert_eq!((a.length, n), (100, 1));
     // A writer that could not learn whether its commit applied commits the slice again:
@@ -28,13 +22,7 @@ pub fn slices_and_truncate(m: &dyn Meta) {
     let (a, n) = m.write_slice(f, 0, s1).unwrap();
     assert_eq!((a.length, n), (100, 1));
     assert_eq!(m.read_chunk(f, 0).unwrap(), vec![s1]);
-    let s2 = Slice {
-        pos: 0,
-        id: m.new_slice_id().unwrap(),
-        size: 10,
-        off: 0,
-        len: 10,
-    };
+    let s2 = data_slice(m, 10);
     assert_ne!(s1.id, s2.id);
     m.write_slice(f, 2, s2).unwrap();
     assert_eq!(m.getattr(f).unwrap().length, 2 * CHUNK_SIZE + 10);
@@ -48,13 +36,7 @@ pub fn slices_and_truncate(m: &dyn Meta) {
     assert_eq!(trash.len(), 1);
     assert_eq!(trash[0].1, vec![s2]);
     // Compaction replaces a prefix only while it is unchanged.
-    let new = Slice {
-        pos: 0,
-        id: m.new_slice_id().unwrap(),
-        size: 50,
-        off: 0,
-        len: 50,
-    };
+    let new = data_slice(m, 50);
     assert!(!m.compact_chunk(f, 0, &[s2], &[new]).unwrap());
     assert!(m.compact_chunk(f, 0, &c0, &[new]).unwrap());
     assert_eq!(m.read_chunk(f, 0).unwrap(), vec![new]);
@@ -89,13 +71,7 @@ pub fn chunk_and_trash_paging(m: &dyn Meta) {
     for name in ["a", "b", "c"] {
         let f = mkfile(m, &ctx, ROOT_INO, name);
         for idx in [0u32, 3] {
-            let s = Slice {
-                pos: 0,
-                id: m.new_slice_id().unwrap(),
-                size: 10,
-                off: 0,
-                len: 10,
-            };
+            let s = data_slice(m, 10);
             m.write_slice(f, idx, s).unwrap();
             want.push((f, idx, vec![s]));
         }

@@ -6,19 +6,8 @@ use super::*;
 pub fn open_unlinked_kept_until_close(m: &dyn Meta) {
     let ctx = ready(m);
     let f = mkfile(m, &ctx, ROOT_INO, "f");
-    let id = m.new_slice_id().unwrap();
-    m.write_slice(
-        f,
-        0,
-        Slice {
-            pos: 0,
-            id,
-            size: 10,
-            off: 0,
-            len: 10,
-        },
-    )
-    .unwrap();
+    let s = data_slice(m, 10);
+    m.write_slice(f, 0, s).unwrap();
     m.open(&ctx, f, libc::O_RDWR).unwrap();
     m.unlink(&ctx, ROOT_INO, b"f").unwrap();
     let a = m.getattr(f).unwrap();
@@ -29,7 +18,7 @@ pub fn open_unlinked_kept_until_close(m: &dyn Meta) {
     assert_eq!(errno(m.getattr(f)), Errno::ENOENT);
     let trash = m.trash_batch(0, 10).unwrap();
     assert_eq!(trash.len(), 1);
-    assert_eq!(trash[0].1[0].id, id);
+    assert_eq!(trash[0].1[0].id, s.id);
     m.trash_done(trash[0].0).unwrap();
     assert!(m.trash_batch(0, 10).unwrap().is_empty());
 }

@@ -44,13 +44,7 @@ pub fn lost_answers<E: KvEngine>(m: &KvMeta<crate::fault::LossyKv<E>>) {
             .unwrap();
         // A slice is appended once, and the length and usage grow once.
         let (used, _) = m.usage().unwrap();
-        let s1 = Slice {
-            pos: 0,
-            id: m.new_slice_id().unwrap(),
-            size: 4096,
-            off: 0,
-            len: 4096,
-        };
+        let s1 = data_slice(m, 4096);
         lossy.force(&[fault]);
         let (attr, n) = m.write_slice(f, 1, s1).unwrap();
         assert_eq!(n, 1, "{fault:?}: one slice");

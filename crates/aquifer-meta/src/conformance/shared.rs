@@ -82,12 +82,7 @@ pub fn concurrent_creates_and_counters(a: &dyn Meta, b: &dyn Meta) {
 /// (`KvTxn::guess`); whatever another client changed meanwhile must still decide the result.
 pub fn stale_guesses_are_caught(a: &dyn Meta, b: &dyn Meta) {
     let ctx = ready2(a, b);
-    let user = Context {
-        uid: 7,
-        gid: 7,
-        check_permission: true,
-        ..Default::default()
-    };
+    let user = unprivileged(7);
     let d = mkdir(a, &ctx, ROOT_INO, "d");
     chmod(a, &ctx, d, 0o777);
     // B learns d, creates and writes f: it now remembers d, f and f's first chunk.

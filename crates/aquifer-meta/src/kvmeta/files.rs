@@ -98,13 +98,7 @@ impl<E: KvEngine> Files for KvMeta<E> {
         }
         let _forget = ForgetChunks(self, ino);
         self.txn(|t| {
-            let mut a = get_attr(t, ino)?;
-            match a.typ {
-                FileType::File => {}
-                FileType::Directory => return Err(Errno::EISDIR.into()),
-                _ => return Err(Errno::EINVAL.into()),
-            }
-            access_ok(ctx, &a, MODE_W)?;
+            let mut a = writable_file(t, ctx, ino, Errno::EINVAL)?;
             if length > a.length {
                 self.check_space(align4k(length) - align4k(a.length))?;
             }
@@ -135,13 +129,7 @@ impl<E: KvEngine> Files for KvMeta<E> {
         }
         let _forget = ForgetChunks(self, ino);
         self.txn(|t| {
-            let mut a = get_attr(t, ino)?;
-            match a.typ {
-                FileType::File => {}
-                FileType::Directory => return Err(Errno::EISDIR.into()),
-                _ => return Err(Errno::ENODEV.into()),
-            }
-            access_ok(ctx, &a, MODE_W)?;
+            let mut a = writable_file(t, ctx, ino, Errno::ENODEV)?;
             if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) != 0 {
                 let zend = if mode & FALLOC_FL_PUNCH_HOLE != 0 {
                     end.min(a.length)
@@ -287,4 +275,18 @@ impl<E: KvEngine> KvMeta<E> {
         }
         Ok(())
     }
+}
+
+/// The attributes of a regular file whose length or content `ctx` is about to change, read
+/// in the transaction: EISDIR for a directory, `other` for any other kind of inode, EACCES
+/// without write permission.
+fn writable_file(t: &mut dyn KvTxn, ctx: &Context, ino: Ino, other: Errno) -> Result<Attr> {
+    let a = get_attr(t, ino)?;
+    match a.typ {
+        FileType::File => {}
+        FileType::Directory => return Err(Errno::EISDIR.into()),
+        _ => return Err(other.into()),
+    }
+    access_ok(ctx, &a, MODE_W)?;
+    Ok(a)
 }

@@ -148,13 +148,7 @@ impl<E: KvEngine> Namespace for KvMeta<E> {
                 return Err(Errno::ENOENT.into());
             }
             let mut p = get_attr(t, parent)?;
-            if !p.is_dir() {
-                return Err(Errno::ENOTDIR.into());
-            }
-            if p.nlink == 0 {
-                return Err(Errno::ENOENT.into());
-            }
-            access_ok(ctx, &p, MODE_W | MODE_X)?;
+            may_add_entry(ctx, &p)?;
             if get_dentry(t, parent, name)?.is_some() {
                 return Err(Errno::EEXIST.into());
             }
@@ -530,13 +524,7 @@ impl<E: KvEngine> KvMeta<E> {
                         Some(v) => key::decode_attr(parent, v)?,
                         None => return Err(Errno::ENOENT.into()),
                     };
-                    if !p.is_dir() {
-                        return Err(Errno::ENOTDIR.into());
-                    }
-                    if p.nlink == 0 {
-                        return Err(Errno::ENOENT.into());
-                    }
-                    access_ok(ctx, &p, MODE_W | MODE_X)?;
+                    may_add_entry(ctx, &p)?;
                     if got[1].is_some() {
                         return Err(Errno::EEXIST.into());
                     }
@@ -627,6 +615,18 @@ impl<E: KvEngine> KvMeta<E> {
         }
         Ok(())
     }
+}
+
+/// Whether `ctx` may add a name to the directory whose attributes are `p` (create, link):
+/// ENOTDIR, ENOENT once it was removed, EACCES without write and search permission.
+fn may_add_entry(ctx: &Context, p: &Attr) -> Result<()> {
+    if !p.is_dir() {
+        return Err(Errno::ENOTDIR.into());
+    }
+    if p.nlink == 0 {
+        return Err(Errno::ENOENT.into());
+    }
+    access_ok(ctx, p, MODE_W | MODE_X)
 }
 
 pub(super) fn check_name(name: &[u8]) -> Result<()> {
