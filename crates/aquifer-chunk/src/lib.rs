@@ -834,7 +834,7 @@ pub struct TrashRound {
 }
 
 /// Delete the objects of every slice in the trash whose record is at least `grace` old on
-/// the metadata engine's clock ([`Meta::clock`]; a record with no time, an older client's,
+/// the metadata engine's clock ([`aquifer_meta::Volume::clock`]; a record with no time, an older client's,
 /// counts as old).
 ///
 /// The change that freed them is made durable first by `durable` (blocks, then metadata, as

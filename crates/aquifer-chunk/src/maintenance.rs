@@ -12,7 +12,7 @@
 //! gc is safe on a live volume. A writer uploads blocks before it commits their slice, and
 //! a slow appender keeps a slice uncommitted for hours, so age says nothing about whether
 //! an unreferenced object is leaked. Instead every session records the slice ids it may
-//! still commit ([`Meta::live_slice_ranges`]), before it uploads anything under them. gc
+//! still commit ([`aquifer_meta::Chunks::live_slice_ranges`]), before it uploads anything under them. gc
 //! reads the slice id counter before it lists objects (a higher id is newer than the
 //! listing), reads the live sessions' records after the listing (so every id whose object it
 //! listed was recorded by then, unless already committed or given up), and the references

@@ -4,7 +4,7 @@
 use super::*;
 use aquifer_meta::conformance::SHARED_SESSION_TIMEOUT;
 use aquifer_meta::url::MetaUrl;
-use aquifer_meta::{KvMeta, Meta};
+use aquifer_meta::{Attrs, Files, KvMeta, Namespace, Sessions, Volume};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;

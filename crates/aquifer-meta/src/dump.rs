@@ -470,7 +470,7 @@ pub fn load(meta: &dyn Meta, input: &mut dyn BufRead) -> Result<Summary> {
 mod tests {
     use super::*;
     use crate::conformance::{test_format, test_session};
-    use crate::{KvMeta, MemKv};
+    use crate::{Chunks, KvMeta, MemKv, Namespace, Sessions, Volume};
 
     fn tree(m: &dyn Meta) {
         let ctx = Context::root();

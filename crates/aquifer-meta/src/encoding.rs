@@ -96,7 +96,7 @@ pub fn session(sid: u64) -> Vec<u8> {
 }
 
 /// The slice ids session `sid` has reserved and may still commit (see
-/// [`crate::Meta::live_slice_ranges`]).
+/// [`crate::Chunks::live_slice_ranges`]).
 pub fn reserved_slices(sid: u64) -> Vec<u8> {
     with_ino(b'R', sid)
 }

@@ -25,17 +25,43 @@ pub use kvmeta::{KvMeta, DEFAULT_SESSION_TIMEOUT};
 pub use locks::{PLock, F_RDLCK, F_UNLCK, F_WRLCK};
 pub use types::*;
 
-/// Access mask bits for [`Meta::access`].
+/// Access mask bits for [`Attrs::access`].
 pub const MODE_R: u32 = 4;
 pub const MODE_W: u32 = 2;
 pub const MODE_X: u32 = 1;
 
-/// The namespace and file layout of one volume.
+/// The namespace and file layout of one volume: every role below, in one trait object.
 ///
 /// Every method that changes the namespace is atomic. Names are raw bytes. `ctx` is the caller:
 /// when `ctx.check_permission` is set the engine enforces POSIX permissions itself; otherwise
 /// the kernel already did (mounts use `default_permissions`).
-pub trait Meta: Send + Sync {
+///
+/// An implementation (today only [`KvMeta`], one file per role in `kvmeta/`) implements
+/// each role trait, then `Meta` with an empty impl (`impl Meta for KvMeta<E> {}`):
+/// [`Volume`] (settings, space, clock, durability), [`Sessions`], [`Attrs`], [`Namespace`]
+/// (names: lookup, create, link, unlink, rename, readdir), [`Files`] (open, close, length),
+/// [`Chunks`] (slice ids, slice lists, trash), [`Xattrs`], [`Locks`], [`ObjectJournal`] and
+/// [`Load`]. Callers hold `dyn Meta` or `M: Meta` and call every method without naming the
+/// role; code holding a concrete engine (`KvMeta<…>`) imports the roles it calls, or
+/// `aquifer_meta::*`.
+pub trait Meta:
+    Send
+    + Sync
+    + Volume
+    + Sessions
+    + Attrs
+    + Namespace
+    + Files
+    + Chunks
+    + Xattrs
+    + Locks
+    + ObjectJournal
+    + Load
+{
+}
+
+/// The volume as a whole: which engine, its settings, its space, its clock, durability.
+pub trait Volume {
     /// Engine name for messages ("rocksdb", "memory").
     fn engine(&self) -> &'static str;
 
@@ -45,20 +71,6 @@ pub trait Meta: Send + Sync {
     /// The volume settings; [`MetaError::NotFormatted`] if there are none.
     fn load_format(&self) -> Result<Format>;
 
-    /// Register this client; cleans up what dead sessions left behind. Returns the session id.
-    fn new_session(&self, info: SessionInfo) -> Result<u64>;
-    /// Refresh this session's heartbeat; on engines other clients share, also clean up
-    /// after sessions whose heartbeat stopped. When another client has taken this session
-    /// for dead (and released what it held), the session is lost: this and every later
-    /// operation on the volume fails with EIO until a new session is started (remount).
-    fn heartbeat(&self) -> Result<()>;
-    /// How often [`Meta::heartbeat`] should be called.
-    fn heartbeat_interval(&self) -> std::time::Duration {
-        std::time::Duration::from_secs(10)
-    }
-    fn close_session(&self) -> Result<()>;
-    /// Every session's record, sessions being cleaned up after (`reaped`) included.
-    fn list_sessions(&self) -> Result<Vec<SessionInfo>>;
     /// The engine's clock ([`KvEngine::clock`]: the metadata server's on a shared engine):
     /// what session times and the age of freed blocks are measured on, so that ages
     /// compared across clients do not depend on any client's own clock.
@@ -70,12 +82,45 @@ pub trait Meta: Send + Sync {
     /// Space and inodes in use (from counters).
     fn usage(&self) -> Result<(u64, u64)>;
 
+    /// Make all committed changes durable (fsync).
+    fn sync(&self) -> Result<()>;
+    /// What close(2) of a written file waits for after committing it: on a shared engine
+    /// the durability the operator chose for it (Redis: `--meta-durability`); nothing on an
+    /// embedded one, whose commits already survive the daemon's death.
+    fn sync_on_close(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// The clients of a volume: each mount registers a session, keeps it alive, and cleans up
+/// after sessions that died.
+pub trait Sessions {
+    /// Register this client; cleans up what dead sessions left behind. Returns the session id.
+    fn new_session(&self, info: SessionInfo) -> Result<u64>;
+    /// Refresh this session's heartbeat; on engines other clients share, also clean up
+    /// after sessions whose heartbeat stopped. When another client has taken this session
+    /// for dead (and released what it held), the session is lost: this and every later
+    /// operation on the volume fails with EIO until a new session is started (remount).
+    fn heartbeat(&self) -> Result<()>;
+    /// How often [`Sessions::heartbeat`] should be called.
+    fn heartbeat_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(10)
+    }
+    fn close_session(&self) -> Result<()>;
+    /// Every session's record, sessions being cleaned up after (`reaped`) included.
+    fn list_sessions(&self) -> Result<Vec<SessionInfo>>;
+}
+
+/// An inode's attributes, and the permission checks made on them.
+pub trait Attrs {
     fn access(&self, ctx: &Context, ino: Ino, mask: u32) -> Result<()>;
-    fn lookup(&self, ctx: &Context, parent: Ino, name: &[u8]) -> Result<(Ino, Attr)>;
     fn getattr(&self, ino: Ino) -> Result<Attr>;
     fn setattr(&self, ctx: &Context, ino: Ino, set: &SetAttr) -> Result<Attr>;
-    fn truncate(&self, ctx: &Context, ino: Ino, length: u64) -> Result<Attr>;
-    fn fallocate(&self, ctx: &Context, ino: Ino, mode: i32, off: u64, len: u64) -> Result<Attr>;
+}
+
+/// Names: looking them up, creating, linking, removing and renaming them, listing directories.
+pub trait Namespace {
+    fn lookup(&self, ctx: &Context, parent: Ino, name: &[u8]) -> Result<(Ino, Attr)>;
 
     /// Create a file, directory, fifo, socket or device node.
     #[allow(clippy::too_many_arguments)]
@@ -89,24 +134,6 @@ pub trait Meta: Send + Sync {
         umask: u32,
         rdev: u32,
     ) -> Result<(Ino, Attr)>;
-    /// Create a regular file and count an open of it ([`Meta::open`]), in one transaction
-    /// where the engine can. The caller closes it with [`Meta::close`].
-    fn create_open(
-        &self,
-        ctx: &Context,
-        parent: Ino,
-        name: &[u8],
-        mode: u32,
-        umask: u32,
-    ) -> Result<(Ino, Attr)> {
-        let (ino, _) = self.mknod(ctx, parent, name, FileType::File, mode, umask, 0)?;
-        let opener = Context {
-            check_permission: false,
-            ..ctx.clone()
-        };
-        let a = self.open(&opener, ino, libc::O_RDWR)?;
-        Ok((ino, a))
-    }
     fn symlink(
         &self,
         ctx: &Context,
@@ -149,13 +176,42 @@ pub trait Meta: Send + Sync {
         limit: usize,
         plus: bool,
     ) -> Result<DirPage>;
+}
 
+/// Open files and a file's length. [`Namespace`] is a supertrait only for the fallback of
+/// [`Files::create_open`], which creates with [`Namespace::mknod`].
+pub trait Files: Namespace {
     /// Count an open of `ino` (an open file is kept after its last unlink until closed).
     fn open(&self, ctx: &Context, ino: Ino, flags: i32) -> Result<Attr>;
+    /// Create a regular file and count an open of it ([`Files::open`]), in one transaction
+    /// where the engine can. The caller closes it with [`Files::close`].
+    fn create_open(
+        &self,
+        ctx: &Context,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        umask: u32,
+    ) -> Result<(Ino, Attr)> {
+        let (ino, _) = self.mknod(ctx, parent, name, FileType::File, mode, umask, 0)?;
+        let opener = Context {
+            check_permission: false,
+            ..ctx.clone()
+        };
+        let a = self.open(&opener, ino, libc::O_RDWR)?;
+        Ok((ino, a))
+    }
     fn close(&self, ino: Ino) -> Result<()>;
 
-    /// Allocate a never-reused slice id. Until it is committed ([`Meta::write_slice`],
-    /// [`Meta::compact_chunk`]) or given up ([`Meta::abandon_slice_ids`]), the id stays in
+    fn truncate(&self, ctx: &Context, ino: Ino, length: u64) -> Result<Attr>;
+    fn fallocate(&self, ctx: &Context, ino: Ino, mode: i32, off: u64, len: u64) -> Result<Attr>;
+}
+
+/// A file's data as the object store holds it: slice ids, each chunk's slice list, and the
+/// trash of slices whose objects are to be deleted.
+pub trait Chunks {
+    /// Allocate a never-reused slice id. Until it is committed ([`Chunks::write_slice`],
+    /// [`Chunks::compact_chunk`]) or given up ([`Chunks::abandon_slice_ids`]), the id stays in
     /// this session's record of ids it may still commit, which gc spares.
     fn new_slice_id(&self) -> Result<u64>;
     /// The writer will never commit these ids (its data was discarded): gc need not spare
@@ -201,7 +257,10 @@ pub trait Meta: Send + Sync {
         after: Option<(Ino, u32)>,
         limit: usize,
     ) -> Result<Vec<(Ino, u32, Vec<Slice>)>>;
+}
 
+/// Extended attributes.
+pub trait Xattrs {
     fn getxattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>>;
     fn setxattr(
         &self,
@@ -213,7 +272,10 @@ pub trait Meta: Send + Sync {
     ) -> Result<()>;
     fn listxattr(&self, ino: Ino) -> Result<Vec<u8>>;
     fn removexattr(&self, ctx: &Context, ino: Ino, name: &[u8]) -> Result<()>;
+}
 
+/// Whole-file BSD locks (flock) and POSIX record locks (fcntl), per session and owner.
+pub trait Locks {
     /// Take, convert or release (`F_UNLCK`) a whole-file BSD lock for `owner` of this session.
     /// EAGAIN when another owner holds a conflicting lock.
     fn flock(&self, ino: Ino, owner: u64, typ: i32) -> Result<()>;
@@ -223,26 +285,23 @@ pub trait Meta: Send + Sync {
     fn setlk(&self, ino: Ino, owner: u64, lock: &PLock) -> Result<()>;
     /// Drop every lock `owner` of this session holds on `ino` (close of its descriptor).
     fn release_locks(&self, ino: Ino, owner: u64) -> Result<()>;
+}
 
-    /// Make all committed changes durable (fsync).
-    fn sync(&self) -> Result<()>;
-    /// What close(2) of a written file waits for after committing it: on a shared engine
-    /// the durability the operator chose for it (Redis: `--meta-durability`); nothing on an
-    /// embedded one, whose commits already survive the daemon's death.
-    fn sync_on_close(&self) -> Result<()> {
-        Ok(())
-    }
-
+/// Copies of small objects kept in the metadata log until the object store has them on disk.
+pub trait ObjectJournal {
     /// Keep copies of small objects in the metadata log until the object store has them on
     /// disk: an fsync of a few KiB then costs one log flush instead of a flush per block file
-    /// and directory. Made durable by the next [`Meta::sync`]; replayed into the store after a
+    /// and directory. Made durable by the next [`Volume::sync`]; replayed into the store after a
     /// crash. Keys are object keys; a key written again replaces its copy.
     fn journal_put(&self, records: &[(&str, &[u8])]) -> Result<()>;
     /// Every journaled object, in key order.
     fn journal_list(&self) -> Result<Vec<(String, Vec<u8>)>>;
     /// Forget journaled objects (the store holds them durably now); missing keys are ignored.
     fn journal_remove(&self, keys: &[String]) -> Result<()>;
+}
 
+/// `aquifer load`: filling a freshly formatted volume from a dump.
+pub trait Load {
     /// `aquifer load`: store one inode as it was dumped (attributes, symlink target, xattrs,
     /// chunks), replacing any record of that number. Only for filling a volume that was
     /// formatted for the load and is not mounted.

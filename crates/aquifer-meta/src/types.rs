@@ -265,7 +265,7 @@ pub struct DirEntry {
     pub attr: Option<Attr>,
 }
 
-/// One page of a directory listing ([`crate::Meta::readdir_page`]).
+/// One page of a directory listing ([`crate::Namespace::readdir_page`]).
 #[derive(Clone, Debug, Default)]
 pub struct DirPage {
     /// Entries in name order. The next page continues after the last one's name.

@@ -1,8 +1,9 @@
 //! Ids this client hands out: inode numbers, slice ids and trash ids come in batches from
 //! counters, one round trip per batch, and a batch is dropped once the engine may have
-//! moved to another server (a failover can set a counter back).
+//! moved to another server (a failover can set a counter back). Also the session's record
+//! of the slice ids it may still commit, which gc spares ([`SliceIds`]).
 
-use super::{KvMeta, C_NEXT_INODE, INO_BATCH};
+use super::{KvMeta, C_NEXT_INODE, C_NEXT_SLICE, INO_BATCH, SLICE_BATCH};
 use crate::encoding as key;
 use crate::error::{MetaError, Result};
 use crate::kv::KvEngine;
@@ -137,5 +138,80 @@ impl<E: KvEngine> KvMeta<E> {
 
     pub(super) fn alloc_ino(&self) -> Result<Ino> {
         self.alloc(&self.inos, C_NEXT_INODE, INO_BATCH, 2)
+    }
+
+    /// [`crate::Chunks::new_slice_id`]: from the current batch, recorded for the session before
+    /// any id of a new batch is used.
+    pub(super) fn alloc_slice_id(&self) -> Result<u64> {
+        let sid = self.sid();
+        let mut s = self.slices.lock().unwrap();
+        let st = &mut *s;
+        if self.fresh_batch(C_NEXT_SLICE, &mut st.epoch, st.high)? {
+            // The ids handed out stay open (a writer may still commit them); the rest of
+            // the batch goes unused.
+            st.next = st.end;
+        }
+        if s.next >= s.end || s.sid != sid {
+            let end = self
+                .kv
+                .incr_by(&key::counter(C_NEXT_SLICE), SLICE_BATCH as i64)?
+                as u64;
+            let start = end.saturating_sub(SLICE_BATCH).max(1);
+            if start >= end {
+                return Err(MetaError::Corrupt {
+                    key: C_NEXT_SLICE.into(),
+                    msg: "id counter went backwards".into(),
+                });
+            }
+            (s.next, s.end, s.sid) = (start, start, sid);
+            if sid != 0 {
+                // Recorded before any id of the batch is used (gc reads the records after
+                // listing objects, so it sees every batch whose objects it listed).
+                s.batches.push((start, end));
+                s.end = end;
+                if let Err(e) = self.record_slice_ids(&mut s, false) {
+                    s.end = start;
+                    return Err(e);
+                }
+            }
+            s.end = end;
+        }
+        let id = s.next;
+        s.next += 1;
+        s.high = s.high.max(s.next);
+        if sid != 0 {
+            s.open.insert(id);
+        }
+        Ok(id)
+    }
+
+    /// Write the session's record of slice ids it may still commit, when it changed (or
+    /// always, with `force`: the record was removed by a client that took us for dead).
+    pub(super) fn record_slice_ids(&self, s: &mut SliceIds, force: bool) -> Result<()> {
+        let sid = self.sid();
+        if sid == 0 || s.sid != sid {
+            return Ok(());
+        }
+        let ranges = s.ranges();
+        if ranges == s.recorded && !force {
+            return Ok(());
+        }
+        let v = key::encode_ranges(&ranges);
+        self.txn(|t| {
+            // Not over another mount's record, should a failover have given it this id.
+            self.check_session(t)?;
+            t.set(&key::reserved_slices(sid), v.clone());
+            Ok(())
+        })?;
+        s.recorded = ranges;
+        Ok(())
+    }
+
+    /// Ids committed or given up: no longer to be spared by gc (recorded lazily).
+    pub(super) fn settle_slice_ids(&self, ids: impl IntoIterator<Item = u64>) {
+        let mut s = self.slices.lock().unwrap();
+        for id in ids {
+            s.open.remove(&id);
+        }
     }
 }

@@ -3,7 +3,7 @@
 //! in-memory store seen through a clock the test sets (the metadata server's), so no test
 //! waits for time to pass, except where today's behaviour needs the local clock to move.
 
-use crate::conformance::{test_format, test_session};
+use crate::conformance::{hosts, test_format, test_session};
 use crate::kv::{EntryAttr, KvEngine, KvPair, KvRead, KvTxn, MemKv};
 use crate::*;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
@@ -95,19 +95,23 @@ fn client(kv: &Arc<MemKv>, now: &Arc<AtomicI64>, timeout: u64) -> KvMeta<ServerC
     KvMeta::new(ServerClock::new(kv, now)).with_session_timeout(Duration::from_secs(timeout))
 }
 
-fn errno<T: std::fmt::Debug>(r: Result<T>) -> Errno {
-    r.expect_err("expected an error").errno()
+/// Clients "a" and "b" of one fresh volume on `kv`, their sessions started, timing out after
+/// `timeout` seconds of the server's clock.
+fn two_clients(
+    kv: &Arc<MemKv>,
+    now: &Arc<AtomicI64>,
+    timeout: u64,
+) -> (KvMeta<ServerClock>, KvMeta<ServerClock>) {
+    let a = client(kv, now, timeout);
+    let b = client(kv, now, timeout);
+    a.format(&test_format(4 << 20), false).unwrap();
+    a.new_session(test_session("a")).unwrap();
+    b.new_session(test_session("b")).unwrap();
+    (a, b)
 }
 
-fn hosts(m: &dyn Meta) -> Vec<String> {
-    let mut h: Vec<String> = m
-        .list_sessions()
-        .unwrap()
-        .into_iter()
-        .map(|s| s.hostname)
-        .collect();
-    h.sort();
-    h
+fn errno<T: std::fmt::Debug>(r: Result<T>) -> Errno {
+    r.expect_err("expected an error").errno()
 }
 
 /// The metadata server's clock is 5 minutes ahead of both clients' (as if they ran 5
@@ -120,11 +124,7 @@ fn liveness_goes_by_the_server_clock_and_a_reaped_session_fails() {
     let kv = Arc::new(MemKv::shared());
     let start = Time::now().sec + 300;
     let now = Arc::new(AtomicI64::new(start));
-    let a = client(&kv, &now, 5);
-    let b = client(&kv, &now, 5);
-    a.format(&test_format(4 << 20), false).unwrap();
-    a.new_session(test_session("a")).unwrap();
-    b.new_session(test_session("b")).unwrap();
+    let (a, b) = two_clients(&kv, &now, 5);
     let ctx = Context::root();
     let (f, _) = a.create_open(&ctx, ROOT_INO, b"f", 0o644, 0).unwrap();
     b.unlink(&ctx, ROOT_INO, b"f").unwrap();
@@ -203,11 +203,8 @@ fn liveness_goes_by_the_server_clock_and_a_reaped_session_fails() {
 fn a_heartbeat_racing_the_reaper_wins() {
     let kv = Arc::new(MemKv::shared());
     let now = Arc::new(AtomicI64::new(Time::now().sec));
-    let a = Arc::new(client(&kv, &now, 1));
-    let b = client(&kv, &now, 1);
-    a.format(&test_format(4 << 20), false).unwrap();
-    a.new_session(test_session("a")).unwrap();
-    b.new_session(test_session("b")).unwrap();
+    let (a, b) = two_clients(&kv, &now, 1);
+    let a = Arc::new(a);
     let ctx = Context::root();
     let (f, _) = a.create_open(&ctx, ROOT_INO, b"f", 0o644, 0).unwrap();
     a.flock(f, 1, F_WRLCK).unwrap();
@@ -238,11 +235,7 @@ fn a_heartbeat_racing_the_reaper_wins() {
 fn a_resumed_client_looks_before_it_acts() {
     let kv = Arc::new(MemKv::shared());
     let now = Arc::new(AtomicI64::new(Time::now().sec));
-    let a = client(&kv, &now, 1);
-    let b = client(&kv, &now, 1);
-    a.format(&test_format(4 << 20), false).unwrap();
-    a.new_session(test_session("a")).unwrap();
-    b.new_session(test_session("b")).unwrap();
+    let (a, b) = two_clients(&kv, &now, 1);
     let ctx = Context::root();
     let (l, _) = a.create_open(&ctx, ROOT_INO, b"l", 0o644, 0).unwrap();
     a.flock(l, 1, F_WRLCK).unwrap();
