@@ -172,14 +172,14 @@ pub(crate) fn mount(a: MountArgs) -> Result<()> {
         let blocks = data_dir.join("default").join("blocks");
         let f = new_format("default", "file", &blocks.display().to_string(), 4096, 0, 0)?;
         let store = check_store(&f)?;
-        aquifer_chunk::maintenance::claim_volume(&*store, &f.name, &f.uuid)
+        aquifer_chunk::store::claim_volume(&*store, &f.name, &f.uuid)
             .map_err(|e| anyhow!("{e}"))?;
         meta.format(&f, false).map_err(meta_err)?;
         tracing::info!(url, blocks = %blocks.display(), "formatted the embedded default volume");
     }
     let format = meta.load_format().map_err(meta_err)?;
     let compression =
-        aquifer_chunk::codec::Compression::parse(&format.compression).map_err(|e| anyhow!(e))?;
+        aquifer_chunk::Compression::parse(&format.compression).map_err(|e| anyhow!(e))?;
     let (store, store_counters) =
         counted_store(&store_spec(&format), a.upload_limit, a.download_limit)?;
     check_marker(&*store, &format)?;
@@ -202,7 +202,7 @@ pub(crate) fn mount(a: MountArgs) -> Result<()> {
         (true, None) => bail!("--writeback stages blocks on a cache disk: give --cache-dir"),
         (true, Some(p)) => {
             // Half the disk's quota at most: the rest stays a read cache.
-            let s = aquifer_chunk::staging::Staging::open(
+            let s = aquifer_chunk::store::staging::Staging::open(
                 &p.dir,
                 store.clone(),
                 a.max_uploads,

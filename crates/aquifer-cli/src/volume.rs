@@ -227,7 +227,7 @@ pub(crate) fn default_data_dir() -> PathBuf {
 /// The store must hold this volume's marker: a volume whose `--bucket` now names another
 /// volume's place (or nothing) would read and delete someone else's blocks.
 pub(crate) fn check_marker(store: &dyn aquifer_object::ObjectStore, f: &Format) -> Result<()> {
-    use aquifer_chunk::maintenance::{check_volume, claim_volume};
+    use aquifer_chunk::store::{check_volume, claim_volume};
     match check_volume(store, &f.name, &f.uuid) {
         Ok(true) => Ok(()),
         // A volume from before markers: it gets one now.

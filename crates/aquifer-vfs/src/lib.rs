@@ -2,7 +2,7 @@
 //! close/fsync, directory handles with stable offsets, open-but-unlinked files. The FUSE
 //! adapter is a thin layer over [`Vfs`]; tests drive [`Vfs`] directly.
 
-use aquifer_chunk::writer::FileWriter;
+use aquifer_chunk::FileWriter;
 pub use aquifer_chunk::{CacheCounts, CacheOp};
 use aquifer_chunk::{ChunkStore, DataConfig};
 use aquifer_meta::*;

@@ -1,14 +1,10 @@
-//! Background block uploads, and the memory budget of buffered writes.
-//!
-//! Every byte a writer buffers — the tails of open slices, blocks queued for upload or being
-//! uploaded, blocks whose upload failed and are kept for a retry — is held against one
-//! [`Budget`] (half of `--buffer-size`). A writer that would go past it waits, never fails:
-//! it first has the oldest writers' tails sealed and uploaded, then waits for uploads to
-//! finish and give their bytes back.
+//! Background block uploads: a pool of threads putting sealed blocks into the store, and the
+//! [`Completion`] a writer waits on before it commits a slice (see [`super::durable`]).
 //!
 //! A worker that panics fails the upload it was running (its waiters see an error), and the
 //! locks here do not poison, so one panic never hangs or fails later callers.
 
+use crate::write::{BufferPool, Held};
 use aquifer_object::ObjectStore;
 use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
@@ -16,113 +12,6 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
-
-/// Bytes of buffered write data allowed in memory at once.
-pub struct Budget {
-    used: Mutex<usize>,
-    cv: Condvar,
-    cap: usize,
-}
-
-impl Budget {
-    pub fn new(cap: usize) -> Arc<Budget> {
-        Arc::new(Budget {
-            used: Mutex::new(0),
-            cv: Condvar::new(),
-            cap: cap.max(1),
-        })
-    }
-
-    pub fn cap(&self) -> usize {
-        self.cap
-    }
-
-    pub fn used(&self) -> usize {
-        *self.used.lock()
-    }
-
-    /// Take `n` bytes if they fit. A request is always let through when nothing is held, so
-    /// one block larger than the whole budget still makes progress.
-    pub fn try_acquire(self: &Arc<Self>, n: usize) -> Option<Held> {
-        let mut u = self.used.lock();
-        if *u + n <= self.cap || *u == 0 {
-            *u += n;
-            Some(Held {
-                budget: Some(self.clone()),
-                bytes: n,
-            })
-        } else {
-            None
-        }
-    }
-
-    /// Take `n` bytes whether or not they fit: for the few bytes by which a buffer's real
-    /// capacity exceeds what was asked for.
-    pub fn force(self: &Arc<Self>, n: usize) -> Held {
-        *self.used.lock() += n;
-        Held {
-            budget: Some(self.clone()),
-            bytes: n,
-        }
-    }
-
-    /// Wait until `n` bytes could be taken (or `timeout` passes); does not take them.
-    pub fn wait_for(&self, n: usize, timeout: Duration) {
-        let mut u = self.used.lock();
-        if *u + n > self.cap && *u != 0 {
-            self.cv.wait_for(&mut u, timeout);
-        }
-    }
-
-    fn release(&self, n: usize) {
-        if n == 0 {
-            return;
-        }
-        let mut u = self.used.lock();
-        *u = u.saturating_sub(n);
-        self.cv.notify_all();
-    }
-}
-
-/// Bytes held against a [`Budget`]; given back when dropped.
-#[derive(Default)]
-pub struct Held {
-    budget: Option<Arc<Budget>>,
-    bytes: usize,
-}
-
-impl Held {
-    pub fn bytes(&self) -> usize {
-        self.bytes
-    }
-
-    /// Add what `other` holds to this hold.
-    pub fn merge(&mut self, mut other: Held) {
-        if self.budget.is_none() {
-            self.budget = other.budget.take();
-        }
-        self.bytes += std::mem::take(&mut other.bytes);
-    }
-
-    /// Split `n` bytes (at most what is held) off into a hold of their own.
-    pub fn split(&mut self, n: usize) -> Held {
-        let n = n.min(self.bytes);
-        self.bytes -= n;
-        Held {
-            budget: self.budget.clone(),
-            bytes: n,
-        }
-    }
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        if let Some(b) = &self.budget {
-            b.release(self.bytes);
-        }
-    }
-}
 
 enum Outcome {
     Running,
@@ -180,71 +69,6 @@ impl Completion {
             Outcome::Failed(_, data, _) if !data.is_empty() => Some(data.clone()),
             _ => None,
         }
-    }
-}
-
-/// Block-sized write buffers kept for reuse. Every block buffer is a fresh 4 MiB mapping
-/// otherwise (the allocator maps large buffers directly so that memory goes back to the
-/// system), and faulting its pages in costs a fifth of the write path's CPU. At most `max`
-/// buffers wait here, so idle memory stays bounded.
-pub struct BufferPool {
-    free: Mutex<Vec<Vec<u8>>>,
-    size: usize,
-    max: usize,
-}
-
-impl BufferPool {
-    pub fn new(size: usize, max: usize) -> BufferPool {
-        BufferPool {
-            free: Mutex::new(Vec::new()),
-            size,
-            max,
-        }
-    }
-
-    /// The capacity of a buffer from [`take`](BufferPool::take).
-    pub fn size(&self) -> usize {
-        self.size
-    }
-
-    /// An empty buffer with room for `size` bytes.
-    pub fn take(&self) -> Vec<u8> {
-        self.free
-            .lock()
-            .pop()
-            .unwrap_or_else(|| Vec::with_capacity(self.size))
-    }
-
-    /// Return a buffer; kept if it is block-sized and the pool is not full.
-    pub fn give(&self, mut b: Vec<u8>) {
-        if b.capacity() < self.size || b.capacity() > 2 * self.size {
-            return;
-        }
-        let mut free = self.free.lock();
-        if free.len() < self.max {
-            b.clear();
-            free.push(b);
-        }
-    }
-
-    pub fn idle(&self) -> usize {
-        self.free.lock().len()
-    }
-}
-
-/// The block cache's buffers: a block of at least half a pool buffer gets one; a smaller
-/// one (a small file's block) gets an allocation of its own size, so the cache, which counts
-/// what entries pin, is not filled by mostly-empty 4 MiB buffers.
-impl aquifer_cache::Recycle for BufferPool {
-    fn take(&self, want: usize) -> Vec<u8> {
-        if 2 * want >= self.size {
-            BufferPool::take(self)
-        } else {
-            Vec::new()
-        }
-    }
-    fn give(&self, buf: Vec<u8>) {
-        BufferPool::give(self, buf)
     }
 }
 
@@ -394,6 +218,7 @@ impl Drop for UploadPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::write::Budget;
     use aquifer_object::{FaultStore, MemStore};
 
     #[test]

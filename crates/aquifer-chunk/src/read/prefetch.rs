@@ -7,7 +7,7 @@
 //! memory while the store works ahead. Random reads bypass all this and fetch only the
 //! segments they touch.
 
-use crate::codec::{self, Compression};
+use crate::store::codec::{self, Compression};
 use aquifer_cache::Cache;
 use aquifer_meta::{Ino, Slice};
 use aquifer_object::ObjectStore;
