@@ -18,7 +18,7 @@
 //! leftovers of sessions that are gone.
 
 use crate::maintenance::free_trash;
-use crate::store::keys::{parse_block_key, slice_id_of, CHUNKS_PREFIX};
+use crate::store::keys::{slice_id_of, BlockKey, CHUNKS_PREFIX};
 use crate::{DataError, Result};
 use aquifer_meta::Meta;
 use aquifer_object::{ObjectInfo, ObjectStore};
@@ -115,7 +115,7 @@ pub fn gc(
     // this point, and the session records read below may not cover it.
     let limit = meta.slice_id_limit()?;
     let owned = |refs: &HashMap<u64, u32>, key: &str| {
-        parse_block_key(key).is_some_and(|(id, idx, len)| {
+        BlockKey::parse(key).is_some_and(|BlockKey { id, idx, len }| {
             // A block of the slice's layout: within it, and of the length it implies.
             refs.get(&id).is_some_and(|&size| {
                 let start = idx as u64 * block_size as u64;

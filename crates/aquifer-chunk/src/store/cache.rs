@@ -3,7 +3,7 @@
 //! and written blocks enter the disk tiers (write-through).
 
 use super::codec;
-use super::keys::parse_block_key;
+use super::keys::BlockKey;
 use crate::write::{BufferPool, OnStored};
 use crate::{Compression, DataConfig};
 use aquifer_cache::{Cache, MemTier, Recycle, Tier};
@@ -41,11 +41,9 @@ pub(crate) fn write_through(cfg: &DataConfig, cache: &Arc<Cache>) -> Option<OnSt
     // is not at hand once sealed, and a compressed volume trades reads for space anyway.
     (cfg.compression == Compression::None && cache.keeps_writes()).then(|| {
         let cache = cache.clone();
-        Arc::new(move |key: &str, obj: &Bytes| {
-            if let Some((_, _, len)) = parse_block_key(key) {
-                if let Some(payload) = obj.get(..len as usize) {
-                    cache.write_through(key, &Arc::new(payload.to_vec()));
-                }
+        Arc::new(move |key: &BlockKey, name: &str, obj: &Bytes| {
+            if let Some(payload) = obj.get(..key.len as usize) {
+                cache.write_through(name, &Arc::new(payload.to_vec()));
             }
         }) as OnStored
     })

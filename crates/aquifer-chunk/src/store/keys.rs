@@ -4,17 +4,50 @@
 /// Where a volume's blocks live in its store.
 pub const CHUNKS_PREFIX: &str = "chunks/";
 
-/// Object key of block `idx` (of length `len`) of slice `id`. Spread over two directory levels
-/// so no directory of a local store grows past a thousand entries.
+/// Block `idx` of slice `id`, whose payload is `len` bytes: what a block key names. The
+/// payload length is part of the key so that a reader knows where the checksum trailer is
+/// without asking the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BlockKey {
+    pub id: u64,
+    pub idx: u32,
+    pub len: u32,
+}
+
+impl BlockKey {
+    /// The object key. Spread over two directory levels so no directory of a local store
+    /// grows past a thousand entries.
+    pub fn name(&self) -> String {
+        format!(
+            "{CHUNKS_PREFIX}{}/{}/{}_{}_{}",
+            self.id / 1_000_000,
+            self.id / 1000,
+            self.id,
+            self.idx,
+            self.len
+        )
+    }
+
+    /// The block an object key names; `None` for any other object (a temporary file of a
+    /// put, the volume marker, a block name in the wrong directory).
+    pub fn parse(key: &str) -> Option<BlockKey> {
+        let name = key.strip_prefix(CHUNKS_PREFIX)?.rsplit('/').next()?;
+        let mut parts = name.split('_');
+        let k = BlockKey {
+            id: parts.next()?.parse().ok()?,
+            idx: parts.next()?.parse().ok()?,
+            len: parts.next()?.parse().ok()?,
+        };
+        if parts.next().is_some() || k.name() != key {
+            return None;
+        }
+        Some(k)
+    }
+}
+
+/// Object key of block `idx` (of length `len`) of slice `id`.
 pub fn block_key(id: u64, idx: u32, len: u32) -> String {
-    format!(
-        "{CHUNKS_PREFIX}{}/{}/{}_{}_{}",
-        id / 1_000_000,
-        id / 1000,
-        id,
-        idx,
-        len
-    )
+    BlockKey { id, idx, len }.name()
 }
 
 /// Every block key of a slice of `size` bytes.
@@ -23,19 +56,6 @@ pub fn slice_keys(id: u64, size: u32, block_size: u32) -> Vec<String> {
     (0..n)
         .map(|i| block_key(id, i, (size - i * block_size).min(block_size)))
         .collect()
-}
-
-/// The slice id, block index and payload length a block key names.
-pub fn parse_block_key(key: &str) -> Option<(u64, u32, u32)> {
-    let name = key.strip_prefix(CHUNKS_PREFIX)?.rsplit('/').next()?;
-    let mut parts = name.split('_');
-    let id = parts.next()?.parse().ok()?;
-    let idx = parts.next()?.parse().ok()?;
-    let len = parts.next()?.parse().ok()?;
-    if parts.next().is_some() || block_key(id, idx, len) != key {
-        return None;
-    }
-    Some((id, idx, len))
 }
 
 /// The slice id an object under `chunks/` belongs to: a block's, or that of a temporary
@@ -52,13 +72,18 @@ mod tests {
     #[test]
     fn block_keys_parse_back() {
         let k = block_key(1_234_567, 3, 4096);
-        assert_eq!(parse_block_key(&k), Some((1_234_567, 3, 4096)));
-        assert_eq!(parse_block_key("chunks/0/0/5_0_10.tmp-1.2"), None);
+        let parts = BlockKey {
+            id: 1_234_567,
+            idx: 3,
+            len: 4096,
+        };
+        assert_eq!(BlockKey::parse(&k), Some(parts));
+        assert_eq!(BlockKey::parse("chunks/0/0/5_0_10.tmp-1.2"), None);
         assert_eq!(
-            parse_block_key("chunks/9/9/5_0_10"),
+            BlockKey::parse("chunks/9/9/5_0_10"),
             None,
             "wrong directory"
         );
-        assert_eq!(parse_block_key("aquifer.volume"), None);
+        assert_eq!(BlockKey::parse("aquifer.volume"), None);
     }
 }

@@ -103,7 +103,8 @@ impl FileWriter {
                     } else {
                         let bidx = (soff / bs) as usize;
                         let boff = soff % bs;
-                        let (key, blen) = s.block(bidx, bs);
+                        let block = s.block(bidx, bs);
+                        let (key, blen) = (block.name(), block.len);
                         let n = dst.len().min((blen - boff) as usize);
                         let u = &s.uploads[bidx];
                         let part = &mut dst[..n];

@@ -32,7 +32,7 @@
 
 use super::{upload::Completion, FileWriter, Held, OpenSlice, State};
 use crate::store::codec;
-use crate::store::keys::block_key;
+use crate::store::keys::BlockKey;
 use crate::{ChunkStore, DataError, Result};
 use aquifer_meta::Slice;
 use bytes::Bytes;
@@ -48,7 +48,11 @@ impl FileWriter {
         }
         let bs = cs.block_size();
         let len = s.tail.len() as u32;
-        let key = block_key(s.id, s.sent / bs, len);
+        let key = BlockKey {
+            id: s.id,
+            idx: s.sent / bs,
+            len,
+        };
         let held = std::mem::take(&mut s.held);
         let bytes = held.bytes();
         s.uploads
@@ -63,8 +67,7 @@ impl FileWriter {
         let bs = cs.block_size();
         for b in 0..s.uploads.len() {
             if let Some((data, held)) = s.uploads[b].take_failed() {
-                let (key, _) = s.block(b, bs);
-                s.uploads[b] = cs.resubmit(key, data, held);
+                s.uploads[b] = cs.resubmit(s.block(b, bs), data, held);
             }
         }
     }
@@ -164,7 +167,7 @@ impl ChunkStore {
     /// (no copy when the buffer has room for it).
     pub(crate) fn upload_sealed(
         &self,
-        key: String,
+        key: BlockKey,
         block: Vec<u8>,
         held: Held,
         inline: bool,
@@ -178,7 +181,7 @@ impl ChunkStore {
     }
 
     /// Upload again an object whose upload failed.
-    pub(crate) fn resubmit(&self, key: String, obj: Bytes, held: Held) -> Arc<Completion> {
+    pub(crate) fn resubmit(&self, key: BlockKey, obj: Bytes, held: Held) -> Arc<Completion> {
         self.uploads.submit(key, obj, held)
     }
 }

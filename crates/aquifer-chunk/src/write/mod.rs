@@ -38,7 +38,7 @@ pub use buffers::BufferPool;
 pub use upload::{Completion, OnStored, UploadPool};
 
 use crate::store::codec;
-use crate::store::keys::block_key;
+use crate::store::keys::BlockKey;
 use crate::{ChunkStore, DataError, Result};
 use aquifer_meta::{Ino, CHUNK_SIZE};
 use parking_lot::Mutex;
@@ -72,10 +72,13 @@ impl OpenSlice {
         self.pos + self.len
     }
 
-    /// Key and length of uploaded block `b`.
-    fn block(&self, b: usize, bs: u32) -> (String, u32) {
-        let len = (self.sent - b as u32 * bs).min(bs);
-        (block_key(self.id, b as u32, len), len)
+    /// Key of uploaded block `b`.
+    fn block(&self, b: usize, bs: u32) -> BlockKey {
+        BlockKey {
+            id: self.id,
+            idx: b as u32,
+            len: (self.sent - b as u32 * bs).min(bs),
+        }
     }
 }
 
@@ -312,7 +315,11 @@ impl FileWriter {
         if s.tail.len() == bs as usize {
             let block = std::mem::take(&mut s.tail);
             let held = std::mem::take(&mut s.held);
-            let key = block_key(s.id, s.sent / bs, bs);
+            let key = BlockKey {
+                id: s.id,
+                idx: s.sent / bs,
+                len: bs,
+            };
             s.uploads
                 .push(self.cs.upload_sealed(key, block, held, false));
             s.sent += bs;

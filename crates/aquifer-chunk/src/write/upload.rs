@@ -4,6 +4,7 @@
 //! A worker that panics fails the upload it was running (its waiters see an error), and the
 //! locks here do not poison, so one panic never hangs or fails later callers.
 
+use crate::store::keys::BlockKey;
 use crate::write::{BufferPool, Held};
 use aquifer_object::ObjectStore;
 use bytes::Bytes;
@@ -73,14 +74,15 @@ impl Completion {
 }
 
 struct Job {
-    key: String,
+    key: BlockKey,
     data: Bytes,
     held: Held,
     done: Arc<Completion>,
 }
 
-/// Told of every object stored (write-through to a cache).
-pub type OnStored = Arc<dyn Fn(&str, &Bytes) + Send + Sync>;
+/// Told of every block stored, with the parts of its key, its key and the object stored
+/// (write-through to a cache).
+pub type OnStored = Arc<dyn Fn(&BlockKey, &str, &Bytes) + Send + Sync>;
 
 pub struct UploadPool {
     tx: Mutex<Option<SyncSender<Job>>>,
@@ -99,9 +101,10 @@ fn execute(store: &dyn ObjectStore, buffers: &BufferPool, stored: Option<&OnStor
         held,
         done,
     } = job;
-    let r = catch_unwind(AssertUnwindSafe(|| store.put(&key, data.clone()))).unwrap_or_else(|p| {
+    let name = key.name();
+    let r = catch_unwind(AssertUnwindSafe(|| store.put(&name, data.clone()))).unwrap_or_else(|p| {
         Err(aquifer_object::ObjectError::Config(format!(
-            "upload of {key} panicked: {}",
+            "upload of {name} panicked: {}",
             panic_message(&*p)
         )))
     });
@@ -111,7 +114,7 @@ fn execute(store: &dyn ObjectStore, buffers: &BufferPool, stored: Option<&OnStor
             drop(held);
             done.set(Outcome::Done);
             if let Some(f) = stored {
-                f(&key, &data);
+                f(&key, &name, &data);
             }
             // The store is done with the block: its buffer can hold the next.
             if data.is_unique() {
@@ -168,7 +171,7 @@ impl UploadPool {
 
     /// Upload on the calling thread: for a caller about to wait for this one upload anyway
     /// (a flush with a single tail), two thread hand-offs fewer.
-    pub fn run_inline(&self, key: String, data: Bytes, held: Held) -> Arc<Completion> {
+    pub fn run_inline(&self, key: BlockKey, data: Bytes, held: Held) -> Arc<Completion> {
         let done = Completion::running();
         let job = Job {
             key,
@@ -182,7 +185,7 @@ impl UploadPool {
 
     /// Queue an upload of `data` (holding `held` of the budget until it is stored); blocks
     /// while the queue is full.
-    pub fn submit(&self, key: String, data: Bytes, held: Held) -> Arc<Completion> {
+    pub fn submit(&self, key: BlockKey, data: Bytes, held: Held) -> Arc<Completion> {
         let done = Completion::running();
         let tx = self.tx.lock().clone();
         let job = Job {
@@ -221,19 +224,24 @@ mod tests {
     use crate::write::Budget;
     use aquifer_object::{FaultStore, MemStore};
 
+    /// A one-byte block of slice `id`.
+    fn key(id: u64) -> BlockKey {
+        BlockKey { id, idx: 0, len: 1 }
+    }
+
     #[test]
     fn a_panicking_upload_fails_its_request_and_the_pool_goes_on() {
         let store = Arc::new(FaultStore::new(MemStore::new()));
         let pool =
             UploadPool::new(store.clone(), 1, 4, Arc::new(BufferPool::new(16, 2)), None).unwrap();
         store.set_panic(true);
-        let c = pool.submit("a".into(), Bytes::from_static(b"x"), Held::default());
+        let c = pool.submit(key(1), Bytes::from_static(b"x"), Held::default());
         let e = c.wait().unwrap_err();
         assert!(e.contains("panicked"), "{e}");
         // The object is kept for a retry, and the same (only) thread serves the next upload.
         assert!(c.failed_object().is_some());
         store.set_panic(false);
-        let c = pool.submit("b".into(), Bytes::from_static(b"y"), Held::default());
+        let c = pool.submit(key(2), Bytes::from_static(b"y"), Held::default());
         c.wait().unwrap();
     }
 
@@ -246,13 +254,13 @@ mod tests {
         let held = budget.try_acquire(60).unwrap();
         assert!(budget.try_acquire(60).is_none(), "over the cap");
         store.set_refuse_writes(true);
-        let c = pool.submit("k".into(), Bytes::from_static(b"z"), held);
+        let c = pool.submit(key(3), Bytes::from_static(b"z"), held);
         assert!(c.wait().is_err());
         // A failed upload keeps its bytes (and their budget) for a retry.
         assert_eq!(budget.used(), 60);
         let (data, held) = c.take_failed().unwrap();
         store.set_refuse_writes(false);
-        pool.submit("k".into(), data, held).wait().unwrap();
+        pool.submit(key(3), data, held).wait().unwrap();
         assert_eq!(budget.used(), 0);
         // With nothing held, even a request larger than the cap goes through.
         assert!(budget.try_acquire(1000).is_some());
