@@ -16,10 +16,26 @@ mod warm;
 
 pub use warm::{CacheCounts, CacheOp, WHOLE_SYNC_MAX};
 
-use crate::store::codec;
+use crate::store::codec::{self, Compression};
 use crate::store::keys::block_key;
 use crate::{ChunkStore, DataError, Result};
+use aquifer_cache::Cache;
 use aquifer_meta::{Ino, Slice, CHUNK_SIZE};
+use aquifer_object::ObjectStore;
+use std::sync::Arc;
+
+/// Fetch a whole block, verified, in one request: for a reader that finds it in no cache,
+/// and for the prefetcher working ahead of one.
+pub(crate) fn fetch_block(
+    store: &dyn ObjectStore,
+    cache: &Cache,
+    c: Compression,
+    key: &str,
+    len: usize,
+) -> Result<Arc<Vec<u8>>> {
+    let buf = cache.buffer(codec::stored_len(len));
+    Ok(Arc::new(codec::read_whole(store, c, key, len, buf)?))
+}
 
 impl ChunkStore {
     /// Read up to `len` bytes at `off` of a file whose length is `file_len`.
@@ -192,7 +208,7 @@ impl ChunkStore {
     pub(crate) fn cached_block(&self, key: &str, blen: u32) -> Result<aquifer_cache::Block> {
         let c = self.cfg.compression;
         self.cache.get_or_fetch(key, || {
-            prefetch::fetch_block(&*self.store, &self.cache, c, key, blen as usize)
+            fetch_block(&*self.store, &self.cache, c, key, blen as usize)
         })
     }
 }

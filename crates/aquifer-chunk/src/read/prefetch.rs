@@ -7,7 +7,8 @@
 //! memory while the store works ahead. Random reads bypass all this and fetch only the
 //! segments they touch.
 
-use crate::store::codec::{self, Compression};
+use super::fetch_block;
+use crate::store::codec::Compression;
 use aquifer_cache::Cache;
 use aquifer_meta::{Ino, Slice};
 use aquifer_object::ObjectStore;
@@ -17,18 +18,6 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-
-/// Fetch a whole block, verified, in one request.
-pub fn fetch_block(
-    store: &dyn ObjectStore,
-    cache: &Cache,
-    c: Compression,
-    key: &str,
-    len: usize,
-) -> crate::Result<Arc<Vec<u8>>> {
-    let buf = cache.buffer(codec::stored_len(len));
-    Ok(Arc::new(codec::read_whole(store, c, key, len, buf)?))
-}
 
 /// A chunk index and its visible slices.
 type ChunkAhead = (u32, Arc<Vec<Slice>>);
