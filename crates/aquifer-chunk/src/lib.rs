@@ -23,6 +23,7 @@ pub mod read;
 pub mod store;
 #[cfg(test)]
 mod testutil;
+mod workers;
 pub mod write;
 
 use aquifer_cache::{Cache, Tier};

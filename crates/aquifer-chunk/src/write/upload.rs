@@ -5,14 +5,13 @@
 //! locks here do not poison, so one panic never hangs or fails later callers.
 
 use crate::store::keys::BlockKey;
+use crate::workers::Workers;
 use crate::write::{BufferPool, Held};
 use aquifer_object::ObjectStore;
 use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 enum Outcome {
     Running,
@@ -85,8 +84,7 @@ struct Job {
 pub type OnStored = Arc<dyn Fn(&BlockKey, &str, &Bytes) + Send + Sync>;
 
 pub struct UploadPool {
-    tx: Mutex<Option<SyncSender<Job>>>,
-    threads: Mutex<Vec<JoinHandle<()>>>,
+    workers: Workers<Job>,
     store: Arc<dyn ObjectStore>,
     buffers: Arc<BufferPool>,
     stored: Option<OnStored>,
@@ -143,26 +141,14 @@ impl UploadPool {
         buffers: Arc<BufferPool>,
         stored: Option<OnStored>,
     ) -> std::io::Result<UploadPool> {
-        let (tx, rx) = sync_channel::<Job>(queue.max(1));
-        let rx = Arc::new(Mutex::new(rx));
-        let mut handles = Vec::new();
-        for i in 0..threads.max(1) {
-            let rx: Arc<Mutex<Receiver<Job>>> = rx.clone();
-            let store = store.clone();
-            let buffers = buffers.clone();
-            let stored = stored.clone();
-            handles.push(
-                std::thread::Builder::new()
-                    .name(format!("upload-{i}"))
-                    .spawn(move || loop {
-                        let Ok(job) = rx.lock().recv() else { return };
-                        execute(&*store, &buffers, stored.as_ref(), job);
-                    })?,
-            );
-        }
+        let workers = {
+            let (store, buffers, stored) = (store.clone(), buffers.clone(), stored.clone());
+            Workers::spawn("upload", threads, queue, move |job| {
+                execute(&*store, &buffers, stored.as_ref(), job)
+            })?
+        };
         Ok(UploadPool {
-            tx: Mutex::new(Some(tx)),
-            threads: Mutex::new(handles),
+            workers,
             store,
             buffers,
             stored,
@@ -187,18 +173,13 @@ impl UploadPool {
     /// while the queue is full.
     pub fn submit(&self, key: BlockKey, data: Bytes, held: Held) -> Arc<Completion> {
         let done = Completion::running();
-        let tx = self.tx.lock().clone();
         let job = Job {
             key,
             data,
             held,
             done: done.clone(),
         };
-        let unsent = match tx {
-            Some(tx) => tx.send(job).err().map(|e| e.0),
-            None => Some(job),
-        };
-        if let Some(job) = unsent {
+        if let Err(job) = self.workers.send(job) {
             done.set(Outcome::Failed(
                 "upload pool is shut down".into(),
                 job.data,
@@ -206,15 +187,6 @@ impl UploadPool {
             ));
         }
         done
-    }
-}
-
-impl Drop for UploadPool {
-    fn drop(&mut self) {
-        self.tx.lock().take();
-        for t in std::mem::take(&mut *self.threads.lock()) {
-            let _ = t.join();
-        }
     }
 }
 
