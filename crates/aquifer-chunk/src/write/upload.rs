@@ -79,6 +79,20 @@ struct Job {
     done: Arc<Completion>,
 }
 
+impl Job {
+    /// An upload, and the completion its uploader settles.
+    fn new(key: BlockKey, data: Bytes, held: Held) -> (Job, Arc<Completion>) {
+        let done = Completion::running();
+        let job = Job {
+            key,
+            data,
+            held,
+            done: done.clone(),
+        };
+        (job, done)
+    }
+}
+
 /// Told of every block stored, with the parts of its key, its key and the object stored
 /// (write-through to a cache).
 pub type OnStored = Arc<dyn Fn(&BlockKey, &str, &Bytes) + Send + Sync>;
@@ -158,13 +172,7 @@ impl UploadPool {
     /// Upload on the calling thread: for a caller about to wait for this one upload anyway
     /// (a flush with a single tail), two thread hand-offs fewer.
     pub fn run_inline(&self, key: BlockKey, data: Bytes, held: Held) -> Arc<Completion> {
-        let done = Completion::running();
-        let job = Job {
-            key,
-            data,
-            held,
-            done: done.clone(),
-        };
+        let (job, done) = Job::new(key, data, held);
         execute(&*self.store, &self.buffers, self.stored.as_ref(), job);
         done
     }
@@ -172,13 +180,7 @@ impl UploadPool {
     /// Queue an upload of `data` (holding `held` of the budget until it is stored); blocks
     /// while the queue is full.
     pub fn submit(&self, key: BlockKey, data: Bytes, held: Held) -> Arc<Completion> {
-        let done = Completion::running();
-        let job = Job {
-            key,
-            data,
-            held,
-            done: done.clone(),
-        };
+        let (job, done) = Job::new(key, data, held);
         if let Err(job) = self.workers.send(job) {
             done.set(Outcome::Failed(
                 "upload pool is shut down".into(),
