@@ -10,7 +10,7 @@
 //! * [`read`]: [`ChunkStore::read`] merges a chunk's slices ([`read::layout::visible`]) and
 //!   reads the blocks, fetching ahead for sequential readers; warm-up and whole-file copies.
 //! * [`store`]: what blocks are stored in and as what: the object store stack
-//!   as it is assembled, block keys ([`store::keys`]), the stored form ([`store::codec`]),
+//!   ([`store::build`]), block keys ([`store::keys`]), the stored form ([`store::codec`]),
 //!   the journal and writeback layers, the volume marker, the cache tiers.
 //! * [`maintenance`]: background workers that compact fragmented chunks and delete the
 //!   objects of freed slices; offline gc and fsck.

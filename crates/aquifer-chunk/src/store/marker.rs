@@ -2,6 +2,7 @@
 //! never share (and delete) each other's blocks.
 
 use super::keys::CHUNKS_PREFIX;
+use aquifer_meta::Format;
 use aquifer_object::ObjectStore;
 
 /// The object naming the volume that owns a store prefix.
@@ -69,6 +70,23 @@ pub fn claim_volume(
         .put(MARKER, bytes::Bytes::from(marker_text(name, uuid)))
         .and_then(|_| store.sync())
         .map_err(|e| format!("cannot write the volume marker: {e}"))
+}
+
+/// The store must hold the marker of volume `f`: a volume whose `--bucket` now names another
+/// volume's place (or nothing) would read and delete someone else's blocks.
+pub(super) fn check_marker(store: &dyn ObjectStore, f: &Format) -> std::result::Result<(), String> {
+    match check_volume(store, &f.name, &f.uuid) {
+        Ok(true) => Ok(()),
+        // A volume from before markers: it gets one now.
+        Ok(false) if f.prefix.is_none() => claim_volume(store, &f.name, &f.uuid),
+        Ok(false) => Err(format!(
+            "{} does not hold volume {} (uuid {}): its marker is missing (was the bucket moved or wiped?)",
+            store.describe(),
+            f.name,
+            f.uuid
+        )),
+        Err(e) => Err(e),
+    }
 }
 
 #[cfg(test)]
