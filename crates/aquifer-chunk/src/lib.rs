@@ -4,9 +4,9 @@
 //!
 //! One folder per subsystem, each adding the methods of its part to [`ChunkStore`]:
 //!
-//! * [`write`](mod@write): [`FileWriter`] buffers writes into open slices, uploads full blocks in the
-//!   background and commits slices to the metadata on flush; [`write::durable`] answers
-//!   "when is a block durable?".
+//! * [`write`](mod@write): [`FileWriter`] buffers writes into open slices, uploads full
+//!   blocks in the background and commits slices to the metadata on flush;
+//!   [`write::durable`] answers "when is a block durable?".
 //! * [`read`]: [`ChunkStore::read`] merges a chunk's slices ([`read::layout::visible`]) and
 //!   reads the blocks, fetching ahead for sequential readers; warm-up and whole-file copies.
 //! * [`store`]: what blocks are stored in and as what: the object store stack

@@ -1,7 +1,7 @@
 //! What a volume's blocks are stored in, and as what.
 //!
 //! The object store a volume's blocks go through is stacked in one place, [`build`], for
-//! every user (mounts, gc and fsck, objbench):
+//! mounts, gc and fsck, and objbench (only format's probe talks to the bare backend):
 //!
 //! ```text
 //! Staging (--writeback only)            stage puts on the cache disk, upload them later
