@@ -67,7 +67,7 @@ pub(crate) fn format(mut a: FormatArgs) -> Result<()> {
     if a.s3.access_key.is_some() != a.s3.secret_key.is_some() {
         bail!("--access-key and --secret-key go together");
     }
-    aquifer_chunk::codec::Compression::parse(&a.compression).map_err(|e| anyhow!(e))?;
+    aquifer_chunk::Compression::parse(&a.compression).map_err(|e| anyhow!(e))?;
     let mut f = new_format(
         &a.name,
         &a.storage,
@@ -116,7 +116,7 @@ pub(crate) fn format(mut a: FormatArgs) -> Result<()> {
     }
     let store = check_store(&f)?;
     if f.prefix.is_some() {
-        aquifer_chunk::maintenance::claim_volume(&*store, &f.name, &f.uuid)
+        aquifer_chunk::store::claim_volume(&*store, &f.name, &f.uuid)
             .map_err(|e| anyhow!("{e}"))?;
     }
     meta.format(&f, a.force).map_err(meta_err)?;

@@ -100,8 +100,7 @@ pub(crate) fn fsck(a: FsckArgs) -> Result<ExitCode> {
         format: f,
         store,
     } = open_volume(&a.meta_url)?;
-    let compression =
-        aquifer_chunk::codec::Compression::parse(&f.compression).map_err(|e| anyhow!(e))?;
+    let compression = aquifer_chunk::Compression::parse(&f.compression).map_err(|e| anyhow!(e))?;
     let pb = progress("blocks checked");
     let r = aquifer_chunk::maintenance::fsck(
         &*meta,

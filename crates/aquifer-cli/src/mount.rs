@@ -6,6 +6,7 @@ use crate::parse::{
 };
 use crate::volume::*;
 use anyhow::{anyhow, bail, Context as _, Result};
+use aquifer_chunk::store::{Stack, StackOptions, StagingOptions};
 use aquifer_chunk::DataConfig;
 use aquifer_meta::{Format, MetaError, SessionInfo};
 use clap::Args;
@@ -172,17 +173,34 @@ pub(crate) fn mount(a: MountArgs) -> Result<()> {
         let blocks = data_dir.join("default").join("blocks");
         let f = new_format("default", "file", &blocks.display().to_string(), 4096, 0, 0)?;
         let store = check_store(&f)?;
-        aquifer_chunk::maintenance::claim_volume(&*store, &f.name, &f.uuid)
+        aquifer_chunk::store::claim_volume(&*store, &f.name, &f.uuid)
             .map_err(|e| anyhow!("{e}"))?;
         meta.format(&f, false).map_err(meta_err)?;
         tracing::info!(url, blocks = %blocks.display(), "formatted the embedded default volume");
     }
     let format = meta.load_format().map_err(meta_err)?;
     let compression =
-        aquifer_chunk::codec::Compression::parse(&format.compression).map_err(|e| anyhow!(e))?;
-    let (store, store_counters) =
-        counted_store(&store_spec(&format), a.upload_limit, a.download_limit)?;
-    check_marker(&*store, &format)?;
+        aquifer_chunk::Compression::parse(&format.compression).map_err(|e| anyhow!(e))?;
+    // The cache disks before the store: the first of them is where --writeback stages.
+    let (lower_tiers, place) = disk_tiers(&a, &format, &data_dir)?;
+    let staging = match (a.writeback, place) {
+        (false, _) => None,
+        (true, None) => bail!("--writeback stages blocks on a cache disk: give --cache-dir"),
+        (true, Some(p)) => Some(p),
+    };
+    let Stack {
+        store,
+        counters: store_counters,
+        staging,
+    } = aquifer_chunk::store::build(
+        &store_spec(&format),
+        StackOptions {
+            upload_mib: a.upload_limit,
+            download_mib: a.download_limit,
+            volume: Some(&format),
+            staging,
+        },
+    )?;
     let metrics = match a.metrics.as_str() {
         "" | "none" | "off" => None,
         addr => {
@@ -196,28 +214,6 @@ pub(crate) fn mount(a: MountArgs) -> Result<()> {
         }
     };
     let half = (a.buffer_size << 20) / 2;
-    let (lower_tiers, place) = disk_tiers(&a, &format, &data_dir)?;
-    let staging = match (a.writeback, place) {
-        (false, _) => None,
-        (true, None) => bail!("--writeback stages blocks on a cache disk: give --cache-dir"),
-        (true, Some(p)) => {
-            // Half the disk's quota at most: the rest stays a read cache.
-            let s = aquifer_chunk::staging::Staging::open(
-                &p.dir,
-                store.clone(),
-                a.max_uploads,
-                p.capacity / 2,
-                p.pinned,
-            )
-            .with_context(|| format!("cannot stage blocks in {}", p.dir.display()))?;
-            tracing::info!(dir = %p.dir.display(), "writeback: blocks are staged here and uploaded in the background");
-            Some(s)
-        }
-    };
-    let store: Arc<dyn aquifer_object::ObjectStore> = match &staging {
-        Some(s) => s.clone(),
-        None => store,
-    };
     let cfg = DataConfig {
         upload_threads: a.max_uploads,
         // The write budget bounds memory; the queue only has to keep the uploaders busy.
@@ -306,20 +302,14 @@ pub(crate) fn mount(a: MountArgs) -> Result<()> {
     r.map_err(|e| anyhow!("FUSE session ended with an error: {e}"))
 }
 
-/// Where --writeback stages blocks: the first cache disk, whose quota counts them.
-pub(crate) struct StagingPlace {
-    dir: PathBuf,
-    pinned: Arc<std::sync::atomic::AtomicU64>,
-    capacity: u64,
-}
-
 /// The disk cache tiers `--cache-dir` asks for, each under a directory named by the volume's
-/// UUID (volumes sharing a disk never mix blocks).
+/// UUID (volumes sharing a disk never mix blocks), and where --writeback would stage blocks:
+/// the first cache disk, whose quota counts them.
 pub(crate) fn disk_tiers(
     a: &MountArgs,
     f: &Format,
     data_dir: &Path,
-) -> Result<(aquifer_chunk::Tiers, Option<StagingPlace>)> {
+) -> Result<(aquifer_chunk::Tiers, Option<StagingOptions>)> {
     use aquifer_cache::{DiskConfig, DiskTier, Spread, Tier};
     if a.cache_low >= a.cache_high {
         bail!(
@@ -362,10 +352,12 @@ pub(crate) fn disk_tiers(
             .with_context(|| format!("cannot use cache directory {}", root.display()))?;
         tracing::info!(dir = %root.display(), quota = cfg.capacity, "disk cache");
         if staging.is_none() {
-            staging = Some(StagingPlace {
+            staging = Some(StagingOptions {
                 dir: root.join("staging"),
                 pinned: t.pinned(),
-                capacity: cfg.capacity,
+                // Half the disk's quota at most: the rest stays a read cache.
+                limit: cfg.capacity / 2,
+                threads: a.max_uploads,
             });
         }
         parts.push(Arc::new(t));

@@ -2,7 +2,7 @@
 //! be told from a slow filesystem.
 
 use crate::parse::usize_in;
-use crate::volume::{layered_store, new_format, new_uuid, store_spec, S3Args};
+use crate::volume::{new_format, new_uuid, store_spec, S3Args};
 use anyhow::{anyhow, bail, Result};
 use aquifer_object::ObjectStore;
 use bytes::Bytes;
@@ -231,7 +231,7 @@ pub(crate) fn objbench(a: ObjbenchArgs) -> Result<()> {
     let mut spec = store_spec(&f);
     // Its own prefix in the bucket, removed again by the benchmark.
     spec.prefix = format!("objbench-{}/", new_uuid());
-    let store = layered_store(&spec, 0, 0)?;
+    let store = aquifer_chunk::store::build(&spec, Default::default())?.store;
     run(
         store,
         &Plan {

@@ -1,6 +1,6 @@
 //! Opening what a command works on: the metadata engine behind a URL, the block store a
-//! volume's settings describe (the one place its layers are stacked), a volume's marker,
-//! new volume settings.
+//! volume's settings describe (its layers stacked by [`aquifer_chunk::store::build`]), new
+//! volume settings.
 
 use anyhow::{anyhow, bail, Result};
 use aquifer_meta::url::MetaUrl;
@@ -182,7 +182,9 @@ pub(crate) fn store_spec(f: &Format) -> aquifer_object::StoreSpec {
 
 /// Make sure the store is reachable and writable before a volume is formatted on it: one
 /// object written, read back and deleted (creating the bucket of an S3 store if needed).
-/// Returns the store, at the volume's prefix.
+/// Returns the store, at the volume's prefix. This is the bare backend, without the layers
+/// of [`aquifer_chunk::store::build`]: format probes the store itself, and creating an S3
+/// bucket needs the S3 store's own type.
 pub(crate) fn check_store(f: &Format) -> Result<Arc<dyn aquifer_object::ObjectStore>> {
     let spec = store_spec(f);
     let store: Arc<dyn aquifer_object::ObjectStore> = if f.storage == "s3" {
@@ -224,57 +226,6 @@ pub(crate) fn default_data_dir() -> PathBuf {
     }
 }
 
-/// The store must hold this volume's marker: a volume whose `--bucket` now names another
-/// volume's place (or nothing) would read and delete someone else's blocks.
-pub(crate) fn check_marker(store: &dyn aquifer_object::ObjectStore, f: &Format) -> Result<()> {
-    use aquifer_chunk::maintenance::{check_volume, claim_volume};
-    match check_volume(store, &f.name, &f.uuid) {
-        Ok(true) => Ok(()),
-        // A volume from before markers: it gets one now.
-        Ok(false) if f.prefix.is_none() => {
-            claim_volume(store, &f.name, &f.uuid).map_err(|e| anyhow!("{e}"))
-        }
-        Ok(false) => bail!(
-            "{} does not hold volume {} (uuid {}): its marker is missing (was the bucket moved or wiped?)",
-            store.describe(),
-            f.name,
-            f.uuid
-        ),
-        Err(e) => bail!("{e}"),
-    }
-}
-
-/// The block store as a mount uses it: `Retrying(RateLimited(backend))`.
-pub(crate) fn layered_store(
-    spec: &aquifer_object::StoreSpec,
-    up_mib: u64,
-    down_mib: u64,
-) -> Result<Arc<dyn aquifer_object::ObjectStore>> {
-    Ok(counted_store(spec, up_mib, down_mib)?.0)
-}
-
-/// `Retrying(Counting(RateLimited(backend)))`: every attempt is counted and takes its share
-/// of the bandwidth.
-pub(crate) fn counted_store(
-    spec: &aquifer_object::StoreSpec,
-    up_mib: u64,
-    down_mib: u64,
-) -> Result<(
-    Arc<dyn aquifer_object::ObjectStore>,
-    Arc<aquifer_object::StoreCounters>,
-)> {
-    use aquifer_object::{Counting, RateLimited, RetryPolicy, Retrying, TokenBucket};
-    let backend = aquifer_object::create(spec).map_err(|e| anyhow!("{e}"))?;
-    let bucket_of = |mib: u64| (mib > 0).then(|| TokenBucket::new(mib << 20));
-    let limited = RateLimited::new(backend, bucket_of(up_mib), bucket_of(down_mib));
-    let counted = Counting::new(limited);
-    let counters = counted.counters();
-    Ok((
-        Arc::new(Retrying::new(counted, RetryPolicy::default())),
-        counters,
-    ))
-}
-
 /// A volume that is not mounted, opened for gc and fsck.
 pub(crate) struct Volume {
     pub(crate) meta: Arc<dyn Meta>,
@@ -285,8 +236,11 @@ pub(crate) struct Volume {
 pub(crate) fn open_volume(url: &str) -> Result<Volume> {
     let meta = open_meta(url, false, false)?;
     let format = meta.load_format().map_err(meta_err)?;
-    let store = layered_store(&store_spec(&format), 0, 0)?;
-    check_marker(&*store, &format)?;
+    let opts = aquifer_chunk::store::StackOptions {
+        volume: Some(&format),
+        ..Default::default()
+    };
+    let store = aquifer_chunk::store::build(&store_spec(&format), opts)?.store;
     Ok(Volume {
         meta,
         format,

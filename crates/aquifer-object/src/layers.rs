@@ -1,6 +1,7 @@
-//! Layers that wrap any [`ObjectStore`]. The mount stacks them as
-//! `Retrying(RateLimited(backend))`: every attempt, including a retry, takes its share of the
-//! bandwidth, and only transient errors are retried.
+//! Layers that wrap any [`ObjectStore`]. Volumes stack them as
+//! `Retrying(Counting(RateLimited(backend)))` (in `aquifer_chunk::store::build`): every
+//! attempt, including a retry, is counted and takes its share of the bandwidth, and only
+//! transient errors are retried.
 
 use crate::{ObjectInfo, ObjectStore, Result};
 use bytes::Bytes;

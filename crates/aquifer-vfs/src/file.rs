@@ -1,10 +1,10 @@
 //! Open files: open and create, reads over buffered writes, writes, close (flush), fsync,
 //! release, fallocate, and what the kernel may cache (keep_cache, passthrough copies).
 //! Where a write is acknowledged and when an error reaches the program that wrote: here
-//! and in the writer ([`aquifer_chunk::writer`]).
+//! and in the writer ([`aquifer_chunk::FileWriter`]).
 
 use crate::{CacheCounts, CacheOp, Handle, Result, Vfs};
-use aquifer_chunk::writer::FileWriter;
+use aquifer_chunk::FileWriter;
 use aquifer_meta::*;
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};

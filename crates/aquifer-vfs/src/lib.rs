@@ -2,9 +2,9 @@
 //! close/fsync, directory handles with stable offsets, open-but-unlinked files. The FUSE
 //! adapter is a thin layer over [`Vfs`]; tests drive [`Vfs`] directly.
 
-use aquifer_chunk::writer::FileWriter;
+use aquifer_chunk::FileWriter;
 pub use aquifer_chunk::{CacheCounts, CacheOp};
-use aquifer_chunk::{ChunkStore, DataConfig};
+use aquifer_chunk::{ChunkStore, DataConfig, DataError};
 use aquifer_meta::*;
 use aquifer_object::ObjectStore;
 use parking_lot::Mutex;
@@ -78,10 +78,7 @@ impl Vfs {
     ) -> Result<Arc<Vfs>> {
         let format = meta.load_format()?;
         cfg.block_size = format.block_size;
-        let cs = ChunkStore::new(meta.clone(), store, cfg).map_err(|e| {
-            tracing::error!(error = %e, "cannot start the data path");
-            Errno::EAGAIN
-        })?;
+        let cs = ChunkStore::new(meta.clone(), store, cfg).map_err(DataError::into_start_errno)?;
         Ok(Arc::new(Vfs {
             meta,
             cs,

@@ -7,37 +7,25 @@
 //! memory while the store works ahead. Random reads bypass all this and fetch only the
 //! segments they touch.
 
-use crate::codec::{self, Compression};
+use super::fetch_block;
+use crate::store::codec::Compression;
+use crate::workers::Workers;
 use aquifer_cache::Cache;
 use aquifer_meta::{Ino, Slice};
 use aquifer_object::ObjectStore;
 use parking_lot::Mutex;
 use std::collections::{HashMap, HashSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
-use std::thread::JoinHandle;
-
-/// Fetch a whole block, verified, in one request.
-pub fn fetch_block(
-    store: &dyn ObjectStore,
-    cache: &Cache,
-    c: Compression,
-    key: &str,
-    len: usize,
-) -> crate::Result<Arc<Vec<u8>>> {
-    let buf = cache.buffer(codec::stored_len(len));
-    Ok(Arc::new(codec::read_whole(store, c, key, len, buf)?))
-}
 
 /// A chunk index and its visible slices.
 type ChunkAhead = (u32, Arc<Vec<Slice>>);
 
 pub struct Prefetcher {
+    /// Fetch (key, payload length) into the cache.
+    workers: Workers<(String, usize)>,
     cache: Arc<Cache>,
-    tx: Mutex<Option<SyncSender<(String, usize)>>>,
     inflight: Arc<Mutex<HashSet<String>>>,
-    threads: Mutex<Vec<JoinHandle<()>>>,
     /// End offset of the last read, per inode: the next read starting there is sequential.
     last_end: Mutex<HashMap<Ino, u64>>,
     /// The visible slices of the chunk ahead of each sequential reader, looked up once per
@@ -52,52 +40,46 @@ impl Prefetcher {
         threads: usize,
         c: Compression,
     ) -> std::io::Result<Prefetcher> {
-        let (tx, rx) = sync_channel::<(String, usize)>(threads.max(1) * 2);
-        let rx: Arc<Mutex<Receiver<(String, usize)>>> = Arc::new(Mutex::new(rx));
         let inflight = Arc::new(Mutex::new(HashSet::new()));
-        let mut handles = Vec::new();
-        for i in 0..threads.max(1) {
-            let (rx, store, cache, inflight) =
-                (rx.clone(), store.clone(), cache.clone(), inflight.clone());
-            handles.push(
-                std::thread::Builder::new()
-                    .name(format!("prefetch-{i}"))
-                    .spawn(move || loop {
-                        let job = rx.lock().recv();
-                        let Ok((key, len)) = job else { return };
-                        // Cancelled while queued: the reader got there first.
-                        if !inflight.lock().contains(&key) {
-                            continue;
-                        }
-                        let r = catch_unwind(AssertUnwindSafe(|| {
-                            cache.get_or_fetch(&key, || {
-                                // Checked again at the last moment: a reader that got the
-                                // block while this job waited for a thread has moved on, and
-                                // the block may be evicted by now; fetching it again would be
-                                // a GET for nobody. `None` is that cancellation.
-                                if !inflight.lock().contains(&key) {
-                                    return Err(None);
-                                }
-                                fetch_block(&*store, &cache, c, &key, len).map_err(Some)
-                            })
-                        }));
-                        match r {
-                            // The reader fetches it again and reports the error itself.
-                            Ok(Err(Some(e))) => {
-                                tracing::debug!(key, error = %e, "prefetch failed")
+        let workers = {
+            let (cache, inflight) = (cache.clone(), inflight.clone());
+            Workers::spawn(
+                "prefetch",
+                threads,
+                threads.max(1) * 2,
+                move |(key, len): (String, usize)| {
+                    // Cancelled while queued: the reader got there first.
+                    if !inflight.lock().contains(&key) {
+                        return;
+                    }
+                    let r = catch_unwind(AssertUnwindSafe(|| {
+                        cache.get_or_fetch(&key, || {
+                            // Checked again at the last moment: a reader that got the
+                            // block while this job waited for a thread has moved on, and
+                            // the block may be evicted by now; fetching it again would be
+                            // a GET for nobody. `None` is that cancellation.
+                            if !inflight.lock().contains(&key) {
+                                return Err(None);
                             }
-                            Err(_) => tracing::error!(key, "prefetch panicked"),
-                            Ok(Err(None)) | Ok(Ok(_)) => {}
+                            fetch_block(&*store, &cache, c, &key, len).map_err(Some)
+                        })
+                    }));
+                    match r {
+                        // The reader fetches it again and reports the error itself.
+                        Ok(Err(Some(e))) => {
+                            tracing::debug!(key, error = %e, "prefetch failed")
                         }
-                        inflight.lock().remove(&key);
-                    })?,
-            );
-        }
+                        Err(_) => tracing::error!(key, "prefetch panicked"),
+                        Ok(Err(None)) | Ok(Ok(_)) => {}
+                    }
+                    inflight.lock().remove(&key);
+                },
+            )?
+        };
         Ok(Prefetcher {
+            workers,
             cache,
-            tx: Mutex::new(Some(tx)),
             inflight,
-            threads: Mutex::new(handles),
             last_end: Mutex::new(HashMap::new()),
             ahead: Mutex::new(HashMap::new()),
         })
@@ -150,11 +132,7 @@ impl Prefetcher {
         if in_ram || !self.inflight.lock().insert(key.clone()) {
             return;
         }
-        let sent = match self.tx.lock().as_ref() {
-            Some(tx) => tx.try_send((key.clone(), len)).is_ok(),
-            None => false,
-        };
-        if !sent {
+        if !self.workers.try_send((key.clone(), len)) {
             self.inflight.lock().remove(&key);
         }
     }
@@ -164,15 +142,6 @@ impl Prefetcher {
     /// has moved on) and fetch it a second time for nobody.
     pub fn cancel(&self, key: &str) {
         self.inflight.lock().remove(key);
-    }
-}
-
-impl Drop for Prefetcher {
-    fn drop(&mut self) {
-        self.tx.lock().take();
-        for t in std::mem::take(&mut *self.threads.lock()) {
-            let _ = t.join();
-        }
     }
 }
 

@@ -1,0 +1,144 @@
+//! Blocks brought into, checked in or dropped from the cache on request (`aquifer warmup`),
+//! and whole-file copies on a cache disk for FUSE passthrough.
+
+use super::layout;
+use crate::store::keys::block_key;
+use crate::{ChunkStore, Result};
+use aquifer_meta::{Ino, CHUNK_SIZE};
+use std::collections::HashSet;
+
+/// What [`ChunkStore::cache_range`] does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheOp {
+    Warm,
+    Check,
+    Evict,
+}
+
+/// Bytes of the blocks under a range: all, cached before, fetched or evicted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheCounts {
+    pub total: u64,
+    pub cached: u64,
+    pub done: u64,
+}
+
+/// Largest file copied whole at its open for passthrough (a larger one is read through
+/// the data path); the copy is made from cached blocks at disk speed.
+pub const WHOLE_SYNC_MAX: u64 = 256 << 20;
+
+impl ChunkStore {
+    /// A whole-file copy of `ino` (`file_len` bytes, as `stamp` describes it) on a cache
+    /// disk, for the kernel to read directly (FUSE passthrough). An existing copy is checked
+    /// against the stamp and its checksum; a file up to [`WHOLE_SYNC_MAX`] whose blocks are
+    /// all on the cache disk is copied now from those blocks. None otherwise: the caller
+    /// reads through the data path as usual.
+    pub fn whole_copy(&self, ino: Ino, stamp: &[u8], file_len: u64) -> Option<std::fs::File> {
+        if file_len == 0 || self.cache.tiers().len() < 2 {
+            return None;
+        }
+        let key = format!("files/{ino}");
+        if let Some(f) = self.cache.whole_open(&key, stamp) {
+            return Some(f);
+        }
+        if file_len > WHOLE_SYNC_MAX {
+            return None;
+        }
+        let c = self
+            .cache_range(ino, CacheOp::Check, 0, file_len, file_len)
+            .ok()?;
+        if c.cached < c.total {
+            return None;
+        }
+        let mut fill = |w: &mut dyn std::io::Write| -> std::io::Result<()> {
+            // One block at a time: memory stays bounded however many opens copy at once.
+            let piece = self.cfg.block_size as u64;
+            let mut buf = vec![0u8; file_len.min(piece) as usize];
+            let mut pos = 0u64;
+            while pos < file_len {
+                let idx = (pos / CHUNK_SIZE) as u32;
+                let cpos = pos % CHUNK_SIZE;
+                let n = (file_len - pos).min(piece).min(CHUNK_SIZE - cpos) as usize;
+                self.read_chunk(ino, idx, cpos as u32, &mut buf[..n], false)
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                w.write_all(&buf[..n])?;
+                pos += n as u64;
+            }
+            Ok(())
+        };
+        if !self.cache.whole_put(&key, stamp, file_len, &mut fill) {
+            return None;
+        }
+        self.cache.whole_open(&key, stamp)
+    }
+
+    /// Warm, check or evict the cached blocks under `[off, off+len)` of a file whose
+    /// length is `file_len`. "Cached" means held by the last tier (the disk, when there is
+    /// one): what survives a restart and RAM pressure. Warming waits for the disk to take
+    /// the blocks, so a check or a read right after finds them.
+    pub fn cache_range(
+        &self,
+        ino: Ino,
+        op: CacheOp,
+        off: u64,
+        len: u64,
+        file_len: u64,
+    ) -> Result<CacheCounts> {
+        let end = off.saturating_add(len).min(file_len);
+        let bs = self.cfg.block_size;
+        let mut c = CacheCounts::default();
+        let Some(last) = self.cache.tiers().last().cloned() else {
+            return Ok(c);
+        };
+        let mut seen = HashSet::new();
+        let mut pos = off;
+        while pos < end {
+            let idx = (pos / CHUNK_SIZE) as u32;
+            let cstart = idx as u64 * CHUNK_SIZE;
+            let (a, b) = ((pos - cstart) as u32, (end - cstart).min(CHUNK_SIZE) as u32);
+            let slices = self.meta.read_chunk(ino, idx)?;
+            for s in layout::visible(&slices) {
+                let (x, y) = (s.pos.max(a), s.end().min(b));
+                if x >= y || s.id == 0 {
+                    continue;
+                }
+                let (so, se) = (s.off + (x - s.pos), s.off + (y - s.pos));
+                for bidx in so / bs..=(se - 1) / bs {
+                    let blen = (s.size - bidx * bs).min(bs);
+                    let key = block_key(s.id, bidx, blen);
+                    if !seen.insert(key.clone()) {
+                        continue;
+                    }
+                    let n = blen as u64;
+                    c.total += n;
+                    let cached = last.contains(&key);
+                    if cached {
+                        c.cached += n;
+                    }
+                    match op {
+                        CacheOp::Check => {}
+                        CacheOp::Evict => {
+                            if self.cache.contains(&key) {
+                                self.cache.remove(&key);
+                                c.done += n;
+                            }
+                        }
+                        CacheOp::Warm if !cached => {
+                            let block = self.cached_block(&key, blen)?;
+                            // Offered again, waiting for room this time: a busy disk
+                            // drops what readers offer, but a warm-up must land.
+                            self.cache.admit(&key, &block);
+                            c.done += n;
+                        }
+                        CacheOp::Warm => {}
+                    }
+                }
+            }
+            pos = cstart + CHUNK_SIZE;
+        }
+        if op == CacheOp::Warm {
+            self.cache.flush();
+        }
+        Ok(c)
+    }
+}
