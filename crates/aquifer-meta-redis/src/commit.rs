@@ -11,7 +11,7 @@ use aquifer_meta::encoding::{is_counter, LISTED};
 use aquifer_meta::{BufferedTxn, KvPair, KvRead, KvTxn, MetaError, Result};
 use redis::{Connection, RedisError};
 use std::cell::{Cell, RefCell};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 impl RedisKv {
     /// The arguments of [`COMMIT`] for a transaction that read `reads` and leaves `w`.
@@ -227,8 +227,7 @@ impl RedisKv {
     /// [`KvEngine::txn`](aquifer_meta::KvEngine::txn): attempts until one commits, is
     /// refused, or the deadline passes.
     pub(crate) fn transact(&self, f: &mut dyn FnMut(&mut dyn KvTxn) -> Result<()>) -> Result<()> {
-        let start = Instant::now();
-        let mut backoff = Duration::from_millis(20);
+        let mut backoff = self.retry_policy().start();
         let mut conflicts = 0u32;
         let mut guessing = true;
         loop {
@@ -250,12 +249,12 @@ impl RedisKv {
                     conflicts += 1;
                     if conflicts > 3 {
                         // Many clients on one key: spread the retries out.
-                        let jitter = (start.elapsed().subsec_nanos() % 5000) as u64;
+                        let jitter = (backoff.elapsed().subsec_nanos() % 5000) as u64;
                         std::thread::sleep(Duration::from_micros(
                             jitter * conflicts.min(20) as u64 / 4,
                         ));
                     }
-                    if start.elapsed() > self.deadline {
+                    if backoff.past_deadline() {
                         return Err(engine_err(format!(
                             "transaction still conflicting after {conflicts} tries"
                         )));
@@ -267,11 +266,12 @@ impl RedisKv {
                     self.reset(&e);
                     return Err(MetaError::ambiguous(ENGINE, e));
                 }
-                Attempt::Failed(e) if retryable(&e) && start.elapsed() < self.deadline => {
+                Attempt::Failed(e) if retryable(&e) => {
                     tracing::debug!(error = %e, "metadata transaction failed; retrying");
                     self.reset(&e);
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    if !backoff.wait() {
+                        return Err(engine_err(e));
+                    }
                 }
                 Attempt::Failed(e) => return Err(engine_err(e)),
             }

@@ -8,8 +8,9 @@
 use crate::{engine_err, RedisKv};
 use aquifer_meta::url::{RedisTopology, RedisUrl};
 use aquifer_meta::Result;
+use aquifer_retry::RetryPolicy;
 use redis::{Client, Connection, ErrorKind, RedisError, ServerErrorKind, Value};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Idle connections kept for reuse.
 const POOL_MAX: usize = 32;
@@ -239,14 +240,19 @@ impl RedisKv {
         }
     }
 
+    /// The engine's retry policy: waits from 20 ms doubling to 1 s, until the deadline.
+    pub(crate) fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy::new(Duration::from_millis(20), Duration::from_secs(1))
+            .with_deadline(self.deadline)
+    }
+
     /// Run `op` on a connection, again on a new one after a retryable error, with backoff,
     /// until the deadline.
     pub(crate) fn run<T>(
         &self,
         mut op: impl FnMut(&mut Connection) -> redis::RedisResult<T>,
     ) -> Result<T> {
-        let start = Instant::now();
-        let mut backoff = Duration::from_millis(20);
+        let mut backoff = self.retry_policy().start();
         let mut warned = false;
         loop {
             let r = self.take_connection().and_then(|mut c| {
@@ -263,14 +269,15 @@ impl RedisKv {
                     }
                     return Ok(v);
                 }
-                Err(e) if retryable(&e) && start.elapsed() < self.deadline => {
+                Err(e) if retryable(&e) => {
                     if !warned {
                         tracing::warn!(error = %e, "metadata engine unavailable; retrying");
                         warned = true;
                     }
                     self.reset(&e);
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    if !backoff.wait() {
+                        return Err(engine_err(e));
+                    }
                 }
                 Err(e) => return Err(engine_err(e)),
             }

@@ -225,15 +225,18 @@ impl Lanes {
         // A fence whose own answer is lost is run again: it reads what it did. Each try
         // waits out the engine's own retry deadline; after a minute the outcome stays
         // unknown.
-        let start = std::time::Instant::now();
-        let mut backoff = std::time::Duration::from_millis(10);
+        let mut backoff = aquifer_retry::RetryPolicy::new(
+            std::time::Duration::from_millis(10),
+            std::time::Duration::from_secs(1),
+        )
+        .start();
         for tries in 0.. {
-            if tries >= 3 && start.elapsed() > self.fence_deadline {
+            // At least three tries, however long each took.
+            if tries >= 3 && backoff.elapsed() > self.fence_deadline {
                 break;
             }
             if tries > 0 {
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
+                backoff.wait();
             }
             let r = kv.txn(&mut |t| {
                 let v = t.get(&k)?;

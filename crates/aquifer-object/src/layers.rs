@@ -4,50 +4,40 @@
 //! transient errors are retried.
 
 use crate::{ObjectInfo, ObjectStore, Result};
+pub use aquifer_retry::RetryPolicy;
+use aquifer_retry::Transient;
 use bytes::Bytes;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Exponential backoff with full jitter, bounded by attempts and by a deadline per request.
-#[derive(Clone, Debug)]
-pub struct RetryPolicy {
-    pub max_attempts: u32,
-    pub base: Duration,
-    pub max_backoff: Duration,
-    /// Give up (with the last error) once this much time has passed since the first attempt.
-    pub deadline: Duration,
+/// The object store's retry policy: ten attempts, waits from 50 ms doubling to 5 s, and a
+/// minute from the first attempt at most.
+pub fn object_retry_policy() -> RetryPolicy {
+    RetryPolicy::new(Duration::from_millis(50), Duration::from_secs(5))
+        .with_max_attempts(10)
+        .with_deadline(Duration::from_secs(60))
 }
 
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        RetryPolicy {
-            max_attempts: 10,
-            base: Duration::from_millis(50),
-            max_backoff: Duration::from_secs(5),
-            deadline: Duration::from_secs(60),
-        }
-    }
-}
-
+/// Retries what [`ObjectError::is_retryable`](crate::ObjectError::is_retryable) says is
+/// transient, under a [`RetryPolicy`] (aquifer-retry: one policy for every layer).
 pub struct Retrying<S> {
     inner: S,
     policy: RetryPolicy,
-    /// xorshift state for jitter; seeded, so tests are repeatable.
-    rng: AtomicU64,
     retries: AtomicU64,
+}
+
+impl Transient for crate::ObjectError {
+    fn is_transient(&self) -> bool {
+        self.is_retryable()
+    }
 }
 
 impl<S: ObjectStore> Retrying<S> {
     pub fn new(inner: S, policy: RetryPolicy) -> Self {
-        Self::with_seed(inner, policy, 0x9e37_79b9_7f4a_7c15)
-    }
-
-    pub fn with_seed(inner: S, policy: RetryPolicy, seed: u64) -> Self {
         Retrying {
             inner,
             policy,
-            rng: AtomicU64::new(seed | 1),
             retries: AtomicU64::new(0),
         }
     }
@@ -57,43 +47,17 @@ impl<S: ObjectStore> Retrying<S> {
         self.retries.load(Ordering::Relaxed)
     }
 
-    fn jitter(&self, max: Duration) -> Duration {
-        let mut x = self.rng.load(Ordering::Relaxed);
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.rng.store(x, Ordering::Relaxed);
-        let nanos = max.as_nanos().max(1) as u64;
-        Duration::from_nanos(x % nanos)
-    }
-
-    fn run<T>(&self, op: &str, key: &str, mut f: impl FnMut() -> Result<T>) -> Result<T> {
-        let start = Instant::now();
-        let mut attempt = 0u32;
-        loop {
-            match f() {
-                Ok(v) => return Ok(v),
-                Err(e) if e.is_retryable() => {
-                    attempt += 1;
-                    let cap = self
-                        .policy
-                        .base
-                        .saturating_mul(1u32 << attempt.min(16))
-                        .min(self.policy.max_backoff);
-                    let wait = self.jitter(cap);
-                    if attempt >= self.policy.max_attempts
-                        || start.elapsed() + wait > self.policy.deadline
-                    {
-                        tracing::error!(op, key, attempts = attempt, error = %e, "giving up");
-                        return Err(e);
-                    }
-                    tracing::warn!(op, key, attempt, error = %e, "retrying in {wait:?}");
-                    self.retries.fetch_add(1, Ordering::Relaxed);
-                    std::thread::sleep(wait);
-                }
-                Err(e) => return Err(e),
+    fn run<T>(&self, op: &str, key: &str, f: impl FnMut() -> Result<T>) -> Result<T> {
+        let r = self.policy.retry(f, |e, attempt, wait| {
+            tracing::warn!(op, key, attempt, error = %e, "retrying in {wait:?}");
+            self.retries.fetch_add(1, Ordering::Relaxed);
+        });
+        if let Err(e) = &r {
+            if e.is_retryable() {
+                tracing::error!(op, key, error = %e, "giving up");
             }
         }
+        r
     }
 }
 
@@ -277,12 +241,10 @@ mod tests {
     use crate::{FaultStore, MemStore};
 
     fn fast() -> RetryPolicy {
-        RetryPolicy {
-            max_attempts: 5,
-            base: Duration::from_millis(1),
-            max_backoff: Duration::from_millis(4),
-            deadline: Duration::from_secs(5),
-        }
+        RetryPolicy::new(Duration::from_millis(1), Duration::from_millis(4))
+            .with_max_attempts(5)
+            .with_deadline(Duration::from_secs(5))
+            .with_seed(1)
     }
 
     #[test]
@@ -331,7 +293,7 @@ mod tests {
                 Some(TokenBucket::new(1 << 30)),
                 Some(TokenBucket::new(1 << 30))
             ),
-            RetryPolicy::default()
+            object_retry_policy()
         ),
         ()
     ));

@@ -15,7 +15,9 @@ pub mod conformance;
 
 pub use fault::FaultStore;
 pub use file::FileStore;
-pub use layers::{Counting, RateLimited, RetryPolicy, Retrying, StoreCounters, TokenBucket};
+pub use layers::{
+    object_retry_policy, Counting, RateLimited, RetryPolicy, Retrying, StoreCounters, TokenBucket,
+};
 pub use memory::MemStore;
 
 use bytes::Bytes;

@@ -421,11 +421,9 @@ fn transient_faults_are_retried_transparently() {
     use aquifer_object::{FaultStore, RetryPolicy, Retrying};
     use std::time::Duration;
     let faults = Arc::new(FaultStore::new(MemStore::new()));
-    let policy = RetryPolicy {
-        base: Duration::from_millis(1),
-        max_backoff: Duration::from_millis(5),
-        ..Default::default()
-    };
+    let policy = RetryPolicy::new(Duration::from_millis(1), Duration::from_millis(5))
+        .with_max_attempts(10)
+        .with_deadline(Duration::from_secs(60));
     let v = vfs_on(Arc::new(Retrying::new(faults.clone(), policy)));
     let (_, _, fh) = v
         .create(&root(), ROOT_INO, b"f", 0o644, 0, libc::O_RDWR)

@@ -35,7 +35,7 @@ pub use marker::{check_volume, claim_volume, MARKER};
 
 use aquifer_meta::Format;
 use aquifer_object::{
-    Counting, ObjectError, ObjectStore, RateLimited, RetryPolicy, Retrying, StoreCounters,
+    object_retry_policy, Counting, ObjectError, ObjectStore, RateLimited, Retrying, StoreCounters,
     StoreSpec, TokenBucket,
 };
 use staging::Staging;
@@ -102,7 +102,7 @@ pub fn build(spec: &StoreSpec, opts: StackOptions) -> Result<Stack, StackError> 
     );
     let counted = Counting::new(limited);
     let counters = counted.counters();
-    let store: Arc<dyn ObjectStore> = Arc::new(Retrying::new(counted, RetryPolicy::default()));
+    let store: Arc<dyn ObjectStore> = Arc::new(Retrying::new(counted, object_retry_policy()));
     if let Some(f) = opts.volume {
         marker::check_marker(&*store, f).map_err(StackError::Volume)?;
     }

@@ -20,6 +20,7 @@
 
 use aquifer_cache::file::{self, HEADER};
 use aquifer_object::{ObjectError, ObjectInfo, ObjectStore, Result};
+use aquifer_retry::RetryPolicy;
 use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
 use std::collections::{BTreeMap, HashMap};
@@ -214,7 +215,9 @@ impl Shared {
     }
 
     fn upload_loop(&self) {
-        let mut backoff = Duration::from_millis(200);
+        // For as long as it takes: a staged block is acknowledged data.
+        let mut backoff =
+            RetryPolicy::new(Duration::from_millis(200), Duration::from_secs(10)).start();
         loop {
             let (seq, key) = {
                 let mut st = self.st.lock();
@@ -244,7 +247,7 @@ impl Shared {
             st.uploading -= 1;
             match r {
                 Ok(_) => {
-                    backoff = Duration::from_millis(200);
+                    backoff.reset();
                     // Unless it was deleted and staged again meanwhile (keys are never
                     // reused, but a retry of the same put is possible).
                     if st.staged.get(&key).is_some_and(|v| v.0 == seq) {
@@ -260,8 +263,7 @@ impl Shared {
                         st.queue.insert(seq, key);
                     }
                     drop(st);
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    backoff.wait();
                 }
             }
         }
