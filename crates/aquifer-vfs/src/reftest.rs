@@ -476,13 +476,6 @@ impl Harness {
         }
     }
 
-    /// Another handle may hold buffered writes of `ino`. An O_TRUNC open of such a file is
-    /// not run while the bug shown by
-    /// `an_o_trunc_open_discards_the_writes_another_handle_buffered` stands.
-    fn written(&self, ino: Option<Ino>) -> bool {
-        self.m.handles.iter().any(|o| Some(o.ino) == ino && o.write)
-    }
-
     fn handle(&self, h: usize) -> Option<Open> {
         (!self.m.handles.is_empty()).then(|| self.m.handles[h % self.m.handles.len()])
     }
@@ -507,7 +500,6 @@ impl Harness {
                     Some(Node::Dir(_)) => Expect::Err(Errno::EISDIR),
                     // The kernel follows the link.
                     Some(Node::Symlink(_)) => Expect::Skip,
-                    Some(Node::File(_)) if *trunc && self.written(existing) => Expect::Skip,
                     Some(Node::File(_)) => Expect::Ok,
                 };
                 let mut flags = libc::O_RDWR | libc::O_CREAT;
@@ -558,7 +550,6 @@ impl Harness {
                     flags |= libc::O_TRUNC;
                 }
                 match self.m.nodes[&ino] {
-                    Node::File(_) if *trunc && self.written(Some(ino)) => {}
                     Node::File(_) => {
                         let fh = v
                             .open(&root(), ino, flags)
@@ -1100,17 +1091,14 @@ proptest! {
 }
 
 /// The reftest's first find (minimal sequence: create "b"; write 1 byte at 0 through it;
-/// create "b" again without O_EXCL, with O_TRUNC). An O_TRUNC open truncates the stored
-/// file only when its stored length is not 0, and never the writes another handle has
-/// buffered, so they land after the truncation: the file is not empty. (With 100 bytes
-/// stored and 1 byte buffered at 50, the file is 51 bytes after the open: zeros and the
-/// buffered byte.) POSIX: "If O_TRUNC
-/// is set and the file did previously exist, upon successful completion, open() shall
-/// truncate the file to length 0" — a write() that returned earlier is part of the file.
-/// (Through FUSE the kernel truncates with a setattr instead, which cuts the buffers: the
-/// adapter does not ask for FUSE_ATOMIC_O_TRUNC.)
+/// create "b" again without O_EXCL, with O_TRUNC). An O_TRUNC open truncated the stored
+/// file only when its stored length was not 0, and never the writes another handle had
+/// buffered, so they landed after the truncation. POSIX: "If O_TRUNC is set and the file
+/// did previously exist, upon successful completion, open() shall truncate the file to
+/// length 0" — a write() that returned earlier is part of the file. (Through FUSE the
+/// kernel truncates with a setattr instead, which cut the buffers already: the adapter
+/// does not ask for FUSE_ATOMIC_O_TRUNC.)
 #[test]
-#[ignore = "bug: an O_TRUNC open leaves the writes another handle buffered, and they land after it"]
 fn an_o_trunc_open_discards_the_writes_another_handle_buffered() {
     let h = Harness::new();
     let v = &h.v;
