@@ -128,11 +128,16 @@ impl Vfs {
             None
         };
         let seen_errors = AtomicU64::new(writer.as_ref().map_or(0, |w| w.error_count()));
-        if flags & libc::O_TRUNC != 0 && is_write(flags) && a.typ == FileType::File && a.length > 0
+        // Writes other handles buffered are part of the file too: cut them with it.
+        if flags & libc::O_TRUNC != 0
+            && a.typ == FileType::File
+            && writer
+                .as_ref()
+                .is_some_and(|w| a.length > 0 || w.is_dirty())
         {
-            if let Err(e) = self.meta.truncate(ctx, ino, 0) {
+            if let Err(e) = self.truncate_file(ctx, ino, 0) {
                 let _ = self.release_file(ino, writer.as_ref());
-                return Err(e.into());
+                return Err(e);
             }
         }
         let keep_cache = a.typ == FileType::File && {
@@ -173,6 +178,21 @@ impl Vfs {
             backing_stamp,
             flush_at_close: is_write(flags) || self.posix_locks_taken.load(Ordering::SeqCst),
         })
+    }
+
+    /// Cut file `ino` to `len`, its buffered writes included: in memory with the metadata
+    /// while all of them still are (nothing to store only for the cut to free it), else
+    /// after committing them.
+    pub(crate) fn truncate_file(&self, ctx: &Context, ino: Ino, len: u64) -> Result<Attr> {
+        if let Some(w) = self.writer_of(ino).filter(|w| w.is_dirty()) {
+            if let Some(a) =
+                w.truncate_buffered(len, || Ok(self.meta.truncate(ctx, ino, len)?))?
+            {
+                return Ok(a);
+            }
+        }
+        self.settle(ino)?;
+        Ok(self.meta.truncate(ctx, ino, len)?)
     }
 
     /// Offer whole-file copies to read-only opens (the adapter can pass them to the kernel).

@@ -219,4 +219,6 @@ impl Vfs {
 }
 
 #[cfg(test)]
+mod reftest;
+#[cfg(test)]
 mod tests;

@@ -47,12 +47,8 @@ impl Vfs {
     ) -> Result<Attr> {
         let mut attr = None;
         if let (Some(len), None) = (size, set.mtime) {
-            // Buffered data still in memory is cut with the metadata, not committed first.
-            if let Some(w) = self.writer_of(ino).filter(|w| w.is_dirty()) {
-                attr = w.truncate_buffered(len, || Ok(self.meta.truncate(ctx, ino, len)?))?;
-            }
-        }
-        if attr.is_none() && (size.is_some() || set.mtime.is_some()) {
+            attr = Some(self.truncate_file(ctx, ino, len)?);
+        } else if size.is_some() || set.mtime.is_some() {
             // Buffered writes must land before: their commit would otherwise stamp a later
             // mtime over the one being set (cp -a, tar, rsync set times after writing).
             self.settle(ino)?;
