@@ -27,6 +27,15 @@ pub(crate) fn setup_with(
     (cs, store, ino)
 }
 
+/// Settings of `block_size` with background compaction off: a test compacts when it says so.
+pub(crate) fn no_compaction(block_size: u32) -> DataConfig {
+    DataConfig {
+        block_size,
+        compact_threshold: usize::MAX,
+        ..Default::default()
+    }
+}
+
 /// A fresh file on a volume whose blocks go to `store`.
 pub(crate) fn setup_on(
     store: Arc<dyn aquifer_object::ObjectStore>,

@@ -250,6 +250,25 @@ fn data_slice(m: &dyn Meta, len: u32) -> Slice {
     }
 }
 
+/// A new file `name` in the root through `m`, with one committed slice of `len` bytes at
+/// the start of chunk 0: the file and the slice.
+fn file_with_slice(m: &dyn Meta, ctx: &Context, name: &str, len: u32) -> (Ino, Slice) {
+    let f = mkfile(m, ctx, ROOT_INO, name);
+    let s = data_slice(m, len);
+    m.write_slice(f, 0, s).unwrap();
+    (f, s)
+}
+
+/// A lock of `typ` on bytes `start..=end` taken by process `pid`.
+fn plock(typ: i32, start: u64, end: u64, pid: u32) -> PLock {
+    PLock {
+        typ,
+        start,
+        end,
+        pid,
+    }
+}
+
 #[cfg(test)]
 mod memory {
     crate::meta_conformance!((crate::KvMeta::new(crate::MemKv::new()), ()));

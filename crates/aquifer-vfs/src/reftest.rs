@@ -462,17 +462,47 @@ impl Harness {
         })
     }
 
-    /// Resolve the whole of `path`: `None` where the model says it names nothing (checked:
-    /// ENOENT, or ENOTDIR below a non-directory).
-    fn resolve(&self, path: &Path) -> Checked<Option<Ino>> {
+    /// The directory an operation on `path` runs in: `None` where there is none, the parent
+    /// missing or not a directory. In the latter case `op`, run on that parent, is checked
+    /// to fail with ENOTDIR.
+    fn dir_parent<T>(
+        &self,
+        path: &Path,
+        op: impl FnOnce(Ino) -> crate::Result<T>,
+    ) -> Checked<Option<Ino>> {
         match self.parent(path)? {
-            Parent::Dir(p) => self.lookup(p, path.name()),
+            Parent::Dir(p) => Ok(Some(p)),
             Parent::NotDir(p) => {
-                let got = self.v.lookup(&root(), p, path.name());
-                prop_assert_eq!(errno(got), Some(Errno::ENOTDIR));
+                prop_assert_eq!(errno(op(p)), Some(Errno::ENOTDIR));
                 Ok(None)
             }
             Parent::Missing => Ok(None),
+        }
+    }
+
+    /// A new inode `ino` made at `path` in `parent`: a number not in use before, entered in
+    /// the model with the attributes `a` the Vfs answered checked.
+    fn added(&mut self, parent: Ino, path: &Path, ino: Ino, node: Node, a: &Attr) -> Check {
+        prop_assert!(!self.m.nodes.contains_key(&ino), "{} reused", ino);
+        self.m.nodes.insert(ino, node);
+        self.m.dir_mut(parent).insert(path.name().to_vec(), ino);
+        self.check_attr(ino, a)
+    }
+
+    /// `path` in `parent` removed by an unlink or rmdir that answered `got`: it must have
+    /// succeeded, and what no longer has a name or a handle is gone.
+    fn removed(&mut self, parent: Ino, path: &Path, got: crate::Result<()>) -> Check {
+        prop_assert_eq!(got, Ok(()));
+        self.m.dir_mut(parent).remove(path.name());
+        self.collect()
+    }
+
+    /// Resolve the whole of `path`: `None` where the model says it names nothing (checked:
+    /// ENOENT, or ENOTDIR below a non-directory).
+    fn resolve(&self, path: &Path) -> Checked<Option<Ino>> {
+        match self.dir_parent(path, |p| self.v.lookup(&root(), p, path.name()))? {
+            Some(p) => self.lookup(p, path.name()),
+            None => Ok(None),
         }
     }
 
@@ -484,14 +514,11 @@ impl Harness {
         let v = self.v.clone();
         match op {
             Op::Create { path, excl, trunc } => {
-                let parent = match self.parent(path)? {
-                    Parent::Dir(p) => p,
-                    Parent::NotDir(p) => {
-                        let got = v.create(&root(), p, path.name(), 0o644, 0, libc::O_RDWR);
-                        prop_assert_eq!(errno(got), Some(Errno::ENOTDIR));
-                        return Ok(());
-                    }
-                    Parent::Missing => return Ok(()),
+                let Some(parent) = self.dir_parent(path, |p| {
+                    v.create(&root(), p, path.name(), 0o644, 0, libc::O_RDWR)
+                })?
+                else {
+                    return Ok(());
                 };
                 let existing = self.m.child(parent, path.name());
                 let expect = match existing.map(|i| &self.m.nodes[&i]) {
@@ -528,12 +555,7 @@ impl Harness {
                             self.m.data_mut(ino).clear();
                         }
                     }
-                    None => {
-                        prop_assert!(!self.m.nodes.contains_key(&ino), "{} reused", ino);
-                        self.m.nodes.insert(ino, Node::File(Vec::new()));
-                        self.m.dir_mut(parent).insert(path.name().to_vec(), ino);
-                        self.check_attr(ino, &a)?;
-                    }
+                    None => self.added(parent, path, ino, Node::File(Vec::new()), &a)?,
                 }
                 self.m.handles.push(Open {
                     fh,
@@ -571,14 +593,10 @@ impl Harness {
                 }
             }
             Op::Mkdir(path) => {
-                let parent = match self.parent(path)? {
-                    Parent::Dir(p) => p,
-                    Parent::NotDir(p) => {
-                        let got = v.mkdir(&root(), p, path.name(), 0o755, 0);
-                        prop_assert_eq!(errno(got), Some(Errno::ENOTDIR));
-                        return Ok(());
-                    }
-                    Parent::Missing => return Ok(()),
+                let Some(parent) =
+                    self.dir_parent(path, |p| v.mkdir(&root(), p, path.name(), 0o755, 0))?
+                else {
+                    return Ok(());
                 };
                 let got = v.mkdir(&root(), parent, path.name(), 0o755, 0);
                 if self.m.child(parent, path.name()).is_some() {
@@ -586,20 +604,12 @@ impl Harness {
                     return Ok(());
                 }
                 let (ino, a) = got.map_err(|e| TestCaseError::fail(format!("mkdir: {e:?}")))?;
-                prop_assert!(!self.m.nodes.contains_key(&ino), "{} reused", ino);
-                self.m.nodes.insert(ino, Node::Dir(BTreeMap::new()));
-                self.m.dir_mut(parent).insert(path.name().to_vec(), ino);
-                self.check_attr(ino, &a)?;
+                self.added(parent, path, ino, Node::Dir(BTreeMap::new()), &a)?;
             }
             Op::Unlink(path) => {
-                let parent = match self.parent(path)? {
-                    Parent::Dir(p) => p,
-                    Parent::NotDir(p) => {
-                        let got = v.unlink(&root(), p, path.name());
-                        prop_assert_eq!(errno(got), Some(Errno::ENOTDIR));
-                        return Ok(());
-                    }
-                    Parent::Missing => return Ok(()),
+                let Some(parent) = self.dir_parent(path, |p| v.unlink(&root(), p, path.name()))?
+                else {
+                    return Ok(());
                 };
                 let got = v.unlink(&root(), parent, path.name());
                 match self.m.child(parent, path.name()) {
@@ -608,22 +618,13 @@ impl Harness {
                     Some(i) if self.m.is_dir(i) => {
                         prop_assert_eq!(errno(got), Some(Errno::EISDIR))
                     }
-                    Some(_) => {
-                        prop_assert_eq!(got, Ok(()));
-                        self.m.dir_mut(parent).remove(path.name());
-                        self.collect()?;
-                    }
+                    Some(_) => self.removed(parent, path, got)?,
                 }
             }
             Op::Rmdir(path) => {
-                let parent = match self.parent(path)? {
-                    Parent::Dir(p) => p,
-                    Parent::NotDir(p) => {
-                        let got = v.rmdir(&root(), p, path.name());
-                        prop_assert_eq!(errno(got), Some(Errno::ENOTDIR));
-                        return Ok(());
-                    }
-                    Parent::Missing => return Ok(()),
+                let Some(parent) = self.dir_parent(path, |p| v.rmdir(&root(), p, path.name()))?
+                else {
+                    return Ok(());
                 };
                 let got = v.rmdir(&root(), parent, path.name());
                 match self.m.child(parent, path.name()) {
@@ -634,11 +635,7 @@ impl Harness {
                     Some(i) if !self.m.dir(i).is_empty() => {
                         prop_assert_eq!(errno(got), Some(Errno::ENOTEMPTY))
                     }
-                    Some(_) => {
-                        prop_assert_eq!(got, Ok(()));
-                        self.m.dir_mut(parent).remove(path.name());
-                        self.collect()?;
-                    }
+                    Some(_) => self.removed(parent, path, got)?,
                 }
             }
             Op::Rename { from, to, flags } => self.rename(from, to, *flags)?,
@@ -666,14 +663,10 @@ impl Harness {
             }
             Op::Symlink { path, target } => {
                 let target = format!("target-{target}").into_bytes();
-                let parent = match self.parent(path)? {
-                    Parent::Dir(p) => p,
-                    Parent::NotDir(p) => {
-                        let got = v.symlink(&root(), p, path.name(), &target);
-                        prop_assert_eq!(errno(got), Some(Errno::ENOTDIR));
-                        return Ok(());
-                    }
-                    Parent::Missing => return Ok(()),
+                let Some(parent) =
+                    self.dir_parent(path, |p| v.symlink(&root(), p, path.name(), &target))?
+                else {
+                    return Ok(());
                 };
                 let got = v.symlink(&root(), parent, path.name(), &target);
                 if self.m.child(parent, path.name()).is_some() {
@@ -681,10 +674,7 @@ impl Harness {
                     return Ok(());
                 }
                 let (ino, a) = got.map_err(|e| TestCaseError::fail(format!("symlink: {e:?}")))?;
-                prop_assert!(!self.m.nodes.contains_key(&ino), "{} reused", ino);
-                self.m.nodes.insert(ino, Node::Symlink(target));
-                self.m.dir_mut(parent).insert(path.name().to_vec(), ino);
-                self.check_attr(ino, &a)?;
+                self.added(parent, path, ino, Node::Symlink(target), &a)?;
             }
             Op::Readlink(path) => {
                 let Some(ino) = self.resolve(path)? else {

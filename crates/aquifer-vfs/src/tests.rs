@@ -1,7 +1,7 @@
 use super::*;
 use crate::dir::DIR_PAGE;
 use aquifer_meta::conformance::{test_format, test_session};
-use aquifer_object::MemStore;
+use aquifer_object::{FaultStore, MemStore};
 
 fn vfs() -> (Arc<Vfs>, Arc<MemStore>) {
     let store = Arc::new(MemStore::new());
@@ -9,23 +9,78 @@ fn vfs() -> (Arc<Vfs>, Arc<MemStore>) {
 }
 
 fn vfs_on(store: Arc<dyn ObjectStore>) -> Arc<Vfs> {
-    let meta: Arc<dyn Meta> = Arc::new(KvMeta::new(MemKv::new()));
+    vfs_over(Arc::new(KvMeta::new(MemKv::new())), store)
+}
+
+/// A mount of `meta`, formatted here, with its blocks in `store` and a session open.
+fn vfs_over(meta: Arc<dyn Meta>, store: Arc<dyn ObjectStore>) -> Arc<Vfs> {
     meta.format(&test_format(1 << 16), false).unwrap();
     let v = Vfs::new(meta, store, DataConfig::default()).unwrap();
     v.start_session(test_session("h")).unwrap();
     v
 }
 
+/// A mount whose store goes down, refuses or slows down on command.
+fn faulty_vfs() -> (Arc<Vfs>, Arc<FaultStore<MemStore>>) {
+    let faults = Arc::new(FaultStore::new(MemStore::new()));
+    (vfs_on(faults.clone()), faults)
+}
+
 fn root() -> Context {
     Context::root()
+}
+
+/// Create `name` (0644) in the root, opened read-write: its inode and handle.
+fn new_file(v: &Vfs, name: &[u8]) -> (Ino, u64) {
+    let (ino, _, fh) = v
+        .create(&root(), ROOT_INO, name, 0o644, 0, libc::O_RDWR)
+        .unwrap();
+    (ino, fh)
+}
+
+/// Create `name` in the root holding `data`, closed again: its inode.
+fn file_with(v: &Vfs, name: &[u8], data: &[u8]) -> Ino {
+    let (ino, fh) = new_file(v, name);
+    v.write(fh, 0, data).unwrap();
+    v.release(fh, None).unwrap();
+    ino
+}
+
+/// A plain file `name` (0644) in `dir`, not opened.
+fn mkfile(v: &Vfs, dir: Ino, name: &[u8]) {
+    v.mknod(&root(), dir, name, libc::S_IFREG | 0o644, 0, 0)
+        .unwrap();
+}
+
+/// A directory `name` in the root holding `n` files named e00000, e00001, ...
+fn fill_dir(v: &Vfs, name: &[u8], n: usize) -> Ino {
+    let d = v.mkdir(&root(), ROOT_INO, name, 0o755, 0).unwrap().0;
+    for i in 0..n {
+        mkfile(v, d, format!("e{i:05}").as_bytes());
+    }
+    d
+}
+
+/// What a fresh read-only open of `ino` reads from offset 0 (`len` bytes at most); the
+/// handle is released again.
+fn read_back(v: &Vfs, ino: Ino, len: u32) -> Vec<u8> {
+    let fh = v.open(&root(), ino, libc::O_RDONLY).unwrap();
+    let got = v.read(fh, 0, len).unwrap();
+    v.release(fh, None).unwrap();
+    got
+}
+
+/// Open `ino` with `flags` and release it at once: what the open answered.
+fn open_and_close(v: &Vfs, ino: Ino, flags: i32) -> Opened {
+    let o = v.open_file(&root(), ino, flags).unwrap();
+    v.release(o.fh, None).unwrap();
+    o
 }
 
 #[test]
 fn write_read_across_blocks_and_chunks() {
     let (v, _) = vfs();
-    let (ino, _, fh) = v
-        .create(&root(), ROOT_INO, b"f", 0o644, 0, libc::O_RDWR)
-        .unwrap();
+    let (ino, fh) = new_file(&v, b"f");
     let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7) as u8).collect();
     let off = CHUNK_SIZE - 100_000;
     assert_eq!(v.write(fh, off, &data).unwrap(), data.len() as u32);
@@ -51,9 +106,7 @@ fn write_read_across_blocks_and_chunks() {
 #[test]
 fn large_offsets_past_4gib() {
     let (v, _) = vfs();
-    let (ino, _, fh) = v
-        .create(&root(), ROOT_INO, b"big", 0o644, 0, libc::O_RDWR)
-        .unwrap();
+    let (ino, fh) = new_file(&v, b"big");
     let off = (5u64 << 30) + 12345;
     v.write(fh, off, b"hello").unwrap();
     v.release(fh, None).unwrap();
@@ -65,9 +118,7 @@ fn large_offsets_past_4gib() {
 #[test]
 fn unlinked_open_file_readable_until_close() {
     let (v, store) = vfs();
-    let (ino, _, fh) = v
-        .create(&root(), ROOT_INO, b"f", 0o644, 0, libc::O_RDWR)
-        .unwrap();
+    let (ino, fh) = new_file(&v, b"f");
     v.write(fh, 0, &[9u8; 200_000]).unwrap();
     v.flush(fh, None).unwrap();
     v.unlink(&root(), ROOT_INO, b"f").unwrap();
@@ -90,18 +141,7 @@ fn unlinked_open_file_readable_until_close() {
 fn large_directories_are_listed_a_page_at_a_time() {
     let (v, _) = vfs();
     let n = 2 * DIR_PAGE + 10;
-    let d = v.mkdir(&root(), ROOT_INO, b"big", 0o755, 0).unwrap().0;
-    for i in 0..n {
-        v.mknod(
-            &root(),
-            d,
-            format!("e{i:05}").as_bytes(),
-            libc::S_IFREG | 0o644,
-            0,
-            0,
-        )
-        .unwrap();
-    }
+    let d = fill_dir(&v, b"big", n);
     let dh = v.opendir(&root(), d).unwrap();
     let mut names = Vec::new();
     let mut off = 0;
@@ -132,15 +172,7 @@ fn large_directories_are_listed_a_page_at_a_time() {
 fn readdir_offsets_stable_while_directory_changes() {
     let (v, _) = vfs();
     for i in 0..50 {
-        v.mknod(
-            &root(),
-            ROOT_INO,
-            format!("f{i:02}").as_bytes(),
-            libc::S_IFREG | 0o644,
-            0,
-            0,
-        )
-        .unwrap();
+        mkfile(&v, ROOT_INO, format!("f{i:02}").as_bytes());
     }
     let dh = v.opendir(&root(), ROOT_INO).unwrap();
     let first = v.readdir(&root(), dh, 0, false).unwrap();
@@ -149,8 +181,7 @@ fn readdir_offsets_stable_while_directory_changes() {
     let (resume, _) = first[20];
     // Changes after the listing started do not shift the remaining offsets.
     v.unlink(&root(), ROOT_INO, b"f00").unwrap();
-    v.mknod(&root(), ROOT_INO, b"a-new", libc::S_IFREG | 0o644, 0, 0)
-        .unwrap();
+    mkfile(&v, ROOT_INO, b"a-new");
     let rest = v.readdir(&root(), dh, resume, false).unwrap();
     assert_eq!(rest[0].1.name, first[21].1.name);
     assert_eq!(rest.len(), 31);
@@ -160,9 +191,7 @@ fn readdir_offsets_stable_while_directory_changes() {
 #[test]
 fn truncate_discards_and_zero_extends() {
     let (v, _) = vfs();
-    let (ino, _, fh) = v
-        .create(&root(), ROOT_INO, b"f", 0o644, 0, libc::O_RDWR)
-        .unwrap();
+    let (ino, fh) = new_file(&v, b"f");
     v.write(fh, 0, &[1u8; 1000]).unwrap();
     v.setattr(&root(), ino, &SetAttr::default(), Some(100))
         .unwrap();
@@ -189,11 +218,7 @@ fn truncate_discards_and_zero_extends() {
 #[test]
 fn open_with_trunc_and_excl() {
     let (v, _) = vfs();
-    let (ino, _, fh) = v
-        .create(&root(), ROOT_INO, b"f", 0o644, 0, libc::O_RDWR)
-        .unwrap();
-    v.write(fh, 0, b"abc").unwrap();
-    v.release(fh, None).unwrap();
+    let ino = file_with(&v, b"f", b"abc");
     assert_eq!(
         v.create(
             &root(),
@@ -237,9 +262,7 @@ fn permissions_enforced_for_checked_contexts() {
 #[test]
 fn shutdown_commits_buffered_writes() {
     let (v, _) = vfs();
-    let (ino, _, fh) = v
-        .create(&root(), ROOT_INO, b"f", 0o644, 0, libc::O_RDWR)
-        .unwrap();
+    let (ino, fh) = new_file(&v, b"f");
     v.write(fh, 0, b"pending").unwrap();
     v.shutdown();
     assert_eq!(v.meta().getattr(ino).unwrap().length, 7);
@@ -248,9 +271,7 @@ fn shutdown_commits_buffered_writes() {
 #[test]
 fn explicit_mtime_survives_buffered_writes() {
     let (v, _) = vfs();
-    let (ino, _, fh) = v
-        .create(&root(), ROOT_INO, b"f", 0o644, 0, libc::O_RDWR)
-        .unwrap();
+    let (ino, fh) = new_file(&v, b"f");
     v.write(fh, 0, b"data").unwrap();
     let t = Time {
         sec: 981_173_106,
@@ -268,12 +289,8 @@ fn explicit_mtime_survives_buffered_writes() {
 
 #[test]
 fn store_outage_fails_flush_and_close_never_silently() {
-    use aquifer_object::FaultStore;
-    let faults = Arc::new(FaultStore::new(MemStore::new()));
-    let v = vfs_on(faults.clone());
-    let (ino, _, fh) = v
-        .create(&root(), ROOT_INO, b"f", 0o644, 0, libc::O_RDWR)
-        .unwrap();
+    let (v, faults) = faulty_vfs();
+    let (ino, fh) = new_file(&v, b"f");
     v.write(fh, 0, b"committed").unwrap();
     v.fsync(fh, false).unwrap();
     faults.set_down(true);
@@ -296,23 +313,17 @@ fn store_outage_fails_flush_and_close_never_silently() {
     v.write(fh, 9, b"!").unwrap();
     // This handle has reported the failure once already; the retry now succeeds.
     v.release(fh, None).unwrap();
-    let fh = v.open(&root(), ino, libc::O_RDONLY).unwrap();
     let mut want = vec![7u8; 200_000];
     want[9] = b'!';
-    assert_eq!(v.read(fh, 0, 200_000).unwrap(), want);
-    v.release(fh, None).unwrap();
+    assert_eq!(read_back(&v, ino, 200_000), want);
 }
 
 /// A flush that fails on someone else's behalf (another descriptor's close) is still
 /// reported to the writer — once per handle — and the data is retried, not dropped.
 #[test]
 fn a_failure_seen_by_another_handle_reaches_the_writer() {
-    use aquifer_object::FaultStore;
-    let faults = Arc::new(FaultStore::new(MemStore::new()));
-    let v = vfs_on(faults.clone());
-    let (ino, _, writer) = v
-        .create(&root(), ROOT_INO, b"ckpt", 0o644, 0, libc::O_RDWR)
-        .unwrap();
+    let (v, faults) = faulty_vfs();
+    let (ino, writer) = new_file(&v, b"ckpt");
     let other = v.open(&root(), ino, libc::O_WRONLY).unwrap();
     let data: Vec<u8> = (0..150_000u32).map(|i| (i % 251) as u8).collect();
     v.write(writer, 0, &data).unwrap();
@@ -337,12 +348,8 @@ fn a_failure_seen_by_another_handle_reaches_the_writer() {
 /// The unmount flush (SIGTERM) failing is reported by the writer's close.
 #[test]
 fn a_failed_shutdown_flush_is_reported_by_close() {
-    use aquifer_object::FaultStore;
-    let faults = Arc::new(FaultStore::new(MemStore::new()));
-    let v = vfs_on(faults.clone());
-    let (_, _, fh) = v
-        .create(&root(), ROOT_INO, b"f", 0o644, 0, libc::O_RDWR)
-        .unwrap();
+    let (v, faults) = faulty_vfs();
+    let (_, fh) = new_file(&v, b"f");
     v.write(fh, 0, b"data").unwrap();
     faults.set_refuse_writes(true);
     v.flush_all();
@@ -353,9 +360,7 @@ fn a_failed_shutdown_flush_is_reported_by_close() {
 #[test]
 fn reads_of_buffered_writes_do_not_commit_them() {
     let (v, _) = vfs();
-    let (ino, _, fh) = v
-        .create(&root(), ROOT_INO, b"log", 0o644, 0, libc::O_RDWR)
-        .unwrap();
+    let (ino, fh) = new_file(&v, b"log");
     let reader = v.open(&root(), ino, libc::O_RDONLY).unwrap();
     let mut model = Vec::new();
     for i in 0..50u32 {
@@ -382,13 +387,9 @@ fn reads_of_buffered_writes_do_not_commit_them() {
 /// stat of a file whose blocks are uploading answers at once with the buffered size.
 #[test]
 fn getattr_does_not_wait_for_uploads() {
-    use aquifer_object::FaultStore;
     use std::time::Duration;
-    let faults = Arc::new(FaultStore::new(MemStore::new()));
-    let v = vfs_on(faults.clone());
-    let (ino, _, fh) = v
-        .create(&root(), ROOT_INO, b"slow", 0o644, 0, libc::O_RDWR)
-        .unwrap();
+    let (v, faults) = faulty_vfs();
+    let (ino, fh) = new_file(&v, b"slow");
     v.write(fh, 0, &[1u8; 100_000]).unwrap();
     faults.set_latency(Duration::from_secs(3));
     let flusher = {
@@ -425,9 +426,7 @@ fn transient_faults_are_retried_transparently() {
         .with_max_attempts(10)
         .with_deadline(Duration::from_secs(60));
     let v = vfs_on(Arc::new(Retrying::new(faults.clone(), policy)));
-    let (_, _, fh) = v
-        .create(&root(), ROOT_INO, b"f", 0o644, 0, libc::O_RDWR)
-        .unwrap();
+    let (_, fh) = new_file(&v, b"f");
     let data: Vec<u8> = (0..300_000u32).map(|i| (i % 241) as u8).collect();
     v.write(fh, 0, &data).unwrap();
     faults.fail_next(3);
@@ -455,16 +454,8 @@ fn readdir_plus_gives_every_entry_attributes() {
 #[test]
 fn the_page_cache_is_kept_only_across_opens_of_an_unchanged_file() {
     let (v, _) = vfs();
-    let (ino, _, fh) = v
-        .create(&root(), ROOT_INO, b"kc", 0o644, 0, libc::O_RDWR)
-        .unwrap();
-    v.write(fh, 0, b"epoch data").unwrap();
-    v.release(fh, None).unwrap();
-    let keep = |flags| {
-        let o = v.open_file(&root(), ino, flags).unwrap();
-        v.release(o.fh, None).unwrap();
-        o.keep_cache
-    };
+    let ino = file_with(&v, b"kc", b"epoch data");
+    let keep = |flags| open_and_close(&v, ino, flags).keep_cache;
     assert!(!keep(libc::O_RDONLY), "written since it was created");
     assert!(keep(libc::O_RDONLY), "unchanged since the last open");
     assert!(keep(libc::O_RDONLY));
@@ -492,14 +483,10 @@ fn lost_answers_on_the_data_path() {
     let seed = aquifer_meta::conformance::fault_seed();
     let lossy = Arc::new(LossyKv::new(MemKv::new(), seed, 2));
     let meta: Arc<dyn Meta> = Arc::new(KvMeta::new(lossy.clone()));
-    meta.format(&test_format(1 << 16), false).unwrap();
     let store = Arc::new(MemStore::new());
-    let v = Vfs::new(meta.clone(), store.clone(), DataConfig::default()).unwrap();
-    v.start_session(test_session("h")).unwrap();
+    let v = vfs_over(meta.clone(), store.clone());
     let cs = v.chunk_store().clone();
-    let (ino, _, fh) = v
-        .create(&root(), ROOT_INO, b"f", 0o644, 0, libc::O_RDWR)
-        .unwrap();
+    let (ino, fh) = new_file(&v, b"f");
     // Many small committed appends: a chunk of many slices to compact.
     let mut model = Vec::new();
     for i in 0..40u32 {
@@ -520,11 +507,7 @@ fn lost_answers_on_the_data_path() {
     v.flush(fh, None).unwrap();
     cs.compact(ino, 0).unwrap();
     // Another file, unlinked: its blocks go with the trash.
-    let (_, _, gh) = v
-        .create(&root(), ROOT_INO, b"g", 0o644, 0, libc::O_RDWR)
-        .unwrap();
-    v.write(gh, 0, &[9u8; 200_000]).unwrap();
-    v.release(gh, None).unwrap();
+    file_with(&v, b"g", &[9u8; 200_000]);
     v.unlink(&root(), ROOT_INO, b"g").unwrap();
     while cs.empty_trash().unwrap() > 0 {}
     assert!(
@@ -546,9 +529,7 @@ fn lost_answers_on_the_data_path() {
         "no block of f lost, none freed kept"
     );
     v.release(fh, None).unwrap();
-    let fh = v.open(&root(), ino, libc::O_RDONLY).unwrap();
-    assert_eq!(v.read(fh, 0, model.len() as u32 + 10).unwrap(), model);
-    v.release(fh, None).unwrap();
+    assert_eq!(read_back(&v, ino, model.len() as u32 + 10), model);
 }
 
 /// A slice commit applied whose outcome the writer cannot learn (the engine stays away
@@ -561,18 +542,9 @@ fn a_commit_of_unknown_outcome_is_not_retried() {
     let lossy = Arc::new(LossyKv::new(MemKv::new(), 1, 0));
     let meta: Arc<dyn Meta> =
         Arc::new(KvMeta::new(lossy.clone()).with_fence_deadline(Duration::ZERO));
-    meta.format(&test_format(1 << 16), false).unwrap();
-    let v = Vfs::new(
-        meta.clone(),
-        Arc::new(MemStore::new()),
-        DataConfig::default(),
-    )
-    .unwrap();
-    v.start_session(test_session("h")).unwrap();
+    let v = vfs_over(meta.clone(), Arc::new(MemStore::new()));
     let cs = v.chunk_store().clone();
-    let (ino, _, fh) = v
-        .create(&root(), ROOT_INO, b"f", 0o644, 0, libc::O_RDWR)
-        .unwrap();
+    let (ino, fh) = new_file(&v, b"f");
     v.write(fh, 0, &[1u8; 10_000]).unwrap();
     v.flush(fh, None).unwrap();
     v.write(fh, 0, &[2u8; 10_000]).unwrap();
@@ -591,9 +563,7 @@ fn a_commit_of_unknown_outcome_is_not_retried() {
     let _ = v.release(fh, None);
     let chunk = meta.read_chunk_fresh(ino, 0).unwrap();
     assert_eq!(chunk.len(), 1, "the slice was committed again: {chunk:?}");
-    let fh = v.open(&root(), ino, libc::O_RDONLY).unwrap();
-    assert_eq!(v.read(fh, 0, 20_000).unwrap(), vec![2u8; 10_000]);
-    v.release(fh, None).unwrap();
+    assert_eq!(read_back(&v, ino, 20_000), vec![2u8; 10_000]);
 }
 
 fn whole(typ: i32) -> PLock {
@@ -621,9 +591,7 @@ fn setlkw_on_thread(
 #[test]
 fn a_blocking_lock_waits_until_granted_whatever_the_caller_pid() {
     let (v, _) = vfs();
-    let (ino, _, _) = v
-        .create(&root(), ROOT_INO, b"l", 0o644, 0, libc::O_RDWR)
-        .unwrap();
+    let (ino, _) = new_file(&v, b"l");
     for flock in [false, true] {
         v.setlk(0, ino, 1, &whole(libc::F_WRLCK), flock).unwrap();
         // Request pid 0 (a caller the daemon cannot see) is all the lock carries.
@@ -649,9 +617,7 @@ fn a_blocking_lock_waits_until_granted_whatever_the_caller_pid() {
 #[test]
 fn an_interrupt_ends_only_its_wait_and_takes_no_lock() {
     let (v, _) = vfs();
-    let (ino, _, _) = v
-        .create(&root(), ROOT_INO, b"l", 0o644, 0, libc::O_RDWR)
-        .unwrap();
+    let (ino, _) = new_file(&v, b"l");
     v.setlk(0, ino, 1, &whole(libc::F_WRLCK), false).unwrap();
     let a = setlkw_on_thread(&v, 20, ino, 2, false);
     let b = setlkw_on_thread(&v, 22, ino, 3, false);
@@ -670,9 +636,7 @@ fn an_interrupt_ends_only_its_wait_and_takes_no_lock() {
 #[test]
 fn an_interrupt_read_before_its_request_still_ends_the_wait() {
     let (v, _) = vfs();
-    let (ino, _, _) = v
-        .create(&root(), ROOT_INO, b"l", 0o644, 0, libc::O_RDWR)
-        .unwrap();
+    let (ino, _) = new_file(&v, b"l");
     v.setlk(0, ino, 1, &whole(libc::F_WRLCK), true).unwrap();
     v.interrupt(30);
     let w = setlkw_on_thread(&v, 30, ino, 2, true);
@@ -682,9 +646,7 @@ fn an_interrupt_read_before_its_request_still_ends_the_wait() {
 #[test]
 fn shutdown_ends_lock_waits_and_refuses_new_ones() {
     let (v, _) = vfs();
-    let (ino, _, _) = v
-        .create(&root(), ROOT_INO, b"l", 0o644, 0, libc::O_RDWR)
-        .unwrap();
+    let (ino, _) = new_file(&v, b"l");
     v.setlk(0, ino, 1, &whole(libc::F_WRLCK), false).unwrap();
     let w = setlkw_on_thread(&v, 40, ino, 2, false);
     v.shutdown();
@@ -709,14 +671,8 @@ fn blocking_lock_requests_are_bounded() {
 #[test]
 fn closes_are_flushed_once_the_mount_took_a_posix_lock() {
     let (v, _) = vfs();
-    let (ino, _, fh) = v
-        .create(&root(), ROOT_INO, b"l", 0o644, 0, libc::O_RDWR)
-        .unwrap();
-    let flushed = |flags| {
-        let o = v.open_file(&root(), ino, flags).unwrap();
-        v.release(o.fh, None).unwrap();
-        o.flush_at_close
-    };
+    let (ino, fh) = new_file(&v, b"l");
+    let flushed = |flags| open_and_close(&v, ino, flags).flush_at_close;
     assert!(
         !flushed(libc::O_RDONLY),
         "nothing to do at a read-only close"
@@ -733,9 +689,7 @@ fn closes_are_flushed_once_the_mount_took_a_posix_lock() {
 #[test]
 fn a_posix_lock_through_an_unflushed_handle_goes_at_its_release() {
     let (v, _) = vfs();
-    let (ino, _, fh) = v
-        .create(&root(), ROOT_INO, b"l", 0o644, 0, libc::O_RDWR)
-        .unwrap();
+    let (ino, fh) = new_file(&v, b"l");
     v.release(fh, None).unwrap();
     // Opened before the mount's first POSIX lock: its close is not flushed (NOFLUSH).
     let o = v.open_file(&root(), ino, libc::O_RDONLY).unwrap();
@@ -750,9 +704,7 @@ fn a_posix_lock_through_an_unflushed_handle_goes_at_its_release() {
 #[test]
 fn a_release_after_a_flush_leaves_locks_taken_anew_elsewhere() {
     let (v, _) = vfs();
-    let (ino, _, first) = v
-        .create(&root(), ROOT_INO, b"l", 0o644, 0, libc::O_RDWR)
-        .unwrap();
+    let (ino, first) = new_file(&v, b"l");
     v.setlk(first, ino, 7, &whole(libc::F_WRLCK), false)
         .unwrap();
     // close(2) by owner 7 drops its locks...
@@ -777,19 +729,8 @@ fn a_release_after_a_flush_leaves_locks_taken_anew_elsewhere() {
 #[test]
 fn mixed_plain_and_plus_reads_list_every_entry() {
     let (v, _) = vfs();
-    let (d, _) = v.mkdir(&root(), ROOT_INO, b"d", 0o755, 0).unwrap();
     let n = DIR_PAGE + 300;
-    for i in 0..n {
-        v.mknod(
-            &root(),
-            d,
-            format!("e{i:05}").as_bytes(),
-            libc::S_IFREG | 0o644,
-            0,
-            0,
-        )
-        .unwrap();
-    }
+    let d = fill_dir(&v, b"d", n);
     let dh = v.opendir(&root(), d).unwrap();
     let mut names = Vec::new();
     let mut off = 0;
@@ -898,11 +839,7 @@ fn control_requests_answer_figures_marks_and_refuse_strangers() {
         .encode()
     };
     // A caller the daemon cannot see (pid 0) with another uid may look, not change.
-    let (ino, _, fh) = v
-        .create(&root(), ROOT_INO, b"f", 0o644, 0, libc::O_RDWR)
-        .unwrap();
-    v.write(fh, 0, &[7u8; 3000]).unwrap();
-    v.release(fh, None).unwrap();
+    let ino = file_with(&v, b"f", &[7u8; 3000]);
     for op in [
         control::WarmOp::Warm,
         control::WarmOp::Evict,

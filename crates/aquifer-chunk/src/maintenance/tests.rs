@@ -5,9 +5,9 @@ use super::*;
 use crate::read::layout;
 use crate::store::codec;
 use crate::store::keys::block_key;
-use crate::testutil::{read_all, setup, setup_on, setup_with};
+use crate::testutil::{no_compaction, read_all, setup, setup_on, setup_with};
 use crate::write::FileWriter;
-use crate::{ChunkStore, Compression, DataConfig, Result};
+use crate::{ChunkStore, Compression, Result};
 use aquifer_meta::conformance::test_format;
 use aquifer_meta::{Context, FileType, Ino, KvMeta, MemKv, Meta, Slice, ROOT_INO};
 use aquifer_object::{MemStore, ObjectStore};
@@ -19,12 +19,10 @@ fn volume() -> (Arc<ChunkStore>, Arc<MemStore>) {
     let meta: Arc<dyn Meta> = Arc::new(KvMeta::new(MemKv::new()));
     meta.format(&test_format(1024), false).unwrap();
     let store = Arc::new(MemStore::new());
-    let cfg = DataConfig {
-        block_size: 1024,
-        compact_threshold: usize::MAX,
-        ..Default::default()
-    };
-    (ChunkStore::new(meta, store.clone(), cfg).unwrap(), store)
+    (
+        ChunkStore::new(meta, store.clone(), no_compaction(1024)).unwrap(),
+        store,
+    )
 }
 
 fn file(cs: &Arc<ChunkStore>, name: &str, data: &[u8]) -> Ino {
@@ -38,6 +36,16 @@ fn file(cs: &Arc<ChunkStore>, name: &str, data: &[u8]) -> Ino {
     w.write(0, data).unwrap();
     w.flush().unwrap();
     ino
+}
+
+/// gc on two threads that waits for no object or freed slice to age: `delete` or only count.
+fn gc_at_once(delete: bool) -> GcOptions {
+    GcOptions {
+        delete,
+        min_age: Duration::ZERO,
+        threads: 2,
+        free_grace: Duration::ZERO,
+    }
 }
 
 #[test]
@@ -56,12 +64,7 @@ fn gc_finds_exactly_the_orphans() {
     store
         .put(&block_key(id, 9, 10), Bytes::from_static(b"z"))
         .unwrap();
-    let opts = GcOptions {
-        delete: false,
-        min_age: Duration::ZERO,
-        threads: 2,
-        free_grace: Duration::ZERO,
-    };
+    let opts = gc_at_once(false);
     let r = gc(cs.meta().as_ref(), store.as_ref(), 1024, &opts, &|_| {}).unwrap();
     assert_eq!((r.leaked, r.deleted), (3, 0));
     assert_eq!(r.objects as usize, keep + 3);
@@ -108,12 +111,7 @@ fn gc_spares_what_a_live_writer_has_not_committed() {
     while store.len() < 2 {
         std::thread::sleep(Duration::from_millis(5));
     }
-    let opts = GcOptions {
-        delete: true,
-        min_age: Duration::ZERO,
-        threads: 2,
-        free_grace: Duration::ZERO,
-    };
+    let opts = gc_at_once(true);
     let r = gc(cs.meta().as_ref(), store.as_ref(), 1024, &opts, &|_| {}).unwrap();
     assert_eq!((r.leaked, r.live, r.deleted), (2, 2, 0), "{r:?}");
     w.flush().unwrap();
@@ -249,12 +247,7 @@ fn fragmented_chunks_are_compacted_in_the_background() {
 #[test]
 fn compaction_of_a_sparse_file_stores_only_its_data() {
     let store = Arc::new(MemStore::new());
-    let cfg = DataConfig {
-        block_size: 64 << 10,
-        compact_threshold: usize::MAX,
-        ..Default::default()
-    };
-    let (cs, ino) = setup_on(store.clone(), cfg);
+    let (cs, ino) = setup_on(store.clone(), no_compaction(64 << 10));
     let w = FileWriter::new(cs.clone(), ino);
     // 40 pieces of 4 KiB, 1 MiB apart, each its own flush (so its own slice).
     for i in 0..40u64 {

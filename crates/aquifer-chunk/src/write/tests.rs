@@ -3,7 +3,7 @@
 
 use super::FileWriter;
 use crate::store::codec::{self, Compression};
-use crate::testutil::{read_all, setup, setup_on, setup_with};
+use crate::testutil::{no_compaction, read_all, setup, setup_on, setup_with};
 use crate::DataConfig;
 use aquifer_meta::{Context, FileType, CHUNK_SIZE, ROOT_INO};
 use aquifer_object::MemStore;
@@ -47,12 +47,7 @@ fn block_buffers_are_reused_and_bounded() {
     // A store that, like S3 or a directory, keeps no reference to what it was given.
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(aquifer_object::FileStore::new(dir.path().to_str().unwrap()).unwrap());
-    let cfg = DataConfig {
-        block_size: 64 << 10,
-        compact_threshold: usize::MAX,
-        ..Default::default()
-    };
-    let (cs, ino) = setup_on(store, cfg);
+    let (cs, ino) = setup_on(store, no_compaction(64 << 10));
     let w = FileWriter::new(cs.clone(), ino);
     let data: Vec<u8> = (0..(40 << 16) as u32).map(|i| (i % 241) as u8).collect();
     for part in data.chunks(10_000) {
@@ -72,10 +67,8 @@ fn block_buffers_are_reused_and_bounded() {
 fn many_open_writers_stay_within_the_write_budget() {
     let store = Arc::new(MemStore::new());
     let cfg = DataConfig {
-        block_size: 64 << 10,
         write_buffer: 1 << 20,
-        compact_threshold: usize::MAX,
-        ..Default::default()
+        ..no_compaction(64 << 10)
     };
     let (cs, _) = setup_on(store, cfg);
     let ctx = Context::root();
@@ -130,12 +123,10 @@ fn written_blocks_enter_the_disk_tier_and_reads_then_need_no_store() {
     let bs = 64 << 10;
     let store = Arc::new(aquifer_object::FaultStore::new(MemStore::new()));
     let cfg = DataConfig {
-        block_size: bs,
-        compact_threshold: usize::MAX,
         // RAM holds two blocks: the rest must come from the disk.
         cache_bytes: 2 * codec::stored_len(bs as usize),
         lower_tiers: crate::Tiers(vec![disk.clone()]),
-        ..Default::default()
+        ..no_compaction(bs)
     };
     let (cs, ino) = setup_on(store.clone(), cfg);
     let w = FileWriter::new(cs.clone(), ino);

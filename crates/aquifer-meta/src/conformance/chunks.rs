@@ -154,9 +154,7 @@ pub fn live_sessions_slice_ids_seen_by_all(a: &dyn Meta, b: &dyn Meta) {
 /// (close-to-open), and so does a fresh read.
 pub fn slice_lists_fresh_at_open(a: &dyn Meta, b: &dyn Meta) {
     let ctx = ready2(a, b);
-    let f = mkfile(a, &ctx, ROOT_INO, "f");
-    let s1 = data_slice(a, 100);
-    a.write_slice(f, 0, s1).unwrap();
+    let (f, s1) = file_with_slice(a, &ctx, "f", 100);
     b.open(&ctx, f, libc::O_RDONLY).unwrap();
     assert_eq!(b.read_chunk(f, 0).unwrap(), vec![s1]);
     let s2 = data_slice(a, 50);

@@ -5,9 +5,7 @@ use super::*;
 
 pub fn open_unlinked_kept_until_close(m: &dyn Meta) {
     let ctx = ready(m);
-    let f = mkfile(m, &ctx, ROOT_INO, "f");
-    let s = data_slice(m, 10);
-    m.write_slice(f, 0, s).unwrap();
+    let (f, s) = file_with_slice(m, &ctx, "f", 10);
     m.open(&ctx, f, libc::O_RDWR).unwrap();
     m.unlink(&ctx, ROOT_INO, b"f").unwrap();
     let a = m.getattr(f).unwrap();
@@ -39,9 +37,7 @@ pub fn create_open_counts_an_open(m: &dyn Meta) {
 
 pub fn unlink_elsewhere_keeps_open_file(a: &dyn Meta, b: &dyn Meta) {
     let ctx = ready2(a, b);
-    let f = mkfile(a, &ctx, ROOT_INO, "f");
-    let s = data_slice(a, 10);
-    a.write_slice(f, 0, s).unwrap();
+    let (f, s) = file_with_slice(a, &ctx, "f", 10);
     b.open(&ctx, f, libc::O_RDONLY).unwrap();
     a.unlink(&ctx, ROOT_INO, b"f").unwrap();
     // B still reads it; nothing went to the trash.

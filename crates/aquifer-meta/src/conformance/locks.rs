@@ -6,12 +6,7 @@ use super::*;
 pub fn posix_and_bsd_locks(m: &dyn Meta) {
     let ctx = ready(m);
     let f = mkfile(m, &ctx, ROOT_INO, "f");
-    let lk = |typ, start, end| PLock {
-        typ,
-        start,
-        end,
-        pid: 1,
-    };
+    let lk = |typ, start, end| plock(typ, start, end, 1);
     m.setlk(f, 1, &lk(F_WRLCK, 0, 99)).unwrap();
     assert_eq!(errno(m.setlk(f, 2, &lk(F_RDLCK, 50, 60))), Errno::EAGAIN);
     assert_eq!(
@@ -48,12 +43,7 @@ pub fn posix_and_bsd_locks(m: &dyn Meta) {
 pub fn locks_across_clients(a: &dyn Meta, b: &dyn Meta) {
     let ctx = ready2(a, b);
     let f = mkfile(a, &ctx, ROOT_INO, "f");
-    let lk = |typ, start, end| PLock {
-        typ,
-        start,
-        end,
-        pid: 7,
-    };
+    let lk = |typ, start, end| plock(typ, start, end, 7);
     // The same owner number on two clients is two owners.
     a.setlk(f, 1, &lk(F_WRLCK, 0, 9)).unwrap();
     assert_eq!(errno(b.setlk(f, 1, &lk(F_WRLCK, 5, 5))), Errno::EAGAIN);

@@ -22,21 +22,9 @@ pub fn sessions_clean_up_after_dead_clients(m: &dyn Meta) {
 
 pub fn dead_session_is_cleaned_up(a: &dyn Meta, b: &dyn Meta) {
     let ctx = ready2(a, b);
-    let f = mkfile(a, &ctx, ROOT_INO, "f");
-    let s = data_slice(a, 10);
-    a.write_slice(f, 0, s).unwrap();
+    let (f, s) = file_with_slice(a, &ctx, "f", 10);
     a.open(&ctx, f, libc::O_RDWR).unwrap();
-    a.setlk(
-        f,
-        1,
-        &PLock {
-            typ: F_WRLCK,
-            start: 0,
-            end: u64::MAX,
-            pid: 1,
-        },
-    )
-    .unwrap();
+    a.setlk(f, 1, &plock(F_WRLCK, 0, u64::MAX, 1)).unwrap();
     a.flock(f, 1, F_WRLCK).unwrap();
     b.unlink(&ctx, ROOT_INO, b"f").unwrap();
     assert_eq!(errno(b.flock(f, 2, F_RDLCK)), Errno::EAGAIN);
@@ -60,19 +48,7 @@ pub fn dead_session_is_cleaned_up(a: &dyn Meta, b: &dyn Meta) {
     // rather than act on locks and open files it no longer holds.
     a.heartbeat().unwrap();
     assert_eq!(errno(a.flock(f, 1, F_UNLCK)), Errno::EIO);
-    assert_eq!(
-        errno(a.setlk(
-            g,
-            1,
-            &PLock {
-                typ: F_WRLCK,
-                start: 0,
-                end: 0,
-                pid: 1
-            }
-        )),
-        Errno::EIO
-    );
+    assert_eq!(errno(a.setlk(g, 1, &plock(F_WRLCK, 0, 0, 1))), Errno::EIO);
     assert_eq!(errno(a.getattr(g)), Errno::EIO);
     assert_eq!(errno(a.open(&ctx, g, libc::O_RDONLY)), Errno::EIO);
     assert_eq!(
