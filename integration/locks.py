@@ -2,7 +2,7 @@
 
 A helper process holds locks through mount A on command; this process tries through mount
 B (locks of one process never conflict with each other, so the two sides are processes).
-Other lock tests import the helpers (`Holder`, `getlk`, `check`).
+Other lock tests import the helpers (`Holder`, `getlk`, `check`, `interrupted_lockf`).
 """
 import fcntl
 import os
@@ -42,6 +42,26 @@ def check(cond, what):
     if not cond:
         print("FAIL:", what, file=sys.stderr)
         sys.exit(1)
+
+
+class Alarm(Exception):
+    """What the SIGALRM handler of `interrupted_lockf` raises."""
+
+
+def interrupted_lockf(fd, what):
+    """A blocking F_SETLKW on `fd` that another process's lock holds up, ended after 1 s by
+    a signal whose handler raises: fails the test with `what` if the lock is granted."""
+
+    def on_alarm(*_):
+        raise Alarm()
+
+    signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(1)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+        check(False, what)
+    except Alarm:
+        pass
 
 
 class Holder:
@@ -109,20 +129,8 @@ def main():
     st, _ = a("lock", fcntl.LOCK_EX, 0, 0)
     check(st == "ok", "A locks again")
 
-    class Alarm(Exception):
-        pass
-
-    def on_alarm(*_):
-        raise Alarm()
-
-    signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(1)
     t1 = time.time()
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_EX)
-        check(False, "B got the lock A holds")
-    except Alarm:
-        pass
+    interrupted_lockf(fd, "B got the lock A holds")
     check(time.time() - t1 < 10, "the interrupted wait took over 10 s")
     a("lock", fcntl.LOCK_UN, 0, 0)
 

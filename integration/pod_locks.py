@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 
-from locks import Holder, check, getlk
+from locks import Holder, check, getlk, interrupted_lockf
 
 PATH = sys.argv[1]
 
@@ -87,19 +87,8 @@ def main():
     st, _ = h("lock", fcntl.LOCK_EX, 0, 0)
     check(st == "ok", "the holder locks again")
 
-    class Alarm(Exception):
-        pass
-
-    def on_alarm(*_):
-        raise Alarm()
-
-    signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(1)
     try:
-        fcntl.lockf(fd, fcntl.LOCK_EX)
-        check(False, "F_SETLKW got the lock the holder holds")
-    except Alarm:
-        pass
+        interrupted_lockf(fd, "F_SETLKW got the lock the holder holds")
     except OSError as e:
         check(False, f"F_SETLKW failed without a signal: {e}")
     t, _, _, _ = getlk(fd, fcntl.F_WRLCK, 0, 0)

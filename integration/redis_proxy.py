@@ -44,6 +44,21 @@ def note_dropped():
     os.replace(os.path.join(ctl, "dropped.tmp"), os.path.join(ctl, "dropped"))
 
 
+async def pump(reader, writer, stop):
+    """Forward what `reader` reads to `writer` until either side goes, then close `writer`;
+    `stop(data)`, asked first about each piece read, ends it early when true."""
+    try:
+        while data := await reader.read(65536):
+            if stop(data):
+                return
+            writer.write(data)
+            await writer.drain()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        writer.close()
+
+
 async def handle(cr, cw):
     read_cmd()
     try:
@@ -57,38 +72,24 @@ async def handle(cr, cw):
     # is that answer.
     doomed = [False]
 
-    async def up():
-        try:
-            while data := await cr.read(65536):
-                read_cmd()
-                commit = b"EVAL" in data.upper() or b"EXEC" in data.upper()
-                if commit and state["drop"] > 0:
-                    state["drop"] -= 1
-                    doomed[0] = True
-                sw.write(data)
-                await sw.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
+    def request(data):
+        read_cmd()
+        commit = b"EVAL" in data.upper() or b"EXEC" in data.upper()
+        if commit and state["drop"] > 0:
+            state["drop"] -= 1
+            doomed[0] = True
+        return False
+
+    def answer(_):
+        if doomed[0]:
+            # The server ran it; its answer goes nowhere.
+            note_dropped()
+            cw.transport.abort()
             sw.close()
+            return True
+        return False
 
-    async def down():
-        try:
-            while data := await sr.read(65536):
-                if doomed[0]:
-                    # The server ran it; its answer goes nowhere.
-                    note_dropped()
-                    cw.transport.abort()
-                    sw.close()
-                    return
-                cw.write(data)
-                await cw.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            cw.close()
-
-    await asyncio.gather(up(), down())
+    await asyncio.gather(pump(cr, sw, request), pump(sr, cw, answer))
     state["conns"].discard(cw)
     state["conns"].discard(sw)
 
