@@ -11,10 +11,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// The object store's retry policy: ten attempts, waits from 50 ms doubling to 5 s, and a
-/// minute from the first attempt at most.
+/// The object store's retry policy: ten attempts, waits of up to 100 ms doubling to up to
+/// 5 s (full jitter: anywhere from nothing to that), and a minute from the first attempt
+/// at most.
 pub fn object_retry_policy() -> RetryPolicy {
-    RetryPolicy::new(Duration::from_millis(50), Duration::from_secs(5))
+    RetryPolicy::new(Duration::from_millis(100), Duration::from_secs(5))
+        .with_jitter(1.0)
         .with_max_attempts(10)
         .with_deadline(Duration::from_secs(60))
 }

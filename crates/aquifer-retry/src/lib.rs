@@ -8,12 +8,15 @@
 //! (the Redis engine reports it as ambiguous and the lanes find out what happened).
 //!
 //! How long to wait is this crate's: waits grow exponentially from [`RetryPolicy::first`]
-//! to [`RetryPolicy::max_wait`], each stretched by up to itself at random (so that clients
-//! that failed together — every mount at a failover — retry apart), until
-//! [`RetryPolicy::max_attempts`] or until the next wait would end past the
+//! to [`RetryPolicy::max_wait`], each shortened by a random part ([`RetryPolicy::jitter`],
+//! so that clients that failed together — every mount at a failover — retry apart; a wait
+//! never exceeds the cap), until [`RetryPolicy::max_attempts`] or the
 //! [`RetryPolicy::deadline`], counted in wall time from the first attempt (attempts take
-//! time too: a Redis command may wait seconds on a dead socket). The schedule is backon's
-//! exponential backoff, used as an iterator of waits: no async runtime.
+//! time too: a Redis command may wait seconds on a dead socket). A wait that would end
+//! past the deadline is cut to end at it, for one last attempt there: "until the deadline"
+//! means an outage that ends just before it is ridden out. The schedule is backon's
+//! exponential backoff, used as an iterator of waits (no async runtime); the jitter is
+//! applied here so that the cap holds.
 
 use backon::BackoffBuilder;
 use std::time::{Duration, Instant};
@@ -24,7 +27,7 @@ pub trait Transient {
 }
 
 /// How often and how long to try again.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct RetryPolicy {
     /// The first wait.
     pub first: Duration,
@@ -35,6 +38,9 @@ pub struct RetryPolicy {
     /// Give up when the next wait would end this long after the first attempt began;
     /// None: never (a background upload that must get through eventually).
     pub deadline: Option<Duration>,
+    /// The random part of each wait: 0 none, 0.5 "equal jitter" (a wait is between half
+    /// the schedule's and all of it), 1 "full jitter" (between nothing and all of it).
+    pub jitter: f32,
     /// Seed of the jitter; None: random. Seeded in tests, so they are repeatable.
     pub seed: Option<u64>,
 }
@@ -47,8 +53,15 @@ impl RetryPolicy {
             max_wait,
             max_attempts: None,
             deadline: None,
+            jitter: 0.5,
             seed: None,
         }
+    }
+
+    /// The random part of each wait, from 0 (none) to 1 (full jitter).
+    pub const fn with_jitter(mut self, jitter: f32) -> Self {
+        self.jitter = jitter;
+        self
     }
 
     pub const fn with_max_attempts(mut self, n: u32) -> Self {
@@ -71,22 +84,23 @@ impl RetryPolicy {
         Backoff {
             policy: self.clone(),
             waits: self.waits(),
+            rng: match self.seed {
+                Some(seed) => fastrand::Rng::with_seed(seed),
+                None => fastrand::Rng::new(),
+            },
             started: Instant::now(),
             attempts: 1,
+            last_call: false,
         }
     }
 
     fn waits(&self) -> backon::ExponentialBackoff {
-        let mut b = backon::ExponentialBuilder::new()
+        backon::ExponentialBuilder::new()
             .with_min_delay(self.first)
             .with_max_delay(self.max_wait)
             .with_factor(2.0)
-            .with_jitter()
-            .without_max_times();
-        if let Some(seed) = self.seed {
-            b = b.with_jitter_seed(seed);
-        }
-        b.build()
+            .without_max_times()
+            .build()
     }
 
     /// Run `op` until it succeeds, fails for good (an error not [`Transient`]) or the
@@ -118,22 +132,30 @@ impl RetryPolicy {
 pub struct Backoff {
     policy: RetryPolicy,
     waits: backon::ExponentialBackoff,
+    rng: fastrand::Rng,
     started: Instant,
     /// Attempts made, counting the one about to follow the next wait.
     attempts: u32,
+    /// The last wait was cut to end at the deadline: the attempt after it is the last.
+    last_call: bool,
 }
 
 impl Backoff {
     /// The wait before the next attempt, or None when the policy gives up (attempts
-    /// spent, or the wait would end past the deadline).
+    /// spent, or the deadline reached: a wait that would end past it ends at it instead,
+    /// for one last attempt).
     pub fn next_wait(&mut self) -> Option<Duration> {
-        if self.policy.max_attempts.is_some_and(|n| self.attempts >= n) {
+        if self.last_call || self.policy.max_attempts.is_some_and(|n| self.attempts >= n) {
             return None;
         }
-        let wait = self.waits.next()?;
+        let full = self.waits.next()?;
+        let jitter = self.policy.jitter.clamp(0.0, 1.0);
+        let mut wait = full.mul_f32(1.0 - jitter * self.rng.f32());
         if let Some(deadline) = self.policy.deadline {
-            if self.started.elapsed() + wait > deadline {
-                return None;
+            let left = deadline.checked_sub(self.started.elapsed())?;
+            if wait >= left {
+                wait = left;
+                self.last_call = true;
             }
         }
         self.attempts += 1;
@@ -174,6 +196,7 @@ impl Backoff {
         self.waits = self.policy.waits();
         self.started = Instant::now();
         self.attempts = 1;
+        self.last_call = false;
     }
 }
 
@@ -198,14 +221,39 @@ mod tests {
     }
 
     #[test]
-    fn waits_double_to_the_cap_with_at_most_their_own_length_of_jitter() {
-        let mut b = quick().start();
-        let waits: Vec<_> = (0..6).map(|_| b.next_wait().unwrap()).collect();
-        for (w, base) in waits.iter().zip([1u64, 2, 4, 4, 4, 4]) {
-            let base = Duration::from_millis(base);
-            assert!(*w >= base && *w <= base * 2, "{w:?} for {base:?}");
+    fn waits_double_to_the_cap_and_jitter_only_shortens_them() {
+        for jitter in [0.0, 0.5, 1.0] {
+            let mut b = quick().with_jitter(jitter).start();
+            let waits: Vec<_> = (0..6).map(|_| b.next_wait().unwrap()).collect();
+            for (w, base) in waits.iter().zip([1u64, 2, 4, 4, 4, 4]) {
+                let base = Duration::from_millis(base);
+                assert!(
+                    *w >= base.mul_f32(1.0 - jitter) && *w <= base,
+                    "{w:?} for {base:?} with jitter {jitter}"
+                );
+            }
+            assert_eq!(b.attempts(), 7);
         }
-        assert_eq!(b.attempts(), 7);
+    }
+
+    #[test]
+    fn the_last_wait_ends_at_the_deadline_for_one_last_attempt() {
+        let deadline = Duration::from_millis(1000);
+        let policy = RetryPolicy::new(Duration::from_millis(400), Duration::from_millis(400))
+            .with_jitter(0.0)
+            .with_deadline(deadline);
+        let mut b = policy.start();
+        assert!(b.wait() && b.wait());
+        // 800 ms slept: a third wait of 400 would end past the deadline, so it is cut to
+        // what is left and the attempt after it is the last.
+        match b.next_wait() {
+            Some(cut) => {
+                assert!(cut < Duration::from_millis(400), "{cut:?}");
+                assert_eq!(b.next_wait(), None);
+            }
+            // A machine that stalled past the deadline meanwhile: nothing left to wait.
+            None => assert!(b.elapsed() >= deadline),
+        }
     }
 
     #[test]

@@ -1,6 +1,20 @@
 //! Filesystem semantics independent of FUSE: file handles, write buffering, flush on
-//! close/fsync, directory handles with stable offsets, open-but-unlinked files. The FUSE
-//! adapter is a thin layer over [`Vfs`]; tests drive [`Vfs`] directly.
+//! close/fsync, directory handles with stable offsets, open-but-unlinked files, locks per
+//! handle, the control ioctls. The FUSE adapter is a thin layer over [`Vfs`]; tests drive
+//! [`Vfs`] directly (`tests.rs`, and `reftest.rs` against a model).
+//!
+//! A file per role, each adding the methods of its part to [`Vfs`]:
+//! * `namespace`: lookups and attributes as this mount shows them (buffered sizes folded
+//!   in), node creation, unlink, rename, links, xattrs, statfs;
+//! * `file`: open and create, read, write, close (flush), fsync, release, fallocate, and
+//!   what the kernel may cache ([`Opened`]);
+//! * `dir`: open directories, listed a page at a time;
+//! * `locks` and [`lockwait`]: POSIX and flock locks, the owners each handle took them
+//!   for, and blocking requests waiting;
+//! * [`passthrough`]: which backing file the kernel reads for each inode;
+//! * `control` and [`privilege`]: the control ioctls and who may change shared state.
+//!
+//! This file holds the [`Vfs`] type, its constructor, the session and shutdown.
 
 use aquifer_chunk::FileWriter;
 pub use aquifer_chunk::{CacheCounts, CacheOp};

@@ -262,8 +262,16 @@ impl Shared {
                     if st.staged.get(&key).is_some_and(|v| v.0 == seq) {
                         st.queue.insert(seq, key);
                     }
-                    drop(st);
-                    backoff.wait();
+                    // Waited out under the lock's condition variable, so that shutdown
+                    // (which joins this thread) need not wait for the store to come back.
+                    let until = backoff.next_wait().map(|w| Instant::now() + w);
+                    while let Some(until) = until {
+                        if self.stop.load(Ordering::Acquire)
+                            || self.cv.wait_until(&mut st, until).timed_out()
+                        {
+                            break;
+                        }
+                    }
                 }
             }
         }
