@@ -100,7 +100,7 @@ case $mode in
     eval "$("$root/scripts/s3-server.sh" start "$work/s3" "$port")"
     export SIZE=2G NRFILES=200
     for s in A B; do
-      "${BIN[$s]}" format "rocksdb://$work/$s/meta" ab --storage s3 --bucket "http://127.0.0.1:$port/ab-$s" >/dev/null
+      "${BIN[$s]}" format "rocksdb://$work/$s/meta" ab --storage s3 --bucket "http://127.0.0.1:$port/ab-${s,,}" >/dev/null
     done
     for r in $(seq "$rounds"); do
       for s in $(order "$r"); do
