@@ -264,12 +264,13 @@ impl Shared {
                     }
                     // Waited out under the lock's condition variable, so that shutdown
                     // (which joins this thread) need not wait for the store to come back.
-                    let until = backoff.next_wait().map(|w| Instant::now() + w);
-                    while let Some(until) = until {
-                        if self.stop.load(Ordering::Acquire)
-                            || self.cv.wait_until(&mut st, until).timed_out()
-                        {
-                            break;
+                    // (No deadline or attempt limit: there is always a next wait.)
+                    if let Some(wait) = backoff.next_wait() {
+                        let until = Instant::now() + wait;
+                        while !self.stop.load(Ordering::Acquire) {
+                            if self.cv.wait_until(&mut st, until).timed_out() {
+                                break;
+                            }
                         }
                     }
                 }
