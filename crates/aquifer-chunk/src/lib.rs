@@ -61,10 +61,51 @@ pub struct DataConfig {
     pub compression: Compression,
     /// The cache tiers below RAM (local disks), built by the caller.
     pub lower_tiers: Tiers,
+    /// Which written blocks the disk tiers keep ([`CacheWrites`]).
+    pub cache_writes: CacheWrites,
     /// How long freed blocks stay after the change that freed them, on the metadata
     /// engine's clock: long enough that a failover of a shared engine to a replica that
     /// missed the change does not bring back metadata pointing at deleted blocks.
     pub free_grace: Duration,
+}
+
+/// Which written blocks enter the disk cache tiers on their way to the store.
+///
+/// A checkpoint is rarely read back on the node that wrote it: its blocks would only take
+/// the cache's room from the blocks training reads keep hitting. Small files and the tails
+/// of files — the last block of a slice, stored when the file is closed or synced — are
+/// what a node that writes a dataset reads back, and cost little room; they are kept by
+/// default. Not kept by default either: a large write's full blocks, and the partial blocks
+/// a writer stores early to free memory (a burst of concurrent writers makes many).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CacheWrites {
+    /// None: written blocks go to the store only.
+    None,
+    /// The last block of each slice (small files, file tails).
+    #[default]
+    Small,
+    /// Every written block.
+    All,
+}
+
+impl CacheWrites {
+    pub fn parse(s: &str) -> std::result::Result<CacheWrites, String> {
+        match s {
+            "none" => Ok(CacheWrites::None),
+            "small" => Ok(CacheWrites::Small),
+            "all" => Ok(CacheWrites::All),
+            _ => Err(format!("{s:?} is not one of none, small, all")),
+        }
+    }
+
+    /// Whether a written block of this kind is kept.
+    pub fn keeps(self, kind: write::Written) -> bool {
+        match self {
+            CacheWrites::None => false,
+            CacheWrites::Small => kind == write::Written::Last,
+            CacheWrites::All => true,
+        }
+    }
 }
 
 /// Cache tiers handed to the data path, slowest last.
@@ -92,6 +133,7 @@ impl Default for DataConfig {
             prefetch_threads: 2,
             compression: Compression::None,
             lower_tiers: Tiers::default(),
+            cache_writes: CacheWrites::Small,
             free_grace: Duration::ZERO,
         }
     }

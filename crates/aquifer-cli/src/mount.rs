@@ -64,6 +64,12 @@ pub(crate) struct MountArgs {
     /// Keep at least this share of each cache disk free, evicting if others fill it.
     #[arg(long, default_value_t = 0.1, value_parser = parse_ratio)]
     free_space_ratio: f64,
+    /// Which written blocks the cache disks keep on their way to the store: `small` (blocks
+    /// shorter than the volume's block size: small files and file tails), `all`, or `none`.
+    /// A checkpoint's full blocks are rarely read back on the node that wrote them; kept,
+    /// they would take the room of the blocks training reads hit.
+    #[arg(long, default_value = "small", value_parser = aquifer_chunk::CacheWrites::parse)]
+    cache_writes: aquifer_chunk::CacheWrites,
     /// Stage written blocks on the (first) cache disk and upload them in the background:
     /// fsync returns once they are on the local disk; blocks still staged at a crash are
     /// uploaded at the next mount first. Other mounts see a block once it is uploaded.
@@ -227,6 +233,7 @@ pub(crate) fn mount(a: MountArgs) -> Result<()> {
         readahead_blocks: a.prefetch.unwrap_or(a.max_downloads.clamp(2, 32)) as u32,
         compression,
         lower_tiers,
+        cache_writes: a.cache_writes,
         free_grace: free_grace(a.free_grace, &*meta),
         ..Default::default()
     };

@@ -1,11 +1,11 @@
 //! The block cache as the data path wires it: RAM first, then the caller's tiers (local
 //! disks); evicted blocks give their buffers back to the pool uploads and fetches draw from,
-//! and written blocks enter the disk tiers (write-through).
+//! and written blocks enter the disk tiers as `--cache-writes` says ([`CacheWrites`]).
 
 use super::codec;
 use super::keys::BlockKey;
 use crate::write::{BufferPool, OnStored};
-use crate::{Compression, DataConfig};
+use crate::{CacheWrites, Compression, DataConfig};
 use aquifer_cache::{Cache, MemTier, Recycle, Tier};
 use bytes::Bytes;
 use std::sync::Arc;
@@ -34,12 +34,16 @@ pub(crate) fn block_cache(cfg: &DataConfig, buffers: &Arc<BufferPool>) -> Arc<Ca
     Arc::new(Cache::new(tiers).with_recycler(recycle))
 }
 
-/// The upload pool's hook that puts each written block into the disk tiers, when that is
-/// done at all.
+/// The upload pool's hook that puts written blocks into the disk tiers, when that is done
+/// at all.
 pub(crate) fn write_through(cfg: &DataConfig, cache: &Arc<Cache>) -> Option<OnStored> {
-    // Written blocks enter the disk tiers (write-through). A compressed block's payload
-    // is not at hand once sealed, and a compressed volume trades reads for space anyway.
-    (cfg.compression == Compression::None && cache.keeps_writes()).then(|| {
+    // A compressed block's payload is not at hand once sealed, and a compressed volume
+    // trades reads for space anyway.
+    // Which blocks are offered is the writer's to say (`ChunkStore::upload_sealed`).
+    (cfg.compression == Compression::None
+        && cfg.cache_writes != CacheWrites::None
+        && cache.keeps_writes())
+    .then(|| {
         let cache = cache.clone();
         Arc::new(move |key: &BlockKey, name: &str, obj: &Bytes| {
             if let Some(payload) = obj.get(..key.len as usize) {

@@ -30,7 +30,7 @@
 //! [`Journal::sync_committed`]: crate::store::journal::Journal::sync_committed
 //! [`replay`]: crate::store::journal::replay
 
-use super::{upload::Completion, FileWriter, Held, OpenSlice, State};
+use super::{upload::Completion, FileWriter, Held, OpenSlice, State, Written};
 use crate::store::codec;
 use crate::store::keys::BlockKey;
 use crate::{ChunkStore, DataError, Result};
@@ -42,7 +42,7 @@ use std::sync::Arc;
 impl FileWriter {
     /// Upload a slice's partial last block (on this thread with `inline`); the slice is
     /// closed to extension from now on.
-    pub(super) fn seal(cs: &ChunkStore, s: &mut OpenSlice, inline: bool) -> usize {
+    pub(super) fn seal(cs: &ChunkStore, s: &mut OpenSlice, inline: bool, kind: Written) -> usize {
         if s.tail.is_empty() {
             return 0;
         }
@@ -56,7 +56,7 @@ impl FileWriter {
         let held = std::mem::take(&mut s.held);
         let bytes = held.bytes();
         s.uploads
-            .push(cs.upload_sealed(key, std::mem::take(&mut s.tail), held, inline));
+            .push(cs.upload_sealed(key, std::mem::take(&mut s.tail), held, inline, kind));
         s.sent += len;
         s.sealed = true;
         bytes
@@ -81,7 +81,7 @@ impl FileWriter {
         let inline = list.iter().filter(|s| !s.tail.is_empty()).count() == 1;
         for s in list.iter_mut() {
             Self::retry_failed(&self.cs, s);
-            Self::seal(&self.cs, s, inline);
+            Self::seal(&self.cs, s, inline, Written::Last);
         }
         let mut failed = None;
         for u in list.iter().flat_map(|s| &s.uploads) {
@@ -165,23 +165,28 @@ impl ChunkStore {
     /// Queue block `key` whose payload is `block` for upload, holding `held` of the write
     /// budget until it is stored; uncompressed, the checksum trailer is appended in place
     /// (no copy when the buffer has room for it).
+    /// `kind` says whether the disk cache is offered the block once stored
+    /// (`--cache-writes`).
     pub(crate) fn upload_sealed(
         &self,
         key: BlockKey,
         block: Vec<u8>,
         held: Held,
         inline: bool,
+        kind: Written,
     ) -> Arc<Completion> {
         let obj = codec::seal_with(self.cfg.compression, block);
+        let cache = self.cfg.cache_writes.keeps(kind);
         if inline {
-            self.uploads.run_inline(key, obj, held)
+            self.uploads.run_inline(key, obj, held, cache)
         } else {
-            self.uploads.submit(key, obj, held)
+            self.uploads.submit(key, obj, held, cache)
         }
     }
 
-    /// Upload again an object whose upload failed.
+    /// Upload again an object whose upload failed (not offered to the cache: rare, and
+    /// its kind is not kept).
     pub(crate) fn resubmit(&self, key: BlockKey, obj: Bytes, held: Held) -> Arc<Completion> {
-        self.uploads.submit(key, obj, held)
+        self.uploads.submit(key, obj, held, false)
     }
 }

@@ -37,6 +37,19 @@ pub use budget::{Budget, Held};
 pub use buffers::BufferPool;
 pub use upload::{Completion, OnStored, UploadPool};
 
+/// Why a written block is stored: what `--cache-writes` decides on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Written {
+    /// A full block of a slice being written.
+    Full,
+    /// The partial last block of a slice, stored early to free memory (the slice goes on
+    /// in a new one).
+    Spilled,
+    /// The last block of a slice, stored at its flush (close, fsync): a small file's only
+    /// block, a file's tail.
+    Last,
+}
+
 use crate::store::codec;
 use crate::store::keys::BlockKey;
 use crate::{ChunkStore, DataError, Result};
@@ -320,8 +333,10 @@ impl FileWriter {
                 idx: s.sent / bs,
                 len: bs,
             };
-            s.uploads
-                .push(self.cs.upload_sealed(key, block, held, false));
+            s.uploads.push(
+                self.cs
+                    .upload_sealed(key, block, held, false, Written::Full),
+            );
             s.sent += bs;
         }
         s.len += data.len() as u32;
@@ -337,7 +352,7 @@ impl FileWriter {
         let mut n = 0;
         for s in st.chunks.values_mut().flatten() {
             Self::retry_failed(&self.cs, s);
-            n += Self::seal(&self.cs, s, false);
+            n += Self::seal(&self.cs, s, false, Written::Spilled);
         }
         n
     }

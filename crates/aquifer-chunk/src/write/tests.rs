@@ -126,6 +126,7 @@ fn written_blocks_enter_the_disk_tier_and_reads_then_need_no_store() {
         // RAM holds two blocks: the rest must come from the disk.
         cache_bytes: 2 * codec::stored_len(bs as usize),
         lower_tiers: crate::Tiers(vec![disk.clone()]),
+        cache_writes: crate::CacheWrites::All,
         ..no_compaction(bs)
     };
     let (cs, ino) = setup_on(store.clone(), cfg);
@@ -236,5 +237,44 @@ proptest! {
                 cs.compact(ino, 1).unwrap();
             }
         }
+    }
+}
+
+#[test]
+fn by_default_only_short_written_blocks_enter_the_disk_tier() {
+    use aquifer_cache::{DiskConfig, DiskTier, Tier};
+    let bs = 64 << 10;
+    for (keep, want) in [
+        (crate::CacheWrites::Small, 1),
+        (crate::CacheWrites::None, 0),
+        (crate::CacheWrites::All, 5),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = Arc::new(
+            DiskTier::open(
+                dir.path(),
+                DiskConfig {
+                    capacity: 64 << 20,
+                    free_ratio: 0.0,
+                    ..Default::default()
+                },
+            )
+            .unwrap(),
+        );
+        assert!(disk.wait_indexed(std::time::Duration::from_secs(10)));
+        let cfg = DataConfig {
+            lower_tiers: crate::Tiers(vec![disk.clone()]),
+            cache_writes: keep,
+            ..no_compaction(bs)
+        };
+        let (cs, ino) = setup_on(Arc::new(MemStore::new()), cfg);
+        let w = FileWriter::new(cs.clone(), ino);
+        // Four full blocks (a checkpoint's) and a 100-byte tail.
+        let data: Vec<u8> = (0..(4 * bs + 100)).map(|i| (i * 13 % 251) as u8).collect();
+        w.write(0, &data).unwrap();
+        w.flush().unwrap();
+        disk.flush();
+        assert_eq!(disk.usage().entries, want, "{keep:?}");
+        assert_eq!(read_all(&cs, ino), data);
     }
 }

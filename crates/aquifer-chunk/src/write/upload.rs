@@ -76,25 +76,28 @@ struct Job {
     key: BlockKey,
     data: Bytes,
     held: Held,
+    /// Offer the block to the cache once stored.
+    cache: bool,
     done: Arc<Completion>,
 }
 
 impl Job {
     /// An upload, and the completion its uploader settles.
-    fn new(key: BlockKey, data: Bytes, held: Held) -> (Job, Arc<Completion>) {
+    fn new(key: BlockKey, data: Bytes, held: Held, cache: bool) -> (Job, Arc<Completion>) {
         let done = Completion::running();
         let job = Job {
             key,
             data,
             held,
+            cache,
             done: done.clone(),
         };
         (job, done)
     }
 }
 
-/// Told of every block stored, with the parts of its key, its key and the object stored
-/// (write-through to a cache).
+/// Told of every block stored that is to be offered to the cache, with the parts of its
+/// key, its key and the object stored (write-through to a cache).
 pub type OnStored = Arc<dyn Fn(&BlockKey, &str, &Bytes) + Send + Sync>;
 
 pub struct UploadPool {
@@ -111,6 +114,7 @@ fn execute(store: &dyn ObjectStore, buffers: &BufferPool, stored: Option<&OnStor
         key,
         data,
         held,
+        cache,
         done,
     } = job;
     let name = key.name();
@@ -125,7 +129,7 @@ fn execute(store: &dyn ObjectStore, buffers: &BufferPool, stored: Option<&OnStor
             // Its memory is accounted free before anyone learns it is done.
             drop(held);
             done.set(Outcome::Done);
-            if let Some(f) = stored {
+            if let Some(f) = stored.filter(|_| cache) {
                 f(&key, &name, &data);
             }
             // The store is done with the block: its buffer can hold the next.
@@ -171,16 +175,22 @@ impl UploadPool {
 
     /// Upload on the calling thread: for a caller about to wait for this one upload anyway
     /// (a flush with a single tail), two thread hand-offs fewer.
-    pub fn run_inline(&self, key: BlockKey, data: Bytes, held: Held) -> Arc<Completion> {
-        let (job, done) = Job::new(key, data, held);
+    pub fn run_inline(
+        &self,
+        key: BlockKey,
+        data: Bytes,
+        held: Held,
+        cache: bool,
+    ) -> Arc<Completion> {
+        let (job, done) = Job::new(key, data, held, cache);
         execute(&*self.store, &self.buffers, self.stored.as_ref(), job);
         done
     }
 
     /// Queue an upload of `data` (holding `held` of the budget until it is stored); blocks
     /// while the queue is full.
-    pub fn submit(&self, key: BlockKey, data: Bytes, held: Held) -> Arc<Completion> {
-        let (job, done) = Job::new(key, data, held);
+    pub fn submit(&self, key: BlockKey, data: Bytes, held: Held, cache: bool) -> Arc<Completion> {
+        let (job, done) = Job::new(key, data, held, cache);
         if let Err(job) = self.workers.send(job) {
             done.set(Outcome::Failed(
                 "upload pool is shut down".into(),
@@ -209,13 +219,13 @@ mod tests {
         let pool =
             UploadPool::new(store.clone(), 1, 4, Arc::new(BufferPool::new(16, 2)), None).unwrap();
         store.set_panic(true);
-        let c = pool.submit(key(1), Bytes::from_static(b"x"), Held::default());
+        let c = pool.submit(key(1), Bytes::from_static(b"x"), Held::default(), false);
         let e = c.wait().unwrap_err();
         assert!(e.contains("panicked"), "{e}");
         // The object is kept for a retry, and the same (only) thread serves the next upload.
         assert!(c.failed_object().is_some());
         store.set_panic(false);
-        let c = pool.submit(key(2), Bytes::from_static(b"y"), Held::default());
+        let c = pool.submit(key(2), Bytes::from_static(b"y"), Held::default(), false);
         c.wait().unwrap();
     }
 
@@ -228,13 +238,13 @@ mod tests {
         let held = budget.try_acquire(60).unwrap();
         assert!(budget.try_acquire(60).is_none(), "over the cap");
         store.set_refuse_writes(true);
-        let c = pool.submit(key(3), Bytes::from_static(b"z"), held);
+        let c = pool.submit(key(3), Bytes::from_static(b"z"), held, false);
         assert!(c.wait().is_err());
         // A failed upload keeps its bytes (and their budget) for a retry.
         assert_eq!(budget.used(), 60);
         let (data, held) = c.take_failed().unwrap();
         store.set_refuse_writes(false);
-        pool.submit(key(3), data, held).wait().unwrap();
+        pool.submit(key(3), data, held, false).wait().unwrap();
         assert_eq!(budget.used(), 0);
         // With nothing held, even a request larger than the cap goes through.
         assert!(budget.try_acquire(1000).is_some());
