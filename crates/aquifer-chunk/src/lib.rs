@@ -72,16 +72,16 @@ pub struct DataConfig {
 /// Which written blocks enter the disk cache tiers on their way to the store.
 ///
 /// A checkpoint is rarely read back on the node that wrote it: its blocks would only take
-/// the cache's room from the blocks training reads keep hitting. Small files and the tails
-/// of files — the last block of a slice, stored when the file is closed or synced — are
-/// what a node that writes a dataset reads back, and cost little room; they are kept by
-/// default. Not kept by default either: a large write's full blocks, and the partial blocks
-/// a writer stores early to free memory (a burst of concurrent writers makes many).
+/// the cache's room from the blocks training reads keep hitting. Small files — written
+/// within their first block, stored when the file is closed or synced — are what a node
+/// that writes a dataset reads back, and cost little room; they are kept
+/// by default. Not kept by default: a large write's full blocks, its tail, and the partial
+/// blocks a writer stores early to free memory (a burst of concurrent writers makes many).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum CacheWrites {
     /// None: written blocks go to the store only.
     None,
-    /// The last block of each slice (small files, file tails).
+    /// Writes within a file's first block (small files).
     #[default]
     Small,
     /// Every written block.

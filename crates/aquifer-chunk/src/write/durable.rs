@@ -81,7 +81,15 @@ impl FileWriter {
         let inline = list.iter().filter(|s| !s.tail.is_empty()).count() == 1;
         for s in list.iter_mut() {
             Self::retry_failed(&self.cs, s);
-            Self::seal(&self.cs, s, inline, Written::Last);
+            // A slice within the file's first block is (part of) a small file: what a node
+            // that writes a dataset reads back. A short slice further on is a piece of a
+            // large write (cut short by a spill or a flush), and a large slice's tail too.
+            let kind = if idx == 0 && s.pos + s.len <= self.cs.block_size() {
+                Written::Last
+            } else {
+                Written::Tail
+            };
+            Self::seal(&self.cs, s, inline, kind);
         }
         let mut failed = None;
         for u in list.iter().flat_map(|s| &s.uploads) {

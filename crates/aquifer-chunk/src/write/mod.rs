@@ -45,8 +45,11 @@ pub enum Written {
     /// The partial last block of a slice, stored early to free memory (the slice goes on
     /// in a new one).
     Spilled,
-    /// The last block of a slice, stored at its flush (close, fsync): a small file's only
-    /// block, a file's tail.
+    /// The last block of any other slice, stored at its flush (close, fsync): a large
+    /// file's tail, or a piece of a large write cut short.
+    Tail,
+    /// The one block of a slice within the file's first block, stored at its flush: a
+    /// small file.
     Last,
 }
 

@@ -241,13 +241,13 @@ proptest! {
 }
 
 #[test]
-fn by_default_only_short_written_blocks_enter_the_disk_tier() {
+fn by_default_only_small_writes_enter_the_disk_tier() {
     use aquifer_cache::{DiskConfig, DiskTier, Tier};
     let bs = 64 << 10;
     for (keep, want) in [
         (crate::CacheWrites::Small, 1),
         (crate::CacheWrites::None, 0),
-        (crate::CacheWrites::All, 5),
+        (crate::CacheWrites::All, 6),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let disk = Arc::new(
@@ -269,9 +269,12 @@ fn by_default_only_short_written_blocks_enter_the_disk_tier() {
         };
         let (cs, ino) = setup_on(Arc::new(MemStore::new()), cfg);
         let w = FileWriter::new(cs.clone(), ino);
-        // Four full blocks (a checkpoint's) and a 100-byte tail.
-        let data: Vec<u8> = (0..(4 * bs + 100)).map(|i| (i * 13 % 251) as u8).collect();
-        w.write(0, &data).unwrap();
+        // A small write (one block of 100 bytes, closed), then a large one (a checkpoint's:
+        // four full blocks and a tail).
+        let data: Vec<u8> = (0..(4 * bs + 200)).map(|i| (i * 13 % 251) as u8).collect();
+        w.write(0, &data[..100]).unwrap();
+        w.flush().unwrap();
+        w.write(100, &data[100..]).unwrap();
         w.flush().unwrap();
         disk.flush();
         assert_eq!(disk.usage().entries, want, "{keep:?}");
