@@ -142,12 +142,20 @@ impl ChunkStore {
         ws.push(Arc::downgrade(w));
     }
 
-    /// The budget cannot give `need` bytes: have the tails of the writers idle longest
-    /// uploaded until that much is on its way, then wait a little for uploads to finish.
+    /// The budget cannot give `need` bytes. Uploads queued or running give their bytes back
+    /// as they finish, so only what they cannot cover is made to move: the tails of the
+    /// writers idle longest are uploaded until it is. Then wait a little for uploads to finish.
+    ///
+    /// Sealing a tail early cuts its slice short: the writer goes on in a new slice, the
+    /// store gets a short object and one more later, and the chunk a slice more to read and
+    /// compact. With several writers at once (a checkpoint's ranks) the budget is mostly
+    /// full blocks on their way, and waiting for them is both cheaper and as quick.
     pub(crate) fn make_room(&self, need: usize) {
         {
             let _one = self.spilling.lock();
-            if self.budget.used() + need > self.budget.cap() {
+            let short = (self.budget.used() + need).saturating_sub(self.budget.cap());
+            let still = short.saturating_sub(self.uploads.moving());
+            if still > 0 {
                 let mut ws: Vec<Arc<FileWriter>> = {
                     let mut reg = self.writers.lock();
                     reg.retain(|w| w.strong_count() > 0);
@@ -156,7 +164,7 @@ impl ChunkStore {
                 ws.sort_by_key(|w| w.last_write.load(Ordering::Relaxed));
                 let mut moving = 0;
                 for w in ws {
-                    if moving >= need {
+                    if moving >= still {
                         break;
                     }
                     moving += w.spill();

@@ -105,6 +105,59 @@ fn many_open_writers_stay_within_the_write_budget() {
 }
 
 #[test]
+fn concurrent_sequential_writers_wait_for_uploads_rather_than_cut_their_slices() {
+    // Four ranks of a checkpoint on a slow store, the budget room for about eight blocks:
+    // it is mostly full blocks on their way, and a writer short of room waits for them.
+    // Sealing the others' tails instead cut every file into short slices and short objects.
+    let bs = 64 << 10;
+    let mem = Arc::new(MemStore::new());
+    let store = Arc::new(aquifer_object::FaultStore::new(mem.clone()));
+    store.set_latency(std::time::Duration::from_millis(5));
+    let cfg = DataConfig {
+        write_buffer: 8 * codec::stored_len(bs as usize),
+        upload_threads: 4,
+        ..no_compaction(bs)
+    };
+    let (cs, _) = setup_on(store.clone(), cfg);
+    let ctx = Context::root();
+    let blocks = 24;
+    let ranks: Vec<_> = (0..4u8)
+        .map(|r| {
+            let name = format!("rank{r}");
+            let ino = cs
+                .meta()
+                .mknod(&ctx, ROOT_INO, name.as_bytes(), FileType::File, 0o644, 0, 0)
+                .unwrap()
+                .0;
+            let w = FileWriter::new(cs.clone(), ino);
+            std::thread::spawn(move || {
+                // Writes not aligned to blocks, as a serialiser's are.
+                let data: Vec<u8> = (0..blocks * bs as usize)
+                    .map(|i| (i % 253) as u8 ^ r)
+                    .collect();
+                for (i, part) in data.chunks(48 << 10).enumerate() {
+                    w.write((i * (48 << 10)) as u64, part).unwrap();
+                }
+                w.flush().unwrap();
+                (ino, data)
+            })
+        })
+        .collect();
+    for h in ranks {
+        let (ino, data) = h.join().unwrap();
+        assert_eq!(read_all(&cs, ino), data);
+        let slices = cs.meta().read_chunk(ino, 0).unwrap();
+        assert_eq!(
+            slices.len(),
+            1,
+            "rank's chunk cut into {} slices",
+            slices.len()
+        );
+    }
+    assert_eq!(mem.len(), 4 * blocks, "one object per full block");
+}
+
+#[test]
 fn written_blocks_enter_the_disk_tier_and_reads_then_need_no_store() {
     use aquifer_cache::{DiskConfig, DiskTier, Tier};
     let dir = tempfile::tempdir().unwrap();

@@ -11,6 +11,7 @@ use aquifer_object::ObjectStore;
 use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 enum Outcome {
@@ -105,6 +106,9 @@ pub struct UploadPool {
     store: Arc<dyn ObjectStore>,
     buffers: Arc<BufferPool>,
     stored: Option<OnStored>,
+    /// Budget bytes of the uploads queued or running: what the budget gets back without
+    /// anyone doing more than wait.
+    moving: Arc<AtomicUsize>,
 }
 
 /// Store one block and settle its completion: the budget is released and the buffer
@@ -159,10 +163,14 @@ impl UploadPool {
         buffers: Arc<BufferPool>,
         stored: Option<OnStored>,
     ) -> std::io::Result<UploadPool> {
+        let moving = Arc::new(AtomicUsize::new(0));
         let workers = {
             let (store, buffers, stored) = (store.clone(), buffers.clone(), stored.clone());
-            Workers::spawn("upload", threads, queue, move |job| {
-                execute(&*store, &buffers, stored.as_ref(), job)
+            let moving = moving.clone();
+            Workers::spawn("upload", threads, queue, move |job: Job| {
+                let n = job.held.bytes();
+                execute(&*store, &buffers, stored.as_ref(), job);
+                moving.fetch_sub(n, Ordering::SeqCst);
             })?
         };
         Ok(UploadPool {
@@ -170,7 +178,14 @@ impl UploadPool {
             store,
             buffers,
             stored,
+            moving,
         })
+    }
+
+    /// Budget bytes held by uploads queued or running now: the budget gets them back as
+    /// they finish (or keeps them, for a retry, if they fail).
+    pub fn moving(&self) -> usize {
+        self.moving.load(Ordering::SeqCst)
     }
 
     /// Upload on the calling thread: for a caller about to wait for this one upload anyway
@@ -191,7 +206,11 @@ impl UploadPool {
     /// while the queue is full.
     pub fn submit(&self, key: BlockKey, data: Bytes, held: Held, cache: bool) -> Arc<Completion> {
         let (job, done) = Job::new(key, data, held, cache);
+        let n = job.held.bytes();
+        // Counted before it is queued, so the worker's decrement never comes first.
+        self.moving.fetch_add(n, Ordering::SeqCst);
         if let Err(job) = self.workers.send(job) {
+            self.moving.fetch_sub(n, Ordering::SeqCst);
             done.set(Outcome::Failed(
                 "upload pool is shut down".into(),
                 job.data,
