@@ -192,6 +192,7 @@ impl ChunkStore {
             store.clone(),
             cache.clone(),
             cfg.prefetch_threads,
+            cfg.readahead_blocks as usize,
             cfg.compression,
         )
         .map_err(setup)?;

@@ -6,6 +6,11 @@
 //! same slice are fetched in the background, so the following requests are served from
 //! memory while the store works ahead. Random reads bypass all this and fetch only the
 //! segments they touch.
+//!
+//! What is fetched ahead waits in the RAM tier's window for new blocks until its reader
+//! comes; a block pushed out of it before then is fetched again. So the blocks fetched
+//! ahead and not read yet are bounded for all readers together, not per reader: sixteen
+//! shards restored at once each asking eight blocks ahead made 985 GETs for 256 blocks.
 
 use super::fetch_block;
 use crate::store::codec::Compression;
@@ -26,6 +31,10 @@ pub struct Prefetcher {
     workers: Workers<(String, usize)>,
     cache: Arc<Cache>,
     inflight: Arc<Mutex<HashSet<String>>>,
+    /// Blocks fetched (or being fetched) ahead whose reader has not come yet, at most
+    /// `window` of them.
+    unread: Mutex<HashSet<String>>,
+    window: usize,
     /// End offset of the last read, per inode: the next read starting there is sequential.
     last_end: Mutex<HashMap<Ino, u64>>,
     /// The visible slices of the chunk ahead of each sequential reader, looked up once per
@@ -34,10 +43,13 @@ pub struct Prefetcher {
 }
 
 impl Prefetcher {
+    /// `window`: blocks fetched ahead and not read yet, for all readers together (what the
+    /// RAM tier keeps of new blocks until they are read).
     pub fn new(
         store: Arc<dyn ObjectStore>,
         cache: Arc<Cache>,
         threads: usize,
+        window: usize,
         c: Compression,
     ) -> std::io::Result<Prefetcher> {
         let inflight = Arc::new(Mutex::new(HashSet::new()));
@@ -80,6 +92,8 @@ impl Prefetcher {
             workers,
             cache,
             inflight,
+            unread: Mutex::new(HashSet::new()),
+            window,
             last_end: Mutex::new(HashMap::new()),
             ahead: Mutex::new(HashMap::new()),
         })
@@ -126,22 +140,38 @@ impl Prefetcher {
     }
 
     /// Fetch `key` into RAM in the background (from a disk tier or the store) unless it is
-    /// there or already on its way; never blocks.
+    /// there or already on its way, or the window for blocks fetched ahead is full; never
+    /// blocks.
     pub fn request(&self, key: String, len: usize) {
-        let in_ram = self.cache.tiers().first().is_some_and(|t| t.contains(&key));
-        if in_ram || !self.inflight.lock().insert(key.clone()) {
+        let ram = self.cache.tiers().first();
+        if ram.is_some_and(|t| t.contains(&key)) {
             return;
+        }
+        {
+            let mut unread = self.unread.lock();
+            if unread.len() >= self.window {
+                // What is no longer in RAM or on its way (evicted, or its reader left)
+                // holds no room any more.
+                let inflight = self.inflight.lock();
+                unread.retain(|k| inflight.contains(k) || ram.is_some_and(|t| t.contains(k)));
+            }
+            if unread.len() >= self.window || !self.inflight.lock().insert(key.clone()) {
+                return;
+            }
+            unread.insert(key.clone());
         }
         if !self.workers.try_send((key.clone(), len)) {
             self.inflight.lock().remove(&key);
+            self.unread.lock().remove(&key);
         }
     }
 
     /// The reader has `key` (fetched it itself or found it cached): a request for it still
     /// queued is dropped. Run later, it would find the block evicted by then (the reader
-    /// has moved on) and fetch it a second time for nobody.
+    /// has moved on) and fetch it a second time for nobody. Its room in the window is free.
     pub fn cancel(&self, key: &str) {
         self.inflight.lock().remove(key);
+        self.unread.lock().remove(key);
     }
 }
 
@@ -156,6 +186,7 @@ mod tests {
             Arc::new(aquifer_object::MemStore::new()),
             c,
             1,
+            8,
             Compression::None,
         )
         .unwrap();
@@ -167,5 +198,51 @@ mod tests {
         // A jump far away is random, and so is the first read of another file mid-way.
         assert!(!p.observe(1, 100 << 20, 4096));
         assert!(!p.observe(2, 50 << 20, 4096));
+    }
+
+    #[test]
+    fn blocks_fetched_ahead_and_not_read_are_bounded_for_all_readers() {
+        use crate::store::{codec, keys::block_key};
+        let store = Arc::new(aquifer_object::MemStore::new());
+        let len = 1000;
+        let keys: Vec<String> = (0..6).map(|i| block_key(7 + i, 0, len)).collect();
+        for k in &keys {
+            store
+                .put(
+                    k,
+                    codec::seal_with(Compression::None, vec![1; len as usize]),
+                )
+                .unwrap();
+        }
+        let cache = Arc::new(Cache::memory(1 << 20));
+        let p = Prefetcher::new(store, cache.clone(), 2, 2, Compression::None).unwrap();
+        let settle = || {
+            while !p.inflight.lock().is_empty() {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        };
+        let cached = || keys.iter().filter(|k| cache.contains(k)).count();
+        // Six readers each ask for their next block: two are fetched, the rest wait for room.
+        for k in &keys {
+            p.request(k.clone(), len as usize);
+        }
+        settle();
+        assert_eq!(cached(), 2);
+        // A reader takes its block: its room goes to the next request.
+        p.cancel(&keys[0]);
+        for k in &keys {
+            p.request(k.clone(), len as usize);
+        }
+        settle();
+        assert_eq!(cached(), 3);
+        // A block evicted before its reader came holds no room either: asked again, it is
+        // fetched again, and the window is still full.
+        cache.tiers()[0].remove(&keys[1]);
+        for k in &keys {
+            p.request(k.clone(), len as usize);
+        }
+        settle();
+        assert!(cache.contains(&keys[1]));
+        assert_eq!(cached(), 3);
     }
 }
