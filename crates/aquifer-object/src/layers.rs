@@ -107,6 +107,11 @@ impl<S: ObjectStore> ObjectStore for Retrying<S> {
 /// A token bucket in bytes per second. Callers wait for tokens outside the lock; a request
 /// larger than the burst is let through once the bucket is full and then drives it negative,
 /// so the long-run rate holds for any request size.
+///
+/// The burst is a tenth of a second's worth (at least one 4 MiB block): a limit is there so
+/// that a checkpoint leaves the reads beside it their share, and a second's worth at full
+/// speed at the start of every burst (100 MiB at `--upload-limit 100`) took that share away
+/// when it mattered most, as eight ranks began at once.
 pub struct TokenBucket {
     rate: f64,
     burst: f64,
@@ -118,8 +123,8 @@ impl TokenBucket {
         let rate = bytes_per_sec.max(1) as f64;
         Arc::new(TokenBucket {
             rate,
-            burst: rate.max(4.0 * 1024.0 * 1024.0),
-            state: Mutex::new((rate, Instant::now())),
+            burst: (rate / 10.0).max(4.0 * 1024.0 * 1024.0),
+            state: Mutex::new(((rate / 10.0).max(4.0 * 1024.0 * 1024.0), Instant::now())),
         })
     }
 
@@ -278,7 +283,7 @@ mod tests {
 
     #[test]
     fn token_bucket_holds_the_rate() {
-        // 8 MiB/s with a 8 MiB burst: 24 MiB take at least ~2 s after the burst.
+        // 8 MiB/s with a 4 MiB burst (one block): 24 MiB take at least 2.5 s.
         let b = TokenBucket::new(8 << 20);
         let start = Instant::now();
         for _ in 0..24 {
@@ -286,6 +291,20 @@ mod tests {
         }
         let took = start.elapsed();
         assert!(took >= Duration::from_millis(1800), "{took:?}");
+    }
+
+    #[test]
+    fn an_idle_token_bucket_lets_through_a_tenth_of_a_second_not_a_second() {
+        // 80 MiB/s: the burst is 8 MiB, so 24 MiB take at least 0.2 s (not 0: a second's
+        // worth, 80 MiB, would let them all through at once).
+        let b = TokenBucket::new(80 << 20);
+        std::thread::sleep(Duration::from_millis(300));
+        let start = Instant::now();
+        for _ in 0..24 {
+            b.acquire(1 << 20);
+        }
+        let took = start.elapsed();
+        assert!(took >= Duration::from_millis(180), "{took:?}");
     }
 
     crate::object_conformance!((
