@@ -96,7 +96,8 @@ pub(crate) struct MountArgs {
     /// taken by another mount, the next free one of the 9 after it.
     #[arg(long, default_value = "127.0.0.1:9567")]
     metrics: String,
-    /// Blocks fetched ahead of each sequential reader (default: --max-downloads, 2 to 32).
+    /// Blocks fetched ahead of sequential readers, all readers of the mount together
+    /// (default: --max-downloads, 2 to 32; at most what half the RAM cache holds).
     #[arg(long, value_parser = usize_in(0, 256))]
     prefetch: Option<usize>,
     /// Allow other users to access the mount (default when run as root).
