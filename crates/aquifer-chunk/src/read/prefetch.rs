@@ -22,6 +22,10 @@ use parking_lot::Mutex;
 use std::collections::{HashMap, HashSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long a block fetched ahead keeps its room in the window waiting for its reader.
+const UNREAD_FOR: Duration = Duration::from_secs(10);
 
 /// A chunk index and its visible slices.
 type ChunkAhead = (u32, Arc<Vec<Slice>>);
@@ -32,9 +36,11 @@ pub struct Prefetcher {
     cache: Arc<Cache>,
     inflight: Arc<Mutex<HashSet<String>>>,
     /// Blocks fetched (or being fetched) ahead whose reader has not come yet, at most
-    /// `window` of them.
-    unread: Mutex<HashSet<String>>,
+    /// `window` of them, with when they were asked for.
+    unread: Mutex<HashMap<String, Instant>>,
     window: usize,
+    /// [`UNREAD_FOR`]; shorter in tests.
+    unread_for: Duration,
     /// End offset of the last read, per inode: the next read starting there is sequential.
     last_end: Mutex<HashMap<Ino, u64>>,
     /// The visible slices of the chunk ahead of each sequential reader, looked up once per
@@ -92,8 +98,9 @@ impl Prefetcher {
             workers,
             cache,
             inflight,
-            unread: Mutex::new(HashSet::new()),
+            unread: Mutex::new(HashMap::new()),
             window,
+            unread_for: UNREAD_FOR,
             last_end: Mutex::new(HashMap::new()),
             ahead: Mutex::new(HashMap::new()),
         })
@@ -150,15 +157,20 @@ impl Prefetcher {
         {
             let mut unread = self.unread.lock();
             if unread.len() >= self.window {
-                // What is no longer in RAM or on its way (evicted, or its reader left)
-                // holds no room any more.
+                // What is no longer in RAM or on its way (evicted) holds no room any more,
+                // nor what waited longer than a reader would (it read a file's head and
+                // left: on an idle cache nothing would push its blocks out).
+                let now = Instant::now();
                 let inflight = self.inflight.lock();
-                unread.retain(|k| inflight.contains(k) || ram.is_some_and(|t| t.contains(k)));
+                unread.retain(|k, asked| {
+                    now.duration_since(*asked) < self.unread_for
+                        && (inflight.contains(k) || ram.is_some_and(|t| t.contains(k)))
+                });
             }
             if unread.len() >= self.window || !self.inflight.lock().insert(key.clone()) {
                 return;
             }
-            unread.insert(key.clone());
+            unread.insert(key.clone(), Instant::now());
         }
         if !self.workers.try_send((key.clone(), len)) {
             self.inflight.lock().remove(&key);
@@ -244,5 +256,43 @@ mod tests {
         settle();
         assert!(cache.contains(&keys[1]));
         assert_eq!(cached(), 3);
+    }
+
+    #[test]
+    fn blocks_fetched_ahead_for_a_reader_that_left_free_their_room_in_time() {
+        use crate::store::{codec, keys::block_key};
+        let store = Arc::new(aquifer_object::MemStore::new());
+        let len = 1000;
+        let keys: Vec<String> = (0..4).map(|i| block_key(7 + i, 0, len)).collect();
+        for k in &keys {
+            store
+                .put(
+                    k,
+                    codec::seal_with(Compression::None, vec![1; len as usize]),
+                )
+                .unwrap();
+        }
+        // A cache with room to spare: nothing will push the first two blocks out.
+        let cache = Arc::new(Cache::memory(1 << 20));
+        let mut p = Prefetcher::new(store, cache.clone(), 1, 2, Compression::None).unwrap();
+        p.unread_for = std::time::Duration::from_millis(50);
+        let settle = || {
+            while !p.inflight.lock().is_empty() {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        };
+        p.request(keys[0].clone(), len as usize);
+        p.request(keys[1].clone(), len as usize);
+        settle();
+        // Their reader never comes: the window is full for now...
+        p.request(keys[2].clone(), len as usize);
+        settle();
+        assert!(!cache.contains(&keys[2]));
+        // ...and free once they waited longer than a reader would.
+        std::thread::sleep(std::time::Duration::from_millis(80));
+        p.request(keys[2].clone(), len as usize);
+        p.request(keys[3].clone(), len as usize);
+        settle();
+        assert!(cache.contains(&keys[2]) && cache.contains(&keys[3]));
     }
 }
