@@ -18,10 +18,9 @@
 # All of it with no upload limit on C, then with LIMIT MiB/s. The aquifer-checkpoint
 # StorageClass sets upload-limit=800 for a production node; the S3 server here takes only
 # ~400-550 MiB/s of PUTs, so the limit is scaled down to LIMIT (default 100 MiB/s). JuiceFS's
-# --upload-limit counts Mbps (10^6 bits/s): LIMIT is converted (100 MiB/s = 839 Mbps) so both
-# are set to the same bytes per second. JuiceFS lets only 85 % of its limit through (it
-# allows for HTTP overheads), ~85 MiB/s of blocks here; JFS_LIMIT=987 (Mbps) would hold it
-# to the 100 MiB/s of blocks that aquifer's limit lets through.
+# --upload-limit counts Mbps (10^6 bits/s) and lets only 85 % of it through as blocks (it
+# allows for HTTP overheads): LIMIT is converted so that both move the same bytes of blocks
+# per second (100 MiB/s = 839 Mbps / 0.85 = 987 Mbps); JFS_LIMIT (Mbps) overrides it.
 # The requirement: with the limit, the epoch keeps at least 80 % of its speed alone while a
 # burst runs; with none, uploads and reads share the bandwidth fairly.
 # Prints a markdown table (per variant, and each daemon's peak RSS on C) with ratios.
@@ -43,7 +42,7 @@ command -v s3s-fs >/dev/null || "$root/scripts/install-deps.sh" --test
 to_bytes() { python3 -c "import sys; s=sys.argv[1]; u={'K':10,'M':20,'G':30}.get(s[-1]); print(int(s[:-1]) << u if u else int(s))" "$1"; }
 shard_bytes=$(to_bytes "$SHARD")
 file_bytes=$(to_bytes "$FILESIZE")
-jfs_limit=${JFS_LIMIT:-$(python3 -c "print(round($LIMIT * 2**20 * 8 / 1e6))")}
+jfs_limit=${JFS_LIMIT:-$(python3 -c "print(round($LIMIT * 2**20 * 8 / 1e6 / 0.85))")}
 
 rm -rf "$work"; mkdir -p "$work"/{src,mnt,cache,log,meta}
 # Room for the shards (in the store and in C's cache after the restore, and some of a
