@@ -168,7 +168,7 @@ note "upload limit 0: $during of 202 files read while every rank was still writi
 [ "$during" -ge 3 ] || fail "upload limit 0: only $during files were read while the burst ran"
 
 # --upload-limit 50: the burst lasts at least its size over the limit (less the token
-# bucket's first second), sized here to three times the reader's pass alone and 3 s more:
+# bucket's burst, a tenth of a second's worth), sized here to three times the reader's pass alone and 3 s more:
 # the reader, given its share, is done first.
 limit=50
 mib=$(awk -v a="$alone" -v l=$limit -v n=$N 'BEGIN {m = int(l * (3 * a + 4) / n) + 1; print (m < 32 ? 32 : m)}')

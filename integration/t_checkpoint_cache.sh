@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # A checkpoint burst — shards of full blocks, fsynced, three times the cache disk's size —
 # written while a reader keeps re-reading a small hot set: the burst's blocks stay out of
-# the disk cache (--cache-writes small, the default, keeps only blocks shorter than a full
-# one), and afterwards the hot set is still served with the object store stopped. With
+# the disk cache (--cache-writes small, the default, keeps only the blocks of files smaller
+# than one block, stored at close or fsync), and afterwards the hot set is still served with the object store stopped. With
 # --cache-writes all, written full blocks are cached: the option does what it says.
 source "$(dirname "$0")/lib.sh"
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -33,12 +33,14 @@ reader=$!
 sleep 1
 
 # The burst: four ranks, each its shard, fsynced (192 MiB, three times the cache).
+writers=()
 for i in 1 2 3 4; do
   dd if="$WORK/shard$i" of="$MP/ckpt/shard$i" bs=1M conv=fsync status=none &
+  writers+=($!)
 done
-wait $(jobs -p | grep -v "^$reader$") 2>/dev/null || true
+for p in "${writers[@]}"; do wait "$p" || { touch "$WORK/stop"; fail "a checkpoint writer failed"; }; done
 touch "$WORK/stop"
-wait "$reader"
+wait "$reader" || fail "the hot-set reader failed during the burst"
 
 out=$("$AQUIFER" warmup --check "$MP/ckpt")
 note "checkpoint in the disk cache: $out"

@@ -95,7 +95,8 @@ acked=$(grep -c ' ok$' "$WORK/results" || true)
 errored=$(grep -c ' error ' "$WORK/results" || true)
 note "$N writers x $MIB MiB fsynced in $((ms / 1000)).$((ms % 1000 / 100))s: $acked acknowledged, $errored errors$(grep ' error ' "$WORK/results" | head -3 | sed 's/^/; /' | tr -d '\n')"
 [ $((acked + errored)) -eq $N ] || fail "$((acked + errored)) of $N shards reported: $(cat "$WORK/results")"
-[ "$acked" -gt 0 ] || fail "no shard was acknowledged"
+# A tenth of requests failing is what the retries are for: every shard is acknowledged.
+[ "$acked" -eq $N ] || fail "only $acked of $N shards acknowledged through retried faults: $(cat "$WORK/results")"
 recount
 put_faults=$(faults injected.PUT)
 note "faults injected on PUTs while writing: $put_faults of $(faults requests.PUT) PUTs"

@@ -64,8 +64,8 @@ pub(crate) struct MountArgs {
     /// Keep at least this share of each cache disk free, evicting if others fill it.
     #[arg(long, default_value_t = 0.1, value_parser = parse_ratio)]
     free_space_ratio: f64,
-    /// Which written blocks the cache disks keep on their way to the store: `small` (files no
-    /// larger than one block), `all`, or `none`.
+    /// Which written blocks the cache disks keep on their way to the store: `small` (files
+    /// smaller than one block, stored at close or fsync), `all`, or `none`.
     /// A checkpoint's full blocks are rarely read back on the node that wrote them; kept,
     /// they would take the room of the blocks training reads hit.
     #[arg(long, default_value = "small", value_parser = aquifer_chunk::CacheWrites::parse)]

@@ -141,7 +141,7 @@ impl ChunkStore {
             let len = (s.end() - at).min(bs) as usize;
             let mut buf = self.buffers.take();
             buf.resize(len, 0);
-            self.read_slices(slices, at, &mut buf, false)?;
+            self.read_slices(slices, at, &mut buf, None)?;
             self.store
                 .put(&key, codec::seal_with(self.cfg.compression, buf))?;
         }

@@ -52,7 +52,8 @@ impl ChunkStore {
             let cpos = pos % CHUNK_SIZE;
             let n = (CHUNK_SIZE - cpos).min(end - pos) as usize;
             let dst_off = (pos - off) as usize;
-            self.read_chunk(ino, idx, cpos as u32, &mut out[dst_off..dst_off + n], seq)?;
+            let ahead = seq.then_some(ino);
+            self.read_chunk(ino, idx, cpos as u32, &mut out[dst_off..dst_off + n], ahead)?;
             pos += n as u64;
         }
         if seq {
@@ -91,12 +92,20 @@ impl ChunkStore {
             for bidx in a / bs..b.div_ceil(bs) {
                 let len = (s.size - bidx * bs).min(bs);
                 self.prefetch
-                    .request(block_key(s.id, bidx, len), len as usize);
+                    .request(ino, block_key(s.id, bidx, len), len as usize);
             }
         }
     }
 
-    fn read_chunk(&self, ino: Ino, idx: u32, cpos: u32, dst: &mut [u8], seq: bool) -> Result<()> {
+    /// `ahead`: the file whose sequential reader this is, to read ahead for.
+    fn read_chunk(
+        &self,
+        ino: Ino,
+        idx: u32,
+        cpos: u32,
+        dst: &mut [u8],
+        ahead: Option<Ino>,
+    ) -> Result<()> {
         let mut attempt = 0;
         loop {
             let slices = if attempt == 0 {
@@ -104,7 +113,7 @@ impl ChunkStore {
             } else {
                 self.meta.read_chunk_fresh(ino, idx)?
             };
-            match self.read_slices(&slices, cpos, dst, seq) {
+            match self.read_slices(&slices, cpos, dst, ahead) {
                 // A compaction (here or on another mount) may have freed the blocks we were
                 // about to read: the slice list has changed, so read it again, fresh.
                 Err(DataError::Object(e)) if e.is_not_found() && attempt < 3 => attempt += 1,
@@ -113,13 +122,14 @@ impl ChunkStore {
         }
     }
 
-    /// Fill `dst` with chunk bytes `[cpos, cpos + dst.len())` as described by `slices`.
+    /// Fill `dst` with chunk bytes `[cpos, cpos + dst.len())` as described by `slices`,
+    /// reading ahead for the sequential reader of file `ahead` if there is one.
     pub(crate) fn read_slices(
         &self,
         slices: &[Slice],
         cpos: u32,
         dst: &mut [u8],
-        seq: bool,
+        ahead: Option<Ino>,
     ) -> Result<()> {
         dst.fill(0);
         let end = cpos + dst.len() as u32;
@@ -129,7 +139,7 @@ impl ChunkStore {
                 continue;
             }
             let d = &mut dst[(a - cpos) as usize..(b - cpos) as usize];
-            self.read_slice(s.id, s.size, s.off + (a - s.pos), d, seq)?;
+            self.read_slice(s.id, s.size, s.off + (a - s.pos), d, ahead)?;
         }
         Ok(())
     }
@@ -142,7 +152,7 @@ impl ChunkStore {
         size: u32,
         mut soff: u32,
         dst: &mut [u8],
-        seq: bool,
+        ahead: Option<Ino>,
     ) -> Result<()> {
         let bs = self.cfg.block_size;
         let mut done = 0usize;
@@ -152,14 +162,14 @@ impl ChunkStore {
             let blen = (size - bidx * bs).min(bs);
             let n = ((blen - boff) as usize).min(dst.len() - done);
             let key = block_key(id, bidx, blen);
-            self.read_block(&key, blen, boff, &mut dst[done..done + n], seq)?;
-            if seq {
+            self.read_block(&key, blen, boff, &mut dst[done..done + n], ahead.is_some())?;
+            if let Some(reader) = ahead {
                 self.prefetch.cancel(&key);
                 for next in bidx + 1..=bidx + self.cfg.readahead_blocks {
                     if next * bs < size {
                         let len = (size - next * bs).min(bs);
                         self.prefetch
-                            .request(block_key(id, next, len), len as usize);
+                            .request(reader, block_key(id, next, len), len as usize);
                     }
                 }
             }

@@ -27,6 +27,18 @@ use std::time::{Duration, Instant};
 /// How long a block fetched ahead keeps its room in the window waiting for its reader.
 const UNREAD_FOR: Duration = Duration::from_secs(10);
 
+/// How long a reader refused room in the window counts as one waiting for its share.
+const WAITING_FOR: Duration = Duration::from_secs(1);
+
+/// The blocks fetched ahead and not read yet, and the readers refused room lately.
+#[derive(Default)]
+struct Window {
+    /// Block key -> when, and for which reader, it was asked for.
+    unread: HashMap<String, (Instant, Ino)>,
+    /// Reader -> when it was last refused room.
+    waiting: HashMap<Ino, Instant>,
+}
+
 /// A chunk index and its visible slices.
 type ChunkAhead = (u32, Arc<Vec<Slice>>);
 
@@ -36,8 +48,8 @@ pub struct Prefetcher {
     cache: Arc<Cache>,
     inflight: Arc<Mutex<HashSet<String>>>,
     /// Blocks fetched (or being fetched) ahead whose reader has not come yet, at most
-    /// `window` of them, with when they were asked for.
-    unread: Mutex<HashMap<String, Instant>>,
+    /// `window` of them, with when and for which reader they were asked for.
+    unread: Mutex<Window>,
     window: usize,
     /// [`UNREAD_FOR`]; shorter in tests.
     unread_for: Duration,
@@ -98,7 +110,7 @@ impl Prefetcher {
             workers,
             cache,
             inflight,
-            unread: Mutex::new(HashMap::new()),
+            unread: Mutex::new(Window::default()),
             window,
             unread_for: UNREAD_FOR,
             last_end: Mutex::new(HashMap::new()),
@@ -146,35 +158,56 @@ impl Prefetcher {
         seq
     }
 
-    /// Fetch `key` into RAM in the background (from a disk tier or the store) unless it is
-    /// there or already on its way, or the window for blocks fetched ahead is full; never
-    /// blocks.
-    pub fn request(&self, key: String, len: usize) {
+    /// Fetch `key` into RAM in the background (from a disk tier or the store) for the
+    /// sequential reader of `reader`, unless it is there or already on its way, the window
+    /// for blocks fetched ahead is full, or this reader holds its share of it; never blocks.
+    ///
+    /// The share is the window split between the readers holding room in it, so a stream
+    /// that starts beside another gets read-ahead as the first one reads on, instead of
+    /// the first taking back each slot it frees.
+    pub fn request(&self, reader: Ino, key: String, len: usize) {
         let ram = self.cache.tiers().first();
-        if ram.is_some_and(|t| t.contains(&key)) {
+        if ram.is_some_and(|t| t.contains(&key)) || self.inflight.lock().contains(&key) {
             return;
         }
         {
-            let mut unread = self.unread.lock();
-            if unread.len() >= self.window {
-                // What is no longer in RAM or on its way (evicted) holds no room any more,
-                // nor what waited longer than a reader would (it read a file's head and
-                // left: on an idle cache nothing would push its blocks out).
-                let now = Instant::now();
+            let mut w = self.unread.lock();
+            let now = Instant::now();
+            if w.unread.len() >= self.window {
+                // What is no longer on its way nor in RAM (evicted) holds no room any more,
+                // nor what waits in RAM longer than a reader would (it read a file's head
+                // and left: on an idle cache nothing would push its blocks out).
                 let inflight = self.inflight.lock();
-                unread.retain(|k, asked| {
-                    now.duration_since(*asked) < self.unread_for
-                        && (inflight.contains(k) || ram.is_some_and(|t| t.contains(k)))
+                w.unread.retain(|k, (asked, _)| {
+                    inflight.contains(k)
+                        || (now.duration_since(*asked) < self.unread_for
+                            && ram.is_some_and(|t| t.contains(k)))
                 });
             }
-            if unread.len() >= self.window || !self.inflight.lock().insert(key.clone()) {
+            w.waiting
+                .retain(|_, at| now.duration_since(*at) < WAITING_FOR);
+            // The readers sharing the window: those holding room in it, those refused room
+            // lately, and this one.
+            let mut readers: Vec<Ino> = w.unread.values().map(|(_, r)| *r).collect();
+            let mine = readers.iter().filter(|r| **r == reader).count();
+            readers.extend(w.waiting.keys().copied());
+            readers.push(reader);
+            readers.sort_unstable();
+            readers.dedup();
+            let share = (self.window / readers.len()).max(1);
+            if w.unread.len() >= self.window || mine >= share {
+                w.waiting.insert(reader, now);
                 return;
             }
-            unread.insert(key.clone(), Instant::now());
+            if !self.inflight.lock().insert(key.clone()) {
+                return;
+            }
+            w.waiting.remove(&reader);
+            w.unread.insert(key.clone(), (now, reader));
         }
         if !self.workers.try_send((key.clone(), len)) {
             self.inflight.lock().remove(&key);
-            self.unread.lock().remove(&key);
+            self.unread.lock().unread.remove(&key);
         }
     }
 
@@ -183,7 +216,7 @@ impl Prefetcher {
     /// has moved on) and fetch it a second time for nobody. Its room in the window is free.
     pub fn cancel(&self, key: &str) {
         self.inflight.lock().remove(key);
-        self.unread.lock().remove(key);
+        self.unread.lock().unread.remove(key);
     }
 }
 
@@ -235,23 +268,23 @@ mod tests {
         };
         let cached = || keys.iter().filter(|k| cache.contains(k)).count();
         // Six readers each ask for their next block: two are fetched, the rest wait for room.
-        for k in &keys {
-            p.request(k.clone(), len as usize);
+        for (r, k) in keys.iter().enumerate() {
+            p.request(r as Ino, k.clone(), len as usize);
         }
         settle();
         assert_eq!(cached(), 2);
         // A reader takes its block: its room goes to the next request.
         p.cancel(&keys[0]);
-        for k in &keys {
-            p.request(k.clone(), len as usize);
+        for (r, k) in keys.iter().enumerate() {
+            p.request(r as Ino, k.clone(), len as usize);
         }
         settle();
         assert_eq!(cached(), 3);
         // A block evicted before its reader came holds no room either: asked again, it is
         // fetched again, and the window is still full.
         cache.tiers()[0].remove(&keys[1]);
-        for k in &keys {
-            p.request(k.clone(), len as usize);
+        for (r, k) in keys.iter().enumerate() {
+            p.request(r as Ino, k.clone(), len as usize);
         }
         settle();
         assert!(cache.contains(&keys[1]));
@@ -275,24 +308,64 @@ mod tests {
         // A cache with room to spare: nothing will push the first two blocks out.
         let cache = Arc::new(Cache::memory(1 << 20));
         let mut p = Prefetcher::new(store, cache.clone(), 1, 2, Compression::None).unwrap();
-        p.unread_for = std::time::Duration::from_millis(50);
+        p.unread_for = std::time::Duration::from_secs(1);
         let settle = || {
             while !p.inflight.lock().is_empty() {
                 std::thread::sleep(std::time::Duration::from_millis(1));
             }
         };
-        p.request(keys[0].clone(), len as usize);
-        p.request(keys[1].clone(), len as usize);
+        p.request(1, keys[0].clone(), len as usize);
+        p.request(1, keys[1].clone(), len as usize);
         settle();
         // Their reader never comes: the window is full for now...
-        p.request(keys[2].clone(), len as usize);
+        p.request(1, keys[2].clone(), len as usize);
         settle();
         assert!(!cache.contains(&keys[2]));
         // ...and free once they waited longer than a reader would.
-        std::thread::sleep(std::time::Duration::from_millis(80));
-        p.request(keys[2].clone(), len as usize);
-        p.request(keys[3].clone(), len as usize);
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        p.request(1, keys[2].clone(), len as usize);
+        p.request(1, keys[3].clone(), len as usize);
         settle();
         assert!(cache.contains(&keys[2]) && cache.contains(&keys[3]));
+    }
+
+    #[test]
+    fn a_stream_that_starts_beside_another_gets_its_share_of_the_window() {
+        use crate::store::{codec, keys::block_key};
+        let store = Arc::new(aquifer_object::MemStore::new());
+        let len = 1000;
+        let a: Vec<String> = (0..6).map(|i| block_key(100, i, len)).collect();
+        let b: Vec<String> = (0..6).map(|i| block_key(200, i, len)).collect();
+        for k in a.iter().chain(&b) {
+            store
+                .put(
+                    k,
+                    codec::seal_with(Compression::None, vec![1; len as usize]),
+                )
+                .unwrap();
+        }
+        let cache = Arc::new(Cache::memory(1 << 20));
+        let p = Prefetcher::new(store, cache.clone(), 2, 4, Compression::None).unwrap();
+        let settle = || {
+            while !p.inflight.lock().is_empty() {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        };
+        // Reader 1 alone takes the whole window.
+        for k in &a[..4] {
+            p.request(1, k.clone(), len as usize);
+        }
+        settle();
+        p.request(2, b[0].clone(), len as usize);
+        settle();
+        assert!(!cache.contains(&b[0]), "the window was full");
+        // Reader 1 reads a block and asks for the next: it holds more than half of the
+        // window now that reader 2 waits, so the freed room goes to reader 2.
+        p.cancel(&a[0]);
+        p.request(1, a[4].clone(), len as usize);
+        p.request(2, b[0].clone(), len as usize);
+        settle();
+        assert!(!cache.contains(&a[4]));
+        assert!(cache.contains(&b[0]));
     }
 }

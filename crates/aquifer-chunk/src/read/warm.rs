@@ -59,7 +59,7 @@ impl ChunkStore {
                 let idx = (pos / CHUNK_SIZE) as u32;
                 let cpos = pos % CHUNK_SIZE;
                 let n = (file_len - pos).min(piece).min(CHUNK_SIZE - cpos) as usize;
-                self.read_chunk(ino, idx, cpos as u32, &mut buf[..n], false)
+                self.read_chunk(ino, idx, cpos as u32, &mut buf[..n], None)
                     .map_err(|e| std::io::Error::other(e.to_string()))?;
                 w.write_all(&buf[..n])?;
                 pos += n as u64;

@@ -4,8 +4,8 @@
 //! Every byte a writer buffers — the tails of open slices, blocks queued for upload or being
 //! uploaded, blocks whose upload failed and are kept for a retry — is held against one
 //! [`Budget`] (half of `--buffer-size`). A writer that would go past it waits, never fails:
-//! it first has the oldest writers' tails sealed and uploaded
-//! ([`ChunkStore::make_room`]), then waits for uploads to finish and give their bytes back.
+//! for the uploads on their way to give their bytes back, and only if they cannot cover it,
+//! having the idlest writers' tails sealed and uploaded too ([`ChunkStore::make_room`]).
 
 use crate::write::FileWriter;
 use crate::ChunkStore;

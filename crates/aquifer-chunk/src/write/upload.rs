@@ -148,6 +148,15 @@ fn execute(store: &dyn ObjectStore, buffers: &BufferPool, stored: Option<&OnStor
     }
 }
 
+/// Takes `.1` bytes off the uploads' moving count when dropped.
+struct Moved<'a>(&'a AtomicUsize, usize);
+
+impl Drop for Moved<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(self.1, Ordering::SeqCst);
+    }
+}
+
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     p.downcast_ref::<&str>()
         .map(|s| s.to_string())
@@ -168,9 +177,11 @@ impl UploadPool {
             let (store, buffers, stored) = (store.clone(), buffers.clone(), stored.clone());
             let moving = moving.clone();
             Workers::spawn("upload", threads, queue, move |job: Job| {
-                let n = job.held.bytes();
+                // Given back however the job ends, a panic in the cache hook after the
+                // put included: a count left too high would have writers wait for bytes
+                // that never come instead of sealing idle tails.
+                let _moved = Moved(&moving, job.held.bytes());
                 execute(&*store, &buffers, stored.as_ref(), job);
-                moving.fetch_sub(n, Ordering::SeqCst);
             })?
         };
         Ok(UploadPool {
