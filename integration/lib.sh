@@ -2,6 +2,8 @@
 # shellcheck shell=bash
 set -euo pipefail
 : "${AQUIFER:?set AQUIFER to the aquifer binary}"
+# The repository, for scripts/ and integration/ helpers.
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 WORK=$(mktemp -d /tmp/aquifer-it.XXXXXX)
 # Daemon state a test does not name (the default disk cache of S3 volumes, logs) stays in
 # WORK and goes with it.
@@ -31,6 +33,22 @@ trap cleanup EXIT
 
 fail() { echo "FAIL: $*" >&2; exit 1; }
 note() { echo "  $*"; }
+
+# free_port: a TCP port free on 127.0.0.1 now.
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# own_s3_server: an S3 test server of the test's own (scripts/s3-server.sh, objects under
+# $S3_DIR/data) on a free port $S3_PORT, its keys in the environment; stopped at exit once
+# the mounts using it are gone (a test may stop and start it again in between).
+own_s3_server() {
+  S3_DIR=$WORK/s3
+  S3_PORT=$(free_port)
+  local s3=$ROOT/scripts/s3-server.sh
+  eval "$("$s3" start "$S3_DIR" "$S3_PORT")"
+  CLEANUPS+=("'$s3' stop '$S3_DIR'")
+}
 
 # new_volume NAME [FORMAT FLAGS...]: format a volume; sets META and BLOCKS (the directory
 # holding its block objects). With AQUIFER_TEST_STORAGE=s3 the blocks go to the S3 test

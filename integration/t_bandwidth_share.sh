@@ -6,25 +6,21 @@
 # 50 it also finishes its whole pass before the ranks finish theirs. How fast each side
 # goes is noted, not asserted (the benchmark records it).
 source "$(dirname "$0")/lib.sh"
-root=$(cd "$(dirname "$0")/.." && pwd)
-s3dir=$WORK/s3
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+own_s3_server
 writers=
 stop_all() {
   # Writers a failure left running are stopped before their files go.
   [ -z "$writers" ] || { kill "$writers" 2>/dev/null; wait "$writers" 2>/dev/null; } || true
-  "$root/scripts/s3-server.sh" stop "$s3dir"
   cleanup
 }
 trap stop_all EXIT
-eval "$("$root/scripts/s3-server.sh" start "$s3dir" "$port")"
 dropcaches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 now_ms() { echo $(($(date +%s%N) / 1000000)); }
 secs() { printf '%d.%d' $(($1 / 1000)) $(($1 % 1000 / 100)); }  # secs MS (MS >= 0)
 
 # Two volumes, each its own bucket on the one server: D holds the dataset, C the checkpoint.
-"$AQUIFER" format "rocksdb://$WORK/d/meta" data --storage s3 --bucket "http://127.0.0.1:$port/data" >/dev/null
-"$AQUIFER" format "rocksdb://$WORK/c/meta" ckpt --storage s3 --bucket "http://127.0.0.1:$port/ckpt" >/dev/null
+"$AQUIFER" format "rocksdb://$WORK/d/meta" data --storage s3 --bucket "http://127.0.0.1:$S3_PORT/data" >/dev/null
+"$AQUIFER" format "rocksdb://$WORK/c/meta" ckpt --storage s3 --bucket "http://127.0.0.1:$S3_PORT/ckpt" >/dev/null
 MPD=$WORK/dmnt MPC=$WORK/cmnt
 mount_d() { META=rocksdb://$WORK/d/meta mount_volume "$MPD" --cache-dir "$WORK/dcache"; DPID=$DAEMON_PID; }
 mount_c() { META=rocksdb://$WORK/c/meta mount_volume "$MPC" --cache-dir "$WORK/ccache" "$@"; CPID=$DAEMON_PID; }

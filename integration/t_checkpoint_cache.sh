@@ -5,13 +5,9 @@
 # than one block, stored at close or fsync), and afterwards the hot set is still served with the object store stopped. With
 # --cache-writes all, written full blocks are cached: the option does what it says.
 source "$(dirname "$0")/lib.sh"
-root=$(cd "$(dirname "$0")/.." && pwd)
-s3dir=$WORK/s3
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-trap '"$root/scripts/s3-server.sh" stop "$s3dir"; cleanup' EXIT
-eval "$("$root/scripts/s3-server.sh" start "$s3dir" "$port")"
+own_s3_server
 META=rocksdb://$WORK/v/meta
-"$AQUIFER" format "$META" ckpt --storage s3 --bucket "http://127.0.0.1:$port/ckpt" >/dev/null
+"$AQUIFER" format "$META" ckpt --storage s3 --bucket "http://127.0.0.1:$S3_PORT/ckpt" >/dev/null
 MP=$WORK/mnt
 CACHE=$WORK/cache
 dropcaches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
@@ -49,7 +45,7 @@ out=$("$AQUIFER" warmup --check "$MP/hot")
 note "hot set: $out"
 
 # The store goes away: the hot set is still read, from the cache.
-"$root/scripts/s3-server.sh" stop "$s3dir"
+"$ROOT/scripts/s3-server.sh" stop "$S3_DIR"
 dropcaches
 for i in $(seq 1 16); do
   timeout 60 cmp "$WORK/hot/f$i" "$MP/hot/f$i" || fail "hot f$i not served with the store stopped"
@@ -58,7 +54,7 @@ note "hot set served with the object store stopped"
 
 # --cache-writes all: written full blocks are cached on their way.
 umount_volume "$MP"
-eval "$("$root/scripts/s3-server.sh" start "$s3dir" "$port")"
+eval "$("$ROOT/scripts/s3-server.sh" start "$S3_DIR" "$S3_PORT")"
 mount_volume "$MP" --cache-dir "$CACHE" --cache-size 64M --cache-writes all
 # (Read back only now: reads are cached, as they should be.)
 for i in 1 2 3 4; do cmp "$WORK/shard$i" "$MP/ckpt/shard$i" || fail "shard$i differs"; done

@@ -7,25 +7,20 @@
 # for byte through the failing store, and again cold from it after a remount with the disk
 # cache emptied; the daemon's peak RSS stays within --buffer-size + --mem-cache-size + 64 MiB.
 source "$(dirname "$0")/lib.sh"
-root=$(cd "$(dirname "$0")/.." && pwd)
-s3dir=$WORK/s3
-freeport() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-port=$(freeport)
-pport=$(freeport)
+own_s3_server
+pport=$(free_port)
 proxy=
 stop_all() {
   # Waited for: it writes its counts into WORK as it exits.
   [ -z "$proxy" ] || { kill "$proxy" 2>/dev/null; wait "$proxy" 2>/dev/null; } || true
-  "$root/scripts/s3-server.sh" stop "$s3dir"
   cleanup
 }
 trap stop_all EXIT
-eval "$("$root/scripts/s3-server.sh" start "$s3dir" "$port")"
 
 # The proxy starts without faults: format probes the store once, without retries.
 FAULTS=$WORK/faults
 echo 0 >"$WORK/share"
-python3 "$root/integration/s3_fault_proxy.py" "$pport" "$port" "$FAULTS" \
+python3 "$ROOT/integration/s3_fault_proxy.py" "$pport" "$S3_PORT" "$FAULTS" \
   --seed "${FAULT_SEED:-24}" --control "$WORK/share" 2>"$WORK/proxy.log" &
 proxy=$!
 for _ in $(seq 1 50); do [ -s "$FAULTS" ] && break; sleep 0.1; done

@@ -3,11 +3,8 @@
 # succeed, or get an error from write/fsync/close; no acknowledged byte is lost, and everything
 # reads back intact, also after a remount. Bad S3 settings are one clear error line.
 source "$(dirname "$0")/lib.sh"
-root=$(cd "$(dirname "$0")/.." && pwd)
-s3dir=$WORK/s3
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-trap '"$root/scripts/s3-server.sh" stop "$s3dir"; cleanup' EXIT
-eval "$("$root/scripts/s3-server.sh" start "$s3dir" "$port")"
+own_s3_server
+root=$ROOT s3dir=$S3_DIR port=$S3_PORT
 url=http://127.0.0.1:$port
 
 # Bad settings: one line, exit 1, no secret in it.

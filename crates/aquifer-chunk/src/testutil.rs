@@ -58,6 +58,22 @@ pub(crate) fn setup_on(
     (ChunkStore::new(meta, store, cfg).unwrap(), ino)
 }
 
+/// A new empty file `name` in the root of `cs`'s volume.
+pub(crate) fn new_file(cs: &ChunkStore, name: &str) -> Ino {
+    cs.meta()
+        .mknod(
+            &Context::root(),
+            ROOT_INO,
+            name.as_bytes(),
+            FileType::File,
+            0o644,
+            0,
+            0,
+        )
+        .unwrap()
+        .0
+}
+
 pub(crate) fn read_all(cs: &ChunkStore, ino: Ino) -> Vec<u8> {
     let len = cs.meta().getattr(ino).unwrap().length;
     cs.read(ino, 0, len as usize, len).unwrap()

@@ -26,12 +26,7 @@ fn volume() -> (Arc<ChunkStore>, Arc<MemStore>) {
 }
 
 fn file(cs: &Arc<ChunkStore>, name: &str, data: &[u8]) -> Ino {
-    let ctx = Context::root();
-    let ino = cs
-        .meta()
-        .mknod(&ctx, ROOT_INO, name.as_bytes(), FileType::File, 0o644, 0, 0)
-        .unwrap()
-        .0;
+    let ino = crate::testutil::new_file(cs, name);
     let w = FileWriter::new(cs.clone(), ino);
     w.write(0, data).unwrap();
     w.flush().unwrap();

@@ -223,6 +223,7 @@ impl Prefetcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::{codec, keys::block_key};
 
     #[test]
     fn reads_near_the_last_end_are_sequential() {
@@ -245,126 +246,99 @@ mod tests {
         assert!(!p.observe(2, 50 << 20, 4096));
     }
 
-    #[test]
-    fn blocks_fetched_ahead_and_not_read_are_bounded_for_all_readers() {
-        use crate::store::{codec, keys::block_key};
+    /// Payload bytes of each test block.
+    const LEN: u32 = 1000;
+
+    /// A prefetcher of `threads` threads and a window of `window` blocks over a store
+    /// holding `keys` (blocks of `LEN` bytes), with a 1 MiB RAM cache (room to spare: only
+    /// a test evicts).
+    fn fixture(keys: &[String], threads: usize, window: usize) -> (Prefetcher, Arc<Cache>) {
         let store = Arc::new(aquifer_object::MemStore::new());
-        let len = 1000;
-        let keys: Vec<String> = (0..6).map(|i| block_key(7 + i, 0, len)).collect();
-        for k in &keys {
-            store
-                .put(
-                    k,
-                    codec::seal_with(Compression::None, vec![1; len as usize]),
-                )
-                .unwrap();
+        for k in keys {
+            let obj = codec::seal_with(Compression::None, vec![1; LEN as usize]);
+            store.put(k, obj).unwrap();
         }
         let cache = Arc::new(Cache::memory(1 << 20));
-        let p = Prefetcher::new(store, cache.clone(), 2, 2, Compression::None).unwrap();
-        let settle = || {
-            while !p.inflight.lock().is_empty() {
-                std::thread::sleep(std::time::Duration::from_millis(1));
-            }
-        };
-        let cached = || keys.iter().filter(|k| cache.contains(k)).count();
-        // Six readers each ask for their next block: two are fetched, the rest wait for room.
-        for (r, k) in keys.iter().enumerate() {
-            p.request(r as Ino, k.clone(), len as usize);
+        let p = Prefetcher::new(store, cache.clone(), threads, window, Compression::None).unwrap();
+        (p, cache)
+    }
+
+    /// Wait until no fetch is on its way.
+    fn settle(p: &Prefetcher) {
+        while !p.inflight.lock().is_empty() {
+            std::thread::sleep(std::time::Duration::from_millis(1));
         }
-        settle();
+    }
+
+    /// `n` block keys of slice `id`.
+    fn blocks(id: u64, n: u32) -> Vec<String> {
+        (0..n).map(|i| block_key(id, i, LEN)).collect()
+    }
+
+    #[test]
+    fn blocks_fetched_ahead_and_not_read_are_bounded_for_all_readers() {
+        let keys = blocks(7, 6);
+        let (p, cache) = fixture(&keys, 2, 2);
+        let cached = || keys.iter().filter(|k| cache.contains(k)).count();
+        let ask_all = || {
+            for (r, k) in keys.iter().enumerate() {
+                p.request(r as Ino, k.clone(), LEN as usize);
+            }
+            settle(&p);
+        };
+        // Six readers each ask for their next block: two are fetched, the rest wait for room.
+        ask_all();
         assert_eq!(cached(), 2);
         // A reader takes its block: its room goes to the next request.
         p.cancel(&keys[0]);
-        for (r, k) in keys.iter().enumerate() {
-            p.request(r as Ino, k.clone(), len as usize);
-        }
-        settle();
+        ask_all();
         assert_eq!(cached(), 3);
         // A block evicted before its reader came holds no room either: asked again, it is
         // fetched again, and the window is still full.
         cache.tiers()[0].remove(&keys[1]);
-        for (r, k) in keys.iter().enumerate() {
-            p.request(r as Ino, k.clone(), len as usize);
-        }
-        settle();
+        ask_all();
         assert!(cache.contains(&keys[1]));
         assert_eq!(cached(), 3);
     }
 
     #[test]
     fn blocks_fetched_ahead_for_a_reader_that_left_free_their_room_in_time() {
-        use crate::store::{codec, keys::block_key};
-        let store = Arc::new(aquifer_object::MemStore::new());
-        let len = 1000;
-        let keys: Vec<String> = (0..4).map(|i| block_key(7 + i, 0, len)).collect();
-        for k in &keys {
-            store
-                .put(
-                    k,
-                    codec::seal_with(Compression::None, vec![1; len as usize]),
-                )
-                .unwrap();
-        }
-        // A cache with room to spare: nothing will push the first two blocks out.
-        let cache = Arc::new(Cache::memory(1 << 20));
-        let mut p = Prefetcher::new(store, cache.clone(), 1, 2, Compression::None).unwrap();
+        let keys = blocks(7, 4);
+        let (mut p, cache) = fixture(&keys, 1, 2);
         p.unread_for = std::time::Duration::from_secs(1);
-        let settle = || {
-            while !p.inflight.lock().is_empty() {
-                std::thread::sleep(std::time::Duration::from_millis(1));
-            }
-        };
-        p.request(1, keys[0].clone(), len as usize);
-        p.request(1, keys[1].clone(), len as usize);
-        settle();
+        p.request(1, keys[0].clone(), LEN as usize);
+        p.request(1, keys[1].clone(), LEN as usize);
+        settle(&p);
         // Their reader never comes: the window is full for now...
-        p.request(1, keys[2].clone(), len as usize);
-        settle();
+        p.request(1, keys[2].clone(), LEN as usize);
+        settle(&p);
         assert!(!cache.contains(&keys[2]));
         // ...and free once they waited longer than a reader would.
         std::thread::sleep(std::time::Duration::from_millis(1100));
-        p.request(1, keys[2].clone(), len as usize);
-        p.request(1, keys[3].clone(), len as usize);
-        settle();
+        p.request(1, keys[2].clone(), LEN as usize);
+        p.request(1, keys[3].clone(), LEN as usize);
+        settle(&p);
         assert!(cache.contains(&keys[2]) && cache.contains(&keys[3]));
     }
 
     #[test]
     fn a_stream_that_starts_beside_another_gets_its_share_of_the_window() {
-        use crate::store::{codec, keys::block_key};
-        let store = Arc::new(aquifer_object::MemStore::new());
-        let len = 1000;
-        let a: Vec<String> = (0..6).map(|i| block_key(100, i, len)).collect();
-        let b: Vec<String> = (0..6).map(|i| block_key(200, i, len)).collect();
-        for k in a.iter().chain(&b) {
-            store
-                .put(
-                    k,
-                    codec::seal_with(Compression::None, vec![1; len as usize]),
-                )
-                .unwrap();
-        }
-        let cache = Arc::new(Cache::memory(1 << 20));
-        let p = Prefetcher::new(store, cache.clone(), 2, 4, Compression::None).unwrap();
-        let settle = || {
-            while !p.inflight.lock().is_empty() {
-                std::thread::sleep(std::time::Duration::from_millis(1));
-            }
-        };
+        let (a, b) = (blocks(100, 6), blocks(200, 6));
+        let (p, cache) = fixture(&[a.clone(), b.clone()].concat(), 2, 4);
         // Reader 1 alone takes the whole window.
         for k in &a[..4] {
-            p.request(1, k.clone(), len as usize);
+            p.request(1, k.clone(), LEN as usize);
         }
-        settle();
-        p.request(2, b[0].clone(), len as usize);
-        settle();
+        settle(&p);
+        p.request(2, b[0].clone(), LEN as usize);
+        settle(&p);
         assert!(!cache.contains(&b[0]), "the window was full");
         // Reader 1 reads a block and asks for the next: it holds more than half of the
         // window now that reader 2 waits, so the freed room goes to reader 2.
         p.cancel(&a[0]);
-        p.request(1, a[4].clone(), len as usize);
-        p.request(2, b[0].clone(), len as usize);
-        settle();
+        p.request(1, a[4].clone(), LEN as usize);
+        p.request(2, b[0].clone(), LEN as usize);
+        settle(&p);
         assert!(!cache.contains(&a[4]));
         assert!(cache.contains(&b[0]));
     }

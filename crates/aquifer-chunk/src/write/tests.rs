@@ -3,9 +3,9 @@
 
 use super::FileWriter;
 use crate::store::codec::{self, Compression};
-use crate::testutil::{no_compaction, read_all, setup, setup_on, setup_with};
+use crate::testutil::{new_file, no_compaction, read_all, setup, setup_on, setup_with};
 use crate::DataConfig;
-use aquifer_meta::{Context, FileType, CHUNK_SIZE, ROOT_INO};
+use aquifer_meta::{Context, CHUNK_SIZE};
 use aquifer_object::MemStore;
 use proptest::prelude::*;
 use std::collections::BTreeMap;
@@ -71,15 +71,9 @@ fn many_open_writers_stay_within_the_write_budget() {
         ..no_compaction(64 << 10)
     };
     let (cs, _) = setup_on(store, cfg);
-    let ctx = Context::root();
     let mut files = Vec::new();
     for i in 0..200 {
-        let name = format!("f{i}");
-        let ino = cs
-            .meta()
-            .mknod(&ctx, ROOT_INO, name.as_bytes(), FileType::File, 0o644, 0, 0)
-            .unwrap()
-            .0;
+        let ino = new_file(&cs, &format!("f{i}"));
         files.push((ino, FileWriter::new(cs.clone(), ino)));
     }
     let mut peak = 0;
@@ -119,16 +113,10 @@ fn concurrent_sequential_writers_wait_for_uploads_rather_than_cut_their_slices()
         ..no_compaction(bs)
     };
     let (cs, _) = setup_on(store.clone(), cfg);
-    let ctx = Context::root();
     let blocks = 24;
     let ranks: Vec<_> = (0..4u8)
         .map(|r| {
-            let name = format!("rank{r}");
-            let ino = cs
-                .meta()
-                .mknod(&ctx, ROOT_INO, name.as_bytes(), FileType::File, 0o644, 0, 0)
-                .unwrap()
-                .0;
+            let ino = new_file(&cs, &format!("rank{r}"));
             let w = FileWriter::new(cs.clone(), ino);
             std::thread::spawn(move || {
                 // Writes not aligned to blocks, as a serialiser's are.
@@ -157,9 +145,9 @@ fn concurrent_sequential_writers_wait_for_uploads_rather_than_cut_their_slices()
     assert_eq!(mem.len(), 4 * blocks, "one object per full block");
 }
 
-#[test]
-fn written_blocks_enter_the_disk_tier_and_reads_then_need_no_store() {
-    use aquifer_cache::{DiskConfig, DiskTier, Tier};
+/// A disk tier of 64 MiB in a directory of its own (kept while the guard lives), indexed.
+fn disk_tier() -> (tempfile::TempDir, Arc<aquifer_cache::DiskTier>) {
+    use aquifer_cache::{DiskConfig, DiskTier};
     let dir = tempfile::tempdir().unwrap();
     let disk = Arc::new(
         DiskTier::open(
@@ -173,6 +161,13 @@ fn written_blocks_enter_the_disk_tier_and_reads_then_need_no_store() {
         .unwrap(),
     );
     assert!(disk.wait_indexed(std::time::Duration::from_secs(10)));
+    (dir, disk)
+}
+
+#[test]
+fn written_blocks_enter_the_disk_tier_and_reads_then_need_no_store() {
+    use aquifer_cache::Tier;
+    let (_dir, disk) = disk_tier();
     let bs = 64 << 10;
     let store = Arc::new(aquifer_object::FaultStore::new(MemStore::new()));
     let cfg = DataConfig {
@@ -295,26 +290,14 @@ proptest! {
 
 #[test]
 fn by_default_only_small_writes_enter_the_disk_tier() {
-    use aquifer_cache::{DiskConfig, DiskTier, Tier};
+    use aquifer_cache::Tier;
     let bs = 64 << 10;
     for (keep, want) in [
         (crate::CacheWrites::Small, 1),
         (crate::CacheWrites::None, 0),
         (crate::CacheWrites::All, 6),
     ] {
-        let dir = tempfile::tempdir().unwrap();
-        let disk = Arc::new(
-            DiskTier::open(
-                dir.path(),
-                DiskConfig {
-                    capacity: 64 << 20,
-                    free_ratio: 0.0,
-                    ..Default::default()
-                },
-            )
-            .unwrap(),
-        );
-        assert!(disk.wait_indexed(std::time::Duration::from_secs(10)));
+        let (_dir, disk) = disk_tier();
         let cfg = DataConfig {
             lower_tiers: crate::Tiers(vec![disk.clone()]),
             cache_writes: keep,
