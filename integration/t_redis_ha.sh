@@ -10,7 +10,6 @@
 # - a password from META_PASSWORD: the mount works, the password is never printed.
 source "$(dirname "$0")/lib.sh"
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 # redis_node NAME PORT [ARGS...]: a redis-server in WORK/NAME, killed at exit.
 redis_node() {
   local name=$1 port=$2; shift 2

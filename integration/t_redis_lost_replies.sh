@@ -12,7 +12,6 @@
 source "$(dirname "$0")/lib.sh"
 here=$(cd "$(dirname "$0")" && pwd)
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 node() {  # node NAME PORT [ARGS...]
   local name=$1 port=$2; shift 2
   mkdir -p "$WORK/$name"
