@@ -65,12 +65,34 @@ pub(crate) fn start_server(port: u16, dir: &std::path::Path) -> Child {
     child
 }
 
+/// Remove the data directories of test servers whose test process is gone: a server dies
+/// with its process (PR_SET_PDEATHSIG), its directory would stay behind in /tmp.
+fn remove_dead_runs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("aquifer-redis-")
+            .and_then(|r| r.rsplit('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 fn server() -> &'static String {
     static URL: OnceLock<String> = OnceLock::new();
     URL.get_or_init(|| {
         if let Ok(u) = std::env::var("AQUIFER_TEST_REDIS") {
             return u;
         }
+        remove_dead_runs();
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("aquifer-redis-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
