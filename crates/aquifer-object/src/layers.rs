@@ -121,10 +121,12 @@ pub struct TokenBucket {
 impl TokenBucket {
     pub fn new(bytes_per_sec: u64) -> Arc<TokenBucket> {
         let rate = bytes_per_sec.max(1) as f64;
+        let burst = (rate / 10.0).max(4.0 * 1024.0 * 1024.0);
+        // Starts full: the first tenth of a second's worth goes at once.
         Arc::new(TokenBucket {
             rate,
-            burst: (rate / 10.0).max(4.0 * 1024.0 * 1024.0),
-            state: Mutex::new(((rate / 10.0).max(4.0 * 1024.0 * 1024.0), Instant::now())),
+            burst,
+            state: Mutex::new((burst, Instant::now())),
         })
     }
 
