@@ -318,11 +318,20 @@ impl Filesystem for AquiferFs {
                     }
                 }
                 if let Some(file) = &o.backing {
+                    // The version a live backing must match to be shared: the file's stamp
+                    // and the copy itself. A copy found damaged at this open is replaced by
+                    // a fresh one; a backing still live on the old copy (its last RELEASE
+                    // not in yet) must not be handed out for it, or the kernel reads the
+                    // damaged bytes.
+                    let mut version = o.backing_stamp.clone();
+                    if let Ok(m) = file.metadata() {
+                        use std::os::unix::fs::MetadataExt;
+                        version.extend_from_slice(&m.dev().to_le_bytes());
+                        version.extend_from_slice(&m.ino().to_le_bytes());
+                    }
                     let id = self
                         .backings
-                        .backing_for(&self.vfs, ino.0, &o.backing_stamp, || {
-                            reply.open_backing(file)
-                        });
+                        .backing_for(&self.vfs, ino.0, &version, || reply.open_backing(file));
                     if let Some(id) = id {
                         self.counters
                             .passthrough_opens

@@ -52,7 +52,7 @@ impl<B> Backings<B> {
             if let Some(id) = w.upgrade() {
                 if st.as_slice() != stamp {
                     // Documented in docs/semantics.md.
-                    tracing::warn!(ino, "file changed while open in passthrough; new opens fail until the old ones close");
+                    tracing::warn!(ino, "file or its copy changed while open in passthrough; new opens are served by the daemon until the old ones close");
                     return None;
                 }
                 return Some(id);
