@@ -64,6 +64,12 @@ pub trait Tier: Send + Sync {
     fn whole_put(&self, _key: &str, _stamp: &[u8], _len: u64, _fill: &mut Fill<'_>) -> bool {
         false
     }
+    /// Whether the tier is on another machine: asked only by the thread that fetches a
+    /// block for everyone, after the local tiers missed ([`Cache::get_or_fetch`]), never by
+    /// [`Cache::get`] or [`Cache::contains`], and skipped by [`Cache::get_or_fetch_local`].
+    fn remote(&self) -> bool {
+        false
+    }
 }
 
 /// Writes a whole file's bytes, in order, to the sink it is given.
@@ -143,9 +149,12 @@ impl Cache {
             .unwrap_or_default()
     }
 
-    /// The block from the first tier that has it; the tiers before it get a copy.
+    /// The block from the first local tier that has it; the tiers before it get a copy.
     pub fn get(&self, key: &str) -> Option<Block> {
         for (i, t) in self.tiers.iter().enumerate() {
+            if t.remote() {
+                continue;
+            }
             if let Some(b) = t.get(key) {
                 self.hits[i].0.fetch_add(1, Ordering::Relaxed);
                 for up in &self.tiers[..i] {
@@ -199,8 +208,14 @@ impl Cache {
         }
     }
 
+    /// Whether a local tier holds the block.
     pub fn contains(&self, key: &str) -> bool {
-        self.tiers.iter().any(|t| t.contains(key))
+        self.tiers.iter().any(|t| !t.remote() && t.contains(key))
+    }
+
+    /// Whether a tier is remote ([`Tier::remote`]).
+    pub fn has_remote(&self) -> bool {
+        self.tiers.iter().any(|t| t.remote())
     }
 
     /// Offer a block to every tier.
@@ -236,10 +251,47 @@ impl Cache {
     /// The cached block `key`, or the result of `fetch` run by exactly one of the threads
     /// asking for it at the same time: the kernel sends several read-ahead requests of one
     /// file at once, and a prefetcher may be fetching the block a reader has just reached.
-    /// A fetched block enters every tier.
+    /// A fetched block enters every tier. The thread that fetches asks the remote tiers
+    /// first ([`Tier::remote`]).
     pub fn get_or_fetch<E>(
         &self,
         key: &str,
+        fetch: impl FnOnce() -> Result<Block, E>,
+    ) -> Result<Block, E> {
+        self.fetch_once(key, true, fetch)
+    }
+
+    /// As [`Cache::get_or_fetch`], without asking the remote tiers: how a member of a peer
+    /// group serves the others (a member never forwards a request, so two members whose
+    /// views of the group differ cannot send one back and forth).
+    pub fn get_or_fetch_local<E>(
+        &self,
+        key: &str,
+        fetch: impl FnOnce() -> Result<Block, E>,
+    ) -> Result<Block, E> {
+        self.fetch_once(key, false, fetch)
+    }
+
+    /// The block from a remote tier that has it (counted as its hit); the local tiers get
+    /// a copy.
+    fn get_remote(&self, key: &str) -> Option<Block> {
+        for (i, t) in self.tiers.iter().enumerate() {
+            if !t.remote() {
+                continue;
+            }
+            if let Some(b) = t.get(key) {
+                self.hits[i].0.fetch_add(1, Ordering::Relaxed);
+                return Some(b);
+            }
+            self.hits[i].1.fetch_add(1, Ordering::Relaxed);
+        }
+        None
+    }
+
+    fn fetch_once<E>(
+        &self,
+        key: &str,
+        remote: bool,
         fetch: impl FnOnce() -> Result<Block, E>,
     ) -> Result<Block, E> {
         if let Some(b) = self.get(key) {
@@ -278,7 +330,10 @@ impl Cache {
             key,
             flight: &flight,
         };
-        let r = fetch();
+        let r = match remote.then(|| self.get_remote(key)).flatten() {
+            Some(b) => Ok(b),
+            None => fetch(),
+        };
         if let Ok(b) = &r {
             self.insert(key, b);
         }
@@ -372,6 +427,71 @@ mod tests {
         // A fetched block enters every tier.
         cache.get_or_fetch::<()>("f", || Ok(block(10, 4))).unwrap();
         assert!(ram.contains("f") && lower.contains("f"));
+    }
+
+    /// A tier that counts its lookups and answers from a map: another node's cache.
+    #[derive(Default)]
+    struct Remote {
+        held: Mutex<HashMap<String, Block>>,
+        asked: AtomicUsize,
+    }
+
+    impl Tier for Remote {
+        fn name(&self) -> String {
+            "remote".into()
+        }
+        fn get(&self, key: &str) -> Option<Block> {
+            self.asked.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            self.held.lock().get(key).cloned()
+        }
+        fn contains(&self, _key: &str) -> bool {
+            panic!("a remote tier is not asked whether it holds a block")
+        }
+        fn insert(&self, _key: &str, _block: &Block) {}
+        fn remove(&self, _key: &str) {}
+        fn usage(&self) -> Usage {
+            Usage::default()
+        }
+        fn remote(&self) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn a_remote_tier_is_asked_once_per_fetch_and_fills_the_local_ones() {
+        let ram = Arc::new(MemTier::new(1 << 20));
+        let remote = Arc::new(Remote::default());
+        remote.held.lock().insert("k".into(), block(10, 9));
+        let cache = Arc::new(Cache::new(vec![ram.clone(), remote.clone()]));
+        assert!(cache.get("k").is_none() && !cache.contains("k"));
+        assert_eq!(remote.asked.load(Ordering::SeqCst), 0);
+        let threads: Vec<_> = (0..6)
+            .map(|_| {
+                let cache = cache.clone();
+                std::thread::spawn(move || {
+                    cache
+                        .get_or_fetch::<()>("k", || panic!("the remote tier had it"))
+                        .unwrap()[0]
+                })
+            })
+            .collect();
+        for t in threads {
+            assert_eq!(t.join().unwrap(), 9);
+        }
+        assert_eq!(remote.asked.load(Ordering::SeqCst), 1);
+        assert!(ram.contains("k"));
+        assert_eq!(cache.hits()[1], Hits { hits: 1, misses: 0 });
+        // A remote miss falls to the fetch; the local variant never asks.
+        assert_eq!(
+            cache.get_or_fetch::<()>("m", || Ok(block(3, 2))).unwrap()[0],
+            2
+        );
+        assert_eq!(remote.asked.load(Ordering::SeqCst), 2);
+        cache
+            .get_or_fetch_local::<()>("n", || Ok(block(3, 1)))
+            .unwrap();
+        assert_eq!(remote.asked.load(Ordering::SeqCst), 2);
     }
 
     #[test]
