@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what aquifer needs on a Debian/Ubuntu machine. Idempotent.
 #   scripts/install-deps.sh          runtime + build: fuse3, clang/libclang (for rocksdb)
-#   scripts/install-deps.sh --test   also the test tools: redis-server, openssl, sqlite3, git, fio,
+#   scripts/install-deps.sh --test   also the test tools: redis-server, openssl, sqlite3, git, fio, iptables,
 #                                    e2fsprogs and util-linux (the power-cut test's loop device),
 #                                    pjdfstest, fsx, the S3 test server s3s-fs, grpcio for the
 #                                    CSI test's client, kubernetes-validate for the manifests,
@@ -15,7 +15,8 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 pkgs=(fuse3 clang libclang-dev pkg-config)
 if [ $want_test = 1 ]; then
-  pkgs+=(redis-server sqlite3 git fio rsync attr xz-utils e2fsprogs util-linux openssl faketime)
+  # iptables: the cache-group test counts the bytes the S3 server sends in the kernel.
+  pkgs+=(redis-server sqlite3 git fio rsync attr xz-utils e2fsprogs util-linux openssl faketime iptables)
 fi
 missing=()
 for p in "${pkgs[@]}"; do

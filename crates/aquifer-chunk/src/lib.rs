@@ -61,6 +61,9 @@ pub struct DataConfig {
     pub compression: Compression,
     /// The cache tiers below RAM (local disks), built by the caller.
     pub lower_tiers: Tiers,
+    /// The peer cache group this mount is a member of: asked for a block after the local
+    /// tiers, before the store (`--cache-group`).
+    pub group: Option<Arc<aquifer_group::Group>>,
     /// Which written blocks the disk tiers keep ([`CacheWrites`]).
     pub cache_writes: CacheWrites,
     /// How long freed blocks stay after the change that freed them, on the metadata
@@ -133,6 +136,7 @@ impl Default for DataConfig {
             prefetch_threads: 2,
             compression: Compression::None,
             lower_tiers: Tiers::default(),
+            group: None,
             cache_writes: CacheWrites::Small,
             free_grace: Duration::ZERO,
         }

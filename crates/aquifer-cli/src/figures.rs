@@ -39,6 +39,32 @@ pub struct Figures {
     pub staged_bytes: u64,
     /// Where the Prometheus figures are served.
     pub metrics: Option<String>,
+    /// The peer cache group this mount is a member of (`--cache-group`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<GroupFig>,
+}
+
+/// A member's share of its cache group's traffic.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct GroupFig {
+    pub name: String,
+    pub member: String,
+    pub address: String,
+    /// Members now (this one included), and those passed over for failing.
+    pub members: u64,
+    pub suspects: u64,
+    /// Blocks this member got from their owners, and their bytes.
+    pub peer_hits: u64,
+    pub peer_bytes_in: u64,
+    /// Requests to owners that got no block (down, refused, failed): read from the store.
+    pub peer_misses: u64,
+    /// Blocks from owners that failed their check (dropped there, read again).
+    pub peer_corrupt: u64,
+    /// Blocks this member served the others, and their bytes.
+    pub served: u64,
+    pub peer_bytes_out: u64,
+    /// Requests refused: no key of the group, or another volume.
+    pub refused: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -74,6 +100,8 @@ pub struct Sources {
     pub metrics: parking_lot::Mutex<Option<String>>,
     /// Blocks and bytes staged for upload (--writeback).
     pub staged: Option<Box<dyn Fn() -> (u64, u64) + Send + Sync>>,
+    /// The cache group joined, and its name.
+    pub group: Option<(Arc<aquifer_group::Group>, String)>,
 }
 
 impl Sources {
@@ -87,8 +115,13 @@ impl Sources {
             .enumerate()
             .map(|(i, (t, h))| {
                 let u = t.usage();
+                let kind = match i {
+                    0 => "memory",
+                    _ if t.remote() => "group",
+                    _ => "disk",
+                };
                 TierFigures {
-                    tier: if i == 0 { "memory" } else { "disk" }.to_string(),
+                    tier: kind.to_string(),
                     name: t.name(),
                     hits: h.hits,
                     misses: h.misses,
@@ -122,6 +155,23 @@ impl Sources {
             staged_blocks: staged.0,
             staged_bytes: staged.1,
             metrics: self.metrics.lock().clone(),
+            group: self.group.as_ref().map(|(g, name)| {
+                let f = g.figures();
+                GroupFig {
+                    name: name.clone(),
+                    member: g.me().id.clone(),
+                    address: g.addr().to_string(),
+                    members: f.members,
+                    suspects: f.suspects,
+                    peer_hits: f.peer_hits,
+                    peer_bytes_in: f.peer_bytes_in,
+                    peer_misses: f.peer_misses,
+                    peer_corrupt: f.peer_corrupt,
+                    served: f.served,
+                    peer_bytes_out: f.peer_bytes_out,
+                    refused: f.refused,
+                }
+            }),
         }
     }
 }
@@ -266,6 +316,60 @@ pub fn prometheus_text(f: &Figures) -> String {
         "Bytes staged on the cache disk, not uploaded yet",
         [(Vec::new(), f.staged_bytes)],
     );
+    if let Some(g) = &f.group {
+        let by = |k: &str, v: &str| {
+            vec![
+                ("group".to_string(), g.name.clone()),
+                (k.to_string(), v.to_string()),
+            ]
+        };
+        let of = || vec![("group".to_string(), g.name.clone())];
+        counter_family(
+            &mut reg,
+            "group_blocks",
+            "Blocks this member got from their owners in its cache group (in) and served the others (out)",
+            [(by("direction", "in"), g.peer_hits), (by("direction", "out"), g.served)],
+        );
+        counter_family(
+            &mut reg,
+            "group_bytes",
+            "Block bytes between this member and the others of its cache group",
+            [
+                (by("direction", "in"), g.peer_bytes_in),
+                (by("direction", "out"), g.peer_bytes_out),
+            ],
+        );
+        counter_family(
+            &mut reg,
+            "group_peer_misses",
+            "Requests to an owner that got no block (read from the store instead)",
+            [(of(), g.peer_misses)],
+        );
+        counter_family(
+            &mut reg,
+            "group_peer_corrupt",
+            "Blocks from an owner that failed their check",
+            [(of(), g.peer_corrupt)],
+        );
+        counter_family(
+            &mut reg,
+            "group_refused",
+            "Requests refused: without the group's key, or for another volume",
+            [(of(), g.refused)],
+        );
+        gauge_family(
+            &mut reg,
+            "group_members",
+            "Members of the cache group now",
+            [(of(), g.members)],
+        );
+        gauge_family(
+            &mut reg,
+            "group_suspects",
+            "Members passed over for failing a request",
+            [(of(), g.suspects)],
+        );
+    }
     let mut out = String::new();
     // Writing to a String cannot fail.
     let _ = encode(&mut out, &reg);
@@ -368,5 +472,21 @@ mod tests {
             "{t}"
         );
         assert!(t.ends_with("# EOF\n"));
+        assert!(!t.contains("aquifer_group"), "no group, no group figures");
+        f.group = Some(GroupFig {
+            name: "g".into(),
+            served: 5,
+            peer_bytes_in: 9,
+            members: 3,
+            ..Default::default()
+        });
+        let t = prometheus_text(&f);
+        for want in [
+            "aquifer_group_blocks_total{group=\"g\",direction=\"out\"} 5",
+            "aquifer_group_bytes_total{group=\"g\",direction=\"in\"} 9",
+            "aquifer_group_members{group=\"g\"} 3",
+        ] {
+            assert!(t.contains(want), "{want} in {t}");
+        }
     }
 }

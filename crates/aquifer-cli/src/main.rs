@@ -5,6 +5,7 @@ mod csi;
 mod figures;
 mod fluid;
 mod format;
+mod group;
 mod inspect;
 mod maintenance;
 mod mount;
@@ -38,6 +39,9 @@ enum Cmd {
     Format(format::FormatArgs),
     /// Mount a volume. With only MOUNTPOINT, uses the embedded default volume.
     Mount(mount::MountArgs),
+    /// A member of a volume's peer cache group with no mount: serves the blocks it owns
+    /// to the group (dedicated cache nodes, Fluid runtime workers).
+    CacheNode(group::CacheNodeArgs),
     /// Unmount a mounted volume.
     Umount(UmountArgs),
     /// Show a volume's settings, sessions and usage as JSON.
@@ -86,6 +90,7 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::Format(a) => format::format(a),
         Cmd::Mount(a) => mount::mount(a),
+        Cmd::CacheNode(a) => group::cache_node(a),
         Cmd::Umount(a) => mountpoint::umount(&a.mountpoint, a.force),
         Cmd::Status(a) => inspect::status(a),
         Cmd::Dump(a) => inspect::dump(a),

@@ -46,24 +46,10 @@ pub(crate) struct MountArgs {
     /// Kernel cache time of name lookups in seconds (0 to 86400).
     #[arg(long, default_value_t = 1.0, value_parser = parse_seconds)]
     entry_cache: f64,
-    /// Block cache directories on local disks, `DIR[:DIR...]`; blocks are spread over them
-    /// by hash. `memory` (or `none`) for RAM only. Default: `DATA_DIR/cache` for object
-    /// stores, none for a local `file` store (its blocks are on a local disk already).
-    #[arg(long)]
-    cache_dir: Option<String>,
-    /// Quota of the disk cache, split across its directories: `512M`, `100G`, `1T`; a bare
-    /// number is MiB. Counted as the disk counts it (allocated blocks).
-    #[arg(long, default_value = "100G", value_parser = parse_size)]
-    cache_size: u64,
-    /// Eviction starts when the disk cache passes this share of --cache-size...
-    #[arg(long, default_value_t = 0.95, value_parser = parse_ratio)]
-    cache_high: f64,
-    /// ...and stops when it is down to this share.
-    #[arg(long, default_value_t = 0.70, value_parser = parse_ratio)]
-    cache_low: f64,
-    /// Keep at least this share of each cache disk free, evicting if others fill it.
-    #[arg(long, default_value_t = 0.1, value_parser = parse_ratio)]
-    free_space_ratio: f64,
+    #[command(flatten)]
+    pub(crate) cache: CacheArgs,
+    #[command(flatten)]
+    group: crate::group::GroupArgs,
     /// Which written blocks the cache disks keep on their way to the store: `small` (files
     /// smaller than one block, stored at close or fsync), `all`, or `none`.
     /// A checkpoint's full blocks are rarely read back on the node that wrote them; kept,
@@ -86,12 +72,6 @@ pub(crate) struct MountArgs {
     /// No FUSE passthrough, even with --read-only.
     #[arg(long)]
     no_passthrough: bool,
-    /// Seconds before a cache disk taken out of use after a failure is tried again.
-    #[arg(long, default_value_t = 30.0, value_parser = parse_seconds, hide = true)]
-    cache_retry: f64,
-    /// RAM for cached blocks (units as --cache-size). Default: half of --buffer-size.
-    #[arg(long, value_parser = parse_size)]
-    mem_cache_size: Option<u64>,
     /// Serve Prometheus metrics at http://ADDR/metrics (`none` to not); when the port is
     /// taken by another mount, the next free one of the 9 after it.
     #[arg(long, default_value = "127.0.0.1:9567")]
@@ -136,6 +116,35 @@ pub(crate) struct MountArgs {
     /// received the change), 0 on RocksDB (no failover).
     #[arg(long, value_parser = parse_duration)]
     free_grace: Option<Duration>,
+}
+
+/// Where blocks are cached on this node: flags of `mount` and `cache-node`.
+#[derive(Args)]
+pub(crate) struct CacheArgs {
+    /// Block cache directories on local disks, `DIR[:DIR...]`; blocks are spread over them
+    /// by hash. `memory` (or `none`) for RAM only. Default: `DATA_DIR/cache` for object
+    /// stores, none for a local `file` store (its blocks are on a local disk already).
+    #[arg(long)]
+    pub(crate) cache_dir: Option<String>,
+    /// Quota of the disk cache, split across its directories: `512M`, `100G`, `1T`; a bare
+    /// number is MiB. Counted as the disk counts it (allocated blocks).
+    #[arg(long, default_value = "100G", value_parser = parse_size)]
+    pub(crate) cache_size: u64,
+    /// Eviction starts when the disk cache passes this share of --cache-size...
+    #[arg(long, default_value_t = 0.95, value_parser = parse_ratio)]
+    pub(crate) cache_high: f64,
+    /// ...and stops when it is down to this share.
+    #[arg(long, default_value_t = 0.70, value_parser = parse_ratio)]
+    pub(crate) cache_low: f64,
+    /// Keep at least this share of each cache disk free, evicting if others fill it.
+    #[arg(long, default_value_t = 0.1, value_parser = parse_ratio)]
+    pub(crate) free_space_ratio: f64,
+    /// Seconds before a cache disk taken out of use after a failure is tried again.
+    #[arg(long, default_value_t = 30.0, value_parser = parse_seconds, hide = true)]
+    pub(crate) cache_retry: f64,
+    /// RAM for cached blocks (units as --cache-size). Default: half of --buffer-size.
+    #[arg(long, value_parser = parse_size)]
+    pub(crate) mem_cache_size: Option<u64>,
 }
 
 pub(crate) fn mount(a: MountArgs) -> Result<()> {
@@ -189,7 +198,7 @@ pub(crate) fn mount(a: MountArgs) -> Result<()> {
     let compression =
         aquifer_chunk::Compression::parse(&format.compression).map_err(|e| anyhow!(e))?;
     // The cache disks before the store: the first of them is where --writeback stages.
-    let (lower_tiers, place) = disk_tiers(&a, &format, &data_dir)?;
+    let (lower_tiers, place, cache_root) = disk_tiers(&a.cache, &format, &data_dir, a.max_uploads)?;
     let staging = match (a.writeback, place) {
         (false, _) => None,
         (true, None) => bail!("--writeback stages blocks on a cache disk: give --cache-dir"),
@@ -221,19 +230,35 @@ pub(crate) fn mount(a: MountArgs) -> Result<()> {
         }
     };
     let half = (a.buffer_size << 20) / 2;
+    let mem_cache = a
+        .cache
+        .mem_cache_size
+        .map(|b| b.min(usize::MAX as u64) as usize)
+        .unwrap_or(half);
+    // A member offers its disk cache, or its RAM without one.
+    let weight = if lower_tiers.0.is_empty() {
+        mem_cache as u64
+    } else {
+        a.cache.cache_size
+    };
+    let joined = crate::group::join(
+        &a.group,
+        &*meta,
+        &format.uuid,
+        weight,
+        cache_root.as_deref(),
+    )?;
     let cfg = DataConfig {
         upload_threads: a.max_uploads,
         // The write budget bounds memory; the queue only has to keep the uploaders busy.
         upload_queue: (half / format.block_size as usize).max(1) + a.max_uploads,
         write_buffer: half,
-        cache_bytes: a
-            .mem_cache_size
-            .map(|b| b.min(usize::MAX as u64) as usize)
-            .unwrap_or(half),
+        cache_bytes: mem_cache,
         prefetch_threads: a.max_downloads.max(1),
         readahead_blocks: a.prefetch.unwrap_or(a.max_downloads.clamp(2, 32)) as u32,
         compression,
         lower_tiers,
+        group: joined.as_ref().map(|j| j.group.clone()),
         cache_writes: a.cache_writes,
         free_grace: free_grace(a.free_grace, &*meta),
         ..Default::default()
@@ -247,9 +272,14 @@ pub(crate) fn mount(a: MountArgs) -> Result<()> {
         mount_point: mp.display().to_string(),
         pid: std::process::id(),
         version: env!("CARGO_PKG_VERSION").to_string(),
+        group: joined.as_ref().map(|j| j.member.clone()),
         ..Default::default()
     })
     .map_err(|e| anyhow!("cannot start a session: {e}"))?;
+    if let Some(j) = &joined {
+        j.group.serve(vfs.chunk_store().clone());
+        crate::group::follow(&j.group, meta.clone(), j.member.name.clone())?;
+    }
     let fuse_counters = Arc::new(aquifer_fuse::FuseCounters::default());
     let sources = Arc::new(crate::figures::Sources {
         vfs: vfs.clone(),
@@ -259,6 +289,9 @@ pub(crate) fn mount(a: MountArgs) -> Result<()> {
         staged: staging
             .clone()
             .map(|s| Box::new(move || s.backlog()) as Box<dyn Fn() -> (u64, u64) + Send + Sync>),
+        group: joined
+            .as_ref()
+            .map(|j| (j.group.clone(), j.member.name.clone())),
     });
     if let Some(l) = metrics {
         let at = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
@@ -311,13 +344,19 @@ pub(crate) fn mount(a: MountArgs) -> Result<()> {
 }
 
 /// The disk cache tiers `--cache-dir` asks for, each under a directory named by the volume's
-/// UUID (volumes sharing a disk never mix blocks), and where --writeback would stage blocks:
-/// the first cache disk, whose quota counts them.
+/// UUID (volumes sharing a disk never mix blocks); where --writeback would stage blocks
+/// (the first cache disk, whose quota counts them, with `uploads` threads); and that first
+/// disk's directory.
 pub(crate) fn disk_tiers(
-    a: &MountArgs,
+    a: &CacheArgs,
     f: &Format,
     data_dir: &Path,
-) -> Result<(aquifer_chunk::Tiers, Option<StagingOptions>)> {
+    uploads: usize,
+) -> Result<(
+    aquifer_chunk::Tiers,
+    Option<StagingOptions>,
+    Option<PathBuf>,
+)> {
     use aquifer_cache::{DiskConfig, DiskTier, Spread, Tier};
     if a.cache_low >= a.cache_high {
         bail!(
@@ -343,7 +382,7 @@ pub(crate) fn disk_tiers(
         None => vec![data_dir.join("cache")],
     };
     if dirs.is_empty() || a.cache_size == 0 {
-        return Ok((aquifer_chunk::Tiers::default(), None));
+        return Ok((aquifer_chunk::Tiers::default(), None, None));
     }
     let cfg = DiskConfig {
         capacity: a.cache_size / dirs.len() as u64,
@@ -365,7 +404,7 @@ pub(crate) fn disk_tiers(
                 pinned: t.pinned(),
                 // Half the disk's quota at most: the rest stays a read cache.
                 limit: cfg.capacity / 2,
-                threads: a.max_uploads,
+                threads: uploads,
             });
         }
         parts.push(Arc::new(t));
@@ -375,5 +414,6 @@ pub(crate) fn disk_tiers(
     } else {
         Arc::new(Spread::new(parts))
     };
-    Ok((aquifer_chunk::Tiers(vec![tier]), staging))
+    let first = dirs.first().map(|d| d.join(&f.uuid));
+    Ok((aquifer_chunk::Tiers(vec![tier]), staging, first))
 }

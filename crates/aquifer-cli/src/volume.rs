@@ -134,6 +134,8 @@ pub(crate) fn new_format(
         secret_key: Default::default(),
         // Its own place in the store, next to its marker.
         prefix: Some(format!("{name}/")),
+        // Made when a cache group is first joined (`Volume::group_secret`).
+        group_secret: Default::default(),
     })
 }
 

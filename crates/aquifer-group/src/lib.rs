@@ -102,6 +102,12 @@ struct View {
     ring: Ring,
 }
 
+impl std::fmt::Debug for Group {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Group(member {} at {})", self.cfg.me.id, self.addr)
+    }
+}
+
 /// One member of a group.
 pub struct Group {
     cfg: Config,

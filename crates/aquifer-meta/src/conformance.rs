@@ -56,6 +56,7 @@ pub fn test_format(block_size: u32) -> Format {
         secret_key: Default::default(),
         prefix: None,
         meta_version: 1,
+        group_secret: Default::default(),
     }
 }
 

@@ -25,6 +25,16 @@ pub use kvmeta::{KvMeta, DEFAULT_SESSION_TIMEOUT};
 pub use locks::{PLock, F_RDLCK, F_UNLCK, F_WRLCK};
 pub use types::*;
 
+/// `n` bytes from the kernel's generator, in hex: secrets only the volume's clients read.
+pub(crate) fn random_hex(n: usize) -> Result<String> {
+    use std::io::Read;
+    let mut b = vec![0u8; n];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(|e| MetaError::Config(format!("reading /dev/urandom: {e}")))?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
 /// Access mask bits for [`Attrs::access`].
 pub const MODE_R: u32 = 4;
 pub const MODE_W: u32 = 2;
@@ -70,6 +80,10 @@ pub trait Volume {
     fn format(&self, format: &Format, force: bool) -> Result<()>;
     /// The volume settings; [`MetaError::NotFormatted`] if there are none.
     fn load_format(&self) -> Result<Format>;
+    /// The secret the volume's cache-group keys derive from ([`Format::group_secret`]),
+    /// made and stored in one transaction the first time it is asked for, so members that
+    /// join at the same time agree on it.
+    fn group_secret(&self) -> Result<Secret>;
 
     /// The engine's clock ([`KvEngine::clock`]: the metadata server's on a shared engine):
     /// what session times and the age of freed blocks are measured on, so that ages

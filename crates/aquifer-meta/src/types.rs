@@ -321,6 +321,11 @@ pub struct Format {
     /// had markers: blocks at the top of a file store, under `NAME/` in a bucket.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefix: Option<String>,
+    /// Random bytes (hex) the keys of the volume's cache groups derive from: only who can
+    /// read the volume's metadata can make them. Made the first time a group is joined
+    /// ([`crate::Volume::group_secret`]), kept by `format --force`.
+    #[serde(default, skip_serializing_if = "Secret::is_empty")]
+    pub group_secret: Secret,
 }
 
 impl Format {
@@ -330,6 +335,8 @@ impl Format {
         if !f.secret_key.is_empty() {
             f.secret_key = Secret("removed".into());
         }
+        // A copy loaded elsewhere is another volume: it makes a group secret of its own.
+        f.group_secret = Secret::default();
         f
     }
 }
@@ -379,6 +386,24 @@ pub struct SessionInfo {
     /// the record goes when the clean-up is done. The session never heartbeats again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reaped: Option<i64>,
+    /// The cache group this client is a member of, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<GroupMember>,
+}
+
+/// A session's membership of a cache group of the volume (`--cache-group`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupMember {
+    /// The group's name.
+    pub name: String,
+    /// The member's identity, stable across its restarts (its cache keeps its blocks).
+    pub id: String,
+    /// `IP:PORT` the member listens on.
+    pub addr: String,
+    /// Bytes of cache it offers.
+    pub weight: u64,
+    /// False for a member that reads through the group but owns nothing (`--no-sharing`).
+    pub owns: bool,
 }
 
 /// Flags of rename(2).

@@ -9,6 +9,7 @@
 //!   passthrough.
 
 pub mod layout;
+mod peers;
 pub mod prefetch;
 #[cfg(test)]
 mod tests;
@@ -193,8 +194,12 @@ impl ChunkStore {
         let c = self.cfg.compression;
         // A compressed block is fetched whole anyway, so keep it for the next read; so are
         // small blocks (small files), where one request beats a trailer and a range. With a
-        // disk tier, every block is: the next epoch's random reads find it on disk.
-        let whole = whole || c != codec::Compression::None || !self.cfg.lower_tiers.0.is_empty();
+        // disk tier, every block is: the next epoch's random reads find it on disk. In a
+        // group too: blocks travel between members whole, and the owner keeps them.
+        let whole = whole
+            || c != codec::Compression::None
+            || !self.cfg.lower_tiers.0.is_empty()
+            || self.cfg.group.is_some();
         let range = boff as usize..(boff as usize + part.len());
         if let Some(block) = self.cache.get(key) {
             part.copy_from_slice(&block[range]);

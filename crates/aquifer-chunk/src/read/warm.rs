@@ -73,9 +73,13 @@ impl ChunkStore {
     }
 
     /// Warm, check or evict the cached blocks under `[off, off+len)` of a file whose
-    /// length is `file_len`. "Cached" means held by the last tier (the disk, when there is
-    /// one): what survives a restart and RAM pressure. Warming waits for the disk to take
-    /// the blocks, so a check or a read right after finds them.
+    /// length is `file_len`. "Cached" means held by the last local tier (the disk, when
+    /// there is one): what survives a restart and RAM pressure. Warming waits for the disk
+    /// to take the blocks, so a check or a read right after finds them.
+    ///
+    /// In a peer group, a block another member owns is warmed and checked at that member
+    /// (the group reads it from the store once; a member that cannot be reached leaves the
+    /// block to be warmed here); evicting is local.
     pub fn cache_range(
         &self,
         ino: Ino,
@@ -87,9 +91,17 @@ impl ChunkStore {
         let end = off.saturating_add(len).min(file_len);
         let bs = self.cfg.block_size;
         let mut c = CacheCounts::default();
-        let Some(last) = self.cache.tiers().last().cloned() else {
+        let Some(last) = self
+            .cache
+            .tiers()
+            .iter()
+            .rev()
+            .find(|t| !t.remote())
+            .cloned()
+        else {
             return Ok(c);
         };
+        let group = self.cfg.group.as_ref().filter(|_| op != CacheOp::Evict);
         let mut seen = HashSet::new();
         let mut pos = off;
         while pos < end {
@@ -111,9 +123,17 @@ impl ChunkStore {
                     }
                     let n = blen as u64;
                     c.total += n;
-                    let cached = last.contains(&key);
+                    // None: this member is the one to hold it.
+                    let at_owner = group.and_then(|g| g.held_at_owner(&key));
+                    let cached = at_owner.unwrap_or_else(|| last.contains(&key));
                     if cached {
                         c.cached += n;
+                    }
+                    if op == CacheOp::Warm && !cached && at_owner.is_some() {
+                        if let Some(Ok(true)) = group.map(|g| g.warm_at_owner(&key)) {
+                            c.done += n;
+                            continue;
+                        }
                     }
                     match op {
                         CacheOp::Check => {}

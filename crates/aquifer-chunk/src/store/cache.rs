@@ -19,7 +19,8 @@ pub(crate) fn fit_readahead(cfg: &mut DataConfig) {
     cfg.readahead_blocks = cfg.readahead_blocks.min(fit.max(1) as u32);
 }
 
-/// The block cache: the RAM tier, then the caller's (`cfg.lower_tiers`).
+/// The block cache: the RAM tier, then the caller's (`cfg.lower_tiers`), then the peer
+/// group's (`cfg.group`).
 pub(crate) fn block_cache(cfg: &DataConfig, buffers: &Arc<BufferPool>) -> Arc<Cache> {
     // The RAM tier, then the caller's; evicted blocks give their buffers back to the
     // pool uploads and fetches draw from.
@@ -31,6 +32,11 @@ pub(crate) fn block_cache(cfg: &DataConfig, buffers: &Arc<BufferPool>) -> Arc<Ca
         .with_recycler(recycle.clone());
     let mut tiers: Vec<Arc<dyn Tier>> = vec![Arc::new(ram)];
     tiers.extend(cfg.lower_tiers.0.iter().cloned());
+    // Last, the group: asked only by the thread fetching a block, once every local tier
+    // missed ([`Tier::remote`]); what it returns enters the local tiers.
+    if let Some(g) = &cfg.group {
+        tiers.push(Arc::new(aquifer_group::PeerTier::new(g.clone())));
+    }
     Arc::new(Cache::new(tiers).with_recycler(recycle))
 }
 

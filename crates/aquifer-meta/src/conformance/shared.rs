@@ -25,6 +25,27 @@ pub fn two_clients_one_tree(a: &dyn Meta, b: &dyn Meta) {
     );
     let sessions = a.list_sessions().unwrap();
     assert_eq!(sessions.len(), 2, "{sessions:?}");
+    // Members of a cache group: both clients derive its key from one secret, and each
+    // finds the other's membership in the sessions.
+    let (sa, sb) = (a.group_secret().unwrap(), b.group_secret().unwrap());
+    assert!(!sa.is_empty() && sa == sb);
+    let member = GroupMember {
+        name: "g".into(),
+        id: "node-1".into(),
+        addr: "127.0.0.2:7000".into(),
+        weight: 1 << 30,
+        owns: true,
+    };
+    b.new_session(SessionInfo {
+        group: Some(member.clone()),
+        ..test_session("b2")
+    })
+    .unwrap();
+    let listed = a.list_sessions().unwrap();
+    assert!(
+        listed.iter().any(|s| s.group.as_ref() == Some(&member)),
+        "{listed:?}"
+    );
     // A directory's times may lag a change in it by 5 ms on a shared engine, no more.
     let before = a.getattr(d).unwrap().mtime;
     std::thread::sleep(std::time::Duration::from_millis(10));

@@ -24,6 +24,14 @@ pub fn format_and_load(m: &dyn Meta) {
     f.block_size *= 2;
     assert!(m.format(&f, true).is_err(), "block size is fixed");
     assert!(!format!("{:?}", m.load_format().unwrap()).contains("k2"));
+    // The cache groups' secret: made once, kept by --force, never printed.
+    let g = m.group_secret().unwrap();
+    assert_eq!(g.0.len(), 64, "32 random bytes in hex");
+    assert_eq!(m.group_secret().unwrap(), g);
+    m.format(&fmt(), true).unwrap();
+    assert_eq!(m.group_secret().unwrap(), g, "format --force keeps it");
+    assert!(!format!("{:?}", m.load_format().unwrap()).contains(&g.0));
+    assert!(m.load_format().unwrap().redacted().group_secret.is_empty());
     let root = m.getattr(ROOT_INO).unwrap();
     assert!(root.is_dir());
     assert_eq!(root.nlink, 2);

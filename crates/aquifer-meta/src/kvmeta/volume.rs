@@ -56,6 +56,9 @@ impl<E: KvEngine> Volume for KvMeta<E> {
                 }
                 let mut keep = format.clone();
                 keep.uuid = old.uuid;
+                if keep.group_secret.is_empty() {
+                    keep.group_secret = old.group_secret;
+                }
                 let json = serde_json::to_vec(&keep).map_err(|e| MetaError::Config(e.to_string()))?;
                 t.set(key::SETTING, json);
                 return Ok(());
@@ -81,6 +84,23 @@ impl<E: KvEngine> Volume for KvMeta<E> {
             }),
             None => Err(MetaError::NotFormatted),
         }
+    }
+
+    fn group_secret(&self) -> Result<Secret> {
+        let made = Secret(crate::random_hex(32)?);
+        self.txn(|t| {
+            let v = t.get(key::SETTING)?.ok_or(MetaError::NotFormatted)?;
+            let mut f: Format = serde_json::from_slice(&v).map_err(|e| MetaError::Corrupt {
+                key: "setting".into(),
+                msg: e.to_string(),
+            })?;
+            if f.group_secret.is_empty() {
+                f.group_secret = made.clone();
+                let json = serde_json::to_vec(&f).map_err(|e| MetaError::Config(e.to_string()))?;
+                t.set(key::SETTING, json);
+            }
+            Ok(f.group_secret)
+        })
     }
 
     fn clock(&self) -> Result<Time> {
