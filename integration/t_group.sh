@@ -24,17 +24,20 @@ s3_sent() {
 }
 
 # The dataset: many small files and a few large ones, written by a mount outside the group.
-mkdir -p "$WORK/src/a" "$WORK/src/b"
+mkdir -p "$WORK/src/a" "$WORK/src/b" "$WORK/src/c"
 for i in $(seq 1 120); do head -c $((100 << 10 + i * 512)) /dev/urandom >"$WORK/src/a/s$i"; done
 for i in 1 2; do head -c $((24 << 20)) /dev/urandom >"$WORK/src/a/big$i"; done
 for i in $(seq 1 60); do head -c $((256 << 10)) /dev/urandom >"$WORK/src/b/s$i"; done
 for i in 1 2 3; do head -c $((16 << 20)) /dev/urandom >"$WORK/src/b/big$i"; done
+for i in $(seq 1 40); do head -c $((200 << 10)) /dev/urandom >"$WORK/src/c/s$i"; done
+head -c $((20 << 20)) /dev/urandom >"$WORK/src/c/big"
 W=$WORK/writer
 mount_volume "$W" --cache-dir memory
-cp -r "$WORK/src/a" "$WORK/src/b" "$W/"
+cp -r "$WORK/src/a" "$WORK/src/b" "$WORK/src/c" "$W/"
 umount_volume "$W"
 bytes_a=$(du -sb --apparent-size "$WORK/src/a" | cut -f1)
-(cd "$WORK/src" && find a b -type f -exec md5sum {} + | sort -k2) >"$WORK/want.md5"
+bytes_c=$(du -sb --apparent-size "$WORK/src/c" | cut -f1)
+(cd "$WORK/src" && find a b c -type f -exec md5sum {} + | sort -k2) >"$WORK/want.md5"
 
 # member N: a mount on 127.0.0.N with a disk cache of its own, in group "train".
 member() {
@@ -83,7 +86,40 @@ python3 -c "import sys; sys.exit(0 if $sent <= 1.2 * $bytes_a else 1)" ||
   fail "the S3 server sent $ratio x the dataset to a group of three (at most 1.2 x)"
 [ "$(figure "$WORK/m3" peer_hits)" -gt 0 ] || fail "m3 got no block from its peers"
 
-# 2. kill -9 of a member during an epoch of dataset b: the others finish, byte for byte.
+# 2. Warmup on one member fills the group once: each block cached at its owner, --check on
+# another member reports it all cached, that member then reads it without the store, and
+# every member's node says the directory is warm (the marks its node daemon labels from).
+before=$(s3_sent)
+"$AQUIFER" warmup "$WORK/m2/c" >/dev/null || fail "warmup through a member failed"
+sent=$(($(s3_sent) - before))
+note "warmup of $bytes_c bytes through m2: the S3 server sent $sent"
+python3 -c "import sys; sys.exit(0 if $sent <= 1.2 * $bytes_c else 1)" ||
+  fail "warming the group read $sent bytes from the store for $bytes_c"
+out=$("$AQUIFER" warmup --check "$WORK/m3/c")
+note "check on m3: $out"
+[[ "$out" == *"(100.0%)"* ]] || fail "m3 does not see dataset c cached in the group: $out"
+before=$(s3_sent)
+read_all "$WORK/m3" c || fail "m3 read wrong bytes of the warmed dataset"
+sent=$(($(s3_sent) - before))
+python3 -c "import sys; sys.exit(0 if $sent <= 0.05 * $bytes_c else 1)" ||
+  fail "m3 read $sent bytes of a warmed dataset from the store"
+ino_c=$(stat -c %i "$WORK/m4/c")
+# marks MOUNT: the directories the mount reports warm (control ioctl MARKS).
+marks() {
+  python3 - "$1" <<'EOF'
+import fcntl, os, struct, sys
+MARKS = (2 << 30) | (4096 << 16) | (0xAC << 8) | 3
+fd = os.open(sys.argv[1], os.O_RDONLY)
+buf = bytearray(4096)
+n = fcntl.ioctl(fd, MARKS, buf, True)
+print(" ".join(str(v >> 1) for (v,) in struct.iter_unpack("<Q", bytes(buf[:n])) if v & 1))
+EOF
+}
+for i in $(seq 1 50); do [[ " $(marks "$WORK/m4") " == *" $ino_c "* ]] && break; sleep 0.1; done
+[[ " $(marks "$WORK/m4") " == *" $ino_c "* ]] ||
+  fail "m4's node is not told that dataset c is warm in its group: marks $(marks "$WORK/m4")"
+
+# 3. kill -9 of a member during an epoch of dataset b: the others finish, byte for byte.
 pids=()
 for n in 2 3; do read_all "$WORK/m$n" b & pids+=($!); done
 sleep 0.3
@@ -93,7 +129,7 @@ for p in "${pids[@]}"; do wait "$p" || fail "a member read wrong bytes after a p
   note "(the killed member owned no block the others asked for after its death)"
 fusermount3 -uz "$WORK/m4" 2>/dev/null || true
 
-# 3. A flipped byte in a member's cache files: the readers get the right bytes. m3 restarts
+# 4. A flipped byte in a member's cache files: the readers get the right bytes. m3 restarts
 # on its cache (the same member id: it owns the same blocks) with a byte of every cached
 # block flipped; a new reader that owns nothing (--no-sharing) then asks it for them.
 PID=$PID3
@@ -123,7 +159,7 @@ read_all "$WORK/m5" b || fail "a reader got wrong bytes of dataset b"
 [ "$(figure "$WORK/m5" peer_hits)" -gt 0 ] || fail "the no-sharing reader got no block from the group"
 [ "$(figure "$WORK/m5" served)" = 0 ] || fail "a member that owns nothing served blocks"
 
-# 4. A member of another volume with the same group name: it sees only its own volume's
+# 5. A member of another volume with the same group name: it sees only its own volume's
 # members, and a request made with its volume's key gets nothing from this one's members.
 META=$META_B
 mkdir -p "$WORK/vb"
@@ -136,7 +172,7 @@ setting() { # setting META FIELD: a field of the volume's settings, secrets incl
     python3 -c "import json,sys; l=sys.stdin.read().strip(); print(json.loads(l[len('\"setting\":'):].rstrip(','))['$2'])"
 }
 uuid_a=$(setting "$META_A" uuid)
-key=$(cd "$S3_DIR/data/grp/vola" && find chunks -type f | head -1)
+key=$(cd "$S3_DIR/data/grp/vola" && find chunks -type f -print -quit)
 [ -n "$key" ] || fail "no block of volume a in the store"
 addr2=$(figure "$WORK/m2" address)
 # sign META: the credentials a member of META's group "train" puts on a GET of $key.

@@ -144,6 +144,7 @@ pub(crate) fn join(
         addr: group.addr().to_string(),
         weight,
         owns: me.owns,
+        warm: Vec::new(),
     };
     Ok(Some(Joined { group, member }))
 }
@@ -153,11 +154,7 @@ pub(crate) fn join(
 fn members(sessions: &[SessionInfo], name: &str, now: i64) -> Vec<Peer> {
     sessions
         .iter()
-        .filter(|s| s.reaped.is_none())
-        .filter(|s| {
-            let timeout = if s.timeout > 0 { s.timeout as i64 } else { 60 };
-            now - s.heartbeat <= timeout
-        })
+        .filter(|s| s.live(now))
         .filter_map(|s| s.group.as_ref())
         .filter(|g| g.name == name)
         .map(|g| Peer {
@@ -332,6 +329,7 @@ mod tests {
                 addr: "127.0.0.2:1".into(),
                 weight: 1,
                 owns: true,
+                warm: Vec::new(),
             }),
             ..Default::default()
         }

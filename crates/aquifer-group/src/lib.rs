@@ -59,7 +59,11 @@ pub trait Source: Send + Sync {
     /// Block `key` from this member's cache, else fetched from the store into it (once,
     /// however many ask at the same time), never from another member.
     fn fetch(&self, key: &str) -> Result<Block, String>;
-    /// Whether this member's cache holds block `key`.
+    /// Block `key` kept in this member's cache for good (a warm-up): fetched as
+    /// [`Source::fetch`] does, then stored in its slowest tier, waiting for room there.
+    fn warm(&self, key: &str) -> Result<(), String>;
+    /// Whether this member's cache holds block `key` (in its slowest tier: what a warm-up
+    /// leaves, and what survives RAM pressure).
     fn holds(&self, key: &str) -> bool;
     /// Drop this member's copies of block `key`.
     fn drop_block(&self, key: &str);

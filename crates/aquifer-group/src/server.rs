@@ -122,7 +122,21 @@ async fn answer(
             source.drop_block(&key);
             text(StatusCode::NO_CONTENT, "")
         }
-        Op::Get | Op::Warm => {
+        Op::Warm => {
+            let Ok(_turn) = fetches.acquire_owned().await else {
+                return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
+            };
+            let k = key.clone();
+            match tokio::task::spawn_blocking(move || source.warm(&k)).await {
+                Ok(Ok(())) => text(StatusCode::NO_CONTENT, ""),
+                Ok(Err(e)) => {
+                    tracing::warn!("cache group: a member asked to warm block {key}: {e}");
+                    text(StatusCode::BAD_GATEWAY, "the store failed\n")
+                }
+                Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "failed\n"),
+            }
+        }
+        Op::Get => {
             let Ok(_turn) = fetches.acquire_owned().await else {
                 return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
             };
@@ -136,9 +150,6 @@ async fn answer(
                 }
                 Err(_) => return text(StatusCode::INTERNAL_SERVER_ERROR, "failed\n"),
             };
-            if op == Op::Warm {
-                return text(StatusCode::NO_CONTENT, "");
-            }
             c.served.fetch_add(1, Ordering::Relaxed);
             c.peer_bytes_out
                 .fetch_add(block.len() as u64, Ordering::Relaxed);

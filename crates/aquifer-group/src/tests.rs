@@ -24,6 +24,9 @@ impl Source for MapSource {
             .clone();
         Ok(b)
     }
+    fn warm(&self, key: &str) -> Result<(), String> {
+        self.fetch(key).map(|_| ())
+    }
     fn holds(&self, key: &str) -> bool {
         self.held.lock().contains_key(key)
     }

@@ -123,6 +123,15 @@ pub trait Sessions {
     fn close_session(&self) -> Result<()>;
     /// Every session's record, sessions being cleaned up after (`reaped`) included.
     fn list_sessions(&self) -> Result<Vec<SessionInfo>>;
+    /// This client's session record as it last wrote it (`None`: no session).
+    fn session(&self) -> Option<SessionInfo> {
+        None
+    }
+    /// Change this client's session record (what it tells other clients: its cache group
+    /// membership) and write it now.
+    fn update_session(&self, _change: &mut dyn FnMut(&mut SessionInfo)) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// An inode's attributes, and the permission checks made on them.

@@ -404,6 +404,23 @@ pub struct GroupMember {
     pub weight: u64,
     /// False for a member that reads through the group but owns nothing (`--no-sharing`).
     pub owns: bool,
+    /// Directories (inodes) `aquifer warmup` warmed in the group through this member: the
+    /// group holds them, so every member's node is labelled warm for them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warm: Vec<u64>,
+}
+
+impl SessionInfo {
+    /// Whether the session is alive at `now` (the engine's clock): not being cleaned up
+    /// after, and a heartbeat within its timeout (60 s where it recorded none).
+    pub fn live(&self, now: i64) -> bool {
+        let timeout = if self.timeout > 0 {
+            self.timeout as i64
+        } else {
+            60
+        };
+        self.reaped.is_none() && now - self.heartbeat <= timeout
+    }
 }
 
 /// Flags of rename(2).

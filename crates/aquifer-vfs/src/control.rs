@@ -44,6 +44,47 @@ impl Control {
 pub type ControlReply = (i32, Vec<u8>);
 
 impl Vfs {
+    /// In a cache group, tell the other members (through this session's record) that the
+    /// directory `ino` was warmed in the group (`warm`) or evicted here.
+    fn mark_in_group(&self, ino: u64, warm: bool) {
+        let mut change = |s: &mut aquifer_meta::SessionInfo| {
+            if let Some(g) = s.group.as_mut() {
+                g.warm.retain(|i| *i != ino);
+                if warm {
+                    if g.warm.len() >= control::MAX_MARKS {
+                        g.warm.remove(0);
+                    }
+                    g.warm.push(ino);
+                }
+            }
+        };
+        if let Err(e) = self.meta.update_session(&mut change) {
+            tracing::warn!(ino, error = %e, "the group does not know of this warm mark yet");
+        }
+    }
+
+    /// The directories warmed in this mount's cache group, by any live member: the group
+    /// holds their blocks, so this node reads them from the group, not the store.
+    fn group_marks(&self) -> Vec<(u64, bool)> {
+        let Some(name) = self.meta.session().and_then(|s| s.group).map(|g| g.name) else {
+            return Vec::new();
+        };
+        let (Ok(now), Ok(all)) = (self.meta.clock(), self.meta.list_sessions()) else {
+            return Vec::new();
+        };
+        let mut out: Vec<(u64, bool)> = Vec::new();
+        for s in all.iter().filter(|s| s.live(now.sec)) {
+            if let Some(g) = s.group.as_ref().filter(|g| g.name == name) {
+                for ino in &g.warm {
+                    if !out.iter().any(|(i, _)| i == ino) {
+                        out.push((*ino, true));
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// Answer [`control::STATS`] with `f` (set once, by whoever reports figures).
     pub fn set_figures(&self, f: FiguresFn) {
         let _ = self.control.figures.set(f);
@@ -86,7 +127,10 @@ impl Vfs {
                         if m.len() >= control::MAX_MARKS {
                             m.remove(0);
                         }
-                        m.push((ino, r.op == control::WarmOp::Mark));
+                        let warm = r.op == control::WarmOp::Mark;
+                        m.push((ino, warm));
+                        drop(m);
+                        self.mark_in_group(ino, warm);
                         return Ok((0, control::WarmReply::default().encode().to_vec()));
                     }
                 };
@@ -105,7 +149,10 @@ impl Vfs {
                 Ok((0, out.encode().to_vec()))
             }
             control::MARKS => {
-                let b = control::encode_marks(&c.marks.lock());
+                let mut marks = self.group_marks();
+                marks.extend(c.marks.lock().iter().copied());
+                let keep = marks.len().saturating_sub(control::MAX_MARKS);
+                let b = control::encode_marks(&marks[keep..]);
                 Ok((b.len() as i32, b))
             }
             _ => Err(Errno(libc::ENOTTY)),

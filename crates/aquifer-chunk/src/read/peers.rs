@@ -5,7 +5,20 @@
 use super::fetch_block;
 use crate::store::keys::BlockKey;
 use crate::ChunkStore;
-use aquifer_cache::Block;
+use aquifer_cache::{Block, Tier};
+use std::sync::Arc;
+
+impl ChunkStore {
+    /// The slowest tier on this node (the disk, when there is one).
+    pub(crate) fn last_local_tier(&self) -> Option<Arc<dyn Tier>> {
+        self.cache
+            .tiers()
+            .iter()
+            .rev()
+            .find(|t| !t.remote())
+            .cloned()
+    }
+}
 
 impl aquifer_group::Source for ChunkStore {
     fn fetch(&self, key: &str) -> Result<Block, String> {
@@ -18,8 +31,21 @@ impl aquifer_group::Source for ChunkStore {
             .map_err(|e| e.to_string())
     }
 
+    fn warm(&self, key: &str) -> Result<(), String> {
+        let block = self.fetch(key)?;
+        // As a local warm-up does (`cache_range`): a busy disk drops what readers offer,
+        // but a warm-up must land before the asker counts the block as cached.
+        if let Some(last) = self.last_local_tier() {
+            if !last.contains(key) {
+                last.admit(key, &block);
+                last.flush();
+            }
+        }
+        Ok(())
+    }
+
     fn holds(&self, key: &str) -> bool {
-        self.cache.contains(key)
+        self.last_local_tier().is_some_and(|t| t.contains(key))
     }
 
     fn drop_block(&self, key: &str) {

@@ -35,6 +35,7 @@ pub fn two_clients_one_tree(a: &dyn Meta, b: &dyn Meta) {
         addr: "127.0.0.2:7000".into(),
         weight: 1 << 30,
         owns: true,
+        warm: vec![7],
     };
     b.new_session(SessionInfo {
         group: Some(member.clone()),
@@ -44,6 +45,17 @@ pub fn two_clients_one_tree(a: &dyn Meta, b: &dyn Meta) {
     let listed = a.list_sessions().unwrap();
     assert!(
         listed.iter().any(|s| s.group.as_ref() == Some(&member)),
+        "{listed:?}"
+    );
+    // What a member tells the others later (a directory warmed) reaches them at once.
+    b.update_session(&mut |s| s.group.as_mut().unwrap().warm.push(9))
+        .unwrap();
+    assert_eq!(b.session().unwrap().group.unwrap().warm, [7, 9]);
+    let listed = a.list_sessions().unwrap();
+    assert!(
+        listed
+            .iter()
+            .any(|s| s.group.as_ref().is_some_and(|g| g.warm == [7, 9])),
         "{listed:?}"
     );
     // A directory's times may lag a change in it by 5 ms on a shared engine, no more.

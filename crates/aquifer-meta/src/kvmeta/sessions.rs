@@ -245,6 +245,19 @@ impl<E: KvEngine> Sessions for KvMeta<E> {
         Ok(())
     }
 
+    fn session(&self) -> Option<SessionInfo> {
+        self.session.lock().unwrap().clone()
+    }
+
+    fn update_session(&self, change: &mut dyn FnMut(&mut SessionInfo)) -> Result<()> {
+        match self.session.lock().unwrap().as_mut() {
+            Some(info) => change(info),
+            None => return Ok(()),
+        }
+        // The heartbeat writes the record from memory.
+        self.heartbeat()
+    }
+
     fn heartbeat_interval(&self) -> Duration {
         (self.session_timeout / 6).clamp(Duration::from_millis(200), Duration::from_secs(10))
     }
