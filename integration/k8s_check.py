@@ -1,16 +1,20 @@
 #!/usr/bin/env python3
 """Offline checks of k8s/ for t_k8s.sh beyond the schemas: the kustomization lists every
 manifest, every name a manifest refers to is defined (Secrets, ServiceAccounts, classes,
-claims, the driver), no secret is in clear, and every StorageClass/PV mount option is a
-flag `aquifer mount` takes. Fluid objects (examples/fluid.yaml, no schemas here): the
-runtime names the profile and the Dataset, the DataLoad the Dataset, options are mount flags,
-encrypt options are the ones `aquifer fluid-mount` reads, from a Secret that is defined.
+claims, the driver, Secret keys in env), no secret is in clear, and every StorageClass/PV
+mount option is a flag `aquifer mount` takes. Fluid objects (examples/fluid.yaml, no schemas
+here): the runtime names the profile and the Dataset, the DataLoad the Dataset, options are
+mount flags, encrypt options are the ones `aquifer fluid-mount` reads, from a Secret that is
+defined. Cache nodes (`aquifer cache-node` in a workload, examples/cache-nodes.yaml): flags of
+`aquifer cache-node`, a group that a StorageClass joins, metrics where the probes
+ask, the cache on a host path, memory for its buffers.
 
     k8s_check.py K8S_DIR AQUIFER_BINARY
 """
 import glob
 import os
 import re
+import shlex
 import subprocess
 import sys
 
@@ -46,13 +50,32 @@ def need(kind, ns, name, where, pool=defined):
         problems.append(f"{where}: {kind} {ns + '/' if ns else ''}{name} is not defined")
 
 
+def need_key(ns, ref, where):
+    """A secretKeyRef: its Secret is defined and has the key."""
+    need("Secret", ns, ref["name"], where)
+    sec = next((s for _, s in objs if s["kind"] == "Secret" and s["metadata"]["name"] == ref["name"]
+                and s["metadata"].get("namespace", "") == ns), None)
+    if sec and ref["key"] not in {**sec.get("stringData", {}), **sec.get("data", {})}:
+        problems.append(f"{where}: Secret {ref['name']} has no key {ref['key']}")
+
+
 drivers = {d["metadata"]["name"] for _, d in objs if d["kind"] == "CSIDriver"}
 if len(drivers) != 1:
     problems.append(f"CSIDrivers: {drivers}")
 driver = next(iter(drivers), "")
-mount_flags = set(re.findall(r"--([a-z][a-z-]+)", subprocess.run([aquifer, "mount", "--help"], capture_output=True, text=True).stdout))
-if "upload-limit" not in mount_flags:
+
+
+def flags_of(command):
+    out = subprocess.run([aquifer, command, "--help"], capture_output=True, text=True).stdout
+    return set(re.findall(r"--([a-z][a-z-]+)", out))
+
+
+mount_flags = flags_of("mount")
+if "upload-limit" not in mount_flags or "cache-group" not in mount_flags:
     problems.append("cannot read the flags of aquifer mount")
+cache_node_flags = flags_of("cache-node")
+if "cache-group" not in cache_node_flags:
+    problems.append("cannot read the flags of aquifer cache-node")
 
 
 def label_key(path):
@@ -84,6 +107,106 @@ def check_options(opts, where):
         flag = o.split("=", 1)[0].lstrip("-")
         if flag not in mount_flags:
             problems.append(f"{where}: mount option {o!r} is not an aquifer mount flag")
+        if flag == "cache-group" and not re.fullmatch(r"[A-Za-z0-9._-]{1,63}", o.partition("=")[2]):
+            problems.append(f"{where}: {o!r} is not a group name (1 to 63 letters, digits, '-', '_', '.')")
+
+
+def cache_node_args(c):
+    """The flags (name -> value) of the `aquifer cache-node` a container runs, or None: as
+    its arguments, or in the shell script it runs (the line that names cache-node, with its
+    continuations)."""
+    words = c.get("command", []) + c.get("args", [])
+    if "cache-node" in words:
+        rest = words[words.index("cache-node") + 1:]
+    else:
+        m = re.search(r"aquifer\s+cache-node\s(.*)", "\n".join(words).replace("\\\n", " "))
+        if not m:
+            return None
+        rest = shlex.split(m.group(1).split("\n")[0], posix=True)
+    out = {}
+    for w in rest:
+        if w.startswith("--"):
+            k, _, v = w[2:].partition("=")
+            out[k] = v
+    return out
+
+
+# The groups that node mounts (classes, PVs) join, and those that mounts joining with
+# no-sharing need owners in.
+class_groups, ownerless = set(), []
+for path, d in objs:
+    if d["kind"] in ("StorageClass", "PersistentVolume"):
+        opts = d.get("mountOptions") or d.get("spec", {}).get("mountOptions") or []
+        opts = dict(o.split("=", 1) if "=" in o else (o, "") for o in opts)
+    elif d["kind"] == "Dataset" and d.get("apiVersion", "").startswith("data.fluid.io/"):
+        opts = {k: v for m in d["spec"]["mounts"] for k, v in (m.get("options") or {}).items()}
+    else:
+        continue
+    g = opts.get("cache-group")
+    if g:
+        if d["kind"] != "Dataset":
+            class_groups.add(g)
+        if "no-sharing" in opts and opts["no-sharing"] != "false":
+            ownerless.append((f"{os.path.relpath(path, k8s)} {d['kind']}/{d['metadata']['name']}", g))
+owning_cache_nodes = set()
+
+
+def mib(v):
+    """A size (`1408Mi`, `1G`, `256`: MiB) in MiB."""
+    m = re.fullmatch(r"(\d+)([KMGT]?)i?B?", str(v).strip(), re.I)
+    if not m:
+        problems.append(f"cannot read the size {v!r}")
+        return 0
+    n, unit = int(m.group(1)), m.group(2).upper()
+    return {"K": n / 1024, "": n, "M": n, "G": n * 1024, "T": n * 1024 * 1024}[unit]
+
+
+def host_path(spec, c, path):
+    """The host directory a container sees at `path` (or None)."""
+    for vm in c.get("volumeMounts", []):
+        if path == vm["mountPath"] or path.startswith(vm["mountPath"].rstrip("/") + "/"):
+            v = next(v for v in spec["volumes"] if v["name"] == vm["name"])
+            if "hostPath" in v:
+                return v["hostPath"]["path"] + path[len(vm["mountPath"]):]
+    return None
+
+
+def check_cache_node(spec, c, a, where):
+    """A cache node: its flags, its group, its probes, its cache and its memory."""
+    for k in a:
+        if k not in cache_node_flags:
+            problems.append(f"{where}: cache-node option --{k} is not an aquifer cache-node flag")
+    group = a.get("cache-group")
+    if not group:
+        problems.append(f"{where}: aquifer cache-node without --cache-group")
+    elif group not in class_groups:
+        problems.append(f"{where}: cache node group {group} is joined by no StorageClass "
+                        f"(those join: {sorted(class_groups)})")
+    elif "no-sharing" not in a:
+        owning_cache_nodes.add(group)
+    # Kubelet probes the pod's address: metrics on loopback (the default) fail every probe.
+    ports = {p.get("name"): p["containerPort"] for p in c.get("ports", [])}
+    metrics = a.get("metrics", "127.0.0.1:9567")
+    host, _, mport = metrics.rpartition(":")
+    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+        get = c.get(probe, {}).get("httpGet")
+        if not get:
+            continue
+        port = ports.get(get["port"], get["port"])
+        if host.strip("[]") in ("127.0.0.1", "::1", "localhost", "") or str(port) != mport:
+            problems.append(f"{where}: the {probe} asks port {port}, but --metrics serves {metrics}")
+    cache_dir = a.get("cache-dir")
+    for d in (cache_dir or "").split(":"):
+        if d in ("memory", "none"):
+            continue
+        if not d or not host_path(spec, c, d):
+            problems.append(f"{where}: the cache dir {d or '(default)'} is not on a host path: a restarted "
+                            "cache node would start empty, as a new member owning other blocks")
+    buf = mib(a.get("buffer-size", "128"))
+    bound = buf + mib(a.get("mem-cache-size", f"{buf // 2}")) + 64
+    limit = c.get("resources", {}).get("limits", {}).get("memory")
+    if not limit or mib(limit) < bound:
+        problems.append(f"{where}: the cache node's memory limit {limit} is below its buffers and RAM cache: {bound} MiB")
 
 
 for path, d in objs:
@@ -100,7 +223,8 @@ for path, d in objs:
         if m and m.group(1) and "REPLACE" not in m.group(1):
             problems.append(f"{where}: metaurl holds a password, not a placeholder")
     text = yaml.safe_dump(d)
-    if kind != "Secret" and re.search(r"(?i)(secret-key|password)\s*[:=]\s*\S", text.replace("secret-name", "").replace("secret-namespace", "")):
+    # A reference to a variable (META_PASSWORD=${...}) is not a value.
+    if kind != "Secret" and re.search(r"(?i)(secret-key|password)\s*[:=]\s*(?![\"']?\$)\S", text.replace("secret-name", "").replace("secret-namespace", "")):
         problems.append(f"{where}: looks like a secret in clear")
     if kind == "StorageClass":
         if d["provisioner"] != driver:
@@ -137,11 +261,19 @@ for path, d in objs:
             need("StorageClass", "", sc, where, installed)
         elif d["spec"].get("volumeName"):
             need("PersistentVolume", "", d["spec"]["volumeName"], where)
-    spec = d.get("spec", {}).get("template", {}).get("spec") if kind in ("Deployment", "DaemonSet", "Job") else None
+    spec = d.get("spec", {}).get("template", {}).get("spec") if kind in ("Deployment", "DaemonSet", "StatefulSet", "Job") else None
     if spec:
         sa = spec.get("serviceAccountName")
         if sa:
             need("ServiceAccount", ns, sa, where)
+        for c in spec.get("containers", []):
+            for e in c.get("env", []):
+                ref = e.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    need_key(ns, ref, where)
+            cn = cache_node_args(c)
+            if cn is not None:
+                check_cache_node(spec, c, cn, where)
         for v in spec.get("volumes", []):
             claim = v.get("persistentVolumeClaim", {}).get("claimName")
             if claim:
@@ -179,30 +311,20 @@ for path, d in objs:
                 for e in m.get("encryptOptions", []):
                     if e["name"] not in ("meta-password", "secret-key"):
                         problems.append(f"{where}: encrypt option {e['name']} is not one aquifer fluid-mount reads")
-                    ref = e["valueFrom"]["secretKeyRef"]
-                    need("Secret", ns, ref["name"], where)
-                    sec = next((s for _, s in objs if s["kind"] == "Secret" and s["metadata"]["name"] == ref["name"]
-                                and s["metadata"].get("namespace", "") == ns), None)
-                    if sec and ref["key"] not in {**sec.get("stringData", {}), **sec.get("data", {})}:
-                        problems.append(f"{where}: Secret {ref['name']} has no key {ref['key']}")
+                    need_key(ns, e["valueFrom"]["secretKeyRef"], where)
     if kind in ("RoleBinding", "ClusterRoleBinding"):
         for s in d["subjects"]:
             need("ServiceAccount", s["namespace"], s["name"], where)
         rk = d["roleRef"]["kind"]
         need(rk, ns if rk == "Role" else "", d["roleRef"]["name"], where)
 
+for where, g in ownerless:
+    if g not in owning_cache_nodes:
+        problems.append(f"{where}: joins group {g} owning nothing (no-sharing), and no cache node owns its blocks")
+
 # The node daemon holds one mount per StorageClass (each its own options): its memory limit
 # must cover every class's buffer-size + mem-cache-size + 64 MiB (aquifer mount's bound,
 # held by t_many_writers and t_read_memory), or it is OOM-killed under load.
-def mib(v):
-    m = re.fullmatch(r"(\d+)([KMGT]?)i?B?", str(v).strip(), re.I)
-    if not m:
-        problems.append(f"cannot read the size {v!r}")
-        return 0
-    n, unit = int(m.group(1)), m.group(2).upper()
-    return {"K": n / 1024, "": n, "M": n, "G": n * 1024, "T": n * 1024 * 1024}[unit]
-
-
 need_mib = 0
 for _, d in objs:
     if d["kind"] == "StorageClass":
@@ -231,16 +353,6 @@ def container_of(flag):
             if flag in c.get("args", []):
                 return spec, c
     return None, None
-
-
-def host_path(spec, c, path):
-    """The host directory a container sees at `path` (or None)."""
-    for vm in c.get("volumeMounts", []):
-        if path == vm["mountPath"] or path.startswith(vm["mountPath"].rstrip("/") + "/"):
-            v = next(v for v in spec["volumes"] if v["name"] == vm["name"])
-            if "hostPath" in v:
-                return v["hostPath"]["path"] + path[len(vm["mountPath"]):]
-    return None
 
 
 plugin, daemon = container_of("--external-mounts"), container_of("--mode=mounter")
