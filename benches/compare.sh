@@ -25,7 +25,7 @@ trap cleanup EXIT
 "$aquifer" format "rocksdb://$work/aq/meta" bench --bucket "$work/aq/blocks" >/dev/null
 "$aquifer" mount -d "rocksdb://$work/aq/meta" "$work/aq-mnt" --log "$work/aq.log" >/dev/null
 juicefs format --storage file --bucket "$work/jfs/blocks/" "sqlite3://$work/jfs/meta.db" bench >"$work/jfs-format.log" 2>&1
-juicefs mount -d "sqlite3://$work/jfs/meta.db" "$work/jfs-mnt" --log "$work/jfs.log" >"$work/jfs-mount.log" 2>&1
+juicefs mount -d "sqlite3://$work/jfs/meta.db" "$work/jfs-mnt" --cache-dir "$work/jfs-cache" --log "$work/jfs.log" >"$work/jfs-mount.log" 2>&1
 
 for t in local aquifer juicefs; do
   case $t in local) d=$work/local;; aquifer) d=$work/aq-mnt;; juicefs) d=$work/jfs-mnt;; esac

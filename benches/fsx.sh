@@ -26,7 +26,7 @@ trap cleanup EXIT
 "$aquifer" mount -d "rocksdb://$work/aq/meta" "$work/aq-mnt" --log "$work/aq.log" >/dev/null
 if [ "${JUICEFS:-0}" = 1 ]; then
   juicefs format --storage file --bucket "$work/jfs/blocks/" "sqlite3://$work/jfs/meta.db" fsxbench >"$work/jfs-format.log" 2>&1
-  juicefs mount -d "sqlite3://$work/jfs/meta.db" "$work/jfs-mnt" --log "$work/jfs.log" >"$work/jfs-mount.log" 2>&1
+  juicefs mount -d "sqlite3://$work/jfs/meta.db" "$work/jfs-mnt" --cache-dir "$work/jfs-cache" --log "$work/jfs.log" >"$work/jfs-mount.log" 2>&1
 fi
 dir_of() { case $1 in local) echo "$work/local";; aquifer) echo "$work/aq-mnt";; juicefs) echo "$work/jfs-mnt";; esac; }
 : >"$work/results"

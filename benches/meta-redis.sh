@@ -44,7 +44,7 @@ mount_sys() { # SYSTEM META MOUNTPOINT
   case $1 in
     aquifer-*) "$AQUIFER" mount -d "$2" "$3" --attr-cache 0 --entry-cache 0 --metrics none --log "$work/$(basename "$3").log" >/dev/null ;;
     juicefs) juicefs mount -d "$2" "$3" --attr-cache 0 --entry-cache 0 --dir-entry-cache 0 \
-      --no-usage-report --log "$work/$(basename "$3").log" >/dev/null 2>&1 ;;
+      --no-usage-report --cache-dir "$work/jfs-cache" --log "$work/$(basename "$3").log" >/dev/null 2>&1 ;;
   esac
   mounts+=("$3")
 }

@@ -89,7 +89,7 @@ for cfg in "aquifer P none" "aquifer P replicas:1" "aquifer S aof" "juicefs P -"
     "$AQUIFER" mount -d "$meta" "$m" --meta-durability "$dur" --log "$work/log-$db" >/dev/null
   else
     juicefs format --storage file --bucket "$work/blocks-$db/" "$meta" dur >/dev/null 2>&1
-    juicefs mount -d "$meta" "$m" --no-usage-report --log "$work/log-$db" >/dev/null 2>&1
+    juicefs mount -d "$meta" "$m" --no-usage-report --cache-dir "$work/jfs-cache-$db" --log "$work/log-$db" >/dev/null 2>&1
   fi
   mounts+=("$m")
   read -r fps med p99 < <(workload "$m")
