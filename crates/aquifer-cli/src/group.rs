@@ -62,13 +62,17 @@ pub(crate) struct Joined {
 /// The address of this node the others can reach: the source address of its default route
 /// (a UDP socket connected to a documentation address: nothing is sent), else loopback.
 fn node_ip() -> IpAddr {
-    UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
-        .and_then(|s| {
-            s.connect((Ipv4Addr::new(192, 0, 2, 1), 9))?;
-            s.local_addr()
-        })
-        .map(|a| a.ip())
-        .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST))
+    let routed = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).and_then(|s| {
+        s.connect((Ipv4Addr::new(192, 0, 2, 1), 9))?;
+        s.local_addr()
+    });
+    match routed {
+        Ok(a) => a.ip(),
+        Err(e) => {
+            tracing::warn!(error = %e, "no default route: the cache group listens on 127.0.0.1, which only members on this node reach; give --group-ip");
+            IpAddr::V4(Ipv4Addr::LOCALHOST)
+        }
+    }
 }
 
 /// This member's identity: kept in its cache directory, so a member that restarts with its
@@ -103,6 +107,7 @@ pub(crate) fn join(
     meta: &dyn Meta,
     uuid: &str,
     weight: u64,
+    block_size: u32,
     cache_root: Option<&Path>,
 ) -> Result<Option<Joined>> {
     let Some(name) = &args.cache_group else {
@@ -117,9 +122,17 @@ pub(crate) fn join(
         owns: !args.no_sharing,
     };
     let ip = args.group_ip.unwrap_or_else(node_ip);
+    if ip.is_unspecified() || ip.is_multicast() {
+        // The others would dial themselves, or nothing.
+        bail!("--group-ip {ip} is not an address the other members can dial");
+    }
     let listen = SocketAddr::new(ip, args.group_port);
-    let block_len: aquifer_group::BlockLen = Arc::new(|key: &str| {
-        aquifer_chunk::store::keys::BlockKey::parse(key).map(|k| k.len as usize)
+    // A block is at most the volume's block size: a longer "block" named by a key is no
+    // block, and is not allocated for.
+    let block_len: aquifer_group::BlockLen = Arc::new(move |key: &str| {
+        aquifer_chunk::store::keys::BlockKey::parse(key)
+            .filter(|k| k.len > 0 && k.len <= block_size)
+            .map(|k| k.len as usize)
     });
     let cfg = Config {
         volume: uuid.to_string(),
@@ -150,13 +163,19 @@ pub(crate) fn join(
 }
 
 /// The members of group `name` among `sessions`: those alive now (a heartbeat within their
-/// timeout on the engine's clock, not being cleaned up after).
+/// timeout on the engine's clock, not being cleaned up after). Of two sessions of one member
+/// (it restarted on its cache before its old session timed out), the newer one: the old
+/// address is dead.
 fn members(sessions: &[SessionInfo], name: &str, now: i64) -> Vec<Peer> {
-    sessions
+    let mut live: Vec<&SessionInfo> = sessions
         .iter()
-        .filter(|s| s.live(now))
+        .filter(|s| s.live(now) && s.group.as_ref().is_some_and(|g| g.name == name))
+        .collect();
+    live.sort_by_key(|s| std::cmp::Reverse((s.started, s.sid)));
+    let mut seen = std::collections::HashSet::new();
+    live.into_iter()
         .filter_map(|s| s.group.as_ref())
-        .filter(|g| g.name == name)
+        .filter(|g| seen.insert(g.id.clone()))
         .map(|g| Peer {
             member: Member {
                 id: g.id.clone(),
@@ -182,12 +201,20 @@ pub(crate) fn follow(group: &Arc<Group>, meta: Arc<dyn Meta>, name: String) -> R
     }
     std::thread::Builder::new()
         .name("group-members".into())
-        .spawn(move || loop {
-            std::thread::sleep(FOLLOW_EVERY);
-            let Some(g) = weak.upgrade() else { return };
-            // A metadata outage keeps the last list: members still answer meanwhile.
-            if let Err(e) = refresh(&g) {
-                tracing::debug!(error = %e, "cache group members not refreshed");
+        .spawn(move || {
+            let mut failing = false;
+            loop {
+                std::thread::sleep(FOLLOW_EVERY);
+                let Some(g) = weak.upgrade() else { return };
+                // A metadata outage keeps the last list: members still answer meanwhile.
+                match refresh(&g) {
+                    Err(e) if !failing => {
+                        tracing::warn!(error = %e, "cache group members not refreshed; the last list stays");
+                        failing = true;
+                    }
+                    Err(_) => {}
+                    Ok(()) => failing = false,
+                }
             }
         })
         .context("cannot start the group-members thread")?;
@@ -257,8 +284,15 @@ pub(crate) fn cache_node(a: CacheNodeArgs) -> Result<()> {
     } else {
         a.cache.cache_size
     };
-    let joined = join(&a.group, &*meta, &format.uuid, weight, disks.2.as_deref())?
-        .expect("--cache-group checked above");
+    let joined = join(
+        &a.group,
+        &*meta,
+        &format.uuid,
+        weight,
+        format.block_size,
+        disks.2.as_deref(),
+    )?
+    .expect("--cache-group checked above");
     let stack = aquifer_chunk::store::build(
         &crate::volume::store_spec(&format),
         aquifer_chunk::store::StackOptions {
@@ -321,6 +355,7 @@ mod tests {
     fn session(name: &str, id: &str, heartbeat: i64, reaped: bool) -> SessionInfo {
         SessionInfo {
             heartbeat,
+            started: heartbeat - 1,
             timeout: 10,
             reaped: reaped.then_some(heartbeat),
             group: Some(GroupMember {
@@ -352,6 +387,15 @@ mod tests {
             .map(|p| p.member.id)
             .collect();
         assert_eq!(ids, ["a"]);
+        // A member restarted on its cache: its newer session's address wins.
+        let mut again = session("g", "a", 104, false);
+        again.started = 103;
+        again.group.as_mut().unwrap().addr = "127.0.0.9:2".into();
+        let mut s = s;
+        s.push(again);
+        let m = members(&s, "g", 105);
+        assert_eq!(m.len(), 1);
+        assert_eq!(m[0].addr, "127.0.0.9:2");
     }
 
     #[test]

@@ -246,6 +246,7 @@ pub(crate) fn mount(a: MountArgs) -> Result<()> {
         &*meta,
         &format.uuid,
         weight,
+        format.block_size,
         cache_root.as_deref(),
     )?;
     let cfg = DataConfig {

@@ -363,7 +363,9 @@ pub fn stats(a: StatsArgs) -> Result<()> {
         return Ok(());
     }
     let interval = Duration::from_secs_f64(a.interval.max(0.1));
-    println!(
+    // A member of a cache group also shows the block bytes it got from and sent to peers.
+    let group = first.group.is_some();
+    print!(
         "{:>8} | {:>8} {:>9} {:>9} | {:>6} {:>6} | {:>6} {:>9} {:>6} {:>9} | {:>8} {:>7}",
         "time",
         "fuse/s",
@@ -377,6 +379,14 @@ pub fn stats(a: StatsArgs) -> Result<()> {
         "up/s",
         "staged",
         "evict/s"
+    );
+    println!(
+        "{}",
+        if group {
+            format!(" | {:>9} {:>9}", "peer-in/s", "peer-out/s")
+        } else {
+            String::new()
+        }
     );
     let mut prev = first;
     let mut rows = 0;
@@ -400,14 +410,22 @@ pub fn stats(a: StatsArgs) -> Result<()> {
             }
         };
         let evicted = |x: &Figures| x.tiers.iter().map(|t| t.evicted).sum::<u64>();
-        println!(
+        let peers = match (&prev.group, &cur.group) {
+            (Some(p), Some(c)) => format!(
+                " | {:>9} {:>10}",
+                human(rate(p.peer_bytes_in, c.peer_bytes_in) as u64),
+                human(rate(p.peer_bytes_out, c.peer_bytes_out) as u64)
+            ),
+            _ => String::new(),
+        };
+        print!(
             "{:>7.0}s | {:>8.0} {:>9} {:>9} | {:>6} {:>6} | {:>6.0} {:>9} {:>6.0} {:>9} | {:>8} {:>7.0}",
             t0.elapsed().as_secs_f64(),
             rate(ops(&prev), ops(&cur)),
             human(rate(prev.read_bytes, cur.read_bytes) as u64),
             human(rate(prev.write_bytes, cur.write_bytes) as u64),
             hit(0),
-            hit(1),
+            hit(cur.tiers.iter().position(|t| t.tier == "disk").unwrap_or(usize::MAX)),
             rate(prev.store.gets, cur.store.gets),
             human(rate(prev.store.get_bytes, cur.store.get_bytes) as u64),
             rate(prev.store.puts, cur.store.puts),
@@ -415,6 +433,7 @@ pub fn stats(a: StatsArgs) -> Result<()> {
             cur.staged_blocks,
             rate(evicted(&prev), evicted(&cur)),
         );
+        println!("{peers}");
         prev = cur;
         rows += 1;
         if a.count > 0 && rows >= a.count {

@@ -22,6 +22,12 @@ use std::time::Duration;
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// Longest wait for one block, its owner fetching it from the store included.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// While a request waits longer than this, the member is probed with a new connection
+/// every as often: a pooled connection to a node that died (powered off, cut off) gets no
+/// reset and would wait the whole REQUEST_TIMEOUT, but a new connection to it fails within
+/// CONNECT_TIMEOUT. A live member that is slow (fetching from a slow store) still accepts
+/// connections, and its request is waited for.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
 
 pub(crate) struct Client {
     http: hyper_util::client::legacy::Client<HttpConnector, Empty<Bytes>>,
@@ -33,8 +39,10 @@ impl Client {
         tcp.set_nodelay(true);
         tcp.set_connect_timeout(Some(CONNECT_TIMEOUT));
         let http = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(32)
+            // Idle connections go before the server's header timeout (30 s) closes them, so
+            // a request never goes out on a connection the server is closing.
+            .pool_idle_timeout(Duration::from_secs(20))
+            .pool_max_idle_per_host(8)
             .build(tcp);
         Client { http }
     }
@@ -43,7 +51,9 @@ impl Client {
 /// How a request to a member ended.
 enum Outcome {
     /// 2xx, and the body (GET only).
-    Ok(Option<(Bytes, Option<u32>)>),
+    Ok(Option<(Vec<u8>, Option<u32>)>),
+    /// Not asked: the calling thread cannot wait here. The member is not to blame.
+    Skipped,
     /// The member answered with this status.
     Status(u16),
     /// The member could not be reached or did not answer in time.
@@ -56,7 +66,7 @@ impl Group {
         if tokio::runtime::Handle::try_current().is_ok() {
             // Only threads outside any runtime ask (FUSE, read-ahead, warm-up threads); a
             // block_on here would panic, so such a caller gets a miss.
-            return Outcome::Down("asked from an async context".into());
+            return Outcome::Skipped;
         }
         let path = proto::path(op, &self.cfg.volume, key);
         let req = http::Request::builder()
@@ -69,6 +79,7 @@ impl Group {
             Err(e) => return Outcome::Down(format!("bad request: {e}")),
         };
         let fut = self.client.http.request(req);
+        let addr = peer.addr.clone();
         self.rt.block_on(async move {
             let work = async {
                 let resp = fut.await.map_err(|e| format!("{e}"))?;
@@ -91,17 +102,31 @@ impl Group {
                     if let Some(d) = frame.data_ref() {
                         if buf.len() + d.len() > limit {
                             // Longer than the block can be: wrong, and not read to the end.
-                            return Ok(Outcome::Ok(Some((Bytes::new(), None))));
+                            return Ok(Outcome::Ok(Some((Vec::new(), None))));
                         }
                         buf.extend_from_slice(d);
                     }
                 }
-                Ok(Outcome::Ok(Some((Bytes::from(buf), crc))))
+                Ok(Outcome::Ok(Some((buf, crc))))
             };
-            match tokio::time::timeout(REQUEST_TIMEOUT, work).await {
-                Ok(Ok(o)) => o,
-                Ok(Err(e)) => Outcome::Down(e),
-                Err(_) => Outcome::Down(format!("no answer in {} s", REQUEST_TIMEOUT.as_secs())),
+            let probe = async {
+                loop {
+                    tokio::time::sleep(PROBE_EVERY).await;
+                    let dial = tokio::net::TcpStream::connect(addr.as_str());
+                    match tokio::time::timeout(CONNECT_TIMEOUT, dial).await {
+                        Ok(Ok(_)) => continue,
+                        Ok(Err(e)) => return format!("waiting for an answer, a new connection failed: {e}"),
+                        Err(_) => return "waiting for an answer, a new connection timed out".to_string(),
+                    }
+                }
+            };
+            tokio::select! {
+                r = tokio::time::timeout(REQUEST_TIMEOUT, work) => match r {
+                    Ok(Ok(o)) => o,
+                    Ok(Err(e)) => Outcome::Down(e),
+                    Err(_) => Outcome::Down(format!("no answer in {} s", REQUEST_TIMEOUT.as_secs())),
+                },
+                why = probe => Outcome::Down(why),
             }
         })
     }
@@ -120,14 +145,14 @@ impl Group {
                         peer.addr,
                         body.len()
                     );
-                    let _ = self.request(peer, Op::Drop, key, 0);
+                    self.drop_at(peer, key);
                     return None;
                 }
                 c.peer_hits.fetch_add(1, Ordering::Relaxed);
                 c.peer_bytes_in.fetch_add(len as u64, Ordering::Relaxed);
-                Some(Arc::new(body.to_vec()))
+                Some(Arc::new(body))
             }
-            Outcome::Ok(None) => None,
+            Outcome::Ok(None) | Outcome::Skipped => None,
             Outcome::Status(s) => {
                 c.peer_misses.fetch_add(1, Ordering::Relaxed);
                 if s == 403 {
@@ -145,10 +170,28 @@ impl Group {
         }
     }
 
+    /// Ask `peer` to drop its copy of `key`, in the background: the reader goes on to the
+    /// store meanwhile.
+    fn drop_at(&self, peer: &Peer, key: &str) {
+        let path = proto::path(Op::Drop, &self.cfg.volume, key);
+        let req = http::Request::builder()
+            .method(Op::Drop.method())
+            .uri(format!("http://{}{path}", peer.addr))
+            .header(AUTH_HEADER, self.cfg.key.sign(Op::Drop.method(), &path))
+            .body(Empty::new());
+        if let Ok(req) = req {
+            let fut = self.client.http.request(req);
+            self.rt.spawn(async move {
+                let _ = tokio::time::timeout(REQUEST_TIMEOUT, fut).await;
+            });
+        }
+    }
+
     /// A request without a body in the answer (warm, has): `Ok` on 2xx.
     pub(crate) fn ask_status(&self, peer: &Peer, op: Op, key: &str) -> Result<(), String> {
         match self.request(peer, op, key, 0) {
             Outcome::Ok(_) => Ok(()),
+            Outcome::Skipped => Err("not asked from an async context".into()),
             Outcome::Status(s) => Err(format!("member {} answered {s}", peer.addr)),
             Outcome::Down(why) => {
                 self.suspect(peer, &why);

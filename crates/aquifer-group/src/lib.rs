@@ -118,8 +118,9 @@ pub struct Group {
     /// Where this member listens and what it advertises.
     addr: SocketAddr,
     view: RwLock<Arc<View>>,
-    /// Members passed over until the given time.
-    suspects: Mutex<HashMap<String, Instant>>,
+    /// Members passed over until the given time, by id and address (a member restarted
+    /// at a new address is not passed over for its old one's failure).
+    suspects: Mutex<HashMap<(String, String), Instant>>,
     counters: Counters,
     source: OnceLock<Arc<dyn Source>>,
     listener: Mutex<Option<TcpListener>>,
@@ -182,14 +183,15 @@ impl Group {
     }
 
     /// The members now (from the live sessions of the volume that name this group). This
-    /// member is always one of them; a member whose address changed (a restart) is asked
-    /// at its new one.
+    /// member is always one of them. Of two entries with one id the first is kept: the
+    /// caller lists a member's newest session first.
     pub fn set_members(&self, mut peers: Vec<Peer>) {
         peers.retain(|p| p.member.id != self.cfg.me.id);
         peers.push(Peer {
             member: self.cfg.me.clone(),
             addr: self.addr.to_string(),
         });
+        // A stable sort: of one id's entries, the caller's first stays first.
         peers.sort_by(|a, b| a.member.id.cmp(&b.member.id));
         peers.dedup_by(|later, first| later.member.id == first.member.id);
         if self.view.read().peers == peers {
@@ -219,10 +221,14 @@ impl Group {
             if m.id == self.cfg.me.id {
                 return None;
             }
-            if suspects.get(&m.id).is_some_and(|until| *until > now) {
+            let Some(p) = view.peers.iter().find(|p| p.member.id == m.id) else {
+                continue;
+            };
+            let k = (p.member.id.clone(), p.addr.clone());
+            if suspects.get(&k).is_some_and(|until| *until > now) {
                 continue;
             }
-            return view.peers.iter().find(|p| p.member.id == m.id).cloned();
+            return Some(p.clone());
         }
         None
     }
@@ -236,8 +242,12 @@ impl Group {
     fn suspect(&self, peer: &Peer, why: &str) {
         let mut s = self.suspects.lock();
         let now = Instant::now();
-        let fresh = s.get(&peer.member.id).is_none_or(|until| *until <= now);
-        s.insert(peer.member.id.clone(), now + SUSPECT_FOR);
+        // Members come and go (a member without a disk cache is new at each start): the
+        // map keeps only those still passed over.
+        s.retain(|_, until| *until > now);
+        let k = (peer.member.id.clone(), peer.addr.clone());
+        let fresh = !s.contains_key(&k);
+        s.insert(k, now + SUSPECT_FOR);
         if fresh {
             tracing::warn!(
                 "cache group: member {} at {} failed ({why}); its blocks come from the next member or the store for {} s",

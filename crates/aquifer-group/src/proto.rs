@@ -13,8 +13,10 @@
 //! A block travels with the crc32c of its payload, computed by the member that serves it
 //! from the bytes it serves; the asker checks it and the length the block key names before
 //! the block enters its cache. The owner checked the block when it came from the store (the
-//! object's segment checksums) and its disk tier checks every cache file when it reads it,
-//! so a block is checked at every hop between the store and the reader.
+//! object's segment checksums, made by the writer) and its disk tier checks every cache file
+//! when it reads it, so a block is checked on every hop between the store and the reader:
+//! on the wire, on the owner's disk, in the store. Not covered: memory of the owner that
+//! flips a bit between its check and the transfer checksum, as on a node's own reads.
 
 /// The credentials header.
 pub const AUTH_HEADER: &str = "x-aquifer-group";

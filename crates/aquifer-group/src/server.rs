@@ -21,7 +21,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;
 
-pub(crate) const MAX_CONNECTIONS: usize = 256;
+/// Each member keeps up to 8 idle connections to each other: room for 128 members.
+pub(crate) const MAX_CONNECTIONS: usize = 1024;
 pub(crate) const MAX_FETCHES: usize = 32;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -111,15 +112,13 @@ async fn answer(
         return text(StatusCode::SERVICE_UNAVAILABLE, "not serving yet\n");
     };
     match op {
-        Op::Has => {
-            if source.holds(&key) {
-                text(StatusCode::OK, "")
-            } else {
-                text(StatusCode::NOT_FOUND, "")
-            }
-        }
+        // Both touch the disk: off the async workers.
+        Op::Has => match tokio::task::spawn_blocking(move || source.holds(&key)).await {
+            Ok(true) => text(StatusCode::OK, ""),
+            _ => text(StatusCode::NOT_FOUND, ""),
+        },
         Op::Drop => {
-            source.drop_block(&key);
+            let _ = tokio::task::spawn_blocking(move || source.drop_block(&key)).await;
             text(StatusCode::NO_CONTENT, "")
         }
         Op::Warm => {

@@ -177,6 +177,13 @@ fn a_block_damaged_on_the_way_is_a_miss_and_is_dropped_at_its_owner() {
     assert_eq!(*got, payload(&key));
     assert_eq!(b.figures().peer_corrupt, 1);
     assert_eq!(b.figures().peer_hits, 0);
+    // The DELETE goes in the background.
+    for _ in 0..100 {
+        if seen.lock().len() >= 2 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let seen = seen.lock().clone();
     assert_eq!(seen.len(), 2, "{seen:?}");
     assert!(
@@ -226,6 +233,39 @@ fn a_dead_member_is_passed_over_at_once() {
     let next = b.owner(&key);
     assert_ne!(next.as_ref().map(|p| p.member.id.as_str()), Some("a"));
     let _ = (sb, sc);
+}
+
+#[test]
+fn a_member_whose_node_died_mid_request_is_passed_over_without_the_full_timeout() {
+    let (a, _) = member("a", "vol", b"s");
+    let (b, _) = member("b", "vol", b"s");
+    b.set_members(vec![peer(&a), peer(&b)]);
+    let key = key_owned_by(&b, &a);
+    // A node that took the connection, then died: the connection stays open and silent
+    // (no reset comes from a node that is gone), and new connections fail.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let held = std::thread::spawn(move || {
+        let (conn, _) = l.accept().unwrap();
+        drop(l);
+        std::thread::sleep(Duration::from_secs(20));
+        drop(conn);
+    });
+    b.set_members(vec![
+        Peer {
+            member: a.me().clone(),
+            addr,
+        },
+        peer(&b),
+    ]);
+    let t = Instant::now();
+    let cache = cache_of(&b);
+    let got = cache.get_or_fetch::<()>(&key, || Ok(Arc::new(payload(&key))));
+    assert_eq!(*got.unwrap(), payload(&key));
+    // The request would otherwise wait its 15 s; the probe finds the node gone in ~1.5 s.
+    assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
+    assert_eq!(b.figures().suspects, 1);
+    drop(held);
 }
 
 /// Raw HTTP to a member: the status line.

@@ -34,7 +34,8 @@ impl ChunkStore {
     /// all on the cache disk is copied now from those blocks. None otherwise: the caller
     /// reads through the data path as usual.
     pub fn whole_copy(&self, ino: Ino, stamp: &[u8], file_len: u64) -> Option<std::fs::File> {
-        if file_len == 0 || self.cache.tiers().len() < 2 {
+        // A copy is made from a local disk tier's blocks: RAM and a peer group's do not do.
+        if file_len == 0 || self.cache.tiers().iter().filter(|t| !t.remote()).count() < 2 {
             return None;
         }
         let key = format!("files/{ino}");
@@ -44,8 +45,9 @@ impl ChunkStore {
         if file_len > WHOLE_SYNC_MAX {
             return None;
         }
+        // Blocks held here, not at their owners in a group: an open must not ask the network.
         let c = self
-            .cache_range(ino, CacheOp::Check, 0, file_len, file_len)
+            .cache_range_in(ino, CacheOp::Check, 0, file_len, file_len, None)
             .ok()?;
         if c.cached < c.total {
             return None;
@@ -88,20 +90,28 @@ impl ChunkStore {
         len: u64,
         file_len: u64,
     ) -> Result<CacheCounts> {
+        let group = self.cfg.group.as_ref();
+        self.cache_range_in(ino, op, off, len, file_len, group)
+    }
+
+    /// [`ChunkStore::cache_range`] with the group to warm and check at (`None`: this node's
+    /// cache only).
+    fn cache_range_in(
+        &self,
+        ino: Ino,
+        op: CacheOp,
+        off: u64,
+        len: u64,
+        file_len: u64,
+        group: Option<&std::sync::Arc<aquifer_group::Group>>,
+    ) -> Result<CacheCounts> {
         let end = off.saturating_add(len).min(file_len);
         let bs = self.cfg.block_size;
         let mut c = CacheCounts::default();
-        let Some(last) = self
-            .cache
-            .tiers()
-            .iter()
-            .rev()
-            .find(|t| !t.remote())
-            .cloned()
-        else {
+        let Some(last) = self.last_local_tier() else {
             return Ok(c);
         };
-        let group = self.cfg.group.as_ref().filter(|_| op != CacheOp::Evict);
+        let group = group.filter(|_| op != CacheOp::Evict);
         let mut seen = HashSet::new();
         let mut pos = off;
         while pos < end {

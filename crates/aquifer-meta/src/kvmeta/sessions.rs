@@ -233,7 +233,11 @@ impl<E: KvEngine> Sessions for KvMeta<E> {
             self.mark_lost(sid);
             return Ok(());
         }
-        self.session.lock().unwrap().replace(info);
+        // Only the beat: an update_session made meanwhile keeps its change in memory, and
+        // the next heartbeat writes it (update_session writes it at once as well).
+        if let Some(s) = self.session.lock().unwrap().as_mut() {
+            s.heartbeat = now;
+        }
         *self.session_record.lock().unwrap() = Some(json);
         self.beat_seen();
         self.record_slice_ids(&mut self.slices.lock().unwrap(), false)?;
