@@ -50,21 +50,10 @@ pub struct GroupFig {
     pub name: String,
     pub member: String,
     pub address: String,
-    /// Members now (this one included), and those passed over for failing.
-    pub members: u64,
-    pub suspects: u64,
-    /// Blocks this member got from their owners, and their bytes.
-    pub peer_hits: u64,
-    pub peer_bytes_in: u64,
-    /// Requests to owners that got no block (down, refused, failed): read from the store.
-    pub peer_misses: u64,
-    /// Blocks from owners that failed their check (dropped there, read again).
-    pub peer_corrupt: u64,
-    /// Blocks this member served the others, and their bytes.
-    pub served: u64,
-    pub peer_bytes_out: u64,
-    /// Requests refused: no key of the group, or another volume.
-    pub refused: u64,
+    /// Peer hits and bytes in, blocks served and bytes out, misses, damaged blocks,
+    /// refused requests, members and suspects ([`aquifer_group::Figures`]).
+    #[serde(flatten)]
+    pub figures: aquifer_group::Figures,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -155,22 +144,11 @@ impl Sources {
             staged_blocks: staged.0,
             staged_bytes: staged.1,
             metrics: self.metrics.lock().clone(),
-            group: self.group.as_ref().map(|(g, name)| {
-                let f = g.figures();
-                GroupFig {
-                    name: name.clone(),
-                    member: g.me().id.clone(),
-                    address: g.addr().to_string(),
-                    members: f.members,
-                    suspects: f.suspects,
-                    peer_hits: f.peer_hits,
-                    peer_bytes_in: f.peer_bytes_in,
-                    peer_misses: f.peer_misses,
-                    peer_corrupt: f.peer_corrupt,
-                    served: f.served,
-                    peer_bytes_out: f.peer_bytes_out,
-                    refused: f.refused,
-                }
+            group: self.group.as_ref().map(|(g, name)| GroupFig {
+                name: name.clone(),
+                member: g.me().id.clone(),
+                address: g.addr().to_string(),
+                figures: g.figures(),
             }),
         }
     }
@@ -328,46 +306,46 @@ pub fn prometheus_text(f: &Figures) -> String {
             &mut reg,
             "group_blocks",
             "Blocks this member got from their owners in its cache group (in) and served the others (out)",
-            [(by("direction", "in"), g.peer_hits), (by("direction", "out"), g.served)],
+            [(by("direction", "in"), g.figures.peer_hits), (by("direction", "out"), g.figures.served)],
         );
         counter_family(
             &mut reg,
             "group_bytes",
             "Block bytes between this member and the others of its cache group",
             [
-                (by("direction", "in"), g.peer_bytes_in),
-                (by("direction", "out"), g.peer_bytes_out),
+                (by("direction", "in"), g.figures.peer_bytes_in),
+                (by("direction", "out"), g.figures.peer_bytes_out),
             ],
         );
         counter_family(
             &mut reg,
             "group_peer_misses",
             "Requests to an owner that got no block (read from the store instead)",
-            [(of(), g.peer_misses)],
+            [(of(), g.figures.peer_misses)],
         );
         counter_family(
             &mut reg,
             "group_peer_corrupt",
             "Blocks from an owner that failed their check",
-            [(of(), g.peer_corrupt)],
+            [(of(), g.figures.peer_corrupt)],
         );
         counter_family(
             &mut reg,
             "group_refused",
             "Requests refused: without the group's key, or for another volume",
-            [(of(), g.refused)],
+            [(of(), g.figures.refused)],
         );
         gauge_family(
             &mut reg,
             "group_members",
             "Members of the cache group now",
-            [(of(), g.members)],
+            [(of(), g.figures.members)],
         );
         gauge_family(
             &mut reg,
             "group_suspects",
             "Members passed over for failing a request",
-            [(of(), g.suspects)],
+            [(of(), g.figures.suspects)],
         );
     }
     let mut out = String::new();
@@ -475,9 +453,12 @@ mod tests {
         assert!(!t.contains("aquifer_group"), "no group, no group figures");
         f.group = Some(GroupFig {
             name: "g".into(),
-            served: 5,
-            peer_bytes_in: 9,
-            members: 3,
+            figures: aquifer_group::Figures {
+                served: 5,
+                peer_bytes_in: 9,
+                members: 3,
+                ..Default::default()
+            },
             ..Default::default()
         });
         let t = prometheus_text(&f);

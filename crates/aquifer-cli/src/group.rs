@@ -274,16 +274,7 @@ pub(crate) fn cache_node(a: CacheNodeArgs) -> Result<()> {
         aquifer_chunk::Compression::parse(&format.compression).map_err(|e| anyhow!(e))?;
     let disks = crate::mount::disk_tiers(&a.cache, &format, &data_dir, a.max_downloads)?;
     let half = (a.buffer_size << 20) / 2;
-    let mem = a
-        .cache
-        .mem_cache_size
-        .map(|b| b.min(usize::MAX as u64) as usize)
-        .unwrap_or(half);
-    let weight = if disks.0 .0.is_empty() {
-        mem as u64
-    } else {
-        a.cache.cache_size
-    };
+    let (mem, weight) = a.cache.ram_and_weight(half, &disks.0);
     let joined = join(
         &a.group,
         &*meta,

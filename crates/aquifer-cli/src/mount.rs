@@ -147,6 +147,23 @@ pub(crate) struct CacheArgs {
     pub(crate) mem_cache_size: Option<u64>,
 }
 
+impl CacheArgs {
+    /// The RAM tier's size (`--mem-cache-size`, else `half` of the buffer) and the cache a
+    /// group member offers: its disk cache, or its RAM without one.
+    pub(crate) fn ram_and_weight(&self, half: usize, disks: &aquifer_chunk::Tiers) -> (usize, u64) {
+        let ram = self
+            .mem_cache_size
+            .map(|b| b.min(usize::MAX as u64) as usize)
+            .unwrap_or(half);
+        let weight = if disks.0.is_empty() {
+            ram as u64
+        } else {
+            self.cache_size
+        };
+        (ram, weight)
+    }
+}
+
 pub(crate) fn mount(a: MountArgs) -> Result<()> {
     let (url, mp) = match a.args.as_slice() {
         [mp] => (None, PathBuf::from(mp)),
@@ -230,17 +247,7 @@ pub(crate) fn mount(a: MountArgs) -> Result<()> {
         }
     };
     let half = (a.buffer_size << 20) / 2;
-    let mem_cache = a
-        .cache
-        .mem_cache_size
-        .map(|b| b.min(usize::MAX as u64) as usize)
-        .unwrap_or(half);
-    // A member offers its disk cache, or its RAM without one.
-    let weight = if lower_tiers.0.is_empty() {
-        mem_cache as u64
-    } else {
-        a.cache.cache_size
-    };
+    let (mem_cache, weight) = a.cache.ram_and_weight(half, &lower_tiers);
     let joined = crate::group::join(
         &a.group,
         &*meta,

@@ -413,8 +413,8 @@ pub fn stats(a: StatsArgs) -> Result<()> {
         let peers = match (&prev.group, &cur.group) {
             (Some(p), Some(c)) => format!(
                 " | {:>9} {:>10}",
-                human(rate(p.peer_bytes_in, c.peer_bytes_in) as u64),
-                human(rate(p.peer_bytes_out, c.peer_bytes_out) as u64)
+                human(rate(p.figures.peer_bytes_in, c.figures.peer_bytes_in) as u64),
+                human(rate(p.figures.peer_bytes_out, c.figures.peer_bytes_out) as u64)
             ),
             _ => String::new(),
         };

@@ -70,7 +70,7 @@ pub trait Source: Send + Sync {
 }
 
 /// The figures of one member.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Figures {
     /// Blocks this member got from its peers, and their bytes.
     pub peer_hits: u64,
