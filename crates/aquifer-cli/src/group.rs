@@ -100,6 +100,12 @@ fn member_id(cache_root: Option<&Path>) -> Result<String> {
     Ok(id)
 }
 
+/// The key of group `name` of volume `uuid` whose secret is `secret`. The group's name is
+/// part of it: two groups of one volume never mix.
+fn group_key(uuid: &str, name: &str, secret: &aquifer_meta::Secret) -> GroupKey {
+    GroupKey::derive(&format!("{uuid}/{name}"), secret.0.as_bytes())
+}
+
 /// Join the group `args` names, if any: bind its port and derive its key. `weight` is the
 /// cache this member offers; `cache_root` where its identity is kept.
 pub(crate) fn join(
@@ -136,8 +142,7 @@ pub(crate) fn join(
     });
     let cfg = Config {
         volume: uuid.to_string(),
-        // The group's name is part of the key: two groups of one volume never mix.
-        key: GroupKey::derive(&format!("{uuid}/{name}"), secret.0.as_bytes()),
+        key: group_key(uuid, name, &secret),
         me: me.clone(),
         block_len,
     };
@@ -187,13 +192,23 @@ fn members(sessions: &[SessionInfo], name: &str, now: i64) -> Vec<Peer> {
         .collect()
 }
 
-/// Keep `group`'s member list current from the volume's sessions, until the group goes.
+/// Keep `group`'s member list current from the volume's sessions, until the group goes;
+/// and its key, from the volume's group secret as stored now (a failover that lost the
+/// first secret before it reached a replica lets a later member make another: every member
+/// moves to the stored one).
 pub(crate) fn follow(group: &Arc<Group>, meta: Arc<dyn Meta>, name: String) -> Result<()> {
     let weak: Weak<Group> = Arc::downgrade(group);
     let refresh = move |g: &Group| -> aquifer_meta::Result<()> {
         let now = meta.clock()?.sec;
         let sessions = meta.list_sessions()?;
         g.set_members(members(&sessions, &name, now));
+        let f = meta.load_format()?;
+        let secret = if f.group_secret.is_empty() {
+            meta.group_secret()?
+        } else {
+            f.group_secret
+        };
+        g.set_key(group_key(&f.uuid, &name, &secret));
         Ok(())
     };
     if let Err(e) = refresh(group) {

@@ -16,7 +16,7 @@ type HmacSha256 = Hmac<Sha256>;
 const SCHEME: &str = "v1";
 
 /// A group's key.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct GroupKey([u8; 32]);
 
 impl std::fmt::Debug for GroupKey {

@@ -72,7 +72,7 @@ impl Group {
         let req = http::Request::builder()
             .method(op.method())
             .uri(format!("http://{}{path}", peer.addr))
-            .header(AUTH_HEADER, self.cfg.key.sign(op.method(), &path))
+            .header(AUTH_HEADER, self.key().sign(op.method(), &path))
             .body(Empty::new());
         let req = match req {
             Ok(r) => r,
@@ -177,7 +177,7 @@ impl Group {
         let req = http::Request::builder()
             .method(Op::Drop.method())
             .uri(format!("http://{}{path}", peer.addr))
-            .header(AUTH_HEADER, self.cfg.key.sign(Op::Drop.method(), &path))
+            .header(AUTH_HEADER, self.key().sign(Op::Drop.method(), &path))
             .body(Empty::new());
         if let Ok(req) = req {
             let fut = self.client.http.request(req);

@@ -118,6 +118,8 @@ pub struct Group {
     /// Where this member listens and what it advertises.
     addr: SocketAddr,
     view: RwLock<Arc<View>>,
+    /// The key requests are signed and checked with: `cfg.key` until [`Group::set_key`].
+    key: RwLock<GroupKey>,
     /// Members passed over until the given time, by id and address (a member restarted
     /// at a new address is not passed over for its old one's failure).
     suspects: Mutex<HashMap<(String, String), Instant>>,
@@ -151,6 +153,7 @@ impl Group {
             peers: vec![me],
         };
         Ok(Arc::new(Group {
+            key: RwLock::new(cfg.key.clone()),
             cfg,
             addr,
             view: RwLock::new(Arc::new(view)),
@@ -161,6 +164,23 @@ impl Group {
             rt,
             client: client::Client::new(),
         }))
+    }
+
+    /// The key requests are signed and checked with now.
+    pub fn key(&self) -> GroupKey {
+        self.key.read().clone()
+    }
+
+    /// Sign and check requests with `key` from now on: the volume's group secret was made
+    /// again (a failover lost the first one before it reached a replica, and a member that
+    /// joined later made another). Every member reads the secret as it follows the
+    /// membership, so all of them move to the stored one.
+    pub fn set_key(&self, key: GroupKey) {
+        if *self.key.read() == key {
+            return;
+        }
+        tracing::warn!("cache group: the volume's group secret changed; using the stored one");
+        *self.key.write() = key;
     }
 
     /// The address this member listens on, as the others should dial it.

@@ -93,7 +93,7 @@ async fn answer(
         return text(StatusCode::BAD_REQUEST, "not a group request\n");
     }
     let creds = req.headers().get(AUTH_HEADER).and_then(|v| v.to_str().ok());
-    if group.cfg.key.verify(method, path, creds).is_err() {
+    if group.key().verify(method, path, creds).is_err() {
         c.refused.fetch_add(1, Ordering::Relaxed);
         return text(StatusCode::FORBIDDEN, "no valid key of this group\n");
     }

@@ -268,6 +268,36 @@ fn a_member_whose_node_died_mid_request_is_passed_over_without_the_full_timeout(
     drop(held);
 }
 
+#[test]
+fn members_that_move_to_a_new_key_serve_each_other_again() {
+    let (a, sa) = member("a", "vol", b"s");
+    let (b, _) = member("b", "vol", b"s");
+    for g in [&a, &b] {
+        g.set_members(vec![peer(&a), peer(&b)]);
+    }
+    let key = key_owned_by(&b, &a);
+    // The owner moved to the secret stored now, the asker not yet: refused, a miss.
+    a.set_key(GroupKey::derive("vol", b"made again"));
+    let cache = cache_of(&b);
+    cache
+        .get_or_fetch::<()>(&key, || Ok(Arc::new(payload(&key))))
+        .unwrap();
+    assert_eq!(b.figures().peer_hits, 0);
+    assert_eq!(a.figures().refused, 1);
+    // Once the asker reads it too, and the owner is asked again, it serves.
+    b.set_key(GroupKey::derive("vol", b"made again"));
+    b.suspects.lock().clear();
+    let other = (0..1000)
+        .map(|i| format!("chunks/0/1/{i}_0_{}", 2000 + i))
+        .find(|k| b.owner(k).is_some_and(|p| p.member.id == "a"))
+        .unwrap();
+    cache
+        .get_or_fetch::<()>(&other, || panic!("the owner serves it"))
+        .unwrap();
+    assert_eq!(b.figures().peer_hits, 1);
+    assert_eq!(sa.fetched.load(Ordering::SeqCst), 1);
+}
+
 /// Raw HTTP to a member: the status line.
 fn raw(addr: SocketAddr, req: &str) -> String {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
@@ -290,7 +320,7 @@ fn requests_without_the_key_or_for_another_volume_get_nothing() {
         "GET {path} HTTP/1.1\r\nhost: x\r\n{AUTH_HEADER}: {wrong}\r\nconnection: close\r\n\r\n"
     );
     assert!(raw(a.addr(), &req).contains(" 403 "), "a wrong key");
-    let right = a.cfg.key.sign("GET", &path);
+    let right = a.key().sign("GET", &path);
     let req = format!(
         "GET {path} HTTP/1.1\r\nhost: x\r\n{AUTH_HEADER}: {right}\r\nconnection: close\r\n\r\n"
     );
