@@ -28,6 +28,8 @@ pub use aquifer_vfs::FiguresFn;
 
 /// Largest read and write the kernel sends in one request.
 pub const MAX_IO: u32 = 1 << 20;
+/// How long a write open waits for the RELEASE of a passthrough handle already closed.
+const RELEASE_GRACE: Duration = Duration::from_millis(500);
 
 pub struct MountOptions {
     pub fs_name: String,
@@ -303,6 +305,14 @@ impl Filesystem for AquiferFs {
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         self.counters.tick(Op::open);
         if flags.0 & libc::O_ACCMODE != libc::O_RDONLY && self.backings.in_use(ino.0) {
+            // The RELEASE of a passthrough handle reaches us after its close returned
+            // (`cat f; cp x f` on a busy machine): give one in flight time to land.
+            let until = std::time::Instant::now() + RELEASE_GRACE;
+            while self.backings.in_use(ino.0) && std::time::Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY && self.backings.in_use(ino.0) {
             // The kernel would fail any open of an inode other handles read in
             // passthrough; say why instead of its EIO.
             return reply.error(fuser::Errno::from_i32(libc::ETXTBSY));
@@ -343,8 +353,11 @@ impl Filesystem for AquiferFs {
                         } else {
                             FopenFlags::FOPEN_NOFLUSH
                         };
+                        // Kept before the reply: its RELEASE may be handled by another
+                        // thread as soon as the reply is out, and a keep after that forget
+                        // would hold the backing (and refuse writers) for ever.
+                        self.backings.keep(o.fh, id.clone());
                         reply.opened_passthrough(FileHandle(o.fh), f, &id);
-                        self.backings.keep(o.fh, id);
                         return;
                     }
                 }
