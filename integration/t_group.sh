@@ -17,7 +17,7 @@ META=$META_A
 # The S3 server's bytes out, as the kernel counts them (TCP payload and headers of every
 # segment it sends from its port).
 RULE=(OUTPUT -p tcp --sport "$S3_PORT" -m comment --comment "aquifer-t_group-$S3_PORT" -j ACCEPT)
-iptables -I "${RULE[@]}"
+iptables -I "${RULE[@]}" || fail "iptables cannot add a rule to count the S3 server's bytes (root with CAP_NET_ADMIN and nf_tables needed)"
 CLEANUPS+=("iptables -D ${RULE[*]}")
 s3_sent() {
   iptables -L OUTPUT -v -x -n | awk -v c="aquifer-t_group-$S3_PORT" '$0 ~ c {print $2; exit}'
