@@ -3,8 +3,10 @@
 # test server) read one dataset at once and the S3 server sends it about once (counted by
 # the kernel: an iptables rule on its port, not by Aquifer); a member killed with -9 during
 # an epoch leaves the others to finish byte for byte; a flipped byte in a member's cache
-# files never reaches a reader; a member of another volume with the same group name gets
-# nothing of this one, and a request without the volume's key is refused.
+# files never reaches a reader; a cache node (`aquifer cache-node`, no mount) owns and
+# serves its share and leaves on SIGTERM; warmup through one member fills the group once;
+# a member of another volume with the same group name gets nothing of this one, and a
+# request without the volume's key is refused.
 source "$(dirname "$0")/lib.sh"
 own_s3_server
 start_redis
@@ -24,20 +26,21 @@ s3_sent() {
 }
 
 # The dataset: many small files and a few large ones, written by a mount outside the group.
-mkdir -p "$WORK/src/a" "$WORK/src/b" "$WORK/src/c"
+mkdir -p "$WORK/src/a" "$WORK/src/b" "$WORK/src/c" "$WORK/src/d"
 for i in $(seq 1 120); do head -c $((100 << 10 + i * 512)) /dev/urandom >"$WORK/src/a/s$i"; done
 for i in 1 2; do head -c $((24 << 20)) /dev/urandom >"$WORK/src/a/big$i"; done
 for i in $(seq 1 60); do head -c $((256 << 10)) /dev/urandom >"$WORK/src/b/s$i"; done
 for i in 1 2 3; do head -c $((16 << 20)) /dev/urandom >"$WORK/src/b/big$i"; done
 for i in $(seq 1 40); do head -c $((200 << 10)) /dev/urandom >"$WORK/src/c/s$i"; done
 head -c $((20 << 20)) /dev/urandom >"$WORK/src/c/big"
+for i in $(seq 1 40); do head -c $((192 << 10)) /dev/urandom >"$WORK/src/d/s$i"; done
 W=$WORK/writer
 mount_volume "$W" --cache-dir memory
-cp -r "$WORK/src/a" "$WORK/src/b" "$WORK/src/c" "$W/"
+cp -r "$WORK/src/a" "$WORK/src/b" "$WORK/src/c" "$WORK/src/d" "$W/"
 umount_volume "$W"
 bytes_a=$(du -sb --apparent-size "$WORK/src/a" | cut -f1)
 bytes_c=$(du -sb --apparent-size "$WORK/src/c" | cut -f1)
-(cd "$WORK/src" && find a b c -type f -exec md5sum {} + | sort -k2) >"$WORK/want.md5"
+(cd "$WORK/src" && find a b c d -type f -exec md5sum {} + | sort -k2) >"$WORK/want.md5"
 
 # member N: a mount on 127.0.0.N with a disk cache of its own, in group "train".
 member() {
@@ -165,7 +168,24 @@ read_all "$WORK/m5" b || fail "a reader got wrong bytes of dataset b"
 [ "$(figure "$WORK/m5" peer_hits)" -gt 0 ] || fail "the no-sharing reader got no block from the group"
 [ "$(figure "$WORK/m5" served)" = 0 ] || fail "a member that owns nothing served blocks"
 
-# 5. A member of another volume with the same group name: it sees only its own volume's
+# 5. A cache node (`aquifer cache-node`, no mount) joins: it owns a share of the blocks and
+# serves it (its Prometheus figures say so), and SIGTERM makes it leave cleanly.
+cn_metrics=127.0.0.1:$(free_port)
+"$AQUIFER" cache-node "$META_A" --cache-group train --group-ip 127.0.0.7 \
+  --cache-dir "$WORK/cache7" --cache-size 1G --metrics "$cn_metrics" >"$WORK/cn.log" 2>&1 &
+CN=$!
+CLEANUPS+=("kill -9 $CN")
+for i in $(seq 1 100); do grep -q "127.0.0.7:" "$WORK/m5.log" && break; sleep 0.1; done
+grep -q "127.0.0.7:" "$WORK/m5.log" || fail "m5 never saw the cache node join: $(tail -3 "$WORK/cn.log")"
+read_all "$WORK/m5" d || fail "a reader got wrong bytes with a cache node in the group"
+served=$(curl -s "http://$cn_metrics/metrics" |
+  awk '/^aquifer_group_blocks_total\{group="train",direction="out"\}/ {print $2}')
+note "the cache node served ${served:-0} blocks of dataset d"
+[ "${served:-0}" -gt 0 ] || fail "the cache node served no block"
+kill -TERM "$CN"
+wait "$CN" || fail "the cache node did not exit cleanly on SIGTERM: $(tail -3 "$WORK/cn.log")"
+
+# 6. A member of another volume with the same group name: it sees only its own volume's
 # members, and a request made with its volume's key gets nothing from this one's members.
 META=$META_B
 mkdir -p "$WORK/vb"
