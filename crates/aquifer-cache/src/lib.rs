@@ -213,11 +213,6 @@ impl Cache {
         self.tiers.iter().any(|t| !t.remote() && t.contains(key))
     }
 
-    /// Whether a tier is remote ([`Tier::remote`]).
-    pub fn has_remote(&self) -> bool {
-        self.tiers.iter().any(|t| t.remote())
-    }
-
     /// Offer a block to every tier.
     pub fn insert(&self, key: &str, block: &Block) {
         for t in &self.tiers {

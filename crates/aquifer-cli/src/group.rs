@@ -80,8 +80,11 @@ fn node_ip() -> IpAddr {
 /// (its RAM cache starts empty anyway).
 fn member_id(cache_root: Option<&Path>) -> Result<String> {
     let fresh = || {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-        format!("{}-{}", host.trim(), &crate::volume::new_uuid()[..8])
+        format!(
+            "{}-{}",
+            crate::volume::hostname(),
+            &crate::volume::new_uuid()[..8]
+        )
     };
     let Some(root) = cache_root else {
         return Ok(fresh());
@@ -320,15 +323,10 @@ pub(crate) fn cache_node(a: CacheNodeArgs) -> Result<()> {
     };
     let vfs = aquifer_vfs::Vfs::new(meta.clone(), stack.store.clone(), cfg)
         .map_err(|e| anyhow!("cannot load volume: {e}"))?;
-    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    vfs.start_session(SessionInfo {
-        hostname: hostname.trim().to_string(),
-        mount_point: format!("cache-node {}", joined.group.addr()),
-        pid: std::process::id(),
-        version: env!("CARGO_PKG_VERSION").to_string(),
-        group: Some(joined.member.clone()),
-        ..Default::default()
-    })
+    vfs.start_session(crate::volume::session_info(
+        format!("cache-node {}", joined.group.addr()),
+        Some(joined.member.clone()),
+    ))
     .map_err(|e| anyhow!("cannot start a session: {e}"))?;
     joined.group.serve(vfs.chunk_store().clone());
     follow(&joined.group, meta.clone(), joined.member.name.clone())?;

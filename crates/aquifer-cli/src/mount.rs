@@ -8,7 +8,7 @@ use crate::volume::*;
 use anyhow::{anyhow, bail, Context as _, Result};
 use aquifer_chunk::store::{Stack, StackOptions, StagingOptions};
 use aquifer_chunk::DataConfig;
-use aquifer_meta::{Format, MetaError, SessionInfo};
+use aquifer_meta::{Format, MetaError};
 use clap::Args;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -273,16 +273,10 @@ pub(crate) fn mount(a: MountArgs) -> Result<()> {
     };
     let vfs = aquifer_vfs::Vfs::new(meta.clone(), store, cfg)
         .map_err(|e| anyhow!("cannot load volume: {e}"))?;
-    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    vfs.start_session(SessionInfo {
-        sid: 0,
-        hostname: hostname.trim().to_string(),
-        mount_point: mp.display().to_string(),
-        pid: std::process::id(),
-        version: env!("CARGO_PKG_VERSION").to_string(),
-        group: joined.as_ref().map(|j| j.member.clone()),
-        ..Default::default()
-    })
+    vfs.start_session(session_info(
+        mp.display().to_string(),
+        joined.as_ref().map(|j| j.member.clone()),
+    ))
     .map_err(|e| anyhow!("cannot start a session: {e}"))?;
     if let Some(j) = &joined {
         j.group.serve(vfs.chunk_store().clone());

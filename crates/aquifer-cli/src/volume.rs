@@ -139,6 +139,28 @@ pub(crate) fn new_format(
     })
 }
 
+/// This node's name, as the kernel has it (a pod's name in a pod).
+pub(crate) fn hostname() -> String {
+    let h = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    h.trim().to_string()
+}
+
+/// The session record of this process, serving `mount_point` (or what it does instead),
+/// a member of `group` if any.
+pub(crate) fn session_info(
+    mount_point: String,
+    group: Option<aquifer_meta::GroupMember>,
+) -> aquifer_meta::SessionInfo {
+    aquifer_meta::SessionInfo {
+        hostname: hostname(),
+        mount_point,
+        pid: std::process::id(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        group,
+        ..Default::default()
+    }
+}
+
 pub(crate) fn new_uuid() -> String {
     let mut b = [0u8; 16];
     if let Ok(mut f) = std::fs::File::open("/dev/urandom") {

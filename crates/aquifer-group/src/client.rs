@@ -61,6 +61,16 @@ enum Outcome {
 }
 
 impl Group {
+    /// Request `op` on block `key` to `peer`, signed with the group's key.
+    fn signed(&self, peer: &Peer, op: Op, key: &str) -> http::Result<http::Request<Empty<Bytes>>> {
+        let path = proto::path(op, &self.cfg.volume, key);
+        http::Request::builder()
+            .method(op.method())
+            .uri(format!("http://{}{path}", peer.addr))
+            .header(AUTH_HEADER, self.key().sign(op.method(), &path))
+            .body(Empty::new())
+    }
+
     /// One request to `peer`, waited for on the group's runtime.
     fn request(&self, peer: &Peer, op: Op, key: &str, limit: usize) -> Outcome {
         if tokio::runtime::Handle::try_current().is_ok() {
@@ -68,13 +78,7 @@ impl Group {
             // block_on here would panic, so such a caller gets a miss.
             return Outcome::Skipped;
         }
-        let path = proto::path(op, &self.cfg.volume, key);
-        let req = http::Request::builder()
-            .method(op.method())
-            .uri(format!("http://{}{path}", peer.addr))
-            .header(AUTH_HEADER, self.key().sign(op.method(), &path))
-            .body(Empty::new());
-        let req = match req {
+        let req = match self.signed(peer, op, key) {
             Ok(r) => r,
             Err(e) => return Outcome::Down(format!("bad request: {e}")),
         };
@@ -173,13 +177,7 @@ impl Group {
     /// Ask `peer` to drop its copy of `key`, in the background: the reader goes on to the
     /// store meanwhile.
     fn drop_at(&self, peer: &Peer, key: &str) {
-        let path = proto::path(Op::Drop, &self.cfg.volume, key);
-        let req = http::Request::builder()
-            .method(Op::Drop.method())
-            .uri(format!("http://{}{path}", peer.addr))
-            .header(AUTH_HEADER, self.key().sign(Op::Drop.method(), &path))
-            .body(Empty::new());
-        if let Ok(req) = req {
+        if let Ok(req) = self.signed(peer, Op::Drop, key) {
             let fut = self.client.http.request(req);
             self.rt.spawn(async move {
                 let _ = tokio::time::timeout(REQUEST_TIMEOUT, fut).await;

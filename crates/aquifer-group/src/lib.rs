@@ -295,11 +295,6 @@ impl Group {
         }
     }
 
-    /// The members now, this one included.
-    pub fn peers(&self) -> Vec<Peer> {
-        self.view.read().peers.clone()
-    }
-
     /// Have block `key` cached at its owner: `Ok(true)` when the owner (another member)
     /// has it now, `Ok(false)` when this member is the one to cache it, `Err` when the
     /// owner failed.
