@@ -37,6 +37,9 @@ pub trait Tier: Send + Sync {
     fn get(&self, key: &str) -> Option<Block>;
     /// Whether the block is held, without counting an access.
     fn contains(&self, key: &str) -> bool;
+    /// Count an access to a block a faster tier answered: a block every epoch reads from
+    /// RAM is still the hot set on disk, where it must outlast a scan once RAM lets it go.
+    fn touch(&self, _key: &str) {}
     /// Offer a block; the tier may decline it (too large, full of blocks it must keep, out
     /// of use).
     fn insert(&self, key: &str, block: &Block);
@@ -159,6 +162,11 @@ impl Cache {
                 self.hits[i].0.fetch_add(1, Ordering::Relaxed);
                 for up in &self.tiers[..i] {
                     up.insert(key, &b);
+                }
+                for down in &self.tiers[i + 1..] {
+                    if !down.remote() {
+                        down.touch(key);
+                    }
                 }
                 return Some(b);
             }

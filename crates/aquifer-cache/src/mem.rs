@@ -76,6 +76,10 @@ impl Tier for MemTier {
         self.st.lock().contains(key)
     }
 
+    fn touch(&self, key: &str) {
+        self.st.lock().access(key, self.rehit);
+    }
+
     /// Written blocks stay out of RAM: the kernel's page cache holds what was just written,
     /// and their buffers go back to the writers.
     fn writes_through(&self) -> bool {

@@ -254,6 +254,10 @@ impl Tier for DiskTier {
         !self.indexed() && self.inner.path(key).is_file()
     }
 
+    fn touch(&self, key: &str) {
+        self.inner.st.lock().access(key, crate::mem::REHIT);
+    }
+
     fn insert(&self, key: &str, block: &Block) {
         self.inner.enqueue(key, block, false)
     }

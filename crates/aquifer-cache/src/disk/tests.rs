@@ -235,6 +235,40 @@ fn a_hot_set_survives_a_scan_of_three_times_the_cache() {
     );
 }
 
+/// The hot set's second read is answered by RAM: the disk tier must still count it, or a
+/// scan pushes the hot set off the disk as soon as RAM lets it go.
+#[test]
+fn a_hot_set_read_from_ram_survives_a_scan_on_disk() {
+    let d = tempfile::tempdir().unwrap();
+    let cap = 16 << 20;
+    let disk = Arc::new(open(d.path(), cap));
+    let ram = Arc::new(crate::MemTier::new(8 << 20));
+    let cache = crate::Cache::new(vec![ram.clone(), disk.clone()]);
+    let sz = 40_000;
+    for i in 0..100 {
+        cache.insert(&format!("hot{i}"), &block(sz, 1));
+    }
+    disk.flush();
+    std::thread::sleep(crate::mem::REHIT);
+    for i in 0..100 {
+        assert!(ram.contains(&format!("hot{i}")));
+        assert!(cache.get(&format!("hot{i}")).is_some());
+    }
+    for i in 0..(3 * cap as usize / sz) {
+        cache.insert(&format!("scan{i}"), &block(sz, 2));
+        if i % 20 == 0 {
+            disk.flush();
+            disk.housekeep_now();
+        }
+    }
+    disk.flush();
+    disk.housekeep_now();
+    let kept = (0..100)
+        .filter(|i| disk.contains(&format!("hot{i}")))
+        .count();
+    assert!(kept >= 90, "only {kept} of 100 hot blocks kept on disk");
+}
+
 #[test]
 fn a_deleted_directory_is_a_miss_then_made_again() {
     let d = tempfile::tempdir().unwrap();
