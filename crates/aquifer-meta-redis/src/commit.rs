@@ -4,11 +4,12 @@
 //! but never after a commit whose answer was lost (`MetaError::Ambiguous`).
 
 use crate::conn::retryable;
+use crate::feed::FEED_MAX;
 use crate::keys::Stored;
 use crate::scripts::COMMIT;
 use crate::{engine_err, RedisKv, ENGINE};
-use aquifer_meta::encoding::{is_counter, LISTED};
-use aquifer_meta::{BufferedTxn, KvPair, KvRead, KvTxn, MetaError, Result};
+use aquifer_meta::encoding::{followed, is_counter, is_lane, LISTED};
+use aquifer_meta::{pack_keys, BufferedTxn, KvPair, KvRead, KvTxn, MetaError, Result};
 use redis::{Connection, RedisError};
 use std::cell::{Cell, RefCell};
 use std::time::Duration;
@@ -49,6 +50,13 @@ impl RedisKv {
             args.extend(parts.iter().map(|p| p.to_vec()));
         };
         let mut emptied: Vec<(Vec<u8>, u8, Vec<u8>)> = Vec::new();
+        // What other clients follow (feed.rs): a commit that changes none of it (only its
+        // lane, a session's records, a counter) adds nothing to the feed.
+        let followed: Vec<&Vec<u8>> = w.writes.keys().filter(|k| followed(k)).collect();
+        let feed = followed
+            .iter()
+            .any(|k| !is_lane(k))
+            .then(|| pack_keys(followed.iter().map(|k| k.as_slice())));
         for (k, v) in w.writes {
             let (rk, field) = self.locate(&k);
             let tag = k[0];
@@ -86,6 +94,11 @@ impl RedisKv {
         }
         for (rk, tag, id) in emptied {
             op(&mut args, &[b"U", &rk, &self.index_key(tag), &id]);
+        }
+        if let Some(keys) = feed {
+            let max = FEED_MAX.to_string();
+            let (stream, seq) = (self.feed_key(), self.feed_seq_key());
+            op(&mut args, &[b"L", &stream, &seq, max.as_bytes(), &keys]);
         }
         args
     }

@@ -31,12 +31,14 @@
 //! One file per role: `conn.rs` (connections, topology, failover and the retry of plain
 //! operations), `keys.rs` (key layout and stored values), `scripts.rs` (the Lua scripts),
 //! `scan.rs` (scans and paged listings), `commit.rs` (a transaction's reads, its commit and
-//! its retries), `durability.rs` (what a sync waits for). This file holds the `RedisKv`
+//! its retries), `durability.rs` (what a sync waits for), `feed.rs` (the change feed other
+//! clients follow). This file holds the `RedisKv`
 //! type, its constructors and the `KvRead`/`KvEngine` wiring.
 
 mod commit;
 mod conn;
 mod durability;
+mod feed;
 mod keys;
 mod scan;
 mod scripts;
@@ -268,6 +270,10 @@ impl KvEngine for RedisKv {
 
     fn epoch(&self) -> u64 {
         self.epoch.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn feed(&self) -> Option<Box<dyn aquifer_meta::KvFeed>> {
+        Some(Box::new(self.new_feed()))
     }
 
     fn incr_by(&self, key: &[u8], delta: i64) -> Result<i64> {

@@ -11,8 +11,9 @@
 /// (hash field), the key, the field (empty for a string), `1` and the value it must hold, or
 /// `0` and anything when it must be absent. The writes follow, each an op code and its
 /// arguments: `S key value`, `D key`, `H key field value`, `X key field` (HDEL), `A key n`
-/// (INCRBY), `Z index id` (ZADD), `R index id` (ZREM), and `U key index id` (drop a group's id
-/// from its index once the group's hash is gone).
+/// (INCRBY), `Z index id` (ZADD), `R index id` (ZREM), `U key index id` (drop a group's id
+/// from its index once the group's hash is gone), and `L stream counter maxlen keys` (append
+/// the commit's followed keys to the change feed under the next sequence number: feed.rs).
 pub(crate) const COMMIT: &str = r"
 local i = 2
 for _ = 1, tonumber(ARGV[1]) do
@@ -37,6 +38,10 @@ while i <= n do
   elseif op == 'U' then
     if redis.call('EXISTS', ARGV[i+1]) == 0 then redis.call('ZREM', ARGV[i+2], ARGV[i+3]) end
     i = i + 4
+  elseif op == 'L' then
+    local seq = redis.call('INCR', ARGV[i+2])
+    redis.call('XADD', ARGV[i+1], 'MAXLEN', '~', ARGV[i+3], '*', 's', seq, 'k', ARGV[i+4])
+    i = i + 5
   else return redis.error_reply('aquifer commit: unknown op') end
 end
 return 1

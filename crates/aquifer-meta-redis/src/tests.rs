@@ -419,3 +419,79 @@ fn operations_survive_a_restart_and_fail_after_the_deadline() {
     assert_eq!(e.errno(), aquifer_meta::Errno::EIO);
     assert!(t.elapsed() < Duration::from_secs(8));
 }
+
+/// The change feed: a client is not told its own commits, and whatever may have lost it
+/// commits — a sequence number skipped (an entry trimmed, or lost in a failover), the
+/// follower's connection cut — is reported as a gap, never passed over.
+#[test]
+fn the_feed_skips_own_commits_and_reports_gaps() {
+    use aquifer_meta::conformance::{test_format, test_session};
+    use aquifer_meta::{Change, FileType, ROOT_INO};
+    let (a, b, c) = pair();
+    let ctx = aquifer_meta::Context::root();
+    a.format(&test_format(1 << 16), false).unwrap();
+    a.new_session(test_session("a")).unwrap();
+    b.new_session(test_session("b")).unwrap();
+    let mut f = a.follow().expect("redis keeps a feed");
+    let wait = Duration::from_millis(300);
+    assert_eq!(f.next(wait).unwrap(), vec![Change::Everything]);
+    let mk = |m: &KvMeta<RedisKv>, name: &[u8]| {
+        m.mknod(&ctx, ROOT_INO, name, FileType::File, 0o644, 0, 0)
+            .unwrap()
+    };
+    mk(&a, b"mine");
+    mk(&b, b"theirs");
+    let mut got = Vec::new();
+    let end = Instant::now() + Duration::from_secs(5);
+    while !got.contains(&Change::Entry(ROOT_INO, b"theirs".to_vec())) && Instant::now() < end {
+        got.extend(f.next(wait).unwrap());
+    }
+    assert!(
+        got.contains(&Change::Entry(ROOT_INO, b"theirs".to_vec())),
+        "{got:?}"
+    );
+    assert!(
+        !got.contains(&Change::Entry(ROOT_INO, b"mine".to_vec())),
+        "{got:?}"
+    );
+    // An entry the follower never sees: its number is taken, the entry is not written.
+    let mut raw = redis::Client::open(server().as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let seq_key = format!("{{{}}}feedseq", c.0);
+    redis::cmd("INCR")
+        .arg(&seq_key)
+        .query::<i64>(&mut raw)
+        .unwrap();
+    mk(&b, b"after-a-gap");
+    let got = f.next(Duration::from_secs(2)).unwrap();
+    assert_eq!(got, vec![Change::Everything], "a skipped number is a gap");
+    // The follower's connection cut: an error, then a gap.
+    let list: String = redis::cmd("CLIENT").arg("LIST").query(&mut raw).unwrap();
+    let name = format!("name=aquifer-feed:{{{}}} ", c.0);
+    let id = list
+        .lines()
+        .find(|l| l.contains(&name))
+        .and_then(|l| l.strip_prefix("id="))
+        .and_then(|l| l.split(' ').next())
+        .expect("the follower's connection is named")
+        .to_string();
+    redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("ID")
+        .arg(&id)
+        .query::<i64>(&mut raw)
+        .unwrap();
+    let mut answers = Vec::new();
+    for _ in 0..20 {
+        match f.next(wait) {
+            Ok(c) => {
+                answers.push(c);
+                break;
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+    assert_eq!(answers, vec![vec![Change::Everything]]);
+}

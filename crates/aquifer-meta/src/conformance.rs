@@ -217,7 +217,8 @@ macro_rules! meta_conformance_shared {
             two_clients_one_tree, unlink_elsewhere_keeps_open_file, locks_across_clients,
             dead_session_is_cleaned_up, concurrent_creates_and_counters,
             rename_races_keep_tree_consistent, slice_lists_fresh_at_open,
-            stale_guesses_are_caught, live_sessions_slice_ids_seen_by_all);
+            stale_guesses_are_caught, live_sessions_slice_ids_seen_by_all,
+            changes_are_followed);
     };
     (@cases $make:expr; $($case:ident),*) => {
         $(

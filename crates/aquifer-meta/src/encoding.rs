@@ -198,6 +198,21 @@ pub const GROUPED: &[u8] = b"ECXOoKW";
 /// beyond one group.
 pub const LISTED: &[u8] = b"SCTJFPOR";
 
+/// Tags whose changes other clients of a shared engine follow (an inode's attributes, a
+/// directory's entries, a file's chunks: what a client and its kernel cache), and the lane
+/// (`W`) that names the client that committed them ([`crate::KvEngine::feed`]).
+pub const FOLLOWED: &[u8] = b"IECW";
+
+/// Whether a commit's write of `key` goes into the engine's change feed.
+pub fn followed(key: &[u8]) -> bool {
+    key.first().is_some_and(|t| FOLLOWED.contains(t))
+}
+
+/// A client's transaction lane (`W` client lane).
+pub fn is_lane(key: &[u8]) -> bool {
+    key.first() == Some(&b'W')
+}
+
 /// The length of the group prefix of `key`, for a key in a group.
 pub fn group_len(key: &[u8]) -> Option<usize> {
     match key.first() {

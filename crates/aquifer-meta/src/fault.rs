@@ -327,6 +327,10 @@ impl<E: KvEngine> KvEngine for LossyKv<E> {
         }
     }
 
+    fn feed(&self) -> Option<Box<dyn crate::KvFeed>> {
+        self.inner.feed()
+    }
+
     fn sync(&self) -> Result<()> {
         self.inner.sync()
     }

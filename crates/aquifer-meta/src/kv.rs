@@ -110,6 +110,56 @@ pub trait KvEngine: KvRead + Send + Sync + 'static {
     fn epoch(&self) -> u64 {
         0
     }
+    /// The engine's change feed, on an engine other clients share: the followed keys
+    /// ([`crate::encoding::FOLLOWED`]) every commit wrote, in commit order, so that a client
+    /// can keep caches true by being told instead of asking. None: the engine keeps no feed
+    /// (an exclusive engine needs none: nobody else changes it).
+    fn feed(&self) -> Option<Box<dyn KvFeed>> {
+        None
+    }
+}
+
+/// What [`KvFeed::next`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum FeedBatch {
+    /// The followed keys of each commit since the last batch, in commit order (possibly
+    /// none: the wait ended first).
+    Commits(Vec<Vec<Vec<u8>>>),
+    /// Continuity is lost — the feed started, reconnected, fell behind what the engine
+    /// keeps, or the server changed — so commits may have been missed: a follower trusts
+    /// nothing it cached before.
+    Gap,
+}
+
+/// A reader of an engine's change feed ([`KvEngine::feed`]).
+pub trait KvFeed: Send {
+    /// Wait up to `wait` for commits after those already returned. An error is the engine
+    /// unreachable; the next call starts again with a [`FeedBatch::Gap`].
+    fn next(&mut self, wait: std::time::Duration) -> Result<FeedBatch>;
+}
+
+/// The keys of one commit a feed carries, packed into one value (each key after its
+/// length, a big-endian u16).
+pub fn pack_keys<'a>(keys: impl Iterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for k in keys {
+        let n = k.len().min(u16::MAX as usize);
+        out.extend_from_slice(&(n as u16).to_be_bytes());
+        out.extend_from_slice(&k[..n]);
+    }
+    out
+}
+
+/// The keys [`pack_keys`] packed; a damaged tail is dropped.
+pub fn unpack_keys(mut b: &[u8]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    while b.len() >= 2 {
+        let n = u16::from_be_bytes([b[0], b[1]]) as usize;
+        let Some(k) = b.get(2..2 + n) else { break };
+        out.push(k.to_vec());
+        b = &b[2 + n..];
+    }
+    out
 }
 
 /// The i64 a counter key holds (big-endian; absent or malformed = 0).
@@ -162,6 +212,9 @@ impl<E: KvEngine> KvEngine for std::sync::Arc<E> {
     }
     fn epoch(&self) -> u64 {
         (**self).epoch()
+    }
+    fn feed(&self) -> Option<Box<dyn KvFeed>> {
+        (**self).feed()
     }
 }
 
@@ -335,6 +388,46 @@ pub struct MemKv {
     map: RwLock<BTreeMap<Vec<u8>, Vec<u8>>>,
     commit: Mutex<()>,
     shared: bool,
+    /// A shared engine's change feed: the followed keys of recent commits.
+    log: std::sync::Arc<MemLog>,
+}
+
+/// The last [`MEM_LOG_MAX`] commits of a shared [`MemKv`], numbered from 1.
+#[derive(Default)]
+struct MemLog {
+    entries: Mutex<(u64, std::collections::VecDeque<Vec<Vec<u8>>>)>,
+    cv: std::sync::Condvar,
+}
+
+const MEM_LOG_MAX: usize = 4096;
+
+struct MemFeed {
+    log: std::sync::Arc<MemLog>,
+    /// The number of the last commit returned; None before the first call.
+    seen: Option<u64>,
+}
+
+impl KvFeed for MemFeed {
+    fn next(&mut self, wait: std::time::Duration) -> Result<FeedBatch> {
+        let mut g = self.log.entries.lock().unwrap();
+        let Some(seen) = self.seen else {
+            self.seen = Some(g.0);
+            return Ok(FeedBatch::Gap);
+        };
+        if g.0 == seen {
+            g = self.log.cv.wait_timeout(g, wait).unwrap().0;
+        }
+        let (last, q) = (&g.0, &g.1);
+        let first = last - q.len() as u64 + 1;
+        if *last > seen && seen + 1 < first {
+            self.seen = Some(*last);
+            return Ok(FeedBatch::Gap);
+        }
+        let skip = (seen + 1 - first) as usize;
+        let out: Vec<_> = q.iter().skip(skip).cloned().collect();
+        self.seen = Some(*last);
+        Ok(FeedBatch::Commits(out))
+    }
 }
 
 impl MemKv {
@@ -405,6 +498,12 @@ impl KvEngine for MemKv {
             break w;
         };
         let writes = writes.folded(&view)?;
+        let followed: Vec<Vec<u8>> = writes
+            .iter()
+            .map(|(k, _)| k)
+            .filter(|k| crate::encoding::followed(k))
+            .cloned()
+            .collect();
         let mut map = self.map.write().unwrap();
         for (k, v) in writes {
             match v {
@@ -412,7 +511,26 @@ impl KvEngine for MemKv {
                 None => map.remove(&k),
             };
         }
+        if self.shared && followed.iter().any(|k| !crate::encoding::is_lane(k)) {
+            let mut g = self.log.entries.lock().unwrap();
+            g.0 += 1;
+            g.1.push_back(followed);
+            if g.1.len() > MEM_LOG_MAX {
+                g.1.pop_front();
+            }
+            drop(g);
+            self.log.cv.notify_all();
+        }
         Ok(())
+    }
+
+    fn feed(&self) -> Option<Box<dyn KvFeed>> {
+        self.shared.then(|| {
+            Box::new(MemFeed {
+                log: self.log.clone(),
+                seen: None,
+            }) as Box<dyn KvFeed>
+        })
     }
 
     fn sync(&self) -> Result<()> {

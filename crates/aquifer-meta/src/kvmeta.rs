@@ -8,6 +8,7 @@
 //! - `namespace.rs`: lookup, create, link, unlink, rmdir, rename, readdir.
 //! - `files.rs`: open, close, truncate, fallocate; where an inode is freed.
 //! - `chunks.rs`: slice lists (read, write, compact), the trash, chunk scans for gc.
+//! - `follow.rs`: the slice-list cache, and following other clients' changes.
 //! - `ids.rs`: inode, slice and trash ids in batches; a session's record of slice ids.
 //! - `xattrs.rs`, `locks.rs` (where a lock is taken), `journal.rs`, `load.rs`.
 //! - `txn.rs`: the one way every operation reaches the engine (guesses, lanes).
@@ -22,7 +23,7 @@ use crate::types::*;
 use crate::Meta;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 mod attrs;
@@ -30,6 +31,7 @@ mod chunks;
 #[cfg(test)]
 mod failover_tests;
 mod files;
+mod follow;
 mod ids;
 mod journal;
 mod load;
@@ -90,12 +92,11 @@ pub struct KvMeta<E: KvEngine> {
     /// engine), in milliseconds since `born`: past the timeout, operations check first.
     beat_ms: AtomicU64,
     born: std::time::Instant,
-    /// Slice lists read on a shared engine, so a read of an open file costs no round trip:
-    /// dropped for an inode at each open of it (close-to-open) and at each change of its
-    /// chunks made here; a change by another client shows at the next open here.
-    chunks: Mutex<HashMap<Ino, HashMap<u32, Vec<Slice>>>>,
-    /// Bumped by every drop, so a read that raced with a change does not cache.
-    chunk_gen: AtomicU64,
+    /// Slice lists read on a shared engine, so a read of an open file costs no round trip
+    /// (`follow.rs`).
+    chunks: Arc<follow::ChunkCache>,
+    /// Whether the change feed is followed and up to date (`follow.rs`).
+    following: Arc<follow::Following>,
     /// Inodes this client holds locks on: a close elsewhere costs no engine round trip.
     locked: Mutex<std::collections::HashSet<Ino>>,
     /// Unix time of the last look for dead sessions, on the engine's clock.
@@ -172,8 +173,8 @@ impl<E: KvEngine> KvMeta<E> {
             lost: AtomicBool::new(false),
             beat_ms: AtomicU64::new(0),
             born: std::time::Instant::now(),
-            chunks: Mutex::new(HashMap::new()),
-            chunk_gen: AtomicU64::new(0),
+            chunks: Default::default(),
+            following: Default::default(),
             locked: Mutex::new(Default::default()),
             last_reap: AtomicU64::new(0),
             hints: Mutex::new(HashMap::new()),

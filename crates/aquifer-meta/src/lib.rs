@@ -19,7 +19,8 @@ pub mod url;
 
 pub use error::{Errno, MetaError, Result};
 pub use kv::{
-    counter_value, BufferedTxn, EntryAttr, KvEngine, KvPair, KvRead, KvTxn, MemKv, TxnWrites,
+    counter_value, pack_keys, unpack_keys, BufferedTxn, EntryAttr, FeedBatch, KvEngine, KvFeed,
+    KvPair, KvRead, KvTxn, MemKv, TxnWrites,
 };
 pub use kvmeta::{KvMeta, DEFAULT_SESSION_TIMEOUT};
 pub use locks::{PLock, F_RDLCK, F_UNLCK, F_WRLCK};
@@ -104,6 +105,35 @@ pub trait Volume {
     fn sync_on_close(&self) -> Result<()> {
         Ok(())
     }
+    /// Follow the changes other clients make to the volume ([`Follower`]); None where nobody
+    /// else can change it (an embedded engine) or the engine keeps no feed.
+    fn follow(&self) -> Option<Box<dyn Follower>> {
+        None
+    }
+}
+
+/// A change another client made to the volume, as a follower sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Change {
+    /// An inode's attributes (length, times, mode, links).
+    Attr(Ino),
+    /// A name in a directory was made, removed or pointed elsewhere.
+    Entry(Ino, Vec<u8>),
+    /// A file's contents (a chunk's slice list).
+    Data(Ino),
+    /// Continuity was lost (the feed started or came back, or fell behind): anything may
+    /// have changed.
+    Everything,
+}
+
+/// Reads the changes other clients make ([`Volume::follow`]). The client's own caches of
+/// the volume (slice lists) are dropped by the follower before it reports a change, and
+/// trusted across opens only while it keeps up; what it reports is for the caches above
+/// (the kernel's).
+pub trait Follower: Send {
+    /// Wait up to `wait` for changes. An error is the engine unreachable (the caller waits
+    /// a little and calls again: the next answer starts with [`Change::Everything`]).
+    fn next(&mut self, wait: std::time::Duration) -> Result<Vec<Change>>;
 }
 
 /// The clients of a volume: each mount registers a session, keeps it alive, and cleans up

@@ -175,3 +175,65 @@ pub fn slice_lists_fresh_at_open(a: &dyn Meta, b: &dyn Meta) {
     b.close(f).unwrap();
     b.close(f).unwrap();
 }
+
+/// Collect what `f` reports until every change of `want` is among it (or 10 s pass).
+fn follow_until(f: &mut dyn Follower, want: &[Change]) -> Vec<Change> {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut got = Vec::new();
+    while !want.iter().all(|w| got.contains(w)) && std::time::Instant::now() < end {
+        got.extend(f.next(std::time::Duration::from_millis(200)).unwrap());
+    }
+    got
+}
+
+/// A client following the volume's changes ([`Volume::follow`]) is told what another
+/// commits — new names, removed names, attributes, contents — and its slice lists follow
+/// without an open in between.
+pub fn changes_are_followed(a: &dyn Meta, b: &dyn Meta) {
+    let ctx = ready2(a, b);
+    let Some(mut f) = a.follow() else {
+        return;
+    };
+    // The first answer is a start: nothing known before it.
+    assert_eq!(
+        f.next(std::time::Duration::from_millis(100)).unwrap(),
+        vec![Change::Everything]
+    );
+    let (file, s1) = file_with_slice(b, &ctx, "f", 100);
+    let got = follow_until(
+        &mut *f,
+        &[Change::Entry(ROOT_INO, b"f".to_vec()), Change::Data(file)],
+    );
+    assert!(
+        got.contains(&Change::Entry(ROOT_INO, b"f".to_vec())),
+        "{got:?}"
+    );
+    assert!(got.contains(&Change::Data(file)), "{got:?}");
+    // Open once, read the list (cached), then the other client writes: the follower drops
+    // the cached list, so a read without a new open sees the commit.
+    a.open(&ctx, file, libc::O_RDONLY).unwrap();
+    assert_eq!(a.read_chunk(file, 0).unwrap(), vec![s1]);
+    let s2 = data_slice(b, 50);
+    b.write_slice(file, 0, s2).unwrap();
+    let got = follow_until(&mut *f, &[Change::Data(file), Change::Attr(file)]);
+    assert!(got.contains(&Change::Data(file)), "{got:?}");
+    assert_eq!(a.read_chunk(file, 0).unwrap(), vec![s1, s2]);
+    a.close(file).unwrap();
+    // chmod, rename and unlink by the other client.
+    chmod(b, &ctx, file, 0o600);
+    let got = follow_until(&mut *f, &[Change::Attr(file)]);
+    assert!(got.contains(&Change::Attr(file)), "{got:?}");
+    b.rename(&ctx, ROOT_INO, b"f", ROOT_INO, b"g", 0).unwrap();
+    let moved = [
+        Change::Entry(ROOT_INO, b"f".to_vec()),
+        Change::Entry(ROOT_INO, b"g".to_vec()),
+    ];
+    let got = follow_until(&mut *f, &moved);
+    assert!(moved.iter().all(|m| got.contains(m)), "{got:?}");
+    b.unlink(&ctx, ROOT_INO, b"g").unwrap();
+    let got = follow_until(&mut *f, &[Change::Entry(ROOT_INO, b"g".to_vec())]);
+    assert!(
+        got.contains(&Change::Entry(ROOT_INO, b"g".to_vec())),
+        "{got:?}"
+    );
+}

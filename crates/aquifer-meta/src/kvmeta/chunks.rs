@@ -1,6 +1,7 @@
 //! A file's data layout ([`Chunks`]): slice ids (handed out by `ids.rs`), each chunk's
-//! slice list (read through a per-inode cache on a shared engine, dropped at each open and
-//! at each change made here), writes and compactions of slice lists, and the trash of
+//! slice list (read through a per-inode cache on a shared engine, dropped at each change
+//! made here or followed from others, and at each open unless the follower is live:
+//! `follow.rs`), writes and compactions of slice lists, and the trash of
 //! slices whose objects gc deletes.
 
 use super::{add, now, put_attr, KvMeta, C_NEXT_SLICE, C_NEXT_TRASH, C_USED_SPACE, TRASH_BATCH};
@@ -9,10 +10,6 @@ use crate::error::{Errno, MetaError, Result};
 use crate::kv::{KvEngine, KvTxn};
 use crate::types::*;
 use crate::Chunks;
-use std::sync::atomic::Ordering;
-
-/// Inodes whose slice lists are cached at most (then the cache starts over).
-const CHUNK_CACHE_INODES: usize = 16384;
 
 impl<E: KvEngine> Chunks for KvMeta<E> {
     fn new_slice_id(&self) -> Result<u64> {
@@ -57,11 +54,10 @@ impl<E: KvEngine> Chunks for KvMeta<E> {
     fn read_chunk(&self, ino: Ino, idx: u32) -> Result<Vec<Slice>> {
         self.alive()?;
         let cached = !self.kv.exclusive();
-        let generation = self.chunk_gen.load(Ordering::Acquire);
+        let generation = self.chunks.generation();
         if cached {
-            let c = self.chunks.lock().unwrap();
-            if let Some(list) = c.get(&ino).and_then(|m| m.get(&idx)) {
-                return Ok(list.clone());
+            if let Some(list) = self.chunks.get(ino, idx) {
+                return Ok(list);
             }
         }
         let list = match self.kv.get(&key::chunk(ino, idx))? {
@@ -72,14 +68,8 @@ impl<E: KvEngine> Chunks for KvMeta<E> {
             None => Vec::new(),
         };
         if cached {
-            let mut c = self.chunks.lock().unwrap();
-            // Not if a change of any chunk committed here meanwhile: it may be this one.
-            if self.chunk_gen.load(Ordering::Acquire) == generation {
-                if c.len() >= CHUNK_CACHE_INODES {
-                    c.clear();
-                }
-                c.entry(ino).or_default().insert(idx, list.clone());
-            }
+            // Not if a change of any chunk was seen meanwhile: it may be this one.
+            self.chunks.put(generation, ino, idx, list.clone());
         }
         Ok(list)
     }
@@ -219,9 +209,7 @@ impl<E: KvEngine> KvMeta<E> {
         if self.kv.exclusive() {
             return;
         }
-        let mut c = self.chunks.lock().unwrap();
-        self.chunk_gen.fetch_add(1, Ordering::AcqRel);
-        c.remove(&ino);
+        self.chunks.forget(ino);
     }
 
     pub(super) fn trash_slices(&self, t: &mut dyn KvTxn, slices: &[Slice]) -> Result<()> {

@@ -24,8 +24,11 @@ impl<E: KvEngine> Files for KvMeta<E> {
         } else {
             0
         };
-        // Close-to-open: what another client committed before this open is read fresh.
-        self.forget_chunks(ino);
+        // Close-to-open: what another client committed before this open is read fresh —
+        // unless the follower of the volume's changes is live, which has dropped it then.
+        if !self.followed() {
+            self.forget_chunks(ino);
+        }
         let mut open = self.open_shard(ino);
         let n = open.get(&ino).copied().unwrap_or(0);
         let a = if n == 0 {

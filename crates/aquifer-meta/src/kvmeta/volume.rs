@@ -146,6 +146,10 @@ impl<E: KvEngine> Volume for KvMeta<E> {
         self.check_lanes()
     }
 
+    fn follow(&self) -> Option<Box<dyn crate::Follower>> {
+        self.new_follower()
+    }
+
     fn sync_on_close(&self) -> Result<()> {
         self.kv.sync_on_close()?;
         self.check_lanes()
