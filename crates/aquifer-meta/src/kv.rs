@@ -499,8 +499,7 @@ impl KvEngine for MemKv {
         };
         let writes = writes.folded(&view)?;
         let followed: Vec<Vec<u8>> = writes
-            .iter()
-            .map(|(k, _)| k)
+            .keys()
             .filter(|k| crate::encoding::followed(k))
             .cloned()
             .collect();
