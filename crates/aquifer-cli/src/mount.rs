@@ -40,12 +40,14 @@ pub(crate) struct MountArgs {
     /// read ahead.
     #[arg(long, default_value_t = 128, value_parser = usize_in(8, 1 << 20))]
     buffer_size: usize,
-    /// Kernel attribute cache time in seconds (0 to 86400).
-    #[arg(long, default_value_t = 1.0, value_parser = parse_seconds)]
-    attr_cache: f64,
-    /// Kernel cache time of name lookups in seconds (0 to 86400).
-    #[arg(long, default_value_t = 1.0, value_parser = parse_seconds)]
-    entry_cache: f64,
+    /// Kernel attribute cache time in seconds (0 to 86400). Default: an hour while the
+    /// mount keeps the kernel's caches true by invalidation (one mount of an embedded
+    /// volume; on Redis, while it follows the volume's changes), else 1.
+    #[arg(long, value_parser = parse_seconds)]
+    attr_cache: Option<f64>,
+    /// Kernel cache time of name lookups in seconds (0 to 86400). Default as --attr-cache.
+    #[arg(long, value_parser = parse_seconds)]
+    entry_cache: Option<f64>,
     #[command(flatten)]
     pub(crate) cache: CacheArgs,
     #[command(flatten)]
@@ -315,8 +317,10 @@ pub(crate) fn mount(a: MountArgs) -> Result<()> {
         threads: a.threads,
         allow_other: a.allow_other || root,
         read_only: a.read_only,
-        attr_ttl: Duration::from_secs_f64(a.attr_cache),
-        entry_ttl: Duration::from_secs_f64(a.entry_cache),
+        ttls: aquifer_fuse::Ttls {
+            attr: a.attr_cache.map(Duration::from_secs_f64),
+            entry: a.entry_cache.map(Duration::from_secs_f64),
+        },
         counters: fuse_counters,
         figures: Some(figures_fn),
         passthrough: (a.passthrough || a.read_only) && !a.no_passthrough,

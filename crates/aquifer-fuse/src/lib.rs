@@ -21,6 +21,9 @@ pub use fuser::{Session, SessionUnmounter};
 
 mod counters;
 pub use counters::{FuseCounters, Op, OP_NAMES};
+mod follow;
+use follow::Kernel;
+pub use follow::{Ttls, AUTO_TTL, SHORT_TTL};
 mod convert;
 use convert::*;
 
@@ -38,10 +41,10 @@ pub struct MountOptions {
     /// Let other users in (needs root, or user_allow_other in /etc/fuse.conf).
     pub allow_other: bool,
     pub read_only: bool,
-    /// How long the kernel may trust attributes without a GETATTR.
-    pub attr_ttl: Duration,
-    /// How long the kernel may trust a name's lookup without a LOOKUP.
-    pub entry_ttl: Duration,
+    /// How long the kernel may trust attributes without a GETATTR, and a name's lookup
+    /// without a LOOKUP; unset: [`AUTO_TTL`] while invalidation keeps the kernel's caches
+    /// true, [`SHORT_TTL`] when it cannot (`follow.rs`).
+    pub ttls: Ttls,
     /// Counted into by the adapter; read by whoever reports figures.
     pub counters: Arc<FuseCounters>,
     /// Answers the STATS control ioctl ([`aquifer_vfs::Vfs::control`]).
@@ -52,8 +55,8 @@ pub struct MountOptions {
 
 pub struct AquiferFs {
     vfs: Arc<Vfs>,
-    ttl: Duration,
-    entry_ttl: Duration,
+    /// What the kernel holds and for how long (`follow.rs`).
+    kernel: Arc<Kernel>,
     counters: Arc<FuseCounters>,
     /// Passthrough asked for: offered to the kernel at init.
     passthrough: bool,
@@ -69,8 +72,7 @@ impl AquiferFs {
         }
         AquiferFs {
             vfs,
-            ttl: opts.attr_ttl,
-            entry_ttl: opts.entry_ttl,
+            kernel: Arc::new(Kernel::new(opts.ttls)),
             counters: opts.counters.clone(),
             passthrough: opts.passthrough,
             backings: Backings::default(),
@@ -78,14 +80,29 @@ impl AquiferFs {
         }
     }
 
-    fn entry(&self, reply: ReplyEntry, r: aquifer_vfs::Result<(u64, Attr)>) {
+    /// Reply with `name` in `parent` found as `r`, read after `snap`
+    /// ([`Kernel::snapshot`]).
+    fn entry(
+        &self,
+        reply: ReplyEntry,
+        snap: u64,
+        parent: INodeNo,
+        name: &[u8],
+        r: aquifer_vfs::Result<(u64, Attr)>,
+    ) {
         match r {
-            Ok((ino, a)) => reply.entry_with_ttls(
-                &self.ttl,
-                &self.entry_ttl,
-                &file_attr(ino, &a),
-                Generation(0),
-            ),
+            Ok((ino, a)) => {
+                let (attr_ttl, entry_ttl) = self.kernel.ttls(snap);
+                self.kernel.looked_up(parent.0, name, ino);
+                reply.entry_with_ttls(&attr_ttl, &entry_ttl, &file_attr(ino, &a), Generation(0))
+            }
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn attr(&self, reply: ReplyAttr, snap: u64, ino: INodeNo, r: aquifer_vfs::Result<Attr>) {
+        match r {
+            Ok(a) => reply.attr(&self.kernel.ttls(snap).0, &file_attr(ino.0, &a)),
             Err(e) => reply.error(err(e)),
         }
     }
@@ -145,20 +162,26 @@ impl Filesystem for AquiferFs {
     }
 
     fn destroy(&mut self) {
+        self.kernel.stop.store(true, Ordering::Release);
         self.vfs.shutdown();
     }
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         self.counters.tick(Op::lookup);
-        self.entry(reply, self.vfs.lookup(&ctx(req), parent.0, name.as_bytes()));
+        let snap = self.kernel.snapshot();
+        let r = self.vfs.lookup(&ctx(req), parent.0, name.as_bytes());
+        self.entry(reply, snap, parent, name.as_bytes(), r);
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.kernel.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         self.counters.tick(Op::getattr);
-        match self.vfs.getattr(ino.0) {
-            Ok(a) => reply.attr(&self.ttl, &file_attr(ino.0, &a)),
-            Err(e) => reply.error(err(e)),
-        }
+        let snap = self.kernel.snapshot();
+        let r = self.vfs.getattr(ino.0);
+        self.attr(reply, snap, ino, r);
     }
 
     fn setattr(
@@ -188,10 +211,9 @@ impl Filesystem for AquiferFs {
             mtime: set_time(mtime),
             ctime: ctime.map(time_of),
         };
-        match self.vfs.setattr(&ctx(req), ino.0, &set, size) {
-            Ok(a) => reply.attr(&self.ttl, &file_attr(ino.0, &a)),
-            Err(e) => reply.error(err(e)),
-        }
+        let snap = self.kernel.snapshot();
+        let r = self.vfs.setattr(&ctx(req), ino.0, &set, size);
+        self.attr(reply, snap, ino, r);
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -213,11 +235,11 @@ impl Filesystem for AquiferFs {
         reply: ReplyEntry,
     ) {
         self.counters.tick(Op::mknod);
-        self.entry(
-            reply,
-            self.vfs
-                .mknod(&ctx(req), parent.0, name.as_bytes(), mode, umask, rdev),
-        );
+        let snap = self.kernel.snapshot();
+        let r = self
+            .vfs
+            .mknod(&ctx(req), parent.0, name.as_bytes(), mode, umask, rdev);
+        self.entry(reply, snap, parent, name.as_bytes(), r);
     }
 
     fn mkdir(
@@ -230,11 +252,11 @@ impl Filesystem for AquiferFs {
         reply: ReplyEntry,
     ) {
         self.counters.tick(Op::mkdir);
-        self.entry(
-            reply,
-            self.vfs
-                .mkdir(&ctx(req), parent.0, name.as_bytes(), mode, umask),
-        );
+        let snap = self.kernel.snapshot();
+        let r = self
+            .vfs
+            .mkdir(&ctx(req), parent.0, name.as_bytes(), mode, umask);
+        self.entry(reply, snap, parent, name.as_bytes(), r);
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -256,13 +278,14 @@ impl Filesystem for AquiferFs {
         reply: ReplyEntry,
     ) {
         self.counters.tick(Op::symlink);
+        let snap = self.kernel.snapshot();
         let r = self.vfs.symlink(
             &ctx(req),
             parent.0,
             link_name.as_bytes(),
             target.as_os_str().as_bytes(),
         );
-        self.entry(reply, r);
+        self.entry(reply, snap, parent, link_name.as_bytes(), r);
     }
 
     fn rename(
@@ -296,10 +319,17 @@ impl Filesystem for AquiferFs {
         reply: ReplyEntry,
     ) {
         self.counters.tick(Op::link);
+        let snap = self.kernel.snapshot();
         let r = self
             .vfs
             .link(&ctx(req), ino.0, newparent.0, newname.as_bytes());
-        self.entry(reply, r.map(|a| (ino.0, a)));
+        self.entry(
+            reply,
+            snap,
+            newparent,
+            newname.as_bytes(),
+            r.map(|a| (ino.0, a)),
+        );
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -563,14 +593,16 @@ impl Filesystem for AquiferFs {
     fn readdirplus(
         &self,
         req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: fuser::ReplyDirectoryPlus,
     ) {
         self.counters.tick(Op::readdirplus);
+        let snap = self.kernel.snapshot();
         match self.vfs.readdir(&ctx(req), fh.0, offset, true) {
             Ok(entries) => {
+                let (attr_ttl, entry_ttl) = self.kernel.ttls(snap);
                 for (off, e) in entries {
                     // The vfs gives every entry its attributes when asked for them.
                     let Some(attr) = &e.attr else { continue };
@@ -580,11 +612,15 @@ impl Filesystem for AquiferFs {
                         off,
                         OsStr::from_bytes(&e.name),
                         // One time for both: the shorter holds for each.
-                        &self.ttl.min(self.entry_ttl),
+                        &attr_ttl.min(entry_ttl),
                         &fa,
                         Generation(0),
                     ) {
                         break;
+                    }
+                    // The kernel counts a lookup for every entry but "." and "..".
+                    if e.name != b"." && e.name != b".." {
+                        self.kernel.looked_up(ino.0, &e.name, e.ino);
                     }
                 }
                 reply.ok();
@@ -689,17 +725,23 @@ impl Filesystem for AquiferFs {
         reply: ReplyCreate,
     ) {
         self.counters.tick(Op::create);
+        let snap = self.kernel.snapshot();
         match self
             .vfs
             .create(&ctx(req), parent.0, name.as_bytes(), mode, umask, flags)
         {
-            Ok((ino, a, fh)) => reply.created(
-                &self.ttl,
-                &file_attr(ino, &a),
-                Generation(0),
-                FileHandle(fh),
-                FopenFlags::empty(),
-            ),
+            Ok((ino, a, fh)) => {
+                // fuser's created() takes one time for both the entry and the attributes.
+                let (attr_ttl, entry_ttl) = self.kernel.ttls(snap);
+                self.kernel.looked_up(parent.0, name.as_bytes(), ino);
+                reply.created(
+                    &attr_ttl.min(entry_ttl),
+                    &file_attr(ino, &a),
+                    Generation(0),
+                    FileHandle(fh),
+                    FopenFlags::empty(),
+                )
+            }
             Err(e) => reply.error(err(e)),
         }
     }
@@ -786,9 +828,15 @@ pub fn mount(
     };
     config.n_threads = Some(opts.threads.max(1));
     config.clone_fd = true;
+    let follower = vfs.meta().follow();
     let fs = AquiferFs::new(vfs, opts);
     let slot = fs.notifier.clone();
+    let kernel = fs.kernel.clone();
     let session = Session::new(fs, mountpoint, &config)?;
     let _ = slot.set(session.notifier());
+    if let Some(f) = follower {
+        // Ends with the mount (destroy sets `stop`), within a second.
+        follow::spawn_follower(kernel, f, session.notifier())?;
+    }
     Ok(session)
 }
