@@ -97,6 +97,9 @@ pub struct KvMeta<E: KvEngine> {
     chunks: Arc<follow::ChunkCache>,
     /// Whether the change feed is followed and up to date (`follow.rs`).
     following: Arc<follow::Following>,
+    /// On an exclusive engine: inodes this client has open that lost their last link and
+    /// are recorded in the engine as held (`files.rs`), released at their last close.
+    recorded: Mutex<std::collections::HashSet<Ino>>,
     /// Inodes this client holds locks on: a close elsewhere costs no engine round trip.
     locked: Mutex<std::collections::HashSet<Ino>>,
     /// Unix time of the last look for dead sessions, on the engine's clock.
@@ -175,6 +178,7 @@ impl<E: KvEngine> KvMeta<E> {
             born: std::time::Instant::now(),
             chunks: Default::default(),
             following: Default::default(),
+            recorded: Mutex::new(Default::default()),
             locked: Mutex::new(Default::default()),
             last_reap: AtomicU64::new(0),
             hints: Mutex::new(HashMap::new()),

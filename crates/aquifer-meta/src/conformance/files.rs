@@ -19,6 +19,21 @@ pub fn open_unlinked_kept_until_close(m: &dyn Meta) {
     assert_eq!(trash[0].1[0].id, s.id);
     m.trash_done(trash[0].0).unwrap();
     assert!(m.trash_batch(0, 10).unwrap().is_empty());
+    // Two opens, replaced by a rename over its name, opened again by inode while it has no
+    // name: it goes with the last of the three closes, not before.
+    let g = mkfile(m, &ctx, ROOT_INO, "g");
+    let h = mkfile(m, &ctx, ROOT_INO, "h");
+    m.open(&ctx, g, libc::O_RDONLY).unwrap();
+    m.open(&ctx, g, libc::O_RDONLY).unwrap();
+    m.rename(&ctx, ROOT_INO, b"h", ROOT_INO, b"g", 0).unwrap();
+    m.close(g).unwrap();
+    assert_eq!(m.getattr(g).unwrap().nlink, 0, "one open left");
+    m.open(&ctx, g, libc::O_RDONLY).unwrap();
+    m.close(g).unwrap();
+    assert_eq!(m.getattr(g).unwrap().nlink, 0, "one open left");
+    m.close(g).unwrap();
+    assert_eq!(errno(m.getattr(g)), Errno::ENOENT);
+    assert_eq!(m.lookup(&ctx, ROOT_INO, b"g").unwrap().0, h);
 }
 
 pub fn create_open_counts_an_open(m: &dyn Meta) {

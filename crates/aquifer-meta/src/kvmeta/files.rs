@@ -1,5 +1,7 @@
 //! Open files and a file's length ([`Files`]): open and close (recorded in the engine so an
-//! unlinked file lives until its last holder closes it), truncate and fallocate. Also where
+//! unlinked file lives until its last holder closes it: on a shared engine at the first
+//! open, on an exclusive one only when an open file loses its last link), truncate and
+//! fallocate. Also where
 //! an inode is freed (`destroy_inode`): at its last link or its last close, whichever is
 //! later, its data going to the trash.
 
@@ -28,6 +30,9 @@ impl<E: KvEngine> Files for KvMeta<E> {
         // unless the follower of the volume's changes is live, which has dropped it then.
         if !self.followed() {
             self.forget_chunks(ino);
+        }
+        if self.kv.exclusive() {
+            return self.open_here(ctx, ino, mask);
         }
         let mut open = self.open_shard(ino);
         let n = open.get(&ino).copied().unwrap_or(0);
@@ -74,6 +79,9 @@ impl<E: KvEngine> Files for KvMeta<E> {
     }
 
     fn close(&self, ino: Ino) -> Result<()> {
+        if self.kv.exclusive() {
+            return self.close_here(ino);
+        }
         let mut open = self.open_shard(ino);
         match open.get_mut(&ino) {
             Some(n) if *n > 1 => {
@@ -159,8 +167,60 @@ impl<E: KvEngine> Files for KvMeta<E> {
 }
 
 impl<E: KvEngine> KvMeta<E> {
-    /// True when some session (this one included) has `ino` open.
-    pub(super) fn has_holders(t: &mut dyn KvTxn, ino: Ino) -> Result<bool> {
+    /// An open on an engine no other client uses: counted in memory, no write. The engine
+    /// records only the files this client holds when they lose their last link (see
+    /// [`KvMeta::has_holders`]), so a training epoch that opens every file costs no commit
+    /// per open and per close. The attributes are read in a transaction, so that an unlink
+    /// (which commits under the same lock) either sees this open or is seen by it.
+    fn open_here(&self, ctx: &Context, ino: Ino, mask: u32) -> Result<Attr> {
+        let mut out = None;
+        self.txn(|t| {
+            let a = get_attr(t, ino)?;
+            access_ok(ctx, &a, mask)?;
+            if out.is_none() {
+                *self.open_shard(ino).entry(ino).or_insert(0) += 1;
+            }
+            out = Some(a);
+            Ok(())
+        })?;
+        out.ok_or_else(|| Errno::EIO.into())
+    }
+
+    fn close_here(&self, ino: Ino) -> Result<()> {
+        {
+            let mut open = self.open_shard(ino);
+            match open.get_mut(&ino) {
+                Some(n) if *n > 1 => {
+                    *n -= 1;
+                    return Ok(());
+                }
+                Some(_) => {
+                    open.remove(&ino);
+                }
+                None => return Ok(()),
+            }
+        }
+        // Not under the shard's lock: transactions take it (has_holders).
+        if !self.recorded.lock().unwrap().remove(&ino) {
+            return Ok(());
+        }
+        self.alive()?;
+        let sid = self.sid();
+        self.txn(|t| self.release_holder(t, sid, ino))
+    }
+
+    /// True when some session (this one included) has `ino` open. On an engine no other
+    /// client uses, this client's opens are counted in memory: a file it has open is
+    /// recorded in the engine here, as it loses its last link, so that it is freed at its
+    /// last close here — or, after a crash, by the next session's cleanup.
+    pub(super) fn has_holders(&self, t: &mut dyn KvTxn, ino: Ino) -> Result<bool> {
+        if self.kv.exclusive() && self.open_shard(ino).get(&ino).is_some_and(|n| *n > 0) {
+            let sid = self.sid();
+            t.set(&key::holder(ino, sid), Vec::new());
+            t.set(&key::sustained(sid, ino), Vec::new());
+            self.recorded.lock().unwrap().insert(ino);
+            return Ok(true);
+        }
         let p = key::holder_prefix(ino);
         Ok(!t.scan(&p, &key::prefix_end(&p), 1)?.is_empty())
     }
@@ -171,7 +231,7 @@ impl<E: KvEngine> KvMeta<E> {
         t.delete(&key::sustained(sid, ino));
         t.delete(&key::holder(ino, sid));
         if let Ok(a) = get_attr(t, ino) {
-            if a.nlink == 0 && !Self::has_holders(t, ino)? {
+            if a.nlink == 0 && !self.has_holders(t, ino)? {
                 self.destroy_inode(t, ino, &a)?;
             }
         }

@@ -497,8 +497,11 @@ impl<E: KvEngine> KvMeta<E> {
             let ino = self.alloc_ino()?;
             let mut taken = false;
             // The new inode is opened in the creating transaction: no other client can know it
-            // before, and the open costs no transaction of its own.
-            let mut opened = open.then(|| self.open_shard(ino));
+            // before, and the open costs no transaction of its own. On an exclusive engine
+            // it is counted once committed (the kernel's lock on the directory keeps an
+            // unlink of the new name out until the create is answered), and not under the
+            // shard's lock: transactions take it (has_holders).
+            let mut opened = (open && shared).then(|| self.open_shard(ino));
             let (_, max_inodes) = self.limits();
             let (pk, dk, ak) = (key::attr(parent), key::dentry(parent, name), key::attr(ino));
             let r = self
@@ -560,7 +563,7 @@ impl<E: KvEngine> KvMeta<E> {
                     } else {
                         self.touch_parent(t, parent, &mut p, a.ctime);
                     }
-                    if open {
+                    if open && shared {
                         self.check_session(t)?;
                         t.set(&key::holder(ino, sid), Vec::new());
                         t.set(&key::sustained(sid, ino), Vec::new());
@@ -570,6 +573,8 @@ impl<E: KvEngine> KvMeta<E> {
                 .inspect(|_| {
                     if let Some(o) = opened.as_mut() {
                         *o.entry(ino).or_insert(0) += 1;
+                    } else if open {
+                        *self.open_shard(ino).entry(ino).or_insert(0) += 1;
                     }
                     // A new file has no slice list: its first write need not read one.
                     if typ == FileType::File {
@@ -608,7 +613,7 @@ impl<E: KvEngine> KvMeta<E> {
     fn drop_link(&self, t: &mut dyn KvTxn, ino: Ino, mut a: Attr, ts: Time) -> Result<()> {
         a.nlink = a.nlink.saturating_sub(1);
         a.ctime = ts;
-        if a.nlink > 0 || Self::has_holders(t, ino)? {
+        if a.nlink > 0 || self.has_holders(t, ino)? {
             put_attr(t, ino, &a);
         } else {
             self.destroy_inode(t, ino, &a)?;

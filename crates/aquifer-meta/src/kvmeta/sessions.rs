@@ -145,7 +145,9 @@ impl<E: KvEngine> Sessions for KvMeta<E> {
     fn new_session(&self, mut info: SessionInfo) -> Result<u64> {
         self.load_format()?;
         if self.kv.exclusive() {
-            // Nobody else can hold this store open: every recorded session is dead.
+            // Nobody else can hold this store open: every recorded session is dead, and
+            // so are the opens counted in memory under an earlier session of this client.
+            self.forget_opens_here();
             let p = [b'S'];
             for (k, _) in self.kv.scan(&p, &key::prefix_end(&p), usize::MAX)? {
                 self.clean_session(key::u64_at(&k, 1))?;
@@ -282,6 +284,10 @@ impl<E: KvEngine> Sessions for KvMeta<E> {
             tracing::warn!(sid, "this mount's session id belongs to another mount now (a failover lost it): leaving what is recorded under it");
         }
         if sid != 0 {
+            if self.kv.exclusive() {
+                // What they held is released below, and must not be recorded again as held.
+                self.forget_opens_here();
+            }
             if !theirs {
                 self.clean_session(sid)?;
             }
@@ -306,6 +312,16 @@ impl<E: KvEngine> Sessions for KvMeta<E> {
 }
 
 impl<E: KvEngine> KvMeta<E> {
+    /// On an exclusive engine, opens are counted in memory (`files.rs`) and end with the
+    /// session: forgotten, so that releasing what the session held does not record it as
+    /// held again (has_holders).
+    fn forget_opens_here(&self) {
+        for shard in &self.open {
+            shard.lock().unwrap().clear();
+        }
+        self.recorded.lock().unwrap().clear();
+    }
+
     /// What a session leaves behind, removed: its open files (freed when unlinked and no
     /// other session has them open), its locks, its record.
     fn clean_session(&self, sid: u64) -> Result<()> {
