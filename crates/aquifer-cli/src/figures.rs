@@ -30,6 +30,13 @@ pub struct Figures {
     /// are the kernel's and are not counted in `read_bytes` or `fuse_ops.read`.
     #[serde(default)]
     pub passthrough_opens: u64,
+    /// Opens refused with ETXTBSY beside passthrough handles of the same file (the kernel
+    /// allows no other open of it meanwhile).
+    #[serde(default)]
+    pub busy_opens: u64,
+    /// Changes other mounts made, told to the kernel (FUSE notify).
+    #[serde(default)]
+    pub invalidations: u64,
     pub tiers: Vec<TierFigures>,
     pub store: StoreFig,
     /// Write data buffered in memory (tails, uploads in flight).
@@ -129,6 +136,8 @@ impl Sources {
             read_bytes: l(&self.fuse.read_bytes),
             write_bytes: l(&self.fuse.write_bytes),
             passthrough_opens: l(&self.fuse.passthrough_opens),
+            busy_opens: l(&self.fuse.busy_opens),
+            invalidations: l(&self.fuse.invalidations),
             tiers,
             store: StoreFig {
                 gets: l(&s.gets),
@@ -209,6 +218,18 @@ pub fn prometheus_text(f: &Figures) -> String {
         "fuse_passthrough_opens",
         "Opens served by the kernel from a whole-file copy (FUSE passthrough)",
         [(vec![], f.passthrough_opens)],
+    );
+    counter_family(
+        &mut reg,
+        "fuse_busy_opens",
+        "Opens refused (ETXTBSY) beside passthrough handles of the same file",
+        [(vec![], f.busy_opens)],
+    );
+    counter_family(
+        &mut reg,
+        "fuse_invalidations",
+        "Changes other mounts made, told to the kernel (FUSE notify)",
+        [(vec![], f.invalidations)],
     );
     let tier = |t: &TierFigures| label("tier", &t.tier);
     counter_family(

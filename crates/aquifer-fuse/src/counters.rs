@@ -56,6 +56,10 @@ pub struct FuseCounters {
     pub write_bytes: AtomicU64,
     /// Opens answered with a backing file: their reads never reach the adapter.
     pub passthrough_opens: AtomicU64,
+    /// Opens refused with ETXTBSY beside passthrough handles of the same file.
+    pub busy_opens: AtomicU64,
+    /// Changes of other mounts told to the kernel (FUSE notify).
+    pub invalidations: AtomicU64,
 }
 
 impl Default for FuseCounters {
@@ -65,6 +69,8 @@ impl Default for FuseCounters {
             read_bytes: AtomicU64::new(0),
             write_bytes: AtomicU64::new(0),
             passthrough_opens: AtomicU64::new(0),
+            busy_opens: AtomicU64::new(0),
+            invalidations: AtomicU64::new(0),
         }
     }
 }

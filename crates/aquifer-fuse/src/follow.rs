@@ -59,8 +59,6 @@ pub(crate) struct Kernel {
     /// When the follower last heard from the engine (ms since `born`; 0: never).
     heard_ms: AtomicU64,
     pub(crate) stop: AtomicBool,
-    /// Invalidations sent, for figures and tests.
-    pub(crate) sent: AtomicU64,
 }
 
 impl Kernel {
@@ -73,7 +71,6 @@ impl Kernel {
             born: Instant::now(),
             heard_ms: AtomicU64::new(0),
             stop: AtomicBool::new(false),
-            sent: AtomicU64::new(0),
         }
     }
 
@@ -155,6 +152,7 @@ impl Kernel {
 /// Follow the volume's changes until the mount ends, telling the kernel what changed.
 pub(crate) fn spawn_follower(
     kernel: Arc<Kernel>,
+    counters: Arc<crate::FuseCounters>,
     mut follower: Box<dyn aquifer_meta::Follower>,
     notifier: fuser::Notifier,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
@@ -170,7 +168,8 @@ pub(crate) fn spawn_follower(
                             tracing::info!("following the volume's changes again");
                             warned = false;
                         }
-                        tell(&kernel, &notifier, &changes);
+                        let sent = tell(&kernel, &notifier, &changes);
+                        counters.invalidations.fetch_add(sent, Ordering::Relaxed);
                         // Heard only once the kernel was told: trusted from here.
                         kernel.heard();
                     }
@@ -186,10 +185,11 @@ pub(crate) fn spawn_follower(
         })
 }
 
-fn tell(kernel: &Kernel, n: &fuser::Notifier, changes: &[aquifer_meta::Change]) {
+/// Tell the kernel; the number of notifications sent.
+fn tell(kernel: &Kernel, n: &fuser::Notifier, changes: &[aquifer_meta::Change]) -> u64 {
     use aquifer_meta::Change;
     if changes.is_empty() {
-        return;
+        return 0;
     }
     // First: replies built from reads before this point are not kept for long.
     kernel.gen.fetch_add(1, Ordering::AcqRel);
@@ -227,7 +227,7 @@ fn tell(kernel: &Kernel, n: &fuser::Notifier, changes: &[aquifer_meta::Change]) 
             }
         }
     }
-    kernel.sent.fetch_add(sent, Ordering::Relaxed);
+    sent
 }
 
 #[cfg(test)]

@@ -391,6 +391,18 @@ impl Filesystem for AquiferFs {
                         return;
                     }
                 }
+                // Beside passthrough handles of the inode (on a copy of another version:
+                // the file changed since) the kernel fails a cached open with EIO: wait for
+                // their RELEASEs a moment, then say why.
+                let until = std::time::Instant::now() + RELEASE_GRACE;
+                while !self.backings.cached_open(ino.0, o.fh) {
+                    if std::time::Instant::now() >= until {
+                        let _ = self.vfs.release(o.fh, None);
+                        self.counters.busy_opens.fetch_add(1, Ordering::Relaxed);
+                        return reply.error(fuser::Errno::from_i32(libc::ETXTBSY));
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
                 let mut f = if o.keep_cache {
                     FopenFlags::FOPEN_KEEP_CACHE
                 } else {
@@ -731,6 +743,8 @@ impl Filesystem for AquiferFs {
             .create(&ctx(req), parent.0, name.as_bytes(), mode, umask, flags)
         {
             Ok((ino, a, fh)) => {
+                // A new inode has no passthrough handles: cached, and counted as such.
+                let _ = self.backings.cached_open(ino, fh);
                 // fuser's created() takes one time for both the entry and the attributes.
                 let (attr_ttl, entry_ttl) = self.kernel.ttls(snap);
                 self.kernel.looked_up(parent.0, name.as_bytes(), ino);
@@ -832,11 +846,12 @@ pub fn mount(
     let fs = AquiferFs::new(vfs, opts);
     let slot = fs.notifier.clone();
     let kernel = fs.kernel.clone();
+    let counters = fs.counters.clone();
     let session = Session::new(fs, mountpoint, &config)?;
     let _ = slot.set(session.notifier());
     if let Some(f) = follower {
         // Ends with the mount (destroy sets `stop`), within a second.
-        follow::spawn_follower(kernel, f, session.notifier())?;
+        follow::spawn_follower(kernel, counters, f, session.notifier())?;
     }
     Ok(session)
 }

@@ -4,8 +4,17 @@
 //! passthrough, and refuses a second one. Each handle holds its inode's backing id; the
 //! table only finds it again (a weak reference), so the id goes when the last handle does.
 //! A file changed elsewhere while handles here still read the old copy cannot get a new
-//! backing until they close: such opens are served by the daemon meanwhile. Generic over
-//! the id type so that this runs, and is tested, without FUSE.
+//! backing until they close: such opens are served by the daemon meanwhile.
+//!
+//! The kernel also keeps an inode's opens in one mode: while any handle of it is open in
+//! passthrough, every other open must be too, on the same backing (any other open fails
+//! with EIO, direct I/O included), and a passthrough open beside handles that read through
+//! the page cache fails with ETXTBSY. So the table also counts each inode's cached
+//! handles, and a backing is not handed out beside them: that open reads through the
+//! daemon instead. An open that cannot share a live backing (a write open, a file changed
+//! since the copy) is refused by the adapter with ETXTBSY after a grace for the RELEASEs on
+//! their way (see docs/semantics.md). Generic over the id type so that this runs, and is
+//! tested, without FUSE.
 
 use crate::Vfs;
 use parking_lot::Mutex;
@@ -21,6 +30,9 @@ struct Table<B> {
     by_ino: HashMap<u64, (Weak<B>, Vec<u8>)>,
     /// What each handle in passthrough holds.
     by_fh: HashMap<u64, Arc<B>>,
+    /// Handles open in the kernel's cached mode, per inode, and each such handle's inode.
+    cached: HashMap<u64, u32>,
+    cached_fh: HashMap<u64, u64>,
 }
 
 impl<B> Default for Backings<B> {
@@ -29,6 +41,8 @@ impl<B> Default for Backings<B> {
             table: Mutex::new(Table {
                 by_ino: HashMap::new(),
                 by_fh: HashMap::new(),
+                cached: HashMap::new(),
+                cached_fh: HashMap::new(),
             }),
         }
     }
@@ -48,6 +62,10 @@ impl<B> Backings<B> {
         open: impl FnOnce() -> std::io::Result<B>,
     ) -> Option<Arc<B>> {
         let mut t = self.table.lock();
+        if t.cached.get(&ino).is_some_and(|n| *n > 0) {
+            // The kernel would refuse a passthrough open beside them.
+            return None;
+        }
         if let Some((w, st)) = t.by_ino.get(&ino) {
             if let Some(id) = w.upgrade() {
                 if st.as_slice() != stamp {
@@ -85,11 +103,36 @@ impl<B> Backings<B> {
             .is_some_and(|(w, _)| w.strong_count() > 0)
     }
 
+    /// Handle `fh` of `ino` is to be opened through the page cache: counted until
+    /// [`Backings::forget`], unless the inode has passthrough handles (the kernel would
+    /// refuse it: false).
+    pub fn cached_open(&self, ino: u64, fh: u64) -> bool {
+        let mut t = self.table.lock();
+        let passthrough = t
+            .by_ino
+            .get(&ino)
+            .is_some_and(|(w, _)| w.strong_count() > 0);
+        if passthrough {
+            return false;
+        }
+        *t.cached.entry(ino).or_insert(0) += 1;
+        t.cached_fh.insert(fh, ino);
+        true
+    }
+
     /// Handle `fh` is released.
     pub fn forget(&self, fh: u64) {
         let mut t = self.table.lock();
         if t.by_fh.remove(&fh).is_some() {
             t.by_ino.retain(|_, (w, _)| w.strong_count() > 0);
+        }
+        if let Some(ino) = t.cached_fh.remove(&fh) {
+            if let Some(n) = t.cached.get_mut(&ino) {
+                *n -= 1;
+                if *n == 0 {
+                    t.cached.remove(&ino);
+                }
+            }
         }
     }
 }
