@@ -8,7 +8,7 @@ source "$(dirname "$0")/lib.sh"
 new_volume pt
 MP=$WORK/mnt
 CACHE=$WORK/cache
-mount_volume "$MP" --cache-dir "$CACHE" --cache-size 512M --passthrough
+mount_volume "$MP" --cache-dir "$CACHE" --cache-size 1G --passthrough
 
 # stat_field NAME: a number from the mount's figures.
 stat_field() { "$AQUIFER" stats "$MP" --json | python3 -c "import json,sys; f=json.load(sys.stdin); print($1)"; }
@@ -58,6 +58,32 @@ fi
 [ "$((r1 - r0))" -eq 0 ] || fail "$((r1 - r0)) READ requests reached the daemon for wholly cached files"
 [ -n "$(find "$CACHE" -path '*/files/*' -type f | head -1)" ] || fail "no whole-file copies in the cache dir"
 
+# A file larger than 256 MiB: its copy is made in the background after an open finds all
+# its blocks cached (that open reads through the daemon); once made, it is read by the
+# kernel.
+head -c $((300 << 20)) /dev/urandom >"$WORK/huge"
+cp "$WORK/huge" "$MP/d/huge"
+cmp "$WORK/huge" "$MP/d/huge" || fail "huge differs (first read)"
+for _ in $(seq 1 200); do
+  [[ "$("$AQUIFER" warmup --check "$MP/d/huge")" == *"(100.0%)"* ]] && break
+  sleep 0.1
+done
+drop_caches
+cmp "$WORK/huge" "$MP/d/huge" || fail "huge differs (read while its copy is made)"
+for _ in $(seq 1 300); do
+  [ -n "$(find "$CACHE" -path '*/files/*' -type f -size +299M | head -1)" ] && break
+  sleep 0.1
+done
+[ -n "$(find "$CACHE" -path '*/files/*' -type f -size +299M | head -1)" ] || fail "no copy of the 300 MiB file was made"
+drop_caches
+r0=$(reads); p0=$(pt_opens)
+cmp "$WORK/huge" "$MP/d/huge" || fail "huge differs (passthrough)"
+r1=$(reads); p1=$(pt_opens)
+[ "$((p1 - p0))" -ge 1 ] && [ "$((r1 - r0))" -eq 0 ] \
+  || fail "the 300 MiB file was not read through the kernel ($((p1 - p0)) passthrough opens, $((r1 - r0)) READs)"
+note "a 300 MiB file: copied in the background, then read with no READ reaching the daemon"
+rm "$MP/d/huge" "$WORK/huge"
+
 # A rewrite (same length, new bytes) through the mount: the next open must see new bytes.
 head -c $((3 * 37000 + 1)) /dev/urandom >"$WORK/src3"
 cp "$WORK/src3" "$MP/d/f3"
@@ -102,7 +128,7 @@ fuse_mode=$(stat -c %a /dev/fuse)
 chmod 666 /dev/fuse
 CLEANUPS+=("chmod $fuse_mode /dev/fuse")
 as_nobody() { setpriv --reuid=65534 --regid=65534 --clear-groups "$@"; }
-as_nobody "$AQUIFER" mount -d "$META" "$MP" --cache-dir "$CACHE" --cache-size 512M --passthrough \
+as_nobody "$AQUIFER" mount -d "$META" "$MP" --cache-dir "$CACHE" --cache-size 1G --passthrough \
   --log "$WORK/pt/unpriv.log" >/dev/null || fail "mount as an unprivileged user failed"
 MOUNTS+=("$MP")
 chmod 644 "$WORK"/src* "$WORK/big"

@@ -165,6 +165,8 @@ pub struct ChunkStore {
     compactor: maintenance::Compactor,
     workers: Mutex<Vec<JoinHandle<()>>>,
     stop: Arc<AtomicBool>,
+    /// Whole-file copies being made in the background (read/warm.rs).
+    whole_builds: read::warm::WholeBuilds,
 }
 
 impl ChunkStore {
@@ -218,6 +220,7 @@ impl ChunkStore {
             compactor,
             workers: Mutex::new(Vec::new()),
             stop: Arc::new(AtomicBool::new(false)),
+            whole_builds: Default::default(),
         });
         let workers = maintenance::start(&cs, rx).map_err(setup)?;
         cs.workers.lock().extend(workers);

@@ -13,7 +13,7 @@ mod peers;
 pub mod prefetch;
 #[cfg(test)]
 mod tests;
-mod warm;
+pub(crate) mod warm;
 
 pub use warm::{CacheCounts, CacheOp, WHOLE_SYNC_MAX};
 

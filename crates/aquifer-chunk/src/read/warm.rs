@@ -23,17 +23,30 @@ pub struct CacheCounts {
     pub done: u64,
 }
 
-/// Largest file copied whole at its open for passthrough (a larger one is read through
-/// the data path); the copy is made from cached blocks at disk speed.
+/// Largest file copied whole at its open for passthrough; a larger one is copied in the
+/// background (one at a time) and read through the data path until its copy is there. The
+/// copy is made from cached blocks at disk speed.
 pub const WHOLE_SYNC_MAX: u64 = 256 << 20;
+
+/// Copies made in the background at once, at most.
+const WHOLE_BACKGROUND: usize = 1;
+
+/// Files being copied in the background (`files/INO` keys).
+pub(crate) type WholeBuilds = std::sync::Mutex<HashSet<String>>;
 
 impl ChunkStore {
     /// A whole-file copy of `ino` (`file_len` bytes, as `stamp` describes it) on a cache
     /// disk, for the kernel to read directly (FUSE passthrough). An existing copy is checked
-    /// against the stamp and its checksum; a file up to [`WHOLE_SYNC_MAX`] whose blocks are
-    /// all on the cache disk is copied now from those blocks. None otherwise: the caller
-    /// reads through the data path as usual.
-    pub fn whole_copy(&self, ino: Ino, stamp: &[u8], file_len: u64) -> Option<std::fs::File> {
+    /// against the stamp and its checksum; a file whose blocks are all on the cache disk is
+    /// copied from those blocks: now when it is up to [`WHOLE_SYNC_MAX`], else in the
+    /// background for a later open. None when there is no copy now: the caller reads
+    /// through the data path as usual.
+    pub fn whole_copy(
+        self: &std::sync::Arc<Self>,
+        ino: Ino,
+        stamp: &[u8],
+        file_len: u64,
+    ) -> Option<std::fs::File> {
         // A copy is made from a local disk tier's blocks: RAM and a peer group's do not do.
         if file_len == 0 || self.cache.tiers().iter().filter(|t| !t.remote()).count() < 2 {
             return None;
@@ -43,14 +56,61 @@ impl ChunkStore {
             return Some(f);
         }
         if file_len > WHOLE_SYNC_MAX {
+            self.whole_copy_later(key, ino, stamp, file_len);
             return None;
         }
+        self.make_whole(&key, ino, stamp, file_len)
+            .then(|| self.cache.whole_open(&key, stamp))
+            .flatten()
+    }
+
+    /// Copy a large file in the background (unless it is being copied, or as many copies
+    /// as allowed are on their way: a later open asks again).
+    fn whole_copy_later(
+        self: &std::sync::Arc<Self>,
+        key: String,
+        ino: Ino,
+        stamp: &[u8],
+        len: u64,
+    ) {
+        {
+            let mut b = self.whole_builds.lock().unwrap();
+            if b.len() >= WHOLE_BACKGROUND || !b.insert(key.clone()) {
+                return;
+            }
+        }
+        let (cs, stamp) = (self.clone(), stamp.to_vec());
+        let run = move || {
+            let t0 = std::time::Instant::now();
+            let ok = cs.make_whole(&key, ino, &stamp, len);
+            tracing::debug!(
+                ino,
+                len,
+                ok,
+                secs = t0.elapsed().as_secs_f64(),
+                "whole-file copy made in the background"
+            );
+            cs.whole_builds.lock().unwrap().remove(&key);
+        };
+        let k2 = format!("files/{ino}");
+        if std::thread::Builder::new()
+            .name("whole-copy".into())
+            .spawn(run)
+            .is_err()
+        {
+            self.whole_builds.lock().unwrap().remove(&k2);
+        }
+    }
+
+    /// Make the copy of `ino` under `key` from the blocks on the cache disk, if all are
+    /// there; whether it was made.
+    fn make_whole(&self, key: &str, ino: Ino, stamp: &[u8], file_len: u64) -> bool {
         // Blocks held here, not at their owners in a group: an open must not ask the network.
-        let c = self
-            .cache_range_in(ino, CacheOp::Check, 0, file_len, file_len, None)
-            .ok()?;
+        let Ok(c) = self.cache_range_in(ino, CacheOp::Check, 0, file_len, file_len, None) else {
+            return false;
+        };
         if c.cached < c.total {
-            return None;
+            return false;
         }
         let mut fill = |w: &mut dyn std::io::Write| -> std::io::Result<()> {
             // One block at a time: memory stays bounded however many opens copy at once.
@@ -68,10 +128,7 @@ impl ChunkStore {
             }
             Ok(())
         };
-        if !self.cache.whole_put(&key, stamp, file_len, &mut fill) {
-            return None;
-        }
-        self.cache.whole_open(&key, stamp)
+        self.cache.whole_put(key, stamp, file_len, &mut fill)
     }
 
     /// Warm, check or evict the cached blocks under `[off, off+len)` of a file whose
