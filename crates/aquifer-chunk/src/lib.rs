@@ -167,6 +167,8 @@ pub struct ChunkStore {
     stop: Arc<AtomicBool>,
     /// Whole-file copies being made in the background (read/warm.rs).
     whole_builds: read::warm::WholeBuilds,
+    /// Large files read at random, fetched whole in the background (read/warm.rs).
+    fills: std::sync::Mutex<read::warm::Fills>,
 }
 
 impl ChunkStore {
@@ -221,6 +223,7 @@ impl ChunkStore {
             workers: Mutex::new(Vec::new()),
             stop: Arc::new(AtomicBool::new(false)),
             whole_builds: Default::default(),
+            fills: Default::default(),
         });
         let workers = maintenance::start(&cs, rx).map_err(setup)?;
         cs.workers.lock().extend(workers);

@@ -40,12 +40,21 @@ pub(crate) fn fetch_block(
 
 impl ChunkStore {
     /// Read up to `len` bytes at `off` of a file whose length is `file_len`.
-    pub fn read(&self, ino: Ino, off: u64, len: usize, file_len: u64) -> Result<Vec<u8>> {
+    pub fn read(
+        self: &Arc<Self>,
+        ino: Ino,
+        off: u64,
+        len: usize,
+        file_len: u64,
+    ) -> Result<Vec<u8>> {
         if off >= file_len || len == 0 {
             return Ok(Vec::new());
         }
         let end = (off + len as u64).min(file_len);
         let seq = self.prefetch.observe(ino, off, end - off);
+        if !seq {
+            self.random_read(ino, file_len);
+        }
         let mut out = vec![0u8; (end - off) as usize];
         let mut pos = off;
         while pos < end {

@@ -34,6 +34,24 @@ const WHOLE_BACKGROUND: usize = 1;
 /// Files being copied in the background (`files/INO` keys).
 pub(crate) type WholeBuilds = std::sync::Mutex<HashSet<String>>;
 
+/// A file at least this large read at random offsets is fetched whole, in parallel
+/// ([`ChunkStore::fill_later`]): a model loaded through mmap touches its tensors in any
+/// order, one fault at a time, and would wait for one block after the other.
+pub(crate) const FILL_MIN: u64 = 64 << 20;
+/// Random reads of such a file before it is filled (a few: a lookup in a large file is
+/// not a model load).
+pub(crate) const FILL_AFTER: u32 = 8;
+/// Files filled at once, at most.
+const FILL_FILES: usize = 2;
+
+/// Random reads counted per large file, and the files being filled.
+#[derive(Default)]
+pub(crate) struct Fills {
+    random: std::collections::HashMap<Ino, u32>,
+    running: HashSet<Ino>,
+    done: HashSet<Ino>,
+}
+
 impl ChunkStore {
     /// A whole-file copy of `ino` (`file_len` bytes, as `stamp` describes it) on a cache
     /// disk, for the kernel to read directly (FUSE passthrough). An existing copy is checked
@@ -99,6 +117,80 @@ impl ChunkStore {
             .is_err()
         {
             self.whole_builds.lock().unwrap().remove(&k2);
+        }
+    }
+
+    /// A read of `ino` (`file_len` bytes) that was not sequential: after [`FILL_AFTER`] of
+    /// them in a file of at least [`FILL_MIN`], fetch the whole file into the cache in the
+    /// background, `prefetch_threads` ranges at once, if it fits in half the slowest local
+    /// tier. Reads meanwhile share the fetches (single-flight).
+    pub(crate) fn random_read(self: &std::sync::Arc<Self>, ino: Ino, file_len: u64) {
+        if file_len < FILL_MIN {
+            return;
+        }
+        let room = self.last_local_tier().map_or(0, |t| t.usage().capacity / 2);
+        if file_len > room {
+            return;
+        }
+        {
+            let mut f = self.fills.lock().unwrap();
+            if f.done.contains(&ino) || f.running.contains(&ino) {
+                return;
+            }
+            if f.random.len() > 4096 {
+                f.random.clear();
+            }
+            let n = f.random.entry(ino).or_insert(0);
+            *n += 1;
+            if *n < FILL_AFTER || f.running.len() >= FILL_FILES {
+                return;
+            }
+            f.random.remove(&ino);
+            f.running.insert(ino);
+        }
+        let cs = self.clone();
+        let run = move || {
+            let t0 = std::time::Instant::now();
+            let parts = cs.cfg.prefetch_threads.clamp(1, 32) as u64;
+            let bs = cs.cfg.block_size as u64;
+            let step = file_len.div_ceil(parts).div_ceil(bs) * bs;
+            let ok = std::thread::scope(|sc| {
+                let hs: Vec<_> = (0..parts)
+                    .map(|i| {
+                        let cs = &cs;
+                        sc.spawn(move || {
+                            let off = i * step;
+                            off >= file_len
+                                || cs
+                                    .cache_range(ino, CacheOp::Warm, off, step, file_len)
+                                    .is_ok()
+                        })
+                    })
+                    .collect();
+                hs.into_iter().all(|h| h.join().unwrap_or(false))
+            });
+            tracing::debug!(
+                ino,
+                file_len,
+                ok,
+                secs = t0.elapsed().as_secs_f64(),
+                "file read at random fetched whole"
+            );
+            let mut f = cs.fills.lock().unwrap();
+            f.running.remove(&ino);
+            if f.done.len() > 4096 {
+                f.done.clear();
+            }
+            if ok {
+                f.done.insert(ino);
+            }
+        };
+        if std::thread::Builder::new()
+            .name("fill".into())
+            .spawn(run)
+            .is_err()
+        {
+            self.fills.lock().unwrap().running.remove(&ino);
         }
     }
 
