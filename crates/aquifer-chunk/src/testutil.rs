@@ -74,7 +74,7 @@ pub(crate) fn new_file(cs: &ChunkStore, name: &str) -> Ino {
         .0
 }
 
-pub(crate) fn read_all(cs: &ChunkStore, ino: Ino) -> Vec<u8> {
+pub(crate) fn read_all(cs: &std::sync::Arc<ChunkStore>, ino: Ino) -> Vec<u8> {
     let len = cs.meta().getattr(ino).unwrap().length;
     cs.read(ino, 0, len as usize, len).unwrap()
 }

@@ -130,3 +130,45 @@ fn sequential_reads_fetch_ahead_into_the_cache() {
         data[4096..3 << 20]
     );
 }
+
+/// A model loaded through mmap: a large file read at random offsets is fetched whole in
+/// the background, so the tensors not touched yet are in the cache before they are asked.
+#[test]
+fn a_large_file_read_at_random_is_fetched_whole() {
+    let bs = 1 << 20;
+    let cfg = DataConfig {
+        block_size: bs,
+        compact_threshold: usize::MAX,
+        cache_bytes: 256 << 20,
+        ..Default::default()
+    };
+    let (cs, ino) = setup_on(Arc::new(MemStore::new()), cfg);
+    let len: u64 = 80 << 20;
+    let w = FileWriter::new(cs.clone(), ino);
+    let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    w.write(0, &data).unwrap();
+    w.flush().unwrap();
+    let check = || {
+        cs.cache_range(ino, crate::CacheOp::Check, 0, len, len)
+            .unwrap()
+    };
+    assert!(
+        check().cached < len / 2,
+        "written blocks are not all cached"
+    );
+    // Eight reads far apart, the first not at offset 0 (a read there counts as sequential).
+    for i in 0..8u64 {
+        let off = (i * 37 + 11) % 79 << 20;
+        let got = cs.read(ino, off, 4096, len).unwrap();
+        assert_eq!(got, data[off as usize..off as usize + 4096]);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while check().cached < len {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {} of {len} bytes fetched",
+            check().cached
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
