@@ -158,7 +158,7 @@ fn a_large_file_read_at_random_is_fetched_whole() {
     );
     // Eight reads far apart, the first not at offset 0 (a read there counts as sequential).
     for i in 0..8u64 {
-        let off = (i * 37 + 11) % 79 << 20;
+        let off = ((i * 37 + 11) % 79) << 20;
         let got = cs.read(ino, off, 4096, len).unwrap();
         assert_eq!(got, data[off as usize..off as usize + 4096]);
     }
