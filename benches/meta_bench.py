@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Metadata operations per second under DIR with THREADS threads (os calls release the GIL):
-create (open O_CREAT|O_EXCL + close), stat, readdir (entries listed per second, each thread
-listing the whole directory), rename (within the directory), unlink.
+create (open O_CREAT|O_EXCL + close), stat, open (open O_RDONLY + close), readdir (entries
+listed per second, each thread listing the whole directory), rename (within the directory),
+unlink.
 
     meta_bench.py DIR FILES THREADS      prints "op<TAB>per_second" lines
 """
@@ -46,6 +47,11 @@ def stat(part):
         os.stat(p)
 
 
+def open_close(part):
+    for p in part:
+        os.close(os.open(p, os.O_RDONLY))
+
+
 listed = [0]
 
 
@@ -68,6 +74,7 @@ def unlink(part):
 out = {}
 out["create"] = n / timed(create)
 out["stat"] = n / timed(stat)
+out["open"] = n / timed(open_close)
 t = timed(readdir)
 out["readdir_entries"] = listed[0] / t
 out["rename"] = n / timed(rename)
