@@ -28,6 +28,8 @@ pub const SHORT_TTL: Duration = Duration::from_secs(1);
 const LIVE: Duration = Duration::from_secs(2);
 /// Names kept per inode (hard links beyond are rare; their names expire on their own).
 const NAMES_MAX: usize = 4;
+/// Names this mount renamed to, kept for a gap (the kernel moved its entries there).
+const RENAMED_MAX: usize = 65536;
 const SHARDS: usize = 16;
 
 /// A name the kernel found an inode under: the parent directory and the name.
@@ -50,6 +52,10 @@ pub struct Ttls {
 
 pub(crate) struct Kernel {
     known: Vec<Mutex<HashMap<u64, Known>>>,
+    /// Names renamed to on this mount, newest last.
+    renamed: Mutex<std::collections::VecDeque<Name>>,
+    /// The invalidation count when each open directory listing started.
+    listings: Mutex<HashMap<u64, u64>>,
     /// Invalidations sent so far.
     gen: AtomicU64,
     ttls: Ttls,
@@ -65,6 +71,8 @@ impl Kernel {
     pub(crate) fn new(ttls: Ttls) -> Kernel {
         Kernel {
             known: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            renamed: Mutex::new(Default::default()),
+            listings: Mutex::new(HashMap::new()),
             gen: AtomicU64::new(0),
             ttls,
             following: AtomicBool::new(false),
@@ -108,9 +116,46 @@ impl Kernel {
         )
     }
 
-    /// The kernel was given `ino` under `name` in `parent` (one lookup).
+    /// The short attribute time (the options' if they give one).
+    pub(crate) fn short_attr(&self) -> Duration {
+        self.ttls.attr.unwrap_or(SHORT_TTL)
+    }
+
+    /// A directory listing `fh` started after `snap`.
+    pub(crate) fn listing_opened(&self, fh: u64, snap: u64) {
+        let mut l = self.listings.lock().unwrap();
+        if l.len() > 65536 {
+            // Handles the kernel never released (none should be): their replies go short.
+            l.clear();
+        }
+        l.insert(fh, snap);
+    }
+
+    pub(crate) fn listing_closed(&self, fh: u64) {
+        self.listings.lock().unwrap().remove(&fh);
+    }
+
+    /// The invalidation count when listing `fh` started (0, the oldest, if unknown).
+    pub(crate) fn listing_snapshot(&self, fh: u64) -> u64 {
+        self.listings.lock().unwrap().get(&fh).copied().unwrap_or(0)
+    }
+
+    /// This mount renamed something to `name` in `parent`.
+    pub(crate) fn renamed(&self, parent: u64, name: &[u8]) {
+        if !self.following.load(Ordering::Acquire) {
+            return;
+        }
+        let mut r = self.renamed.lock().unwrap();
+        if r.len() >= RENAMED_MAX {
+            r.pop_front();
+        }
+        r.push_back((parent, name.into()));
+    }
+
+    /// The kernel was given `ino` under `name` in `parent` (one lookup). Tracked only where
+    /// a follower may have to invalidate everything.
     pub(crate) fn looked_up(&self, parent: u64, name: &[u8], ino: u64) {
-        if ino == fuser::INodeNo::ROOT.0 {
+        if ino == fuser::INodeNo::ROOT.0 || !self.following.load(Ordering::Acquire) {
             return;
         }
         let mut s = self.shard(ino);
@@ -134,6 +179,7 @@ impl Kernel {
     /// Every known inode and name (a gap: all of it is invalidated).
     fn everything(&self) -> (Vec<u64>, Vec<Name>) {
         let (mut inos, mut names) = (vec![fuser::INodeNo::ROOT.0], Vec::new());
+        names.extend(self.renamed.lock().unwrap().drain(..));
         for s in &self.known {
             for (ino, k) in s.lock().unwrap().iter() {
                 inos.push(*ino);
@@ -240,12 +286,17 @@ mod tests {
             attr: None,
             entry: None,
         });
+        // Not tracked where nothing follows (one mount of an embedded volume).
         k.looked_up(1, b"a", 5);
+        assert_eq!(k.everything().0, vec![1]);
+        k.following.store(true, Ordering::Release);
+        k.looked_up(1, b"a", 5);
+        k.renamed(1, b"moved");
         k.looked_up(1, b"a", 5);
         k.looked_up(2, b"b", 5);
         let (inos, names) = k.everything();
         assert_eq!(inos, vec![1, 5]);
-        assert_eq!(names.len(), 2);
+        assert_eq!(names.len(), 3, "{names:?}");
         k.forget(5, 2);
         assert_eq!(k.everything().0, vec![1, 5]);
         k.forget(5, 1);

@@ -92,7 +92,7 @@ impl AquiferFs {
     ) {
         match r {
             Ok((ino, a)) => {
-                let (attr_ttl, entry_ttl) = self.kernel.ttls(snap);
+                let (attr_ttl, entry_ttl) = self.ttls(snap, ino);
                 self.kernel.looked_up(parent.0, name, ino);
                 reply.entry_with_ttls(&attr_ttl, &entry_ttl, &file_attr(ino, &a), Generation(0))
             }
@@ -102,9 +102,20 @@ impl AquiferFs {
 
     fn attr(&self, reply: ReplyAttr, snap: u64, ino: INodeNo, r: aquifer_vfs::Result<Attr>) {
         match r {
-            Ok(a) => reply.attr(&self.kernel.ttls(snap).0, &file_attr(ino.0, &a)),
+            Ok(a) => reply.attr(&self.ttls(snap, ino.0).0, &file_attr(ino.0, &a)),
             Err(e) => reply.error(err(e)),
         }
+    }
+
+    /// Attribute and entry times for `ino` read after `snap` ([`Kernel::ttls`]); a file
+    /// open for writing here gets the short attribute time, since its length and times
+    /// change at commits the kernel does not see.
+    fn ttls(&self, snap: u64, ino: u64) -> (Duration, Duration) {
+        let (attr, entry) = self.kernel.ttls(snap);
+        if self.vfs.writing(ino) {
+            return (self.kernel.short_attr(), entry);
+        }
+        (attr, entry)
     }
 
     fn empty(reply: ReplyEmpty, r: aquifer_vfs::Result<()>) {
@@ -307,6 +318,10 @@ impl Filesystem for AquiferFs {
             newname.as_bytes(),
             flags.bits(),
         );
+        if r.is_ok() {
+            // The kernel moves its entry to the new name, which no lookup told us.
+            self.kernel.renamed(newparent.0, newname.as_bytes());
+        }
         Self::empty(reply, r);
     }
 
@@ -574,8 +589,13 @@ impl Filesystem for AquiferFs {
 
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         self.counters.tick(Op::opendir);
+        // The listing is read at this open or later: replies from it are as old as this.
+        let snap = self.kernel.snapshot();
         match self.vfs.opendir(&ctx(req), ino.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok(fh) => {
+                self.kernel.listing_opened(fh, snap);
+                reply.opened(FileHandle(fh), FopenFlags::empty())
+            }
             Err(e) => reply.error(err(e)),
         }
     }
@@ -611,13 +631,14 @@ impl Filesystem for AquiferFs {
         mut reply: fuser::ReplyDirectoryPlus,
     ) {
         self.counters.tick(Op::readdirplus);
-        let snap = self.kernel.snapshot();
+        // Entries and attributes come from a page read when the listing started.
+        let snap = self.kernel.listing_snapshot(fh.0);
         match self.vfs.readdir(&ctx(req), fh.0, offset, true) {
             Ok(entries) => {
-                let (attr_ttl, entry_ttl) = self.kernel.ttls(snap);
                 for (off, e) in entries {
                     // The vfs gives every entry its attributes when asked for them.
                     let Some(attr) = &e.attr else { continue };
+                    let (attr_ttl, entry_ttl) = self.ttls(snap, e.ino);
                     let fa = file_attr(e.ino, attr);
                     if reply.add(
                         INodeNo(e.ino),
@@ -650,6 +671,7 @@ impl Filesystem for AquiferFs {
         reply: ReplyEmpty,
     ) {
         self.counters.tick(Op::releasedir);
+        self.kernel.listing_closed(fh.0);
         Self::empty(reply, self.vfs.release(fh.0, None));
     }
 
@@ -743,13 +765,18 @@ impl Filesystem for AquiferFs {
             .create(&ctx(req), parent.0, name.as_bytes(), mode, umask, flags)
         {
             Ok((ino, a, fh)) => {
-                // A new inode has no passthrough handles: cached, and counted as such.
-                let _ = self.backings.cached_open(ino, fh);
-                // fuser's created() takes one time for both the entry and the attributes.
-                let (attr_ttl, entry_ttl) = self.kernel.ttls(snap);
+                // Counted as a page-cache handle. An existing file opened by this create
+                // may have passthrough handles, beside which the kernel would fail it.
+                if !self.backings.cached_open(ino, fh) {
+                    let _ = self.vfs.release(fh, None);
+                    self.counters.busy_opens.fetch_add(1, Ordering::Relaxed);
+                    return reply.error(fuser::Errno::from_i32(libc::ETXTBSY));
+                }
+                let (attr_ttl, entry_ttl) = self.ttls(snap, ino);
                 self.kernel.looked_up(parent.0, name.as_bytes(), ino);
-                reply.created(
-                    &attr_ttl.min(entry_ttl),
+                reply.created_with_ttls(
+                    &attr_ttl,
+                    &entry_ttl,
                     &file_attr(ino, &a),
                     Generation(0),
                     FileHandle(fh),

@@ -52,7 +52,23 @@ impl RedisKv {
         let mut emptied: Vec<(Vec<u8>, u8, Vec<u8>)> = Vec::new();
         // What other clients follow (feed.rs): a commit that changes none of it (only its
         // lane, a session's records, a counter) adds nothing to the feed.
-        let followed: Vec<&Vec<u8>> = w.writes.keys().filter(|k| followed(k)).collect();
+        // A file's chunks as one key (the first): a delete of a large file writes many, and
+        // a follower only needs the inode.
+        let mut chunk_of = None;
+        let followed: Vec<&Vec<u8>> = w
+            .writes
+            .keys()
+            .filter(|k| followed(k))
+            .filter(|k| {
+                if k.first() != Some(&b'C') {
+                    return true;
+                }
+                let ino = k.get(1..9);
+                let first = chunk_of != Some(ino);
+                chunk_of = Some(ino);
+                first
+            })
+            .collect();
         let feed = followed
             .iter()
             .any(|k| !is_lane(k))

@@ -86,12 +86,13 @@ impl RedisFeed {
     fn start(&mut self, wait: Duration) -> redis::RedisResult<()> {
         let mut c = self.kv.new_connection()?;
         c.set_read_timeout(Some(wait + Duration::from_secs(2)))?;
-        // Named, so an operator (and a test) can tell the followers in CLIENT LIST.
+        // Named, so an operator (and a test) can tell the followers in CLIENT LIST; a
+        // server that refuses the name (an ACL) is followed all the same.
         let name = format!("aquifer-feed:{}", String::from_utf8_lossy(&self.kv.prefix));
-        redis::cmd("CLIENT")
+        let _ = redis::cmd("CLIENT")
             .arg("SETNAME")
             .arg(name.replace(' ', "_"))
-            .query::<()>(&mut c)?;
+            .query::<()>(&mut c);
         let mut p = redis::pipe();
         p.atomic()
             .cmd("XREVRANGE")
@@ -122,15 +123,30 @@ impl RedisFeed {
             self.start(wait)?;
             return Ok(FeedBatch::Gap);
         };
-        let v: Value = redis::cmd("XREAD")
+        // ROLE first: a master demoted while this connection was between reads goes on
+        // answering as a replica (stale, or fed by a new master after a resync), and a
+        // follower reading it would look live while other mounts write elsewhere.
+        let mut p = redis::pipe();
+        p.cmd("ROLE")
+            .cmd("XREAD")
             .arg("COUNT")
             .arg(BATCH)
             .arg("BLOCK")
             .arg(wait.as_millis().max(1) as u64)
             .arg("STREAMS")
             .arg(self.kv.feed_key())
-            .arg(&self.last_id)
-            .query(c)?;
+            .arg(&self.last_id);
+        let (role, v): (Value, Value) = p.query(c)?;
+        let master = match &role {
+            Value::Array(r) => r.first().and_then(text).as_deref() == Some("master"),
+            _ => false,
+        };
+        if !master {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly),
+                "the change feed's server is no longer the master",
+            )));
+        }
         let entries = match &v {
             Value::Array(streams) => match streams.first() {
                 Some(Value::Array(s)) => match s.get(1) {
@@ -150,7 +166,14 @@ impl RedisFeed {
         let mut gap = false;
         for e in entries {
             let Some((id, seq, keys)) = entry(e) else {
+                // Not ours to read (another version's?): a gap, but read past it.
                 gap = true;
+                if let Some(id) = match e {
+                    Value::Array(e) => e.first().and_then(text),
+                    _ => None,
+                } {
+                    self.last_id = id;
+                }
                 continue;
             };
             if seq != self.seq + 1 {

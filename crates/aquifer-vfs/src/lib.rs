@@ -187,6 +187,12 @@ impl Vfs {
         }
     }
 
+    /// Whether `ino` is open for writing here: its attributes change at commits that no
+    /// request of the kernel's answers, so they are not for the kernel to keep long.
+    pub fn writing(&self, ino: Ino) -> bool {
+        self.writers.lock().contains_key(&ino)
+    }
+
     fn writer_of(&self, ino: Ino) -> Option<Arc<FileWriter>> {
         self.writers.lock().get(&ino).map(|(w, _)| w.clone())
     }

@@ -101,13 +101,17 @@ impl ChunkStore {
         let run = move || {
             let t0 = std::time::Instant::now();
             let ok = cs.make_whole(&key, ino, &stamp, len);
-            tracing::debug!(
-                ino,
-                len,
-                ok,
-                secs = t0.elapsed().as_secs_f64(),
-                "whole-file copy made in the background"
-            );
+            let secs = t0.elapsed().as_secs_f64();
+            if ok {
+                tracing::info!(ino, len, secs, "whole-file copy made in the background");
+            } else {
+                tracing::info!(
+                    ino,
+                    len,
+                    secs,
+                    "whole-file copy not made (blocks not all cached, or no room)"
+                );
+            }
             cs.whole_builds.lock().unwrap().remove(&key);
         };
         let k2 = format!("files/{ino}");

@@ -26,9 +26,12 @@ impl<E: KvEngine> Files for KvMeta<E> {
         } else {
             0
         };
-        // Close-to-open: what another client committed before this open is read fresh —
-        // unless the follower of the volume's changes is live, which has dropped it then.
-        if !self.followed() {
+        // Close-to-open: what another client committed before this open is read fresh.
+        // Without a live follower, the kept slice lists go at each open; with one, they go
+        // when the attributes read below differ from those of the last open here — the
+        // follower may not have seen a commit that closed just before this open.
+        let followed = self.followed();
+        if !followed {
             self.forget_chunks(ino);
         }
         if self.kv.exclusive() {
@@ -54,6 +57,9 @@ impl<E: KvEngine> Files for KvMeta<E> {
             a
         };
         open.insert(ino, n + 1);
+        if self.chunks.opened(ino, &a) && followed {
+            self.forget_chunks(ino);
+        }
         Ok(a)
     }
 

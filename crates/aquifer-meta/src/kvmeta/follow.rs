@@ -12,7 +12,7 @@ use super::KvMeta;
 use crate::encoding as key;
 use crate::error::Result;
 use crate::kv::{FeedBatch, KvEngine, KvFeed};
-use crate::types::{Ino, Slice};
+use crate::types::{Attr, Ino, Slice, Time};
 use crate::{Change, Follower};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,9 +33,22 @@ pub(crate) const LIVE: Duration = Duration::from_secs(2);
 pub(crate) struct ChunkCache {
     map: Mutex<HashMap<Ino, HashMap<u32, Vec<Slice>>>>,
     gen: AtomicU64,
+    /// Length, mtime and ctime of each inode at its last open here.
+    stamps: Mutex<HashMap<Ino, (u64, Time, Time)>>,
 }
 
 impl ChunkCache {
+    /// An open read `a` for `ino`: whether it differs from what the last open here read
+    /// (or there was none), i.e. whether kept slice lists may be older than the file.
+    pub(crate) fn opened(&self, ino: Ino, a: &Attr) -> bool {
+        let stamp = (a.length, a.mtime, a.ctime);
+        let mut s = self.stamps.lock().unwrap();
+        if s.len() >= 4 * CHUNK_CACHE_INODES && !s.contains_key(&ino) {
+            s.clear();
+        }
+        s.insert(ino, stamp) != Some(stamp)
+    }
+
     pub(crate) fn generation(&self) -> u64 {
         self.gen.load(Ordering::Acquire)
     }
