@@ -35,6 +35,12 @@ pub trait Tier: Send + Sync {
     fn name(&self) -> String;
     /// The block, counting as one access for eviction.
     fn get(&self, key: &str) -> Option<Block>;
+    /// As [`Tier::get`], and whether the tier counted a new access (not one within the
+    /// same pass over the block): only those are passed on to slower tiers
+    /// ([`Tier::touch`]).
+    fn get_counted(&self, key: &str) -> Option<(Block, bool)> {
+        self.get(key).map(|b| (b, true))
+    }
     /// Whether the block is held, without counting an access.
     fn contains(&self, key: &str) -> bool;
     /// Count an access to a block a faster tier answered: a block every epoch reads from
@@ -158,12 +164,14 @@ impl Cache {
             if t.remote() {
                 continue;
             }
-            if let Some(b) = t.get(key) {
+            if let Some((b, counted)) = t.get_counted(key) {
                 self.hits[i].0.fetch_add(1, Ordering::Relaxed);
                 for up in &self.tiers[..i] {
                     up.insert(key, &b);
                 }
-                for down in &self.tiers[i + 1..] {
+                // A kernel read of one block arrives as many requests: the tiers below
+                // hear of a new access only, not of each request (one index lock each).
+                for down in self.tiers[i + 1..].iter().filter(|_| counted) {
                     if !down.remote() {
                         down.touch(key);
                     }

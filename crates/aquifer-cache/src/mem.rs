@@ -69,7 +69,13 @@ impl Tier for MemTier {
     }
 
     fn get(&self, key: &str) -> Option<Block> {
-        self.st.lock().access(key, self.rehit).cloned()
+        self.get_counted(key).map(|(b, _)| b)
+    }
+
+    fn get_counted(&self, key: &str) -> Option<(Block, bool)> {
+        let mut st = self.st.lock();
+        let (b, counted) = st.access(key, self.rehit)?;
+        Some((b.clone(), counted))
     }
 
     fn contains(&self, key: &str) -> bool {

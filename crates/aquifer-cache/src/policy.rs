@@ -71,15 +71,17 @@ impl<V> S3Fifo<V> {
     }
 
     /// The entry, counting an access unless the previous one was less than `rehit` ago (the
-    /// kernel reads one block as many requests, and one pass must not look like reuse).
-    pub fn access(&mut self, key: &str, rehit: Duration) -> Option<&V> {
+    /// kernel reads one block as many requests, and one pass must not look like reuse);
+    /// and whether it counted one.
+    pub fn access(&mut self, key: &str, rehit: Duration) -> Option<(&V, bool)> {
         let e = self.map.get_mut(key)?;
         let now = Instant::now();
-        if now.duration_since(e.last) >= rehit {
+        let counted = now.duration_since(e.last) >= rehit;
+        if counted {
             e.freq = (e.freq + 1).min(FREQ_MAX);
         }
         e.last = now;
-        Some(&e.value)
+        Some((&e.value, counted))
     }
 
     /// Add an entry (false if the key is held already). `reused` puts it straight into main:

@@ -31,8 +31,23 @@ pub use aquifer_vfs::FiguresFn;
 
 /// Largest read and write the kernel sends in one request.
 pub const MAX_IO: u32 = 1 << 20;
-/// How long a write open waits for the RELEASE of a passthrough handle already closed.
+/// How long an open waits for the RELEASE of a passthrough handle already closed.
 const RELEASE_GRACE: Duration = Duration::from_millis(500);
+
+/// Whether `ready` holds, asking again for up to [`RELEASE_GRACE`]: the RELEASE of a
+/// handle reaches the daemon after its close returned (`cat f; cp x f` on a busy machine).
+fn within_grace(ready: impl Fn() -> bool) -> bool {
+    let until = std::time::Instant::now() + RELEASE_GRACE;
+    loop {
+        if ready() {
+            return true;
+        }
+        if std::time::Instant::now() >= until {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
 
 pub struct MountOptions {
     pub fs_name: String,
@@ -116,6 +131,18 @@ impl AquiferFs {
             return (self.kernel.short_attr(), entry);
         }
         (attr, entry)
+    }
+
+    /// Count handle `fh` of `ino` as one reading through the page cache, waiting a moment
+    /// for passthrough handles of the inode to be released (the kernel allows no such open
+    /// beside them); else the handle is closed and the open refused with ETXTBSY.
+    fn cached_open(&self, ino: u64, fh: u64) -> Result<(), fuser::Errno> {
+        if within_grace(|| self.backings.cached_open(ino, fh)) {
+            return Ok(());
+        }
+        let _ = self.vfs.release(fh, None);
+        self.counters.busy_opens.fetch_add(1, Ordering::Relaxed);
+        Err(fuser::Errno::from_i32(libc::ETXTBSY))
     }
 
     fn empty(reply: ReplyEmpty, r: aquifer_vfs::Result<()>) {
@@ -349,17 +376,12 @@ impl Filesystem for AquiferFs {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         self.counters.tick(Op::open);
-        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY && self.backings.in_use(ino.0) {
-            // The RELEASE of a passthrough handle reaches us after its close returned
-            // (`cat f; cp x f` on a busy machine): give one in flight time to land.
-            let until = std::time::Instant::now() + RELEASE_GRACE;
-            while self.backings.in_use(ino.0) && std::time::Instant::now() < until {
-                std::thread::sleep(Duration::from_millis(2));
-            }
-        }
-        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY && self.backings.in_use(ino.0) {
-            // The kernel would fail any open of an inode other handles read in
-            // passthrough; say why instead of its EIO.
+        // A write open beside passthrough handles (whose RELEASE may be on its way) is
+        // refused before the vfs opens it, as the kernel would refuse it (with EIO): an
+        // O_TRUNC open would cut the file first.
+        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY
+            && !within_grace(|| !self.backings.in_use(ino.0))
+        {
             return reply.error(fuser::Errno::from_i32(libc::ETXTBSY));
         }
         match self.vfs.open_file(&ctx(req), ino.0, flags.0) {
@@ -407,16 +429,9 @@ impl Filesystem for AquiferFs {
                     }
                 }
                 // Beside passthrough handles of the inode (on a copy of another version:
-                // the file changed since) the kernel fails a cached open with EIO: wait for
-                // their RELEASEs a moment, then say why.
-                let until = std::time::Instant::now() + RELEASE_GRACE;
-                while !self.backings.cached_open(ino.0, o.fh) {
-                    if std::time::Instant::now() >= until {
-                        let _ = self.vfs.release(o.fh, None);
-                        self.counters.busy_opens.fetch_add(1, Ordering::Relaxed);
-                        return reply.error(fuser::Errno::from_i32(libc::ETXTBSY));
-                    }
-                    std::thread::sleep(Duration::from_millis(2));
+                // the file changed since) the kernel fails a cached open with EIO.
+                if let Err(e) = self.cached_open(ino.0, o.fh) {
+                    return reply.error(e);
                 }
                 let mut f = if o.keep_cache {
                     FopenFlags::FOPEN_KEEP_CACHE
@@ -765,12 +780,9 @@ impl Filesystem for AquiferFs {
             .create(&ctx(req), parent.0, name.as_bytes(), mode, umask, flags)
         {
             Ok((ino, a, fh)) => {
-                // Counted as a page-cache handle. An existing file opened by this create
-                // may have passthrough handles, beside which the kernel would fail it.
-                if !self.backings.cached_open(ino, fh) {
-                    let _ = self.vfs.release(fh, None);
-                    self.counters.busy_opens.fetch_add(1, Ordering::Relaxed);
-                    return reply.error(fuser::Errno::from_i32(libc::ETXTBSY));
+                // An existing file opened by this create may have passthrough handles.
+                if let Err(e) = self.cached_open(ino, fh) {
+                    return reply.error(e);
                 }
                 let (attr_ttl, entry_ttl) = self.ttls(snap, ino);
                 self.kernel.looked_up(parent.0, name.as_bytes(), ino);

@@ -97,7 +97,7 @@ impl ChunkStore {
                 return;
             }
         }
-        let (cs, stamp) = (self.clone(), stamp.to_vec());
+        let (cs, stamp, k) = (self.clone(), stamp.to_vec(), key.clone());
         let run = move || {
             let t0 = std::time::Instant::now();
             let ok = cs.make_whole(&key, ino, &stamp, len);
@@ -114,13 +114,13 @@ impl ChunkStore {
             }
             cs.whole_builds.lock().unwrap().remove(&key);
         };
-        let k2 = format!("files/{ino}");
+
         if std::thread::Builder::new()
             .name("whole-copy".into())
             .spawn(run)
             .is_err()
         {
-            self.whole_builds.lock().unwrap().remove(&k2);
+            self.whole_builds.lock().unwrap().remove(&k);
         }
     }
 
@@ -130,10 +130,6 @@ impl ChunkStore {
     /// tier. Reads meanwhile share the fetches (single-flight).
     pub(crate) fn random_read(self: &std::sync::Arc<Self>, ino: Ino, file_len: u64) {
         if file_len < FILL_MIN {
-            return;
-        }
-        let room = self.last_local_tier().map_or(0, |t| t.usage().capacity / 2);
-        if file_len > room {
             return;
         }
         {
@@ -150,6 +146,11 @@ impl ChunkStore {
                 return;
             }
             f.random.remove(&ino);
+            // Asked only now, not at every random read: a disk tier's usage takes its lock.
+            let room = self.last_local_tier().map_or(0, |t| t.usage().capacity / 2);
+            if file_len > room {
+                return;
+            }
             f.running.insert(ino);
         }
         let cs = self.clone();
