@@ -1,9 +1,8 @@
 //! Open files and a file's length ([`Files`]): open and close (recorded in the engine so an
 //! unlinked file lives until its last holder closes it: on a shared engine at the first
 //! open, on an exclusive one only when an open file loses its last link), truncate and
-//! fallocate. Also where
-//! an inode is freed (`destroy_inode`): at its last link or its last close, whichever is
-//! later, its data going to the trash.
+//! fallocate. Also where an inode is freed (`destroy_inode`): at its last link or its last
+//! close, whichever is later, its data going to the trash.
 
 use super::attrs::access_ok;
 use super::chunks::ForgetChunks;
