@@ -45,4 +45,38 @@ mount_volume "$mb" --cache-dir "$WORK/cache-b"
 rm -rf "$ma/fc"
 out=$(python3 "$here/follow_check.py" "$ma" "$mb" "$BOUND") || fail "default cache times: $out"
 note "defaults, A -> B: $out"
+
+# Passthrough on B: B's kernel reads a whole-file copy, and holds it open while A rewrites
+# the file. B's next open reads A's bytes (the copy is brought up to date, never served
+# stale); a writer on B beside its reader writes into the copy, and A reads those bytes
+# after B's close.
+umount_volume "$mb"
+mount_volume "$mb" --cache-dir "$WORK/cache-b" --passthrough
+head -c 3000000 /dev/urandom >"$ma/pt"
+cmp "$ma/pt" "$mb/pt" || fail "B read other bytes than A wrote (passthrough mount)"
+for _ in $(seq 1 100); do
+  [[ "$("$AQUIFER" warmup --check "$mb/pt")" == *"(100.0%)"* ]] && break
+  sleep 0.1
+done
+pt_opens() { "$AQUIFER" stats "$mb" --json | python3 -c "import json,sys; print(json.load(sys.stdin).get('passthrough_opens',0))"; }
+p0=$(pt_opens)
+python3 - "$ma/pt" "$mb/pt" <<'PY' || fail "passthrough on B beside changes on A"
+import os, sys
+a, b = sys.argv[1], sys.argv[2]
+def read(p):
+    with open(p, "rb") as f: return f.read()
+held = os.open(b, os.O_RDONLY)          # in passthrough on B from here on
+new = os.urandom(3000000)
+fd = os.open(a, os.O_WRONLY); os.pwrite(fd, new, 0); os.close(fd)
+if read(b) != new:
+    sys.exit("B's open after A's close read the stale copy")
+fd = os.open(b, os.O_WRONLY); os.pwrite(fd, b"from B" * 1000, 123456); os.close(fd)
+new = new[:123456] + b"from B" * 1000 + new[123456 + 6000:]
+if read(a) != new:
+    sys.exit("A's open after B's close did not read what B wrote beside its reader")
+os.close(held)
+PY
+p1=$(pt_opens)
+[ "$((p1 - p0))" -ge 1 ] || fail "B did not open the file in passthrough"
+note "passthrough on B: A's rewrite read by B's next open, B's write beside its reader read by A"
 echo "t_follow: ok"

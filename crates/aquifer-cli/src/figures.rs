@@ -30,10 +30,11 @@ pub struct Figures {
     /// are the kernel's and are not counted in `read_bytes` or `fuse_ops.read`.
     #[serde(default)]
     pub passthrough_opens: u64,
-    /// Opens refused with ETXTBSY beside passthrough handles of the same file (the kernel
-    /// allows no other open of it meanwhile).
+    /// Opens that shared the backing file of passthrough handles of the same file (the
+    /// kernel allows no other kind of open beside them); writes through them go to the
+    /// copy and are mirrored into the file at each close.
     #[serde(default)]
-    pub busy_opens: u64,
+    pub shared_opens: u64,
     /// Changes other mounts made, told to the kernel (FUSE notify).
     #[serde(default)]
     pub invalidations: u64,
@@ -136,7 +137,7 @@ impl Sources {
             read_bytes: l(&self.fuse.read_bytes),
             write_bytes: l(&self.fuse.write_bytes),
             passthrough_opens: l(&self.fuse.passthrough_opens),
-            busy_opens: l(&self.fuse.busy_opens),
+            shared_opens: l(&self.fuse.shared_opens),
             invalidations: l(&self.fuse.invalidations),
             tiers,
             store: StoreFig {
@@ -221,9 +222,9 @@ pub fn prometheus_text(f: &Figures) -> String {
     );
     counter_family(
         &mut reg,
-        "fuse_busy_opens",
-        "Opens refused (ETXTBSY) beside passthrough handles of the same file",
-        [(vec![], f.busy_opens)],
+        "fuse_shared_opens",
+        "Opens that shared the backing file of passthrough handles of the same file",
+        [(vec![], f.shared_opens)],
     );
     counter_family(
         &mut reg,

@@ -66,9 +66,9 @@ pub(crate) struct MountArgs {
     /// FUSE passthrough: a file opened read-only whose blocks are all on the cache disk is
     /// read by the kernel from a whole-file copy there, at local-disk speed (Linux 6.9+ and
     /// CAP_SYS_ADMIN; without them the daemon serves reads as usual). On by default with
-    /// --read-only. On a writable mount, opening a file for writing while it is open in
-    /// passthrough fails with ETXTBSY (the kernel allows no other kind of open then), so
-    /// it is for read-mostly datasets.
+    /// --read-only. A file opened for writing while it is open in passthrough is written
+    /// through the copy (the kernel allows no other kind of open then) and stored at
+    /// each close, which then reads the whole file: for read-mostly datasets.
     #[arg(long, conflicts_with = "no_passthrough")]
     passthrough: bool,
     /// No FUSE passthrough, even with --read-only.

@@ -56,8 +56,10 @@ pub struct FuseCounters {
     pub write_bytes: AtomicU64,
     /// Opens answered with a backing file: their reads never reach the adapter.
     pub passthrough_opens: AtomicU64,
-    /// Opens refused with ETXTBSY beside passthrough handles of the same file.
-    pub busy_opens: AtomicU64,
+    /// Opens that shared the backing file of passthrough handles of the same file (the
+    /// kernel allows no other kind of open beside them): writers among them write into
+    /// the copy, mirrored into the file at each close.
+    pub shared_opens: AtomicU64,
     /// Changes of other mounts told to the kernel (FUSE notify).
     pub invalidations: AtomicU64,
 }
@@ -69,7 +71,7 @@ impl Default for FuseCounters {
             read_bytes: AtomicU64::new(0),
             write_bytes: AtomicU64::new(0),
             passthrough_opens: AtomicU64::new(0),
-            busy_opens: AtomicU64::new(0),
+            shared_opens: AtomicU64::new(0),
             invalidations: AtomicU64::new(0),
         }
     }

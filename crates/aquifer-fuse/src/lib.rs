@@ -3,6 +3,7 @@
 //! knows the caller's supplementary groups.
 
 use aquifer_meta::{Attr, SetAttr};
+use aquifer_vfs::passthrough::io_errno;
 use aquifer_vfs::{Backings, Caller, Vfs};
 use fuser::{
     AccessFlags, BackingId, Config, FileHandle, Filesystem, FopenFlags, Generation, INodeNo,
@@ -31,22 +32,26 @@ pub use aquifer_vfs::FiguresFn;
 
 /// Largest read and write the kernel sends in one request.
 pub const MAX_IO: u32 = 1 << 20;
-/// How long an open waits for the RELEASE of a passthrough handle already closed.
-const RELEASE_GRACE: Duration = Duration::from_millis(500);
+/// Tries of an open beside passthrough handles that come and go meanwhile (each try
+/// either counts the handle as cached or shares their backing; it fails only if the last
+/// passthrough handle closed and a new one opened between the two).
+const BESIDE_TRIES: usize = 100;
 
-/// Whether `ready` holds, asking again for up to [`RELEASE_GRACE`]: the RELEASE of a
-/// handle reaches the daemon after its close returned (`cat f; cp x f` on a busy machine).
-fn within_grace(ready: impl Fn() -> bool) -> bool {
-    let until = std::time::Instant::now() + RELEASE_GRACE;
-    loop {
-        if ready() {
-            return true;
-        }
-        if std::time::Instant::now() >= until {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(2));
+fn is_write(flags: i32) -> bool {
+    flags & libc::O_ACCMODE != libc::O_RDONLY
+}
+
+/// What a backing must be to be shared: the version of the file it holds and the copy
+/// itself (a copy found damaged at an open is replaced by a fresh one; a backing still
+/// live on the old copy must not be handed out for it, or the kernel reads the damage).
+fn version(stamp: &[u8], copy: &std::fs::File) -> Vec<u8> {
+    let mut v = stamp.to_vec();
+    if let Ok(m) = copy.metadata() {
+        use std::os::unix::fs::MetadataExt;
+        v.extend_from_slice(&m.dev().to_le_bytes());
+        v.extend_from_slice(&m.ino().to_le_bytes());
     }
+    v
 }
 
 pub struct MountOptions {
@@ -109,6 +114,7 @@ impl AquiferFs {
             Ok((ino, a)) => {
                 let (attr_ttl, entry_ttl) = self.ttls(snap, ino);
                 self.kernel.looked_up(parent.0, name, ino);
+                let a = self.seen(ino, a);
                 reply.entry_with_ttls(&attr_ttl, &entry_ttl, &file_attr(ino, &a), Generation(0))
             }
             Err(e) => reply.error(err(e)),
@@ -117,7 +123,10 @@ impl AquiferFs {
 
     fn attr(&self, reply: ReplyAttr, snap: u64, ino: INodeNo, r: aquifer_vfs::Result<Attr>) {
         match r {
-            Ok(a) => reply.attr(&self.ttls(snap, ino.0).0, &file_attr(ino.0, &a)),
+            Ok(a) => reply.attr(
+                &self.ttls(snap, ino.0).0,
+                &file_attr(ino.0, &self.seen(ino.0, a)),
+            ),
             Err(e) => reply.error(err(e)),
         }
     }
@@ -133,16 +142,94 @@ impl AquiferFs {
         (attr, entry)
     }
 
-    /// Count handle `fh` of `ino` as one reading through the page cache, waiting a moment
-    /// for passthrough handles of the inode to be released (the kernel allows no such open
-    /// beside them); else the handle is closed and the open refused with ETXTBSY.
-    fn cached_open(&self, ino: u64, fh: u64) -> Result<(), fuser::Errno> {
-        if within_grace(|| self.backings.cached_open(ino, fh)) {
-            return Ok(());
+    /// Attributes as this mount shows them: while handles write into the passthrough
+    /// copy of a file, its length is the copy's (the kernel's writes go there directly).
+    fn seen(&self, ino: u64, mut a: Attr) -> Attr {
+        if let Some(c) = self.backings.written_copy(ino) {
+            if let Ok(m) = c.metadata() {
+                a.length = m.len();
+            }
         }
-        let _ = self.vfs.release(fh, None);
-        self.counters.busy_opens.fetch_add(1, Ordering::Relaxed);
-        Err(fuser::Errno::from_i32(libc::ETXTBSY))
+        a
+    }
+
+    /// Handle `fh` of `ino`, opened with `flags`, not on a backing of its own: counted as
+    /// one reading through the page cache (None), or, beside passthrough handles of the
+    /// inode (the kernel allows no other open then), sharing their backing.
+    fn open_beside(
+        &self,
+        ino: u64,
+        fh: u64,
+        flags: i32,
+    ) -> Result<Option<Arc<BackingId>>, fuser::Errno> {
+        for _ in 0..BESIDE_TRIES {
+            if self.backings.cached_open(ino, fh) {
+                return Ok(None);
+            }
+            if let Some(id) = self.share_live(ino, fh, flags)? {
+                return Ok(Some(id));
+            }
+        }
+        Err(fuser::Errno::EBUSY)
+    }
+
+    /// Share the live backing of `ino` with handle `fh` (None: there is none now). A copy
+    /// of an older version (changed through another mount) is brought up to date first,
+    /// unless handles here write into it; a write open writes into it from now on (see
+    /// aquifer_vfs::passthrough).
+    fn share_live(
+        &self,
+        ino: u64,
+        fh: u64,
+        flags: i32,
+    ) -> Result<Option<Arc<BackingId>>, fuser::Errno> {
+        let Some(l) = self.backings.live(ino) else {
+            return Ok(None);
+        };
+        {
+            let _one = self.backings.mirroring();
+            let stamp = self.vfs.copy_stamp(ino).map_err(err)?;
+            let now = version(&stamp, &l.copy);
+            if l.version != now && l.writers == 0 {
+                self.vfs.refresh_copy(fh, &l.copy).map_err(err)?;
+                self.backings.set_version(ino, now);
+            }
+            if is_write(flags) && flags & libc::O_TRUNC != 0 {
+                // The vfs cut the file at this open.
+                aquifer_vfs::passthrough::writable(&l.copy)
+                    .and_then(|f| f.set_len(0))
+                    .map_err(|e| err(io_errno(e)))?;
+            }
+        }
+        // Kept before the reply: its RELEASE may be handled by another thread as soon as
+        // the reply is out, and a keep after that forget would hold the backing for ever.
+        self.backings.keep(fh, ino, l.id.clone(), is_write(flags));
+        self.counters.shared_opens.fetch_add(1, Ordering::Relaxed);
+        Ok(Some(l.id))
+    }
+
+    /// Run `then` (a flush, fsync or release of handle `fh` of `ino`) after mirroring the
+    /// copy the handle writes into, if it does, into the file; the copy then holds the
+    /// version committed.
+    fn mirrored(
+        &self,
+        fh: u64,
+        ino: u64,
+        then: impl FnOnce() -> aquifer_vfs::Result<()>,
+    ) -> aquifer_vfs::Result<()> {
+        let Some(copy) = self.backings.written_by(fh) else {
+            return then();
+        };
+        let _one = self.backings.mirroring();
+        let mirrored = self.vfs.mirror_copy(fh, &copy);
+        // Locks are dropped and what was mirrored is committed even if the copy failed.
+        let done = then();
+        if mirrored.is_ok() && done.is_ok() {
+            if let Ok(stamp) = self.vfs.copy_stamp(ino) {
+                self.backings.set_version(ino, version(&stamp, &copy));
+            }
+        }
+        mirrored.and(done)
     }
 
     fn empty(reply: ReplyEmpty, r: aquifer_vfs::Result<()>) {
@@ -250,7 +337,19 @@ impl Filesystem for AquiferFs {
             ctime: ctime.map(time_of),
         };
         let snap = self.kernel.snapshot();
-        let r = self.vfs.setattr(&ctx(req), ino.0, &set, size);
+        let mut r = self.vfs.setattr(&ctx(req), ino.0, &set, size);
+        if let (Ok(_), Some(len)) = (&r, size) {
+            // Handles in passthrough read (and may write) the copy: cut it too, or a copy
+            // written into would be mirrored back at its length.
+            if let Some(l) = self.backings.live(ino.0) {
+                let _one = self.backings.mirroring();
+                if let Err(e) =
+                    aquifer_vfs::passthrough::writable(&l.copy).and_then(|f| f.set_len(len))
+                {
+                    r = Err(io_errno(e));
+                }
+            }
+        }
         self.attr(reply, snap, ino, r);
     }
 
@@ -376,14 +475,6 @@ impl Filesystem for AquiferFs {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         self.counters.tick(Op::open);
-        // A write open beside passthrough handles (whose RELEASE may be on its way) is
-        // refused before the vfs opens it, as the kernel would refuse it (with EIO): an
-        // O_TRUNC open would cut the file first.
-        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY
-            && !within_grace(|| !self.backings.in_use(ino.0))
-        {
-            return reply.error(fuser::Errno::from_i32(libc::ETXTBSY));
-        }
         match self.vfs.open_file(&ctx(req), ino.0, flags.0) {
             Ok(o) => {
                 if !o.keep_cache {
@@ -394,57 +485,45 @@ impl Filesystem for AquiferFs {
                         let _ = n.inval_inode(ino, -1, 0);
                     }
                 }
-                if let Some(file) = &o.backing {
-                    // The version a live backing must match to be shared: the file's stamp
-                    // and the copy itself. A copy found damaged at this open is replaced by
-                    // a fresh one; a backing still live on the old copy (its last RELEASE
-                    // not in yet) must not be handed out for it, or the kernel reads the
-                    // damaged bytes.
-                    let mut version = o.backing_stamp.clone();
-                    if let Ok(m) = file.metadata() {
-                        use std::os::unix::fs::MetadataExt;
-                        version.extend_from_slice(&m.dev().to_le_bytes());
-                        version.extend_from_slice(&m.ino().to_le_bytes());
-                    }
+                // A descriptor with nothing to do at close (read-only, on a mount without
+                // POSIX locks) saves the FLUSH round trip: a training epoch opens every
+                // file once. POSIX locks taken through it are dropped at its release.
+                let noflush = if o.flush_at_close {
+                    FopenFlags::empty()
+                } else {
+                    FopenFlags::FOPEN_NOFLUSH
+                };
+                if let Some(file) = o.backing {
+                    let v = version(&o.backing_stamp, &file);
                     let id = self
                         .backings
-                        .backing_for(&self.vfs, ino.0, &version, || reply.open_backing(file));
+                        .backing_for(&self.vfs, ino.0, &v, file, |f| reply.open_backing(f));
                     if let Some(id) = id {
                         self.counters
                             .passthrough_opens
                             .fetch_add(1, Ordering::Relaxed);
-                        // The kernel reads the copy's own page cache: KEEP_CACHE has no
-                        // meaning here.
-                        let f = if o.flush_at_close {
-                            FopenFlags::empty()
-                        } else {
-                            FopenFlags::FOPEN_NOFLUSH
-                        };
-                        // Kept before the reply: its RELEASE may be handled by another
-                        // thread as soon as the reply is out, and a keep after that forget
-                        // would hold the backing (and refuse writers) for ever.
-                        self.backings.keep(o.fh, id.clone());
-                        reply.opened_passthrough(FileHandle(o.fh), f, &id);
+                        // Kept before the reply (see share_live). The kernel reads the
+                        // copy's own page cache: KEEP_CACHE has no meaning here.
+                        self.backings.keep(o.fh, ino.0, id.clone(), false);
+                        reply.opened_passthrough(FileHandle(o.fh), noflush, &id);
                         return;
                     }
                 }
-                // Beside passthrough handles of the inode (on a copy of another version:
-                // the file changed since) the kernel fails a cached open with EIO.
-                if let Err(e) = self.cached_open(ino.0, o.fh) {
-                    return reply.error(e);
+                match self.open_beside(ino.0, o.fh, flags.0) {
+                    Ok(Some(id)) => reply.opened_passthrough(FileHandle(o.fh), noflush, &id),
+                    Ok(None) => {
+                        let keep = if o.keep_cache {
+                            FopenFlags::FOPEN_KEEP_CACHE
+                        } else {
+                            FopenFlags::empty()
+                        };
+                        reply.opened(FileHandle(o.fh), keep | noflush)
+                    }
+                    Err(e) => {
+                        let _ = self.vfs.release(o.fh, None);
+                        reply.error(e)
+                    }
                 }
-                let mut f = if o.keep_cache {
-                    FopenFlags::FOPEN_KEEP_CACHE
-                } else {
-                    FopenFlags::empty()
-                };
-                // A read-only descriptor on a mount without POSIX locks has nothing to do
-                // at close: no FLUSH round trip per file closed (a training epoch opens
-                // every file once). POSIX locks taken through it are dropped at its release.
-                if !o.flush_at_close {
-                    f |= FopenFlags::FOPEN_NOFLUSH;
-                }
-                reply.opened(FileHandle(o.fh), f)
             }
             Err(e) => reply.error(err(e)),
         }
@@ -500,20 +579,21 @@ impl Filesystem for AquiferFs {
     fn flush(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
         self.counters.tick(Op::flush);
         // close(2) of any descriptor drops the POSIX locks its process holds on the file.
-        Self::empty(reply, self.vfs.flush(fh.0, Some(lock_owner.0)));
+        let r = self.mirrored(fh.0, ino.0, || self.vfs.flush(fh.0, Some(lock_owner.0)));
+        Self::empty(reply, r);
     }
 
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         lock_owner: Option<LockOwner>,
@@ -521,9 +601,13 @@ impl Filesystem for AquiferFs {
         reply: ReplyEmpty,
     ) {
         self.counters.tick(Op::release);
-        self.backings.forget(fh.0);
         // The last close of a file flock()ed through it: the kernel names the lock owner.
-        Self::empty(reply, self.vfs.release(fh.0, lock_owner.map(|o| o.0)));
+        // Writes through an mmap of a passthrough copy may come after the last FLUSH.
+        let r = self.mirrored(fh.0, ino.0, || {
+            self.vfs.release(fh.0, lock_owner.map(|o| o.0))
+        });
+        self.backings.forget(fh.0);
+        Self::empty(reply, r);
     }
 
     fn getlk(
@@ -593,13 +677,14 @@ impl Filesystem for AquiferFs {
     fn fsync(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         datasync: bool,
         reply: ReplyEmpty,
     ) {
         self.counters.tick(Op::fsync);
-        Self::empty(reply, self.vfs.fsync(fh.0, datasync));
+        let r = self.mirrored(fh.0, ino.0, || self.vfs.fsync(fh.0, datasync));
+        Self::empty(reply, r);
     }
 
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -781,19 +866,35 @@ impl Filesystem for AquiferFs {
         {
             Ok((ino, a, fh)) => {
                 // An existing file opened by this create may have passthrough handles.
-                if let Err(e) = self.cached_open(ino, fh) {
-                    return reply.error(e);
-                }
+                let beside = match self.open_beside(ino, fh, flags) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        let _ = self.vfs.release(fh, None);
+                        return reply.error(e);
+                    }
+                };
                 let (attr_ttl, entry_ttl) = self.ttls(snap, ino);
                 self.kernel.looked_up(parent.0, name.as_bytes(), ino);
-                reply.created_with_ttls(
-                    &attr_ttl,
-                    &entry_ttl,
-                    &file_attr(ino, &a),
-                    Generation(0),
-                    FileHandle(fh),
-                    FopenFlags::empty(),
-                )
+                let attr = file_attr(ino, &self.seen(ino, a));
+                match beside {
+                    // One time for both (fuser has no other): the short one of a writer.
+                    Some(id) => reply.created_passthrough(
+                        &attr_ttl,
+                        &attr,
+                        Generation(0),
+                        FileHandle(fh),
+                        FopenFlags::empty(),
+                        &id,
+                    ),
+                    None => reply.created_with_ttls(
+                        &attr_ttl,
+                        &entry_ttl,
+                        &attr,
+                        Generation(0),
+                        FileHandle(fh),
+                        FopenFlags::empty(),
+                    ),
+                }
             }
             Err(e) => reply.error(err(e)),
         }
@@ -828,6 +929,21 @@ impl Filesystem for AquiferFs {
         reply: ReplyEmpty,
     ) {
         self.counters.tick(Op::fallocate);
+        if let Some(copy) = self.backings.written_by(fh.0) {
+            // Its writes go to the copy: so does this, mirrored into the file at close.
+            let r = aquifer_vfs::passthrough::writable(&copy).and_then(|f| {
+                use std::os::fd::AsRawFd;
+                // SAFETY: a plain system call on a descriptor we own.
+                let rc =
+                    unsafe { libc::fallocate(f.as_raw_fd(), mode, offset as i64, length as i64) };
+                if rc == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+            return Self::empty(reply, r.map_err(io_errno));
+        }
         Self::empty(
             reply,
             self.vfs.fallocate(&ctx(req), fh.0, mode, offset, length),

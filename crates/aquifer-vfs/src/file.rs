@@ -38,7 +38,8 @@ pub struct Opened {
     /// A checked whole-file copy on a cache disk the kernel may read instead of asking
     /// (FUSE passthrough), when asked for ([`Vfs::set_passthrough`]) and the file is opened
     /// read-only, has no writer here and is wholly cached. `backing_stamp` names the
-    /// version copied: handles of one inode may share a backing file only if it matches.
+    /// version a copy must hold ([`Vfs::copy_stamp`]): handles of one inode may share a
+    /// backing file only if it matches.
     pub backing: Option<std::fs::File>,
     pub backing_stamp: Vec<u8>,
     /// close(2) of this descriptor must reach [`Vfs::flush`]: it has writes to commit, or
@@ -51,7 +52,7 @@ pub struct Opened {
 /// What a whole-file copy was made of: any write, truncate or attribute change through
 /// any mount moves ctime (and length or mtime with it), so a copy under another stamp is
 /// never served.
-fn whole_stamp(ino: Ino, a: &Attr) -> Vec<u8> {
+pub(crate) fn whole_stamp(ino: Ino, a: &Attr) -> Vec<u8> {
     let mut v = Vec::with_capacity(40);
     v.extend_from_slice(&ino.to_le_bytes());
     v.extend_from_slice(&a.length.to_le_bytes());
@@ -154,13 +155,12 @@ impl Vfs {
                 m.insert(ino, stamp) == Some(stamp)
             }
         };
-        let mut backing_stamp = Vec::new();
+        let backing_stamp = whole_stamp(ino, &a);
         let backing = if self.passthrough.load(Ordering::Relaxed)
             && a.typ == FileType::File
             && writer.is_none()
             && !self.writers.lock().contains_key(&ino)
         {
-            backing_stamp = whole_stamp(ino, &a);
             self.cs.whole_copy(ino, &backing_stamp, a.length)
         } else {
             None

@@ -1,38 +1,68 @@
-//! FUSE passthrough bookkeeping: which backing file the kernel reads for each inode.
+//! FUSE passthrough: which backing file the kernel reads for each inode, and how a copy
+//! written through the kernel reaches the file.
 //!
 //! The kernel takes one backing file per inode while any handle of it is open in
 //! passthrough, and refuses a second one. Each handle holds its inode's backing id; the
 //! table only finds it again (a weak reference), so the id goes when the last handle does.
-//! A file changed elsewhere while handles here still read the old copy cannot get a new
-//! backing until they close: such opens are served by the daemon meanwhile.
 //!
 //! The kernel also keeps an inode's opens in one mode: while any handle of it is open in
 //! passthrough, every other open must be too, on the same backing (any other open fails
 //! with EIO, direct I/O included), and a passthrough open beside handles that read through
 //! the page cache fails with ETXTBSY. So the table also counts each inode's cached
 //! handles, and a backing is not handed out beside them: that open reads through the
-//! daemon instead. An open that cannot share a live backing (a write open, a file changed
-//! since the copy) is refused by the adapter with ETXTBSY after a grace for the RELEASEs on
-//! their way (see docs/semantics.md). Generic over the id type so that this runs, and is
-//! tested, without FUSE.
+//! daemon instead. Beside passthrough handles, every open shares their backing: the copy
+//! is then this mount's view of the file. A write open writes into the copy (the kernel
+//! passes its writes, and its mmap, to the copy and never to the daemon), and the copy is
+//! mirrored into the file ([`Vfs::mirror_copy`]) at each flush, fsync and release of such
+//! a handle: close-to-open holds for other mounts as for any writer. A read open of a
+//! version changed since the copy (by another mount) first brings the copy up to date
+//! ([`Vfs::refresh_copy`]), unless writers here have it open: their copy wins, as the
+//! last writer's close would. Generic over the id type so that this runs, and is tested,
+//! without FUSE.
 
-use crate::Vfs;
+use crate::{Handle, Result, Vfs};
+use aquifer_meta::{Context, Errno, FileType, Ino};
 use parking_lot::Mutex;
 use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Weak};
+
+/// Piece compared and copied at once between a copy and its file.
+const PIECE: u64 = 1 << 20;
 
 pub struct Backings<B> {
     table: Mutex<Table<B>>,
+    /// Held while a copy is mirrored into its file or refreshed from it: one at a time.
+    mirroring: Mutex<()>,
+}
+
+/// The live backing of an inode.
+struct Live<B> {
+    id: Weak<B>,
+    /// The version (stamp) of the file the copy holds.
+    version: Vec<u8>,
+    copy: Arc<File>,
 }
 
 struct Table<B> {
-    /// The live backing of each inode and the version (stamp) of the copy it reads.
-    by_ino: HashMap<u64, (Weak<B>, Vec<u8>)>,
+    by_ino: HashMap<u64, Live<B>>,
     /// What each handle in passthrough holds.
     by_fh: HashMap<u64, Arc<B>>,
+    /// Handles in passthrough open for writing (they write into the copy), and their inode.
+    writing: HashMap<u64, u64>,
     /// Handles open in the kernel's cached mode, per inode, and each such handle's inode.
     cached: HashMap<u64, u32>,
     cached_fh: HashMap<u64, u64>,
+}
+
+/// An inode's live backing as [`Backings::live`] finds it.
+pub struct Shared<B> {
+    pub id: Arc<B>,
+    pub version: Vec<u8>,
+    pub copy: Arc<File>,
+    /// Handles of the inode writing into the copy.
+    pub writers: usize,
 }
 
 impl<B> Default for Backings<B> {
@@ -41,45 +71,54 @@ impl<B> Default for Backings<B> {
             table: Mutex::new(Table {
                 by_ino: HashMap::new(),
                 by_fh: HashMap::new(),
+                writing: HashMap::new(),
                 cached: HashMap::new(),
                 cached_fh: HashMap::new(),
             }),
+            mirroring: Mutex::new(()),
         }
     }
 }
 
+impl<B> Table<B> {
+    fn live(&self, ino: u64) -> Option<(&Live<B>, Arc<B>)> {
+        let l = self.by_ino.get(&ino)?;
+        Some((l, l.id.upgrade()?))
+    }
+}
+
 impl<B> Backings<B> {
-    /// The backing id for a handle of `ino` opened on a copy of version `stamp`: the live
-    /// one of the inode if it is of the same version, else a new one from `open`. None
-    /// when the inode is still open on a copy of another version, or when `open` fails
-    /// (the kernel refuses: no CAP_SYS_ADMIN, no passthrough), which turns passthrough off
-    /// for the mount.
+    /// The backing id for a read-only handle of `ino` on `copy`, a copy of version
+    /// `version`: the live one of the inode if it is of the same version, else a new one
+    /// from `open`. None when the inode is open on a copy of another version (the caller
+    /// then shares that one, [`Backings::live`]), when handles of it read through the page
+    /// cache, or when `open` fails (the kernel refuses: no CAP_SYS_ADMIN, no passthrough),
+    /// which turns passthrough off for the mount.
     pub fn backing_for(
         &self,
         vfs: &Vfs,
         ino: u64,
-        stamp: &[u8],
-        open: impl FnOnce() -> std::io::Result<B>,
+        version: &[u8],
+        copy: File,
+        open: impl FnOnce(&File) -> std::io::Result<B>,
     ) -> Option<Arc<B>> {
         let mut t = self.table.lock();
         if t.cached.get(&ino).is_some_and(|n| *n > 0) {
             // The kernel would refuse a passthrough open beside them.
             return None;
         }
-        if let Some((w, st)) = t.by_ino.get(&ino) {
-            if let Some(id) = w.upgrade() {
-                if st.as_slice() != stamp {
-                    // Documented in docs/semantics.md.
-                    tracing::warn!(ino, "file or its copy changed while open in passthrough; new opens are served by the daemon until the old ones close");
-                    return None;
-                }
-                return Some(id);
-            }
+        if let Some((l, id)) = t.live(ino) {
+            return (l.version.as_slice() == version).then_some(id);
         }
-        match open() {
+        match open(&copy) {
             Ok(id) => {
                 let id = Arc::new(id);
-                t.by_ino.insert(ino, (Arc::downgrade(&id), stamp.to_vec()));
+                let live = Live {
+                    id: Arc::downgrade(&id),
+                    version: version.to_vec(),
+                    copy: Arc::new(copy),
+                };
+                t.by_ino.insert(ino, live);
                 Some(id)
             }
             Err(e) => {
@@ -89,30 +128,62 @@ impl<B> Backings<B> {
         }
     }
 
-    /// Handle `fh` was opened in passthrough on `id`: keep it until [`Backings::forget`].
-    pub fn keep(&self, fh: u64, id: Arc<B>) {
-        self.table.lock().by_fh.insert(fh, id);
+    /// The live backing of `ino`, if a handle of it is open in passthrough.
+    pub fn live(&self, ino: u64) -> Option<Shared<B>> {
+        let t = self.table.lock();
+        let (l, id) = t.live(ino)?;
+        Some(Shared {
+            id,
+            version: l.version.clone(),
+            copy: l.copy.clone(),
+            writers: t.writing.values().filter(|&&i| i == ino).count(),
+        })
     }
 
-    /// Whether a handle of `ino` is open in passthrough (the kernel fails any other open
-    /// of the inode but a read-only one on the same backing).
-    pub fn in_use(&self, ino: u64) -> bool {
+    /// The copy of `ino` now holds version `version`.
+    pub fn set_version(&self, ino: u64, version: Vec<u8>) {
+        if let Some(l) = self.table.lock().by_ino.get_mut(&ino) {
+            l.version = version;
+        }
+    }
+
+    /// Handle `fh` was opened in passthrough on `id` (`writing` into the copy of `ino`):
+    /// keep it until [`Backings::forget`].
+    pub fn keep(&self, fh: u64, ino: u64, id: Arc<B>, writing: bool) {
+        let mut t = self.table.lock();
+        t.by_fh.insert(fh, id);
+        if writing {
+            t.writing.insert(fh, ino);
+        }
+    }
+
+    /// The copy handle `fh` writes into.
+    pub fn written_by(&self, fh: u64) -> Option<Arc<File>> {
         let t = self.table.lock();
-        t.by_ino
-            .get(&ino)
-            .is_some_and(|(w, _)| w.strong_count() > 0)
+        let ino = t.writing.get(&fh)?;
+        Some(t.by_ino.get(ino)?.copy.clone())
+    }
+
+    /// The copy of `ino` while handles write into it: its length is the file's here.
+    pub fn written_copy(&self, ino: u64) -> Option<Arc<File>> {
+        let t = self.table.lock();
+        if !t.writing.values().any(|&i| i == ino) {
+            return None;
+        }
+        Some(t.by_ino.get(&ino)?.copy.clone())
+    }
+
+    /// Whether a handle of `ino` is open in passthrough.
+    pub fn in_use(&self, ino: u64) -> bool {
+        self.table.lock().live(ino).is_some()
     }
 
     /// Handle `fh` of `ino` is to be opened through the page cache: counted until
     /// [`Backings::forget`], unless the inode has passthrough handles (the kernel would
-    /// refuse it: false).
+    /// refuse it: false; the open must share their backing).
     pub fn cached_open(&self, ino: u64, fh: u64) -> bool {
         let mut t = self.table.lock();
-        let passthrough = t
-            .by_ino
-            .get(&ino)
-            .is_some_and(|(w, _)| w.strong_count() > 0);
-        if passthrough {
+        if t.live(ino).is_some() {
             return false;
         }
         *t.cached.entry(ino).or_insert(0) += 1;
@@ -120,11 +191,17 @@ impl<B> Backings<B> {
         true
     }
 
+    /// Serialises [`Vfs::mirror_copy`] and [`Vfs::refresh_copy`] calls.
+    pub fn mirroring(&self) -> parking_lot::MutexGuard<'_, ()> {
+        self.mirroring.lock()
+    }
+
     /// Handle `fh` is released.
     pub fn forget(&self, fh: u64) {
         let mut t = self.table.lock();
+        t.writing.remove(&fh);
         if t.by_fh.remove(&fh).is_some() {
-            t.by_ino.retain(|_, (w, _)| w.strong_count() > 0);
+            t.by_ino.retain(|_, l| l.id.strong_count() > 0);
         }
         if let Some(ino) = t.cached_fh.remove(&fh) {
             if let Some(n) = t.cached.get_mut(&ino) {
@@ -135,4 +212,104 @@ impl<B> Backings<B> {
             }
         }
     }
+}
+
+/// `copy` opened anew for writing (the kernel's backing is registered read-only).
+pub fn writable(copy: &File) -> std::io::Result<File> {
+    use std::os::fd::AsRawFd;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(format!("/proc/self/fd/{}", copy.as_raw_fd()))
+}
+
+/// Up to `len` bytes of `f` at `off` (fewer at its end).
+fn read_at(f: &File, off: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    let mut got = 0;
+    while got < len {
+        match f.read_at(&mut buf[got..], off + got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(got);
+    Ok(buf)
+}
+
+impl Vfs {
+    /// What version of `ino` a copy must hold to be served ([`crate::Opened::backing_stamp`]).
+    pub fn copy_stamp(&self, ino: Ino) -> Result<Vec<u8>> {
+        Ok(crate::file::whole_stamp(ino, &self.meta.getattr(ino)?))
+    }
+
+    /// Make file handle `fh` (open for writing) hold what `copy` holds: the pieces that
+    /// differ are written through it and the file is cut to the copy's length. The caller
+    /// then flushes the handle as usual. Pieces are compared, not all written, so a close
+    /// after a small change stores a small slice.
+    pub fn mirror_copy(&self, fh: u64, copy: &File) -> Result<()> {
+        let h = self.handle(fh)?;
+        let Handle::File(f) = &*h else {
+            return Err(Errno::EISDIR);
+        };
+        if f.writer.is_none() {
+            return Err(Errno::EBADF);
+        }
+        let ino = f.ino;
+        let clen = copy.metadata().map_err(io_errno)?.len();
+        let mut off = 0;
+        while off < clen {
+            let n = PIECE.min(clen - off) as usize;
+            let want = read_at(copy, off, n).map_err(io_errno)?;
+            if want.is_empty() {
+                break;
+            }
+            let have = self.read(fh, off, want.len() as u32)?;
+            if have != want {
+                self.write(fh, off, &want)?;
+            }
+            off += want.len() as u64;
+        }
+        if self.getattr(ino)?.length > clen {
+            self.truncate_file(&Context::root(), ino, clen)?;
+        }
+        Ok(())
+    }
+
+    /// Make `copy` hold what file handle `fh` reads (the file changed since the copy was
+    /// made): pieces that differ are rewritten in place, since the kernel's handles read
+    /// it still.
+    pub fn refresh_copy(&self, fh: u64, copy: &File) -> Result<()> {
+        let h = self.handle(fh)?;
+        let Handle::File(f) = &*h else {
+            return Err(Errno::EISDIR);
+        };
+        let a = self.getattr(f.ino)?;
+        if a.typ != FileType::File {
+            return Err(Errno::EINVAL);
+        }
+        let w = writable(copy).map_err(io_errno)?;
+        let mut off = 0;
+        while off < a.length {
+            let n = PIECE.min(a.length - off) as u32;
+            let want = self.read(fh, off, n)?;
+            if want.is_empty() {
+                break;
+            }
+            if read_at(&w, off, want.len()).map_err(io_errno)? != want {
+                w.write_all_at(&want, off).map_err(io_errno)?;
+            }
+            off += want.len() as u64;
+        }
+        w.set_len(off).map_err(io_errno)?;
+        Ok(())
+    }
+}
+
+/// A local disk's error as the program's errno (EIO when it has none).
+pub fn io_errno(e: std::io::Error) -> Errno {
+    tracing::warn!(error = %e, "whole-file copy: I/O error");
+    e.raw_os_error().map_or(Errno::EIO, Errno)
 }

@@ -768,30 +768,97 @@ fn mixed_plain_and_plus_reads_list_every_entry() {
 fn passthrough_backings_are_shared_per_version_and_a_refusal_turns_passthrough_off() {
     let (v, _) = vfs();
     v.set_passthrough(true);
+    let dir = tempfile::tempdir().unwrap();
+    let copy = |n: &str| std::fs::File::create(dir.path().join(n)).unwrap();
     let b: Backings<u32> = Backings::default();
     let opened = std::sync::atomic::AtomicU32::new(0);
-    let open =
-        || Ok::<_, std::io::Error>(opened.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1);
-    let first = b.backing_for(&v, 5, b"v1", open).unwrap();
-    b.keep(10, first.clone());
+    let open = |_: &std::fs::File| {
+        Ok::<_, std::io::Error>(opened.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1)
+    };
+    let first = b.backing_for(&v, 5, b"v1", copy("a"), open).unwrap();
+    b.keep(10, 5, first.clone(), false);
     // A second handle of the same version shares the kernel's one backing file.
-    let second = b.backing_for(&v, 5, b"v1", open).unwrap();
+    let second = b.backing_for(&v, 5, b"v1", copy("a"), open).unwrap();
     assert!(Arc::ptr_eq(&first, &second));
-    b.keep(11, second);
+    b.keep(11, 5, second, false);
     drop(first);
     assert!(b.in_use(5));
-    // Changed elsewhere while open: no backing for the new version until they close.
-    assert!(b.backing_for(&v, 5, b"v2", open).is_none());
-    b.forget(10);
-    b.forget(11);
-    assert!(!b.in_use(5));
-    assert_eq!(*b.backing_for(&v, 5, b"v2", open).unwrap(), 2);
+    // Changed elsewhere while open: no new backing; the open must share the live one.
+    assert!(b.backing_for(&v, 5, b"v2", copy("b"), open).is_none());
+    let live = b.live(5).unwrap();
+    assert_eq!((live.version.as_slice(), live.writers), (&b"v1"[..], 0));
+    // Nor may any handle read through the page cache beside it.
+    assert!(!b.cached_open(5, 12));
+    // A writer shares it and writes into its copy, which then is the file's length here.
+    b.keep(13, 5, live.id.clone(), true);
+    assert!(b.written_by(13).is_some() && b.written_copy(5).is_some());
+    assert!(b.written_by(10).is_none());
+    assert_eq!(b.live(5).unwrap().writers, 1);
+    b.set_version(5, b"v3".to_vec());
+    assert_eq!(b.live(5).unwrap().version, b"v3");
+    drop(live);
+    for fh in [10, 11, 13] {
+        b.forget(fh);
+    }
+    assert!(!b.in_use(5) && b.written_copy(5).is_none());
+    assert_eq!(*b.backing_for(&v, 5, b"v2", copy("b"), open).unwrap(), 2);
     // The kernel refuses (no CAP_SYS_ADMIN): read-only opens stop offering copies.
-    let refused = b.backing_for(&v, 6, b"v1", || {
+    let refused = b.backing_for(&v, 6, b"v1", copy("c"), |_| {
         Err(std::io::Error::from_raw_os_error(libc::EPERM))
     });
     assert!(refused.is_none());
     assert!(!v.passthrough.load(std::sync::atomic::Ordering::SeqCst));
+}
+
+#[test]
+fn a_copy_is_mirrored_into_its_file_and_refreshed_from_it() {
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+    let (v, _) = vfs();
+    let ctx = root();
+    let (ino, _, fh) = v
+        .create(&ctx, ROOT_INO, b"f", 0o644, 0, libc::O_RDWR)
+        .unwrap();
+    let old: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    v.write(fh, 0, &old).unwrap();
+    v.flush(fh, None).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("copy");
+    std::fs::write(&path, &old).unwrap();
+    let copy = std::fs::File::open(&path).unwrap();
+    // Written through the kernel into the copy: a change in the middle, then cut shorter.
+    let mut new = old.clone();
+    new[1_500_000..1_500_010].copy_from_slice(b"0123456789");
+    new.truncate(2_200_000);
+    let mut w = crate::passthrough::writable(&copy).unwrap();
+    w.set_len(0).unwrap();
+    w.write_all(&new).unwrap();
+    let s0 = v.copy_stamp(ino).unwrap();
+    v.mirror_copy(fh, &copy).unwrap();
+    v.flush(fh, None).unwrap();
+    assert_eq!(v.read(fh, 0, 4_000_000).unwrap(), new);
+    assert_eq!(v.getattr(ino).unwrap().length, new.len() as u64);
+    assert_ne!(v.copy_stamp(ino).unwrap(), s0);
+    // Longer again, through the copy.
+    w.write_all_at(b"tail", new.len() as u64).unwrap();
+    new.extend_from_slice(b"tail");
+    v.mirror_copy(fh, &copy).unwrap();
+    v.flush(fh, None).unwrap();
+    assert_eq!(v.read(fh, 0, 4_000_000).unwrap(), new);
+    // The file changed another way: the copy is brought up to date in place.
+    v.write(fh, 10, b"abc").unwrap();
+    v.flush(fh, None).unwrap();
+    v.setattr(&ctx, ino, &SetAttr::default(), Some(1_000_000))
+        .unwrap();
+    new[10..13].copy_from_slice(b"abc");
+    new.truncate(1_000_000);
+    v.refresh_copy(fh, &copy).unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), new);
+    // A read-only handle cannot mirror.
+    let r = v.open(&ctx, ino, libc::O_RDONLY).unwrap();
+    assert_eq!(v.mirror_copy(r, &copy), Err(Errno::EBADF));
+    v.release(r, None).unwrap();
+    v.release(fh, None).unwrap();
 }
 
 #[test]
