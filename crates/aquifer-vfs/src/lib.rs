@@ -69,8 +69,10 @@ pub struct Vfs {
     /// at its next open keeps the kernel's page cache (close-to-open: what another mount
     /// changed and closed shows in the attributes read at open).
     opened: Mutex<HashMap<Ino, Stamp>>,
-    /// Offer whole-file copies for read-only opens ([`Opened::backing`]).
+    /// Offer whole-file copies for read-only opens ([`Opened::backing`]) of files of at
+    /// least `passthrough_min` bytes.
     passthrough: AtomicBool,
+    passthrough_min: AtomicU64,
     /// Blocking lock requests waiting for their lock.
     lock_waits: Arc<LockWaits>,
     /// A POSIX lock was asked for through this mount: from then on every descriptor's
@@ -105,6 +107,7 @@ impl Vfs {
             closed: Mutex::new(false),
             opened: Mutex::new(HashMap::new()),
             passthrough: AtomicBool::new(false),
+            passthrough_min: AtomicU64::new(0),
             lock_waits: LockWaits::new(LOCK_WAITERS_MAX),
             posix_locks_taken: AtomicBool::new(false),
             control: control::Control::new(),

@@ -1,7 +1,10 @@
 //! Whole-file copies for FUSE passthrough: the file's bytes alone (the kernel reads them
 //! from offset 0), with what the file was when copied (its stamp), the length and the
 //! crc32c in the `user.aquifer.whole` extended attribute, set before the rename. A copy is
-//! checked against its stamp and checksum at every open; it counts in the quota and is
+//! checked against its stamp at every open, and against its checksum at its first open by
+//! this process and whenever its file changed since (inode, length, mtime or ctime: any
+//! write moves them), not at every open: that would read the whole file again for each
+//! open of a file the kernel then reads from its page cache. It counts in the quota and is
 //! evicted like a block, but never evicts to make room for itself.
 
 use super::blockfile::Bad;
@@ -14,6 +17,18 @@ use std::io::{self, Read, Write};
 use std::sync::atomic::Ordering;
 
 const WHOLE_XATTR: &[u8] = b"user.aquifer.whole\0";
+
+/// Copies whose checksum checks are remembered; past this the table starts over.
+const VERIFIED_MAX: usize = 1 << 16;
+
+/// What a copy's file was when its checksum held: inode, length, mtime, ctime.
+pub(super) type Seen = (u64, u64, i64, i64, i64, i64);
+
+fn seen(f: &File) -> Option<Seen> {
+    use std::os::unix::fs::MetadataExt;
+    let m = f.metadata().ok()?;
+    Some((m.ino(), m.len(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec()))
+}
 
 impl Inner {
     pub(super) fn whole_open(&self, key: &str, stamp: &[u8]) -> Option<File> {
@@ -36,8 +51,17 @@ impl Inner {
                 return None;
             }
         };
-        match check_whole(&f, stamp) {
+        let now = seen(&f);
+        let known = now.is_some() && self.verified.lock().get(&ik) == now.as_ref();
+        match check_whole(&f, stamp, !known) {
             Ok(true) => {
+                if let Some(now) = now.filter(|_| !known) {
+                    let mut v = self.verified.lock();
+                    if v.len() >= VERIFIED_MAX {
+                        v.clear();
+                    }
+                    v.insert(ik.clone(), now);
+                }
                 let mut st = self.st.lock();
                 if st.access(&ik, crate::mem::REHIT).is_none() {
                     if let Ok(m) = f.metadata() {
@@ -48,11 +72,13 @@ impl Inner {
             }
             // The file changed since this copy was made: the copy is of no more use.
             Ok(false) => {
+                self.verified.lock().remove(&ik);
                 let _ = fs::remove_file(&path);
                 self.st.lock().remove(&ik);
                 None
             }
             Err(Bad::Corrupt(why)) => {
+                self.verified.lock().remove(&ik);
                 tracing::warn!(path = %path.display(), why, "corrupt whole-file copy removed");
                 self.drop_corrupt(&ik, &path);
                 None
@@ -179,8 +205,9 @@ fn get_xattr(f: &File) -> io::Result<Vec<u8>> {
     Ok(v)
 }
 
-/// Whether `f` is a sound copy made under `stamp` (Ok(false): a copy of another version).
-fn check_whole(f: &File, stamp: &[u8]) -> Result<bool, Bad> {
+/// Whether `f` is a sound copy made under `stamp` (Ok(false): a copy of another version);
+/// its bytes are read and checked only with `sum`.
+fn check_whole(f: &File, stamp: &[u8], sum: bool) -> Result<bool, Bad> {
     let v = match get_xattr(f) {
         Ok(v) => v,
         Err(e) if e.raw_os_error() == Some(libc::ENODATA) => {
@@ -199,6 +226,9 @@ fn check_whole(f: &File, stamp: &[u8]) -> Result<bool, Bad> {
     let size = f.metadata().map_err(Bad::Io)?.len();
     if size != len {
         return Err(Bad::Corrupt(format!("{size} bytes for a {len}-byte copy")));
+    }
+    if !sum {
+        return Ok(true);
     }
     let mut buf = vec![0u8; (len as usize).clamp(1, 1 << 20)];
     let mut r = f;

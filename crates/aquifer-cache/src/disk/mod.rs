@@ -125,6 +125,8 @@ struct Inner {
     tmp_seq: AtomicU64,
     evicted: AtomicU64,
     corrupt: AtomicU64,
+    /// Whole-file copies whose checksum held, and what their file was then (`copies.rs`).
+    verified: Mutex<std::collections::HashMap<String, copies::Seen>>,
 }
 
 impl DiskTier {
@@ -158,6 +160,7 @@ impl DiskTier {
             tmp_seq: AtomicU64::new(0),
             evicted: AtomicU64::new(0),
             corrupt: AtomicU64::new(0),
+            verified: Mutex::new(std::collections::HashMap::new()),
         });
         // A root that cannot be made is an error for the caller (a wrong flag); one that
         // fails later is a disk out of use.
