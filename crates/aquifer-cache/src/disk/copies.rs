@@ -27,7 +27,14 @@ pub(super) type Seen = (u64, u64, i64, i64, i64, i64);
 fn seen(f: &File) -> Option<Seen> {
     use std::os::unix::fs::MetadataExt;
     let m = f.metadata().ok()?;
-    Some((m.ino(), m.len(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec()))
+    Some((
+        m.ino(),
+        m.len(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec(),
+    ))
 }
 
 impl Inner {
