@@ -14,11 +14,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Smallest file served in passthrough without --passthrough (see its help): at one block,
-/// a read through the daemon costs a few READs, less than registering a backing per open
-/// (benches/epoch.sh, docs/performance.md).
-const PASSTHROUGH_AUTO_MIN: u64 = 4 << 20;
-
 #[derive(Args)]
 pub(crate) struct MountArgs {
     /// `[META_URL] MOUNTPOINT`: with one argument it is the mount point of the embedded default.
@@ -68,17 +63,16 @@ pub(crate) struct MountArgs {
     /// uploaded at the next mount first. Other mounts see a block once it is uploaded.
     #[arg(long)]
     writeback: bool,
-    /// FUSE passthrough for files of every size: a file opened read-only whose blocks are
-    /// all on the cache disk is read by the kernel from a whole-file copy there, at
-    /// local-disk speed (Linux 6.9+ and CAP_SYS_ADMIN; without them the daemon serves
-    /// reads as usual). Without this flag it is for files of 4 MiB and more (a small
-    /// file reads faster through the page cache path), and for all with --read-only. A
-    /// file opened for writing while it is open in passthrough is written through the copy
-    /// (the kernel allows no other kind of open then) and stored at each close, which then
-    /// reads the whole file.
+    /// FUSE passthrough: a file opened read-only whose blocks are all on the cache disk is
+    /// read by the kernel from a whole-file copy there, at local-disk speed (Linux 6.9+ and
+    /// CAP_SYS_ADMIN; without them the daemon serves reads as usual). On by default with
+    /// --read-only. A file opened for writing while it is open in passthrough is written
+    /// through the copy (the kernel allows no other kind of open then) and stored at each
+    /// close, which then reads the whole file; see docs/semantics.md for what that
+    /// changes (mmap stores after close, writers on two mounts): for read-mostly datasets.
     #[arg(long, conflicts_with = "no_passthrough")]
     passthrough: bool,
-    /// No FUSE passthrough at all.
+    /// No FUSE passthrough, even with --read-only.
     #[arg(long)]
     no_passthrough: bool,
     /// Serve Prometheus metrics at http://ADDR/metrics (`none` to not); when the port is
@@ -282,9 +276,6 @@ pub(crate) fn mount(a: MountArgs) -> Result<()> {
     };
     let vfs = aquifer_vfs::Vfs::new(meta.clone(), store, cfg)
         .map_err(|e| anyhow!("cannot load volume: {e}"))?;
-    if !(a.passthrough || a.read_only) {
-        vfs.set_passthrough_min(PASSTHROUGH_AUTO_MIN);
-    }
     vfs.start_session(session_info(
         mp.display().to_string(),
         joined.as_ref().map(|j| j.member.clone()),
@@ -333,7 +324,7 @@ pub(crate) fn mount(a: MountArgs) -> Result<()> {
         },
         counters: fuse_counters,
         figures: Some(figures_fn),
-        passthrough: !a.no_passthrough,
+        passthrough: (a.passthrough || a.read_only) && !a.no_passthrough,
     };
     // Held until the process exits, after the metadata engine is closed: `aquifer umount`
     // returns only then.

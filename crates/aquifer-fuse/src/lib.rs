@@ -80,7 +80,7 @@ pub struct AquiferFs {
     counters: Arc<FuseCounters>,
     /// Passthrough asked for: offered to the kernel at init.
     passthrough: bool,
-    backings: Backings<BackingId>,
+    backings: Arc<Backings<BackingId>>,
     /// Set once the session exists: tells the kernel to drop attributes it cached.
     notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
 }
@@ -90,12 +90,26 @@ impl AquiferFs {
         if let Some(f) = &opts.figures {
             vfs.set_figures(f.clone());
         }
+        let backings: Arc<Backings<BackingId>> = Arc::default();
+        {
+            // SIGTERM and unmount commit what was written through the kernel into copies too.
+            let (b, v) = (backings.clone(), Arc::downgrade(&vfs));
+            vfs.set_before_flush_all(Box::new(move || {
+                let Some(vfs) = v.upgrade() else { return };
+                let _one = b.mirroring();
+                for (fh, ino, copy) in b.written() {
+                    if let Err(e) = vfs.mirror_copy(fh, &copy) {
+                        tracing::error!(ino, error = %e, "a copy written through the kernel could not be stored");
+                    }
+                }
+            }));
+        }
         AquiferFs {
             vfs,
             kernel: Arc::new(Kernel::new(opts.ttls)),
             counters: opts.counters.clone(),
             passthrough: opts.passthrough,
-            backings: Backings::default(),
+            backings,
             notifier: Arc::new(std::sync::OnceLock::new()),
         }
     }
@@ -183,11 +197,13 @@ impl AquiferFs {
         fh: u64,
         flags: i32,
     ) -> Result<Option<Arc<BackingId>>, fuser::Errno> {
+        // Version and writers are read, and this handle kept, under the lock: a writer
+        // that came in between must not have its bytes refreshed away.
+        let _one = self.backings.mirroring();
         let Some(l) = self.backings.live(ino) else {
             return Ok(None);
         };
         {
-            let _one = self.backings.mirroring();
             let stamp = self.vfs.copy_stamp(ino).map_err(err)?;
             let now = version(&stamp, &l.copy);
             if l.version != now && l.writers == 0 {
@@ -204,6 +220,7 @@ impl AquiferFs {
         // Kept before the reply: its RELEASE may be handled by another thread as soon as
         // the reply is out, and a keep after that forget would hold the backing for ever.
         self.backings.keep(fh, ino, l.id.clone(), is_write(flags));
+        drop(_one);
         self.counters.shared_opens.fetch_add(1, Ordering::Relaxed);
         Ok(Some(l.id))
     }
@@ -225,9 +242,16 @@ impl AquiferFs {
         // Locks are dropped and what was mirrored is committed even if the copy failed.
         let done = then();
         if mirrored.is_ok() && done.is_ok() {
+            // Read after the commit: a commit of another mount in between would be taken
+            // for this one (two mounts writing one file: docs/semantics.md).
             if let Ok(stamp) = self.vfs.copy_stamp(ino) {
                 self.backings.set_version(ino, version(&stamp, &copy));
             }
+        } else {
+            // Said to the program at a flush or fsync; at a release nobody hears it. The
+            // copy no longer says what the file holds: the next open refreshes it.
+            tracing::error!(ino, mirror = ?mirrored.err(), commit = ?done.as_ref().err(), "what was written through the kernel's copy was not all stored");
+            self.backings.set_version(ino, Vec::new());
         }
         mirrored.and(done)
     }
@@ -337,19 +361,23 @@ impl Filesystem for AquiferFs {
             ctime: ctime.map(time_of),
         };
         let snap = self.kernel.snapshot();
+        // Handles in passthrough read (and may write) the copy: it is cut with the file, or
+        // a copy written into would be mirrored back at its length. Under the lock, so that
+        // no mirror runs between the two.
+        let one = size.map(|_| self.backings.mirroring());
         let mut r = self.vfs.setattr(&ctx(req), ino.0, &set, size);
         if let (Ok(_), Some(len)) = (&r, size) {
-            // Handles in passthrough read (and may write) the copy: cut it too, or a copy
-            // written into would be mirrored back at its length.
             if let Some(l) = self.backings.live(ino.0) {
-                let _one = self.backings.mirroring();
                 if let Err(e) =
                     aquifer_vfs::passthrough::writable(&l.copy).and_then(|f| f.set_len(len))
                 {
+                    // The next open refreshes it from the file (cut).
+                    self.backings.set_version(ino.0, Vec::new());
                     r = Err(io_errno(e));
                 }
             }
         }
+        drop(one);
         self.attr(reply, snap, ino, r);
     }
 
@@ -739,7 +767,7 @@ impl Filesystem for AquiferFs {
                     // The vfs gives every entry its attributes when asked for them.
                     let Some(attr) = &e.attr else { continue };
                     let (attr_ttl, entry_ttl) = self.ttls(snap, e.ino);
-                    let fa = file_attr(e.ino, attr);
+                    let fa = file_attr(e.ino, &self.seen(e.ino, attr.clone()));
                     if reply.add(
                         INodeNo(e.ino),
                         off,

@@ -158,7 +158,6 @@ impl Vfs {
         let backing_stamp = whole_stamp(ino, &a);
         let backing = if self.passthrough.load(Ordering::Relaxed)
             && a.typ == FileType::File
-            && a.length >= self.passthrough_min.load(Ordering::Relaxed)
             && writer.is_none()
             && !self.writers.lock().contains_key(&ino)
         {
@@ -199,13 +198,6 @@ impl Vfs {
     /// Offer whole-file copies to read-only opens (the adapter can pass them to the kernel).
     pub fn set_passthrough(&self, on: bool) {
         self.passthrough.store(on, Ordering::Relaxed);
-    }
-
-    /// Offer copies only for files of at least `len` bytes (0: all): a small file's open
-    /// costs more in passthrough (a backing registered per open) than its one or two
-    /// READs from the page cache path.
-    pub fn set_passthrough_min(&self, len: u64) {
-        self.passthrough_min.store(len, Ordering::Relaxed);
     }
 
     /// The kernel refused a backing file (it needs CAP_SYS_ADMIN and Linux 6.9): reads are

@@ -69,10 +69,11 @@ pub struct Vfs {
     /// at its next open keeps the kernel's page cache (close-to-open: what another mount
     /// changed and closed shows in the attributes read at open).
     opened: Mutex<HashMap<Ino, Stamp>>,
-    /// Offer whole-file copies for read-only opens ([`Opened::backing`]) of files of at
-    /// least `passthrough_min` bytes.
+    /// Offer whole-file copies for read-only opens ([`Opened::backing`]).
     passthrough: AtomicBool,
-    passthrough_min: AtomicU64,
+    /// Called first by [`Vfs::flush_all`]: the adapter mirrors copies written through the
+    /// kernel (`passthrough.rs`) into their files' writers.
+    before_flush_all: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
     /// Blocking lock requests waiting for their lock.
     lock_waits: Arc<LockWaits>,
     /// A POSIX lock was asked for through this mount: from then on every descriptor's
@@ -107,7 +108,7 @@ impl Vfs {
             closed: Mutex::new(false),
             opened: Mutex::new(HashMap::new()),
             passthrough: AtomicBool::new(false),
-            passthrough_min: AtomicU64::new(0),
+            before_flush_all: Mutex::new(None),
             lock_waits: LockWaits::new(LOCK_WAITERS_MAX),
             posix_locks_taken: AtomicBool::new(false),
             control: control::Control::new(),
@@ -153,6 +154,9 @@ impl Vfs {
 
     /// Commit the buffered writes of every open file.
     pub fn flush_all(&self) {
+        if let Some(f) = &*self.before_flush_all.lock() {
+            f();
+        }
         let writers: Vec<_> = self
             .writers
             .lock()
@@ -168,6 +172,11 @@ impl Vfs {
         if let Err(e) = self.cs.sync() {
             tracing::error!(error = %e, "sync failed");
         }
+    }
+
+    /// Run `f` first at each [`Vfs::flush_all`] (SIGTERM, unmount).
+    pub fn set_before_flush_all(&self, f: Box<dyn Fn() + Send + Sync>) {
+        *self.before_flush_all.lock() = Some(f);
     }
 
     /// Flush every writer, stop background work and end the session. Idempotent; returns

@@ -164,6 +164,15 @@ impl<B> Backings<B> {
         Some(t.by_ino.get(ino)?.copy.clone())
     }
 
+    /// Every handle writing into a copy, its inode and the copy.
+    pub fn written(&self) -> Vec<(u64, u64, Arc<File>)> {
+        let t = self.table.lock();
+        t.writing
+            .iter()
+            .filter_map(|(&fh, &ino)| Some((fh, ino, t.by_ino.get(&ino)?.copy.clone())))
+            .collect()
+    }
+
     /// The copy of `ino` while handles write into it: its length is the file's here.
     pub fn written_copy(&self, ino: u64) -> Option<Arc<File>> {
         let t = self.table.lock();

@@ -21,7 +21,8 @@
 //! A whole-file copy is the file's bytes alone, since the kernel reads it directly from
 //! offset 0; its stamp (what the file was when copied), length and crc32c are in the
 //! `user.aquifer.whole` extended attribute, set before the rename. A copy is checked against
-//! its stamp and checksum at every open; it counts in the quota and is evicted like a block.
+//! its stamp at every open and against its checksum whenever its file changed since the
+//! last check (`copies.rs`); it counts in the quota and is evicted like a block.
 //!
 //! The index (keys, weights, eviction order) lives in memory and is rebuilt by a background
 //! scan at start; until it is done, reads still find files by name, and inserts wait.
