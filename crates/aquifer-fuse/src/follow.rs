@@ -65,6 +65,9 @@ pub(crate) struct Kernel {
     /// When the follower last heard from the engine (ms since `born`; 0: never).
     heard_ms: AtomicU64,
     pub(crate) stop: AtomicBool,
+    /// No open asks the daemon (no-open mode): while the follower cannot follow, the
+    /// kernel's pages are dropped every second instead, as no open would check them.
+    pub(crate) no_open: AtomicBool,
 }
 
 impl Kernel {
@@ -79,6 +82,7 @@ impl Kernel {
             born: Instant::now(),
             heard_ms: AtomicU64::new(0),
             stop: AtomicBool::new(false),
+            no_open: AtomicBool::new(false),
         }
     }
 
@@ -207,6 +211,7 @@ pub(crate) fn spawn_follower(
         .name("fuse-follow".into())
         .spawn(move || {
             let mut warned = false;
+            let mut dropped = Instant::now();
             while !kernel.stop.load(Ordering::Acquire) {
                 match follower.next(Duration::from_secs(1)) {
                     Ok(changes) => {
@@ -223,6 +228,14 @@ pub(crate) fn spawn_follower(
                         if !warned {
                             tracing::warn!(error = %e, "cannot follow the volume's changes; the kernel caches for 1 s until it can");
                             warned = true;
+                        }
+                        if kernel.no_open.load(Ordering::Acquire)
+                            && dropped.elapsed() >= Duration::from_secs(1)
+                        {
+                            let all = [aquifer_meta::Change::Everything];
+                            let sent = tell(&kernel, &notifier, &all);
+                            counters.invalidations.fetch_add(sent, Ordering::Relaxed);
+                            dropped = Instant::now();
                         }
                         std::thread::sleep(Duration::from_millis(200));
                     }

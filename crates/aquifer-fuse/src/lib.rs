@@ -108,18 +108,26 @@ impl AquiferFs {
                 let Some(vfs) = v.upgrade() else { return };
                 let _one = b.mirroring();
                 for (fh, ino, copy) in b.written() {
-                    if let Err(e) = vfs.mirror_copy(fh, &copy) {
-                        tracing::error!(ino, error = %e, "a copy written through the kernel could not be stored");
+                    match vfs.mirror_copy(fh, &copy) {
+                        // Released meanwhile: its release mirrored it.
+                        Ok(()) | Err(aquifer_meta::Errno::EBADF) => {}
+                        Err(e) => {
+                            tracing::error!(ino, error = %e, "a copy written through the kernel could not be stored");
+                            b.set_version(ino, Vec::new());
+                        }
                     }
                 }
             }));
         }
+        let kernel = Arc::new(Kernel::new(opts.ttls));
+        let no_open = opts.no_open && opts.read_only;
+        kernel.no_open.store(no_open, Ordering::Release);
         AquiferFs {
             vfs,
-            kernel: Arc::new(Kernel::new(opts.ttls)),
+            kernel,
             counters: opts.counters.clone(),
             passthrough: opts.passthrough && !opts.no_open,
-            no_open: opts.no_open && opts.read_only,
+            no_open,
             backings,
             notifier: Arc::new(std::sync::OnceLock::new()),
         }
@@ -378,7 +386,9 @@ impl Filesystem for AquiferFs {
         // Handles in passthrough read (and may write) the copy: it is cut with the file, or
         // a copy written into would be mirrored back at its length. Under the lock, so that
         // no mirror runs between the two.
-        let one = size.map(|_| self.backings.mirroring());
+        let one = size
+            .filter(|_| self.passthrough)
+            .map(|_| self.backings.mirroring());
         let mut r = self.vfs.setattr(&ctx(req), ino.0, &set, size);
         if let (Ok(_), Some(len)) = (&r, size) {
             if let Some(l) = self.backings.live(ino.0) {
