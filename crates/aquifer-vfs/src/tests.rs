@@ -944,3 +944,21 @@ fn control_requests_answer_figures_marks_and_refuse_strangers() {
         vec![(ino, true), (ROOT_INO, false)]
     );
 }
+
+#[test]
+fn reads_without_a_handle_see_committed_bytes_and_refuse_directories() {
+    // The kernel's no-open mode (read-only mounts): READ carries no handle.
+    let (v, _) = vfs();
+    let ctx = root();
+    let (ino, _, fh) = v
+        .create(&ctx, ROOT_INO, b"f", 0o644, 0, libc::O_RDWR)
+        .unwrap();
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+    v.write(fh, 0, &data).unwrap();
+    v.release(fh, None).unwrap();
+    assert_eq!(v.read_ino(ino, 0, 400_000).unwrap(), data);
+    assert_eq!(v.read_ino(ino, 299_990, 100).unwrap(), data[299_990..]);
+    assert!(v.read_ino(ino, 400_000, 10).unwrap().is_empty());
+    assert_eq!(v.read_ino(ROOT_INO, 0, 10), Err(Errno::EISDIR));
+    assert!(v.read_ino(9_999_999, 0, 10).is_err());
+}
