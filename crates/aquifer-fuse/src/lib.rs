@@ -3,8 +3,7 @@
 //! knows the caller's supplementary groups.
 
 use aquifer_meta::{Attr, SetAttr};
-use aquifer_vfs::passthrough::io_errno;
-use aquifer_vfs::{Backings, Caller, Vfs};
+use aquifer_vfs::{passthrough, Backings, Caller, Vfs};
 use fuser::{
     AccessFlags, BackingId, Config, FileHandle, Filesystem, FopenFlags, Generation, INodeNo,
     KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
@@ -105,17 +104,8 @@ impl AquiferFs {
             // SIGTERM and unmount commit what was written through the kernel into copies too.
             let (b, v) = (backings.clone(), Arc::downgrade(&vfs));
             vfs.set_before_flush_all(Box::new(move || {
-                let Some(vfs) = v.upgrade() else { return };
-                let _one = b.mirroring();
-                for (fh, ino, copy) in b.written() {
-                    match vfs.mirror_copy(fh, &copy) {
-                        // Released meanwhile: its release mirrored it.
-                        Ok(()) | Err(aquifer_meta::Errno::EBADF) => {}
-                        Err(e) => {
-                            tracing::error!(ino, error = %e, "a copy written through the kernel could not be stored");
-                            b.set_version(ino, Vec::new());
-                        }
-                    }
+                if let Some(vfs) = v.upgrade() {
+                    b.mirror_all(&vfs);
                 }
             }));
         }
@@ -147,8 +137,7 @@ impl AquiferFs {
             Ok((ino, a)) => {
                 let (attr_ttl, entry_ttl) = self.ttls(snap, ino);
                 self.kernel.looked_up(parent.0, name, ino);
-                let a = self.seen(ino, a);
-                reply.entry_with_ttls(&attr_ttl, &entry_ttl, &file_attr(ino, &a), Generation(0))
+                reply.entry_with_ttls(&attr_ttl, &entry_ttl, &self.seen(ino, &a), Generation(0))
             }
             Err(e) => reply.error(err(e)),
         }
@@ -156,10 +145,7 @@ impl AquiferFs {
 
     fn attr(&self, reply: ReplyAttr, snap: u64, ino: INodeNo, r: aquifer_vfs::Result<Attr>) {
         match r {
-            Ok(a) => reply.attr(
-                &self.ttls(snap, ino.0).0,
-                &file_attr(ino.0, &self.seen(ino.0, a)),
-            ),
+            Ok(a) => reply.attr(&self.ttls(snap, ino.0).0, &self.seen(ino.0, &a)),
             Err(e) => reply.error(err(e)),
         }
     }
@@ -175,15 +161,27 @@ impl AquiferFs {
         (attr, entry)
     }
 
-    /// Attributes as this mount shows them: while handles write into the passthrough
-    /// copy of a file, its length is the copy's (the kernel's writes go there directly).
-    fn seen(&self, ino: u64, mut a: Attr) -> Attr {
-        if let Some(c) = self.backings.written_copy(ino) {
-            if let Ok(m) = c.metadata() {
-                a.length = m.len();
+    /// Attributes for the kernel as this mount shows them: while handles write into the
+    /// passthrough copy of a file, its length is the copy's (the kernel's writes go there
+    /// directly). Without passthrough there are no copies, and no table to ask.
+    fn seen(&self, ino: u64, a: &Attr) -> fuser::FileAttr {
+        if self.passthrough {
+            if let Some(m) = self
+                .backings
+                .written_copy(ino)
+                .and_then(|c| c.metadata().ok())
+            {
+                let length = m.len();
+                return file_attr(
+                    ino,
+                    &Attr {
+                        length,
+                        ..a.clone()
+                    },
+                );
             }
         }
-        a
+        file_attr(ino, a)
     }
 
     /// Handle `fh` of `ino`, opened with `flags`, not on a backing of its own: counted as
@@ -231,9 +229,7 @@ impl AquiferFs {
             }
             if is_write(flags) && flags & libc::O_TRUNC != 0 {
                 // The vfs cut the file at this open.
-                aquifer_vfs::passthrough::writable(&l.copy)
-                    .and_then(|f| f.set_len(0))
-                    .map_err(|e| err(io_errno(e)))?;
+                passthrough::cut(&l.copy, 0).map_err(err)?;
             }
         }
         // Kept before the reply: its RELEASE may be handled by another thread as soon as
@@ -392,12 +388,10 @@ impl Filesystem for AquiferFs {
         let mut r = self.vfs.setattr(&ctx(req), ino.0, &set, size);
         if let (Ok(_), Some(len)) = (&r, size) {
             if let Some(l) = self.backings.live(ino.0) {
-                if let Err(e) =
-                    aquifer_vfs::passthrough::writable(&l.copy).and_then(|f| f.set_len(len))
-                {
+                if let Err(e) = passthrough::cut(&l.copy, len) {
                     // The next open refreshes it from the file (cut).
                     self.backings.set_version(ino.0, Vec::new());
-                    r = Err(io_errno(e));
+                    r = Err(e);
                 }
             }
         }
@@ -811,7 +805,7 @@ impl Filesystem for AquiferFs {
                     // The vfs gives every entry its attributes when asked for them.
                     let Some(attr) = &e.attr else { continue };
                     let (attr_ttl, entry_ttl) = self.ttls(snap, e.ino);
-                    let fa = file_attr(e.ino, &self.seen(e.ino, attr.clone()));
+                    let fa = self.seen(e.ino, attr);
                     if reply.add(
                         INodeNo(e.ino),
                         off,
@@ -947,7 +941,7 @@ impl Filesystem for AquiferFs {
                 };
                 let (attr_ttl, entry_ttl) = self.ttls(snap, ino);
                 self.kernel.looked_up(parent.0, name.as_bytes(), ino);
-                let attr = file_attr(ino, &self.seen(ino, a));
+                let attr = self.seen(ino, &a);
                 match beside {
                     // One time for both (fuser has no other): the short one of a writer.
                     Some(id) => reply.created_passthrough(
@@ -1003,18 +997,7 @@ impl Filesystem for AquiferFs {
         self.counters.tick(Op::fallocate);
         if let Some(copy) = self.backings.written_by(fh.0) {
             // Its writes go to the copy: so does this, mirrored into the file at close.
-            let r = aquifer_vfs::passthrough::writable(&copy).and_then(|f| {
-                use std::os::fd::AsRawFd;
-                // SAFETY: a plain system call on a descriptor we own.
-                let rc =
-                    unsafe { libc::fallocate(f.as_raw_fd(), mode, offset as i64, length as i64) };
-                if rc == 0 {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                }
-            });
-            return Self::empty(reply, r.map_err(io_errno));
+            return Self::empty(reply, passthrough::fallocate(&copy, mode, offset, length));
         }
         Self::empty(
             reply,

@@ -200,6 +200,23 @@ impl<B> Backings<B> {
         true
     }
 
+    /// Mirror every copy with writers into its file (SIGTERM, unmount: before the vfs
+    /// commits its writers). A copy whose mirror fails loses its version: the next open
+    /// refreshes it.
+    pub fn mirror_all(&self, vfs: &Vfs) {
+        let _one = self.mirroring();
+        for (fh, ino, copy) in self.written() {
+            match vfs.mirror_copy(fh, &copy) {
+                // Released meanwhile: its release mirrored it.
+                Ok(()) | Err(Errno::EBADF) => {}
+                Err(e) => {
+                    tracing::error!(ino, error = %e, "a copy written through the kernel could not be stored");
+                    self.set_version(ino, Vec::new());
+                }
+            }
+        }
+    }
+
     /// Serialises [`Vfs::mirror_copy`] and [`Vfs::refresh_copy`] calls.
     pub fn mirroring(&self) -> parking_lot::MutexGuard<'_, ()> {
         self.mirroring.lock()
@@ -221,6 +238,25 @@ impl<B> Backings<B> {
             }
         }
     }
+}
+
+/// Cut `copy` to `len` bytes (a truncate of its file, or an O_TRUNC open beside it).
+pub fn cut(copy: &File, len: u64) -> Result<()> {
+    writable(copy)
+        .and_then(|f| f.set_len(len))
+        .map_err(io_errno)
+}
+
+/// fallocate(2) on `copy`, for a handle whose writes go there.
+pub fn fallocate(copy: &File, mode: i32, off: u64, len: u64) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = writable(copy).map_err(io_errno)?;
+    // SAFETY: a plain system call on a descriptor we own.
+    let rc = unsafe { libc::fallocate(f.as_raw_fd(), mode, off as i64, len as i64) };
+    if rc != 0 {
+        return Err(io_errno(std::io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 /// `copy` opened anew for writing (the kernel's backing is registered read-only).
