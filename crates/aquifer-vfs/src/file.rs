@@ -155,12 +155,13 @@ impl Vfs {
                 m.insert(ino, stamp) == Some(stamp)
             }
         };
-        let backing_stamp = whole_stamp(ino, &a);
+        let mut backing_stamp = Vec::new();
         let backing = if self.passthrough.load(Ordering::Relaxed)
             && a.typ == FileType::File
             && writer.is_none()
             && !self.writers.lock().contains_key(&ino)
         {
+            backing_stamp = whole_stamp(ino, &a);
             self.cs.whole_copy(ino, &backing_stamp, a.length)
         } else {
             None
@@ -227,8 +228,7 @@ impl Vfs {
             return Err(Errno::EISDIR);
         };
         let Some(w) = self.writer_of(f.ino).filter(|w| w.is_dirty()) else {
-            let a = self.meta.getattr(f.ino)?;
-            return Ok(self.cs.read(f.ino, off, size as usize, a.length)?);
+            return self.read_ino(f.ino, off, size);
         };
         // Buffered writes are read from the writer's buffers over what the metadata holds,
         // without committing them: a reader tailing a file being written no longer turns
@@ -250,8 +250,8 @@ impl Vfs {
         Ok(self.cs.read(f.ino, off, size as usize, a.length)?)
     }
 
-    /// A read without a handle: the kernel's no-open mode, on a read-only mount (no writer
-    /// here to read through).
+    /// A read of what the metadata holds, without buffered writes: a handle's read when
+    /// nothing is buffered, and the kernel's no-open mode (read-only mounts: no handle).
     pub fn read_ino(&self, ino: Ino, off: u64, size: u32) -> Result<Vec<u8>> {
         let a = self.meta.getattr(ino)?;
         match a.typ {

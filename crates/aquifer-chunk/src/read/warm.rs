@@ -35,7 +35,7 @@ const WHOLE_BACKGROUND: usize = 1;
 pub(crate) type WholeBuilds = std::sync::Mutex<HashSet<String>>;
 
 /// A file at least this large read at random offsets is fetched whole, in parallel
-/// ([`ChunkStore::fill_later`]): a model loaded through mmap touches its tensors in any
+/// ([`ChunkStore::random_read`]): a model loaded through mmap touches its tensors in any
 /// order, one fault at a time, and would wait for one block after the other.
 pub(crate) const FILL_MIN: u64 = 64 << 20;
 /// Random reads of such a file before it is filled (a few: a lookup in a large file is
