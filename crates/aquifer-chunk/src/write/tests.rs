@@ -312,7 +312,16 @@ fn by_default_only_small_writes_enter_the_disk_tier() {
         w.flush().unwrap();
         w.write(100, &data[100..]).unwrap();
         w.flush().unwrap();
-        disk.flush();
+        // Uploaded blocks are offered to the tier by the upload threads, which may do so
+        // just after the flush returned: give them a moment (a busy machine) before counting.
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            disk.flush();
+            if disk.usage().entries >= want || std::time::Instant::now() > end {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         assert_eq!(disk.usage().entries, want, "{keep:?}");
         assert_eq!(read_all(&cs, ino), data);
     }
